@@ -1,0 +1,3 @@
+from vmshare.cli import main
+
+raise SystemExit(main())

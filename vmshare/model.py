@@ -1,0 +1,150 @@
+"""Frozen model objects shared by every layer. No I/O here.
+
+Counter meanings are defined once, in COUNTER_MEANINGS, with the kernel's
+wording (Documentation/admin-guide/mm/ksm.rst). The engine, the reports and
+the metrics use these names and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+
+# Host-wide KSM counters (read-only files in /sys/kernel/mm/ksm), kernel meanings.
+COUNTER_MEANINGS: dict[str, str] = {
+    "pages_shared": "how many shared pages are being used (one per stable-tree node)",
+    "pages_sharing": "how many more sites are sharing them, i.e. how much memory is saved",
+    "pages_unshared": "how many pages are unique but repeatedly checked for merging",
+    "pages_volatile": "how many pages are changing too fast to be placed in a tree",
+    "pages_skipped": "how many times the smart page scanning algorithm skipped a page",
+    "pages_scanned": "how many pages are being scanned for ksm (cumulative)",
+    "full_scans": "how many times all mergeable areas have been scanned",
+    "general_profit": "how effective KSM is: saved bytes minus rmap_item overhead",
+    "ksm_zero_pages": "how many zero pages that are still mapped into processes were "
+                      "mapped by KSM when deduplicating (use_zero_pages=1)",
+    "stable_node_chains": "number of stable node chains allocated (max_page_sharing reached)",
+    "stable_node_dups": "number of stable node dups queued on stable node chains",
+}
+
+# Per-VM figures (vmshare's own, built from the kernel's), meanings defined once.
+VM_FIGURE_MEANINGS: dict[str, str] = {
+    "ram_bytes": "size of the VM's guest RAM backends",
+    "resident_pages": "guest RAM pages present in host memory (pagemap present bit)",
+    "ksm_pages": "guest RAM pages that are mapped to a KSM page (KPF_KSM)",
+    "saved_bytes": "fair share of the KSM saving: each KSM page mapped k times credits "
+                   "each mapping (k-1)/k of a page; summed over all mappings this is "
+                   "pages_sharing",
+    "zero_pages": "pages of the QEMU process that KSM replaced with the zero page "
+                  "(ksm_stat ksm_zero_pages, use_zero_pages=1)",
+    "rmap_items": "KSM reverse-map items the kernel holds for the process (ksm_rmap_items)",
+    "process_profit_bytes": "the kernel's ksm_process_profit: (merging+zero pages) x page "
+                            "size minus rmap items x rmap item size; summed over VMs it "
+                            "double counts",
+    "shares_with": "bytes of guest RAM mapped to the same KSM page in both VMs",
+}
+
+
+@dataclass(frozen=True)
+class RamBackend:
+    """One QEMU memory backend object (query-memdev + qom-list /objects)."""
+
+    id: str
+    size: int
+    merge: bool
+    qom_type: str = "memory-backend-ram"   # memory-backend-ram|file|memfd|epc|...
+    share: bool = False
+    dump: bool = True
+    prealloc: bool = False
+    mem_path: str | None = None             # memory-backend-file only
+    hugetlb: bool = False                   # memfd hugetlb=on or file on hugetlbfs
+
+    @property
+    def qom_path(self) -> str:
+        return f"/objects/{self.id}"
+
+    @property
+    def ineligible_reason(self) -> str | None:
+        """Why KSM can never merge this backend, or None when it can.
+
+        KSM merges only private anonymous memory: shared, file-backed,
+        memfd and hugetlb backends are not eligible.
+        """
+        if self.hugetlb:
+            return "hugetlb-backed memory is never merged by KSM"
+        if self.qom_type == "memory-backend-file":
+            return f"file-backed memory ({self.mem_path or 'file'}) is not anonymous"
+        if self.qom_type == "memory-backend-memfd":
+            return "memfd-backed memory is shared, not private anonymous"
+        if self.qom_type not in ("memory-backend-ram",):
+            return f"{self.qom_type} is not private anonymous memory"
+        if self.share:
+            return "share=on backends are shared memory, not private anonymous"
+        return None
+
+
+@dataclass(frozen=True)
+class VmRef:
+    """A VM as a hypervisor adapter names it."""
+
+    name: str
+    uuid: str
+    domain_id: int | None = None   # libvirt id while running, else None
+    running: bool = False
+
+
+@dataclass(frozen=True)
+class VmFacts:
+    """What the domain definition says that matters to vmshare."""
+
+    ref: VmRef
+    pid: int | None
+    nosharepages: bool = False
+    launch_security: bool = False
+    memory_bytes: int = 0
+
+    @property
+    def ineligible_reason(self) -> str | None:
+        if self.nosharepages:
+            return "<memoryBacking><nosharepages/> is set"
+        if self.launch_security:
+            return "confidential guest (launchSecurity)"
+        return None
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One mapping of a process (from /proc/<pid>/smaps)."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    pathname: str
+    vmflags: frozenset[str] = field(default_factory=frozenset)
+    rss_bytes: int = 0
+    anon_huge_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def mergeable(self) -> bool:
+        return "mg" in self.vmflags
+
+    @property
+    def anonymous_private(self) -> bool:
+        return self.pathname in ("", "[heap]") and self.perms[3:4] == "p"
+
+
+@dataclass(frozen=True)
+class KsmStat:
+    """/proc/<pid>/ksm_stat, kernel names (missing fields are 0)."""
+
+    ksm_rmap_items: int = 0
+    ksm_zero_pages: int = 0
+    ksm_merging_pages: int = 0
+    ksm_process_profit: int = 0
+    ksm_merge_any: bool = False
+    ksm_mergeable: bool = False
