@@ -148,3 +148,38 @@ class KsmStat:
     ksm_process_profit: int = 0
     ksm_merge_any: bool = False
     ksm_mergeable: bool = False
+
+
+@dataclass(frozen=True)
+class Region:
+    """A contiguous stretch of guest (or process) memory inside a page source.
+
+    ``key`` names it stably within its source (backend id, ELF segment index,
+    "vma@<start>" for a plain process). ``generation`` changes whenever the
+    region's identity changes (new pid, new address after mremap, new size,
+    guest reset): the engine drops everything it knew about a region whose
+    generation changed. A page's identity is (source, region key, page index),
+    never a host virtual address.
+    """
+
+    key: str
+    size: int
+    generation: str = ""
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """Consecutive pages read from one region; ``data`` is a multiple of PAGE_SIZE.
+
+    Holes (pages not present in a dump, not resident in a live process) are
+    simply not covered by any run.
+    """
+
+    source: str
+    region: str
+    first_page: int
+    data: memoryview
+
+    @property
+    def npages(self) -> int:
+        return len(self.data) // PAGE_SIZE
