@@ -1,0 +1,278 @@
+"""The `vmshare` command: argument parsing, printing and exit codes only.
+
+Modelled on virsh: ``-c/--connect URI`` picks the libvirt connection
+(default qemu:///system); ``--qmp SOCKET`` talks to a plain QEMU instead.
+A user mistake prints one line ``vmshare: error: ...`` and exits non-zero;
+tracebacks appear only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vmshare import __version__
+from vmshare.errors import UsageError, VmshareError
+from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.sysfs import DEFAULT_ROOT, KNOBS, KsmSysfs
+
+log = logging.getLogger("vmshare")
+
+EXIT_INTERNAL = 70
+
+
+class Context:
+    """What every command needs; adapters are created on first use."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sysfs = KsmSysfs(Path(os.environ.get("VMSHARE_SYSFS_ROOT", str(DEFAULT_ROOT))))
+        self.procfs = ProcFs(Path(os.environ.get("VMSHARE_PROC_ROOT", "/proc")))
+        self._hv: Any = None
+
+    @property
+    def hv(self) -> Any:
+        if self._hv is None:
+            from vmshare.hypervisor import connect
+            self._hv = connect(self.args.connect, self.args.qmp, self.args.deadline)
+        return self._hv
+
+    def observer(self) -> Any:
+        from vmshare.observe import Observer
+        return Observer(self.hv, self.sysfs, self.procfs)
+
+    def close(self) -> None:
+        if self._hv is not None:
+            self._hv.close()
+
+
+def out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def emit_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False), flush=True)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_list(ctx: Context) -> int:
+    from vmshare.report import table
+    obs = ctx.observer()
+    rows: list[list[str]] = []
+    data: list[dict[str, Any]] = []
+    for ref in ctx.hv.list_vms():
+        facts = ctx.hv.facts(ref)
+        if facts.pid is None:
+            rows.append([ref.name, "shut off", "-", "", "", "", "", ""])
+            data.append({"name": ref.name, "uuid": ref.uuid, "running": False, "backends": []})
+            continue
+        views = obs.backends(ref, facts)
+        entry: dict[str, Any] = {"name": ref.name, "uuid": ref.uuid, "running": True,
+                                 "pid": facts.pid, "backends": []}
+        for v in views:
+            b = v.backend
+            mg = "-" if v.mg_flag is None else ("yes" if v.mg_flag else "no")
+            rows.append([ref.name, "running", b.id, b.qom_type.removeprefix("memory-backend-"),
+                         f"{b.size // 2**20} MiB", "on" if b.merge else "off", mg,
+                         "yes" if v.ineligible_reason is None else f"no: {v.ineligible_reason}"])
+            entry["backends"].append({"id": b.id, "type": b.qom_type, "size": b.size,
+                                      "merge": b.merge, "mg": v.mg_flag,
+                                      "eligible": v.ineligible_reason is None,
+                                      "ineligible_reason": v.ineligible_reason})
+        if not views:
+            rows.append([ref.name, "running", "(none)", "", "", "", "", ""])
+        data.append(entry)
+    if ctx.args.json:
+        emit_json({"vms": data})
+    else:
+        out(table(["DOMAIN", "STATE", "BACKEND", "TYPE", "SIZE", "MERGE", "MG", "ELIGIBLE"],
+                  rows, right=(4,)))
+    return 0
+
+
+def cmd_merge(ctx: Context, merge: bool) -> int:
+    from vmshare.control import Controller
+    ctl = Controller(ctx.hv, ctx.procfs, ctx.observer())
+    changes = ctl.set_merge(ctx.args.domain, merge, backend=ctx.args.backend,
+                            force=getattr(ctx.args, "force", False))
+    if ctx.args.json:
+        emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in changes]})
+        return 0
+    for c in changes:
+        if c.skipped:
+            out(f"{c.vm}/{c.backend}: skipped ({c.skipped})")
+        elif c.changed:
+            out(f"{c.vm}/{c.backend}: merge {'on' if c.before else 'off'} -> "
+                f"{'on' if c.after else 'off'} (verified)")
+        else:
+            out(f"{c.vm}/{c.backend}: merge already {'on' if c.after else 'off'} (verified)")
+    return 0
+
+
+def cmd_status(ctx: Context) -> int:
+    from vmshare import report
+    host = ctx.observer().host(ctx.args.domains or None)
+    if ctx.args.json:
+        emit_json(report.status_json(host))
+        return 0
+    out(report.host_summary(host))
+    out()
+    out(report.status_table(host))
+    if ctx.args.matrix:
+        out()
+        out(report.matrix(host))
+    return 0
+
+
+def cmd_ksm(ctx: Context) -> int:
+    from vmshare import control, report
+    a = ctx.args
+    sysfs = ctx.sysfs
+    sysfs.require()
+    if a.ksm_cmd == "show":
+        if a.json:
+            emit_json({"knobs": sysfs.knobs(), "counters": sysfs.counters()})
+        else:
+            out(report.ksm_show(sysfs.counters(), sysfs.knobs(),
+                                {k: s.meaning for k, s in KNOBS.items()}))
+        return 0
+    if a.ksm_cmd == "start":
+        assignments = {"run": "1"}
+        if a.pages_to_scan is not None:
+            assignments["pages_to_scan"] = str(a.pages_to_scan)
+        if a.sleep_millisecs is not None:
+            assignments["sleep_millisecs"] = str(a.sleep_millisecs)
+        changes = control.apply_knobs(sysfs, ctx.procfs, assignments)
+    elif a.ksm_cmd == "stop":
+        changes = control.apply_knobs(sysfs, ctx.procfs, {"run": "0"})
+    elif a.ksm_cmd == "unmerge":
+        before = control.unmerge_all(sysfs, ctx.procfs, force=a.force)
+        out(f"unmerged: pages_sharing {before:,} -> {sysfs.read_int('pages_sharing'):,}; "
+            "ksmd stopped (run=2)")
+        return 0
+    else:
+        assignments = {}
+        for item in a.assignments:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise UsageError(f"expected KNOB=VALUE, got {item!r}")
+            assignments[name.strip()] = value.strip()
+        changes = control.apply_knobs(sysfs, ctx.procfs, assignments,
+                                      allow_unmerge=a.unmerge, force=a.force)
+    for name, before_v, after_v in changes:
+        out(f"{name}: {before_v} -> {after_v}")
+    return 0
+
+
+def cmd_demo(ctx: Context) -> int:
+    from vmshare.demo import DemoOptions, run_demo
+    a = ctx.args
+    opts = DemoOptions(guests=a.guests, memory_mib=a.memory, identical_mib=a.identical,
+                       unique_mib=a.unique, zero_mib=a.zero, keep=a.keep,
+                       timeout=a.timeout, uri=a.connect or "qemu:///system")
+    return run_demo(opts, out=out, tty=sys.stdout.isatty())
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmshare",
+        description="Per-VM KSM control and exact per-VM memory-sharing accounting.")
+    p.add_argument("--version", action="version", version=f"vmshare {__version__}")
+    p.add_argument("-c", "--connect", metavar="URI",
+                   help="libvirt connection URI, as in virsh (default qemu:///system)")
+    p.add_argument("--qmp", metavar="SOCKET",
+                   help="talk to a plain QEMU over its QMP unix socket instead of libvirt")
+    p.add_argument("--deadline", type=float, default=10.0, metavar="SECONDS",
+                   help="deadline for every libvirt/QMP call (default 10)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list", help="domains, their RAM backends, merge state, eligibility")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)
+
+    for name, merge in (("enable", True), ("disable", False)):
+        s = sub.add_parser(name, help=f"make a domain's RAM {'' if merge else 'un'}mergeable "
+                           "now, and verify it")
+        s.add_argument("domain", metavar="DOMAIN", help="name, UUID or id")
+        s.add_argument("--backend", metavar="ID", help="only this memory backend")
+        s.add_argument("--json", action="store_true")
+        if not merge:
+            s.add_argument("--force", action="store_true",
+                           help="unmerge even if MemAvailable looks too small")
+        s.set_defaults(func=lambda ctx, m=merge: cmd_merge(ctx, m))
+
+    s = sub.add_parser("status", help="host KSM counters and exact per-VM savings")
+    s.add_argument("domains", nargs="*", metavar="DOMAIN")
+    s.add_argument("--json", action="store_true", help="one JSON object: host, vms")
+    s.add_argument("--matrix", action="store_true", help="also show which VMs share with which")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("ksm", help="the kernel KSM engine: start|stop|unmerge|show|set")
+    ksub = s.add_subparsers(dest="ksm_cmd", metavar="ACTION", required=True)
+    k = ksub.add_parser("show", help="every knob and counter, with the kernel's meaning")
+    k.add_argument("--json", action="store_true")
+    k = ksub.add_parser("start", help="run ksmd (run=1)")
+    k.add_argument("--pages-to-scan", type=int)
+    k.add_argument("--sleep-millisecs", type=int)
+    ksub.add_parser("stop", help="stop ksmd, keep merged pages (run=0)")
+    k = ksub.add_parser("unmerge", help="stop ksmd and unmerge everything (run=2)")
+    k.add_argument("--force", action="store_true", help="skip the free-memory check")
+    k = ksub.add_parser("set", help="set knobs: KNOB=VALUE ...")
+    k.add_argument("assignments", nargs="+", metavar="KNOB=VALUE")
+    k.add_argument("--unmerge", action="store_true",
+                   help="unmerge first if a knob can only change with nothing merged")
+    k.add_argument("--force", action="store_true", help="skip the free-memory check")
+    s.set_defaults(func=cmd_ksm)
+
+    s = sub.add_parser("demo", help="boot small guests, merge them, show per-VM savings")
+    s.add_argument("--guests", type=int, default=3)
+    s.add_argument("--memory", type=int, default=256, metavar="MiB")
+    s.add_argument("--identical", type=int, default=96, metavar="MiB")
+    s.add_argument("--unique", type=int, default=32, metavar="MiB")
+    s.add_argument("--zero", type=int, default=16, metavar="MiB")
+    s.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    s.add_argument("--keep", action="store_true", help="leave the guests running")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="vmshare: %(levelname)s: %(name)s: %(message)s")
+    func: Callable[[Context], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    ctx = Context(args)
+    try:
+        return func(ctx)
+    except VmshareError as exc:
+        log.debug("error detail", exc_info=True)
+        print(f"vmshare: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vmshare: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:   # a bug: one line, traceback only with --debug
+        if args.debug:
+            raise
+        print(f"vmshare: internal error: {type(exc).__name__}: {exc} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        with contextlib.suppress(VmshareError):
+            ctx.close()

@@ -1,0 +1,231 @@
+"""Per-process and per-page KSM facts from /proc.
+
+The only module that reads /proc/<pid>/{smaps,ksm_stat,pagemap,stat,cmdline},
+/proc/kpageflags, /proc/kpagecount and /proc/meminfo. The root is injectable
+so tests run against temporary trees shaped like /proc.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from vmshare.errors import AccessDenied, ProcessGone, ProcfsError
+from vmshare.model import PAGE_SIZE, KsmStat, Vma
+
+U64 = npt.NDArray[np.uint64]
+
+# /proc/<pid>/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
+PM_PFN_MASK = np.uint64((1 << 55) - 1)
+PM_EXCLUSIVE_BIT = 56
+PM_FILE_BIT = 61
+PM_SWAP_BIT = 62
+PM_PRESENT_BIT = 63
+# /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h)
+KPF_THP = 22
+KPF_KSM = 21
+KPF_ZERO_PAGE = 24
+
+# Sparse PFN look-ups: PFNs closer than this are read in one pread.
+_PFN_GAP = 64
+_MAX_SPAN = 1 << 17   # entries read at once (1 MiB of kpageflags)
+
+
+def _map_oserror(exc: OSError, what: str, pid: int | None = None) -> Exception:
+    if exc.errno in (errno.ENOENT, errno.ESRCH) and pid is not None:
+        return ProcessGone(f"process {pid} is gone ({what})")
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return AccessDenied(f"cannot read {what}: permission denied (needs root; "
+                            "ptrace/yama or sVirt rules may also forbid it)")
+    return ProcfsError(f"cannot read {what}: {exc.strerror or exc}")
+
+
+class ProcFs:
+    """Reads /proc (or a test tree shaped like it).
+
+    Errors: ProcessGone (ENOENT/ESRCH: the process exited), AccessDenied
+    (EPERM/EACCES), ProcfsError (anything unparseable).
+    """
+
+    def __init__(self, root: Path = Path("/proc")) -> None:
+        self.root = Path(root)
+
+    def _pid_text(self, pid: int, name: str) -> str:
+        path = self.root / str(pid) / name
+        try:
+            return path.read_text(errors="replace")
+        except OSError as exc:
+            raise _map_oserror(exc, str(path), pid) from exc
+
+    # ---- process identity ---------------------------------------------
+    def exists(self, pid: int) -> bool:
+        return (self.root / str(pid)).is_dir()
+
+    def start_time(self, pid: int) -> int:
+        """Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid,
+        it names one process for good, so a reused pid is detected."""
+        text = self._pid_text(pid, "stat")
+        try:
+            # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+            rest = text[text.rindex(")") + 2:].split()
+            return int(rest[19])
+        except (ValueError, IndexError) as exc:
+            raise ProcfsError(f"/proc/{pid}/stat: unexpected format") from exc
+
+    def cmdline(self, pid: int) -> list[str]:
+        path = self.root / str(pid) / "cmdline"
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise _map_oserror(exc, str(path), pid) from exc
+        return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+    # ---- mappings -------------------------------------------------------
+    def smaps(self, pid: int) -> list[Vma]:
+        """Every mapping of ``pid`` with its VmFlags, Rss and AnonHugePages."""
+        return parse_smaps(self._pid_text(pid, "smaps"), f"/proc/{pid}/smaps")
+
+    def ksm_stat(self, pid: int) -> KsmStat:
+        """/proc/<pid>/ksm_stat; a kernel without it gives ProcfsError."""
+        text = self._pid_text(pid, "ksm_stat")
+        fields: dict[str, int] = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            value = value.strip()
+            if value in ("yes", "no"):
+                fields[key] = int(value == "yes")
+            elif value.lstrip("-").isdigit():
+                fields[key] = int(value)
+        return KsmStat(
+            ksm_rmap_items=fields.get("ksm_rmap_items", 0),
+            ksm_zero_pages=fields.get("ksm_zero_pages", 0),
+            ksm_merging_pages=fields.get("ksm_merging_pages", 0),
+            ksm_process_profit=fields.get("ksm_process_profit", 0),
+            ksm_merge_any=bool(fields.get("ksm_merge_any", 0)),
+            ksm_mergeable=bool(fields.get("ksm_mergeable", 0)),
+        )
+
+    # ---- page frames ----------------------------------------------------
+    def pagemap(self, pid: int, start: int, npages: int) -> U64:
+        """Pagemap entries for ``npages`` pages from virtual address ``start``."""
+        path = self.root / str(pid) / "pagemap"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise _map_oserror(exc, str(path), pid) from exc
+        try:
+            out = np.empty(npages, dtype=np.uint64)
+            view = memoryview(out.data).cast("B")
+            offset = (start // PAGE_SIZE) * 8
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ProcessGone(f"process {pid} is gone (short read of {path})")
+                done += n
+            return out
+        except OSError as exc:
+            raise _map_oserror(exc, str(path), pid) from exc
+        finally:
+            os.close(fd)
+
+    def kpageflags(self, pfns: U64) -> U64:
+        """/proc/kpageflags entries for ``pfns`` (any order, repeats allowed)."""
+        return self._per_pfn("kpageflags", pfns)
+
+    def kpagecount(self, pfns: U64) -> U64:
+        """/proc/kpagecount entries (the page's map count) for ``pfns``."""
+        return self._per_pfn("kpagecount", pfns)
+
+    def _per_pfn(self, name: str, pfns: U64) -> U64:
+        path = self.root / name
+        out = np.zeros(len(pfns), dtype=np.uint64)
+        if len(pfns) == 0:
+            return out
+        uniq, inverse = np.unique(pfns, return_inverse=True)
+        values = np.zeros(len(uniq), dtype=np.uint64)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise _map_oserror(exc, str(path)) from exc
+        try:
+            # Split the sorted PFNs into spans with small gaps and read each span once.
+            breaks = np.nonzero(np.diff(uniq) > _PFN_GAP)[0] + 1
+            bounds = np.concatenate(([0], breaks, [len(uniq)]))
+            for lo_i, hi_i in itertools.pairwise(bounds):
+                i = int(lo_i)
+                while i < hi_i:
+                    first = int(uniq[i])
+                    j = int(np.searchsorted(uniq, first + _MAX_SPAN, side="left"))
+                    j = min(j, int(hi_i))
+                    last = int(uniq[j - 1])
+                    span = np.zeros(last - first + 1, dtype=np.uint64)
+                    got = os.preadv(fd, [memoryview(span.data).cast("B")], first * 8)
+                    if got < span.nbytes:
+                        raise ProcfsError(f"{path}: PFN {last} is past the end")
+                    values[i:j] = span[(uniq[i:j] - first).astype(np.int64)]
+                    i = j
+        except OSError as exc:
+            raise _map_oserror(exc, str(path)) from exc
+        finally:
+            os.close(fd)
+        out[:] = values[inverse.reshape(-1)]
+        return out
+
+    # ---- host memory ----------------------------------------------------
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo in bytes."""
+        path = self.root / "meminfo"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise _map_oserror(exc, str(path)) from exc
+        info: dict[str, int] = {}
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                info[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+        return info
+
+
+def parse_smaps(text: str, what: str = "smaps") -> list[Vma]:
+    """Parse /proc/<pid>/smaps text into Vma objects. Raises ProcfsError."""
+    vmas: list[Vma] = []
+    header: list[str] | None = None
+    flags: frozenset[str] = frozenset()
+    rss = anon_huge = 0
+
+    def flush() -> None:
+        if header is None:
+            return
+        try:
+            lo, hi = header[0].split("-")
+            vmas.append(Vma(start=int(lo, 16), end=int(hi, 16), perms=header[1],
+                            offset=int(header[2], 16),
+                            pathname=header[5] if len(header) > 5 else "",
+                            vmflags=flags, rss_bytes=rss, anon_huge_bytes=anon_huge))
+        except (ValueError, IndexError) as exc:
+            raise ProcfsError(f"{what}: bad mapping line {' '.join(header)!r}") from exc
+
+    for line in text.splitlines():
+        if not line:
+            continue
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):
+            flush()
+            header = line.split(None, 5)
+            flags, rss, anon_huge = frozenset(), 0, 0
+        elif first == "VmFlags:":
+            flags = frozenset(line.split()[1:])
+        elif first == "Rss:":
+            rss = int(line.split()[1]) * 1024
+        elif first == "AnonHugePages:":
+            anon_huge = int(line.split()[1]) * 1024
+    flush()
+    return vmas
