@@ -1,0 +1,318 @@
+"""The libvirt adapter: the only module in vmshare that imports libvirt.
+
+Every libvirt call runs in a worker thread joined with a deadline, so a hung
+libvirtd or QEMU monitor is a DeadlineExceeded naming the domain and the
+call, never a hang. libvirtError is mapped to vmshare.errors here and
+nowhere else. QMP goes through ``libvirt_qemu.qemuMonitorCommand`` (libvirt
+marks the domain tainted "custom-monitor" when it is used).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+from vmshare.errors import (
+    AccessDenied,
+    DeadlineExceeded,
+    DomainNotFound,
+    DomainNotRunning,
+    HypervisorError,
+    MonitorError,
+    ProcessGone,
+)
+from vmshare.hypervisor.base import DEFAULT_DEADLINE
+from vmshare.hypervisor.common import (
+    backend_types,
+    build_ram_backends,
+    followup_queries,
+    merge_set_call,
+    parse_domain_xml,
+    read_mounts,
+    verify_pid,
+)
+from vmshare.model import RamBackend, VmFacts, VmRef
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_ACCESS_CODES = frozenset(
+    getattr(libvirt, n) for n in (
+        "VIR_ERR_AUTH_FAILED", "VIR_ERR_AUTH_CANCELLED", "VIR_ERR_AUTH_UNAVAILABLE",
+        "VIR_ERR_ACCESS_DENIED", "VIR_ERR_OPERATION_DENIED")
+    if hasattr(libvirt, n))
+_TIMEOUT_CODES = frozenset(
+    getattr(libvirt, n) for n in ("VIR_ERR_OPERATION_TIMEOUT", "VIR_ERR_AGENT_UNRESPONSIVE")
+    if hasattr(libvirt, n))
+
+_silenced = False
+
+
+def _silence_default_error_printer() -> None:
+    # libvirt prints every error on stderr unless a handler is registered;
+    # we map and raise them instead.
+    global _silenced
+    if not _silenced:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _silenced = True
+
+
+def map_libvirt_error(exc: libvirt.libvirtError, what: str) -> HypervisorError | AccessDenied:
+    """Translate a libvirtError raised while doing ``what`` into vmshare.errors."""
+    code = exc.get_error_code()
+    message = exc.get_error_message() or str(exc)
+    if code in (libvirt.VIR_ERR_NO_DOMAIN,):
+        return DomainNotFound(f"{what}: no such domain ({message})")
+    if code == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in message:
+        return DomainNotRunning(f"{what}: domain is not running")
+    if code in _ACCESS_CODES or (code == libvirt.VIR_ERR_SYSTEM_ERROR
+                                 and "ermission denied" in message):
+        return AccessDenied(f"{what}: access denied ({message})")
+    if code in _TIMEOUT_CODES:
+        return DeadlineExceeded(f"{what}: {message}")
+    return HypervisorError(f"{what}: {message}")
+
+
+def _with_deadline(fn: Callable[[], T], deadline: float, what: str) -> T:
+    """Run ``fn`` in a daemon thread; raise DeadlineExceeded after ``deadline`` s.
+
+    A call that never returns leaves its thread blocked inside libvirt; it
+    is a daemon thread, so it cannot keep the process alive.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    worker = threading.Thread(target=run, name=f"libvirt: {what}", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise DeadlineExceeded(f"{what}: no answer within {deadline:g} s")
+    if error:
+        exc = error[0]
+        if isinstance(exc, libvirt.libvirtError):
+            raise map_libvirt_error(exc, what) from exc
+        raise exc
+    return result[0]
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+class LibvirtHypervisor:
+    """``Hypervisor`` over a libvirt connection.
+
+    ``run_dir`` holds libvirt's ``<name>.pid`` files, ``proc_root`` and
+    ``mounts_path`` are injectable for tests. Call ``enable_keepalive`` only
+    after registering a libvirt event loop (the daemon does; the CLI does not).
+    Raises HypervisorError/AccessDenied (naming the URI) when the connection
+    cannot be opened, DeadlineExceeded when libvirtd does not answer.
+    """
+
+    def __init__(self, uri: str = "qemu:///system", deadline: float = DEFAULT_DEADLINE, *,
+                 run_dir: str = "/run/libvirt/qemu", proc_root: str = "/proc",
+                 mounts_path: str = "/proc/mounts") -> None:
+        _silence_default_error_printer()
+        self.uri = uri
+        self.deadline = deadline
+        self.run_dir = run_dir
+        self.proc_root = proc_root
+        self.mounts_path = mounts_path
+        try:
+            self._conn: Any = _with_deadline(lambda: libvirt.open(uri), deadline,
+                                             f"connect to libvirt at {uri}")
+        except AccessDenied as exc:
+            raise AccessDenied(f"libvirt at {uri}: {exc}") from exc
+        except HypervisorError as exc:
+            if isinstance(exc, DeadlineExceeded):
+                raise
+            raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc}") from exc
+        if self._conn is None:   # old bindings returned None instead of raising
+            raise HypervisorError(f"cannot connect to libvirt at {uri}")
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        return _with_deadline(fn, self.deadline, what)
+
+    def enable_keepalive(self, interval: int = 5, count: int = 5) -> bool:
+        """Ask libvirtd for keepalives; needs a registered libvirt event loop.
+
+        Returns False when the driver does not support keepalive (test://,
+        local drivers). Raises HypervisorError on other failures.
+        """
+        try:
+            self._call(lambda: self._conn.setKeepAlive(interval, count),
+                       f"setKeepAlive on {self.uri}")
+        except HypervisorError as exc:
+            if "not supported" in str(exc):
+                log.debug("keepalive unsupported on %s: %s", self.uri, exc)
+                return False
+            raise
+        return True
+
+    def _ref(self, dom: Any) -> VmRef:
+        def read() -> VmRef:
+            running = bool(dom.isActive())
+            domain_id = dom.ID() if running else None
+            return VmRef(name=dom.name(), uuid=dom.UUIDString(),
+                         domain_id=domain_id if domain_id is not None and domain_id >= 0
+                         else None, running=running)
+        return self._call(read, f"read state of domain {dom.name()}")
+
+    def _domain(self, vm: VmRef) -> Any:
+        # UUID first: it survives renames; names are unique per host too.
+        what = f"look up domain {vm.name}"
+        if vm.uuid:
+            return self._call(lambda: self._conn.lookupByUUIDString(vm.uuid), what)
+        return self._call(lambda: self._conn.lookupByName(vm.name), what)
+
+    # -- Hypervisor ------------------------------------------------------------
+
+    def list_vms(self) -> list[VmRef]:
+        """Every domain (running or not), sorted by name. Raises HypervisorError."""
+        doms = self._call(lambda: self._conn.listAllDomains(0),
+                          f"list domains on {self.uri}")
+        refs = []
+        for dom in doms:
+            try:
+                refs.append(self._ref(dom))
+            except DomainNotFound:
+                continue   # undefined while we listed
+        return sorted(refs, key=lambda r: r.name)
+
+    def lookup(self, ident: str) -> VmRef:
+        """Find a domain by name, then UUID, then numeric id. Raises DomainNotFound."""
+        attempts: list[tuple[str, Callable[[], Any]]] = [
+            ("name", lambda: self._conn.lookupByName(ident))]
+        if _is_uuid(ident):
+            attempts.append(("uuid", lambda: self._conn.lookupByUUIDString(ident)))
+        if ident.isdigit():
+            attempts.append(("id", lambda: self._conn.lookupByID(int(ident))))
+        for kind, fn in attempts:
+            try:
+                dom = self._call(fn, f"look up domain {kind} {ident!r} on {self.uri}")
+            except DomainNotFound:
+                continue
+            return self._ref(dom)
+        raise DomainNotFound(f"no domain named {ident!r} (name, UUID or id) on {self.uri}")
+
+    def facts(self, vm: VmRef) -> VmFacts:
+        """Domain XML facts and the QEMU pid, verified to still be this domain's.
+
+        Raises DomainNotFound, DomainNotRunning (running but no pid file),
+        ProcessGone (pid gone or reused), AccessDenied, DeadlineExceeded.
+        """
+        dom = self._domain(vm)
+        xml = self._call(lambda: dom.XMLDesc(0), f"read XML of domain {vm.name}")
+        facts = parse_domain_xml(xml)
+        ref = self._ref(dom)
+        pid = self._pid(ref) if ref.running else None
+        return VmFacts(ref=ref, pid=pid, nosharepages=facts.nosharepages,
+                       launch_security=facts.launch_security,
+                       memory_bytes=facts.memory_bytes)
+
+    def _pid(self, ref: VmRef) -> int:
+        path = os.path.join(self.run_dir, f"{ref.name}.pid")
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read(64).strip()
+        except FileNotFoundError as exc:
+            raise DomainNotRunning(f"domain {ref.name}: no pid file {path}") from exc
+        except PermissionError as exc:
+            raise AccessDenied(f"cannot read {path}: permission denied") from exc
+        except OSError as exc:
+            raise HypervisorError(f"cannot read {path}: {exc.strerror}") from exc
+        if not text.isdigit() or int(text) <= 0:
+            raise HypervisorError(f"domain {ref.name}: bad pid file {path}: {text!r}")
+        try:
+            return verify_pid(int(text), ref.name, ref.uuid, proc_root=self.proc_root)
+        except ProcessGone as exc:
+            raise ProcessGone(f"domain {ref.name}: {exc}") from exc
+
+    def qmp(self, vm: VmRef, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command through libvirt and return its ``return`` value.
+
+        Raises MonitorError (QMP error, keeps command/arguments/response),
+        DomainNotRunning, DomainNotFound, DeadlineExceeded, HypervisorError.
+        """
+        dom = self._domain(vm)
+        return self._qmp_dom(dom, vm.name, command, arguments)
+
+    def _qmp_dom(self, dom: Any, name: str, command: str,
+                 arguments: dict[str, Any] | None) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        text = json.dumps(msg)
+        raw = self._call(lambda: libvirt_qemu.qemuMonitorCommand(dom, text, 0),
+                         f"QMP {command} on domain {name}")
+        try:
+            reply = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            raise MonitorError(f"QMP {command} on domain {name}: unparsable reply",
+                               command=command, arguments=arguments,
+                               response=raw) from exc
+        if not isinstance(reply, dict):
+            raise MonitorError(f"QMP {command} on domain {name}: reply is not an object",
+                               command=command, arguments=arguments, response=reply)
+        if "error" in reply:
+            err = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise MonitorError(
+                f"QMP {command} on domain {name} failed: "
+                f"{err.get('class', 'Error')}: {err.get('desc', reply['error'])}",
+                command=command, arguments=arguments, response=reply)
+        if "return" not in reply:
+            raise MonitorError(f"QMP {command} on domain {name}: reply without 'return'",
+                               command=command, arguments=arguments, response=reply)
+        return reply["return"]
+
+    def ram_backends(self, vm: VmRef) -> list[RamBackend]:
+        """query-memdev joined with qom-list /objects (+ mem-path/hugetlb).
+
+        Raises DomainNotRunning, MonitorError, DeadlineExceeded, HypervisorError.
+        """
+        dom = self._domain(vm)
+        memdevs = self._qmp_dom(dom, vm.name, "query-memdev", None)
+        types = backend_types(self._qmp_dom(dom, vm.name, "qom-list", {"path": "/objects"}))
+        props: dict[tuple[str, str], Any] = {}
+        for command, args in followup_queries(memdevs, types):
+            backend_id = args["path"].rsplit("/", 1)[-1]
+            props[(backend_id, args["property"])] = self._qmp_dom(dom, vm.name, command, args)
+        mounts = read_mounts(self.mounts_path) if props else []
+        return build_ram_backends(memdevs, types, props, mounts)
+
+    def set_merge(self, vm: VmRef, backend_id: str, merge: bool) -> None:
+        """qom-set /objects/<backend_id> merge. Does not verify.
+
+        Raises MonitorError (e.g. no such backend), DomainNotRunning, DeadlineExceeded.
+        """
+        command, args = merge_set_call(backend_id, merge)
+        self.qmp(vm, command, args)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                _with_deadline(conn.close, self.deadline, f"close {self.uri}")
+            except HypervisorError as exc:
+                log.debug("closing %s: %s", self.uri, exc)
