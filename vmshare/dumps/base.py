@@ -1,0 +1,136 @@
+"""The page-source protocol and what every file-backed reader shares.
+
+A page source streams guest (or process) memory as ``PageRun`` objects and
+lists the ``Region`` objects those runs belong to. Sources do I/O and format
+validation only: no hashing, no merge logic (that is the engine's job).
+
+Buffer reuse: ``runs()`` yields runs whose ``data`` memoryview points into a
+buffer the source reuses for the next run. A consumer that needs the bytes
+after advancing the iterator must copy them (``bytes(run.data)``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from vmshare.errors import DumpError
+from vmshare.model import PAGE_SIZE, PageRun, Region
+
+#: Default number of pages per yielded run (16 MiB), the size of the reused buffer.
+DEFAULT_CHUNK_PAGES = 4096
+
+
+@runtime_checkable
+class PageSource(Protocol):
+    """Something that yields pages: a dump file, a raw image, a live process."""
+
+    name: str
+
+    def regions(self) -> list[Region]:
+        """The regions runs are keyed by, in address order."""
+        ...
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+        """Stream present pages; holes are skipped. ``data`` may be reused between yields."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+    def __enter__(self) -> Self:
+        ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        ...
+
+
+def check_chunk_pages(chunk_pages: int) -> int:
+    if not isinstance(chunk_pages, int) or chunk_pages < 1:
+        raise ValueError(f"chunk_pages must be a positive int, not {chunk_pages!r}")
+    return chunk_pages
+
+
+class FileSource:
+    """Shared plumbing for sources backed by one regular file opened read-only.
+
+    Subclasses parse in ``__init__`` (after this constructor ran) and close the
+    file themselves if parsing fails, via ``_fail_closed``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.name = name if name is not None else self.path
+        try:
+            self._fd: int = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DumpError(f"{self.path}: cannot open dump: {exc.strerror}") from exc
+        try:
+            st = os.fstat(self._fd)
+        except OSError as exc:
+            os.close(self._fd)
+            raise DumpError(f"{self.path}: cannot stat dump: {exc.strerror}") from exc
+        self.file_size: int = st.st_size
+        # Region.generation for every region of this file: a new dump written
+        # under the same name is a different file (inode, mtime, size).
+        self.file_generation = f"{st.st_dev:x}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+        self._closed = False
+
+    # -- reading -----------------------------------------------------------
+    def pread_exact(self, buf: memoryview, offset: int, what: str) -> None:
+        """Fill ``buf`` from ``offset`` or raise DumpError naming ``what`` as truncated."""
+        want = len(buf)
+        if offset < 0 or offset + want > self.file_size:
+            raise DumpError(f"{self.path}: {what} at offset {offset:#x} (+{want:#x}) is past "
+                            f"the end of the file ({self.file_size:#x} bytes)")
+        done = 0
+        while done < want:
+            try:
+                n = os.preadv(self._fd, [buf[done:]], offset + done)
+            except OSError as exc:
+                raise DumpError(f"{self.path}: reading {what} failed: "
+                                f"{exc.strerror or errno.errorcode.get(exc.errno or 0)}") from exc
+            if n == 0:
+                raise DumpError(f"{self.path}: file truncated while reading {what} at "
+                                f"offset {offset + done:#x}")
+            done += n
+
+    def read_bytes(self, offset: int, size: int, what: str) -> bytes:
+        """Read a small, already bounds-checked structure."""
+        buf = bytearray(size)
+        self.pread_exact(memoryview(buf), offset, what)
+        return bytes(buf)
+
+    # -- lifetime ----------------------------------------------------------
+    def _fail_closed(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DumpError(f"{self.path}: page source is closed")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Best effort only; callers are expected to close() or use ``with``.
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+def pages_for(nbytes: int) -> int:
+    """Pages needed to cover ``nbytes`` (a partial last page counts as one)."""
+    return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
