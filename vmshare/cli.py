@@ -177,7 +177,7 @@ def cmd_demo(ctx: Context) -> int:
     opts = DemoOptions(guests=a.guests, memory_mib=a.memory, identical_mib=a.identical,
                        unique_mib=a.unique, zero_mib=a.zero, keep=a.keep,
                        timeout=a.timeout, uri=a.connect or "qemu:///system")
-    return run_demo(opts, out=out, tty=sys.stdout.isatty())
+    return run_demo(opts, out=out)
 
 
 # ---------------------------------------------------------------- parser

@@ -309,6 +309,21 @@ class LibvirtHypervisor:
         command, args = merge_set_call(backend_id, merge)
         self.qmp(vm, command, args)
 
+    # -- lifecycle (demo and tests; not part of the Hypervisor protocol) ------
+
+    def create_transient(self, xml: str) -> VmRef:
+        """Start a transient domain from XML. Raises HypervisorError naming the cause."""
+        dom = self._call(lambda: self._conn.createXML(xml, 0), f"start a domain on {self.uri}")
+        return self._ref(dom)
+
+    def destroy(self, vm: VmRef) -> None:
+        """Power a domain off at once. A domain already gone is not an error."""
+        try:
+            dom = self._domain(vm)
+            self._call(dom.destroy, f"destroy domain {vm.name}")
+        except (DomainNotFound, DomainNotRunning):
+            return
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

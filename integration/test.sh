@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: set up this Debian 12 host (packages,
+# venv, libvirtd, guest image), then lint (ruff), type-check (mypy), and run
+# the unit tests and the real-hypervisor integration tests (pytest).
+# Extra arguments go to pytest (e.g. -k NAME, -x).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$REPO/integration/setup.sh"
+cd "$REPO"
+echo "test: ruff"
+.venv/bin/ruff check vmshare hooks integration tests benchmarks
+echo "test: mypy"
+.venv/bin/mypy vmshare
+echo "test: pytest"
+exec .venv/bin/pytest -p no:cacheprovider "$@"
