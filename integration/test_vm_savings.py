@@ -7,6 +7,7 @@ the identical region, and `disable` really unmerges one guest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,8 +39,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, captured.out, captured.err
 
 
-def status(capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, Any]:
-    code, out, err = run_cli(capsys, *extra, "status", "--json")
+def status(capsys: pytest.CaptureFixture[str], *names: str,
+           options: tuple[str, ...] = ()) -> dict[str, Any]:
+    code, out, err = run_cli(capsys, *options, "status", "--json", *names)
     assert code == 0, err
     return json.loads(out)
 
@@ -64,10 +66,8 @@ def two_guests(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield NAMES
     finally:
         for dom in doms:
-            try:
+            with contextlib.suppress(Exception):
                 dom.destroy()
-            except Exception:
-                pass
 
 
 def by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -135,7 +135,7 @@ def test_plain_qemu_over_qmp(guest_image: GuestImage, kernel_ksm: KsmSysfs,
     assert code == 0, err
     assert "merge off -> on (verified)" in out
     converge(kernel_ksm, timeout=240)
-    docs = [status(capsys, "--qmp", str(s)) for s in socks]
+    docs = [status(capsys, options=("--qmp", str(s))) for s in socks]
     for doc in docs:
         (vm,) = doc["vms"]
         assert vm["ksm_pages"] >= spec.identical_mib * 256 * 0.95

@@ -244,7 +244,7 @@ class KsmSysfs:
             if name not in snap.values or name not in current:
                 continue
             want = snap.values[name]
-            if name != "run" and self.read_knob(name) == want:
+            if self.read_knob(name) == want:
                 continue
             if name == "pages_to_scan" and snap.values.get("advisor_mode") == "scan-time":
                 continue  # the advisor owns pages_to_scan; the kernel refuses writes
