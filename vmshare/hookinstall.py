@@ -1,0 +1,476 @@
+"""Install, check and remove the libvirt qemu hook as a ``qemu.d/`` drop-in.
+
+libvirt (6.5 and later) runs ``/etc/libvirt/hooks/qemu`` and then every
+executable in ``/etc/libvirt/hooks/qemu.d/`` in strcmp order, feeding each
+one's stdout to the next as the domain XML on migrate/restore. Installing as
+``qemu.d/vmshare`` therefore leaves an administrator's monolithic ``qemu``
+script and other drop-ins alone, and our hook prints nothing, so it passes
+their XML through untouched.
+
+libvirtd decides whether a driver has hooks at all when it starts (and again
+on SIGHUP, when it runs the daemon ``reload`` hook); afterwards it re-reads
+``qemu.d`` on every call, but only if it found a qemu hook at that point. So
+a hook installed while libvirtd runs is live only if some other qemu hook was
+already there when it started; :func:`status` works this out and says when
+libvirtd must be restarted (:func:`restart_libvirtd`) or reloaded
+(:func:`reload_libvirtd`).
+
+Nothing here prints; every function returns a result or raises a
+:class:`vmshare.errors.VmshareError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, VmshareError
+
+__all__ = [
+    "HOOKS_DIR",
+    "HOOK_NAME",
+    "LIBVIRTD_PIDFILE",
+    "MARKER",
+    "SHIPPED_HOOK",
+    "HookInstallError",
+    "HookStatus",
+    "InstallResult",
+    "LibvirtdState",
+    "RestartResult",
+    "UninstallResult",
+    "install",
+    "libvirtd_state",
+    "reload_libvirtd",
+    "restart_libvirtd",
+    "status",
+    "uninstall",
+]
+
+HOOKS_DIR = Path("/etc/libvirt/hooks")
+HOOK_NAME = "vmshare"
+MARKER = b"# vmshare-managed-hook: vmshare-qemu-hook"
+SHIPPED_HOOK = Path(__file__).resolve().parent.parent / "hooks" / "vmshare-qemu-hook"
+LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
+PROC = Path("/proc")
+MAX_HOOK_BYTES = 1 << 20
+RESTART_MESSAGE = "libvirtd must be restarted to load the hook"
+# /proc start times are derived from 10 ms clock ticks and /proc/uptime: allow slack
+CLOCK_SLACK_S = 0.5
+
+HookState = Literal["installed", "outdated", "missing", "foreign"]
+
+
+class HookInstallError(VmshareError):
+    """The hook cannot be installed or removed (bad source, foreign file, I/O error)."""
+
+
+@dataclass(frozen=True)
+class LibvirtdState:
+    """Whether libvirtd runs, its pid, and when it started (epoch seconds)."""
+
+    running: bool
+    pid: int | None = None
+    started_at: float | None = None
+
+
+@dataclass(frozen=True)
+class HookStatus:
+    """What :func:`status` found.
+
+    ``state``: installed (same bytes as the shipped hook), outdated (ours, but
+    different bytes), missing, or foreign (a file of that name not made by
+    vmshare). ``other_scripts`` are the other executables in ``qemu.d``;
+    ``monolithic_hook`` says whether ``hooks/qemu`` is there and executable.
+    ``restart_needed`` is true when libvirtd runs but cannot have loaded the
+    hook; ``messages`` are one-line notes for the operator.
+    """
+
+    path: Path
+    state: HookState
+    written_at: float | None
+    other_scripts: tuple[str, ...]
+    monolithic_hook: bool
+    libvirtd: LibvirtdState
+    restart_needed: bool
+    messages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    path: Path
+    action: Literal["installed", "updated", "unchanged"]
+    status: HookStatus
+
+
+@dataclass(frozen=True)
+class UninstallResult:
+    path: Path
+    removed: bool
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    old_pid: int | None
+    new_pid: int | None
+    seconds: float
+
+
+def _os_error(what: str, exc: OSError) -> VmshareError:
+    if isinstance(exc, PermissionError):
+        return AccessDenied(f"{what}: {exc.strerror}")
+    return HookInstallError(f"{what}: {exc.strerror or exc}")
+
+
+def _read_bounded(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HookInstallError(f"{path} is not a regular file")
+        chunks = []
+        size = 0
+        while size <= MAX_HOOK_BYTES:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_HOOK_BYTES:
+        raise HookInstallError(f"{path} is larger than {MAX_HOOK_BYTES} bytes")
+    return b"".join(chunks)
+
+
+def _is_ours(content: bytes) -> bool:
+    return any(line.startswith(MARKER) for line in content.splitlines()[:5])
+
+
+def _shipped(source: Path) -> bytes:
+    try:
+        content = _read_bounded(source)
+    except FileNotFoundError as exc:
+        raise HookInstallError(f"shipped hook not found at {source}") from exc
+    except OSError as exc:
+        raise _os_error(f"cannot read shipped hook {source}", exc) from exc
+    if not content.startswith(b"#!/") or not _is_ours(content):
+        raise HookInstallError(f"{source} is not the vmshare hook (no shebang or marker line)")
+    return content
+
+
+def _ensure_dir(path: Path) -> None:
+    """Create path (and parents) 0755 whatever the umask; keep an existing one as it is."""
+    if path.is_dir():
+        return
+    if not path.parent.is_dir():
+        _ensure_dir(path.parent)
+    try:
+        path.mkdir(mode=0o755)
+        os.chmod(path, 0o755)
+    except FileExistsError as exc:
+        if not path.is_dir():
+            raise HookInstallError(f"{path} exists and is not a directory") from exc
+    except OSError as exc:
+        raise _os_error(f"cannot create {path}", exc) from exc
+
+
+def install(hooks_dir: Path = HOOKS_DIR, source: Path = SHIPPED_HOOK) -> InstallResult:
+    """Install the shipped hook as ``<hooks_dir>/qemu.d/vmshare`` (0755, root).
+
+    The copy is written to a hidden temp file in ``hooks_dir`` (where libvirt
+    runs only files named after drivers) and renamed into ``qemu.d``, so
+    libvirt never runs a half-written hook. Other files are never touched.
+
+    Raises HookInstallError if the source is not the vmshare hook, if a file
+    not made by vmshare already has our name, or on I/O errors; AccessDenied
+    without the privilege to write.
+    """
+    content = _shipped(source)
+    qemu_d = hooks_dir / "qemu.d"
+    target = qemu_d / HOOK_NAME
+    _ensure_dir(qemu_d)
+    action: Literal["installed", "updated", "unchanged"] = "installed"
+    existing = _existing(target)
+    if existing is not None:
+        if not _is_ours(existing):
+            raise HookInstallError(f"{target} was not installed by vmshare; refusing to replace it")
+        st = os.stat(target)
+        root_owned = os.geteuid() != 0 or (st.st_uid, st.st_gid) == (0, 0)
+        if existing == content and stat.S_IMODE(st.st_mode) == 0o755 and root_owned:
+            return InstallResult(target, "unchanged", status(hooks_dir, source))
+        action = "updated"
+    _write_atomically(hooks_dir, target, content)
+    return InstallResult(target, action, status(hooks_dir, source))
+
+
+def _existing(target: Path) -> bytes | None:
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _os_error(f"cannot inspect {target}", exc) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise HookInstallError(f"{target} is not a regular file; refusing to touch it")
+    try:
+        return _read_bounded(target)
+    except OSError as exc:
+        raise _os_error(f"cannot read {target}", exc) from exc
+
+
+def _write_atomically(hooks_dir: Path, target: Path, content: bytes) -> None:
+    fd, temp = tempfile.mkstemp(prefix=".vmshare-hook.", suffix=".tmp", dir=hooks_dir)
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            if os.geteuid() == 0:
+                os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise _os_error(f"cannot write {target}", exc) from exc
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def uninstall(hooks_dir: Path = HOOKS_DIR) -> UninstallResult:
+    """Remove ``qemu.d/vmshare`` if, and only if, vmshare installed it.
+
+    Raises HookInstallError if the file there is not ours (no marker line) or
+    is not a regular file; AccessDenied without the privilege to remove it.
+    """
+    target = hooks_dir / "qemu.d" / HOOK_NAME
+    existing = _existing(target)
+    if existing is None:
+        return UninstallResult(target, removed=False)
+    if not _is_ours(existing):
+        raise HookInstallError(f"{target} was not installed by vmshare; refusing to remove it")
+    try:
+        os.unlink(target)
+    except FileNotFoundError:
+        return UninstallResult(target, removed=False)
+    except OSError as exc:
+        raise _os_error(f"cannot remove {target}", exc) from exc
+    return UninstallResult(target, removed=True)
+
+
+def _executable(path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and bool(st.st_mode & 0o111)
+
+
+def _change_time(path: Path) -> float | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # ctime moves on create and rename and cannot be set back by cp -p or touch
+    return max(st.st_mtime, st.st_ctime)
+
+
+def _proc_comm(proc: Path, pid: int) -> str | None:
+    try:
+        return (proc / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(proc: Path, pid: int) -> float | None:
+    """Epoch seconds at which pid started, from /proc/<pid>/stat and /proc/uptime."""
+    try:
+        fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
+        uptime = float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    boot = time.time() - uptime
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def libvirtd_state(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,
+                   scan_proc: bool = True, comm: str = "libvirtd") -> LibvirtdState:
+    """Find the running libvirtd: the pidfile's pid if its comm is ``comm``, else
+    (with ``scan_proc``) the lowest such pid in ``proc``."""
+    candidates: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        candidates.append(int(pidfile.read_text().strip()))
+    if scan_proc:
+        with contextlib.suppress(OSError):
+            candidates += sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
+    for pid in candidates:
+        if _proc_comm(proc, pid) == comm:
+            started = _start_time(proc, pid)
+            if started is not None:
+                return LibvirtdState(True, pid, started)
+    return LibvirtdState(False)
+
+
+def status(hooks_dir: Path = HOOKS_DIR, source: Path = SHIPPED_HOOK, *,
+           pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, scan_proc: bool = True,
+           comm: str = "libvirtd") -> HookStatus:
+    """Report whether the hook is installed and whether libvirtd has loaded it.
+
+    Raises HookInstallError if the shipped hook cannot be read (nothing to
+    compare with) and AccessDenied if the installed one cannot be read.
+    """
+    shipped = _shipped(source)
+    qemu_d = hooks_dir / "qemu.d"
+    target = qemu_d / HOOK_NAME
+    try:
+        existing = _existing(target)
+    except HookInstallError:
+        existing = b""  # a directory or symlink of our name: certainly not ours
+    state: HookState
+    if existing is None:
+        state = "missing"
+    elif not _is_ours(existing):
+        state = "foreign"
+    else:
+        state = "installed" if existing == shipped else "outdated"
+    try:
+        others = tuple(sorted(p.name for p in qemu_d.iterdir()
+                              if p.name != HOOK_NAME and _executable(p)))
+    except OSError:
+        others = ()
+    monolithic = _executable(hooks_dir / "qemu")
+    daemon = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
+    written = _change_time(target) if existing is not None else None
+    messages: list[str] = []
+    restart = False
+    if state == "missing":
+        messages.append(f"{target} is not installed")
+    elif state == "foreign":
+        messages.append(f"{target} was not installed by vmshare")
+    elif state == "outdated":
+        messages.append(f"{target} differs from the shipped hook; run install again")
+    if state in ("installed", "outdated") and not _executable(target):
+        messages.append(f"{target} is not executable: libvirt skips it")
+    if daemon.running and daemon.started_at is not None and written is not None \
+            and state != "foreign":
+        loaded_earlier = [hooks_dir / "qemu"] + [qemu_d / n for n in others]
+        had_hooks = any((t := _change_time(p)) is not None and t < daemon.started_at
+                        and _executable(p) for p in loaded_earlier)
+        if written > daemon.started_at - CLOCK_SLACK_S and not had_hooks:
+            restart = True
+            messages.append(f"{RESTART_MESSAGE} (or sent SIGHUP): it started before the "
+                            "hook was written")
+    elif not daemon.running:
+        messages.append("libvirtd is not running; it loads the hook when it starts")
+    return HookStatus(target, state, written, others, monolithic, daemon, restart,
+                      tuple(messages))
+
+
+def reload_libvirtd(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,
+                    scan_proc: bool = True, comm: str = "libvirtd") -> int:
+    """Send SIGHUP to libvirtd, which makes it look for hooks again; return its pid.
+
+    Raises HypervisorError if libvirtd is not running; AccessDenied without
+    the privilege to signal it.
+    """
+    daemon = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
+    if daemon.pid is None:
+        raise HypervisorError("libvirtd is not running")
+    try:
+        os.kill(daemon.pid, signal.SIGHUP)
+    except PermissionError as exc:
+        raise AccessDenied(f"cannot signal libvirtd (pid {daemon.pid})") from exc
+    except ProcessLookupError as exc:
+        raise HypervisorError(f"libvirtd (pid {daemon.pid}) exited") from exc
+    return daemon.pid
+
+
+def _gone(proc: Path, pid: int, comm: str) -> bool:
+    return _proc_comm(proc, pid) != comm or _start_time(proc, pid) is None
+
+
+def restart_libvirtd(*, pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC,
+                     scan_proc: bool = True, comm: str = "libvirtd",
+                     start_cmd: Sequence[str] = ("libvirtd", "-d"),
+                     probe_cmd: Sequence[str] = ("virsh", "-c", "qemu:///system", "version"),
+                     stop_timeout: float = 30.0, start_timeout: float = 30.0) -> RestartResult:
+    """Stop libvirtd (SIGTERM, wait), start ``libvirtd -d``, wait until it answers.
+
+    For hosts without systemd, where libvirtd was started by hand. Running
+    domains keep running: libvirtd reconnects to them (and calls the hook
+    with ``reconnect begin``).
+
+    Raises DeadlineExceeded if libvirtd does not stop or answer in time,
+    HypervisorError if it cannot be started, AccessDenied without privilege.
+    """
+    began = time.monotonic()
+    old = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
+    if old.pid is not None:
+        try:
+            os.kill(old.pid, signal.SIGTERM)
+        except PermissionError as exc:
+            raise AccessDenied(f"cannot signal libvirtd (pid {old.pid})") from exc
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + stop_timeout
+        while not _gone(proc, old.pid, comm):
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"libvirtd (pid {old.pid}) did not stop within {stop_timeout:.0f} s")
+            time.sleep(0.05)
+    _run_start(start_cmd, start_timeout)
+    deadline = time.monotonic() + start_timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"libvirtd did not answer within {start_timeout:.0f} s "
+                                   f"of starting ({' '.join(probe_cmd)})")
+        try:
+            answered = subprocess.run(list(probe_cmd), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      timeout=min(left, 10.0), check=False).returncode == 0
+        except subprocess.TimeoutExpired:
+            answered = False
+        except OSError as exc:
+            raise HypervisorError(f"cannot run {probe_cmd[0]}: {exc.strerror}") from exc
+        if answered:
+            break
+        time.sleep(0.1)
+    new = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
+    return RestartResult(old.pid, new.pid, time.monotonic() - began)
+
+
+def _run_start(start_cmd: Sequence[str], timeout: float) -> None:
+    # stdout/stderr go to a file, not a pipe: the daemonized child may keep a
+    # pipe open forever and make us wait for an EOF that never comes.
+    with tempfile.TemporaryFile() as errors:
+        try:
+            done = subprocess.run(list(start_cmd), stdin=subprocess.DEVNULL,
+                                  stdout=errors, stderr=errors, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise DeadlineExceeded(f"{' '.join(start_cmd)} did not return within "
+                                   f"{timeout:.0f} s") from exc
+        except OSError as exc:
+            raise HypervisorError(f"cannot run {start_cmd[0]}: {exc.strerror}") from exc
+        if done.returncode != 0:
+            errors.seek(0)
+            tail = errors.read(4096).decode("utf-8", "replace").strip().splitlines()
+            reason = tail[-1] if tail else f"exit status {done.returncode}"
+            raise HypervisorError(f"{' '.join(start_cmd)} failed: {reason}")
