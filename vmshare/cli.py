@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -26,6 +27,9 @@ from vmshare.ksm.sysfs import DEFAULT_ROOT, KNOBS, KsmSysfs
 log = logging.getLogger("vmshare")
 
 EXIT_INTERNAL = 70
+
+# Edge modules that add command groups (see build_parser).
+EXTENSION_MODULES: tuple[str, ...] = ()
 
 
 class Context:
@@ -243,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     s.add_argument("--keep", action="store_true", help="leave the guests running")
     s.set_defaults(func=cmd_demo)
+
+    # Command groups that live in their own edge modules: each has
+    # ``register(sub)`` adding its subparsers with ``func(ctx: Context) -> int``.
+    for module in EXTENSION_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
