@@ -1,0 +1,149 @@
+"""The host config file (/etc/vmshare/vmshare.toml): loaded, validated, defaulted.
+
+A missing file means the shipped defaults. Unknown sections or keys, wrong
+types and bad values are errors naming the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmshare.errors import PolicyError
+from vmshare.policy import DEFAULT_GROUP, MERGE_SETTINGS, HostPolicy, VmPolicy, valid_group
+
+DEFAULT_CONFIG = Path("/etc/vmshare/vmshare.toml")
+CONFIG_ENV = "VMSHARE_CONFIG"
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    spool_dir: Path = Path("/run/vmshare/spool")
+    socket: Path = Path("/run/vmshare/wakeup.sock")
+    audit_log: Path = Path("/var/log/vmshare/audit.jsonl")
+    state_file: Path = Path("/var/lib/vmshare/state.json")
+    qmp_sockets: tuple[str, ...] = ()          # globs, for hosts without libvirt
+    reconnect_max_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    host: HostPolicy = field(default_factory=HostPolicy)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+
+
+_HOST_KEYS = {"enabled", "default_merge", "default_group"}
+_DAEMON_KEYS = {"spool_dir", "socket", "audit_log", "state_file", "qmp_sockets",
+                "reconnect_max_seconds"}
+_VM_KEYS = {"merge", "group", "force"}
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(CONFIG_ENV, str(DEFAULT_CONFIG)))
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate the config; a missing default file gives the defaults.
+
+    Raises PolicyError naming the file and key for anything malformed, and
+    for an explicitly named file that does not exist.
+    """
+    p = config_path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError as exc:
+        if path is not None:
+            raise PolicyError(f"config file {p} does not exist") from exc
+        return Config(path=None)
+    except OSError as exc:
+        raise PolicyError(f"cannot read config file {p}: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"{p}: not valid TOML: {exc}") from exc
+    return parse_config(doc, p)
+
+
+def _check_keys(where: str, table: Any, allowed: set[str], origin: Path) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise PolicyError(f"{origin}: [{where}] must be a table")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise PolicyError(f"{origin}: unknown key(s) in [{where}]: {', '.join(unknown)} "
+                          f"(known: {', '.join(sorted(allowed))})")
+    return table
+
+
+def _typed(origin: Path, where: str, key: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise PolicyError(f"{origin}: [{where}] {key} must be a {kind.__name__}, "
+                          f"not {value!r}")
+    return value
+
+
+def parse_config(doc: dict[str, Any], origin: Path) -> Config:
+    unknown = sorted(set(doc) - {"host", "daemon", "vm"})
+    if unknown:
+        raise PolicyError(f"{origin}: unknown section(s) {', '.join(unknown)} "
+                          "(known: host, daemon, vm)")
+    host_t = _check_keys("host", doc.get("host", {}), _HOST_KEYS, origin)
+    enabled = _typed(origin, "host", "enabled", host_t.get("enabled", True), bool)
+    default_merge = _typed(origin, "host", "default_merge",
+                           host_t.get("default_merge", "off"), str)
+    if default_merge not in ("on", "off"):
+        raise PolicyError(f"{origin}: [host] default_merge must be 'on' or 'off', "
+                          f"not {default_merge!r}")
+    default_group = _typed(origin, "host", "default_group",
+                           host_t.get("default_group", DEFAULT_GROUP), str)
+    if not valid_group(default_group):
+        raise PolicyError(f"{origin}: [host] default_group {default_group!r} is not a "
+                          "valid trust group name")
+
+    vms: dict[str, VmPolicy] = {}
+    vm_tables = doc.get("vm", {})
+    if not isinstance(vm_tables, dict):
+        raise PolicyError(f"{origin}: [vm] must hold tables like [vm.\"NAME\"]")
+    for name, table in vm_tables.items():
+        where = f'vm."{name}"'
+        t = _check_keys(where, table, _VM_KEYS, origin)
+        merge = _typed(origin, where, "merge", t.get("merge", "inherit"), str)
+        if merge not in MERGE_SETTINGS:
+            raise PolicyError(f"{origin}: [{where}] merge must be one of "
+                              f"{', '.join(MERGE_SETTINGS)}, not {merge!r}")
+        group = t.get("group")
+        if group is not None:
+            group = _typed(origin, where, "group", group, str)
+        vms[name] = VmPolicy(merge=merge, group=group,
+                             force=_typed(origin, where, "force", t.get("force", False), bool))
+
+    d = _check_keys("daemon", doc.get("daemon", {}), _DAEMON_KEYS, origin)
+    defaults = DaemonSettings()
+    globs = d.get("qmp_sockets", [])
+    if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
+        raise PolicyError(f"{origin}: [daemon] qmp_sockets must be a list of path globs")
+    daemon = DaemonSettings(
+        spool_dir=Path(_typed(origin, "daemon", "spool_dir",
+                              d.get("spool_dir", str(defaults.spool_dir)), str)),
+        socket=Path(_typed(origin, "daemon", "socket", d.get("socket", str(defaults.socket)),
+                           str)),
+        audit_log=Path(_typed(origin, "daemon", "audit_log",
+                              d.get("audit_log", str(defaults.audit_log)), str)),
+        state_file=Path(_typed(origin, "daemon", "state_file",
+                               d.get("state_file", str(defaults.state_file)), str)),
+        qmp_sockets=tuple(globs),
+        reconnect_max_seconds=_typed(origin, "daemon", "reconnect_max_seconds",
+                                     d.get("reconnect_max_seconds",
+                                           defaults.reconnect_max_seconds), float),
+    )
+    return Config(path=origin,
+                  host=HostPolicy(enabled=enabled, default_merge=default_merge,
+                                  default_group=default_group, vms=vms),
+                  daemon=daemon)
