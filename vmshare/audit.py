@@ -1,0 +1,121 @@
+"""The audit log: every change vmshare makes, as JSON lines, append-only.
+
+One record per change: time, who (user, pid, program part), what (VM,
+backend or knob), before, after, reason, and the event that caused it.
+Records are appended with O_APPEND in a single write() and fsync'd, so a
+crash leaves at most one torn final line, which the reader skips and reports.
+The file is created 0600: it names VMs and their sharing, operator data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vmshare.errors import AccessDenied, VmshareError
+
+DEFAULT_AUDIT_LOG = Path("/var/log/vmshare/audit.jsonl")
+AUDIT_ENV = "VMSHARE_AUDIT_LOG"
+_MAX_LINE = 64 * 1024
+
+
+class AuditError(VmshareError):
+    """The audit log cannot be written or read."""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    time: float
+    actor: str          # "cli", "daemon", "hook"
+    user: str
+    pid: int
+    action: str         # "merge", "knob", "policy"
+    target: str         # "VM/backend", "knob NAME", "VM"
+    before: Any
+    after: Any
+    reason: str
+    event: str | None = None
+    vm: str | None = None
+    id: str | None = None    # idempotency key: the same change is never logged twice
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def audit_path(explicit: Path | None = None) -> Path:
+    if explicit is not None:
+        return explicit
+    return Path(os.environ.get(AUDIT_ENV, str(DEFAULT_AUDIT_LOG)))
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+class AuditLog:
+    """Append-only JSON-lines log. Errors: AuditError, AccessDenied."""
+
+    def __init__(self, path: Path | None = None, actor: str = "cli") -> None:
+        self.path = audit_path(path)
+        self.actor = actor
+
+    def record(self, action: str, target: str, before: Any, after: Any, reason: str, *,
+               event: str | None = None, vm: str | None = None,
+               id: str | None = None) -> AuditRecord:
+        rec = AuditRecord(time=time.time(), actor=self.actor, user=_user(), pid=os.getpid(),
+                          action=action, target=target, before=before, after=after,
+                          reason=reason, event=event, vm=vm, id=id)
+        self.append(rec)
+        return rec
+
+    def append(self, rec: AuditRecord) -> None:
+        line = (rec.to_json() + "\n").encode()
+        if len(line) > _MAX_LINE:
+            raise AuditError(f"audit record too large ({len(line)} bytes)")
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        except PermissionError as exc:
+            raise AccessDenied(f"cannot write the audit log {self.path}: permission "
+                               "denied") from exc
+        except OSError as exc:
+            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}") from exc
+        try:
+            if os.write(fd, line) != len(line):
+                raise AuditError(f"short write to the audit log {self.path}")
+            os.fsync(fd)
+        except OSError as exc:
+            raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def read(self) -> Iterator[AuditRecord | str]:
+        """Records in order; a line that does not parse is yielded as a string
+        describing the problem (a torn last line after a crash)."""
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below, generator
+        except FileNotFoundError:
+            return
+        except PermissionError as exc:
+            raise AccessDenied(f"cannot read the audit log {self.path}: permission "
+                               "denied") from exc
+        with f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    doc = json.loads(raw)
+                    yield AuditRecord(**doc)
+                except (ValueError, TypeError) as exc:
+                    yield f"{self.path}:{number}: unreadable record ({exc.__class__.__name__})"
+
+    def ids(self) -> set[str]:
+        return {r.id for r in self.read() if isinstance(r, AuditRecord) and r.id}
