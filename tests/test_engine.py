@@ -1,0 +1,277 @@
+"""The userspace KSM engine against hand-computed cases and a naive reference."""
+
+from __future__ import annotations
+
+import ast
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.engine_reference import ReferenceKsm
+from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
+from vmshare.errors import UsageError
+from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
+
+Z = bytes(PAGE_SIZE)
+
+
+def pg(tag: int) -> bytes:
+    """A distinct non-zero page per tag (differs only in its last byte from tag 1's)."""
+    return bytes([7]) * (PAGE_SIZE - 2) + tag.to_bytes(2, "little")
+
+
+World = dict[str, list[bytes | None]]   # source -> pages of its one region (None: hole)
+
+
+def feed_world(e: KsmEngine, world: World, gens: Mapping[str, str] | None = None,
+               shuffle: random.Random | None = None) -> KsmCounters:
+    regions = {s: [Region("ram", len(p) * PAGE_SIZE, (gens or {}).get(s, ""))]
+               for s, p in world.items()}
+    e.begin_scan(regions)
+    runs: list[PageRun] = []
+    for s, pages in world.items():
+        i = 0
+        while i < len(pages):
+            if pages[i] is None:
+                i += 1
+                continue
+            j = i
+            while j < len(pages) and pages[j] is not None and (j - i < 2 or shuffle is None):
+                j += 1
+            data = b"".join(p for p in pages[i:j] if p is not None)
+            runs.append(PageRun(s, "ram", i, memoryview(bytearray(data))))
+            i = j
+    if shuffle is not None:
+        shuffle.shuffle(runs)
+    for r in runs:
+        e.feed(r)
+    return e.end_scan().counters
+
+
+def ref_scan(ref: ReferenceKsm, world: World, gens: Mapping[str, str] | None = None
+             ) -> dict[str, int]:
+    regions: dict[str, Sequence[Region]] = {
+        s: [Region("ram", len(p) * PAGE_SIZE, (gens or {}).get(s, ""))]
+        for s, p in world.items()}
+    content = {(s, "ram", i): b for s, pages in world.items()
+               for i, b in enumerate(pages) if b is not None}
+    return ref.scan(regions, content)
+
+
+def as_dict(c: KsmCounters) -> dict[str, int]:
+    d = {f.name: getattr(c, f.name) for f in fields(c)}
+    d.pop("pages_scanned")
+    return d
+
+
+def xxh(b: bytes | memoryview) -> int:
+    return int(xxhash.xxh3_64_intdigest(b))
+
+
+# -- hand-computed cases ---------------------------------------------------------------
+
+def test_two_scans_before_merging() -> None:
+    e = KsmEngine()
+    world: World = {"a": [pg(1), pg(2)], "b": [pg(1), pg(3)]}
+    c1 = feed_world(e, world)
+    assert (c1.pages_shared, c1.pages_sharing, c1.pages_unshared, c1.pages_volatile) == \
+        (0, 0, 0, 4)
+    c2 = feed_world(e, world)
+    assert (c2.pages_shared, c2.pages_sharing, c2.pages_unshared, c2.pages_volatile) == \
+        (1, 1, 2, 0)
+    assert c2.full_scans == 2
+    c3 = feed_world(e, world)
+    assert as_dict(c3) | {"full_scans": 2} == as_dict(c2)
+    assert e.shares_with() == {"a": {"b": 1}, "b": {"a": 1}}
+
+
+def test_max_page_sharing_makes_chain_of_dups() -> None:
+    e = KsmEngine(EngineConfig(max_page_sharing=2))
+    world: World = {"a": [pg(1)] * 5}
+    feed_world(e, world)
+    c = feed_world(e, world)
+    # p0+p1 -> dup 1 (full); p2 unstable; p3 pairs with it -> dup 2, a chain; p4 unstable
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (2, 2, 1)
+    assert (c.stable_node_chains, c.stable_node_dups) == (1, 2)
+    world = {"a": [pg(1)] * 6}
+    feed_world(e, world)                          # the new page is volatile
+    c = feed_world(e, world)
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (3, 3, 0)
+    assert (c.stable_node_chains, c.stable_node_dups) == (1, 3)
+
+
+def test_256_way_sharing_like_the_kernel_note() -> None:
+    e = KsmEngine(EngineConfig(max_page_sharing=4))
+    world: World = {"a": [pg(9)] * 64}
+    feed_world(e, world)
+    c = feed_world(e, world)
+    assert (c.pages_shared, c.pages_sharing, c.stable_node_dups) == (16, 48, 16)
+
+
+def test_cow_break_of_merged_page() -> None:
+    e = KsmEngine()
+    feed_world(e, {"a": [pg(1)], "b": [pg(1)]})
+    c = feed_world(e, {"a": [pg(1)], "b": [pg(1)]})
+    assert (c.pages_shared, c.pages_sharing) == (1, 1)
+    c = feed_world(e, {"a": [pg(1)], "b": [pg(2)]})
+    # b broke out (volatile); a still maps the KSM page alone
+    assert (c.pages_shared, c.pages_sharing, c.pages_volatile) == (1, 0, 1)
+    c = feed_world(e, {"a": [pg(2)], "b": [pg(2)]})
+    # a broke out too: the KSM page is gone; b is stable, a is volatile
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile) == \
+        (0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("use_zero_pages", [False, True])
+def test_zero_pages(use_zero_pages: bool) -> None:
+    e = KsmEngine(EngineConfig(use_zero_pages=use_zero_pages))
+    world: World = {"a": [Z, Z, pg(1)], "b": [Z]}
+    feed_world(e, world)
+    c = feed_world(e, world)
+    if use_zero_pages:
+        assert (c.ksm_zero_pages, c.pages_shared, c.pages_sharing) == (3, 0, 0)
+        assert c.pages_volatile == 3            # rmap items live until the next scan
+        c = feed_world(e, world)
+        assert (c.ksm_zero_pages, c.pages_volatile, c.pages_unshared) == (3, 0, 1)
+        c = feed_world(e, {"a": [pg(5), Z, pg(1)], "b": [Z]})   # CoW from the zero page
+        assert (c.ksm_zero_pages, c.pages_volatile) == (2, 1)
+        assert e.per_source()["a"].zero_pages == 1
+    else:
+        assert (c.ksm_zero_pages, c.pages_shared, c.pages_sharing) == (0, 1, 2)
+
+
+def test_generation_change_drops_region_and_holes_leave() -> None:
+    e = KsmEngine()
+    world: World = {"a": [pg(1), pg(2)], "b": [pg(1), pg(2)]}
+    feed_world(e, world)
+    c = feed_world(e, world)
+    assert (c.pages_shared, c.pages_sharing) == (2, 2)
+    c = feed_world(e, world, gens={"b": "pid2"})
+    assert (c.pages_shared, c.pages_sharing, c.pages_volatile) == (2, 0, 2)
+    c = feed_world(e, {"a": [pg(1), None]}, gens={"b": "pid2"})
+    assert (c.pages_shared, c.pages_sharing, c.pages_volatile) == (1, 0, 0)
+    assert set(e.per_source()) == {"a"}
+
+
+def test_fair_share_and_shares_with() -> None:
+    e = KsmEngine()
+    world: World = {"a": [pg(1), pg(1), pg(2)], "b": [pg(1), pg(2)], "c": [pg(3), pg(2)]}
+    feed_world(e, world)
+    c = feed_world(e, world)
+    per = e.per_source()
+    # pg(1) mapped 3 times (a, a, b), pg(2) 3 times (a, b, c): each mapping saves 2/3
+    assert sum((s.saved for s in per.values()), Fraction(0)) == c.pages_sharing == 4
+    assert (per["a"].saved, per["b"].saved, per["c"].saved) == \
+        (Fraction(2), Fraction(4, 3), Fraction(2, 3))
+    assert e.shares_with() == {"a": {"b": 3, "c": 1}, "b": {"a": 2, "c": 1},
+                               "c": {"a": 1, "b": 1}}
+
+
+def test_forced_collisions_never_merge_different_pages() -> None:
+    e = KsmEngine(EngineConfig(max_page_sharing=3), hasher=lambda _: 42)
+    ref = ReferenceKsm(max_page_sharing=3, hasher=lambda _: 42)
+    world: World = {"a": [pg(1), pg(2), pg(1), Z], "b": [pg(2), pg(3), pg(1), Z]}
+    for _ in range(3):
+        c = feed_world(e, world)
+        assert as_dict(c) == ref_scan(ref, world)
+    assert (c.pages_shared, c.pages_sharing) == (3, 4)   # pg1 x3, pg2 x2, zero x2
+    # every node's pages are byte-identical
+    contents: dict[int, set[bytes]] = {}
+    for rs in e._order:
+        for i, nd in enumerate(rs.node.tolist()):
+            if nd >= 0:
+                contents.setdefault(nd, set()).add(world[rs.source][i] or b"")
+    assert all(len(v) == 1 for v in contents.values())
+
+
+def test_usage_errors() -> None:
+    e = KsmEngine()
+    with pytest.raises(UsageError):
+        e.feed(PageRun("a", "ram", 0, memoryview(Z)))
+    e.begin_scan({"a": [Region("ram", 2 * PAGE_SIZE)]})
+    with pytest.raises(UsageError):
+        e.begin_scan({})
+    with pytest.raises(UsageError):
+        e.feed(PageRun("a", "ram", 1, memoryview(Z + Z)))
+    with pytest.raises(UsageError):
+        e.feed(PageRun("b", "ram", 0, memoryview(Z)))
+    e.feed(PageRun("a", "ram", 0, memoryview(Z)))
+    with pytest.raises(UsageError):
+        e.feed(PageRun("a", "ram", 0, memoryview(Z)))
+    e.end_scan()
+    with pytest.raises(UsageError):
+        EngineConfig(max_page_sharing=1)
+
+
+def test_converge_stops_when_counters_settle() -> None:
+    e = KsmEngine()
+    world: World = {"a": [pg(1), Z], "b": [pg(1), pg(4)]}
+    n = e.converge(lambda eng: feed_world(eng, world), max_scans=10)
+    assert n == 3 and e.counters().full_scans == 3
+
+
+def test_counter_names_are_the_kernels() -> None:
+    assert {f.name for f in fields(KsmCounters)} <= set(COUNTER_MEANINGS)
+
+
+def test_engine_imports_no_adapters() -> None:
+    root = Path(__file__).resolve().parent.parent / "vmshare" / "engine"
+    banned = ("vmshare.ksm", "vmshare.hypervisor", "vmshare.dumps", "vmshare.cli",
+              "vmshare.service", "os", "subprocess", "socket", "libvirt", "mmap")
+    for f in root.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(banned), f"{f.name} imports {name}"
+
+
+# -- property tests against the reference ------------------------------------------------
+
+ALPHABET = [Z, pg(1), pg(2), pg(3)]
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[int, bool, list[tuple[World, dict[str, str]]]]:
+    mps = draw(st.integers(2, 4))
+    uzp = draw(st.booleans())
+    nsrc = draw(st.integers(1, 3))
+    sizes = [draw(st.integers(1, 7)) for _ in range(nsrc)]
+    page = st.one_of(st.sampled_from(ALPHABET), st.none())
+    world: World = {f"vm{s}": [draw(page) for _ in range(n)] for s, n in enumerate(sizes)}
+    gens = {s: "0" for s in world}
+    out = []
+    for _ in range(draw(st.integers(2, 6))):
+        out.append(({s: list(p) for s, p in world.items()}, dict(gens)))
+        for s, pages in world.items():
+            for i in range(len(pages)):
+                if draw(st.integers(0, 9)) == 0:
+                    pages[i] = draw(page)
+            if draw(st.integers(0, 14)) == 0:
+                gens[s] += "'"
+    return mps, uzp, out
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.randoms(use_true_random=False))
+def test_engine_matches_reference(h: tuple[int, bool, list[tuple[World, dict[str, str]]]],
+                                  rnd: random.Random) -> None:
+    mps, uzp, scans = h
+    e = KsmEngine(EngineConfig(max_page_sharing=mps, use_zero_pages=uzp))
+    ref = ReferenceKsm(max_page_sharing=mps, use_zero_pages=uzp, hasher=xxh)
+    for world, gens in scans:
+        c = feed_world(e, world, gens, shuffle=rnd)
+        assert as_dict(c) == ref_scan(ref, world, gens)
+        per = e.per_source()
+        assert sum((s.saved for s in per.values()), Fraction(0)) == c.pages_sharing
+        ref_saved = ref.saved()
+        assert {s: v.saved for s, v in per.items() if v.saved} == \
+            {s: v for s, v in ref_saved.items() if v}
+        assert {a: row for a, row in e.shares_with().items() if row} == ref.shares_with()

@@ -1,0 +1,351 @@
+"""KsmEngine: scan bookkeeping, per-page state arrays and the counters.
+
+The merge decisions themselves (content groups simulated in scan order) are in
+``vmshare.engine.merge``; the algorithm overview is in ``vmshare.engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from vmshare.engine import merge
+from vmshare.engine.state import (
+    HAS_CK,
+    SEEN,
+    STABLE_CK,
+    UNSTABLE,
+    ZERO,
+    ZERO_NEW,
+    NodeTable,
+    RegionState,
+    RunRef,
+)
+from vmshare.errors import UsageError
+from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
+
+Hasher = Callable[[memoryview], int]
+
+_HASH_CHUNK = 4096   # pages hashed per list comprehension: bounds the temporary list
+
+
+def default_hasher(page: memoryview) -> int:
+    """xxh3_64 of one page (the index and checksum function)."""
+    return int(xxhash.xxh3_64_intdigest(page))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The kernel knobs the algorithm depends on (same names as /sys/kernel/mm/ksm).
+
+    merge_across_nodes=1 and smart_scan=0 are assumed: one tree for all pages, no
+    page skipped (a differential test against the kernel must set smart_scan=0).
+    """
+
+    max_page_sharing: int = 256
+    use_zero_pages: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_page_sharing < 2:
+            raise UsageError(f"max_page_sharing must be >= 2, not {self.max_page_sharing}")
+
+
+@dataclass(frozen=True)
+class KsmCounters:
+    """The kernel's counters, with the kernel's names and meanings (COUNTER_MEANINGS)."""
+
+    pages_shared: int = 0
+    pages_sharing: int = 0
+    pages_unshared: int = 0
+    pages_volatile: int = 0
+    pages_scanned: int = 0
+    full_scans: int = 0
+    ksm_zero_pages: int = 0
+    stable_node_chains: int = 0
+    stable_node_dups: int = 0
+
+    def merge_state(self) -> tuple[int, ...]:
+        """Every counter except the cumulative ones (full_scans, pages_scanned)."""
+        return (self.pages_shared, self.pages_sharing, self.pages_unshared,
+                self.pages_volatile, self.ksm_zero_pages, self.stable_node_chains,
+                self.stable_node_dups)
+
+
+assert all(f.name in COUNTER_MEANINGS for f in fields(KsmCounters))
+
+
+@dataclass(frozen=True)
+class SourceSavings:
+    """Per-source figures; ``saved`` uses the fair-share rule of ``vmshare status``.
+
+    Each stable page mapped k times credits each of its mappings (k-1)/k of a
+    page, so ``saved`` summed over all sources is exactly pages_sharing.
+    """
+
+    pages_seen: int          # pages fed in the last scan
+    ksm_pages: int           # pages mapped to a stable node
+    saved: Fraction          # exact fair share, in pages
+    zero_pages: int          # pages mapped to the zero page by use_zero_pages
+    unshared_pages: int      # pages in the unstable tree
+
+    @property
+    def saved_pages(self) -> float:
+        return float(self.saved)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    counters: KsmCounters
+    pages_fed: int
+
+
+class KsmEngine:
+    """The kernel's KSM merge algorithm over pages fed to it; no I/O of its own.
+
+    One full scan is ``begin_scan(regions)``, any number of ``feed(run)`` in any
+    order, then ``end_scan()``. Pages are processed in scan order (sources in the
+    order of ``regions``, regions in listed order, page index) whatever the feed
+    order, so results are deterministic.
+
+    Rules beyond the kernel's own (the engine sees snapshots, not page tables):
+
+    * A page's content is what was fed; a write is assumed to happen just before
+      the scan reaches the page. A page of a stable node stays mapped to it while
+      its bytes equal the node's; otherwise it was broken out by CoW and leaves
+      the node at its position in the scan.
+    * A stable node none of whose pages is present with its content this scan
+      has no mapping left: its KSM page is freed before the scan (the kernel
+      finds it stale on first lookup). Its content is then unknown to the engine,
+      which is why no page bytes are needed between scans.
+    * Pages not fed this scan (holes) leave at their position, as the kernel frees
+      their rmap items when its cursor passes them. Sources and regions no longer
+      listed, and regions whose generation or size changed, are dropped at the
+      start of the scan, as if unmapped.
+    * A node's content is recognised by its checksum and, if its pages fed with
+      that checksum hold different bytes (a collision), by the bytes most of them
+      share. Every merge is decided by a byte-for-byte comparison.
+    * Chains are pruned at the end of each scan (the kernel does it every
+      stable_node_chains_prune_millisecs): a chain left with one dup that has
+      room reverts to a plain stable node.
+
+    Buffers passed to ``feed`` are referenced (never copied) until ``end_scan``
+    returns and must not change before then.
+    """
+
+    def __init__(self, config: EngineConfig | None = None,
+                 hasher: Hasher | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.hasher: Hasher = hasher or default_hasher
+        self.zero_hash = self.hasher(memoryview(bytes(PAGE_SIZE)))
+        self.nodes = NodeTable()
+        self._regions: dict[tuple[str, str], RegionState] = {}
+        self._order: list[RegionState] = []
+        self._runs: list[RunRef] = []
+        self._in_scan = False
+        self._full_scans = 0
+        self._pages_scanned = 0
+        self._counters = KsmCounters()
+
+    # -- scan protocol -------------------------------------------------------------
+
+    def begin_scan(self, regions: Mapping[str, Sequence[Region]]) -> None:
+        """Start a full scan over ``regions`` (source -> its regions, in scan order).
+
+        Drops what is known of sources and regions not listed, and of regions whose
+        generation or size changed. Raises UsageError if a scan is already open,
+        a region key repeats within a source, or a size is not whole pages.
+        """
+        if self._in_scan:
+            raise UsageError("begin_scan called while a scan is in progress")
+        wanted: dict[tuple[str, str], Region] = {}
+        for source, regs in regions.items():
+            for reg in regs:
+                if (source, reg.key) in wanted:
+                    raise UsageError(f"region {reg.key!r} listed twice for {source!r}")
+                if reg.size < 0 or reg.size % PAGE_SIZE:
+                    raise UsageError(f"region {reg.key!r} of {source!r}: size {reg.size} "
+                                     f"is not a whole number of pages")
+                wanted[(source, reg.key)] = reg
+        for key, rs in list(self._regions.items()):
+            reg2 = wanted.get(key)
+            if reg2 is None or reg2.generation != rs.generation or \
+                    reg2.size // PAGE_SIZE != rs.npages:
+                self._drop_region(rs)
+                del self._regions[key]
+        self._order = []
+        for (source, rkey), reg in wanted.items():
+            known = self._regions.get((source, rkey))
+            if known is None:
+                known = RegionState(source, rkey, reg.generation, reg.size // PAGE_SIZE)
+                self._regions[(source, rkey)] = known
+            rs = known
+            rs.flags &= np.uint8(HAS_CK | ZERO)      # SEEN, STABLE_CK, UNSTABLE, ZERO_NEW reset
+            self._order.append(rs)
+        self.nodes.free_empty()
+        self._runs = []
+        self._in_scan = True
+
+    def feed(self, run: PageRun) -> None:
+        """Give the engine pages of the current scan (one run, any order of runs).
+
+        Raises UsageError outside a scan, for an unknown source/region, a run
+        beyond its region, data not a whole number of pages, or a page fed twice.
+        """
+        if not self._in_scan:
+            raise UsageError("feed called outside a scan (call begin_scan first)")
+        rs = self._regions.get((run.source, run.region))
+        if rs is None:
+            raise UsageError(f"region {run.region!r} of {run.source!r} was not announced "
+                             f"in begin_scan")
+        data = run.data.cast("B") if run.data.format != "B" else run.data
+        if len(data) % PAGE_SIZE:
+            raise UsageError(f"run of {run.source}/{run.region} is not whole pages")
+        n = len(data) // PAGE_SIZE
+        first = run.first_page
+        if first < 0 or first + n > rs.npages:
+            raise UsageError(f"run {first}+{n} is outside {run.source}/{run.region} "
+                             f"({rs.npages} pages)")
+        if n == 0:
+            return
+        flags = rs.flags[first:first + n]
+        if np.any(flags & SEEN):
+            raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
+        h = self._hash_pages(data, n)
+        ck = rs.ck[first:first + n]
+        stable = ((flags & (HAS_CK | ZERO)) == HAS_CK) & (ck == h)
+        ck[:] = h
+        flags |= np.uint8(SEEN | HAS_CK)
+        flags[stable] |= np.uint8(STABLE_CK)
+        self._runs.append(RunRef(rs, first, n, data))
+
+    def end_scan(self) -> ScanResult:
+        """Complete the full scan: merge, break out, count. Raises UsageError outside a scan."""
+        if not self._in_scan:
+            raise UsageError("end_scan called outside a scan")
+        try:
+            merge.run_scan(self._order, self._runs, self.nodes, self.config, self.zero_hash)
+        finally:
+            self._runs = []
+            self._in_scan = False
+        self._full_scans += 1
+        fed = 0
+        rmap_items = unshared = zero = 0
+        for rs in self._order:
+            fl = rs.flags
+            seen = (fl & SEEN) != 0
+            fed += int(np.count_nonzero(seen))
+            zero_old = (fl & (ZERO | ZERO_NEW)) == ZERO
+            rmap_items += int(np.count_nonzero(seen & ~zero_old))
+            unshared += int(np.count_nonzero(fl & UNSTABLE))
+            zero += int(np.count_nonzero(fl & ZERO))
+        self._pages_scanned += rmap_items
+        shared, sharing = self.nodes.shared_sharing()
+        chains, dups = self.nodes.chain_counts()
+        self._counters = KsmCounters(
+            pages_shared=shared, pages_sharing=sharing, pages_unshared=unshared,
+            pages_volatile=max(0, rmap_items - shared - sharing - unshared),
+            pages_scanned=self._pages_scanned, full_scans=self._full_scans,
+            ksm_zero_pages=zero, stable_node_chains=chains, stable_node_dups=dups)
+        return ScanResult(self._counters, fed)
+
+    def converge(self, scan_fn: Callable[[KsmEngine], object], max_scans: int = 10) -> int:
+        """Run ``scan_fn`` (one full scan each call) until the merge state stops changing.
+
+        Returns the number of scans run. Stops after ``max_scans``. Raises UsageError
+        if ``scan_fn`` leaves a scan open or does not complete one.
+        """
+        previous: tuple[int, ...] | None = None
+        for done in range(1, max_scans + 1):
+            before = self._full_scans
+            scan_fn(self)
+            if self._in_scan or self._full_scans != before + 1:
+                raise UsageError("scan_fn must run exactly one begin_scan/feed/end_scan")
+            state = self._counters.merge_state()
+            if state == previous:
+                return done
+            previous = state
+        return max_scans
+
+    # -- results -------------------------------------------------------------------
+
+    def counters(self) -> KsmCounters:
+        return self._counters
+
+    def per_source(self) -> dict[str, SourceSavings]:
+        """Per-source figures of the last completed scan (fair share, see SourceSavings)."""
+        counts = self.nodes.count_array()
+        acc: dict[str, list[int]] = {}
+        saved: dict[str, Fraction] = {}
+        for rs in self._order:
+            fl = rs.flags
+            a = acc.setdefault(rs.source, [0, 0, 0, 0])
+            a[0] += int(np.count_nonzero(fl & SEEN))
+            members = rs.node[rs.node >= 0]
+            a[1] += int(members.size)
+            a[2] += int(np.count_nonzero(fl & ZERO))
+            a[3] += int(np.count_nonzero(fl & UNSTABLE))
+            s = saved.get(rs.source, Fraction(0))
+            if members.size:
+                ks, nk = np.unique(counts[members], return_counts=True)
+                for k, m in zip(ks.tolist(), nk.tolist(), strict=True):
+                    s += Fraction(m * (k - 1), k)
+            saved[rs.source] = s
+        return {src: SourceSavings(a[0], a[1], saved[src], a[2], a[3])
+                for src, a in acc.items()}
+
+    def shares_with(self) -> dict[str, dict[str, int]]:
+        """Pages of each source mapped to a stable page that another source maps too.
+
+        ``shares_with()[a][b]`` = for every stable node mapped by both a and b, the
+        number of a's pages mapped to it (summed). The same rule ``vmshare status``
+        applies to kernel PFNs: a's pages on a KSM PFN count toward [a][b] when b
+        maps that PFN too. Not symmetric when a source maps a node several times.
+        """
+        sources = sorted({rs.source for rs in self._order})
+        sid = {s: i for i, s in enumerate(sources)}
+        keys = [rs.node[rs.node >= 0].astype(np.int64) * len(sources) + sid[rs.source]
+                for rs in self._order]
+        out: dict[str, dict[str, int]] = {s: {} for s in sources}
+        if not keys:
+            return out
+        allk = np.concatenate(keys)
+        if allk.size == 0:
+            return out
+        uk, cnt = np.unique(allk, return_counts=True)
+        node, src = np.divmod(uk, len(sources))
+        starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
+        ends = np.r_[starts[1:], node.size]
+        for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):
+            if e0 - s0 < 2:
+                continue
+            group = list(zip(src[s0:e0].tolist(), cnt[s0:e0].tolist(), strict=True))
+            for a, ca in group:
+                row = out[sources[a]]
+                for b, _ in group:
+                    if b != a:
+                        row[sources[b]] = row.get(sources[b], 0) + ca
+        return out
+
+    # -- internals -----------------------------------------------------------------
+
+    def _hash_pages(self, data: memoryview, n: int) -> npt.NDArray[np.uint64]:
+        out = np.empty(n, dtype=np.uint64)
+        hasher = self.hasher
+        for c in range(0, n, _HASH_CHUNK):
+            m = min(_HASH_CHUNK, n - c)
+            base = c * PAGE_SIZE
+            out[c:c + m] = [hasher(data[o:o + PAGE_SIZE])
+                            for o in range(base, base + m * PAGE_SIZE, PAGE_SIZE)]
+        return out
+
+    def _drop_region(self, rs: RegionState) -> None:
+        members = rs.node[rs.node >= 0]
+        if members.size:
+            self.nodes.unmap(members)
+        rs.node[:] = -1
+        rs.flags[:] = 0
