@@ -1,0 +1,138 @@
+"""Shared fixtures for tests that boot real guests (plain QEMU and libvirt, always TCG).
+
+Preconditions skip with a stated reason only when a part is truly absent
+(no QEMU binary, no libvirt); a part that is installed but not working (say,
+libvirtd not started) is a failure pointing at integration/setup.sh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from vmshare.guest import GuestImage, build_image
+
+LIBVIRT_URI = "qemu:///system"
+IT_DOMAIN_PREFIX = "vmshare-it-"
+SETUP_HINT = "run integration/setup.sh"
+
+
+def kill_process_group(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
+    """SIGTERM the process group ``proc`` leads, then SIGKILL it; always reaps ``proc``.
+
+    ``proc`` must have been started with ``start_new_session=True``.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    # Children of the group may outlive the leader; SIGKILL whatever is left.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (reads /proc/<pid>/mem of QEMU, writes /var/cache/vmshare)")
+
+
+@pytest.fixture(scope="session")
+def require_qemu(require_root: None) -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        pytest.skip(f"qemu-system-x86_64 is not installed ({SETUP_HINT})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def guest_image(require_root: None) -> GuestImage:
+    """The test guest, built once per session (cached across sessions)."""
+    return build_image()
+
+
+@pytest.fixture
+def qemu_launcher(require_qemu: str) -> Iterator[Callable[[list[str]], subprocess.Popen[bytes]]]:
+    """Start QEMU processes in their own process group; all are killed at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def launch(argv: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    try:
+        yield launch
+    finally:
+        for proc in started:
+            kill_process_group(proc)
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn(require_root: None) -> Iterator[Any]:
+    """An open qemu:///system connection; stale test domains from a crashed run are removed."""
+    if shutil.which("libvirtd") is None:
+        pytest.skip(f"libvirtd is not installed ({SETUP_HINT})")
+    try:
+        import libvirt
+    except ImportError:
+        pytest.skip(f"libvirt-python is not installed ({SETUP_HINT})")
+    # libvirt prints every error to stderr unless a handler is set; we get them as exceptions.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open(LIBVIRT_URI)
+    except libvirt.libvirtError as exc:
+        pytest.fail(f"libvirtd installed but {LIBVIRT_URI} does not answer ({SETUP_HINT}): {exc}")
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        if dom.name().startswith(IT_DOMAIN_PREFIX):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def transient_domains(libvirt_conn: Any) -> Iterator[Callable[[str], Any]]:
+    """createXML transient domains; every one is destroyed at teardown, even on failure."""
+    import libvirt
+
+    created: list[Any] = []
+
+    def create(xml: str) -> Any:
+        dom = libvirt_conn.createXML(xml, 0)
+        created.append(dom)
+        return dom
+
+    try:
+        yield create
+    finally:
+        for dom in created:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+        deadline = time.monotonic() + 10
+        while any(_active(dom) for dom in created) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _active(dom: Any) -> bool:
+    import libvirt
+
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False

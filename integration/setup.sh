@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 machine (as root, no systemd needed) for vmshare's
+# integration tests: Debian packages, the project venv, virtlogd + libvirtd,
+# and the cached test guest image. Idempotent; quiet and fast (< 3 s) when
+# everything is already in place. Run from anywhere.
+#
+# Guests are always TCG (libvirt domain type 'qemu', QEMU -accel tcg): /dev/kvm
+# may open on these machines but KVM guests hang, so nothing here enables KVM.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+STAMP="$VENV/.vmshare-pyproject.sha256"
+LIBVIRT_URI="qemu:///system"
+DAEMON_DEADLINE=30
+PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+          busybox-static linux-image-cloud-amd64 cpio python3-venv gcc libc6-dev)
+
+say() { echo "setup: $*"; }
+die() { echo "setup: ERROR: $*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (installs packages, starts libvirtd)"
+[[ -f $REPO/pyproject.toml ]] || die "no pyproject.toml in $REPO"
+
+# --- Debian packages -------------------------------------------------------
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    [[ $status == installed ]] || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    log=$(mktemp)
+    apt-get update >"$log" 2>&1 || { cat "$log" >&2; die "apt-get update failed"; }
+    apt-get install -y --no-install-recommends "${PACKAGES[@]}" >"$log" 2>&1 \
+        || { tail -n 30 "$log" >&2; die "apt-get install ${missing[*]} failed"; }
+    rm -f "$log"
+fi
+
+# --- Python venv -----------------------------------------------------------
+if [[ ! -x $VENV/bin/python ]]; then
+    say "creating $VENV"
+    /usr/bin/python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
+fi
+want=$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)
+have=$(cat "$STAMP" 2>/dev/null || true)
+if [[ $want != "$have" ]]; then
+    say "pip install -e $REPO[test]"
+    log=$(mktemp)
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test]" \
+        >"$log" 2>&1 || { tail -n 30 "$log" >&2; die "pip install -e $REPO[test] failed"; }
+    rm -f "$log"
+    echo "$want" > "$STAMP"
+fi
+
+# --- Daemons (no systemd: start them by hand) ------------------------------
+running() {   # running NAME PIDFILE
+    local pid
+    pid=$(cat "$2" 2>/dev/null || true)
+    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]]; then
+        return 0
+    fi
+    pgrep -x "$1" >/dev/null
+}
+if ! running virtlogd /run/virtlogd.pid; then
+    say "starting virtlogd"
+    virtlogd -d || die "virtlogd -d failed"
+fi
+if ! running libvirtd /run/libvirtd.pid; then
+    say "starting libvirtd"
+    libvirtd -d || die "libvirtd -d failed"
+fi
+deadline=$((SECONDS + DAEMON_DEADLINE))
+until err=$(timeout 10 virsh -q -c "$LIBVIRT_URI" version 2>&1 >/dev/null); do
+    ((SECONDS < deadline)) || die "libvirtd does not answer on $LIBVIRT_URI after ${DAEMON_DEADLINE} s: $err"
+    sleep 0.2
+done
+
+# Guests are TCG only (domain type 'qemu'); make sure libvirt offers it for x86_64/pc.
+caps=$(virsh -q -c "$LIBVIRT_URI" domcapabilities --virttype qemu --arch x86_64 \
+       --machine pc 2>&1 || true)
+[[ $caps == *"<domain>qemu</domain>"* ]] \
+    || die "libvirt offers no TCG (type 'qemu') x86_64 pc domains: is qemu-system-x86 installed?"
+
+# --- Guest image (cached; rebuilt only when an input changed) --------------
+image=$(cd "$REPO" && "$VENV/bin/python" -c \
+    'from vmshare.guest import build_image; print(build_image().initrd.parent)') \
+    || die "building the guest image failed"
+[[ -n ${VMSHARE_SETUP_VERBOSE:-} ]] && say "guest image in $image"
+say "ok"
