@@ -40,6 +40,7 @@ from vmshare.hypervisor.common import (
     verify_pid,
 )
 from vmshare.model import RamBackend, VmFacts, VmRef
+from vmshare.policy import VmPolicy
 
 log = logging.getLogger(__name__)
 
@@ -331,3 +332,48 @@ class LibvirtHypervisor:
                 _with_deadline(conn.close, self.deadline, f"close {self.uri}")
             except HypervisorError as exc:
                 log.debug("closing %s: %s", self.uri, exc)
+
+    # -- per-domain policy metadata (vmshare.metadata) -------------------------
+
+    def get_policy(self, vm: VmRef, *, config: bool = False) -> VmPolicy | None:
+        """The domain's vmshare policy element, or None when it has none.
+
+        Reads the live definition of a running domain (the persistent one with
+        ``config``). Raises PolicyError (malformed element), DomainNotFound,
+        DeadlineExceeded, HypervisorError.
+        """
+        from vmshare.metadata import NAMESPACE, policy_from_xml
+        dom = self._domain(vm)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0
+        try:
+            text = self._call(
+                lambda: dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, flags),
+                f"read vmshare metadata of domain {vm.name}")
+        except HypervisorError as exc:
+            cause = exc.__cause__
+            if (isinstance(cause, libvirt.libvirtError)
+                    and cause.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA):
+                return None
+            raise
+        return policy_from_xml(text, what=f"{vm.name}: vmshare policy metadata")
+
+    def set_policy(self, vm: VmRef, policy: VmPolicy | None, *, live: bool,
+                   config: bool) -> None:
+        """Write (or, with None, remove) the domain's vmshare policy element.
+
+        ``live`` changes the running domain, ``config`` its persistent
+        definition; at least one is needed. Raises UsageError, DomainNotFound,
+        DomainNotRunning, DeadlineExceeded, HypervisorError.
+        """
+        from vmshare.errors import UsageError
+        from vmshare.metadata import NAMESPACE, PREFIX, policy_to_xml
+        if not (live or config):
+            raise UsageError("set_policy needs live and/or config")
+        flags = ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+                 | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
+        dom = self._domain(vm)
+        text = policy_to_xml(policy) if policy is not None else None
+        key = PREFIX if policy is not None else None
+        self._call(lambda: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, key,
+                                           NAMESPACE, flags),
+                   f"write vmshare metadata of domain {vm.name}")

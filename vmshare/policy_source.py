@@ -1,0 +1,134 @@
+"""Gather what policy decisions need, then decide: the collect step for vmshare.policy.
+
+For each VM: its facts, its own policy (libvirt domain metadata, when the
+adapter has ``get_policy``; plain QEMU has none and the config file still
+applies), its config-file table, whether it is mergeable right now (any of
+its eligible RAM backends has merge=on, read through Observer.backends), and
+the decision: ``policy.effective`` per VM, then ``policy.plan`` over the
+running VMs with the currently mergeable ones and their trust groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from vmshare.config import Config
+from vmshare.errors import (
+    DomainNotFound,
+    DomainNotRunning,
+    HypervisorError,
+    PolicyError,
+    ProcessGone,
+)
+from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.sysfs import KsmSysfs
+from vmshare.model import VmFacts, VmRef
+from vmshare.observe import Observer
+from vmshare.policy import Decision, HostPolicy, VmPolicy, effective, plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """One VM's policy sources and decision, for ``policy show`` and the daemon."""
+
+    ref: VmRef
+    facts: VmFacts
+    own: VmPolicy | None          # domain metadata
+    table: VmPolicy | None        # [vm."NAME-or-UUID"] in the config file
+    wish: Decision                # effective(), before trust groups
+    decision: Decision            # after plan() (running VMs), else the wish
+    mergeable_now: bool | None    # None: not running or unknown
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.facts.pid is not None
+
+
+def vm_policy(hv: Any, ref: VmRef) -> VmPolicy | None:
+    """The VM's own policy from its domain metadata, or None (none set, or an
+    adapter without metadata). Raises PolicyError for a malformed element."""
+    getter = getattr(hv, "get_policy", None)
+    if getter is None:
+        return None
+    policy: VmPolicy | None = getter(ref)
+    return policy
+
+
+def table_policy(host: HostPolicy, ref: VmRef) -> VmPolicy | None:
+    return host.vms.get(ref.name) or host.vms.get(ref.uuid)
+
+
+def _default_observer(hv: Any) -> Observer:
+    return Observer(hv, KsmSysfs(), ProcFs())
+
+
+def is_mergeable_now(observer: Observer, ref: VmRef, facts: VmFacts) -> bool:
+    """Any eligible RAM backend of the running VM has merge=on."""
+    return any(v.backend.merge and v.ineligible_reason is None
+               for v in observer.backends(ref, facts))
+
+
+def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
+           observer: Observer | None = None,
+           others: Iterable[VmRef] | None = None) -> list[PolicyView]:
+    """Policy views of ``refs``. Trust groups are planned over ``refs`` plus
+    ``others`` (pass every VM on the host so a blocker outside ``refs`` counts).
+
+    Per-VM trouble (a domain that vanished, a backend query that failed) is a
+    warning on that VM, not an error; a malformed policy element is reported
+    the same way and the VM treated as having none. Raises HypervisorError
+    only for failures of the whole connection.
+    """
+    obs = observer or _default_observer(hv)
+    wanted = list(refs)
+    names = {r.name for r in wanted}
+    extra = [r for r in (others or ()) if r.name not in names]
+    views: list[PolicyView] = []
+    for ref in wanted + extra:
+        warnings: list[str] = []
+        try:
+            facts = hv.facts(ref)
+        except (DomainNotRunning, ProcessGone) as exc:
+            warnings.append(f"no QEMU process found: {exc}")
+            facts = VmFacts(ref=replace(ref, running=False), pid=None)
+        except DomainNotFound:
+            continue   # undefined since it was listed
+        try:
+            own = vm_policy(hv, facts.ref)
+        except PolicyError as exc:
+            warnings.append(f"ignoring its policy metadata: {exc}")
+            own = None
+        wish = effective(facts, own, config.host)
+        mergeable: bool | None = None
+        if facts.pid is not None:
+            try:
+                mergeable = is_mergeable_now(obs, facts.ref, facts)
+            except (HypervisorError, ProcessGone) as exc:
+                warnings.append(f"cannot read its RAM backends: {exc}")
+        views.append(PolicyView(facts.ref, facts, own, table_policy(config.host, facts.ref),
+                                wish, wish, mergeable, tuple(warnings)))
+    mergeable_now = mergeable_groups(views)
+    planned = {d.vm: d for d in plan([v.wish for v in views if v.running], mergeable_now)}
+    out = [replace(v, decision=planned.get(v.ref.name, v.wish)) for v in views]
+    return [v for v in out if v.ref.name in names]
+
+
+def mergeable_groups(views: Iterable[PolicyView]) -> dict[str, str]:
+    """Currently mergeable VMs -> their trust groups."""
+    return {v.ref.name: v.wish.group for v in views if v.mergeable_now}
+
+
+def decide_all(hv: Any, config: Config, refs: Iterable[VmRef], *,
+               observer: Observer | None = None) -> list[Decision]:
+    """Decisions for the running VMs among ``refs``, trust groups resolved."""
+    return [v.decision for v in survey(hv, config, refs, observer=observer) if v.running]
+
+
+def groups_of(views: Iterable[PolicyView]) -> Mapping[str, str]:
+    return {v.ref.name: v.wish.group for v in views}
