@@ -83,7 +83,12 @@ def qemu_launcher(require_qemu: str) -> Iterator[Callable[[list[str]], subproces
 
 @pytest.fixture(scope="session")
 def libvirt_conn(require_root: None) -> Iterator[Any]:
-    """An open qemu:///system connection; stale test domains from a crashed run are removed."""
+    """An open qemu:///system connection.
+
+    Deliberately no sweep of leftover ``vmshare-it-`` domains here: test
+    sessions run concurrently on one libvirtd, and a sweep at session start
+    destroys the guests another session is still using.
+    """
     if shutil.which("libvirtd") is None:
         pytest.skip(f"libvirtd is not installed ({SETUP_HINT})")
     try:
@@ -96,10 +101,6 @@ def libvirt_conn(require_root: None) -> Iterator[Any]:
         conn = libvirt.open(LIBVIRT_URI)
     except libvirt.libvirtError as exc:
         pytest.fail(f"libvirtd installed but {LIBVIRT_URI} does not answer ({SETUP_HINT}): {exc}")
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        if dom.name().startswith(IT_DOMAIN_PREFIX):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
     try:
         yield conn
     finally:
