@@ -95,11 +95,13 @@ class MemProc:
 
 
 def start_memproc(identical: int = 0, unique: int = 0, zero: int = 0, seed: int = 1,
-                  madvise: bool = True) -> MemProc:
+                  madvise: bool = True, dontfork: bool = False) -> MemProc:
     argv = [sys.executable, "-m", "integration.memproc", "--identical", str(identical),
             "--unique", str(unique), "--zero", str(zero), "--seed", str(seed)]
     if not madvise:
         argv.append("--no-madvise")
+    if dontfork:
+        argv.append("--dontfork")
     proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None

@@ -20,6 +20,7 @@ import sys
 
 PAGE = 4096
 MADV_MERGEABLE = 12
+MADV_DONTFORK = 10
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 
 
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-madvise", action="store_true")
+    ap.add_argument("--dontfork", action="store_true", help="MADV_DONTFORK, as QEMU does")
     a = ap.parse_args()
     total = a.identical + a.unique + a.zero
     buf = mmap.mmap(-1, total * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -49,6 +51,8 @@ def main() -> int:
         buf[j * PAGE:(j + 1) * PAGE] = bytes(PAGE)
     if not a.no_madvise and total:
         buf.madvise(MADV_MERGEABLE)
+    if a.dontfork and total:
+        buf.madvise(MADV_DONTFORK)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if total else 0
     print(f"ready {addr:x} {total}", flush=True)
     libc = ctypes.CDLL(None, use_errno=True)

@@ -147,3 +147,29 @@ def test_parse_smaps_and_match_backends() -> None:
 def test_no_mapping_of_that_size_is_left_out() -> None:
     vmas = [Vma(0x1000, 0x2000, "rw-p", 0, "")]
     assert match_ram_vmas(vmas, [RamBackend("pc.ram", 2**30, merge=True)]) == {}
+
+
+def test_sparse_and_long_pfn_spans_read_exactly(tmp_path: Path) -> None:
+    """Look-ups spanning more than one read window, with gaps, repeats and
+    unsorted input, return exactly each PFN's entry."""
+    fake = FakeProc(tmp_path, npfns=400_000)
+    fake.flags[:] = np.arange(400_000, dtype=np.uint64) * np.uint64(3)
+    fake.flush()
+    proc = ProcFs(tmp_path)
+    rng = np.random.default_rng(5)
+    pfns = np.concatenate([rng.integers(0, 400_000, 5000), np.arange(10, 200_000, 7),
+                           [399_999, 0, 0, 131_072, 131_073]]).astype(np.uint64)
+    assert np.array_equal(proc.kpageflags(pfns), pfns * np.uint64(3))
+    with pytest.raises(Exception, match="past the end"):
+        proc.kpageflags(np.array([400_000], dtype=np.uint64))
+
+
+def test_zero_pfn_is_learned_as_root() -> None:
+    import os
+    proc = ProcFs()
+    zero = proc.zero_pfn()
+    if os.geteuid() != 0:
+        assert zero is None
+    else:
+        assert zero
+        assert int(proc.kpageflags(np.array([zero], dtype=np.uint64))[0]) & KPF_ZERO

@@ -8,7 +8,7 @@ pure accounting in vmshare.accounting.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +102,7 @@ class Observer:
         self.hv = hv
         self.sysfs = sysfs
         self.procfs = procfs
+        self._zero_pfn: int | None = None
 
     def backends(self, vm: VmRef, facts: VmFacts) -> list[BackendView]:
         """The VM's backends with their mapping in the QEMU process."""
@@ -150,6 +151,18 @@ class Observer:
         entries = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
         return _Gathered(facts, views, entries, stat, thp, start, warnings)
 
+    def _zero_pfn_if_unforked(self, gathered: Iterable[_Gathered]) -> int | None:
+        """The zero page's PFN when every measured mapping is MADV_DONTFORK
+        (QEMU guest RAM: VmFlag dc), which lets attribution skip kpageflags."""
+        for g in gathered:
+            for view in g.backends:
+                if view.vma is not None and view.backend.ineligible_reason is None \
+                        and "dc" not in view.vma.vmflags:
+                    return None
+        if self._zero_pfn is None:
+            self._zero_pfn = self.procfs.zero_pfn() or 0
+        return self._zero_pfn or None
+
     def host(self, names: Sequence[str] | None = None) -> HostView:
         """Host counters plus every (or the named) VM's figures.
 
@@ -175,7 +188,8 @@ class Observer:
             else:
                 gathered[ref.name] = got
         att = attribute({n: g.entries for n, g in gathered.items()},
-                        self.procfs.kpageflags, self.procfs.kpagecount)
+                        self.procfs.kpageflags, self.procfs.kpagecount,
+                        unforked_zero_pfn=self._zero_pfn_if_unforked(gathered.values()))
         views: list[VmView] = []
         for name, g in gathered.items():
             fig = att.per_vm[name]

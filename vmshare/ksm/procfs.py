@@ -7,6 +7,7 @@ so tests run against temporary trees shaped like /proc.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import os
@@ -143,39 +144,72 @@ class ProcFs:
         return self._per_pfn("kpagecount", pfns)
 
     def _per_pfn(self, name: str, pfns: U64) -> U64:
-        path = self.root / name
-        out = np.zeros(len(pfns), dtype=np.uint64)
         if len(pfns) == 0:
-            return out
+            return np.zeros(0, dtype=np.uint64)
+        if len(pfns) == 1 or bool(np.all(pfns[1:] > pfns[:-1])):
+            return self.read_sorted(name, pfns)
         uniq, inverse = np.unique(pfns, return_inverse=True)
+        return self.read_sorted(name, uniq)[inverse.reshape(-1)]
+
+    def read_sorted(self, name: str, uniq: U64) -> U64:
+        """Entries of /proc/<name> (kpageflags or kpagecount) for strictly
+        increasing PFNs. PFNs closer than a small gap are read in one pread:
+        the kernel's per-entry cost is far below a system call's."""
+        path = self.root / name
         values = np.zeros(len(uniq), dtype=np.uint64)
+        if len(uniq) == 0:
+            return values
+        # Span boundaries: a new span where the gap is large or the span too long.
+        starts = [0]
+        breaks = np.nonzero(np.diff(uniq) > np.uint64(_PFN_GAP))[0] + 1
+        for b in [*breaks.tolist(), len(uniq)]:
+            while int(uniq[b - 1]) - int(uniq[starts[-1]]) >= _MAX_SPAN:
+                limit = np.uint64(int(uniq[starts[-1]]) + _MAX_SPAN)
+                starts.append(int(np.searchsorted(uniq[starts[-1]:b], limit)) + starts[-1])
+            if b < len(uniq):
+                starts.append(b)
+        bounds = [*starts, len(uniq)]
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise _map_oserror(exc, str(path)) from exc
         try:
-            # Split the sorted PFNs into spans with small gaps and read each span once.
-            breaks = np.nonzero(np.diff(uniq) > _PFN_GAP)[0] + 1
-            bounds = np.concatenate(([0], breaks, [len(uniq)]))
-            for lo_i, hi_i in itertools.pairwise(bounds):
-                i = int(lo_i)
-                while i < hi_i:
-                    first = int(uniq[i])
-                    j = int(np.searchsorted(uniq, first + _MAX_SPAN, side="left"))
-                    j = min(j, int(hi_i))
-                    last = int(uniq[j - 1])
-                    span = np.zeros(last - first + 1, dtype=np.uint64)
-                    got = os.preadv(fd, [memoryview(span.data).cast("B")], first * 8)
-                    if got < span.nbytes:
-                        raise ProcfsError(f"{path}: PFN {last} is past the end")
-                    values[i:j] = span[(uniq[i:j] - first).astype(np.int64)]
-                    i = j
+            for lo, hi in itertools.pairwise(bounds):
+                first, last = int(uniq[lo]), int(uniq[hi - 1])
+                span = np.zeros(last - first + 1, dtype=np.uint64)
+                got = os.preadv(fd, [memoryview(span.data).cast("B")], first * 8)
+                if got < span.nbytes:
+                    raise ProcfsError(f"{path}: PFN {last} is past the end")
+                values[lo:hi] = span[(uniq[lo:hi] - np.uint64(first)).astype(np.intp)]
         except OSError as exc:
             raise _map_oserror(exc, str(path)) from exc
         finally:
             os.close(fd)
-        out[:] = values[inverse.reshape(-1)]
-        return out
+        return values
+
+    def zero_pfn(self) -> int | None:
+        """The PFN of the kernel's shared zero page, or None where it cannot be
+        learned (not root, or an architecture with several zero pages).
+
+        Found by read-faulting one fresh private anonymous page of our own,
+        which the kernel maps to the zero page, and reading our own pagemap.
+        """
+        if os.uname().machine not in ("x86_64", "aarch64"):
+            return None
+        import mmap
+        area = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            area[0]                                   # read fault: maps the zero page
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            try:
+                entry = int(self.pagemap(os.getpid(), addr, 1)[0])
+            except (AccessDenied, ProcessGone, ProcfsError):
+                return None
+            pfn = entry & int(PM_PFN_MASK)
+            present = entry >> PM_PRESENT_BIT & 1
+            return pfn if present and pfn else None
+        finally:
+            area.close()
 
     # ---- host memory ----------------------------------------------------
     def meminfo(self) -> dict[str, int]:
