@@ -29,7 +29,7 @@ log = logging.getLogger("vmshare")
 EXIT_INTERNAL = 70
 
 # Edge modules that add command groups (see build_parser).
-EXTENSION_MODULES: tuple[str, ...] = ()
+EXTENSION_MODULES: tuple[str, ...] = ("vmshare.cli_policy", "vmshare.cli_hook")
 
 
 class Context:
@@ -102,22 +102,10 @@ def cmd_list(ctx: Context) -> int:
 
 
 def cmd_merge(ctx: Context, merge: bool) -> int:
-    from vmshare.control import Controller
-    ctl = Controller(ctx.hv, ctx.procfs, ctx.observer())
-    changes = ctl.set_merge(ctx.args.domain, merge, backend=ctx.args.backend,
-                            force=getattr(ctx.args, "force", False))
-    if ctx.args.json:
-        emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in changes]})
-        return 0
-    for c in changes:
-        if c.skipped:
-            out(f"{c.vm}/{c.backend}: skipped ({c.skipped})")
-        elif c.changed:
-            out(f"{c.vm}/{c.backend}: merge {'on' if c.before else 'off'} -> "
-                f"{'on' if c.after else 'off'} (verified)")
-        else:
-            out(f"{c.vm}/{c.backend}: merge already {'on' if c.after else 'off'} (verified)")
-    return 0
+    # Trust groups, the host switch and the audit log live with the policy commands.
+    from vmshare.cli_policy import run_merge
+    return run_merge(ctx, ctx.args.domain, merge, backend=ctx.args.backend,
+                     force=getattr(ctx.args, "force", False), as_json=ctx.args.json)
 
 
 def cmd_status(ctx: Context) -> int:

@@ -9,9 +9,11 @@ memory to un-share the VM's pages (the OOM worry of the 2009 KSM thread).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from vmshare.accounting import attribute
+from vmshare.audit import AuditLog
 from vmshare.errors import (
     DomainNotRunning,
     KnobError,
@@ -26,6 +28,7 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KNOBS, KsmSysfs
 from vmshare.model import PAGE_SIZE, VmFacts, VmRef
 from vmshare.observe import BackendView, Observer
+from vmshare.policy import Decision, check_trust_groups
 
 log = logging.getLogger("vmshare.control")
 
@@ -91,11 +94,23 @@ class Controller:
         return Headroom(ksm_pages * PAGE_SIZE, info.get("MemAvailable", 0), margin)
 
     def set_merge(self, ident: str, merge: bool, *, backend: str | None = None,
-                  force: bool = False) -> list[MergeChange]:
+                  force: bool = False, decision: Decision | None = None,
+                  mergeable_now: Mapping[str, str] | None = None,
+                  audit: AuditLog | None = None, reason: str = "",
+                  event: str | None = None) -> list[MergeChange]:
         """Set ``merge`` on the VM's eligible RAM backends (or one), then verify.
+
+        With ``decision`` (the VM's policy decision: trust group, force) and
+        ``mergeable_now`` (currently mergeable VMs -> trust groups), making
+        the VM mergeable is refused with TrustGroupConflict when a VM of
+        another trust group is mergeable, unless the decision is forced.
+        With ``audit``, every backend actually changed is recorded (action
+        "merge", target "VM/backend", before, after, ``reason``, ``event``)
+        as soon as the hypervisor accepted it, before verification.
 
         Raises DomainNotFound, DomainNotRunning, UsageError (unknown backend),
         PolicyError (nosharepages, confidential guest, ineligible backend),
+        TrustGroupConflict (another trust group is mergeable),
         UnmergeRefused (not enough free memory to unmerge, unless ``force``),
         VerificationError (QEMU or the kernel disagree afterwards),
         MonitorError/DeadlineExceeded from the hypervisor.
@@ -111,6 +126,8 @@ class Controller:
         if merge and facts.ineligible_reason:
             raise PolicyError(f"refusing to make {ref.name} mergeable: "
                               f"{facts.ineligible_reason}")
+        if merge and decision is not None:
+            check_trust_groups(replace(decision, merge=True), mergeable_now or {})
         changes: list[MergeChange] = []
         todo: list[BackendView] = []
         for view in views:
@@ -137,6 +154,10 @@ class Controller:
             self.hv.set_merge(ref, view.backend.id, merge)
             log.info("%s/%s: merge %s -> %s", ref.name, view.backend.id,
                      view.backend.merge, merge)
+            if audit is not None:
+                audit.record("merge", f"{ref.name}/{view.backend.id}", view.backend.merge,
+                             merge, reason or ("enable" if merge else "disable"),
+                             event=event, vm=ref.name)
             changes.append(MergeChange(ref.name, view.backend.id, view.backend.merge, merge))
         self.verify(ref, facts, {c.backend: c.after for c in changes if c.skipped is None})
         return changes

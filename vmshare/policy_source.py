@@ -27,7 +27,7 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmFacts, VmRef
 from vmshare.observe import Observer
-from vmshare.policy import Decision, HostPolicy, VmPolicy, effective, plan
+from vmshare.policy import Decision, HostPolicy, VmPolicy, blocking_vm, effective, plan
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
             facts = hv.facts(ref)
         except (DomainNotRunning, ProcessGone) as exc:
             warnings.append(f"no QEMU process found: {exc}")
-            facts = VmFacts(ref=replace(ref, running=False), pid=None)
+            facts = VmFacts(ref=ref, pid=None)
         except DomainNotFound:
             continue   # undefined since it was listed
         try:
@@ -132,3 +132,37 @@ def decide_all(hv: Any, config: Config, refs: Iterable[VmRef], *,
 
 def groups_of(views: Iterable[PolicyView]) -> Mapping[str, str]:
     return {v.ref.name: v.wish.group for v in views}
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """What an operator's ``enable`` of one VM is checked against."""
+
+    view: PolicyView
+    decision: Decision               # the VM's trust group and force, merge=True
+    mergeable_now: dict[str, str]    # other mergeable VMs -> trust groups
+    forced_past: str | None          # the VM force let it ignore, if any
+
+
+def merge_request(hv: Any, config: Config, ref: VmRef, *,
+                  observer: Observer | None = None) -> MergeRequest:
+    """Check that ``ref`` may be made mergeable now.
+
+    Raises PolicyError when the host-wide switch is off or the domain can
+    never be merged. Trust groups are left to Controller.set_merge (it gets
+    ``decision`` and ``mergeable_now``); ``forced_past`` names the VM of
+    another group that force overrides, so the caller can say so.
+    """
+    views = survey(hv, config, hv.list_vms(), observer=observer)
+    view = next((v for v in views if v.ref.uuid == ref.uuid or v.ref.name == ref.name), None)
+    if view is None:
+        raise DomainNotFound(f"domain {ref.name} vanished")
+    if not config.host.enabled or view.facts.ineligible_reason:
+        raise PolicyError(f"refusing to make {ref.name} mergeable: {view.wish.reason}")
+    decision = replace(view.wish, merge=True)
+    now = {name: group for name, group in mergeable_groups(views).items()
+           if name != ref.name}
+    forced_past = None
+    if decision.forced:
+        forced_past = blocking_vm(replace(decision, forced=False), now)
+    return MergeRequest(view, decision, now, forced_past)

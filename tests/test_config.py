@@ -1,0 +1,113 @@
+"""vmshare.config: defaults, and every malformed case names the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmshare.config import CONFIG_ENV, DaemonSettings, load_config
+from vmshare.errors import PolicyError
+from vmshare.policy import HostPolicy, VmPolicy
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "vmshare.toml"
+    p.write_text(text)
+    return p
+
+
+def test_missing_default_file_gives_defaults(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "absent.toml"))
+    cfg = load_config()
+    assert cfg.path is None and cfg.host == HostPolicy() and cfg.daemon == DaemonSettings()
+    assert cfg.host.default_merge == "off" and cfg.host.enabled
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match=r"absent\.toml does not exist"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = write(tmp_path, "[host]\nenabled = false\n")
+    monkeypatch.setenv(CONFIG_ENV, str(p))
+    cfg = load_config()
+    assert cfg.path == p and not cfg.host.enabled
+
+
+def test_empty_file_is_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.host == HostPolicy() and cfg.daemon == DaemonSettings()
+
+
+def test_full_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+[host]
+enabled = true
+default_merge = "on"
+default_group = "blue"
+[daemon]
+spool_dir = "/tmp/s"
+qmp_sockets = ["/run/q/*.sock"]
+reconnect_max_seconds = 5
+[vm."web-1"]
+merge = "off"
+[vm."6695eb01-f6a4-8304-79aa-97f2502e193f"]
+group = "red"
+force = true
+"""))
+    assert cfg.host.default_merge == "on" and cfg.host.default_group == "blue"
+    assert cfg.host.vms["web-1"] == VmPolicy("off")
+    assert cfg.host.vms["6695eb01-f6a4-8304-79aa-97f2502e193f"] == VmPolicy("inherit", "red",
+                                                                           True)
+    assert cfg.daemon.spool_dir == Path("/tmp/s")
+    assert cfg.daemon.qmp_sockets == ("/run/q/*.sock",)
+    assert cfg.daemon.reconnect_max_seconds == 5.0
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[host\n", "not valid TOML"),
+    ("[hots]\n", "unknown section(s) hots"),
+    ("[host]\nenable = true\n", "unknown key(s) in [host]: enable"),
+    ("[host]\nenabled = \"yes\"\n", "[host] enabled must be a bool"),
+    ("[host]\nenabled = 1\n", "[host] enabled must be a bool"),
+    ("[host]\ndefault_merge = \"inherit\"\n", "[host] default_merge must be 'on' or 'off'"),
+    ("[host]\ndefault_merge = true\n", "[host] default_merge must be a str"),
+    ("[host]\ndefault_group = \"a b\"\n", "[host] default_group 'a b' is not a valid"),
+    ("host = 3\n", "[host] must be a table"),
+    ("vm = 3\n", "[vm] must hold tables"),
+    ("[vm.web]\nmerge = \"maybe\"\n", "[vm.\"web\"] merge must be one of"),
+    ("[vm.web]\nmerge = true\n", "[vm.\"web\"] merge must be a str"),
+    ("[vm.web]\nforce = \"yes\"\n", "[vm.\"web\"] force must be a bool"),
+    ("[vm.web]\ngroup = 7\n", "[vm.\"web\"] group must be a str"),
+    pytest.param("[vm.web]\ngroup = \"bad/group\"\n", "bad trust group name",
+                 marks=pytest.mark.xfail(strict=True, reason="config.py builds VmPolicy "
+                                         "without naming file and key (not this owner's "
+                                         "file; reported)")),
+    ("[vm.web]\nshare = true\n", "unknown key(s) in [vm.\"web\"]: share"),
+    ("[daemon]\nspool = \"/x\"\n", "unknown key(s) in [daemon]: spool"),
+    ("[daemon]\nqmp_sockets = \"/x\"\n", "[daemon] qmp_sockets must be a list"),
+    ("[daemon]\nreconnect_max_seconds = \"5\"\n", "[daemon] reconnect_max_seconds must be a"),
+    ("[daemon]\naudit_log = 3\n", "[daemon] audit_log must be a str"),
+])
+def test_malformed_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(PolicyError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert needle in msg and str(p) in msg, msg
+    assert "\n" not in msg
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "vmshare.toml"
+    p.write_bytes(b"[host]\n# \xff\n")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_config(p)
+
+
+def test_unreadable_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read config file"):
+        load_config(tmp_path)   # a directory
