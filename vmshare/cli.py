@@ -67,7 +67,7 @@ def emit_json(obj: object) -> None:
 
 # ---------------------------------------------------------------- commands
 def cmd_list(ctx: Context) -> int:
-    from vmshare.report import table
+    from vmshare.report import mib, table
     obs = ctx.observer()
     rows: list[list[str]] = []
     data: list[dict[str, Any]] = []
@@ -84,7 +84,7 @@ def cmd_list(ctx: Context) -> int:
             b = v.backend
             mg = "-" if v.mg_flag is None else ("yes" if v.mg_flag else "no")
             rows.append([ref.name, "running", b.id, b.qom_type.removeprefix("memory-backend-"),
-                         f"{b.size // 2**20} MiB", "on" if b.merge else "off", mg,
+                         mib(b.size), "on" if b.merge else "off", mg,
                          "yes" if v.ineligible_reason is None else f"no: {v.ineligible_reason}"])
             entry["backends"].append({"id": b.id, "type": b.qom_type, "size": b.size,
                                       "merge": b.merge, "mg": v.mg_flag,

@@ -12,7 +12,12 @@ MiB = 2**20
 
 
 def mib(nbytes: float) -> str:
-    return f"{nbytes / MiB:,.1f} MiB"
+    """A byte count for people: KiB below 1 MiB, GiB from 1 GiB, one decimal."""
+    if abs(nbytes) < MiB:
+        return f"{nbytes / 1024:,.1f} KiB"
+    if abs(nbytes) < 1024 * MiB:
+        return f"{nbytes / MiB:,.1f} MiB"
+    return f"{nbytes / (1024 * MiB):,.2f} GiB"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]],
@@ -99,9 +104,9 @@ def matrix(host: HostView) -> str:
         row = [a]
         for b in names:
             pages = by_name[a].shares_with_pages.get(b, 0)
-            row.append("-" if a == b else f"{pages * PAGE_SIZE / MiB:,.1f}")
+            row.append("-" if a == b else mib(pages * PAGE_SIZE))
         rows.append(row)
-    return ("Pages of each row's VM mapped to a KSM page the column's VM maps too (MiB):\n"
+    return ("Guest RAM of each row's VM mapped to a KSM page the column's VM maps too:\n"
             + table(["SHARES WITH", *names], rows, right=tuple(range(1, len(names) + 1))))
 
 

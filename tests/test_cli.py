@@ -1,0 +1,171 @@
+"""CLI output against golden files, and enable/disable flows, on fakes.
+
+Regenerate the golden files after an intended change with
+VMSHARE_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_cli.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.hypervisor import FakeHypervisor, FakeVm
+from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
+from vmshare import cli
+from vmshare.model import RamBackend, VmRef
+
+GOLDEN = Path(__file__).parent / "golden"
+BASE = 0x7F0000000000
+PAGES = 16
+
+
+def smaps(merge: bool, size_pages: int = PAGES) -> str:
+    end = BASE + size_pages * 4096
+    flags = "rd wr mr mw me ac dc hg" + (" mg" if merge else "")
+    return (f"{BASE:x}-{end:x} rw-p 00000000 00:00 0 \nSize: {size_pages * 4} kB\n"
+            f"Rss: {size_pages * 4} kB\nAnonHugePages: 0 kB\nVmFlags: {flags}\n"
+            "55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /usr/bin/qemu-system-x86_64\n"
+            "Size: 1024 kB\nVmFlags: rd ex mr mw me\n")
+
+
+KSM_STAT = ("ksm_rmap_items 16\nksm_zero_pages 0\nksm_merging_pages 8\n"
+            "ksm_process_profit 32000\nksm_merge_any no\nksm_mergeable yes\n")
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeHypervisor, FakeProc]:
+    """Two running VMs sharing 8 KSM pages (k=2), one stopped VM, one nosharepages VM."""
+    fake = FakeProc(tmp_path / "proc")
+    for pfn in range(100, 108):
+        fake.flags[pfn] = KPF_KSM
+        fake.counts[pfn] = 2
+    fake.flush()
+    own = [PRESENT | EXCLUSIVE | (1000 + i) for i in range(8)]
+    fake.add_process(100, BASE, [PRESENT | p for p in range(100, 108)] + own, smaps(True),
+                     KSM_STAT)
+    own2 = [PRESENT | EXCLUSIVE | (2000 + i) for i in range(8)]
+    fake.add_process(200, BASE, [PRESENT | p for p in range(100, 108)] + own2, smaps(True),
+                     KSM_STAT)
+    fake.add_process(300, BASE, [PRESENT | EXCLUSIVE | (3000 + i) for i in range(PAGES)],
+                     smaps(False), "")
+    ram = RamBackend("pc.ram", PAGES * 4096, merge=True)
+
+    def flip(pid: int):  # the kernel side of qom-set: the mg flag follows
+        def on_set(backend_id: str, merge: bool) -> None:
+            (fake.root / str(pid) / "smaps").write_text(smaps(merge))
+            if not merge:   # unmerging breaks KSM pages into private copies
+                fake.add_process(pid, BASE, [PRESENT | EXCLUSIVE | (5000 + pid + i)
+                                             for i in range(PAGES)], smaps(False), "")
+        return on_set
+
+    hv = FakeHypervisor([
+        FakeVm(VmRef("web-1", "11111111-1111-1111-1111-111111111111", 1, True), 100, [ram],
+               on_set_merge=flip(100)),
+        FakeVm(VmRef("web-2", "22222222-2222-2222-2222-222222222222", 2, True), 200, [ram],
+               on_set_merge=flip(200)),
+        FakeVm(VmRef("db-secret", "33333333-3333-3333-3333-333333333333", 3, True), 300,
+               [RamBackend("pc.ram", PAGES * 4096, merge=False)], nosharepages=True),
+        FakeVm(VmRef("idle", "44444444-4444-4444-4444-444444444444", None, False), None),
+    ])
+    sysfs = make_sysfs(tmp_path / "ksm")
+    (sysfs / "pages_shared").write_text("8\n")
+    (sysfs / "pages_sharing").write_text("8\n")
+    monkeypatch.setenv("VMSHARE_SYSFS_ROOT", str(sysfs))
+    monkeypatch.setenv("VMSHARE_PROC_ROOT", str(fake.root))
+    monkeypatch.setattr("vmshare.hypervisor.connect", lambda *a, **k: hv)
+    return hv, fake
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("VMSHARE_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"output differs from {path}"
+
+
+@pytest.mark.parametrize("args,name", [
+    (["status"], "status.txt"),
+    (["status", "--matrix"], "status-matrix.txt"),
+    (["list"], "list.txt"),
+    (["ksm", "show"], "ksm-show.txt"),
+])
+def test_golden_output(host: object, capsys: pytest.CaptureFixture[str], args: list[str],
+                       name: str) -> None:
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    golden(name, out)
+
+
+def test_status_json_adds_up(host: object, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "status", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["host"]["pages_sharing"] == 8
+    vms = {v["name"]: v for v in doc["vms"]}
+    assert vms["web-1"]["saved_bytes"] + vms["web-2"]["saved_bytes"] == 8 * 4096
+    assert vms["web-1"]["shares_with"] == {"web-2": 8 * 4096}
+    assert vms["web-1"]["ksm_pages"] == 8 and vms["web-1"]["rmap_items"] == 16
+    assert vms["db-secret"]["eligible"] is False
+    assert vms["idle"]["running"] is False and vms["idle"]["pid"] is None
+    for key in ("name", "uuid", "pid", "ram_bytes", "ksm_pages", "saved_bytes", "zero_pages",
+                "rmap_items", "process_profit_bytes", "shares_with"):
+        assert key in vms["web-1"]
+
+
+def test_disable_then_enable_verified(host: tuple[FakeHypervisor, FakeProc],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    hv, _ = host
+    code, out, err = run(capsys, "disable", "web-2")
+    assert (code, err) == (0, "")
+    assert out == "web-2/pc.ram: merge on -> off (verified)\n"
+    code, out, _ = run(capsys, "enable", "web-2")
+    assert out == "web-2/pc.ram: merge off -> on (verified)\n"
+    code, out, _ = run(capsys, "enable", "web-2")
+    assert out == "web-2/pc.ram: merge already on (verified)\n"
+    assert hv.calls == [("web-2", "pc.ram", False), ("web-2", "pc.ram", True)]
+
+
+def test_kernel_disagreeing_is_an_error(host: tuple[FakeHypervisor, FakeProc],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    hv, _ = host
+    hv.vms["web-1"].on_set_merge = None      # QEMU says merge=off, the mg flag stays
+    code, _, err = run(capsys, "disable", "web-1")
+    assert code == 1
+    assert err == ("vmshare: error: web-1: merge state not as asked after the change: "
+                   "pc.ram: the kernel's mg flag is set\n")
+
+
+def test_unmerge_refused_without_memory(host: tuple[FakeHypervisor, FakeProc],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    hv, fake = host
+    (fake.root / "meminfo").write_text("MemTotal: 1000000 kB\nMemAvailable: 1000 kB\n")
+    code, _, err = run(capsys, "disable", "web-1")
+    assert code == 1 and "MemAvailable" in err and "--force" in err
+    assert hv.calls == []
+    code, _, err = run(capsys, "disable", "--force", "web-1")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("args,words", [
+    (["enable", "nope"], "no domain named 'nope'"),
+    (["enable", "db-secret"], "nosharepages"),
+    (["enable", "idle"], "not running"),
+    (["enable", "web-1", "--backend", "ram-node9"], "no memory backend 'ram-node9'"),
+    (["ksm", "set", "run=9"], "out of range"),
+    (["ksm", "set", "merge_across_nodes=0"], "--unmerge"),
+    (["ksm", "set", "pages_to_scan"], "expected KNOB=VALUE"),
+])
+def test_user_mistakes_are_one_line(host: object, capsys: pytest.CaptureFixture[str],
+                                    args: list[str], words: str) -> None:
+    code, out, err = run(capsys, *args)
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and err.startswith("vmshare: error: ") and words in err
