@@ -1,0 +1,509 @@
+"""Prediction: what kernel KSM would save if the given memory were mergeable.
+
+Builds page sources for libvirt/QEMU domains (their eligible RAM backends,
+read live from /proc/<pid>/mem), guest memory dumps (``open_dump``) and any
+process's private anonymous memory, drives the userspace engine over them
+and returns the figures with the kernel's counter names. Nothing here prints.
+
+Each scan re-opens every live source, so a mapping that moved, a guest that
+was restored into a new QEMU process (new pid) or a resized backend arrives
+with a new ``Region.generation`` and the engine drops what it knew of the old
+one. ``LiveScanner`` keeps one engine across passes (``vmshare scan``);
+``predict`` runs a fresh engine until its counters stop changing.
+
+Buffers: the engine references fed bytes until ``end_scan`` while sources
+reuse one buffer per run, so each run is copied once. A scan therefore holds
+the resident memory it scanned (the engine's contract, not a choice here).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from vmshare.dumps import (
+    DEFAULT_CHUNK_PAGES,
+    LiveProcessSource,
+    PageSource,
+    open_dump,
+    private_anonymous_vmas,
+)
+from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
+from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
+from vmshare.ksm.procfs import ProcFs
+from vmshare.model import PAGE_SIZE, PageRun, VmRef
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SCANS = 5
+#: progress(fraction of the whole job, label)
+ProgressFn = Callable[[float, str], None]
+_WORDS_PER_PAGE = PAGE_SIZE // 8
+
+
+# ------------------------------------------------------------------ targets
+@dataclass
+class Target:
+    """One named thing to scan: ``open()`` gives a fresh page source per scan
+    (None when it has nothing eligible right now), named ``name``."""
+
+    name: str
+    kind: str                                   # "domain" | "dump" | "pid"
+    open: Callable[[], PageSource | None]
+    group: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def dump_target(path: str) -> Target:
+    """A dump file; opened (and validated) once now so a bad file fails early.
+
+    Raises DumpError (missing, unreadable or malformed dump).
+    """
+    open_dump(path, path).close()
+    return Target(path, "dump", lambda: open_dump(path, path))
+
+
+def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
+    """Private anonymous memory of process ``pid`` (its mappings re-read every scan).
+
+    Raises UsageError for a non-positive pid, ProcessGone, AccessDenied.
+    """
+    if pid <= 0:
+        raise UsageError(f"not a process id: {pid}")
+    pf = procfs or ProcFs()
+    name = f"pid:{pid}"
+
+    def opener() -> PageSource:
+        vmas = private_anonymous_vmas(pid, pf)
+        return LiveProcessSource(pid, vmas, name=name, procfs=pf)
+
+    try:
+        opener().close()      # fail now on a dead pid or EPERM
+    except ProcessGone as exc:
+        raise ProcessGone(f"no running process with pid {pid}") from exc
+    return Target(name, "pid", opener)
+
+
+def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = None) -> Target:
+    """A running domain's eligible RAM backends, read live from its QEMU process.
+
+    Ineligible backends (shared, file, memfd, hugetlb, nosharepages) and
+    confidential guests are skipped with a note. Raises DomainNotFound,
+    DomainNotRunning, HypervisorError, ProcessGone, AccessDenied.
+    """
+    pf = procfs or ProcFs()
+    ref: VmRef = hv.lookup(ident)
+    target = Target(ref.name, "domain", lambda: None)
+
+    def opener() -> PageSource | None:
+        facts = hv.facts(ref)
+        if facts.pid is None:
+            raise DomainNotRunning(f"domain {ref.name} is not running")
+        target.notes.clear()
+        if facts.launch_security:
+            target.notes.append(f"{ref.name}: skipped: confidential guest (launchSecurity); "
+                                "its memory is encrypted and never read")
+            return None
+        vmas, ids = [], {}
+        for view in observer.backends(facts.ref, facts):
+            bid = view.backend.id
+            if view.ineligible_reason is not None:
+                target.notes.append(f"{ref.name}: backend {bid} skipped: "
+                                    f"{view.ineligible_reason}")
+            elif view.vma is None:
+                target.notes.append(f"{ref.name}: backend {bid} skipped: its mapping was "
+                                    f"not found in QEMU process {facts.pid}")
+            else:
+                vmas.append(view.vma)
+                ids[view.vma.start] = bid
+        if not vmas:
+            target.notes.append(f"{ref.name}: no eligible RAM backend; nothing scanned")
+            return None
+        return LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf)
+
+    target.open = opener
+    first = opener()           # fail now on a stopped domain or EPERM
+    if first is not None:
+        first.close()
+    return target
+
+
+def check_unique(targets: Sequence[Target]) -> None:
+    seen: set[str] = set()
+    for t in targets:
+        if t.name in seen:
+            raise UsageError(f"{t.name} is listed twice")
+        seen.add(t.name)
+
+
+# ------------------------------------------------------------------ scanning
+@dataclass(frozen=True)
+class ScanStats:
+    pages_fed: int
+    seconds: float
+    zero_content: dict[str, int]     # pages whose bytes were all zero, per source
+
+
+def _zero_pages(data: memoryview) -> int:
+    """All-zero pages in ``data``: a cheap first-word filter, then whole pages
+    checked over contiguous stretches of candidates (views, no copies)."""
+    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+    maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+    if maybe.size == 0:
+        return 0
+    cuts = np.flatnonzero(np.diff(maybe) != 1) + 1
+    count = 0
+    for block in np.split(maybe, cuts):
+        s, e = int(block[0]), int(block[-1]) + 1
+        rows = words[s:e]
+        if not rows.any():
+            count += e - s
+        else:
+            count += int(np.count_nonzero(~rows.any(axis=1)))
+    return count
+
+
+class ScanArena:
+    """Buffers for one scan's page copies, reused by the next scan.
+
+    The engine keeps references to fed bytes until ``end_scan`` and sources
+    reuse their read buffer, so each run is copied; copying into buffers that
+    were already faulted in by the previous scan costs a memcpy, not a page
+    fault per page. Runs are packed, so many small runs do not waste chunks.
+    """
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_PAGES * PAGE_SIZE) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._buffers: list[bytearray] = []
+        self._index = 0
+        self._used = 0
+
+    def reset(self) -> None:
+        """Start a new scan: the previous scan's end_scan has released its views."""
+        self._index = 0
+        self._used = 0
+
+    def copy(self, data: memoryview) -> memoryview:
+        n = len(data)
+        if n > self.chunk_bytes:
+            return memoryview(bytearray(data))
+        if self._index < len(self._buffers) and self._used + n > self.chunk_bytes:
+            self._index += 1
+            self._used = 0
+        if self._index == len(self._buffers):
+            self._buffers.append(bytearray(self.chunk_bytes))
+        view = memoryview(self._buffers[self._index])[self._used:self._used + n]
+        view[:] = data
+        self._used += n
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._buffers) * self.chunk_bytes
+
+
+_DONE = object()
+_QUEUE_RUNS = 4
+
+
+def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
+                 progress: Callable[[float], None] | None = None,
+                 arena: ScanArena | None = None) -> ScanStats:
+    """One full engine scan over ``sources`` (scan order: as given).
+
+    Reading (a system call that releases the GIL) runs in a helper thread
+    ahead of the engine's hashing, one bounded queue apart. Raises what the
+    sources raise (DumpError, ProcessGone, AccessDenied, ProcfsError); the
+    engine is then left mid-scan and must be discarded.
+    """
+    t0 = time.perf_counter()
+    arena = arena if arena is not None else ScanArena()
+    arena.reset()
+    regions = {s.name: s.regions() for s in sources}
+    base: dict[tuple[str, str], int] = {}
+    total = 0
+    for name, regs in regions.items():
+        for r in regs:
+            base[(name, r.key)] = total
+            total += r.size // PAGE_SIZE
+    zero: dict[str, int] = {s.name: 0 for s in sources}
+    q: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_RUNS)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for s in sources:
+                for run in s.runs():
+                    view = arena.copy(run.data)
+                    zero[s.name] += _zero_pages(view)
+                    if not put(PageRun(s.name, run.region, run.first_page, view)):
+                        return
+            put(_DONE)
+        except BaseException as exc:   # handed to the scanning thread
+            put(exc)
+
+    fed = 0
+    engine.begin_scan(regions)
+    thread = threading.Thread(target=reader, name="vmshare-scan-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, PageRun)
+            engine.feed(item)
+            fed += item.npages
+            if progress is not None and total:
+                progress((base[(item.source, item.region)] + item.first_page + item.npages)
+                         / total)
+    finally:
+        stop.set()
+        thread.join()
+    engine.end_scan()
+    return ScanStats(fed, time.perf_counter() - t0, zero)
+
+
+def _open_all(targets: Sequence[Target]) -> list[PageSource]:
+    opened: list[PageSource] = []
+    try:
+        for t in targets:
+            src = t.open()
+            if src is not None:
+                opened.append(src)
+    except BaseException:
+        _close_all(opened)
+        raise
+    return opened
+
+
+def _close_all(sources: Iterable[PageSource]) -> None:
+    for s in sources:
+        s.close()
+
+
+# ------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class SourcePrediction:
+    """One source's figures after the last scan (kernel meanings, per source)."""
+
+    name: str
+    kind: str
+    pages: int                     # pages read (resident/present) in the last scan
+    ksm_pages: int                 # pages that would map a KSM page
+    saved: Fraction                # fair share in pages: (k-1)/k per page on a k-way KSM page
+    zero_pages: int                # pages use_zero_pages would map to the zero page
+    zero_content_pages: int        # pages whose content was all zero (any setting)
+    unshared_pages: int
+    shares_with: dict[str, int]    # pages on a KSM page the other source maps too
+
+    @property
+    def saved_bytes(self) -> int:
+        return round(self.saved * PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class GroupPrediction:
+    group: str | None              # trust group, None without --trust-groups
+    counters: KsmCounters
+    scans: int
+    converged: bool
+    sources: tuple[SourcePrediction, ...]
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.counters.pages_sharing * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Prediction:
+    config: EngineConfig
+    groups: tuple[GroupPrediction, ...]
+    notes: tuple[str, ...] = ()
+
+    def totals(self) -> dict[str, int]:
+        """Kernel counter names summed over groups (separate trees, so sums are exact)."""
+        keys = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
+        return {k: sum(getattr(g.counters, k) for g in self.groups) for k in keys}
+
+
+def _group_result(engine: KsmEngine, targets: Sequence[Target], group: str | None,
+                  scans: int, converged: bool, stats: ScanStats | None) -> GroupPrediction:
+    per = engine.per_source()
+    sw = engine.shares_with()
+    out = []
+    for t in targets:
+        ps = per.get(t.name)
+        out.append(SourcePrediction(
+            name=t.name, kind=t.kind,
+            pages=ps.pages_seen if ps else 0, ksm_pages=ps.ksm_pages if ps else 0,
+            saved=ps.saved if ps else Fraction(0), zero_pages=ps.zero_pages if ps else 0,
+            zero_content_pages=stats.zero_content.get(t.name, 0) if stats else 0,
+            unshared_pages=ps.unshared_pages if ps else 0,
+            shares_with=dict(sorted(sw.get(t.name, {}).items()))))
+    return GroupPrediction(group, engine.counters(), scans, converged, tuple(out))
+
+
+def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
+                        scans: int | None = None, max_scans: int = DEFAULT_MAX_SCANS,
+                        progress: Callable[[float, str], None] | None = None
+                        ) -> tuple[int, bool, ScanStats | None]:
+    """Scan until the merge state repeats (or exactly ``scans`` times).
+
+    Returns (scans run, converged, stats of the last scan). Every scan reads
+    the memory anew: a live guest may have changed in between.
+    """
+    limit = scans if scans is not None else max_scans
+    if limit < 1:
+        raise UsageError(f"the number of scans must be >= 1, not {limit}")
+    previous: tuple[int, ...] | None = None
+    stats: ScanStats | None = None
+    converged = False
+    arena = ScanArena()
+    for i in range(1, limit + 1):
+        def step(frac: float, i: int = i) -> None:
+            if progress is not None:
+                progress((i - 1 + frac) / limit, f"scan {i}/{limit}")
+        sources = _open_all(targets)
+        try:
+            stats = scan_sources(engine, sources, progress=step, arena=arena)
+        finally:
+            _close_all(sources)
+        state = engine.counters().merge_state()
+        converged = state == previous
+        if converged and scans is None:
+            return i, True, stats
+        previous = state
+    return limit, converged, stats
+
+
+def predict(targets: Sequence[Target], config: EngineConfig, *,
+            groups: dict[str, str] | None = None, scans: int | None = None,
+            max_scans: int = DEFAULT_MAX_SCANS,
+            progress: ProgressFn | None = None) -> Prediction:
+    """Run the engine over ``targets`` until it converges; one engine per trust group.
+
+    ``groups`` maps target names to trust groups (None: one engine for all).
+    Raises UsageError (no targets, a name twice, bad scan count) and what the
+    sources raise (DumpError, ProcessGone, AccessDenied, HypervisorError).
+    """
+    if not targets:
+        raise UsageError("nothing to predict: give domains, --dump files or --pid processes")
+    check_unique(targets)
+    if groups is None:
+        buckets: dict[str | None, list[Target]] = {None: list(targets)}
+    else:
+        buckets = {}
+        for t in targets:
+            buckets.setdefault(groups[t.name], []).append(t)
+    results: list[GroupPrediction] = []
+    n = len(buckets)
+    for gi, (group, members) in enumerate(sorted(buckets.items(), key=lambda kv: kv[0] or "")):
+        engine = KsmEngine(config)
+
+        def step(frac: float, label: str, gi: int = gi, group: str | None = group) -> None:
+            if progress is not None:
+                prefix = f"group {group}: " if group is not None else ""
+                progress((gi + frac) / n, prefix + label)
+        done, converged, stats = run_until_converged(engine, members, scans=scans,
+                                                     max_scans=max_scans, progress=step)
+        results.append(_group_result(engine, members, group, done, converged, stats))
+    notes: list[str] = []
+    for t in targets:
+        notes.extend(t.notes)
+    return Prediction(config, tuple(results), tuple(notes))
+
+
+# ------------------------------------------------------------------ trust groups
+def trust_groups(hv: Any, targets: Sequence[Target], config: Any) -> tuple[dict[str, str],
+                                                                          list[str]]:
+    """Each target's trust group: domains by vmshare.policy (domain metadata,
+    then the config's ``[vm."NAME"]`` table, then the host default); dumps and
+    processes have no policy and fall in the host's default group (noted).
+
+    Raises PolicyError for malformed domain metadata, HypervisorError.
+    """
+    from vmshare.policy import effective
+    from vmshare.policy_source import vm_policy
+
+    host = config.host
+    groups: dict[str, str] = {}
+    notes: list[str] = []
+    for t in targets:
+        if t.kind == "domain":
+            ref = hv.lookup(t.name)
+            facts = hv.facts(ref)
+            groups[t.name] = effective(facts, vm_policy(hv, ref), host).group
+        else:
+            table = host.vms.get(t.name)
+            groups[t.name] = table.group if table and table.group else host.default_group
+            notes.append(f"{t.name}: a {t.kind} has no domain policy; trust group "
+                         f"{groups[t.name]!r}")
+    return groups, notes
+
+
+# ------------------------------------------------------------------ live scanning
+@dataclass(frozen=True)
+class ScanPass:
+    index: int
+    counters: KsmCounters
+    stats: ScanStats
+    sources: tuple[SourcePrediction, ...]
+    notes: tuple[str, ...]
+
+
+class LiveScanner:
+    """One engine kept across passes over live targets (``vmshare scan``).
+
+    Each pass re-resolves every domain (pid, backends, mappings), so a moved
+    mapping or a restored guest is a new region generation and the engine
+    forgets the old one; unchanged pages keep their checksums and merges, so
+    rescans behave as the kernel's incremental scans do.
+    """
+
+    def __init__(self, targets: Sequence[Target], config: EngineConfig) -> None:
+        if not targets:
+            raise UsageError("nothing to scan: give at least one domain")
+        check_unique(targets)
+        self.targets = list(targets)
+        self.config = config
+        self.engine = KsmEngine(config)
+        self.arena = ScanArena()
+        self.passes = 0
+
+    def scan(self, progress: Callable[[float], None] | None = None) -> ScanPass:
+        """One full pass. Raises what the sources raise; the engine is then
+        replaced by a fresh one (what it knew is no longer trustworthy)."""
+        sources = _open_all(self.targets)
+        try:
+            stats = scan_sources(self.engine, sources, progress=progress,
+                                 arena=self.arena)
+        except BaseException:
+            self.engine = KsmEngine(self.config)
+            raise
+        finally:
+            _close_all(sources)
+        self.passes += 1
+        group = _group_result(self.engine, self.targets, None, self.passes, False, stats)
+        notes = tuple(n for t in self.targets for n in t.notes)
+        return ScanPass(self.passes, self.engine.counters(), stats, group.sources, notes)
