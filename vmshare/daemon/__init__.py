@@ -1,0 +1,15 @@
+"""The vmshare daemon: reconcile running VMs with their policy, from lifecycle events.
+
+Modules:
+
+* ``state``: the state file (last observed KSM pages, re-merge records,
+  actions in flight), written atomically;
+* ``triggers``: what each libvirt lifecycle event, QMP event and hook spool
+  entry means for a VM (apply its policy, forget it, or also reset its merges);
+* ``reconcile``: decide and act for one VM or all of them, idempotently,
+  recording each real change in the audit log;
+* ``libvirt_events``: libvirt's asyncio event loop, domain and QMP events,
+  the close callback;
+* ``qmp_watch``: plain QEMU: QMP socket globs, short sessions, polled state;
+* ``runner``: the asyncio main loop tying them together.
+"""

@@ -1,0 +1,343 @@
+"""Reconcile: bring each running VM to its policy, once, and say what was done.
+
+Collect (policy_source.survey: facts, policy, what is mergeable now, trust
+groups planned over the host), decide (policy.effective + plan, done by the
+survey), act (control.Controller.set_merge, which checks unmerge headroom and
+trust groups and verifies afterwards). Reconciling a VM that already matches
+its policy changes nothing and writes nothing: the daemon can be killed and
+restarted, or told twice about one event, without repeating an action.
+
+An action is written to the state file as ``pending`` before it is made and
+cleared after; every audit record of it carries an id derived from that
+pending entry. A daemon killed between acting and auditing finds the action
+done on restart and writes its record then, once (``complete_pending``).
+
+Errors are per VM: a VM that vanishes is one WARNING line (traceback at
+DEBUG) and skipped; a refused unmerge (not enough free memory) or a trust
+group conflict is logged and retried later, never forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmshare.audit import AuditLog, AuditRecord
+from vmshare.config import Config
+from vmshare.control import Controller, MergeChange
+from vmshare.daemon.state import StateStore
+from vmshare.daemon.triggers import Trigger
+from vmshare.errors import (
+    DomainNotFound,
+    DomainNotRunning,
+    HypervisorError,
+    PolicyError,
+    ProcessGone,
+    ProcfsError,
+    TrustGroupConflict,
+    UnmergeRefused,
+    VerificationError,
+    VmshareError,
+)
+from vmshare.hypervisor.base import Hypervisor
+from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.sysfs import KsmSysfs
+from vmshare.model import VmRef
+from vmshare.observe import Observer
+from vmshare.policy_source import PolicyView, mergeable_groups, survey
+
+log = logging.getLogger("vmshare.daemon")
+VM_LOG = logging.getLogger("vmshare.daemon.vm")
+
+RETRY_AFTER_S = 30.0
+_GONE = (DomainNotFound, DomainNotRunning, ProcessGone)
+
+
+def vm_log(name: str) -> logging.Logger:
+    """The child logger of one VM (dots in names would make a deeper hierarchy)."""
+    return VM_LOG.getChild(name.replace(".", "_"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What reconciling one VM came to.
+
+    status: changed | unchanged | refused | vanished | failed | forgotten | stopped
+    """
+
+    vm: str
+    status: str
+    detail: str = ""
+    changes: tuple[MergeChange, ...] = ()
+
+
+class KeyedAudit(AuditLog):
+    """An AuditLog whose records carry an id made from the action's key and the
+    record's target and value, and which never writes an id twice."""
+
+    def __init__(self, path: Path, actor: str, key: str, known: set[str]) -> None:
+        super().__init__(path, actor)
+        self.key = key
+        self.known = known
+
+    def record(self, action: str, target: str, before: Any, after: Any, reason: str, *,
+               event: str | None = None, vm: str | None = None,
+               id: str | None = None) -> AuditRecord:
+        rid = id or record_id(self.key, target, after)
+        rec = AuditRecord(time=time.time(), actor=self.actor, user="", pid=0, action=action,
+                          target=target, before=before, after=after, reason=reason,
+                          event=event, vm=vm, id=rid)
+        if rid in self.known:
+            return rec
+        rec = super().record(action, target, before, after, reason, event=event, vm=vm,
+                             id=rid)
+        self.known.add(rid)
+        return rec
+
+
+def record_id(key: str, target: str, after: Any) -> str:
+    return f"{key}/{target}/{str(after).lower()}"
+
+
+class Reconciler:
+    """Decide and act for VMs of one hypervisor. Synchronous: the daemon runs it
+    in one worker thread, so calls never overlap."""
+
+    def __init__(self, hv: Hypervisor, config: Config, *, state: StateStore,
+                 audit_path: Path, procfs: ProcFs | None = None,
+                 sysfs: KsmSysfs | None = None, clock: Callable[[], float] = time.time,
+                 retry_after: float = RETRY_AFTER_S) -> None:
+        self.config = config
+        self.state = state
+        self.audit_path = audit_path
+        self.procfs = procfs or ProcFs()
+        self.sysfs = sysfs or KsmSysfs()
+        self.clock = clock
+        self.retry_after = retry_after
+        self.retry: dict[str, float] = {}
+        self._audit_ids: set[str] | None = None
+        self.hv = hv
+
+    @property
+    def hv(self) -> Hypervisor:
+        return self._hv
+
+    @hv.setter
+    def hv(self, hv: Hypervisor) -> None:
+        self._hv = hv
+        self.observer = Observer(hv, self.sysfs, self.procfs)
+        self.controller = Controller(hv, self.procfs, self.observer)
+
+    def audit_ids(self) -> set[str]:
+        if self._audit_ids is None:
+            self._audit_ids = AuditLog(self.audit_path, "daemon").ids()
+        return self._audit_ids
+
+    def _ident(self, ref: VmRef) -> str:
+        ident_of = getattr(self.hv, "ident_of", None)
+        if ident_of is not None:
+            return str(ident_of(ref))
+        return ref.uuid or ref.name
+
+    # -- entry points ------------------------------------------------------------
+
+    def reconcile_all(self, event: str) -> list[Outcome]:
+        """Every running VM. Raises HypervisorError only when the hypervisor
+        itself cannot be listed (the caller reconnects)."""
+        views = self._survey()
+        groups = mergeable_groups(views)
+        return [self._act(v, event, groups) for v in views if v.running]
+
+    def _survey(self) -> list[PolicyView]:
+        running = [r for r in self.hv.list_vms() if r.running]
+        return survey(self.hv, self.config, running, observer=self.observer)
+
+    def handle(self, trigger: Trigger) -> Outcome:
+        """One VM, because of ``trigger``. Never raises for per-VM trouble."""
+        vlog = vm_log(trigger.vm)
+        if trigger.action == "forget":
+            self.retry.pop(trigger.vm, None)
+            vlog.info("stopped (%s); nothing to do until it runs again", trigger.event)
+            return Outcome(trigger.vm, "forgotten", trigger.event)
+        try:
+            ref = self.hv.lookup(trigger.uuid or trigger.vm)
+            if trigger.resets:
+                self._reset(ref, trigger)
+            views = self._survey()
+        except _GONE as exc:
+            return self._vanished(trigger.vm, exc)
+        mine = [v for v in views if self._ident(v.ref) == self._ident(ref)]
+        if not mine or not mine[0].running:
+            return Outcome(trigger.vm, "stopped", "not running")
+        return self._act(mine[0], trigger.event, mergeable_groups(views))
+
+    def due(self) -> list[str]:
+        """VMs whose retry time has come (they are taken off the retry list)."""
+        now = self.clock()
+        names = [n for n, t in self.retry.items() if t <= now]
+        for n in names:
+            del self.retry[n]
+        return sorted(names)
+
+    def forget_retry(self, name: str) -> None:
+        self.retry.pop(name, None)
+
+    # -- lifecycle truth -----------------------------------------------------------
+
+    def _reset(self, ref: VmRef, trigger: Trigger) -> None:
+        assert trigger.resets is not None
+        facts = self.hv.facts(ref)
+        if trigger.check_incoming:
+            status = self.hv.qmp(facts.ref, "query-status")
+            if isinstance(status, dict) and status.get("status") == "postmigrate":
+                return   # the source of a migration: its memory is unchanged
+        rec = self.state.reset_event(ref.name, trigger.resets, facts.pid, now=self.clock(),
+                                     uuid=facts.ref.uuid)
+        if rec is not None:
+            vm_log(ref.name).info("%s (%s): %d KSM pages were merged before; tracking "
+                                  "re-merge", trigger.resets, trigger.event,
+                                  rec.previous_ksm_pages)
+        self.state.save()
+
+    def observe(self) -> None:
+        """Record every running VM's KSM pages (the 'before' of the next reset).
+
+        A VM seen with a new QEMU pid starts a "qemu-restart" record, refined
+        by the lifecycle event that explains it, if one comes.
+        """
+        host = self.observer.host()
+        now = self.clock()
+        for vm in host.vms:
+            if vm.facts.pid is None:
+                continue
+            rec = self.state.observe(vm.name, vm.facts.ref.uuid, vm.facts.pid, vm.ksm_pages,
+                                     now=now)
+            if rec is not None:
+                vm_log(vm.name).info("new QEMU process %d: %d KSM pages were merged "
+                                     "before; tracking re-merge", vm.facts.pid,
+                                     rec.previous_ksm_pages)
+        self.state.prune(now)
+        self.state.save()
+
+    # -- acting --------------------------------------------------------------------
+
+    def _act(self, view: PolicyView, event: str, groups: dict[str, str]) -> Outcome:
+        name = view.ref.name
+        vlog = vm_log(name)
+        decision = view.decision
+        want = decision.merge
+        try:
+            backends = self.observer.backends(view.ref, view.facts)
+            before = {v.backend.id: v.backend.merge for v in backends}
+            todo = [v.backend.id for v in backends
+                    if (v.ineligible_reason is None or not want)
+                    and (v.backend.merge != want or v.mg_flag not in (want, None))]
+            if not todo:
+                self.retry.pop(name, None)
+                vlog.debug("already %s (%s)", "mergeable" if want else "unmergeable",
+                           decision.reason)
+                return Outcome(name, "unchanged", decision.reason)
+            key = hashlib.sha256(f"{view.ref.uuid}|{view.facts.pid}|{want}|{self.clock()}"
+                                 .encode()).hexdigest()[:16]
+            pending = {"id": key, "merge": want, "event": event, "reason": decision.reason,
+                       "before": before, "ident": self._ident(view.ref),
+                       "time": self.clock()}
+            self.state.set_pending(name, pending)
+            self.state.save()
+            try:
+                audit = KeyedAudit(self.audit_path, "daemon", key, self.audit_ids())
+                others = {n: g for n, g in groups.items() if n != name}
+                changes = self.controller.set_merge(
+                    self._ident(view.ref), want, decision=decision,
+                    mergeable_now=others if want else None, audit=audit,
+                    reason=f"policy: {decision.reason}", event=event)
+            finally:
+                self.state.set_pending(name, None)
+                self.state.save()
+        except _GONE as exc:
+            return self._vanished(name, exc)
+        except UnmergeRefused as exc:
+            self.retry[name] = self.clock() + self.retry_after
+            vlog.warning("not made unmergeable yet, retrying in %.0f s: %s",
+                         self.retry_after, exc)
+            return Outcome(name, "refused", str(exc))
+        except TrustGroupConflict as exc:
+            self.retry[name] = self.clock() + self.retry_after
+            vlog.warning("not made mergeable: %s", exc)
+            return Outcome(name, "refused", str(exc))
+        except (VerificationError, PolicyError, ProcfsError) as exc:
+            self.retry[name] = self.clock() + self.retry_after
+            vlog.error("%s", exc)
+            vlog.debug("detail", exc_info=True)
+            return Outcome(name, "failed", str(exc))
+        except HypervisorError as exc:
+            self.retry[name] = self.clock() + self.retry_after
+            vlog.error("%s", exc)
+            vlog.debug("detail", exc_info=True)
+            return Outcome(name, "failed", str(exc))
+        self.retry.pop(name, None)
+        done = tuple(c for c in changes if c.changed)
+        for c in done:
+            vlog.info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
+                      _onoff(c.after), event, decision.reason)
+        return Outcome(name, "changed" if done else "unchanged", decision.reason, done)
+
+    def _vanished(self, name: str, exc: VmshareError) -> Outcome:
+        self.retry.pop(name, None)
+        vlog = vm_log(name)
+        vlog.warning("vanished, skipped: %s", exc)
+        vlog.debug("detail", exc_info=exc)
+        return Outcome(name, "vanished", str(exc))
+
+    def complete_pending(self) -> int:
+        """Audit actions a previous run made but did not record (killed in between).
+
+        Returns the number of records written. Each is written at most once,
+        whatever happens: ids already in the log are skipped.
+        """
+        written = 0
+        for name, p in self.state.pendings().items():
+            try:
+                ref = self.hv.lookup(str(p.get("ident") or name))
+                facts = self.hv.facts(ref)
+                views = self.observer.backends(ref, facts) if facts.pid else []
+            except (VmshareError, OSError) as exc:
+                vm_log(name).warning("cannot check an action of the previous run: %s", exc)
+                views = []
+            want = bool(p.get("merge"))
+            raw_before = p.get("before")
+            before: dict[str, Any] = raw_before if isinstance(raw_before, dict) else {}
+            audit = KeyedAudit(self.audit_path, "daemon", str(p.get("id")), self.audit_ids())
+            for v in views:
+                b = v.backend
+                if b.id in before and before[b.id] != want and b.merge == want:
+                    target = f"{name}/{b.id}"
+                    if record_id(audit.key, target, want) in self.audit_ids():
+                        continue
+                    audit.record("merge", target, before[b.id], want,
+                                 f"policy: {p.get('reason', '')} (done before the daemon "
+                                 "was restarted)", event=str(p.get("event")), vm=name)
+                    written += 1
+            self.state.set_pending(name, None)
+        self.state.save()
+        return written
+
+
+def _onoff(value: bool) -> str:
+    return "on" if value else "off"
+
+
+@dataclass
+class Stats:
+    """Counters the daemon logs at exit and tests read."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcomes: list[Outcome] | Outcome) -> None:
+        for o in outcomes if isinstance(outcomes, list) else [outcomes]:
+            self.outcomes[o.status] = self.outcomes.get(o.status, 0) + 1

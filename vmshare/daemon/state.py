@@ -1,0 +1,172 @@
+"""The daemon's state file: what it last saw of each VM, written atomically.
+
+One JSON document (format version 1)::
+
+    {"version": 1, "vms": {"NAME": {
+        "uuid": "...", "pid": 1234, "ksm_pages": 5120, "observed": 1795671366.8,
+        "remerge": {"event": "restore", "time": ..., "previous_ksm_pages": ..., "pid": ...},
+        "pending": {"id": "...", "merge": false, "event": "...", "reason": "...",
+                    "before": {"pc.ram": true}}}}}
+
+``pending`` is an action the daemon started and has not yet audited: if the
+daemon dies between acting and auditing, the next start finds the action
+done and writes its audit record once (the record id makes it idempotent).
+
+Writes go to a temporary file in the same directory, fsync'd, renamed over
+the old file and the directory fsync'd: a reader sees the old or the new
+document, never half of one. vmshare.remerge reads it for ``vmshare status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from vmshare.errors import AccessDenied, VmshareError
+from vmshare.remerge import RESETTING_EVENTS, STATE_VERSION, RemergeRecord, read_state
+
+log = logging.getLogger("vmshare.daemon.state")
+
+# Events of one kind for one QEMU process within this window are one event
+# (the hook and libvirt both report a restore, for instance).
+SAME_EVENT_WINDOW_S = 30.0
+# Forget VMs not seen for this long (transient domains, deleted sockets).
+FORGET_AFTER_S = 7 * 24 * 3600.0
+
+
+class StateError(VmshareError):
+    """The daemon state file cannot be written."""
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file, fsync, rename, dir fsync).
+
+    Raises AccessDenied or StateError; the old file is intact on any failure.
+    """
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError as exc:
+        raise AccessDenied(f"cannot write {path}: permission denied") from exc
+    except OSError as exc:
+        raise StateError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StateError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:   # the rename happened; durability is best effort here
+        log.debug("fsync of %s: %s", path.parent, exc)
+
+
+class StateStore:
+    """The state document in memory, saved after each change. Not thread-safe:
+    the daemon changes it from one worker thread only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.doc: dict[str, Any] = read_state(path)
+        self.doc["version"] = STATE_VERSION
+
+    def vm(self, name: str) -> dict[str, Any]:
+        vms: dict[str, Any] = self.doc["vms"]
+        entry = vms.get(name)
+        if not isinstance(entry, dict):
+            entry = vms[name] = {}
+        return entry
+
+    def names(self) -> list[str]:
+        return sorted(self.doc["vms"])
+
+    def save(self) -> None:
+        data = json.dumps(self.doc, sort_keys=True, indent=1).encode() + b"\n"
+        write_atomic(self.path, data)
+
+    # -- observations and events ------------------------------------------------
+
+    def observe(self, name: str, uuid: str, pid: int, ksm_pages: int,
+                now: float | None = None) -> RemergeRecord | None:
+        """Remember the VM's KSM pages. A new QEMU pid for a known VM is itself a
+        resetting event ("qemu-restart") unless an event already covers that pid;
+        returns the record started, if any."""
+        now = time.time() if now is None else now
+        entry = self.vm(name)
+        started = None
+        old_pid = entry.get("pid")
+        if isinstance(old_pid, int) and old_pid != pid:
+            started = self.reset_event(name, "qemu-restart", pid, now=now)
+        entry.update(uuid=uuid, pid=pid, ksm_pages=int(ksm_pages), observed=now)
+        return started
+
+    def reset_event(self, name: str, event: str, pid: int | None,
+                    now: float | None = None, uuid: str | None = None) -> RemergeRecord | None:
+        """Start a re-merge record: previous = the KSM pages last observed (of the
+        previous QEMU process when the pid changed). A second report of the same
+        reset (same pid, within SAME_EVENT_WINDOW_S) only refines the event name
+        ("qemu-restart" becomes "restore") and returns None."""
+        if event not in RESETTING_EVENTS:
+            raise ValueError(f"{event!r} is not a resetting event")
+        now = time.time() if now is None else now
+        entry = self.vm(name)
+        current = RemergeRecord.from_json(entry.get("remerge"))
+        if current is not None and pid is not None and current.pid == pid \
+                and now - current.time < SAME_EVENT_WINDOW_S:
+            if current.event == "qemu-restart" and event != "qemu-restart":
+                entry["remerge"] = RemergeRecord(event, current.time,
+                                                 current.previous_ksm_pages, pid).to_json()
+            return None
+        previous = entry.get("ksm_pages")
+        if previous is None and uuid and uuid.strip("0-"):
+            # The same VM (by UUID) seen under another name, e.g. a migration's source.
+            seen = [e for n, e in self.doc["vms"].items() if n != name and isinstance(e, dict)
+                    and e.get("uuid") == uuid and isinstance(e.get("ksm_pages"), int)]
+            if seen:
+                previous = max(seen, key=lambda e: e.get("observed") or 0)["ksm_pages"]
+        rec = RemergeRecord(event, now, previous if isinstance(previous, int) else 0, pid)
+        entry["remerge"] = rec.to_json()
+        if pid is not None:
+            entry["pid"] = pid
+        return rec
+
+    # -- actions in flight -------------------------------------------------------
+
+    def set_pending(self, name: str, pending: dict[str, Any] | None) -> None:
+        entry = self.vm(name)
+        if pending is None:
+            entry.pop("pending", None)
+        else:
+            entry["pending"] = pending
+
+    def pendings(self) -> dict[str, dict[str, Any]]:
+        return {n: e["pending"] for n, e in self.doc["vms"].items()
+                if isinstance(e, dict) and isinstance(e.get("pending"), dict)}
+
+    def prune(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        vms = self.doc["vms"]
+        for name in list(vms):
+            seen = vms[name].get("observed") if isinstance(vms[name], dict) else None
+            if isinstance(seen, int | float) and now - seen > FORGET_AFTER_S \
+                    and not vms[name].get("pending"):
+                del vms[name]
