@@ -43,8 +43,6 @@ def test_torn_last_line_is_reported_not_fatal(tmp_path: Path) -> None:
     assert items[1].endswith(":2: unreadable record (JSONDecodeError)")
 
 
-@pytest.mark.xfail(strict=True, reason="audit.py appends right after a torn fragment, so "
-                   "the next record shares its line and is lost (reported to its owner)")
 def test_record_after_torn_line_is_readable(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.jsonl")
     log.path.write_bytes(b'{"time": 1.0, "actor": "cli", "us')

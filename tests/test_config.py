@@ -82,10 +82,7 @@ force = true
     ("[vm.web]\nmerge = true\n", "[vm.\"web\"] merge must be a str"),
     ("[vm.web]\nforce = \"yes\"\n", "[vm.\"web\"] force must be a bool"),
     ("[vm.web]\ngroup = 7\n", "[vm.\"web\"] group must be a str"),
-    pytest.param("[vm.web]\ngroup = \"bad/group\"\n", "bad trust group name",
-                 marks=pytest.mark.xfail(strict=True, reason="config.py builds VmPolicy "
-                                         "without naming file and key (not this owner's "
-                                         "file; reported)")),
+    ("[vm.web]\ngroup = \"bad/group\"\n", "[vm.\"web\"] bad trust group name"),
     ("[vm.web]\nshare = true\n", "unknown key(s) in [vm.\"web\"]: share"),
     ("[daemon]\nspool = \"/x\"\n", "unknown key(s) in [daemon]: spool"),
     ("[daemon]\nqmp_sockets = \"/x\"\n", "[daemon] qmp_sockets must be a list"),

@@ -9,6 +9,7 @@ The file is created 0600: it names VMs and their sharing, operator data.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -83,7 +84,7 @@ class AuditLog:
             raise AuditError(f"audit record too large ({len(line)} bytes)")
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                          0o600)
         except PermissionError as exc:
             raise AccessDenied(f"cannot write the audit log {self.path}: permission "
@@ -91,6 +92,12 @@ class AuditLog:
         except OSError as exc:
             raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}") from exc
         try:
+            # Writers take turns; a torn last line (a crash mid-write) is ended
+            # first so this record starts on a line of its own.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
             if os.write(fd, line) != len(line):
                 raise AuditError(f"short write to the audit log {self.path}")
             os.fsync(fd)

@@ -121,8 +121,11 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         group = t.get("group")
         if group is not None:
             group = _typed(origin, where, "group", group, str)
-        vms[name] = VmPolicy(merge=merge, group=group,
-                             force=_typed(origin, where, "force", t.get("force", False), bool))
+        force = _typed(origin, where, "force", t.get("force", False), bool)
+        try:
+            vms[name] = VmPolicy(merge=merge, group=group, force=force)
+        except PolicyError as exc:
+            raise PolicyError(f"{origin}: [{where}] {exc}") from exc
 
     d = _check_keys("daemon", doc.get("daemon", {}), _DAEMON_KEYS, origin)
     defaults = DaemonSettings()
