@@ -169,3 +169,31 @@ def test_user_mistakes_are_one_line(host: object, capsys: pytest.CaptureFixture[
     code, out, err = run(capsys, *args)
     assert code != 0 and out == ""
     assert err.count("\n") == 1 and err.startswith("vmshare: error: ") and words in err
+
+
+def test_metrics_exposition(host: object, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "metrics")
+    assert code == 0, err
+    golden("metrics.txt", out)
+    lines = out.splitlines()
+    assert 'vmshare_vm_saved_bytes{vm="web-1",uuid="11111111-1111-1111-1111-111111111111"} ' \
+           "16384" in lines
+    assert "vmshare_ksm_pages_sharing 8" in lines
+    assert "vmshare_ksm_full_scans_total 3" in lines
+    # Every sample's family has HELP and TYPE lines, and names are valid.
+    import re
+    families = {line.split()[2] for line in lines if line.startswith("# TYPE")}
+    for line in lines:
+        if not line.startswith("#"):
+            name = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line)
+            assert name and name.group(0) in families, line
+
+
+def test_metrics_label_escaping() -> None:
+    from vmshare.metrics import _labels
+    assert _labels([("vm", 'a"b\\c\nd')]) == '{vm="a\\"b\\\\c\\nd"}'
+
+
+def test_metrics_listen_bad_address(host: object, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "metrics", "--listen", "nonsense")
+    assert code == 2 and "HOST:PORT" in err

@@ -29,7 +29,8 @@ log = logging.getLogger("vmshare")
 EXIT_INTERNAL = 70
 
 # Edge modules that add command groups (see build_parser).
-EXTENSION_MODULES: tuple[str, ...] = ("vmshare.cli_policy", "vmshare.cli_hook")
+EXTENSION_MODULES: tuple[str, ...] = ("vmshare.cli_policy", "vmshare.cli_hook",
+                                      "vmshare.cli_engine", "vmshare.cli_metrics")
 
 
 class Context:
