@@ -173,6 +173,9 @@ class KdumpSource(FileSource):
         head = self.read_bytes(0, min(self.file_size, 32), "signature")
         self.flattened = head.startswith(MAKEDUMPFILE_SIGNATURE + b"\0")
         if self.flattened:
+            if len(head) < 32:
+                raise self._err(f"truncated: {self.file_size} bytes, too short for the "
+                                "flattened makedumpfile header")
             mdf_type, mdf_version = struct.unpack_from(">qq", head, 16)
             if (mdf_type, mdf_version) != (1, 1):
                 raise self._err(f"flattened header type {mdf_type} version {mdf_version} "
