@@ -30,7 +30,8 @@ EXIT_INTERNAL = 70
 
 # Edge modules that add command groups (see build_parser).
 EXTENSION_MODULES: tuple[str, ...] = ("vmshare.cli_policy", "vmshare.cli_hook",
-                                      "vmshare.cli_engine", "vmshare.cli_metrics")
+                                      "vmshare.cli_engine", "vmshare.cli_metrics",
+                                      "vmshare.cli_daemon")
 
 
 class Context:
