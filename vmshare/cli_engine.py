@@ -56,7 +56,7 @@ def cmd_predict(ctx: Any) -> int:
     from vmshare.cli import emit_json, out
     a = ctx.args
     config = _config(a)
-    if not (a.domains or a.dump or a.pid):
+    if not (a.domains or a.dump or a.raw or a.pid):
         raise UsageError("nothing to predict: give domains, --dump FILE or --pid PID")
     targets: list[pr.Target] = []
     observer = ctx.observer() if a.domains else None
@@ -64,6 +64,8 @@ def cmd_predict(ctx: Any) -> int:
         targets.append(pr.domain_target(ctx.hv, observer, name, ctx.procfs))
     for path in a.dump:
         targets.append(pr.dump_target(path))
+    for path in a.raw:
+        targets.append(pr.dump_target(path, raw=True))
     for pid in a.pid:
         targets.append(pr.pid_target(pid, ctx.procfs))
     pr.check_unique(targets)
@@ -206,7 +208,9 @@ def register(sub: Any) -> None:
                        "or processes (userspace engine, changes nothing)")
     s.add_argument("domains", nargs="*", metavar="DOMAIN", help="running domains (live RAM)")
     s.add_argument("--dump", action="append", default=[], metavar="FILE",
-                   help="a guest memory dump (ELF core, kdump, raw); repeatable")
+                   help="a guest memory dump (ELF core or kdump); repeatable")
+    s.add_argument("--raw", action="append", default=[], metavar="FILE",
+                   help="a raw guest RAM image (pmemsave); repeatable")
     s.add_argument("--pid", action="append", default=[], type=_positive_int, metavar="PID",
                    help="a process's private anonymous memory; repeatable")
     s.add_argument("--trust-groups", action="store_true",

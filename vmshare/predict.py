@@ -33,6 +33,7 @@ from vmshare.dumps import (
     DEFAULT_CHUNK_PAGES,
     LiveProcessSource,
     PageSource,
+    RawImageSource,
     open_dump,
     private_anonymous_vmas,
 )
@@ -62,13 +63,21 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
-def dump_target(path: str) -> Target:
+def dump_target(path: str, *, raw: bool = False) -> Target:
     """A dump file; opened (and validated) once now so a bad file fails early.
 
+    ELF cores and kdump files are recognised by content; with ``raw`` the file
+    is a plain RAM image (pmemsave). A file that is neither, without ``raw``,
+    is an error rather than silently read as raw memory.
     Raises DumpError (missing, unreadable or malformed dump).
     """
-    open_dump(path, path).close()
-    return Target(path, "dump", lambda: open_dump(path, path))
+    def opener() -> PageSource:
+        if raw:
+            return RawImageSource(path, path)
+        return open_dump(path, path, raw_ok=False)
+
+    opener().close()
+    return Target(path, "dump", opener)
 
 
 def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
