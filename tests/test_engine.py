@@ -275,3 +275,71 @@ def test_engine_matches_reference(h: tuple[int, bool, list[tuple[World, dict[str
         assert {s: v.saved for s, v in per.items() if v.saved} == \
             {s: v for s, v in ref_saved.items() if v}
         assert {a: row for a, row in e.shares_with().items() if row} == ref.shares_with()
+
+
+# -- fast path (checksum retention) against verify-everything ----------------------------
+
+@pytest.mark.parametrize("verify_merged", [False, True])
+def test_forced_collisions_in_both_modes(verify_merged: bool) -> None:
+    e = KsmEngine(EngineConfig(max_page_sharing=3), hasher=lambda _: 42,
+                  verify_merged=verify_merged)
+    ref = ReferenceKsm(max_page_sharing=3, hasher=lambda _: 42)
+    world: World = {"a": [pg(1), pg(2), pg(1), Z], "b": [pg(2), pg(3), pg(1), Z]}
+    for _ in range(3):
+        assert as_dict(feed_world(e, world)) == ref_scan(ref, world)
+    for rs in e._order:
+        for nd in rs.node.tolist():
+            if nd >= 0:
+                same = [world[r.source][j] for r in e._order
+                        for j, m in enumerate(r.node.tolist()) if m == nd]
+                assert len(set(same)) == 1
+
+
+def test_collision_on_rewrite_breaks_out_in_verify_mode() -> None:
+    # a merged page rewritten with other bytes of the same checksum must leave its node
+    e = KsmEngine(hasher=lambda _: 7)
+    ref = ReferenceKsm(hasher=lambda _: 7)
+    w1: World = {"a": [pg(1)], "b": [pg(1)], "c": [pg(2)]}
+    w2: World = {"a": [pg(1)], "b": [pg(3)], "c": [pg(2)]}
+    for w in (w1, w1, w2, w2):
+        assert as_dict(feed_world(e, w)) == ref_scan(ref, w)
+
+
+def test_tampered_fingerprint_blocks_new_joins() -> None:
+    # fast mode: a node whose kept page no longer matches its fingerprint takes no page
+    e = KsmEngine()
+    w: World = {"a": [pg(1)], "b": [pg(1)], "c": [pg(5)]}
+    feed_world(e, w)
+    feed_world(e, w)
+    e.nodes.fp[:] ^= 1
+    w2: World = {"a": [pg(1)], "b": [pg(1)], "c": [pg(1)]}
+    feed_world(e, w2)
+    c = feed_world(e, w2)
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (1, 1, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.randoms(use_true_random=False))
+def test_fast_path_matches_verify_everything(
+        h: tuple[int, bool, list[tuple[World, dict[str, str]]]], rnd: random.Random) -> None:
+    mps, uzp, scans = h
+    cfg = EngineConfig(max_page_sharing=mps, use_zero_pages=uzp)
+    fast, slow = KsmEngine(cfg), KsmEngine(cfg, verify_merged=True)
+    for world, gens in scans:
+        assert feed_world(fast, world, gens, shuffle=rnd) == \
+            feed_world(slow, world, gens, shuffle=rnd)
+        assert fast.per_source() == slow.per_source()
+        assert fast.shares_with() == slow.shares_with()
+
+
+def test_large_groups_fill_dups_in_closed_form() -> None:
+    e = KsmEngine(EngineConfig(max_page_sharing=4))
+    ref = ReferenceKsm(max_page_sharing=4, hasher=xxh)
+    world: World = {"a": [pg(1)] * 9 + [pg(2)] * 5 + [Z] * 2, "b": [pg(2)] * 3 + [pg(9)]}
+    for _ in range(3):
+        assert as_dict(feed_world(e, world)) == ref_scan(ref, world)
+    world["a"][3] = pg(4)
+    world["b"] += [pg(1)] * 4
+    for _ in range(3):
+        assert as_dict(feed_world(e, world, gens={"b": "1"})) == \
+            ref_scan(ref, world, gens={"b": "1"})

@@ -32,15 +32,41 @@ mapping, pages_sharing the mappings beyond the first, pages_volatile the rmap
 items in neither tree. Meanings: ``vmshare.model.COUNTER_MEANINGS``.
 
 Representation (not the kernel's rbtrees): per-page state lives in numpy arrays
-(checksum, stable node index, flags: 13 bytes a page); a scan groups pages by
-their xxh3 checksum with a sort, and within a group separates contents by
-byte-for-byte comparison, so a hash collision never merges different pages.
-Content groups never interact, so each is simulated in scan order on its own.
+(checksum uint64, stable node int32, flags uint8: 13 bytes a page); per stable
+node a count, a chain id and a 128-bit fingerprint (24 bytes a node). A scan is
+vectorised per region and per checksum bucket (``vmshare.engine.merge``); only
+groups that meet an existing stable node, lose a member in the same scan, or
+hold a checksum collision are simulated page by page.
+
+Trust and verification (what is compared with what):
+
+* Index: pages are grouped by their xxh3_64 checksum; equal checksums are only
+  ever a reason to look, never a reason to merge.
+* Every NEW merge is byte-for-byte: pages forming a stable node are compared
+  with the first page of their checksum group, and a page joining an existing
+  node is compared with a page of that node present (and kept) in this scan.
+  So a hash collision never merges different pages.
+* A node's fingerprint is xxh3_128 of the verified bytes it was created from.
+  Before pages join an existing node (slow path), the kept page used as the
+  node's representative is checked against that fingerprint; a node failing
+  the check takes no new page. The representative's identity with the node's
+  original content thus rests on a 128-bit equality, its identity with the
+  joining page on real bytes.
+* Retention (fast path, the default hasher): the kernel keeps a merged page
+  merged until it is written (CoW), which a snapshot cannot see; the engine
+  keeps a page on its node while its xxh3_64 checksum is unchanged since the
+  previous scan, without reading its bytes again. A rewrite to different bytes
+  with the same xxh3_64 (probability ~2**-64 per rewrite) would wrongly stay
+  merged; it could not pull any other page in (see the point above).
+* Retention (verify mode: ``KsmEngine(verify_merged=True)``, and always when a
+  custom hasher is injected, e.g. tests forcing collisions): each kept page's
+  xxh3_128 must equal its node's fingerprint and its bytes must equal the
+  node's representative's; zero-mapped pages must still be all zero. Costs a
+  128-bit hash and a compare per merged page each scan.
 
 Page bytes: the engine copies none. It keeps references to the buffers of the
-current scan's runs until ``end_scan`` returns and holds no page bytes between
-scans; a stable node is identified across scans by its checksum and the bytes of
-its pages present in the scan (see ``KsmEngine`` for the exact rules).
+current scan's runs until ``end_scan`` returns (byte comparisons happen there)
+and holds no page bytes between scans.
 """
 
 from vmshare.engine.core import (

@@ -126,21 +126,27 @@ class KsmEngine:
       their rmap items when its cursor passes them. Sources and regions no longer
       listed, and regions whose generation or size changed, are dropped at the
       start of the scan, as if unmapped.
-    * A node's content is recognised by its checksum and, if its pages fed with
-      that checksum hold different bytes (a collision), by the bytes most of them
-      share. Every merge is decided by a byte-for-byte comparison.
+    * A page stays on its stable node while its checksum is unchanged (or, in
+      verify mode, while its bytes still match the node); every new merge is
+      decided by a byte-for-byte comparison. See "Trust and verification" in
+      the package overview.
     * Chains are pruned at the end of each scan (the kernel does it every
       stable_node_chains_prune_millisecs): a chain left with one dup that has
       room reverts to a plain stable node.
 
     Buffers passed to ``feed`` are referenced (never copied) until ``end_scan``
     returns and must not change before then.
+
+    ``verify_merged`` (default: on only with a custom ``hasher``) re-verifies
+    every merged page each scan instead of trusting its unchanged checksum.
     """
 
     def __init__(self, config: EngineConfig | None = None,
-                 hasher: Hasher | None = None) -> None:
+                 hasher: Hasher | None = None, *, verify_merged: bool | None = None) -> None:
         self.config = config or EngineConfig()
         self.hasher: Hasher = hasher or default_hasher
+        # see "Trust and verification" in the package overview
+        self.verify_merged = (hasher is not None) if verify_merged is None else verify_merged
         self.zero_hash = self.hasher(memoryview(bytes(PAGE_SIZE)))
         self.nodes = NodeTable()
         self._regions: dict[tuple[str, str], RegionState] = {}
@@ -217,7 +223,7 @@ class KsmEngine:
             raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
         h = self._hash_pages(data, n)
         ck = rs.ck[first:first + n]
-        stable = ((flags & (HAS_CK | ZERO)) == HAS_CK) & (ck == h)
+        stable = ((flags & HAS_CK) != 0) & (ck == h)
         ck[:] = h
         flags |= np.uint8(SEEN | HAS_CK)
         flags[stable] |= np.uint8(STABLE_CK)
@@ -228,7 +234,8 @@ class KsmEngine:
         if not self._in_scan:
             raise UsageError("end_scan called outside a scan")
         try:
-            merge.run_scan(self._order, self._runs, self.nodes, self.config, self.zero_hash)
+            merge.run_scan(self._order, self._runs, self.nodes, self.config, self.zero_hash,
+                           self.verify_merged)
         finally:
             self._runs = []
             self._in_scan = False
@@ -335,7 +342,8 @@ class KsmEngine:
 
     def _hash_pages(self, data: memoryview, n: int) -> npt.NDArray[np.uint64]:
         out = np.empty(n, dtype=np.uint64)
-        hasher = self.hasher
+        # the default hasher is called directly: a wrapper costs as much as the hash
+        hasher = xxhash.xxh3_64_intdigest if self.hasher is default_hasher else self.hasher
         for c in range(0, n, _HASH_CHUNK):
             m = min(_HASH_CHUNK, n - c)
             base = c * PAGE_SIZE
@@ -344,8 +352,6 @@ class KsmEngine:
         return out
 
     def _drop_region(self, rs: RegionState) -> None:
-        members = rs.node[rs.node >= 0]
-        if members.size:
-            self.nodes.unmap(members)
+        self.nodes.unmap(rs.node[rs.node >= 0])
         rs.node[:] = -1
         rs.flags[:] = 0

@@ -1,12 +1,20 @@
 """One full scan's merge decisions (see the overview in ``vmshare.engine``).
 
-Pages whose checksum occurs once in the scan and matches no stable node can
-only be volatile or enter the unstable tree alone: that is decided with numpy
-per region. The rest (the candidates) are sorted by checksum; each checksum
-group is split into contents by byte comparison, and each content, with the
-stable node dups holding it, is simulated in scan order: leaves (CoW breaks and
-holes) and arrivals (pages with a stable checksum) as the kernel meets them.
-Contents never interact, so this is the kernel's sequential result.
+Phase 1 (numpy, per region chunk): merged pages are kept or broken out, zero-mapped
+pages kept or CoW'd, holes dropped, and the *arrivals* (pages whose checksum is
+unchanged since the previous scan and that are not kept on a stable node or the
+zero page) marked. Stable nodes left with no kept page are stale and freed.
+
+Phase 2 (numpy, per checksum bucket): arrivals are sorted by (checksum, position).
+An arrival alone with its checksum and matching no live node goes to the unstable
+tree. Every other group is byte-compared against its first page in bulk; a group
+that matches no stable node and is byte-identical throughout is decided in closed
+form (the kernel fills a new dup up to max_page_sharing, then starts another by
+pairing two unstable pages; a lone last page stays unstable). Groups that meet a
+stable node, have a member leaving one of those nodes, or hold different contents
+under one checksum (a collision) are simulated page by page in scan order (slow
+path; contents separated by byte comparison). Contents never interact, so this
+is the kernel's sequential result.
 """
 
 from __future__ import annotations
@@ -15,21 +23,29 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from vmshare.engine.state import (
+    BOOL,
+    I32,
+    I64,
     SEEN,
     STABLE_CK,
+    U64,
     UNSTABLE,
     ZERO,
     ZERO_NEW,
     NodeTable,
+    PageAtlas,
     RegionState,
     RunRef,
 )
 from vmshare.model import PAGE_SIZE
 
+ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_CHUNK = 1 << 16     # pages per vectorised step: bounds temporaries to a few MiB
+_CHUNK = 1 << 15      # pages per vectorised step: bounds temporaries
+_BUCKET = 1 << 13     # arrivals handled per bucket at least (memory bound below)
 
 
 class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
@@ -39,206 +55,370 @@ class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
     def use_zero_pages(self) -> bool: ...
 
 
-def _key_values(order: list[RegionState], nodes: NodeTable,
-                zero_hash: int) -> npt.NDArray[np.uint64]:
-    """Checksums that can take part in a merge: stable twice, a stable node's, zero's."""
-    parts = [rs.ck[(rs.flags & STABLE_CK) != 0] for rs in order]
-    allh = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-    del parts
-    allh.sort()
-    dup = allh[1:][allh[1:] == allh[:-1]]
-    del allh
-    node_h = np.array([nodes.hash[i] for i in nodes.live_ids()], dtype=np.uint64)
-    return np.unique(np.concatenate([dup, node_h, np.array([zero_hash], np.uint64)]))
+def fingerprints(atlas: PageAtlas, pos: I64) -> U64:
+    """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array."""
+    if not pos.size:
+        return np.zeros((0, 2), dtype=np.uint64)
+    cls, rows = atlas.locate(pos)
+    dig = xxhash.xxh3_128_digest
+    views = atlas.views
+    out = b"".join([dig(views[c][r]) for c, r in
+                    zip(cls.tolist(), rows.tolist(), strict=True)])
+    return np.frombuffer(out, dtype=np.uint64).reshape(-1, 2)
+
+
+class _Scan:
+    """The state of one end_scan (kept together to keep the phases short)."""
+
+    def __init__(self, order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
+                 config: _Config, zero_hash: int, verify: bool) -> None:
+        self.order = order
+        self.nodes = nodes
+        self.mps = config.max_page_sharing
+        self.uzp = config.use_zero_pages
+        self.zero_hash = np.uint64(zero_hash)
+        self.verify = verify
+        offs = [0]
+        for rs in order:
+            offs.append(offs[-1] + rs.npages)
+        self.offsets = np.asarray(offs, dtype=np.int64)
+        self.total = offs[-1]
+        rindex = {id(rs): r for r, rs in enumerate(order)}
+        runs = sorted(runs, key=lambda rr: offs[rindex[id(rr.region)]] + rr.first)
+        starts = np.array([offs[rindex[id(rr.region)]] + rr.first for rr in runs],
+                          dtype=np.int64)
+        self.atlas = PageAtlas(runs, starts)
+        nn = nodes.n
+        self.node_ck = np.zeros(nn, dtype=np.uint64)
+        self.node_rep = np.full(nn, -1, dtype=np.int64)
+        self.leave_pos: list[I64] = []
+        self.leave_node: list[I32] = []
+        self.narrivals = 0
+        self.slow: list[tuple[int, I64]] = []
+
+    # -- phase 1 ------------------------------------------------------------------
+
+    def keep_and_break(self) -> None:
+        nodes = self.nodes
+        for r, rs in enumerate(self.order):
+            base = int(self.offsets[r])
+            for s in range(0, rs.npages, _CHUNK):
+                e = min(rs.npages, s + _CHUNK)
+                fl, ck, nd = rs.flags[s:e], rs.ck[s:e], rs.node[s:e]
+                seen = (fl & SEEN) != 0
+                stable = (fl & STABLE_CK) != 0
+                member = nd >= 0
+                keep = member & seen & stable
+                zero = (fl & ZERO) != 0
+                zkeep = zero & seen & stable
+                if self.verify:
+                    ki = np.flatnonzero(keep)
+                    if ki.size:
+                        fps = fingerprints(self.atlas, ki + (base + s))
+                        keep[ki] = (fps == nodes.fp[nd[ki]]).all(axis=1)
+                    zi = np.flatnonzero(zero & seen)
+                    zkeep[:] = False
+                    zkeep[zi] = self.atlas.is_zero(zi + (base + s))
+                brk = member & ~keep
+                bi = np.flatnonzero(brk)
+                if bi.size:
+                    self.leave_pos.append(bi + (base + s))
+                    self.leave_node.append(nd[bi].copy())
+                    nd[bi] = -1
+                ki = np.flatnonzero(keep)
+                self.node_ck[nd[ki]] = ck[ki]
+                self.node_rep[nd[ki]] = ki + (base + s)
+                fl[zero & ~zkeep] &= np.uint8(~ZERO & 0xFF)
+                arr = seen & stable & ~keep & ~zkeep
+                fl[~seen] = 0
+                fl[arr] |= np.uint8(ARRIVAL)
+                self.narrivals += int(np.count_nonzero(arr))
+        live_before = nodes.count > 0
+        stale = live_before & (self.node_rep < 0)
+        if self.leave_node:
+            ln = np.concatenate(self.leave_node)
+            lp = np.concatenate(self.leave_pos)
+            ok = ~stale[ln]
+            self.leave_node, self.leave_pos = [ln[ok]], [lp[ok]]
+            nodes.unmap(ln[ok])
+        nodes.count[stale] = 0
+        nodes.chain[stale] = -1
+        if self.verify:
+            self._verify_kept_bytes()
+
+    def _verify_kept_bytes(self) -> None:
+        """Verify mode: every kept page must equal its node's representative byte for byte."""
+        for r, rs in enumerate(self.order):
+            mi = np.flatnonzero(rs.node >= 0)
+            if not mi.size:
+                continue
+            pos = mi + int(self.offsets[r])
+            rep = self.node_rep[rs.node[mi]]
+            bad = ~self.atlas.equal(pos, rep)
+            if bad.any():             # only after a 128-bit collision: break them out
+                bi = mi[bad]
+                self.nodes.unmap(rs.node[bi])
+                rs.node[bi] = -1
+
+    # -- phase 2 ------------------------------------------------------------------
+
+    def arrivals(self) -> None:
+        nodes = self.nodes
+        live = np.flatnonzero(nodes.count[:self.node_ck.size] > 0)
+        nck = self.node_ck[live]
+        srt = np.lexsort((live, nck))
+        self.live_ids, self.live_ck = live[srt], nck[srt]
+        per = max(_BUCKET, self.total // 48)
+        nb = min(255, -(-self.narrivals // per)) if self.narrivals else 0
+        buckets: list[npt.NDArray[np.uint8]] | None = None
+        if nb > 1:
+            buckets = []
+            for rs in self.order:
+                bk = np.full(rs.npages, 255, dtype=np.uint8)
+                ai = np.flatnonzero(rs.flags & ARRIVAL)
+                bk[ai] = ((rs.ck[ai] >> np.uint64(40)) % np.uint64(nb)).astype(np.uint8)
+                buckets.append(bk)
+        for b in range(nb):
+            pos_parts: list[I64] = []
+            ck_parts: list[U64] = []
+            for r, rs in enumerate(self.order):
+                ai = np.flatnonzero(buckets[r] == b) if buckets is not None else \
+                    np.flatnonzero(rs.flags & ARRIVAL)
+                pos_parts.append(ai + int(self.offsets[r]))
+                ck_parts.append(rs.ck[ai])
+            pos = np.concatenate(pos_parts)
+            ck = np.concatenate(ck_parts)
+            del pos_parts, ck_parts
+            self._bucket(pos, ck)
+        del buckets
+        if self.slow:
+            self._slow_groups()
+
+    def _bucket(self, pos: I64, ck: U64) -> None:
+        if not pos.size:
+            return
+        srt = np.argsort(ck, kind="stable")
+        ck = ck[srt]
+        pos = pos[srt]
+        del srt
+        n = pos.size
+        gstart = np.flatnonzero(np.r_[True, ck[1:] != ck[:-1]])
+        gsize = np.diff(np.r_[gstart, n])
+        gck = ck[gstart]
+        del ck
+        lo = np.searchsorted(self.live_ck, gck, side="left")
+        hi = np.searchsorted(self.live_ck, gck, side="right")
+        has_nodes = hi > lo
+        zero_g = (gck == self.zero_hash) if self.uzp else np.zeros(gck.size, np.bool_)
+        cand = (gsize >= 2) | has_nodes | zero_g
+        gid = np.repeat(np.arange(gck.size), gsize)
+        flags_or = np.zeros(n, dtype=np.uint8)
+        node_of = np.full(n, -1, dtype=np.int32)
+        flags_or[~cand[gid]] = UNSTABLE
+        # byte verification of node-free groups against their first page
+        fastg = cand & ~has_nodes
+        fa = np.flatnonzero(fastg[gid])
+        ref = pos[gstart[gid[fa]]]
+        other = pos[fa] != ref
+        eq = np.ones(fa.size, dtype=np.bool_)
+        eq[other] = self.atlas.equal(pos[fa][other], ref[other])
+        bad = np.zeros(gck.size, dtype=np.bool_)
+        bad[gid[fa[~eq]]] = True
+        fastg &= ~bad
+        for g in np.flatnonzero(cand & ~fastg).tolist():
+            s = int(gstart[g])
+            self.slow.append((int(gck[g]), pos[s:s + int(gsize[g])].copy()))
+        fg = np.flatnonzero(fastg)
+        if self.uzp and fg.size:
+            zg = fg[zero_g[fg]]
+            if zg.size:
+                isz = self.atlas.is_zero(pos[gstart[zg]])
+                zmask = np.zeros(gck.size, dtype=np.bool_)
+                zmask[zg[isz]] = True
+                zi = np.flatnonzero(zmask[gid])
+                flags_or[zi] = ZERO | ZERO_NEW
+                fg = fg[~zmask[fg]]
+        if fg.size:
+            self._closed_form(fg, gstart, gsize, gid, pos, node_of, flags_or)
+        self._write_back(pos, node_of, flags_or, gid, fastg | ~cand)
+
+    def _closed_form(self, fg: I64, gstart: I64, gsize: I64, gid: I64, pos: I64,
+                     node_of: I32, flags_or: npt.NDArray[np.uint8]) -> None:
+        """Node-free groups of one content: dups of max_page_sharing, lone last unstable."""
+        mps = self.mps
+        size = gsize[fg]
+        nfull, rem = np.divmod(size, mps)
+        blocks = nfull + (rem >= 2)
+        first_node = np.cumsum(blocks) - blocks + self.nodes.n
+        chained = blocks >= 2
+        chain_of = np.full(fg.size, -1, dtype=np.int64)
+        nch = int(np.count_nonzero(chained))
+        if nch:
+            chain_of[chained] = self.nodes.new_chains(nch) + np.arange(nch)
+        local = np.full(gstart.size, -1, dtype=np.int64)
+        local[fg] = np.arange(fg.size)
+        ai = np.flatnonzero(local[gid] >= 0)
+        li = local[gid[ai]]
+        rank = ai - gstart[gid[ai]]
+        blk = rank // mps
+        lone = (blk == nfull[li]) & (rem[li] == 1)
+        node_of[ai[~lone]] = (first_node[li] + blk)[~lone]
+        flags_or[ai[lone]] = UNSTABLE
+        total = int(blocks.sum())
+        counts = np.full(total, mps, dtype=np.int64)
+        last = first_node + blocks - 1 - self.nodes.n
+        part = rem >= 2
+        counts[last[part]] = rem[part]
+        chains = np.repeat(chain_of, blocks)
+        fps = np.repeat(fingerprints(self.atlas, pos[gstart[fg]]), blocks, axis=0)
+        self.nodes.add(counts, chains, fps)
+
+    def _write_back(self, pos: I64, node_of: I32, flags_or: npt.NDArray[np.uint8],
+                    gid: I64, done_g: BOOL) -> None:
+        done = done_g[gid]
+        pos, node_of, flags_or = pos[done], node_of[done], flags_or[done]
+        reg = np.searchsorted(self.offsets, pos, side="right") - 1
+        for r, rs in enumerate(self.order):
+            m = np.flatnonzero(reg == r)
+            if not m.size:
+                continue
+            li = pos[m] - int(self.offsets[r])
+            rs.node[li] = node_of[m]
+            rs.flags[li] = (rs.flags[li] & np.uint8(~ARRIVAL & 0xFF)) | flags_or[m]
+
+    # -- slow path ------------------------------------------------------------------
+
+    def _slow_groups(self) -> None:
+        nodes = self.nodes
+        lp = np.concatenate(self.leave_pos) if self.leave_pos else np.zeros(0, np.int64)
+        ln = np.concatenate(self.leave_node) if self.leave_node else np.zeros(0, np.int32)
+        pending: list[tuple[int, int, bytes]] = []     # new nodes: count, chain, bytes
+        results: list[tuple[I64, I32, npt.NDArray[np.uint8]]] = []
+        for hv, apos in self.slow:
+            lo = np.searchsorted(self.live_ck, np.uint64(hv), side="left")
+            hi = np.searchsorted(self.live_ck, np.uint64(hv), side="right")
+            gnodes = sorted(self.live_ids[lo:hi].tolist())
+            results.append(self._simulate(apos, gnodes, lp, ln, pending))
+        if pending:
+            counts = np.array([p[0] for p in pending], dtype=np.int64)
+            chains = np.array([p[1] for p in pending], dtype=np.int64)
+            fps = np.frombuffer(b"".join(xxhash.xxh3_128_digest(p[2]) for p in pending),
+                                dtype=np.uint64).reshape(-1, 2)
+            nodes.add(counts, chains, fps)
+        for apos, node_of, flags_or in results:
+            self._write_back(apos, node_of, flags_or, np.zeros(apos.size, np.int64),
+                             np.ones(1, dtype=np.bool_))
+
+    def _simulate(self, apos: I64, gnodes: list[int], lp: I64, ln: I32,
+                  pending: list[tuple[int, int, bytes]]
+                  ) -> tuple[I64, I32, npt.NDArray[np.uint8]]:
+        """One checksum group in scan order, contents separated by bytes."""
+        nodes = self.nodes
+        atlas = self.atlas
+        mps = self.mps
+        arr = apos.tolist()
+        data = [atlas.row(p).tobytes() for p in arr]
+        ndata = [atlas.row(int(self.node_rep[nd])).tobytes() for nd in gnodes]
+        joinable = set(gnodes)
+        if not self.verify and gnodes:   # the kept page must still be the node's content
+            fps = fingerprints(atlas, self.node_rep[np.array(gnodes, dtype=np.int64)])
+            okfp = (fps == nodes.fp[np.array(gnodes, dtype=np.int64)]).all(axis=1)
+            joinable = {nd for nd, ok in zip(gnodes, okfp.tolist(), strict=True) if ok}
+        contents: list[bytes] = []
+
+        def cls(b: bytes) -> int:
+            for i, c in enumerate(contents):
+                if c == b:
+                    return i
+            contents.append(b)
+            return len(contents) - 1
+
+        acls = [cls(b) for b in data]
+        ncls = [cls(b) for b in ndata]
+        gset = np.array(gnodes, dtype=np.int32)
+        lm = np.isin(ln, gset) if gnodes else np.zeros(ln.size, np.bool_)
+        leaves = list(zip(lp[lm].tolist(), ln[lm].tolist(), strict=True))
+        count: dict[int, int] = {nd: int(nodes.count[nd]) for nd in gnodes}
+        for _, nd in leaves:
+            count[nd] += 1
+        base = nodes.n
+        node_of = [-1] * len(arr)
+        flags_or = [0] * len(arr)
+        for c, content in enumerate(contents):
+            dups = [nd for nd, k in zip(gnodes, ncls, strict=True) if k == c]
+            mine = [i for i, k in enumerate(acls) if k == c]
+            ev = sorted([(p, 0, nd) for p, nd in leaves if nd in dups] +
+                        [(arr[i], 1, i) for i in mine])
+            if self.uzp and content == _ZERO_PAGE:
+                for _, kind, x in ev:
+                    if kind == 0:
+                        count[x] -= 1
+                    else:
+                        flags_or[x] = ZERO | ZERO_NEW
+                continue
+            unstable = -1
+            for _, kind, x in ev:
+                if kind == 0:
+                    count[x] -= 1
+                    continue
+                best, best_count = -1, -1
+                for d in dups:                   # fullest dup with room; ties: oldest
+                    cd = count[d]
+                    if best_count < cd < mps and d in joinable:
+                        best, best_count = d, cd
+                if best >= 0:
+                    count[best] += 1
+                    node_of[x] = best
+                elif unstable < 0:
+                    unstable = x
+                else:
+                    d = base + len(pending)
+                    chain = -1
+                    if dups:
+                        first = dups[0]
+                        chain = self._chain_of(first, pending, base)
+                    pending.append((2, chain, content))
+                    count[d] = 2
+                    joinable.add(d)
+                    dups.append(d)
+                    node_of[unstable] = node_of[x] = d
+                    unstable = -1
+            if unstable >= 0:
+                flags_or[unstable] = UNSTABLE
+        for nd, k in count.items():
+            if nd < base:
+                nodes.count[nd] = k
+            else:
+                p = pending[nd - base]
+                pending[nd - base] = (k, p[1], p[2])
+        return (apos, np.asarray(node_of, dtype=np.int32),
+                np.asarray(flags_or, dtype=np.uint8))
+
+    def _chain_of(self, first: int, pending: list[tuple[int, int, bytes]],
+                  base: int) -> int:
+        """The chain of dup ``first``, creating one if it is a plain stable node."""
+        if first < base:
+            ch = int(self.nodes.chain[first])
+            if ch < 0:
+                ch = self.nodes.new_chain()
+                self.nodes.chain[first] = ch
+            return ch
+        k, ch, content = pending[first - base]
+        if ch < 0:
+            ch = self.nodes.new_chain()
+            pending[first - base] = (k, ch, content)
+        return ch
 
 
 def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
-             config: _Config, zero_hash: int) -> None:
-    keyvals = _key_values(order, nodes, zero_hash)
-    offsets: list[int] = []
-    off = 0
-    for rs in order:
-        offsets.append(off)
-        off += rs.npages
-
-    # Singletons decided per region; candidates collected.
-    cand_r: list[npt.NDArray[np.int64]] = []
-    cand_i: list[npt.NDArray[np.int64]] = []
-    for r, rs in enumerate(order):
-        for s in range(0, rs.npages, _CHUNK):
-            e = min(rs.npages, s + _CHUNK)
-            fl = rs.flags[s:e]
-            ck = rs.ck[s:e]
-            seen = (fl & SEEN) != 0
-            idx = np.searchsorted(keyvals, ck)
-            np.minimum(idx, len(keyvals) - 1, out=idx)
-            stable = (fl & STABLE_CK) != 0
-            # a volatile page that maps nothing cannot merge: no bytes needed
-            cand = (stable & (keyvals[idx] == ck)) | (rs.node[s:e] >= 0) | ((fl & ZERO) != 0)
-            fl[stable & ~cand] |= np.uint8(UNSTABLE)
-            fl[~seen & ~cand] = 0                           # holes: rmap items freed
-            ci = np.flatnonzero(cand)
-            if ci.size:
-                cand_i.append(ci + s)
-                cand_r.append(np.full(ci.size, r, dtype=np.int64))
-    if not cand_i:
-        nodes.prune_chains(config.max_page_sharing)
-        return
-    ri = np.concatenate(cand_r)
-    li = np.concatenate(cand_i)
-    del cand_r, cand_i
-    pos = np.asarray(offsets, dtype=np.int64)[ri] + li
-    h = np.empty(ri.size, dtype=np.uint64)
-    node = np.empty(ri.size, dtype=np.int32)
-    fl8 = np.empty(ri.size, dtype=np.uint8)
-    for r, rs in enumerate(order):
-        m = ri == r
-        if m.any():
-            h[m] = rs.ck[li[m]]
-            node[m] = rs.node[li[m]]
-            fl8[m] = rs.flags[li[m]]
-    srt = np.lexsort((pos, h))
-    ri, li, pos, h, node, fl8 = ri[srt], li[srt], pos[srt], h[srt], node[srt], fl8[srt]
-
-    # Where each candidate's bytes are: the run covering it.
-    rindex = {id(rs): r for r, rs in enumerate(order)}
-    runs_sorted = sorted(runs, key=lambda rr: offsets[rindex[id(rr.region)]] + rr.first)
-    starts = np.array([offsets[rindex[id(rr.region)]] + rr.first for rr in runs_sorted],
-                      dtype=np.int64)
-    run_of = (np.searchsorted(starts, pos, side="right") - 1).tolist() if starts.size \
-        else [-1] * pos.size
-
-    new_node, new_fl = _decide(pos.tolist(), h.tolist(), node.tolist(), fl8.tolist(),
-                               run_of, runs_sorted, starts.tolist(), nodes, config,
-                               zero_hash)
-    nn = np.asarray(new_node, dtype=np.int32)
-    nf = np.asarray(new_fl, dtype=np.uint8)
-    for r, rs in enumerate(order):
-        m = ri == r
-        if m.any():
-            rs.node[li[m]] = nn[m]
-            rs.flags[li[m]] = nf[m]
+             config: _Config, zero_hash: int, verify: bool) -> None:
+    scan = _Scan(order, runs, nodes, config, zero_hash, verify)
+    scan.keep_and_break()
+    scan.arrivals()
+    del scan
     nodes.prune_chains(config.max_page_sharing)
-
-
-def _decide(pos: list[int], h: list[int], node: list[int], fl: list[int],
-            run_of: list[int], runs: list[RunRef], starts: list[int], nodes: NodeTable,
-            config: _Config, zero_hash: int) -> tuple[list[int], list[int]]:
-    """Sequential decisions over candidates sorted by (checksum, position)."""
-    n = len(pos)
-    maxs = config.max_page_sharing
-
-    def page(k: int) -> bytes:
-        run = runs[run_of[k]]
-        o = (pos[k] - starts[run_of[k]]) * PAGE_SIZE
-        return run.data[o:o + PAGE_SIZE].tobytes()
-
-    # 1. Contents: split each checksum group by bytes.
-    cls = [-1] * n
-    class_zero: list[bool] = []
-    i = 0
-    while i < n:
-        hv = h[i]
-        j = i + 1
-        while j < n and h[j] == hv:
-            j += 1
-        reps: list[tuple[bytes, int]] = []
-        for k in range(i, j):
-            if not fl[k] & SEEN:
-                continue
-            b = page(k)
-            for rb, cid in reps:
-                if b == rb:
-                    cls[k] = cid
-                    break
-            else:
-                cid = len(class_zero)
-                class_zero.append(hv == zero_hash and b == _ZERO_PAGE)
-                reps.append((b, cid))
-                cls[k] = cid
-        i = j
-
-    new_node = list(node)
-    new_fl = list(fl)
-
-    # 2. Which content each stable node holds; nodes with none left are freed.
-    members: dict[int, list[int]] = {}
-    for k in range(n):
-        if node[k] >= 0:
-            members.setdefault(node[k], []).append(k)
-    node_class: dict[int, int] = {}
-    for nd, ks in members.items():
-        hx = nodes.hash[nd]
-        tally: dict[int, int] = {}
-        for k in ks:
-            if cls[k] >= 0 and h[k] == hx:
-                tally[cls[k]] = tally.get(cls[k], 0) + 1
-        if not tally:
-            nodes.free(nd)
-            for k in ks:
-                new_node[k] = -1
-            continue
-        node_class[nd] = max(tally, key=lambda c: (tally[c], -c))
-    class_dups: dict[int, list[int]] = {}
-    for nd in sorted(node_class, key=lambda x: nodes.serial[x]):
-        class_dups.setdefault(node_class[nd], []).append(nd)
-
-    # 3. Events per content: leaves of its dups, arrivals of stable-checksum pages.
-    leaves: dict[int, list[tuple[int, int]]] = {}
-    for nd, c in node_class.items():
-        for k in members[nd]:
-            if cls[k] != c:
-                leaves.setdefault(c, []).append((pos[k], nd))
-                new_node[k] = -1
-    arrivals: dict[int, list[int]] = {}
-    for k in range(n):
-        f = fl[k]
-        if not f & SEEN:
-            new_fl[k] = 0
-            new_node[k] = -1
-            continue
-        c = cls[k]
-        if f & ZERO and not class_zero[c]:
-            new_fl[k] = f & ~ZERO            # written: CoW from the zero page
-        if node[k] >= 0 and node_class.get(node[k]) == c:
-            continue                         # still mapped to its stable node
-        if f & STABLE_CK:
-            arrivals.setdefault(c, []).append(k)
-
-    for c in set(arrivals) | set(leaves):
-        arr = arrivals.get(c, [])
-        lv = leaves.get(c, [])
-        if not arr or (config.use_zero_pages and class_zero[c]):
-            for _, nd in lv:
-                nodes.count[nd] -= 1
-            for k in arr:                    # use_zero_pages: map to the zero page
-                new_fl[k] |= ZERO | ZERO_NEW
-            continue
-        dups = class_dups.setdefault(c, [])
-        events = sorted([(pos[k], 1, k) for k in arr] + [(p, 0, nd) for p, nd in lv])
-        unstable = -1
-        for _, kind, x in events:
-            if kind == 0:
-                nodes.count[x] -= 1
-                continue
-            best, best_count = -1, -1
-            for d in dups:                   # fullest dup with room; ties: oldest
-                cd = nodes.count[d]
-                if best_count < cd < maxs:
-                    best, best_count = d, cd
-            if best >= 0:
-                nodes.count[best] += 1
-                new_node[x] = best
-            elif unstable < 0:
-                unstable = x
-            else:
-                d = nodes.new(h[x], 2)
-                if dups:
-                    nodes.add_dup(dups[0], d)
-                dups.append(d)
-                new_node[unstable] = d
-                new_node[x] = d
-                unstable = -1
-        if unstable >= 0:
-            new_fl[unstable] |= UNSTABLE
-    return new_node, new_fl
+    remap = nodes.compact()
+    if remap is not None:
+        for rs in order:
+            m = rs.node >= 0
+            rs.node[m] = remap[rs.node[m]]
