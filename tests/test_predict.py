@@ -1,0 +1,194 @@
+"""predict.py over synthetic dumps and a real child process (no root, no KSM)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dump_corpus import (
+    ElfSpec,
+    KdumpSpec,
+    Seg,
+    build_elf,
+    build_kdump,
+    noise_page,
+    page,
+)
+from vmshare.engine import EngineConfig, KsmEngine
+from vmshare.errors import DumpError, ProcessGone, UsageError
+from vmshare.model import PAGE_SIZE
+from vmshare.predict import (
+    LiveScanner,
+    ScanArena,
+    _zero_pages,
+    dump_target,
+    pid_target,
+    predict,
+)
+from vmshare.progress import ProgressBar
+
+Z = bytes(PAGE_SIZE)
+
+
+def write_elf(path: Path, pages: list[bytes]) -> str:
+    path.write_bytes(build_elf(ElfSpec([Seg(0, b"".join(pages))])))
+    return str(path)
+
+
+def test_two_dumps_exact_counts(tmp_path: Path) -> None:
+    # a: 10 copies of page(1), 5 unique, 3 zero; b: 2 copies of page(1), page(2) twice.
+    a = write_elf(tmp_path / "a.elf", [page(1)] * 10 + [noise_page(i) for i in range(5)]
+                  + [Z] * 3)
+    b = write_elf(tmp_path / "b.elf", [page(1)] * 2 + [page(2)] * 2)
+    r = predict([dump_target(a), dump_target(b)], EngineConfig(max_page_sharing=4))
+    (g,) = r.groups
+    assert g.converged and g.scans == 3
+    c = g.counters
+    # page(1): 12 copies, max 4 -> 3 full dups; page(2): 1 node of 2; zero: 1 node of 3.
+    assert (c.pages_shared, c.pages_sharing) == (5, 9 + 1 + 2)
+    assert (c.stable_node_chains, c.stable_node_dups) == (1, 3)
+    assert c.pages_unshared == 5
+    src = {s.name: s for s in g.sources}
+    assert src[a].pages == 18 and src[a].zero_content_pages == 3
+    assert src[b].ksm_pages == 4
+    assert sum(s.saved for s in g.sources) == c.pages_sharing      # fair share adds up
+    assert src[a].shares_with[b] > 0 and src[b].shares_with[a] > 0
+    assert r.totals()["pages_sharing"] == c.pages_sharing
+
+
+def test_use_zero_pages_and_kdump(tmp_path: Path) -> None:
+    kd = tmp_path / "k.kdump"
+    kd.write_bytes(build_kdump(KdumpSpec({0: page(1), 1: page(1), 2: Z, 3: Z, 9: Z}, 16)))
+    r = predict([dump_target(str(kd))], EngineConfig(use_zero_pages=True))
+    (g,) = r.groups
+    assert g.counters.ksm_zero_pages == 3
+    assert g.counters.pages_sharing == 1
+    assert g.sources[0].zero_pages == 3
+
+
+def test_trust_groups_do_not_share(tmp_path: Path) -> None:
+    a = write_elf(tmp_path / "a.elf", [page(1)] * 2)
+    b = write_elf(tmp_path / "b.elf", [page(1)] * 2)
+    targets = [dump_target(a), dump_target(b)]
+    together = predict(targets, EngineConfig())
+    apart = predict(targets, EngineConfig(), groups={a: "red", b: "blue"})
+    assert together.totals()["pages_sharing"] == 3
+    assert [g.group for g in apart.groups] == ["blue", "red"]
+    assert apart.totals()["pages_sharing"] == 2
+    assert all(not s.shares_with for g in apart.groups for s in g.sources)
+
+
+def test_fixed_scan_count(tmp_path: Path) -> None:
+    a = write_elf(tmp_path / "a.elf", [page(1)] * 2)
+    r = predict([dump_target(a)], EngineConfig(), scans=1)
+    assert r.groups[0].scans == 1 and not r.groups[0].converged
+    assert r.groups[0].counters.pages_volatile == 2
+    with pytest.raises(UsageError):
+        predict([], EngineConfig())
+
+
+def test_bad_dumps(tmp_path: Path) -> None:
+    with pytest.raises(DumpError, match="cannot open"):
+        dump_target(str(tmp_path / "missing"))
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"hello" * 2000)
+    with pytest.raises(DumpError, match="neither an ELF core nor a kdump"):
+        dump_target(str(junk))
+    assert dump_target(str(junk), raw=True).kind == "dump"
+    a = write_elf(tmp_path / "a.elf", [page(1)])
+    with pytest.raises(UsageError, match="listed twice"):
+        predict([dump_target(a), dump_target(a)], EngineConfig())
+
+
+def test_zero_page_count() -> None:
+    data = bytearray(b"".join([Z, page(3), Z, Z, bytes(PAGE_SIZE - 1) + b"\1", Z]))
+    assert _zero_pages(memoryview(data)) == 4
+
+
+def test_arena_packs_and_reuses() -> None:
+    arena = ScanArena(chunk_bytes=4 * PAGE_SIZE)
+    views = [arena.copy(memoryview(page(i) * 1)) for i in range(6)]
+    assert [bytes(v) for v in views] == [page(i) for i in range(6)]
+    assert arena.nbytes == 8 * PAGE_SIZE
+    arena.reset()
+    arena.copy(memoryview(page(9) * 3))
+    assert arena.nbytes == 8 * PAGE_SIZE         # no new buffer for the next scan
+
+
+CHILD = """
+import mmap, sys
+m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(64):
+    m[i * 4096:(i + 1) * 4096] = bytes([7]) * 4096
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_pid_target_reads_private_anonymous_memory() -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        t = pid_target(child.pid)
+        r = predict([t], EngineConfig())
+        (s,) = r.groups[0].sources
+        assert s.name == f"pid:{child.pid}" and s.kind == "pid"
+        assert s.pages >= 64
+        assert r.groups[0].counters.pages_sharing >= 63      # 64 copies of one page
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(ProcessGone, match=f"no running process with pid {child.pid}"):
+        pid_target(child.pid)
+    with pytest.raises(UsageError):
+        pid_target(0)
+
+
+def test_live_scanner_is_incremental(tmp_path: Path) -> None:
+    a = write_elf(tmp_path / "a.elf", [page(1)] * 4)
+    scanner = LiveScanner([dump_target(a)], EngineConfig())
+    first, second = scanner.scan(), scanner.scan()
+    assert first.counters.pages_volatile == 4 and first.counters.pages_sharing == 0
+    assert second.counters.pages_sharing == 3 and second.index == 2
+
+
+def test_progress_bar_only_on_a_tty() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    quiet = io.StringIO()
+    with ProgressBar(quiet) as bar:
+        bar.update(0.5, "scan 1/5")
+    assert quiet.getvalue() == ""
+    tty = Tty()
+    with ProgressBar(tty) as bar:
+        bar.update(0.5, "scan 1/5")
+    assert "scan 1/5 [" in tty.getvalue() and "50%" in tty.getvalue()
+    assert tty.getvalue().endswith("\r")         # cleared at the end
+    off = Tty()
+    with ProgressBar(off, enabled=False) as bar:
+        bar.update(1.0, "x")
+    assert off.getvalue() == ""
+
+
+def test_engine_left_mid_scan_is_replaced(tmp_path: Path) -> None:
+    kd = tmp_path / "k.kdump"
+    pages = {0: page(1), 1: page(1), 2: page(2)}
+    kd.write_bytes(build_kdump(KdumpSpec(pages, 16)))
+    scanner = LiveScanner([dump_target(str(kd))], EngineConfig())
+    scanner.scan()
+    old = scanner.engine
+    # Headers still valid, page data corrupt: fails while streaming, mid-scan.
+    kd.write_bytes(build_kdump(KdumpSpec(pages, 16,
+                                         data_override={0: b"\x78\x01not-deflate"})))
+    with pytest.raises(DumpError, match="corrupt"):
+        scanner.scan()
+    assert scanner.engine is not old and isinstance(scanner.engine, KsmEngine)
+    kd.write_bytes(build_kdump(KdumpSpec(pages, 16)))
+    assert scanner.scan().counters.pages_volatile == 3     # a fresh engine's first scan
