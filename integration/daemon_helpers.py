@@ -1,0 +1,119 @@
+"""Helpers for the daemon's integration tests: config in a tmp dir, the daemon as a
+subprocess, and polling the real merge state through the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
+                 qmp_globs: tuple[str, ...] = ()) -> Path:
+    lines = ["[host]", f'default_merge = "{default_merge}"']
+    for name, merge in vms.items():
+        lines += [f'[vm."{name}"]', f'merge = "{merge}"']
+    lines += ["[daemon]", f'spool_dir = "{tmp}/spool"', f'socket = "{tmp}/run/wake.sock"',
+              f'audit_log = "{tmp}/audit.jsonl"', f'state_file = "{tmp}/state.json"',
+              "reconnect_max_seconds = 2.0"]
+    if qmp_globs:
+        lines.append("qmp_sockets = [" + ", ".join(f'"{g}"' for g in qmp_globs) + "]")
+    path = tmp / "vmshare.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class DaemonProc:
+    def __init__(self, config: Path, log: Path, *extra: str) -> None:
+        self.log = log
+        self.fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmshare", "--debug", "daemon", "--config", str(config),
+             "--observe-interval", "1", "--resync-interval", "5", *extra],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.fh, stderr=self.fh,
+            start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 30.0, after: int = 0) -> None:
+        wait_for(lambda: needle in self.text()[after:], timeout,
+                 lambda: f"daemon log lacks {needle!r}:\n{self.text()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.fh.close()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, message: Callable[[], str] | str,
+             poll: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(poll)
+
+
+def cli_json(*args: str, config: Path | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if config is not None:
+        env["VMSHARE_CONFIG"] = str(config)
+    r = subprocess.run([sys.executable, "-m", "vmshare", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    doc: dict[str, Any] = json.loads(r.stdout)
+    return doc
+
+
+def backends(name: str, *options: str) -> dict[str, tuple[bool, bool | None]]:
+    """backend id -> (QEMU merge property, kernel mg flag) of one running VM
+    ({} when it is not running). ``options``: ("--qmp", SOCKET) for plain QEMU."""
+    from vmshare.errors import VmshareError
+    from vmshare.hypervisor import connect
+    from vmshare.ksm.procfs import ProcFs
+    from vmshare.ksm.sysfs import KsmSysfs
+    from vmshare.observe import Observer
+    qmp = options[1] if options[:1] == ("--qmp",) else None
+    try:
+        hv = connect(None, qmp)
+        try:
+            ref = hv.lookup(name)
+            facts = hv.facts(ref)
+            if facts.pid is None:
+                return {}
+            views = Observer(hv, KsmSysfs(), ProcFs()).backends(ref, facts)
+            return {v.backend.id: (v.backend.merge, v.mg_flag) for v in views}
+        finally:
+            hv.close()
+    except VmshareError:
+        return {}
+
+
+def all_merge(name: str, want: bool, *options: str) -> bool:
+    b = backends(name, *options)
+    return bool(b) and all(m == want and mg == want for m, mg in b.values())
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
