@@ -111,14 +111,18 @@ def cmd_merge(ctx: Context, merge: bool) -> int:
 
 
 def cmd_status(ctx: Context) -> int:
-    from vmshare import report
+    from vmshare import remerge, report
     host = ctx.observer().host(ctx.args.domains or None)
+    # Re-merge progress after restore/migration/reset/hotplug, from the daemon's state.
+    doc = remerge.status_for(report.status_json(host))
     if ctx.args.json:
-        emit_json(report.status_json(host))
+        emit_json(doc)
         return 0
     out(report.host_summary(host))
     out()
     out(report.status_table(host))
+    for line in remerge.status_lines(doc):
+        out(line)
     if ctx.args.matrix:
         out()
         out(report.matrix(host))

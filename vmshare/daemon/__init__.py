@@ -8,8 +8,8 @@ Modules:
   entry means for a VM (apply its policy, forget it, or also reset its merges);
 * ``reconcile``: decide and act for one VM or all of them, idempotently,
   recording each real change in the audit log;
-* ``libvirt_events``: libvirt's asyncio event loop, domain and QMP events,
-  the close callback;
+* (libvirt's events come from the adapter vmshare.hypervisor.libvirt_events,
+  turned into triggers by the runner;)
 * ``qmp_watch``: plain QEMU: QMP socket globs, short sessions, polled state;
 * ``runner``: the asyncio main loop tying them together.
 """

@@ -25,8 +25,16 @@ from vmshare import spool
 from vmshare.config import Config
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.state import StateStore
-from vmshare.daemon.triggers import HookSequence, Trigger, backoff_delays
-from vmshare.errors import HypervisorError, VmshareError
+from vmshare.daemon.triggers import (
+    QMP_EVENTS,
+    HookSequence,
+    Trigger,
+    backoff_delays,
+    device_added_trigger,
+    lifecycle_trigger,
+    qmp_trigger,
+)
+from vmshare.errors import DeadlineExceeded, HypervisorError, VmshareError
 
 log = logging.getLogger("vmshare.daemon")
 T = TypeVar("T")
@@ -79,10 +87,10 @@ class Daemon:
 
     async def connect_libvirt(self) -> None:
         """Open the event connection and the adapter. Raises HypervisorError."""
-        from vmshare.daemon.libvirt_events import LibvirtEvents, in_thread, register_event_loop
         from vmshare.hypervisor.libvirt import LibvirtHypervisor
+        from vmshare.hypervisor.libvirt_events import LibvirtEvents, register_event_loop
         register_event_loop(asyncio.get_running_loop())
-        events = LibvirtEvents(self.opts.uri, self.deliver, self.on_disconnect,
+        events = LibvirtEvents(self.opts.uri, _TriggerSink(self), QMP_EVENTS,
                                deadline=self.opts.deadline)
         await in_thread(events.open, self.opts.deadline, f"connect to {self.opts.uri}")
         try:
@@ -312,3 +320,36 @@ class Daemon:
                 if self.opts.spool:
                     self.drain_spool(sock)
                 await self.reconcile_all("periodic")
+
+
+class _TriggerSink:
+    """Turns the libvirt adapter's raw events into the daemon's triggers."""
+
+    def __init__(self, runner: Daemon) -> None:
+        self.runner = runner
+
+    def lifecycle(self, name: str, uuid: str | None, event: int, detail: int) -> None:
+        trigger = lifecycle_trigger(name, uuid, event, detail)
+        if trigger is not None:
+            self.runner.deliver(trigger)
+
+    def device_added(self, name: str, uuid: str | None, alias: str) -> None:
+        self.runner.deliver(device_added_trigger(name, uuid, alias))
+
+    def qmp_event(self, name: str, uuid: str | None, event: str,
+                  data: dict[str, Any]) -> None:
+        trigger = qmp_trigger(name, uuid, event, data)
+        if trigger is not None:
+            self.runner.deliver(trigger)
+
+    def disconnected(self, reason: str) -> None:
+        self.runner.on_disconnect(reason)
+
+
+async def in_thread(fn: Callable[[], Any], deadline: float, what: str) -> Any:
+    """Run a blocking call in the default executor with a deadline."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(None, fn), deadline)
+    except TimeoutError as exc:
+        raise DeadlineExceeded(f"{what}: no answer within {deadline:g} s") from exc

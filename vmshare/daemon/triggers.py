@@ -40,7 +40,6 @@ _RESUMED_RESETS = {RESUMED_MIGRATED: "migrate-in", RESUMED_FROM_SNAPSHOT: "resto
 # QMP events the daemon subscribes to (libvirt pass-through or plain QEMU).
 QMP_EVENTS: tuple[str, ...] = ("RESET", "MIGRATION", "MEMORY_DEVICE_SIZE_CHANGE",
                                "DEVICE_DELETED", "BALLOON_CHANGE", "RESUME")
-QMP_EVENT_REGEX = "^(" + "|".join(QMP_EVENTS) + ")$"
 
 
 @dataclass(frozen=True)

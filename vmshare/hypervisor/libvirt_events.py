@@ -1,8 +1,9 @@
-"""libvirt events for the daemon: asyncio event loop, domain and QMP events, close.
+"""libvirt events: asyncio event loop, domain and QMP events, connection close.
 
-This is the daemon's one libvirt adapter besides vmshare.hypervisor.libvirt
-(which does the actions); it imports libvirt, libvirt_qemu and libvirtaio and
-maps everything to ``Trigger``s or a disconnect notice.
+The event half of the libvirt adapter (vmshare.hypervisor.libvirt does the
+calls); with it, the only modules importing libvirt, libvirt_qemu and
+libvirtaio. It hands raw events to an ``EventSink``; what they mean for
+policy is the daemon's business (vmshare.daemon.triggers).
 
 * libvirt's asyncio event loop (libvirtaio) is registered before any
   connection is opened. libvirtaio is not thread-safe, and the hypervisor
@@ -17,7 +18,7 @@ maps everything to ``Trigger``s or a disconnect notice.
   libvirt-qemu API: libvirt may mark domains tainted (custom-monitor, as
   qemuMonitorCommand does); accepted, and documented in the README.
 * Connection loss: the close callback (libvirtd went away, keepalive timed
-  out) and failing calls both end in ``on_disconnect``; the runner reconnects
+  out) and failing calls both end in ``sink.disconnected``; the daemon reconnects
   with exponential backoff.
 """
 
@@ -26,25 +27,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import libvirt
 import libvirt_qemu
 import libvirtaio  # type: ignore[import-untyped]
 
-from vmshare.daemon.triggers import (
-    QMP_EVENT_REGEX,
-    Trigger,
-    device_added_trigger,
-    lifecycle_trigger,
-    qmp_trigger,
-)
-from vmshare.errors import DeadlineExceeded, HypervisorError
+from vmshare.errors import HypervisorError
 
-log = logging.getLogger("vmshare.daemon.libvirt")
+log = logging.getLogger("vmshare.hypervisor.libvirt_events")
+
+
+class EventSink(Protocol):
+    """Where raw libvirt events go; every method is called on the loop thread."""
+
+    def lifecycle(self, name: str, uuid: str | None, event: int, detail: int) -> None: ...
+
+    def device_added(self, name: str, uuid: str | None, alias: str) -> None: ...
+
+    def qmp_event(self, name: str, uuid: str | None, event: str,
+                  data: dict[str, Any]) -> None: ...
+
+    def disconnected(self, reason: str) -> None: ...
 
 _registered: asyncio.AbstractEventLoop | None = None
 MARSHAL_TIMEOUT_S = 10.0
@@ -87,15 +95,15 @@ def register_event_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class LibvirtEvents:
-    """One libvirt connection that delivers events. ``deliver`` and
-    ``on_disconnect`` are called on the loop thread."""
+    """One libvirt connection that delivers raw events to ``sink`` on the loop
+    thread: lifecycle, device-added, the QMP events named in ``qmp_events``
+    (through libvirt's QMP pass-through), and the connection closing."""
 
-    def __init__(self, uri: str, deliver: Callable[[Trigger], None],
-                 on_disconnect: Callable[[str], None], *, deadline: float = 10.0,
-                 keepalive: tuple[int, int] = (5, 3)) -> None:
+    def __init__(self, uri: str, sink: EventSink, qmp_events: Sequence[str], *,
+                 deadline: float = 10.0, keepalive: tuple[int, int] = (5, 3)) -> None:
         self.uri = uri
-        self.deliver = deliver
-        self.on_disconnect = on_disconnect
+        self.sink = sink
+        self.qmp_regex = "^(" + "|".join(qmp_events) + ")$"
         self.deadline = deadline
         self.keepalive = keepalive
         self.conn: Any = None
@@ -121,7 +129,7 @@ class LibvirtEvents:
                                         self._device_added, None)
             try:
                 libvirt_qemu.qemuMonitorEventRegister(
-                    conn, None, QMP_EVENT_REGEX, self._qmp, None,
+                    conn, None, self.qmp_regex, self._qmp, None,
                     libvirt_qemu.VIR_CONNECT_DOMAIN_QEMU_MONITOR_EVENT_REGISTER_REGEX)
             except libvirt.libvirtError as exc:
                 log.warning("no QMP events from %s (RESET, MIGRATION, hotplug are then "
@@ -159,7 +167,7 @@ class LibvirtEvents:
     def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
         names = {0: "error", 1: "end of file", 2: "keepalive timeout", 3: "client closed"}
         self._lost = True
-        self.on_disconnect(f"libvirt connection closed ({names.get(reason, reason)})")
+        self.sink.disconnected(f"libvirt connection closed ({names.get(reason, reason)})")
 
     @staticmethod
     def _ident(dom: Any) -> tuple[str, str | None]:
@@ -170,33 +178,19 @@ class LibvirtEvents:
 
     def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _op: Any) -> None:
         name, uuid = self._ident(dom)
-        trigger = lifecycle_trigger(name, uuid, event, detail)
-        log.debug("lifecycle %s: event %d detail %d -> %s", name, event, detail, trigger)
-        if trigger is not None:
-            self.deliver(trigger)
+        log.debug("lifecycle %s: event %d detail %d", name, event, detail)
+        self.sink.lifecycle(name, uuid, event, detail)
 
     def _device_added(self, _conn: Any, dom: Any, alias: str, _op: Any) -> None:
         name, uuid = self._ident(dom)
-        self.deliver(device_added_trigger(name, uuid, alias))
+        self.sink.device_added(name, uuid, alias)
 
     def _qmp(self, _conn: Any, dom: Any, event: str, _s: int, _us: int, details: str | None,
              _op: Any) -> None:
-        import json
         name, uuid = self._ident(dom)
         try:
             data = json.loads(details) if details else {}
         except ValueError:
             data = {}
-        trigger = qmp_trigger(name, uuid, event, data if isinstance(data, dict) else {})
-        log.debug("QMP %s on %s: %s -> %s", event, name, details, trigger)
-        if trigger is not None:
-            self.deliver(trigger)
-
-
-async def in_thread(fn: Callable[[], Any], deadline: float, what: str) -> Any:
-    """Run a blocking call in the default executor with a deadline."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await asyncio.wait_for(loop.run_in_executor(None, fn), deadline)
-    except TimeoutError as exc:
-        raise DeadlineExceeded(f"{what}: no answer within {deadline:g} s") from exc
+        log.debug("QMP %s on %s: %s", event, name, details)
+        self.sink.qmp_event(name, uuid, event, data if isinstance(data, dict) else {})
