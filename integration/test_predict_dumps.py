@@ -76,6 +76,13 @@ def ram_dump_target(path: Path, name: str) -> Target:
     return Target(name, "dump", lambda: RamRange(open_dump(path, name), {ram.key}))
 
 
+def destroy_by_name(name: str) -> None:
+    """Destroy a test domain on a fresh connection: the session's libvirt
+    connection dies when libvirtd restarts, and the guest must not outlive us."""
+    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", name],
+                   capture_output=True, timeout=60, check=False)
+
+
 @pytest.fixture
 def guest(guest_image: GuestImage, transient_domains: Callable[[str], Any]) -> Iterator[Any]:
     logdir = Path("/var/lib/vmshare/test")
@@ -84,8 +91,11 @@ def guest(guest_image: GuestImage, transient_domains: Callable[[str], Any]) -> I
     log.unlink(missing_ok=True)
     dom = transient_domains(domain_xml(NAME, guest_image, SPEC, memory_mib=MEMORY_MIB,
                                        console_log=log))
-    wait_ready(log, timeout=240)
-    yield dom
+    try:
+        wait_ready(log, timeout=240)
+        yield dom
+    finally:
+        destroy_by_name(NAME)
 
 
 def counters(p: Prediction) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -40,7 +40,7 @@ from vmshare.dumps import (
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
-from vmshare.model import PAGE_SIZE, PageRun, VmRef
+from vmshare.model import PAGE_SIZE, PageRun, Region, VmRef
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,62 @@ class Target:
     open: Callable[[], PageSource | None]
     group: str | None = None
     notes: list[str] = field(default_factory=list)
+
+
+PFN_MASK = np.uint64((1 << 55) - 1)
+KPF_ZERO_PAGE_BIT = np.uint64(1 << 24)
+
+
+class KernelVisiblePages:
+    """A live source without the pages mapped to the (huge) zero page.
+
+    An untouched anonymous page that was only read maps the kernel's shared
+    zero page: pagemap calls it present, but KSM never scans it (it is not an
+    anonymous page; no rmap item). Only all-zero pages can be such mappings,
+    so only those are looked up (pagemap PFN, KPF_ZERO_PAGE in kpageflags).
+    """
+
+    def __init__(self, inner: LiveProcessSource, procfs: ProcFs) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.procfs = procfs
+        self._start = {r.key: v.start for v, r in zip(inner.vmas, inner.regions(), strict=True)}
+
+    def regions(self) -> list[Region]:
+        return self.inner.regions()
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+        for run in self.inner.runs(chunk_pages):
+            words = np.frombuffer(run.data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+            maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+            if maybe.size:
+                maybe = maybe[~words[maybe].any(axis=1)]
+            if maybe.size == 0:
+                yield run
+                continue
+            addr = self._start[run.region] + run.first_page * PAGE_SIZE
+            entries = self.procfs.pagemap(self.inner.pid, addr, run.npages)[maybe]
+            flags = self.procfs.kpageflags(entries & PFN_MASK)
+            drop = maybe[(flags & KPF_ZERO_PAGE_BIT) != 0]
+            if drop.size == 0:
+                yield run
+                continue
+            keep = np.ones(run.npages, dtype=np.int8)
+            keep[drop] = 0
+            edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
+            for a, b in zip(np.flatnonzero(edges == 1).tolist(),
+                            np.flatnonzero(edges == -1).tolist(), strict=True):
+                yield PageRun(run.source, run.region, run.first_page + a,
+                              run.data[a * PAGE_SIZE:b * PAGE_SIZE])
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> KernelVisiblePages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def dump_target(path: str, *, raw: bool = False) -> Target:
@@ -92,7 +148,7 @@ def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
 
     def opener() -> PageSource:
         vmas = private_anonymous_vmas(pid, pf)
-        return LiveProcessSource(pid, vmas, name=name, procfs=pf)
+        return KernelVisiblePages(LiveProcessSource(pid, vmas, name=name, procfs=pf), pf)
 
     try:
         opener().close()      # fail now on a dead pid or EPERM
@@ -136,7 +192,8 @@ def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = No
         if not vmas:
             target.notes.append(f"{ref.name}: no eligible RAM backend; nothing scanned")
             return None
-        return LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf)
+        return KernelVisiblePages(
+            LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf), pf)
 
     target.open = opener
     first = opener()           # fail now on a stopped domain or EPERM
