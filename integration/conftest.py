@@ -81,9 +81,11 @@ def qemu_launcher(require_qemu: str) -> Iterator[Callable[[list[str]], subproces
                 proc.stderr.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def libvirt_conn(require_root: None) -> Iterator[Any]:
-    """An open qemu:///system connection.
+    """An open qemu:///system connection, one per test module: a module that
+    restarts libvirtd (the daemon's reconnect test, last in its module) must
+    not leave later modules a dead connection.
 
     Deliberately no sweep of leftover ``vmshare-it-`` domains here: test
     sessions run concurrently on one libvirtd, and a sweep at session start

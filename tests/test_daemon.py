@@ -103,3 +103,18 @@ def test_qmp_transitions() -> None:
     assert transitions(c, d, "/s")[0].resets == "qemu-restart"
     assert transitions(d, None, "/s")[0].action == "forget"
     assert transitions(d, d, "/s") == []
+
+
+def test_restore_reported_as_migration_first_is_named_restore(tmp_path: Path) -> None:
+    """libvirt restores through an incoming migration: QEMU's MIGRATION event
+    may arrive before libvirt's STARTED_RESTORED. The record ends up 'restore'."""
+    store = StateStore(tmp_path / "state.json")
+    store.observe("vm", "u", pid=10, ksm_pages=500, now=100.0)
+    first = store.reset_event("vm", "migrate-in", pid=11, now=200.0)
+    assert first is not None and first.event == "migrate-in"
+    assert store.reset_event("vm", "restore", pid=11, now=200.5) is None
+    assert store.vm("vm")["remerge"]["event"] == "restore"
+    assert store.vm("vm")["remerge"]["previous_ksm_pages"] == 500
+    # ...but a less specific report never downgrades it.
+    assert store.reset_event("vm", "migrate-in", pid=11, now=201.0) is None
+    assert store.vm("vm")["remerge"]["event"] == "restore"

@@ -84,7 +84,9 @@ def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = No
                            f"policy of {ref.name} (trust group {req.decision.group!r}) "
                            "has force")
             why += f"; forced: {forced_past}"
-        changes = ctl.set_merge(ref.uuid or ident, True, backend=backend,
+        # The UUID pins the domain found above, unless it is QEMU's all-zero default.
+        pinned = ref.uuid if ref.uuid and ref.uuid.strip("0-") else ref.name
+        changes = ctl.set_merge(pinned, True, backend=backend,
                                 decision=req.decision, mergeable_now=req.mergeable_now,
                                 audit=audit, reason=why)
     else:

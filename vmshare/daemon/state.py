@@ -80,6 +80,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         log.debug("fsync of %s: %s", path.parent, exc)
 
 
+_SPECIFICITY = {"qemu-restart": 1, "migrate-in": 2, "restore": 3}
+
+
 class StateStore:
     """The state document in memory, saved after each change. Not thread-safe:
     the daemon changes it from one worker thread only."""
@@ -124,7 +127,7 @@ class StateStore:
         """Start a re-merge record: previous = the KSM pages last observed (of the
         previous QEMU process when the pid changed). A second report of the same
         reset (same pid, within SAME_EVENT_WINDOW_S) only refines the event name
-        ("qemu-restart" becomes "restore") and returns None."""
+        ("qemu-restart" becomes "migrate-in" becomes "restore") and returns None."""
         if event not in RESETTING_EVENTS:
             raise ValueError(f"{event!r} is not a resetting event")
         now = time.time() if now is None else now
@@ -132,7 +135,9 @@ class StateStore:
         current = RemergeRecord.from_json(entry.get("remerge"))
         if current is not None and pid is not None and current.pid == pid \
                 and now - current.time < SAME_EVENT_WINDOW_S:
-            if current.event == "qemu-restart" and event != "qemu-restart":
+            # More specific names win: a restore is an incoming migration from a
+            # file (QEMU reports MIGRATION completed for it), both are a new process.
+            if _SPECIFICITY.get(event, 0) > _SPECIFICITY.get(current.event, 0):
                 entry["remerge"] = RemergeRecord(event, current.time,
                                                  current.previous_ksm_pages, pid).to_json()
             return None
