@@ -325,3 +325,30 @@ def test_only_libvirt_module_imports_libvirt() -> None:
         and any(m.split(".")[0] in ("libvirt", "libvirt_qemu")
                 for m in imported_modules(path)))
     assert offenders == []
+
+
+@pytest.mark.parametrize("command,arguments,api", [
+    ("dump-guest-memory", {"paging": False, "protocol": "file:/tmp/x"},
+     "virDomainCoreDumpWithFormat"),
+    ("migrate", {"uri": "unix:/tmp/m"}, "virDomainMigrateToURI3"),
+    ("blockdev-backup", {"device": "d", "target": "t", "sync": "full"},
+     "virDomainBackupBegin"),
+    ("human-monitor-command", {"command-line": "savevm snap1"},
+     "virDomainSnapshotCreateXML"),
+])
+def test_qmp_refuses_jobs_libvirt_must_own(monkeypatch: pytest.MonkeyPatch,
+                                           hv: LibvirtHypervisor, command: str,
+                                           arguments: dict[str, Any], api: str) -> None:
+    """libvirtd 9.0 segfaults on dump-guest-memory through qemuMonitorCommand: such
+    commands never reach libvirt, and the error names the API to use instead."""
+    sent: list[str] = []
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand",
+                        lambda dom, text, flags: sent.append(text) or '{"return": {}}')
+    with pytest.raises(MonitorError, match=api) as info:
+        hv.qmp(VmRef("test", TEST_UUID), command, arguments)
+    assert info.value.command == command and sent == []
+    # Harmless commands (and HMP info commands) still go through.
+    assert hv.qmp(VmRef("test", TEST_UUID), "query-status") == {}
+    assert hv.qmp(VmRef("test", TEST_UUID), "human-monitor-command",
+                  {"command-line": "info status"}) == {}
+    assert len(sent) == 2

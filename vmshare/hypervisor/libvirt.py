@@ -57,6 +57,43 @@ _TIMEOUT_CODES = frozenset(
 
 _silenced = False
 
+# QMP commands that start a job libvirt must own: sent behind its back through
+# qemuMonitorCommand, libvirt neither tracks nor cleans up the job, and libvirtd
+# 9.0 was seen to segfault (libvirt_driver_qemu.so) on dump-guest-memory. Each
+# maps to the libvirt API (and virsh command) that runs it properly.
+LIBVIRT_OWNED_COMMANDS: dict[str, str] = {
+    "dump-guest-memory": "virDomainCoreDumpWithFormat (virsh dump --memory-only)",
+    "migrate": "virDomainMigrateToURI3 (virsh migrate)",
+    "migrate-incoming": "virDomainMigrate3 on the source, which prepares the "
+                        "destination (virsh migrate)",
+    "snapshot-save": "virDomainSnapshotCreateXML (virsh snapshot-create)",
+    "snapshot-load": "virDomainRevertToSnapshot (virsh snapshot-revert)",
+    "drive-mirror": "virDomainBlockCopy (virsh blockcopy)",
+    "blockdev-mirror": "virDomainBlockCopy (virsh blockcopy)",
+    "drive-backup": "virDomainBackupBegin (virsh backup-begin)",
+    "blockdev-backup": "virDomainBackupBegin (virsh backup-begin)",
+}
+# Their HMP spellings, for human-monitor-command (savevm/loadvm exist only in HMP).
+_HMP_OWNED = {"dump-guest-memory": "dump-guest-memory", "migrate": "migrate",
+              "migrate_incoming": "migrate-incoming", "savevm": "snapshot-save",
+              "loadvm": "snapshot-load", "drive_mirror": "drive-mirror",
+              "drive_backup": "drive-backup"}
+
+
+def refuse_libvirt_owned(command: str, arguments: dict[str, Any] | None, name: str) -> None:
+    """Raise MonitorError when ``command`` is a job libvirt must start itself."""
+    owned = command
+    if command == "human-monitor-command" and arguments:
+        words = str(arguments.get("command-line", "")).split()
+        owned = _HMP_OWNED.get(words[0], "") if words else ""
+    api = LIBVIRT_OWNED_COMMANDS.get(owned)
+    if api is not None:
+        raise MonitorError(
+            f"QMP {command} on domain {name} refused: {owned} starts a job that libvirt "
+            f"must own (sent through qemuMonitorCommand it is invisible to libvirt, and "
+            f"libvirtd 9.0 crashes on dump-guest-memory); use {api} instead",
+            command=command, arguments=arguments)
+
 
 def _silence_default_error_printer() -> None:
     # libvirt prints every error on stderr unless a handler is registered;
@@ -253,9 +290,14 @@ class LibvirtHypervisor:
     def qmp(self, vm: VmRef, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command through libvirt and return its ``return`` value.
 
+        Commands that start a job libvirt must own (LIBVIRT_OWNED_COMMANDS:
+        dump-guest-memory, migrate, snapshots, block copies and backups) are
+        refused with a MonitorError naming the libvirt API to use instead.
+
         Raises MonitorError (QMP error, keeps command/arguments/response),
         DomainNotRunning, DomainNotFound, DeadlineExceeded, HypervisorError.
         """
+        refuse_libvirt_owned(command, arguments, vm.name)
         dom = self._domain(vm)
         return self._qmp_dom(dom, vm.name, command, arguments)
 
