@@ -149,9 +149,23 @@ class Reconciler:
     def reconcile_all(self, event: str) -> list[Outcome]:
         """Every running VM. Raises HypervisorError only when the hypervisor
         itself cannot be listed (the caller reconnects)."""
-        views = self._survey()
+        views = [v for v in self._survey() if v.running]
         groups = mergeable_groups(views)
-        return [self._act(v, event, groups) for v in views if v.running]
+        # Unmerge first, then merge, keeping ``groups`` current: a VM of the
+        # winning trust group is checked against the host as it is after the
+        # losers were made unmergeable (not refused because of them), and two
+        # trust groups are never mergeable at the same moment.
+        done: dict[int, Outcome] = {}
+        for i in sorted(range(len(views)),
+                        key=lambda i: (views[i].decision.merge, views[i].ref.name)):
+            v = views[i]
+            outcome = done[i] = self._act(v, event, groups)
+            if outcome.status == "changed":
+                if v.decision.merge:
+                    groups[v.ref.name] = v.wish.group
+                else:
+                    groups.pop(v.ref.name, None)
+        return [done[i] for i in range(len(views))]
 
     def _survey(self) -> list[PolicyView]:
         running = [r for r in self.hv.list_vms() if r.running]
@@ -281,7 +295,9 @@ class Reconciler:
             vlog.debug("detail", exc_info=True)
             return Outcome(name, "failed", str(exc))
         self.retry.pop(name, None)
-        done = tuple(c for c in changes if c.changed)
+        # A backend acted on is a change even when QEMU's property already said
+        # so (the kernel's mg flag disagreed and qom-set fixed it).
+        done = tuple(c for c in changes if c.skipped is None and c.backend in todo)
         for c in done:
             vlog.info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
                       _onoff(c.after), event, decision.reason)
