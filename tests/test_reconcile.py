@@ -394,3 +394,44 @@ def test_crash_between_pending_and_audit_is_audited_once_on_restart(host: Host,
     assert {o.status for o in rc.reconcile_all("daemon-start")} == {"unchanged"}
     assert host.audit() == records
     assert host.hv.calls == []                # the parent never acted itself
+
+
+# -- migrations seen by the plain-QEMU watcher ------------------------------------------------
+
+
+def test_destination_first_seen_after_its_migration_is_a_migrate_in() -> None:
+    """A same-host migration finishes well within one poll: the destination's
+    socket may be first seen already running; query-migrate says it migrated in."""
+    from vmshare.daemon.qmp_watch import Snapshot, transitions
+    migrated = Snapshot("/d.qmp", "vm", "u", 11, "running", ("pc.ram",), migrated_in=True)
+    t = transitions(None, migrated, "/d.qmp")[0]
+    assert (t.resets, t.uuid) == ("migrate-in", "/d.qmp")
+    fresh = Snapshot("/d.qmp", "vm", "u", 11, "running", ("pc.ram",))
+    assert transitions(None, fresh, "/d.qmp")[0].resets is None
+
+
+def test_late_second_report_of_a_new_process_starts_no_new_record(tmp_path: Path) -> None:
+    s = StateStore(tmp_path / "state.json")
+    s.observe("vm", "u", 10, 500, now=100.0)
+    assert s.reset_event("vm", "migrate-in", 11, now=200.0) is not None
+    s.observe("vm", "u", 11, 400, now=300.0)
+    # The socket re-seen an hour later: the same process, not a second migration.
+    assert s.reset_event("vm", "migrate-in", 11, now=3800.0) is None
+    assert s.vm("vm")["remerge"]["previous_ksm_pages"] == 500
+    # A guest reset of that process is a new event, though.
+    rec = s.reset_event("vm", "reset", 11, now=3800.0)
+    assert rec is not None and rec.previous_ksm_pages == 400
+
+
+def test_migrate_in_trigger_is_named_in_the_audit_and_tracked(host: Host) -> None:
+    host.add_vm("web-1", 101, merge=True, policy="off")
+    rc = host.reconciler()
+    rc.state.observe("web-1", "u", 90, 1234, now=999.0)     # the source, before
+    out = rc.handle(Trigger("web-1", "apply", "qmp:incoming-migration/running",
+                            "migrate-in", None))
+    assert out.status == "changed"
+    [rec] = host.audit()
+    assert rec["event"] == "qmp:incoming-migration/running (migrate-in)"
+    remerge = json.loads(host.state_path.read_text())["vms"]["web-1"]["remerge"]
+    assert (remerge["event"], remerge["pid"], remerge["previous_ksm_pages"]) == \
+        ("migrate-in", 101, 1234)

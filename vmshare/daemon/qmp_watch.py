@@ -10,7 +10,10 @@ what changed between polls:
 
 * a socket appears: apply the VM's policy;
 * run state leaves ``inmigrate``: an incoming migration completed (the
-  destination's RAM is new pages): "migrate-in";
+  destination's RAM is new pages): "migrate-in"; a socket first seen after
+  its incoming migration already completed (a migration takes well under a
+  poll interval) is recognised by ``query-migrate``: a destination reports
+  ``{"status": "completed"}`` with none of the source's statistics (``ram``);
 * another QEMU pid behind the same socket: "qemu-restart";
 * the set of memory backends changes: "hotplug";
 * QMP events that arrive while a poll's session is open (RESET, MIGRATION,
@@ -56,6 +59,7 @@ class Snapshot:
     pid: int
     status: str
     backends: tuple[str, ...]
+    migrated_in: bool = False    # this process completed an incoming migration
 
     @property
     def ref(self) -> VmRef:
@@ -74,6 +78,7 @@ async def poll_socket(path: str, deadline: float = POLL_DEADLINE_S
         uuid_r = await q.execute("query-uuid")
         status_r = await q.execute("query-status")
         memdevs = await q.execute("query-memdev")
+        migrate_r = await q.execute("query-migrate")
         pid = q.peer_pid or 0
         events: list[dict[str, Any]] = []
         gen = cast(AsyncGenerator[dict[str, Any], None], q.events())
@@ -91,8 +96,12 @@ async def poll_socket(path: str, deadline: float = POLL_DEADLINE_S
     status = status_r.get("status") if isinstance(status_r, dict) else None
     ids = tuple(sorted(str(m.get("id")) for m in memdevs if isinstance(m, dict))) \
         if isinstance(memdevs, list) else ()
+    # The source of a completed migration reports its statistics ("ram",
+    # "total-time"); the destination reports the bare status.
+    migrated_in = isinstance(migrate_r, dict) and migrate_r.get("status") == "completed" \
+        and "ram" not in migrate_r and status != "postmigrate"
     return Snapshot(path, name, uuid if isinstance(uuid, str) else ZERO_UUID, pid,
-                    str(status or "unknown"), ids), events
+                    str(status or "unknown"), ids, migrated_in), events
 
 
 def transitions(old: Snapshot | None, new: Snapshot | None, path: str) -> list[Trigger]:
@@ -103,6 +112,9 @@ def transitions(old: Snapshot | None, new: Snapshot | None, path: str) -> list[T
         return [Trigger(old.name, "forget", "qmp:socket-gone", None, old.uuid)]
     ident = new.path
     if old is None:
+        if new.migrated_in:
+            return [Trigger(new.name, "apply", "qmp:socket-appeared/migrated-in",
+                            "migrate-in", ident)]
         return [Trigger(new.name, "apply", "qmp:socket-appeared", None, ident)]
     if old.pid != new.pid:
         resets = "migrate-in" if old.status == "inmigrate" and new.status != "inmigrate" \

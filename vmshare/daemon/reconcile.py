@@ -178,17 +178,19 @@ class Reconciler:
             self.retry.pop(trigger.vm, None)
             vlog.info("stopped (%s); nothing to do until it runs again", trigger.event)
             return Outcome(trigger.vm, "forgotten", trigger.event)
+        event = trigger.event
         try:
             ref = self.hv.lookup(trigger.uuid or trigger.vm)
-            if trigger.resets:
-                self._reset(ref, trigger)
+            if trigger.resets and self._reset(ref, trigger) \
+                    and trigger.resets not in event:
+                event = f"{event} ({trigger.resets})"   # the audit names the reset
             views = self._survey()
         except _GONE as exc:
             return self._vanished(trigger.vm, exc)
         mine = [v for v in views if self._ident(v.ref) == self._ident(ref)]
         if not mine or not mine[0].running:
             return Outcome(trigger.vm, "stopped", "not running")
-        return self._act(mine[0], trigger.event, mergeable_groups(views))
+        return self._act(mine[0], event, mergeable_groups(views))
 
     def due(self) -> list[str]:
         """VMs whose retry time has come (they are taken off the retry list)."""
@@ -203,13 +205,14 @@ class Reconciler:
 
     # -- lifecycle truth -----------------------------------------------------------
 
-    def _reset(self, ref: VmRef, trigger: Trigger) -> None:
+    def _reset(self, ref: VmRef, trigger: Trigger) -> bool:
+        """Record the resetting event; False when it did not reset this VM."""
         assert trigger.resets is not None
         facts = self.hv.facts(ref)
         if trigger.check_incoming:
             status = self.hv.qmp(facts.ref, "query-status")
             if isinstance(status, dict) and status.get("status") == "postmigrate":
-                return   # the source of a migration: its memory is unchanged
+                return False   # the source of a migration: its memory is unchanged
         rec = self.state.reset_event(ref.name, trigger.resets, facts.pid, now=self.clock(),
                                      uuid=facts.ref.uuid)
         if rec is not None:
@@ -217,6 +220,7 @@ class Reconciler:
                                   "re-merge", trigger.resets, trigger.event,
                                   rec.previous_ksm_pages)
         self.state.save()
+        return True
 
     def observe(self) -> None:
         """Record every running VM's KSM pages (the 'before' of the next reset).

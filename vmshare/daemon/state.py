@@ -81,6 +81,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 _SPECIFICITY = {"qemu-restart": 1, "migrate-in": 2, "restore": 3}
+NEW_PROCESS_EVENTS = frozenset(_SPECIFICITY)
 
 
 class StateStore:
@@ -133,8 +134,10 @@ class StateStore:
         now = time.time() if now is None else now
         entry = self.vm(name)
         current = RemergeRecord.from_json(entry.get("remerge"))
+        # A reset that starts a new process cannot happen twice to one process:
+        # a second report of it (however late) only refines the record.
         if current is not None and pid is not None and current.pid == pid \
-                and now - current.time < SAME_EVENT_WINDOW_S:
+                and (now - current.time < SAME_EVENT_WINDOW_S or event in NEW_PROCESS_EVENTS):
             # More specific names win: a restore is an incoming migration from a
             # file (QEMU reports MIGRATION completed for it), both are a new process.
             if _SPECIFICITY.get(event, 0) > _SPECIFICITY.get(current.event, 0):
