@@ -185,12 +185,11 @@ def two_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
             destroy_by_name(name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: guest RAM is all THP ('hg', AnonHugePages = RAM size); the kernel merges only "
-    "~23.5k pages (the fill regions) of what the engine merges (~49.5k: zeroed free guest "
-    "memory too). The engine does not yet model KSM's handling of THP-mapped pages."))
 def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,
                                                   two_guests: tuple[str, ...]) -> None:
+    """Real TCG guests (some pages volatile): the engine's pages_sharing within 2%
+    of the kernel's. Guest RAM is THP-backed; zero-filled subpages become
+    zero-page mappings when KSM splits their THP, which the live source models."""
     from vmshare.hypervisor import connect
 
     hv = connect("qemu:///system")

@@ -192,3 +192,36 @@ def test_engine_left_mid_scan_is_replaced(tmp_path: Path) -> None:
     assert scanner.engine is not old and isinstance(scanner.engine, KsmEngine)
     kd.write_bytes(build_kdump(KdumpSpec(pages, 16)))
     assert scanner.scan().counters.pages_volatile == 3     # a fresh engine's first scan
+
+
+def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Path) -> None:
+    """All-zero pages mapped to the zero page, or inside a THP (which KSM's split
+    turns into zero-page mappings), are not fed; other pages, zero or not, are."""
+    from types import SimpleNamespace
+
+    from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
+    from vmshare.ksm.procfs import ProcFs
+    from vmshare.model import PageRun, Region, Vma
+    from vmshare.predict import KernelVisiblePages
+
+    base = 0x7F0000000000
+    fake = FakeProc(tmp_path)
+    kpf_thp = 1 << 22
+    fake.flags[10] = KPF_ZERO            # page 0: the shared zero page
+    fake.flags[11] = kpf_thp             # page 1: zero content inside a THP
+    fake.flags[12] = 0                   # page 2: zero content, plain 4K page
+    fake.flags[13] = kpf_thp             # page 3: data inside a THP
+    fake.flush()
+    fake.add_process(77, base, [PRESENT | pfn for pfn in (10, 11, 12, 13)])
+    data = bytearray(4 * 4096)
+    data[3 * 4096] = 1
+    region = Region("pc.ram", 4 * 4096, "g")
+    inner = SimpleNamespace(
+        name="vm", pid=77, vmas=[Vma(base, base + 4 * 4096, "rw-p", 0, "")],
+        regions=lambda: [region],
+        runs=lambda chunk_pages=4096: iter([PageRun("vm", "pc.ram", 0, memoryview(data))]),
+        close=lambda: None)
+    src = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
+    fed = [(r.first_page, r.npages) for r in src.runs()]
+    assert fed == [(2, 2)]
+    assert src.thp_zero_pages == 1

@@ -65,27 +65,39 @@ class Target:
 
 PFN_MASK = np.uint64((1 << 55) - 1)
 KPF_ZERO_PAGE_BIT = np.uint64(1 << 24)
+KPF_THP_BIT = np.uint64(1 << 22)
 
 
 class KernelVisiblePages:
-    """A live source without the pages mapped to the (huge) zero page.
+    """A live source without the all-zero pages kernel KSM never counts.
 
-    An untouched anonymous page that was only read maps the kernel's shared
-    zero page: pagemap calls it present, but KSM never scans it (it is not an
-    anonymous page; no rmap item). Only all-zero pages can be such mappings,
-    so only those are looked up (pagemap PFN, KPF_ZERO_PAGE in kpageflags).
+    * An untouched anonymous page that was only read maps the kernel's shared
+      (huge) zero page: pagemap calls it present, but KSM never scans it (it
+      is not an anonymous page; no rmap item).
+    * An all-zero page inside a transparent huge page (KPF_THP): to merge any
+      subpage KSM must split the THP, and since Linux 6.12 splitting an
+      anonymous THP maps its zero-filled subpages to the shared zero page
+      instead of keeping them. A THP with zero subpages always gets split
+      (its zero subpages match each other), so they end up as zero-page
+      mappings: memory saved, but counted in neither pages_sharing nor
+      ksm_zero_pages. ``thp_zero_pages`` counts them (last scan).
+
+    Only all-zero pages can be either, so only those are looked up (pagemap
+    PFN, then KPF_ZERO_PAGE and KPF_THP in kpageflags).
     """
 
     def __init__(self, inner: LiveProcessSource, procfs: ProcFs) -> None:
         self.inner = inner
         self.name = inner.name
         self.procfs = procfs
+        self.thp_zero_pages = 0
         self._start = {r.key: v.start for v, r in zip(inner.vmas, inner.regions(), strict=True)}
 
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+        self.thp_zero_pages = 0
         for run in self.inner.runs(chunk_pages):
             words = np.frombuffer(run.data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
             maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
@@ -97,7 +109,9 @@ class KernelVisiblePages:
             addr = self._start[run.region] + run.first_page * PAGE_SIZE
             entries = self.procfs.pagemap(self.inner.pid, addr, run.npages)[maybe]
             flags = self.procfs.kpageflags(entries & PFN_MASK)
-            drop = maybe[(flags & KPF_ZERO_PAGE_BIT) != 0]
+            thp_zero = ((flags & KPF_THP_BIT) != 0) & ((flags & KPF_ZERO_PAGE_BIT) == 0)
+            self.thp_zero_pages += int(thp_zero.sum())
+            drop = maybe[((flags & KPF_ZERO_PAGE_BIT) != 0) | thp_zero]
             if drop.size == 0:
                 yield run
                 continue
