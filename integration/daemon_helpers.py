@@ -33,13 +33,22 @@ def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
 
 
 class DaemonProc:
-    def __init__(self, config: Path, log: Path, *extra: str) -> None:
+    """The daemon as a subprocess. ``domains``: name globs it may manage
+    (VMSHARE_DAEMON_DOMAINS); test sessions share one libvirtd, and a daemon
+    managing every domain would change other sessions' guests."""
+
+    def __init__(self, config: Path, log: Path, *extra: str,
+                 domains: tuple[str, ...] = ()) -> None:
         self.log = log
         self.fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ)
+        env.pop("VMSHARE_DAEMON_DOMAINS", None)
+        if domains:
+            env["VMSHARE_DAEMON_DOMAINS"] = ",".join(domains)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmshare", "--debug", "daemon", "--config", str(config),
              "--observe-interval", "1", "--resync-interval", "5", *extra],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=self.fh, stderr=self.fh,
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.fh, stderr=self.fh,
             start_new_session=True)
 
     def text(self) -> str:

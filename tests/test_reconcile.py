@@ -435,3 +435,24 @@ def test_migrate_in_trigger_is_named_in_the_audit_and_tracked(host: Host) -> Non
     remerge = json.loads(host.state_path.read_text())["vms"]["web-1"]["remerge"]
     assert (remerge["event"], remerge["pid"], remerge["previous_ksm_pages"]) == \
         ("migrate-in", 101, 1234)
+
+
+def test_scope_foreign_vms_are_never_touched_but_count_for_trust_groups(host: Host) -> None:
+    """A daemon told to manage only ``mine-*`` leaves other VMs alone (another
+    manager's, or another test session's), while KSM being host-wide still makes
+    a mergeable foreign VM of another trust group block its own VMs."""
+    host.add_vm("mine-1", 101, merge=True, policy="off")
+    host.add_vm("mine-2", 102, merge=False, group="a", policy="on")
+    host.add_vm("theirs", 103, merge=True, group="b", policy="off")
+    host.add_vm("theirs-b", 104, merge=True, group="b")
+    rc = host.reconciler()
+    rc.scope = lambda name: name.startswith("mine-")
+    out = {o.vm: o for o in rc.reconcile_all("daemon-start")}
+    assert set(out) == {"mine-1", "mine-2"}
+    assert out["mine-1"].status == "changed"
+    assert out["mine-2"].status == "unchanged" and "theirs-b" in out["mine-2"].detail
+    assert host.merge_of("theirs") == (True, True)
+    assert rc.handle(Trigger("theirs", "apply", "libvirt:started/0")).status == "ignored"
+    assert host.hv.calls == [("mine-1", "pc.ram", False)]
+    rc.observe()
+    assert sorted(json.loads(host.state_path.read_text())["vms"]) == ["mine-1", "mine-2"]

@@ -67,7 +67,7 @@ def vm_log(name: str) -> logging.Logger:
 class Outcome:
     """What reconciling one VM came to.
 
-    status: changed | unchanged | refused | vanished | failed | forgotten | stopped
+    status: changed | unchanged | refused | vanished | failed | forgotten | stopped | ignored
     """
 
     vm: str
@@ -111,7 +111,8 @@ class Reconciler:
     def __init__(self, hv: Hypervisor, config: Config, *, state: StateStore,
                  audit_path: Path, procfs: ProcFs | None = None,
                  sysfs: KsmSysfs | None = None, clock: Callable[[], float] = time.time,
-                 retry_after: float = RETRY_AFTER_S) -> None:
+                 retry_after: float = RETRY_AFTER_S,
+                 scope: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.state = state
         self.audit_path = audit_path
@@ -120,6 +121,9 @@ class Reconciler:
         self.clock = clock
         self.retry_after = retry_after
         self.retry: dict[str, float] = {}
+        # Which VMs (by name) this daemon manages; the others still count for
+        # trust groups (KSM is host-wide) but are never acted on or tracked.
+        self.scope: Callable[[str], bool] = scope or (lambda _name: True)
         self._audit_ids: set[str] | None = None
         self.hv = hv
 
@@ -149,8 +153,9 @@ class Reconciler:
     def reconcile_all(self, event: str) -> list[Outcome]:
         """Every running VM. Raises HypervisorError only when the hypervisor
         itself cannot be listed (the caller reconnects)."""
-        views = [v for v in self._survey() if v.running]
-        groups = mergeable_groups(views)
+        running = [v for v in self._survey() if v.running]
+        groups = mergeable_groups(running)
+        views = [v for v in running if self.scope(v.ref.name)]
         # Unmerge first, then merge, keeping ``groups`` current: a VM of the
         # winning trust group is checked against the host as it is after the
         # losers were made unmergeable (not refused because of them), and two
@@ -174,6 +179,9 @@ class Reconciler:
     def handle(self, trigger: Trigger) -> Outcome:
         """One VM, because of ``trigger``. Never raises for per-VM trouble."""
         vlog = vm_log(trigger.vm)
+        if not self.scope(trigger.vm):
+            vlog.debug("not managed by this daemon; ignoring %s", trigger.event)
+            return Outcome(trigger.vm, "ignored", "outside the daemon's domain scope")
         if trigger.action == "forget":
             self.retry.pop(trigger.vm, None)
             vlog.info("stopped (%s); nothing to do until it runs again", trigger.event)
@@ -231,7 +239,7 @@ class Reconciler:
         host = self.observer.host()
         now = self.clock()
         for vm in host.vms:
-            if vm.facts.pid is None:
+            if vm.facts.pid is None or not self.scope(vm.name):
                 continue
             rec = self.state.observe(vm.name, vm.facts.ref.uuid, vm.facts.pid, vm.ksm_pages,
                                      now=now)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fnmatch
 import logging
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,17 @@ from vmshare.errors import DeadlineExceeded, HypervisorError, VmshareError
 
 log = logging.getLogger("vmshare.daemon")
 T = TypeVar("T")
+# Comma-separated name globs: the daemon manages only these domains (default:
+# all). For hosts shared with other managers, and for tests that share one
+# libvirtd with concurrent test sessions.
+DOMAINS_ENV = "VMSHARE_DAEMON_DOMAINS"
+
+
+def domain_scope(globs: tuple[str, ...]) -> Callable[[str], bool] | None:
+    """A predicate on VM names for ``globs`` (fnmatch), or None for all VMs."""
+    if not globs:
+        return None
+    return lambda name: any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class DaemonOptions:
     deadline: float = 10.0
     retry_after: float = 30.0
     spool: bool = True
+    domains: tuple[str, ...] = ()     # name globs to manage; () = every VM
 
 
 class Daemon:
@@ -58,6 +72,8 @@ class Daemon:
         self.opts = opts
         self.settings = opts.config.daemon
         self.qmp_globs = opts.qmp_globs or self.settings.qmp_sockets
+        self.domains = opts.domains or tuple(
+            g.strip() for g in os.environ.get(DOMAINS_ENV, "").split(",") if g.strip())
         self.queue: asyncio.Queue[Trigger] = asyncio.Queue()
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "vmshare-reconcile")
         self.state = StateStore(self.settings.state_file)
@@ -110,7 +126,10 @@ class Daemon:
         if self.reconciler is None:
             self.reconciler = Reconciler(hv, self.opts.config, state=self.state,
                                          audit_path=self.settings.audit_log,
-                                         retry_after=self.opts.retry_after)
+                                         retry_after=self.opts.retry_after,
+                                         scope=domain_scope(self.domains))
+            if self.domains:
+                log.info("managing only domains matching %s", ", ".join(self.domains))
         else:
             old = self.reconciler.hv
             self.reconciler.hv = hv
