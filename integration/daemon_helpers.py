@@ -122,6 +122,28 @@ def all_merge(name: str, want: bool, *options: str) -> bool:
     return bool(b) and all(m == want and mg == want for m, mg in b.values())
 
 
+def real_ksm_pages(pid: int) -> int:
+    """KSM pages (KPF_KSM in /proc/kpageflags) in the guest RAM of QEMU ``pid``: its
+    largest MADV_DONTFORK mapping. Independent of vmshare's attribution, whose
+    zero-page shortcut counts pages mapped to the huge zero page as KSM pages
+    (guest RAM never written after a restore or an incoming migration)."""
+    import numpy as np
+
+    from vmshare.ksm.procfs import ProcFs
+    from vmshare.model import PAGE_SIZE
+    procfs = ProcFs()
+    vma = max((v for v in procfs.smaps(pid) if "dc" in v.vmflags), key=lambda v: v.size)
+    entries = procfs.pagemap(pid, vma.start, vma.size // PAGE_SIZE)
+    present = (entries >> np.uint64(63)) & np.uint64(1) == 1
+    pfns = entries[present] & np.uint64((1 << 55) - 1)
+    flags = procfs.kpageflags(pfns[pfns != 0])
+    return int(((flags >> np.uint64(21)) & np.uint64(1)).sum())
+
+
+def libvirt_pid(name: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+
+
 def audit_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

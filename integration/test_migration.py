@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from integration.daemon_helpers import (
@@ -27,15 +26,14 @@ from integration.daemon_helpers import (
     audit_lines,
     backends,
     cli_json,
+    real_ksm_pages,
     wait_for,
     write_config,
 )
 from integration.ksm_fixtures import kernel_ksm
 from vmshare.guest import FillSpec, GuestImage, qemu_argv, wait_ready
 from vmshare.hypervisor.qmp import QmpHypervisor
-from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.model import PAGE_SIZE
 
 __all__ = ["kernel_ksm"]
 pytestmark = pytest.mark.integration
@@ -130,17 +128,6 @@ def remerge_of(cfg: Path, sock: Path) -> dict[str, Any] | None:
     vm = next(v for v in doc["vms"] if v["name"] == NAME)
     r: dict[str, Any] | None = vm["remerge"]
     return r
-
-
-def real_ksm_pages(pid: int) -> int:
-    """Pages of the guest RAM mapping of QEMU ``pid`` that are KSM pages (KPF_KSM)."""
-    procfs = ProcFs()
-    vma = max((v for v in procfs.smaps(pid) if "dc" in v.vmflags), key=lambda v: v.size)
-    entries = procfs.pagemap(pid, vma.start, vma.size // PAGE_SIZE)
-    present = (entries >> np.uint64(63)) & np.uint64(1) == 1
-    pfns = entries[present] & np.uint64((1 << 55) - 1)
-    flags = procfs.kpageflags(pfns[pfns != 0])
-    return int(((flags >> np.uint64(21)) & np.uint64(1)).sum())
 
 
 def test_migration_destination_gets_policy_off(guests: Guests, tmp_path: Path) -> None:
