@@ -74,6 +74,8 @@ class MemProc:
     proc: subprocess.Popen[str]
     address: int
     pages: int
+    ro_address: int = 0      # the --read-only mapping, if any
+    ro_pages: int = 0
 
     @property
     def pid(self) -> int:
@@ -95,13 +97,16 @@ class MemProc:
 
 
 def start_memproc(identical: int = 0, unique: int = 0, zero: int = 0, seed: int = 1,
-                  madvise: bool = True, dontfork: bool = False) -> MemProc:
+                  madvise: bool = True, dontfork: bool = False,
+                  read_only: int = 0) -> MemProc:
     argv = [sys.executable, "-m", "integration.memproc", "--identical", str(identical),
             "--unique", str(unique), "--zero", str(zero), "--seed", str(seed)]
     if not madvise:
         argv.append("--no-madvise")
     if dontfork:
         argv.append("--dontfork")
+    if read_only:
+        argv += ["--read-only", str(read_only)]
     proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None
@@ -109,7 +114,8 @@ def start_memproc(identical: int = 0, unique: int = 0, zero: int = 0, seed: int 
     if not line or line[0] != "ready":
         proc.kill()
         raise AssertionError(f"memproc did not start: {line}")
-    return MemProc(proc, int(line[1], 16), int(line[2]))
+    ro = (int(line[3], 16), int(line[4])) if len(line) >= 5 else (0, 0)
+    return MemProc(proc, int(line[1], 16), int(line[2]), *ro)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import sys
 PAGE = 4096
 MADV_MERGEABLE = 12
 MADV_DONTFORK = 10
+MADV_HUGEPAGE = 14
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 
 
@@ -37,6 +38,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-madvise", action="store_true")
     ap.add_argument("--dontfork", action="store_true", help="MADV_DONTFORK, as QEMU does")
+    ap.add_argument("--read-only", type=int, default=0, metavar="PAGES",
+                    help="a second, THP-advised mapping that is only read (maps the "
+                         "huge zero page); its address and size follow on the ready line")
     a = ap.parse_args()
     total = a.identical + a.unique + a.zero
     buf = mmap.mmap(-1, total * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -54,7 +58,18 @@ def main() -> int:
     if a.dontfork and total:
         buf.madvise(MADV_DONTFORK)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if total else 0
-    print(f"ready {addr:x} {total}", flush=True)
+    extra = ""
+    if a.read_only:
+        ro = mmap.mmap(-1, a.read_only * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        ro.madvise(MADV_HUGEPAGE)
+        if a.dontfork:
+            ro.madvise(MADV_DONTFORK)
+        if not a.no_madvise:
+            ro.madvise(MADV_MERGEABLE)
+        for i in range(a.read_only):
+            ro[i * PAGE]          # read fault only
+        extra = f" {ctypes.addressof(ctypes.c_char.from_buffer(ro)):x} {a.read_only}"
+    print(f"ready {addr:x} {total}{extra}", flush=True)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mremap.restype = ctypes.c_void_p
     libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from integration.ksm_fixtures import converge, kernel_ksm, memprocs, start_memproc
@@ -80,3 +81,21 @@ def test_mremap_breaks_merges_then_they_come_back(kernel_ksm: KsmSysfs,
     assert moved and moved[0].mergeable
     converge(kernel_ksm)
     assert ksm_pages_of_b() == 512
+
+
+def test_fast_path_ignores_the_huge_zero_page(kernel_ksm: KsmSysfs, memprocs: list) -> None:
+    """Guest-RAM-like memory (MADV_DONTFORK) that was only read maps the huge
+    zero page: the kpageflags-free attribution path must not count it as KSM."""
+    procfs = ProcFs()
+    a = start_memproc(identical=256, seed=4, dontfork=True, read_only=1024)
+    b = start_memproc(identical=256, seed=4, dontfork=True)
+    memprocs.extend([a, b])
+    converge(kernel_ksm)
+    entries = np.concatenate([procfs.pagemap(a.pid, a.address, a.pages),
+                              procfs.pagemap(a.pid, a.ro_address, a.ro_pages)])
+    huge_zero = int(((entries >> np.uint64(61)) & np.uint64(1)).sum())
+    assert huge_zero > 0, "the read-only THP region did not map the huge zero page"
+    fast = attribute({"a": entries}, procfs.kpageflags, procfs.kpagecount,
+                     unforked_zero_pfn=procfs.zero_pfn())
+    exact = attribute({"a": entries}, procfs.kpageflags, procfs.kpagecount)
+    assert fast.per_vm["a"].ksm_pages == exact.per_vm["a"].ksm_pages == 256

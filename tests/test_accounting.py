@@ -173,3 +173,22 @@ def test_zero_pfn_is_learned_as_root() -> None:
     else:
         assert zero
         assert int(proc.kpageflags(np.array([zero], dtype=np.uint64))[0]) & KPF_ZERO
+
+
+def test_huge_zero_page_is_never_a_ksm_page(tmp_path: Path) -> None:
+    """Read-faulted THP memory maps the huge zero page: present, not exclusive,
+    pagemap's file bit (61) set, 512 distinct PFNs. Neither path counts it."""
+    fake = FakeProc(tmp_path)
+    file_bit = 1 << 61
+    fake.flags[600:602] = KPF_ZERO | (1 << 22)
+    fake.flags[100] = KPF_KSM
+    fake.counts[100] = 2
+    fake.flush()
+    fake.add_process(10, BASE, [PRESENT | file_bit | 600, PRESENT | file_bit | 601,
+                                PRESENT | 100])
+    proc = ProcFs(tmp_path)
+    for zero in (None, 1):
+        att = attribute({"a": proc.pagemap(10, BASE, 3)}, proc.kpageflags, proc.kpagecount,
+                        unforked_zero_pfn=zero)
+        assert att.per_vm["a"].ksm_pages == 1
+        assert att.per_vm["a"].saved_pages == pytest.approx(0.5)

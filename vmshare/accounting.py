@@ -62,8 +62,9 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
     ``unforked_zero_pfn``: the caller vouches that every mapping is private
     anonymous memory that no fork can share (QEMU marks guest RAM
     MADV_DONTFORK: the ``dc`` VmFlag) and gives the zero page's PFN. A
-    present page of such memory that is not exclusive is then either the
-    zero page or a KSM page, so the KSM bit need not be read: kpageflags is
+    present page of such memory that is neither exclusive nor file/shared
+    (bit 61, which is how the huge zero page shows) is then either the zero
+    page or a KSM page, so the KSM bit need not be read: kpageflags is
     skipped, which halves the kernel work.
 
     Raises AccessDenied when PFNs are hidden (pagemap read without
@@ -81,7 +82,9 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
         if resident[name] and not pfns[present].any():
             raise AccessDenied("page frame numbers are hidden in pagemap: "
                                "per-VM attribution needs root (CAP_SYS_ADMIN)")
-        candidate = present & ~_bit(entries, 56) & (pfns != 0)
+        # KSM pages are anonymous: a page pagemap calls file-backed or shared
+        # (bit 61; the huge zero page shows so) is never one.
+        candidate = present & ~_bit(entries, 56) & ~_bit(entries, 61) & (pfns != 0)
         chosen = pfns[candidate]
         all_pfns.append(chosen)
         all_owner.append(np.full(len(chosen), index, dtype=np.int32))
