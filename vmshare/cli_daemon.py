@@ -19,7 +19,8 @@ def cmd_daemon(ctx: Any) -> int:
     level = logging.DEBUG if a.debug else logging.INFO
     return run_daemon(config, once=a.once, uri=a.connect,
                       qmp_globs=tuple(a.qmp_glob or ()), observe_interval=a.observe_interval,
-                      resync_interval=a.resync_interval, deadline=a.deadline, level=level)
+                      resync_interval=a.resync_interval, deadline=a.deadline,
+                      domains=tuple(a.domain or ()), level=level)
 
 
 def cmd_remerge(ctx: Any) -> int:
@@ -50,6 +51,10 @@ def register(sub: Any) -> None:
     s.add_argument("--qmp-glob", action="append", metavar="GLOB",
                    help="plain QEMU mode: watch QMP sockets matching GLOB (repeatable; "
                    "overrides [daemon] qmp_sockets)")
+    s.add_argument("--domain", action="append", metavar="GLOB",
+                   help="manage only domains whose name matches GLOB (repeatable; default "
+                        "all; also $VMSHARE_DAEMON_DOMAINS, comma-separated); the others "
+                        "still count for trust groups")
     s.add_argument("--observe-interval", type=float, default=10.0, metavar="SECONDS",
                    help="how often to record each VM's KSM pages (default 10)")
     s.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
