@@ -44,8 +44,10 @@ from vmshare.model import PAGE_SIZE
 
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_CHUNK = 1 << 15      # pages per vectorised step: bounds temporaries
-_BUCKET = 1 << 13     # arrivals handled per bucket at least (memory bound below)
+_CHUNK = 1 << 13      # pages per vectorised step: bounds temporaries
+_FP_BLOCK = 512       # pages fingerprinted per step
+_VERIFY = 1 << 12     # arrivals byte-verified per step
+_BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
 
 
 class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
@@ -56,15 +58,20 @@ class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
 
 
 def fingerprints(atlas: PageAtlas, pos: I64) -> U64:
-    """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array."""
-    if not pos.size:
-        return np.zeros((0, 2), dtype=np.uint64)
-    cls, rows = atlas.locate(pos)
+    """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array.
+
+    Done ``_FP_BLOCK`` pages at a time: the per-page Python objects (ints from
+    ``tolist``, digests) stay few, so they leave no fragmented heap behind.
+    """
+    out = np.zeros((pos.size, 2), dtype=np.uint64)
     dig = xxhash.xxh3_128_digest
     views = atlas.views
-    out = b"".join([dig(views[c][r]) for c, r in
-                    zip(cls.tolist(), rows.tolist(), strict=True)])
-    return np.frombuffer(out, dtype=np.uint64).reshape(-1, 2)
+    for b0 in range(0, pos.size, _FP_BLOCK):
+        cls, rows = atlas.locate(pos[b0:b0 + _FP_BLOCK])
+        raw = b"".join([dig(views[c][r]) for c, r in
+                        zip(cls.tolist(), rows.tolist(), strict=True)])
+        out[b0:b0 + cls.size] = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
+    return out
 
 
 class _Scan:
@@ -164,11 +171,15 @@ class _Scan:
 
     def arrivals(self) -> None:
         nodes = self.nodes
-        live = np.flatnonzero(nodes.count[:self.node_ck.size] > 0)
+        live = np.flatnonzero(nodes.count[:self.node_ck.size] > 0).astype(np.int32)
         nck = self.node_ck[live]
-        srt = np.lexsort((live, nck))
-        self.live_ids, self.live_ck = live[srt], nck[srt]
-        per = max(_BUCKET, self.total // 48)
+        self.node_ck = np.zeros(0, dtype=np.uint64)   # no longer needed: free it now
+        srt = np.argsort(nck, kind="stable")          # ties: ids ascending
+        self.live_ck = nck[srt]
+        del nck
+        self.live_ids = live[srt]
+        del srt, live
+        per = max(_BUCKET, self.total // 64)
         nb = min(255, -(-self.narrivals // per)) if self.narrivals else 0
         buckets: list[npt.NDArray[np.uint8]] | None = None
         if nb > 1:
@@ -217,13 +228,15 @@ class _Scan:
         flags_or[~cand[gid]] = UNSTABLE
         # byte verification of node-free groups against their first page
         fastg = cand & ~has_nodes
-        fa = np.flatnonzero(fastg[gid])
-        ref = pos[gstart[gid[fa]]]
-        other = pos[fa] != ref
-        eq = np.ones(fa.size, dtype=np.bool_)
-        eq[other] = self.atlas.equal(pos[fa][other], ref[other])
         bad = np.zeros(gck.size, dtype=np.bool_)
-        bad[gid[fa[~eq]]] = True
+        for b0 in range(0, n, _VERIFY):           # blocks bound the temporaries
+            b1 = min(n, b0 + _VERIFY)
+            g = gid[b0:b1]
+            fa = np.flatnonzero(fastg[g] & (np.arange(b0, b1) != gstart[g]))
+            if fa.size:
+                g = g[fa]
+                ok = self.atlas.equal(pos[fa + b0], pos[gstart[g]])
+                bad[g[~ok]] = True
         fastg &= ~bad
         for g in np.flatnonzero(cand & ~fastg).tolist():
             s = int(gstart[g])

@@ -25,6 +25,7 @@ ZERO_NEW = 16    # zero-mapped during this scan: its rmap item still exists
 UNSTABLE = 32    # in this scan's unstable tree
 
 ROW = PAGE_SIZE // 8   # uint64 words in a page
+_PAIRS = 4096          # pages located at once by PageAtlas.equal / is_zero
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -95,20 +96,26 @@ class NodeTable:
         k = int(counts.size)
         first = self.n
         if first + k > self._count.size:
-            cap = max(1024, 2 * (first + k))
-            for name in ("_count", "_chain"):
-                old = getattr(self, name)
-                new = np.zeros(cap, dtype=np.int32)
-                new[:first] = old[:first]
-                setattr(self, name, new)
-            fp = np.zeros((cap, 2), dtype=np.uint64)
-            fp[:first] = self._fp[:first]
-            self._fp = fp
+            self._grow(first + k)
         self._count[first:first + k] = counts
         self._chain[first:first + k] = chains
         self._fp[first:first + k] = fps
         self.n = first + k
         return first
+
+    def _grow(self, need: int) -> None:
+        """Room for ``need`` nodes, growing by half: in place (realloc, no second
+        copy alive at once) when nothing else references the arrays, else copied."""
+        cap = max(1024, need + need // 2)
+        for name in ("_count", "_chain", "_fp"):
+            shape = (cap, 2) if name == "_fp" else (cap,)
+            try:   # no local reference to the array, or refcheck refuses
+                getattr(self, name).resize(shape, refcheck=True)   # zero-fills the tail
+            except ValueError:                       # a view is alive: copy instead
+                old = getattr(self, name)
+                new = np.zeros(shape, dtype=old.dtype)
+                new[:self.n] = old[:self.n]
+                setattr(self, name, new)
 
     def unmap(self, members: I32) -> None:
         if members.size:
@@ -198,16 +205,27 @@ class PageAtlas:
         row: U64 = self.views[int(c[0])][int(rw[0])]
         return row
 
-    def equal(self, pa: I64, pb: I64, block: int = 256) -> BOOL:
-        """Byte-for-byte: is page ``pa[i]`` identical to page ``pb[i]``, for each i."""
+    def equal(self, pa: I64, pb: I64, block: int = 32) -> BOOL:
+        """Byte-for-byte: is page ``pa[i]`` identical to page ``pb[i]``, for each i.
+
+        Works through the pairs ``_PAIRS`` at a time with two ``block``-row
+        buffers, so its temporaries are bounded whatever the number of pairs.
+        """
         out = np.ones(pa.size, dtype=np.bool_)
-        if not pa.size:
-            return out
-        ca, ra = self.locate(pa)
-        cb, rb = self.locate(pb)
         buf_a = np.empty((block, ROW), dtype=np.uint64)
         buf_b = np.empty((block, ROW), dtype=np.uint64)
         eq = np.empty((block, ROW), dtype=np.bool_)
+        for p0 in range(0, pa.size, _PAIRS):
+            out[p0:p0 + _PAIRS] = self._equal(pa[p0:p0 + _PAIRS], pb[p0:p0 + _PAIRS],
+                                              buf_a, buf_b, eq)
+        return out
+
+    def _equal(self, pa: I64, pb: I64, buf_a: U64, buf_b: U64,
+               eq: npt.NDArray[np.bool_]) -> BOOL:
+        out = np.ones(pa.size, dtype=np.bool_)
+        block = buf_a.shape[0]
+        ca, ra = self.locate(pa)
+        cb, rb = self.locate(pb)
         single = len(self.views) == 1
         combos = [(0, 0)] if single else \
             sorted(set(zip(ca.tolist(), cb.tolist(), strict=True)))
@@ -228,14 +246,15 @@ class PageAtlas:
                 out[ix] = eq[:m].all(axis=1)
         return out
 
-    def is_zero(self, pos: I64, block: int = 256) -> BOOL:
+    def is_zero(self, pos: I64, block: int = 32) -> BOOL:
         out = np.ones(pos.size, dtype=np.bool_)
-        c, r = self.locate(pos)
         buf = np.empty((block, ROW), dtype=np.uint64)
-        for cl in np.unique(c).tolist():
-            sel = np.flatnonzero(c == cl)
-            for s in range(0, sel.size, block):
-                ix = sel[s:s + block]
-                np.take(self.views[cl], r[ix], axis=0, out=buf[:ix.size])
-                out[ix] = ~buf[:ix.size].any(axis=1)
+        for p0 in range(0, pos.size, _PAIRS):
+            c, r = self.locate(pos[p0:p0 + _PAIRS])
+            for cl in np.unique(c).tolist():
+                sel = np.flatnonzero(c == cl)
+                for s in range(0, sel.size, block):
+                    ix = sel[s:s + block]
+                    np.take(self.views[cl], r[ix], axis=0, out=buf[:ix.size])
+                    out[p0 + ix] = ~buf[:ix.size].any(axis=1)
         return out
