@@ -231,12 +231,12 @@ class _Scan:
         bad = np.zeros(gck.size, dtype=np.bool_)
         for b0 in range(0, n, _VERIFY):           # blocks bound the temporaries
             b1 = min(n, b0 + _VERIFY)
-            g = gid[b0:b1]
-            fa = np.flatnonzero(fastg[g] & (np.arange(b0, b1) != gstart[g]))
+            bg = gid[b0:b1]
+            fa = np.flatnonzero(fastg[bg] & (np.arange(b0, b1) != gstart[bg]))
             if fa.size:
-                g = g[fa]
-                ok = self.atlas.equal(pos[fa + b0], pos[gstart[g]])
-                bad[g[~ok]] = True
+                bg = bg[fa]
+                ok = self.atlas.equal(pos[fa + b0], pos[gstart[bg]])
+                bad[bg[~ok]] = True
         fastg &= ~bad
         for g in np.flatnonzero(cand & ~fastg).tolist():
             s = int(gstart[g])
