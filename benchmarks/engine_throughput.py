@@ -73,7 +73,7 @@ def main() -> None:
         tot_e += te
         c = e.counters()
         print(f"{scan:>4} {nbytes / th / 1e9:>10.2f} {nbytes / te / 1e9:>12.2f} "
-              f"{th / te:>6.2f}  shared={c.pages_shared} sharing={c.pages_sharing} "
+              f"{th / te:>6.2f} (aim >= 0.5)  shared={c.pages_shared} sharing={c.pages_sharing} "
               f"unshared={c.pages_unshared} volatile={c.pages_volatile}")
     print(f" all {nbytes * 3 / tot_h / 1e9:>10.2f} {nbytes * 3 / tot_e / 1e9:>12.2f} "
           f"{tot_h / tot_e:>6.2f}")

@@ -31,7 +31,7 @@ def main() -> int:
         vma = Vma(p.address, p.address + p.pages * PAGE_SIZE, "rw-p", 0, "")
         src = LiveProcessSource(p.pid, [vma], name="proc")
         plain, scan_first, scan_inc = [], [], []
-        arena = ScanArena()
+        arena = ScanArena(soft_dirty=True)   # full reads without kernel soft-dirty
         for _ in range(repeats):
             t = time.perf_counter()
             n = sum(r.npages for r in src.runs())

@@ -14,6 +14,10 @@ one. ``LiveScanner`` keeps one engine across passes (``vmshare scan``);
 Buffers: the engine references fed bytes until ``end_scan`` while sources
 reuse one buffer per run, so each run is copied once. A scan therefore holds
 the resident memory it scanned (the engine's contract, not a choice here).
+With soft-dirty tracking (``ScanArena(soft_dirty=True)``: the default of
+``predict``/``run_until_converged``, opt-in for ``LiveScanner``) live sources
+read straight into copies kept between scans and re-read only pages written
+since the previous scan; the engine reuses the checksums of the others.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from vmshare.dumps import (
     open_dump,
     private_anonymous_vmas,
 )
+from vmshare.dumps.live import SoftDirtyMirror, TrackedPageRun, anon_buffer
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
@@ -118,10 +123,15 @@ class KernelVisiblePages:
             keep = np.ones(run.npages, dtype=np.int8)
             keep[drop] = 0
             edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
+            unchanged = run.unchanged if isinstance(run, TrackedPageRun) else None
             for a, b in zip(np.flatnonzero(edges == 1).tolist(),
                             np.flatnonzero(edges == -1).tolist(), strict=True):
-                yield PageRun(run.source, run.region, run.first_page + a,
-                              run.data[a * PAGE_SIZE:b * PAGE_SIZE])
+                data = run.data[a * PAGE_SIZE:b * PAGE_SIZE]
+                if unchanged is None:
+                    yield PageRun(run.source, run.region, run.first_page + a, data)
+                else:
+                    yield TrackedPageRun(run.source, run.region, run.first_page + a, data,
+                                         unchanged[a:b])
 
     def close(self) -> None:
         self.inner.close()
@@ -260,9 +270,13 @@ class ScanArena:
     fault per page. Runs are packed, so many small runs do not waste chunks.
     """
 
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_PAGES * PAGE_SIZE) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_PAGES * PAGE_SIZE, *,
+                 soft_dirty: bool = False) -> None:
         self.chunk_bytes = chunk_bytes
-        self._buffers: list[bytearray] = []
+        self._buffers: list[Any] = []
+        #: with soft_dirty, live process sources keep their pages here between
+        #: scans and read only what was written since (vmshare.dumps.live)
+        self.mirror: SoftDirtyMirror | None = SoftDirtyMirror() if soft_dirty else None
         self._index = 0
         self._used = 0
 
@@ -279,7 +293,7 @@ class ScanArena:
             self._index += 1
             self._used = 0
         if self._index == len(self._buffers):
-            self._buffers.append(bytearray(self.chunk_bytes))
+            self._buffers.append(anon_buffer(self.chunk_bytes))   # huge pages: few faults
         view = memoryview(self._buffers[self._index])[self._used:self._used + n]
         view[:] = data
         self._used += n
@@ -287,7 +301,8 @@ class ScanArena:
 
     @property
     def nbytes(self) -> int:
-        return len(self._buffers) * self.chunk_bytes
+        return len(self._buffers) * self.chunk_bytes + \
+            (self.mirror.nbytes if self.mirror is not None else 0)
 
 
 _DONE = object()
@@ -330,10 +345,17 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     def reader() -> None:
         try:
             for s in sources:
+                live = s.inner if isinstance(s, KernelVisiblePages) else s
+                if isinstance(live, LiveProcessSource):
+                    live.mirror = arena.mirror
                 for run in s.runs():
-                    view = arena.copy(run.data)
-                    zero[s.name] += _zero_pages(view)
-                    if not put(PageRun(s.name, run.region, run.first_page, view)):
+                    if isinstance(run, TrackedPageRun):    # the mirror outlives the scan
+                        item: PageRun = run
+                    else:
+                        item = PageRun(s.name, run.region, run.first_page,
+                                       arena.copy(run.data))
+                    zero[s.name] += _zero_pages(item.data)
+                    if not put(item):
                         return
             put(_DONE)
         except BaseException as exc:   # handed to the scanning thread
@@ -351,7 +373,7 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
             if isinstance(item, BaseException):
                 raise item
             assert isinstance(item, PageRun)
-            engine.feed(item)
+            engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None)
             fed += item.npages
             if progress is not None and total:
                 progress((base[(item.source, item.region)] + item.first_page + item.npages)
@@ -446,12 +468,17 @@ def _group_result(engine: KsmEngine, targets: Sequence[Target], group: str | Non
 
 def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                         scans: int | None = None, max_scans: int = DEFAULT_MAX_SCANS,
-                        progress: Callable[[float, str], None] | None = None
+                        progress: Callable[[float, str], None] | None = None,
+                        soft_dirty: bool = True
                         ) -> tuple[int, bool, ScanStats | None]:
     """Scan until the merge state repeats (or exactly ``scans`` times).
 
-    Returns (scans run, converged, stats of the last scan). Every scan reads
-    the memory anew: a live guest may have changed in between.
+    Returns (scans run, converged, stats of the last scan). Every scan sees
+    the memory anew: a live guest may have changed in between. With
+    ``soft_dirty`` (default) live processes are rescanned incrementally: only
+    pages written since the previous scan are read and hashed again (see
+    ``vmshare.dumps.live``: one extra write fault per page in the guest, and
+    a write racing the clear of the dirty bits is seen only when repeated).
     """
     limit = scans if scans is not None else max_scans
     if limit < 1:
@@ -459,7 +486,7 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
     previous: tuple[int, ...] | None = None
     stats: ScanStats | None = None
     converged = False
-    arena = ScanArena()
+    arena = ScanArena(soft_dirty=soft_dirty)
     for i in range(1, limit + 1):
         def step(frac: float, i: int = i) -> None:
             if progress is not None:
@@ -480,8 +507,10 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
 def predict(targets: Sequence[Target], config: EngineConfig, *,
             groups: dict[str, str] | None = None, scans: int | None = None,
             max_scans: int = DEFAULT_MAX_SCANS,
-            progress: ProgressFn | None = None) -> Prediction:
+            progress: ProgressFn | None = None, soft_dirty: bool = True) -> Prediction:
     """Run the engine over ``targets`` until it converges; one engine per trust group.
+
+    ``soft_dirty``: incremental rescans of live processes (run_until_converged).
 
     ``groups`` maps target names to trust groups (None: one engine for all).
     Raises UsageError (no targets, a name twice, bad scan count) and what the
@@ -506,7 +535,8 @@ def predict(targets: Sequence[Target], config: EngineConfig, *,
                 prefix = f"group {group}: " if group is not None else ""
                 progress((gi + frac) / n, prefix + label)
         done, converged, stats = run_until_converged(engine, members, scans=scans,
-                                                     max_scans=max_scans, progress=step)
+                                                     max_scans=max_scans, progress=step,
+                                                     soft_dirty=soft_dirty)
         results.append(_group_result(engine, members, group, done, converged, stats))
     notes: list[str] = []
     for t in targets:
@@ -558,17 +588,21 @@ class LiveScanner:
     Each pass re-resolves every domain (pid, backends, mappings), so a moved
     mapping or a restored guest is a new region generation and the engine
     forgets the old one; unchanged pages keep their checksums and merges, so
-    rescans behave as the kernel's incremental scans do.
+    rescans behave as the kernel's incremental scans do. ``soft_dirty`` (off
+    by default for this long-running use: it costs the guests a write fault
+    per page after every pass) reads only pages written since the last pass.
     """
 
-    def __init__(self, targets: Sequence[Target], config: EngineConfig) -> None:
+    def __init__(self, targets: Sequence[Target], config: EngineConfig, *,
+                 soft_dirty: bool = False) -> None:
         if not targets:
             raise UsageError("nothing to scan: give at least one domain")
         check_unique(targets)
         self.targets = list(targets)
         self.config = config
+        self.soft_dirty = soft_dirty
         self.engine = KsmEngine(config)
-        self.arena = ScanArena()
+        self.arena = ScanArena(soft_dirty=soft_dirty)
         self.passes = 0
 
     def scan(self, progress: Callable[[float], None] | None = None) -> ScanPass:
@@ -580,6 +614,7 @@ class LiveScanner:
                                  arena=self.arena)
         except BaseException:
             self.engine = KsmEngine(self.config)
+            self.arena = ScanArena(soft_dirty=self.soft_dirty)   # its copies may be stale
             raise
         finally:
             _close_all(sources)

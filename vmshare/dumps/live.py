@@ -11,17 +11,36 @@ so a pid reused later cannot be read by mistake.
 Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
 here through the held descriptor, for that reason; mappings (smaps) and the
 process start time come from procfs.ProcFs.
+
+Incremental rescans (``SoftDirtyMirror``, opt-in): the source keeps a copy of
+each region's resident pages between scans. After reading the dirty bits of
+a scan it writes "4" to /proc/<pid>/clear_refs (the kernel's soft-dirty
+tracking, as CRIU uses it); at the next scan only pages whose pagemap bit 55
+(soft-dirty) is set were written since, so only those are read again. The
+others are yielded from the copy as ``TrackedPageRun`` with ``unchanged``
+set, and the engine reuses their checksums (``KsmEngine.feed``). Costs and
+limits: clear_refs write-protects the process's page tables, so the next
+write to each page takes one extra minor fault in the guest; a write that
+lands between reading the dirty bits and clearing them (the pagemap of all
+regions is read just before the clear, a window of milliseconds) is missed
+until the page is written again. A kernel without CONFIG_MEM_SOFT_DIRTY
+tracks nothing (probed once: ``soft_dirty_supported``): every page is then
+read each scan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
 import numpy as np
+import numpy.typing as npt
 
 from vmshare.dumps.base import DEFAULT_CHUNK_PAGES, check_chunk_pages
 from vmshare.errors import AccessDenied, ProcessGone, ProcfsError, VmshareError
@@ -29,6 +48,7 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
 
 PM_PRESENT = np.uint64(1 << 63)
+PM_SOFT_DIRTY = np.uint64(1 << 55)
 _DENIED = (errno.EPERM, errno.EACCES)
 _GONE = (errno.ESRCH, errno.ENOENT)
 
@@ -49,6 +69,102 @@ def _access_denied(pid: int, what: str) -> AccessDenied:
         "guest; vmshare weakens none of these")
 
 
+@dataclass(frozen=True)
+class TrackedPageRun(PageRun):
+    """A run from a soft-dirty tracked source: ``unchanged[i]`` is True when page
+    i was not written since the previous scan of the same mirror (its bytes in
+    ``data`` are the ones yielded then)."""
+
+    unchanged: npt.NDArray[np.bool_] | None = None
+
+
+def anon_buffer(nbytes: int) -> mmap.mmap:
+    """A private anonymous buffer, transparent huge pages requested (fewer faults)."""
+    buf = mmap.mmap(-1, max(nbytes, PAGE_SIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):    # THP disabled: plain pages
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
+_SOFT_DIRTY_WORKS: bool | None = None
+
+
+def soft_dirty_supported() -> bool:
+    """Does this kernel track soft-dirty bits (CONFIG_MEM_SOFT_DIRTY)?
+
+    Without it clear_refs "4" is accepted and does nothing, and pagemap bit 55
+    is always 0: every page would look unchanged forever. A page this process
+    just mapped and wrote is always soft-dirty when tracking exists, so that is
+    the probe (our own pagemap; nothing is cleared).
+    """
+    global _SOFT_DIRTY_WORKS
+    if _SOFT_DIRTY_WORKS is None:
+        probe = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            probe[0] = 1
+            addr = int(np.frombuffer(probe, dtype=np.uint8).__array_interface__["data"][0])
+            try:
+                with open("/proc/self/pagemap", "rb") as f:
+                    f.seek(addr // PAGE_SIZE * 8)
+                    entry = np.uint64(int.from_bytes(f.read(8), "little"))
+            except OSError:
+                entry = np.uint64(0)
+            _SOFT_DIRTY_WORKS = bool(entry & PM_PRESENT) and bool(entry & PM_SOFT_DIRTY)
+        finally:
+            probe.close()
+    return _SOFT_DIRTY_WORKS
+
+
+class _RegionCopy:
+    __slots__ = ("buf", "valid")
+
+    def __init__(self, npages: int) -> None:
+        self.buf = anon_buffer(npages * PAGE_SIZE)
+        self.valid = np.zeros(npages, dtype=np.bool_)   # copy holds the page's bytes
+
+
+class SoftDirtyMirror:
+    """Copies of live regions kept between scans, refreshed through soft-dirty bits.
+
+    One mirror serves any number of processes and scans; copies are keyed by
+    region generation (pid, mapping, process start time), so a restarted guest
+    or a moved mapping starts from scratch. Not thread-safe: one scan at a time.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[str, str], _RegionCopy] = {}
+        #: False without kernel soft-dirty tracking (or once clear_refs was refused):
+        #: every page is then read each scan
+        self.supported = soft_dirty_supported()
+        self.pages_read = 0             # pages read from the process in the last scan
+        self.pages_reused = 0           # pages served from the copy in the last scan
+
+    def copy_for(self, region: Region, live: set[tuple[str, str]]) -> _RegionCopy:
+        key = (region.key, region.generation)
+        live.add(key)
+        cp = self._copies.get(key)
+        if cp is None:
+            cp = self._copies[key] = _RegionCopy(region.size // PAGE_SIZE)
+        return cp
+
+    def forget(self, keys: set[tuple[str, str]]) -> None:
+        for k in keys:
+            cp = self._copies.pop(k, None)
+            if cp is not None:
+                cp.valid[:] = False
+
+    def prune(self, generation_prefix: str, keep: set[tuple[str, str]]) -> None:
+        """Drop copies of this process (generation prefix) not listed in ``keep``."""
+        for k in [k for k in self._copies if k[1].startswith(generation_prefix)
+                  and k not in keep]:
+            del self._copies[k]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c.buf) for c in self._copies.values())
+
+
 class LiveProcessSource:
     """Resident pages of the given mappings of process ``pid``.
 
@@ -65,8 +181,10 @@ class LiveProcessSource:
 
     def __init__(self, pid: int, vmas: Sequence[Vma], name: str | None = None, *,
                  backend_ids: Mapping[int, str] | None = None,
-                 procfs: ProcFs | None = None) -> None:
+                 procfs: ProcFs | None = None,
+                 mirror: SoftDirtyMirror | None = None) -> None:
         self.pid = pid
+        self.mirror = mirror
         self.name = name if name is not None else f"pid:{pid}"
         self._procfs = procfs or ProcFs()
         self.vmas = sorted(vmas, key=lambda v: v.start)
@@ -153,6 +271,9 @@ class LiveProcessSource:
         check_chunk_pages(chunk_pages)
         if self._closed:
             raise ProcfsError(f"live source for process {self.pid} is closed")
+        if self.mirror is not None:
+            yield from self._tracked_runs(self.mirror, chunk_pages)
+            return
         buf = bytearray(chunk_pages * PAGE_SIZE)
         view = memoryview(buf)
         pm_buf = bytearray(chunk_pages * 8)
@@ -172,6 +293,82 @@ class LiveProcessSource:
                     chunk = view[s * PAGE_SIZE:e * PAGE_SIZE]
                     self._pread_full(self._mem_fd, chunk, addr + s * PAGE_SIZE, "memory")
                     yield PageRun(self.name, region.key, first_page + s, chunk)
+
+    def _page_states(self, vma: Vma, chunk_pages: int) -> npt.NDArray[np.uint8]:
+        """Per page of ``vma``: bit 0 present, bit 1 soft-dirty (1 byte a page)."""
+        npages = vma.size // PAGE_SIZE
+        out = np.zeros(npages, dtype=np.uint8)
+        pm = bytearray(chunk_pages * 8)
+        pm_view = memoryview(pm)
+        for p0 in range(0, npages, chunk_pages):
+            m = min(chunk_pages, npages - p0)
+            self._pread_full(self._pagemap_fd, pm_view[:m * 8],
+                             (vma.start // PAGE_SIZE + p0) * 8, "pagemap")
+            e = np.frombuffer(pm, dtype=np.uint64, count=m)
+            out[p0:p0 + m] = ((e & PM_PRESENT) != 0).astype(np.uint8) | \
+                (((e & PM_SOFT_DIRTY) != 0).astype(np.uint8) << np.uint8(1))
+        return out
+
+    def _clear_soft_dirty(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("4")
+            return True
+        except OSError as exc:
+            if exc.errno in _DENIED:
+                raise _access_denied(self.pid, "clear_refs") from exc
+            if exc.errno in _GONE:
+                raise ProcessGone(f"process {self.pid} is gone (clear_refs)") from exc
+            return False          # EINVAL: no CONFIG_MEM_SOFT_DIRTY
+
+    def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int) -> Iterator[PageRun]:
+        """runs() through ``mirror``: read only pages written since the last scan."""
+        used: set[tuple[str, str]] = set()
+        copies = [mirror.copy_for(r, used) for r in self._regions]
+        mirror.prune(f"{self.pid}:", used)
+        mirror.pages_read = mirror.pages_reused = 0
+        done = False
+        try:
+            # every region's dirty bits first, then the clear: keeps the window short
+            states = [self._page_states(v, chunk_pages) for v in self.vmas]
+            tracked = mirror.supported and self._clear_soft_dirty()
+            if not tracked:
+                mirror.supported = False
+            for vma, region, cp, st in zip(self.vmas, self._regions, copies, states,
+                                           strict=True):
+                present = (st & 1) != 0
+                clean = present & ((st & 2) == 0) & cp.valid if tracked else \
+                    np.zeros(st.size, dtype=np.bool_)
+                cp.valid[:] = False          # until read (or found clean) below
+                view = memoryview(cp.buf)
+                for p0 in range(0, st.size, chunk_pages):
+                    p1 = min(st.size, p0 + chunk_pages)
+                    pres = present[p0:p1].astype(np.int8)
+                    edges = np.diff(pres, prepend=np.int8(0), append=np.int8(0))
+                    for s, e in zip(np.flatnonzero(edges == 1).tolist(),
+                                    np.flatnonzero(edges == -1).tolist(), strict=True):
+                        a, b = p0 + s, p0 + e
+                        reuse = clean[a:b].copy()
+                        self._read_dirty(view, vma.start, a, reuse)
+                        cp.valid[a:b] = tracked
+                        n_re = int(np.count_nonzero(reuse))
+                        mirror.pages_reused += n_re
+                        mirror.pages_read += (b - a) - n_re
+                        yield TrackedPageRun(self.name, region.key, a,
+                                             view[a * PAGE_SIZE:b * PAGE_SIZE], reuse)
+            done = True
+        finally:
+            if not done:                  # the copies no longer match what was cleared
+                mirror.forget(used)
+
+    def _read_dirty(self, view: memoryview, start: int, first: int,
+                    reuse: npt.NDArray[np.bool_]) -> None:
+        """Read pages first.. of the run whose ``reuse`` is False into ``view``."""
+        edges = np.diff((~reuse).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+        for s, e in zip(np.flatnonzero(edges == 1).tolist(),
+                        np.flatnonzero(edges == -1).tolist(), strict=True):
+            a, b = (first + s) * PAGE_SIZE, (first + e) * PAGE_SIZE
+            self._pread_full(self._mem_fd, view[a:b], start + a, "memory")
 
     def close(self) -> None:
         if not self._closed:

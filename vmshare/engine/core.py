@@ -196,11 +196,19 @@ class KsmEngine:
         self._runs = []
         self._in_scan = True
 
-    def feed(self, run: PageRun) -> None:
+    def feed(self, run: PageRun, unchanged: npt.NDArray[np.bool_] | None = None) -> None:
         """Give the engine pages of the current scan (one run, any order of runs).
 
+        ``unchanged`` (one bool per page of the run, optional) marks pages the
+        source knows were not written since the previous scan (soft-dirty bit
+        clear): their bytes are the ones fed at that position last scan, so
+        the checksum recorded then is reused instead of hashing them again. A
+        page the engine has no checksum for is hashed anyway. Their bytes must
+        still be in ``run.data`` (a new merge is byte-compared).
+
         Raises UsageError outside a scan, for an unknown source/region, a run
-        beyond its region, data not a whole number of pages, or a page fed twice.
+        beyond its region, data not a whole number of pages, a page fed twice,
+        or an ``unchanged`` mask of the wrong length.
         """
         if not self._in_scan:
             raise UsageError("feed called outside a scan (call begin_scan first)")
@@ -221,8 +229,18 @@ class KsmEngine:
         flags = rs.flags[first:first + n]
         if np.any(flags & SEEN):
             raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
-        h = self._hash_pages(data, n)
         ck = rs.ck[first:first + n]
+        if unchanged is None:
+            h = self._hash_pages(data, n)
+        else:
+            if unchanged.shape != (n,):
+                raise UsageError(f"unchanged mask of {unchanged.size} for a run of {n} pages")
+            h = ck.copy()
+            todo = np.flatnonzero(~(unchanged & ((flags & HAS_CK) != 0)))
+            if todo.size == n:
+                h = self._hash_pages(data, n)
+            elif todo.size:
+                h[todo] = self._hash_some(data, todo)
         stable = ((flags & HAS_CK) != 0) & (ck == h)
         ck[:] = h
         flags |= np.uint8(SEEN | HAS_CK)
@@ -349,6 +367,15 @@ class KsmEngine:
             base = c * PAGE_SIZE
             out[c:c + m] = [hasher(data[o:o + PAGE_SIZE])
                             for o in range(base, base + m * PAGE_SIZE, PAGE_SIZE)]
+        return out
+
+    def _hash_some(self, data: memoryview, idx: npt.NDArray[np.intp]
+                   ) -> npt.NDArray[np.uint64]:
+        hasher = xxhash.xxh3_64_intdigest if self.hasher is default_hasher else self.hasher
+        out = np.empty(idx.size, dtype=np.uint64)
+        for c in range(0, idx.size, _HASH_CHUNK):
+            out[c:c + _HASH_CHUNK] = [hasher(data[o:o + PAGE_SIZE]) for o in
+                                      (idx[c:c + _HASH_CHUNK] * PAGE_SIZE).tolist()]
         return out
 
     def _drop_region(self, rs: RegionState) -> None:
