@@ -67,6 +67,13 @@ Trust and verification (what is compared with what):
 Page bytes: the engine copies none. It keeps references to the buffers of the
 current scan's runs until ``end_scan`` returns (byte comparisons happen there)
 and holds no page bytes between scans.
+
+Incremental feeds: ``feed(run, unchanged)`` takes a per-page mask from a source
+that knows which pages were not written since the previous scan (the kernel's
+soft-dirty bits, ``vmshare.dumps.live.SoftDirtyMirror``). Those pages keep the
+checksum recorded then instead of being hashed again; their bytes must still
+be in the run, since any new merge is byte-compared as above. This matches
+the kernel's own rule that a merged page stays merged until it is written.
 """
 
 from vmshare.engine.core import (
