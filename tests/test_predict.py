@@ -225,3 +225,6 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     fed = [(r.first_page, r.npages) for r in src.runs()]
     assert fed == [(2, 2)]
     assert src.thp_zero_pages == 1
+    dumplike = KernelVisiblePages(inner, ProcFs(tmp_path), thp_split=False)  # type: ignore[arg-type]
+    assert [(r.first_page, r.npages) for r in dumplike.runs()] == [(1, 3)]
+    assert dumplike.thp_zero_pages == 0

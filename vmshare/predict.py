@@ -91,10 +91,12 @@ class KernelVisiblePages:
     PFN, then KPF_ZERO_PAGE and KPF_THP in kpageflags).
     """
 
-    def __init__(self, inner: LiveProcessSource, procfs: ProcFs) -> None:
+    def __init__(self, inner: LiveProcessSource, procfs: ProcFs, *,
+                 thp_split: bool = True) -> None:
         self.inner = inner
         self.name = inner.name
         self.procfs = procfs
+        self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
         self.thp_zero_pages = 0
         self._start = {r.key: v.start for v, r in zip(inner.vmas, inner.regions(), strict=True)}
 
@@ -115,6 +117,8 @@ class KernelVisiblePages:
             entries = self.procfs.pagemap(self.inner.pid, addr, run.npages)[maybe]
             flags = self.procfs.kpageflags(entries & PFN_MASK)
             thp_zero = ((flags & KPF_THP_BIT) != 0) & ((flags & KPF_ZERO_PAGE_BIT) == 0)
+            if not self.thp_split:
+                thp_zero[:] = False
             self.thp_zero_pages += int(thp_zero.sum())
             drop = maybe[((flags & KPF_ZERO_PAGE_BIT) != 0) | thp_zero]
             if drop.size == 0:
@@ -181,8 +185,12 @@ def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
     return Target(name, "pid", opener)
 
 
-def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = None) -> Target:
+def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = None, *,
+                  thp_split: bool = True) -> Target:
     """A running domain's eligible RAM backends, read live from its QEMU process.
+
+    ``thp_split=False`` feeds the all-zero pages inside THPs too (see
+    KernelVisiblePages): the guest's content exactly as a dump holds it.
 
     Ineligible backends (shared, file, memfd, hugetlb, nosharepages) and
     confidential guests are skipped with a note. Raises DomainNotFound,
@@ -217,7 +225,8 @@ def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = No
             target.notes.append(f"{ref.name}: no eligible RAM backend; nothing scanned")
             return None
         return KernelVisiblePages(
-            LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf), pf)
+            LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf), pf,
+            thp_split=thp_split)
 
     target.open = opener
     first = opener()           # fail now on a stopped domain or EPERM
