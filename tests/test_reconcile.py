@@ -22,7 +22,7 @@ import pytest
 from tests.fakes.hypervisor import FakeHypervisor, FakeVm
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
 from vmshare.audit import AuditLog
-from vmshare.config import Config
+from vmshare.config import Config, DaemonSettings
 from vmshare.daemon.reconcile import Reconciler
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
@@ -92,7 +92,8 @@ class Host:
 
     def config(self) -> Config:
         return Config(path=None, host=HostPolicy(enabled=self.enabled, default_merge="on",
-                                                 vms=dict(self.policies)))
+                                                 vms=dict(self.policies)),
+                      daemon=DaemonSettings(history_file=self.tmp / "history.jsonl"))
 
     def reconciler(self) -> Reconciler:
         """A fresh Reconciler, as a daemon (re)start makes one: state read from disk."""
@@ -456,3 +457,24 @@ def test_scope_foreign_vms_are_never_touched_but_count_for_trust_groups(host: Ho
     assert host.hv.calls == [("mine-1", "pc.ram", False)]
     rc.observe()
     assert sorted(json.loads(host.state_path.read_text())["vms"]) == ["mine-1", "mine-2"]
+
+
+# -- history ------------------------------------------------------------------------
+
+
+def test_observe_records_history_at_its_interval(host: Host) -> None:
+    from vmshare.history import HistoryStore
+    host.add_vm("a", 11, merge=True)
+    host.add_vm("b", 12, merge=True)
+    rc = host.reconciler()
+    rc.observe()
+    host.clock[0] += 10          # within history_interval (60 s): no second sample
+    rc.observe()
+    host.clock[0] += 60
+    rc.observe()
+    samples = list(HistoryStore(host.tmp / "history.jsonl").read())
+    assert [s["time"] for s in samples] == [1000.0, 1070.0]
+    # Each VM maps 8 KSM pages shared with the other (k=2): half a page each.
+    assert samples[-1]["vms"]["a"]["saved_bytes"] == SHARED * 4096 // 2
+    assert samples[-1]["vms"]["a"]["ksm_pages"] == SHARED
+    assert samples[-1]["host"]["pages_sharing"] == 30   # the fake sysfs tree's counter

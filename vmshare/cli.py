@@ -169,6 +169,50 @@ def cmd_ksm(ctx: Context) -> int:
     return 0
 
 
+def cmd_history(ctx: Context) -> int:
+    import time
+
+    from vmshare import history
+    from vmshare.config import load_config
+    from vmshare.report import mib, table
+    a = ctx.args
+    store = history.HistoryStore(load_config(a.config).daemon.history_file)
+    try:
+        since = time.time() - history.parse_duration(a.since) if a.since else 0.0
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from exc
+    samples = list(store.read(since))
+    if a.json:
+        emit_json({"file": str(store.path), "samples": samples})
+        return 0
+    if not samples:
+        out(f"no history in {store.path} (the daemon records it every "
+            "[daemon] history_interval seconds)")
+        return 0
+    names = sorted({n for s in samples for n in s.get("vms", {})})
+    if a.domain:
+        if a.domain not in names:
+            raise UsageError(f"no history for {a.domain!r} in {store.path}")
+        names = [a.domain]
+    span = samples[-1]["time"] - samples[0]["time"]
+    out(f"{len(samples)} samples over {span / 3600:.1f} h from {store.path}")
+    for label, vm in [("host", None), *[(n, n) for n in names[:8]]]:
+        s = history.summary(samples, vm)
+        out(f"  {label:<20} {history.sparkline(history.downsample(s['series'], 40))}  "
+            f"now {mib(s['last'])}, min {mib(s['min'])}, max {mib(s['max'])}")
+    rows = []
+    shown = names[:6]
+    for rec in history.downsample(samples, a.rows):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"]))
+        host_saved = rec.get("host", {}).get("pages_sharing", 0) * 4096
+        rows.append([when, mib(host_saved),
+                     *[mib(rec.get("vms", {}).get(n, {}).get("saved_bytes", 0)) for n in shown]])
+    out()
+    out(table(["TIME", "HOST SAVED", *[f"{n} SAVED" for n in shown]], rows,
+              right=tuple(range(1, 2 + len(shown)))))
+    return 0
+
+
 def cmd_demo(ctx: Context) -> int:
     from vmshare.demo import DemoOptions, run_demo
     a = ctx.args
@@ -231,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unmerge first if a knob can only change with nothing merged")
     k.add_argument("--force", action="store_true", help="skip the free-memory check")
     s.set_defaults(func=cmd_ksm)
+
+    s = sub.add_parser("history", help="savings over time, as recorded by the daemon")
+    s.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this VM")
+    s.add_argument("--since", metavar="DURATION", help="e.g. 30m, 6h, 2d (default: all)")
+    s.add_argument("--rows", type=int, default=20, help="table rows (default 20)")
+    s.add_argument("--config", metavar="PATH", help="host config naming the history file")
+    s.add_argument("--json", action="store_true", help="every sample, as recorded")
+    s.set_defaults(func=cmd_history)
 
     s = sub.add_parser("demo", help="boot small guests, merge them, show per-VM savings")
     s.add_argument("--guests", type=int, default=3)

@@ -27,6 +27,8 @@ class DaemonSettings:
     state_file: Path = Path("/var/lib/vmshare/state.json")
     qmp_sockets: tuple[str, ...] = ()          # globs, for hosts without libvirt
     reconnect_max_seconds: float = 30.0
+    history_file: Path = Path("/var/lib/vmshare/history.jsonl")
+    history_interval: float = 60.0             # seconds between samples; 0: none
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Config:
 
 _HOST_KEYS = {"enabled", "default_merge", "default_group"}
 _DAEMON_KEYS = {"spool_dir", "socket", "audit_log", "state_file", "qmp_sockets",
-                "reconnect_max_seconds"}
+                "reconnect_max_seconds", "history_file", "history_interval"}
 _VM_KEYS = {"merge", "group", "force"}
 
 
@@ -142,6 +144,10 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         state_file=Path(_typed(origin, "daemon", "state_file",
                                d.get("state_file", str(defaults.state_file)), str)),
         qmp_sockets=tuple(globs),
+        history_file=Path(_typed(origin, "daemon", "history_file",
+                                 d.get("history_file", str(defaults.history_file)), str)),
+        history_interval=_typed(origin, "daemon", "history_interval",
+                                d.get("history_interval", defaults.history_interval), float),
         reconnect_max_seconds=_typed(origin, "daemon", "reconnect_max_seconds",
                                      d.get("reconnect_max_seconds",
                                            defaults.reconnect_max_seconds), float),

@@ -44,6 +44,8 @@ from vmshare.errors import (
     VerificationError,
     VmshareError,
 )
+from vmshare.history import HistoryStore
+from vmshare.history import sample as history_sample
 from vmshare.hypervisor.base import Hypervisor
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
@@ -125,6 +127,10 @@ class Reconciler:
         # trust groups (KSM is host-wide) but are never acted on or tracked.
         self.scope: Callable[[str], bool] = scope or (lambda _name: True)
         self._audit_ids: set[str] | None = None
+        settings = config.daemon
+        self.history = HistoryStore(settings.history_file) \
+            if settings.history_interval > 0 else None
+        self._next_sample = 0.0
         self.hv = hv
 
     @property
@@ -249,6 +255,12 @@ class Reconciler:
                                      rec.previous_ksm_pages)
         self.state.prune(now)
         self.state.save()
+        if self.history is not None and now >= self._next_sample:
+            self._next_sample = now + self.config.daemon.history_interval
+            try:
+                self.history.append(history_sample(host, now))
+            except VmshareError as exc:
+                log.warning("history not recorded: %s", exc)
 
     # -- acting --------------------------------------------------------------------
 
