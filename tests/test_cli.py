@@ -240,3 +240,44 @@ def test_history_rotates_and_skips_torn_lines(tmp_path: Path) -> None:
     times = [s["time"] for s in store.read()]
     assert times == sorted(times) and times[-1] == 100.0 and 99 not in times
     assert [s["time"] for s in store.read(since=19.5)] == [20.0, 100.0]
+
+
+def test_html_report(host: tuple[FakeHypervisor, FakeProc], tmp_path: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    from html.parser import HTMLParser
+
+    hv, _ = host
+    hv.vms["web-1"].ref = VmRef('<script>alert(1)</script>', hv.vms["web-1"].ref.uuid, 1, True)
+    hv.vms['<script>alert(1)</script>'] = hv.vms.pop("web-1")
+    cfg = tmp_path / "vmshare.toml"
+    cfg.write_text(f'[daemon]\nhistory_file = "{tmp_path}/h.jsonl"\n')
+    target = tmp_path / "report.html"
+    code, out, err = run(capsys, "report", "--html", str(target), "--config", str(cfg))
+    assert code == 0, err
+    page = target.read_text()
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.count("<svg") == 2            # bars and heat map; no history yet
+    assert "No history yet" in page
+    assert "16.0 KiB" in page                 # web-2's fair share, as status prints it
+
+    class Strict(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: object) -> None:
+            if tag not in ("meta", "br", "rect", "line", "polyline"):
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in ("rect", "line", "polyline"):
+                return
+            assert self.stack.pop() == tag, tag
+
+    parser = Strict()
+    parser.feed(page)
+    assert parser.stack == []
+    code, _, err = run(capsys, "report", "--html", str(tmp_path / "no" / "dir" / "r.html"),
+                       "--config", str(cfg))
+    assert code == 2 and "cannot write" in err

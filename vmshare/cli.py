@@ -213,6 +213,34 @@ def cmd_history(ctx: Context) -> int:
     return 0
 
 
+def cmd_report(ctx: Context) -> int:
+    import socket
+    import time
+
+    from vmshare import history, report_html
+    from vmshare.config import load_config
+    a = ctx.args
+    host = ctx.observer().host()
+    try:
+        since = time.time() - history.parse_duration(a.since)
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from exc
+    store = history.HistoryStore(load_config(a.config).daemon.history_file)
+    page = report_html.render(host, list(store.read(since)), hostname=socket.gethostname())
+    target = Path(a.html)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:      # operator data: 0600, written whole or not at all
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {target}: {exc.strerror}") from exc
+    out(f"wrote {target} ({len(page):,} bytes)")
+    return 0
+
+
 def cmd_demo(ctx: Context) -> int:
     from vmshare.demo import DemoOptions, run_demo
     a = ctx.args
@@ -283,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="PATH", help="host config naming the history file")
     s.add_argument("--json", action="store_true", help="every sample, as recorded")
     s.set_defaults(func=cmd_history)
+
+    s = sub.add_parser("report", help="a self-contained HTML report (charts, matrix, history)")
+    s.add_argument("--html", required=True, metavar="FILE", help="where to write it (0600)")
+    s.add_argument("--since", default="24h", metavar="DURATION",
+                   help="history shown (default 24h)")
+    s.add_argument("--config", metavar="PATH", help="host config naming the history file")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="boot small guests, merge them, show per-VM savings")
     s.add_argument("--guests", type=int, default=3)
