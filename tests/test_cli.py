@@ -254,6 +254,7 @@ def test_html_report(host: tuple[FakeHypervisor, FakeProc], tmp_path: Path,
     target = tmp_path / "report.html"
     code, out, err = run(capsys, "report", "--html", str(target), "--config", str(cfg))
     assert code == 0, err
+    assert out.startswith(f"wrote {target} (")
     page = target.read_text()
     assert oct(target.stat().st_mode & 0o777) == "0o600"
     assert "<script>" not in page and "&lt;script&gt;" in page
