@@ -27,7 +27,8 @@ h1{font-size:1.5rem;margin:0 0 .25rem}h2{font-size:1.1rem;margin:2rem 0 .5rem}
 min-width:10rem}
 .card b{display:block;font-size:1.4rem}.card span{color:#5b6b7b;font-size:.85rem}
 table{border-collapse:collapse;background:#fff;border:1px solid #dde3ea}
-th,td{padding:.35rem .7rem;border-bottom:1px solid #eef1f4;text-align:right}
+th,td{padding:.35rem .7rem;border-bottom:1px solid #eef1f4;text-align:right;
+white-space:nowrap}td:first-child{white-space:normal;max-width:26rem}
 th{background:#f3f5f8;font-weight:600}td:first-child,th:first-child{text-align:left}
 .warn{color:#9a5b00}.muted{color:#8795a1}
 svg text{font:12px system-ui,sans-serif;fill:#1d2733}
@@ -49,8 +50,8 @@ def _bar_chart(rows: Sequence[tuple[str, float, float]]) -> str:
              'aria-label="saved memory per VM">']
     for i, (label, saved, ram) in enumerate(rows):
         y = gap + i * (bar_h + gap)
-        ram_w = (width - label_w - 120) * ram / top
-        saved_w = (width - label_w - 120) * saved / top
+        ram_w = (width - label_w - 190) * ram / top
+        saved_w = (width - label_w - 190) * saved / top
         parts.append(f'<text x="0" y="{y + 15}">{_e(label[:24])}</text>')
         parts.append(f'<rect x="{label_w}" y="{y}" width="{ram_w:.1f}" height="{bar_h}" '
                      'fill="#e3e9f0"><title>RAM</title></rect>')
@@ -65,30 +66,32 @@ def _bar_chart(rows: Sequence[tuple[str, float, float]]) -> str:
 def _heat_map(names: Sequence[str], shares: dict[str, dict[str, int]]) -> str:
     if len(names) < 2:
         return '<p class="muted">Fewer than two running VMs: nothing to share.</p>'
-    cell, label_w = 64, 170
-    size = label_w + cell * len(names)
+    cell, label_w, head_h = 78, 170, 120
+    width, height = label_w + cell * len(names) + 60, head_h + cell * len(names)
     top = max([v for row in shares.values() for v in row.values()] or [1])
-    parts = [f'<svg width="{size}" height="{size}" role="img" aria-label="sharing matrix">']
+    parts = [f'<svg width="{width}" height="{height}" role="img" aria-label="sharing matrix">']
     for j, name in enumerate(names):
         x = label_w + j * cell + cell / 2
-        parts.append(f'<text x="{x:.0f}" y="{label_w - 8}" text-anchor="end" '
-                     f'transform="rotate(-40 {x:.0f} {label_w - 8})">{_e(name[:22])}</text>')
+        parts.append(f'<text x="{x:.0f}" y="{head_h - 8}" '
+                     f'transform="rotate(-40 {x:.0f} {head_h - 8})">{_e(name[:22])}</text>')
     for i, a in enumerate(names):
-        y = label_w + i * cell
+        y = head_h + i * cell
         parts.append(f'<text x="0" y="{y + cell / 2 + 4:.0f}">{_e(a[:22])}</text>')
         for j, b in enumerate(names):
             x = label_w + j * cell
             pages = shares.get(a, {}).get(b, 0)
+            level = pages / top if top else 0.0
             if a == b:
-                fill, text = "#f3f5f8", "–"
+                fill, text, ink = "#f3f5f8", "–", "#8795a1"
             else:
-                level = pages / top if top else 0
                 fill = f"rgba(47,125,109,{0.08 + 0.92 * level:.2f})"
-                text = mib(pages * PAGE_SIZE).replace(" ", "\u00a0")
+                text = mib(pages * PAGE_SIZE)
+                ink = "#ffffff" if level > 0.45 else "#1d2733"
             parts.append(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
                          f'fill="{fill}"><title>{_e(a)} → {_e(b)}: {_e(text)}</title></rect>')
             parts.append(f'<text x="{x + cell / 2 - 1:.0f}" y="{y + cell / 2 + 4:.0f}" '
-                         f'text-anchor="middle" font-size="10">{_e(text.split()[0])}</text>')
+                         f'text-anchor="middle" font-size="11" style="fill:{ink}">'
+                         f"{_e(text)}</text>")
     parts.append("</svg>")
     return "".join(parts)
 
@@ -112,7 +115,8 @@ def _line_chart(samples: Sequence[dict[str, Any]]) -> str:
             f'<polyline points="{pts}" fill="none" stroke="#2f7d6d" stroke-width="2"/>'
             f'<text x="{pad}" y="{height - 12}">{_e(start)}</text>'
             f'<text x="{width - pad}" y="{height - 12}" text-anchor="end">{_e(end)}</text>'
-            f'<text x="{pad}" y="{pad - 12}">{_e(mib(top))} saved (max)</text></svg>')
+            f'<text x="{pad}" y="{pad - 12}">{_e(mib(top))} saved (max); now '
+            f'{_e(mib(values[-1]))}</text></svg>')
 
 
 def render(host: HostView, samples: Sequence[dict[str, Any]] = (), *,
@@ -156,7 +160,8 @@ def render(host: HostView, samples: Sequence[dict[str, Any]] = (), *,
         "<h2>VMs</h2><table><tr><th>VM</th><th>RAM</th><th>KSM pages</th><th>Saved</th>"
         "<th>Zero pages</th><th>rmap items</th><th>Merge</th></tr>" + "".join(rows)
         + "</table>",
-        "<h2>Who shares with whom</h2>",
+        "<h2>Who shares with whom</h2><p class=\"muted\">Guest RAM of each row's VM "
+        "mapped to a KSM page the column's VM maps too.</p>",
         _heat_map(names, {v.name: v.shares_with_pages for v in running}),
         "<h2>Host saving over time</h2>", _line_chart(samples),
         f"<h2>What the numbers mean</h2><ul>{legend}</ul>",
