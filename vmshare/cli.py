@@ -31,7 +31,7 @@ EXIT_INTERNAL = 70
 # Edge modules that add command groups (see build_parser).
 EXTENSION_MODULES: tuple[str, ...] = ("vmshare.cli_policy", "vmshare.cli_hook",
                                       "vmshare.cli_engine", "vmshare.cli_metrics",
-                                      "vmshare.cli_daemon")
+                                      "vmshare.cli_daemon", "vmshare.cli_tune")
 
 
 class Context:
