@@ -439,20 +439,16 @@ def reference_pages(order: list[RegionState]) -> tuple[U64, I64]:
     pages can arrive next scan), with one of those pages (the first in scan
     order) as its reference. Returns (sorted checksums, global positions).
     """
-    def eligible(rs: RegionState, s: int) -> BOOL:
-        fl = rs.flags[s:s + _CHUNK]
-        ok: BOOL = ((fl & SEEN) != 0) & ((fl & ZERO) == 0) & (rs.node[s:s + _CHUNK] < 0)
-        return ok
-
-    n = sum(int(np.count_nonzero(eligible(rs, s))) for rs in order
-            for s in range(0, rs.npages, _CHUNK))
-    allck = np.empty(n, dtype=np.uint64)       # filled in place: 8 bytes a page at most
-    k = 0
+    parts: list[U64] = []
     for rs in order:
         for s in range(0, rs.npages, _CHUNK):
-            c = rs.ck[s:s + _CHUNK][eligible(rs, s)]
-            allck[k:k + c.size] = c
-            k += c.size
+            fl = rs.flags[s:s + _CHUNK]
+            m = ((fl & SEEN) != 0) & ((fl & ZERO) == 0) & (rs.node[s:s + _CHUNK] < 0)
+            parts.append(rs.ck[s:s + _CHUNK][m])
+    if not parts:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    allck = np.concatenate(parts)
+    del parts
     allck.sort()
     multi = np.unique(allck[1:][allck[1:] == allck[:-1]])
     del allck
@@ -463,7 +459,9 @@ def reference_pages(order: list[RegionState]) -> tuple[U64, I64]:
     for r in range(len(order) - 1, -1, -1):         # last write wins: first in scan order
         rs = order[r]
         for s in range(((rs.npages - 1) // _CHUNK) * _CHUNK, -1, -_CHUNK):
-            m = np.flatnonzero(eligible(rs, s))
+            fl = rs.flags[s:s + _CHUNK]
+            m = np.flatnonzero(((fl & SEEN) != 0) & ((fl & ZERO) == 0) &
+                               (rs.node[s:s + _CHUNK] < 0))
             if not m.size:
                 continue
             c = rs.ck[s:s + _CHUNK][m]
