@@ -20,10 +20,8 @@ from vmshare.engine.state import (
     SEEN,
     STABLE_CK,
     UNSTABLE,
-    VERIFIED,
     ZERO,
     ZERO_NEW,
-    FeedIndex,
     NodeTable,
     RegionState,
     RunRef,
@@ -154,13 +152,6 @@ class KsmEngine:
         self._regions: dict[tuple[str, str], RegionState] = {}
         self._order: list[RegionState] = []
         self._runs: list[RunRef] = []
-        self._base: dict[int, int] = {}          # id(RegionState) -> first global position
-        self._feed_index = FeedIndex()
-        # checksum -> reference page, for checksums held by several pages at the
-        # previous scan (sorted checksums, global positions; see merge.reference_pages)
-        self._ref_ck = np.zeros(0, dtype=np.uint64)
-        self._ref_pos = np.zeros(0, dtype=np.int64)
-        self._ref_layout: tuple[tuple[int, int], ...] = ()
         self._in_scan = False
         self._full_scans = 0
         self._pages_scanned = 0
@@ -203,15 +194,6 @@ class KsmEngine:
             self._order.append(rs)
         self.nodes.free_empty()
         self._runs = []
-        self._base = {}
-        total = 0
-        for rs in self._order:
-            self._base[id(rs)] = total
-            total += rs.npages
-        if self._layout() != self._ref_layout:       # positions moved: references void
-            self._ref_ck = np.zeros(0, dtype=np.uint64)
-            self._ref_pos = np.zeros(0, dtype=np.int64)
-        self._feed_index = FeedIndex()
         self._in_scan = True
 
     def feed(self, run: PageRun, unchanged: npt.NDArray[np.bool_] | None = None) -> None:
@@ -263,61 +245,18 @@ class KsmEngine:
         ck[:] = h
         flags |= np.uint8(SEEN | HAS_CK)
         flags[stable] |= np.uint8(STABLE_CK)
-        ref = RunRef(rs, first, n, data)
-        self._runs.append(ref)
-        start = self._base[id(rs)] + first
-        self._feed_index.add(start, ref)
-        if self._ref_ck.size:
-            self._preverify(ref, start, h, stable)
-
-    def _preverify(self, ref: RunRef, start: int, h: npt.NDArray[np.uint64],
-                   stable: npt.NDArray[np.bool_]) -> None:
-        """Compare this run's candidate arrivals with their checksum's reference
-        page now, while the run is hot in cache (see "Trust and verification").
-
-        A page byte-equal to the reference fed this scan (or being it) gets
-        VERIFIED; end_scan byte-compares only groups with an unverified member.
-        """
-        rs = ref.region
-        first, n = ref.first, ref.npages
-        flags = rs.flags[first:first + n]
-        cand = np.flatnonzero(stable & (rs.node[first:first + n] < 0) &
-                              ((flags & ZERO) == 0))
-        if not cand.size:
-            return
-        j = np.searchsorted(self._ref_ck, h[cand])
-        j[j == self._ref_ck.size] = 0
-        hit = self._ref_ck[j] == h[cand]
-        cand, j = cand[hit], j[hit]
-        if not cand.size:
-            return
-        rpos = self._ref_pos[j]
-        me = rpos == cand + start
-        flags[cand[me]] |= np.uint8(VERIFIED)
-        other = np.flatnonzero(~me)
-        if other.size:
-            rows = np.frombuffer(ref.data, dtype=np.uint64).reshape(n, -1)
-            ok = self._feed_index.equal_rows(rows, cand[other], rpos[other])
-            flags[cand[other[ok]]] |= np.uint8(VERIFIED)
-
-    def _layout(self) -> tuple[tuple[int, int], ...]:
-        return tuple((id(rs), rs.npages) for rs in self._order)
+        self._runs.append(RunRef(rs, first, n, data))
 
     def end_scan(self) -> ScanResult:
         """Complete the full scan: merge, break out, count. Raises UsageError outside a scan."""
         if not self._in_scan:
             raise UsageError("end_scan called outside a scan")
-        self._ref_ck = np.zeros(0, dtype=np.uint64)   # free before the scan's temporaries
-        self._ref_pos = np.zeros(0, dtype=np.int64)
         try:
             merge.run_scan(self._order, self._runs, self.nodes, self.config, self.zero_hash,
                            self.verify_merged)
         finally:
             self._runs = []
-            self._feed_index = FeedIndex()
             self._in_scan = False
-        self._ref_ck, self._ref_pos = merge.reference_pages(self._order)
-        self._ref_layout = self._layout()
         self._full_scans += 1
         fed = 0
         rmap_items = unshared = zero = 0

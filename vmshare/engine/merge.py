@@ -33,7 +33,6 @@ from vmshare.engine.state import (
     STABLE_CK,
     U64,
     UNSTABLE,
-    VERIFIED,
     ZERO,
     ZERO_NEW,
     NodeTable,
@@ -193,29 +192,25 @@ class _Scan:
         for b in range(nb):
             pos_parts: list[I64] = []
             ck_parts: list[U64] = []
-            ver_parts: list[BOOL] = []
             for r, rs in enumerate(self.order):
                 ai = np.flatnonzero(buckets[r] == b) if buckets is not None else \
                     np.flatnonzero(rs.flags & ARRIVAL)
                 pos_parts.append(ai + int(self.offsets[r]))
                 ck_parts.append(rs.ck[ai])
-                ver_parts.append((rs.flags[ai] & VERIFIED) != 0)
             pos = np.concatenate(pos_parts)
             ck = np.concatenate(ck_parts)
-            ver = np.concatenate(ver_parts)
-            del pos_parts, ck_parts, ver_parts
-            self._bucket(pos, ck, ver)
+            del pos_parts, ck_parts
+            self._bucket(pos, ck)
         del buckets
         if self.slow:
             self._slow_groups()
 
-    def _bucket(self, pos: I64, ck: U64, ver: BOOL) -> None:
+    def _bucket(self, pos: I64, ck: U64) -> None:
         if not pos.size:
             return
         srt = np.argsort(ck, kind="stable")
         ck = ck[srt]
         pos = pos[srt]
-        ver = ver[srt]
         del srt
         n = pos.size
         gstart = np.flatnonzero(np.r_[True, ck[1:] != ck[:-1]])
@@ -231,18 +226,13 @@ class _Scan:
         flags_or = np.zeros(n, dtype=np.uint8)
         node_of = np.full(n, -1, dtype=np.int32)
         flags_or[~cand[gid]] = UNSTABLE
-        # byte verification of node-free groups against their first page, unless
-        # every member was found byte-equal to one reference page while fed
+        # byte verification of node-free groups against their first page
         fastg = cand & ~has_nodes
-        tocheck = np.zeros(gck.size, dtype=np.bool_)
-        tocheck[gid[~ver]] = True
-        tocheck &= fastg
-        del ver
         bad = np.zeros(gck.size, dtype=np.bool_)
         for b0 in range(0, n, _VERIFY):           # blocks bound the temporaries
             b1 = min(n, b0 + _VERIFY)
             bg = gid[b0:b1]
-            fa = np.flatnonzero(tocheck[bg] & (np.arange(b0, b1) != gstart[bg]))
+            fa = np.flatnonzero(fastg[bg] & (np.arange(b0, b1) != gstart[bg]))
             if fa.size:
                 bg = bg[fa]
                 ok = self.atlas.equal(pos[fa + b0], pos[gstart[bg]])
@@ -431,46 +421,6 @@ class _Scan:
             ch = self.nodes.new_chain()
             pending[first - base] = (k, ch, content)
         return ch
-
-
-def reference_pages(order: list[RegionState]) -> tuple[U64, I64]:
-    """For the next scan's feed-time comparisons: each checksum held by two or
-    more pages fed this scan (not on a stable node, not zero-mapped: only such
-    pages can arrive next scan), with one of those pages (the first in scan
-    order) as its reference. Returns (sorted checksums, global positions).
-    """
-    parts: list[U64] = []
-    for rs in order:
-        for s in range(0, rs.npages, _CHUNK):
-            fl = rs.flags[s:s + _CHUNK]
-            m = ((fl & SEEN) != 0) & ((fl & ZERO) == 0) & (rs.node[s:s + _CHUNK] < 0)
-            parts.append(rs.ck[s:s + _CHUNK][m])
-    if not parts:
-        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-    allck = np.concatenate(parts)
-    del parts
-    allck.sort()
-    multi = np.unique(allck[1:][allck[1:] == allck[:-1]])
-    del allck
-    ref = np.full(multi.size, -1, dtype=np.int64)
-    if not multi.size:
-        return multi, ref
-    offs = np.cumsum([0] + [rs.npages for rs in order])
-    for r in range(len(order) - 1, -1, -1):         # last write wins: first in scan order
-        rs = order[r]
-        for s in range(((rs.npages - 1) // _CHUNK) * _CHUNK, -1, -_CHUNK):
-            fl = rs.flags[s:s + _CHUNK]
-            m = np.flatnonzero(((fl & SEEN) != 0) & ((fl & ZERO) == 0) &
-                               (rs.node[s:s + _CHUNK] < 0))
-            if not m.size:
-                continue
-            c = rs.ck[s:s + _CHUNK][m]
-            j = np.searchsorted(multi, c)
-            j[j == multi.size] = 0
-            hit = np.flatnonzero(multi[j] == c)[::-1]
-            ref[j[hit]] = m[hit] + (int(offs[r]) + s)
-    keep = ref >= 0
-    return multi[keep], ref[keep]
 
 
 def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,

@@ -10,10 +10,7 @@ compacted, order kept, when dead ids outnumber live ones.
 
 from __future__ import annotations
 
-import bisect
-import mmap
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +23,6 @@ STABLE_CK = 4    # fed this scan with the checksum recorded at the previous scan
 ZERO = 8         # mapped to the zero page by use_zero_pages (no rmap item once passed)
 ZERO_NEW = 16    # zero-mapped during this scan: its rmap item still exists
 UNSTABLE = 32    # in this scan's unstable tree
-VERIFIED = 128   # fed this scan and byte-equal to its checksum's reference page (feed time)
 
 ROW = PAGE_SIZE // 8   # uint64 words in a page
 _PAIRS = 4096          # pages located at once by PageAtlas.equal / is_zero
@@ -35,26 +31,6 @@ U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 BOOL = npt.NDArray[np.bool_]
-
-_MMAP_MIN = 1 << 16    # arrays this large get their own anonymous mapping
-
-
-def alloc(shape: int | tuple[int, ...], dtype: Any, fill: int = 0) -> Any:
-    """A zero- (or ``fill``-) initialised array outside the malloc heap when large.
-
-    Long-lived engine arrays get their own anonymous mapping: freeing one
-    returns its memory to the OS at once, where glibc would keep freed heap
-    (its mmap threshold grows after a large free) and count it as resident.
-    """
-    dt = np.dtype(dtype)
-    n = int(np.prod(shape)) * dt.itemsize
-    if n < _MMAP_MIN:
-        return np.full(shape, fill, dtype=dt)
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arr = np.frombuffer(buf, dtype=dt).reshape(shape)
-    if fill:
-        arr.fill(fill)
-    return arr
 
 
 class RegionState:
@@ -67,9 +43,9 @@ class RegionState:
         self.key = key
         self.generation = generation
         self.npages = npages
-        self.ck: U64 = alloc(npages, np.uint64)
-        self.node: I32 = alloc(npages, np.int32, -1)
-        self.flags: npt.NDArray[np.uint8] = alloc(npages, np.uint8)
+        self.ck: U64 = np.zeros(npages, dtype=np.uint64)
+        self.node: I32 = np.full(npages, -1, dtype=np.int32)
+        self.flags: npt.NDArray[np.uint8] = np.zeros(npages, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -128,16 +104,18 @@ class NodeTable:
         return first
 
     def _grow(self, need: int) -> None:
-        """Room for ``need`` nodes, growing by half, one array at a time (each
-        in its own mapping: the old one is unmapped as soon as it is copied)."""
+        """Room for ``need`` nodes, growing by half: in place (realloc, no second
+        copy alive at once) when nothing else references the arrays, else copied."""
         cap = max(1024, need + need // 2)
         for name in ("_count", "_chain", "_fp"):
             shape = (cap, 2) if name == "_fp" else (cap,)
-            old = getattr(self, name)
-            new = alloc(shape, old.dtype)
-            new[:self.n] = old[:self.n]
-            setattr(self, name, new)
-            del old
+            try:   # no local reference to the array, or refcheck refuses
+                getattr(self, name).resize(shape, refcheck=True)   # zero-fills the tail
+            except ValueError:                       # a view is alive: copy instead
+                old = getattr(self, name)
+                new = np.zeros(shape, dtype=old.dtype)
+                new[:self.n] = old[:self.n]
+                setattr(self, name, new)
 
     def unmap(self, members: I32) -> None:
         if members.size:
@@ -279,69 +257,4 @@ class PageAtlas:
                     ix = sel[s:s + block]
                     np.take(self.views[cl], r[ix], axis=0, out=buf[:ix.size])
                     out[p0 + ix] = ~buf[:ix.size].any(axis=1)
-        return out
-
-
-class FeedIndex:
-    """The runs fed so far in the current scan, to compare pages while feeding.
-
-    Rows are located like PageAtlas does (one strided view per address class).
-    The located view is rebuilt lazily, when the runs fed since the last build
-    reach a quarter of those it holds, so feeding many runs stays linear; a row
-    of a run not yet in the view is reported unavailable (never compared).
-    """
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._runs: list[RunRef] = []
-        self._atlas: PageAtlas | None = None
-        self._ends: I64 = np.zeros(0, dtype=np.int64)
-        self._built = 0
-
-    def add(self, start: int, run: RunRef) -> None:
-        i = bisect.bisect_right(self._starts, start)
-        self._starts.insert(i, start)
-        self._runs.insert(i, run)
-
-    def atlas(self) -> tuple[PageAtlas | None, I64]:
-        if self._atlas is None or len(self._runs) - self._built >= max(1, self._built // 4):
-            starts = np.asarray(self._starts, dtype=np.int64)
-            self._atlas = PageAtlas(list(self._runs), starts)
-            self._ends = starts + np.asarray([r.npages for r in self._runs], dtype=np.int64)
-            self._built = len(self._runs)
-        return self._atlas, self._ends
-
-    def equal_rows(self, rows: U64, idx: I64, rpos: I64, block: int = 64) -> BOOL:
-        """``rows[idx[i]]`` (a run just fed, hot in cache) == the fed page at
-        global position ``rpos[i]``, byte for byte; False where that page is not
-        (yet) available."""
-        out = np.zeros(idx.size, dtype=np.bool_)
-        atlas, ends = self.atlas()
-        if atlas is None or not idx.size:
-            return out
-        r = np.searchsorted(atlas.starts, rpos, side="right") - 1
-        ok = r >= 0
-        ok[ok] = rpos[ok] < ends[r[ok]]
-        sel = np.flatnonzero(ok)
-        if not sel.size:
-            return out
-        cls, row = atlas.locate(rpos[sel])
-        buf_a = np.empty((block, ROW), dtype=np.uint64)
-        buf_b = np.empty((block, ROW), dtype=np.uint64)
-        eq = np.empty((block, ROW), dtype=np.bool_)
-        for c in np.unique(cls).tolist():
-            sub = sel if len(atlas.views) == 1 else sel[cls == c]
-            srow = row if len(atlas.views) == 1 else row[cls == c]
-            view = atlas.views[c]
-            for s in range(0, sub.size, block):
-                ix = sub[s:s + block]
-                rr = srow[s:s + block]
-                m = ix.size
-                np.take(rows, idx[ix], axis=0, out=buf_a[:m])
-                if rr[0] == rr[-1] and (rr == rr[0]).all():
-                    np.equal(buf_a[:m], view[int(rr[0])], out=eq[:m])  # one reference row
-                else:
-                    np.take(view, rr, axis=0, out=buf_b[:m])
-                    np.equal(buf_a[:m], buf_b[:m], out=eq[:m])
-                out[ix] = eq[:m].all(axis=1)
         return out
