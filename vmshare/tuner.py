@@ -89,6 +89,7 @@ class Policy:
     churn_cooldown_seconds: float = 60.0  # first cooldown after a fruitless churn burst
     churn_cooldown_max_seconds: float = 1800.0
     budget_tolerance: float = 1.10        # measured/budget above this counts as over
+    cost_memory: int = 8                  # measured intervals the planning cost remembers
     history: int = 64
 
     def __post_init__(self) -> None:
@@ -110,7 +111,8 @@ class TunerState:
     mode: str = MODE_MERGE
     history: tuple[Observation, ...] = ()
     epoch: Observation | None = None          # first observation of the current mode
-    ns_per_page: float | None = None          # ksmd's measured cost of one scanned page
+    ns_per_page: float | None = None          # ksmd's cost of one scanned page, planned with
+    costs: tuple[float, ...] = ()             # recent measured costs (ns per page)
     idle_since: float | None = None
     idle_available: int | None = None
     churn_epoch: bool = False                 # the current merge epoch was started by churn
@@ -153,15 +155,22 @@ def _pressure(obs: Observation, policy: Policy) -> tuple[str, float]:
     return "moderate", frac
 
 
-def _scan_set(history: tuple[Observation, ...], obs: Observation) -> int:
-    """Pages one full scan visits: measured from pages_scanned per full scan
-    when the history holds a full scan, else the pages KSM tracks."""
-    for h in reversed(history[:-1]):
-        scans = obs.full_scans - h.full_scans
-        if scans >= 1 and obs.pages_scanned > h.pages_scanned:
-            return max(1, (obs.pages_scanned - h.pages_scanned) // scans)
+def _scan_set(obs: Observation) -> int:
+    """Pages one full scan visits, at most: every page KSM tracks (each has an
+    rmap_item and is counted as shared, sharing, unshared or volatile)."""
     return max(1, obs.pages_shared + obs.pages_sharing + obs.pages_unshared
                + obs.pages_volatile)
+
+
+def _last_scan_start(history: tuple[Observation, ...], obs: Observation,
+                     epoch: Observation) -> Observation | None:
+    """The first observation of this epoch taken during the previous full scan
+    (or the epoch's start, if that is later): the window from it to ``obs``
+    covers the last full scan. None while no full scan ended in the epoch."""
+    for h in history[:-1]:
+        if h.time >= epoch.time and obs.full_scans - 1 <= h.full_scans < obs.full_scans:
+            return h
+    return None
 
 
 def _remember(history: tuple[Observation, ...], obs: Observation,
@@ -230,6 +239,7 @@ def decide(state: TunerState, obs: Observation,
     # ---- cost of scanning, from the last interval
     cpu_pct: float | None = None
     ns_per_page = state.ns_per_page
+    costs = state.costs
     if prev is not None and obs.time > prev.time:
         dt = obs.time - prev.time
         dcpu = max(0.0, obs.ksmd_cpu_seconds - prev.ksmd_cpu_seconds)
@@ -237,7 +247,10 @@ def decide(state: TunerState, obs: Observation,
         dscan = obs.pages_scanned - prev.pages_scanned
         # clock ticks are 10 ms: judge the cost only from intervals with real work
         if dscan >= 1000 and dcpu >= 0.02:
-            ns_per_page = min(max(dcpu / dscan * 1e9, 20.0), 1e6)
+            costs = (*costs, min(max(dcpu / dscan * 1e9, 20.0), 1e6))[-policy.cost_memory:]
+            # a page costs several times more while merging than while only
+            # checksumming: plan with the dearest recent cost, not the last
+            ns_per_page = max(costs)
         facts["cpu_pct"] = cpu_pct
     cost = ns_per_page if ns_per_page is not None else policy.assumed_ns_per_page
     facts["ns_per_page"] = cost
@@ -245,7 +258,7 @@ def decide(state: TunerState, obs: Observation,
 
     epoch = state.epoch if (state.epoch is not None and not reset) else obs
     scans_in_epoch = obs.full_scans - epoch.full_scans
-    scan_set = _scan_set(history, obs)
+    scan_set = _scan_set(obs)
     eps = max(policy.min_gain_pages, policy.min_gain_fraction * obs.pages_sharing)
     ref = _reference(history, obs, epoch, policy.converge_scans)
     gain_per_scan: float | None = None
@@ -254,7 +267,7 @@ def decide(state: TunerState, obs: Observation,
         gain = obs.pages_sharing - ref.pages_sharing
         gain_per_scan = gain / max(1, obs.full_scans - ref.full_scans)
         converged = scans_in_epoch >= policy.epoch_min_scans and gain <= eps
-    last = _reference(history, obs, epoch, 1)
+    last = _last_scan_start(history, obs, epoch)
     churn_pages = 0
     new_merges = False
     if last is not None:
@@ -268,7 +281,7 @@ def decide(state: TunerState, obs: Observation,
     facts.update(scan_set=scan_set, churn_pages=churn_pages, scans_in_epoch=scans_in_epoch)
 
     mode = state.mode
-    nxt = replace(state, history=history, ns_per_page=ns_per_page, epoch=epoch)
+    nxt = replace(state, history=history, ns_per_page=ns_per_page, costs=costs, epoch=epoch)
     why = ""
 
     def enter(new_mode: str, **changes: object) -> None:
