@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmshare.cli_tune import CLK_TCK, KsmdClock
+from vmshare.cli_tune import KsmdClock
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 
@@ -94,7 +94,7 @@ def proc_cpu(pid: int) -> float:
         rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
-    return sum(int(x) for x in rest[11:15]) / CLK_TCK
+    return sum(int(x) for x in rest[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def fresh_ksm(sysfs: KsmSysfs) -> None:

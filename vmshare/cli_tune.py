@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -21,54 +20,40 @@ from types import FrameType
 from typing import Any
 
 from vmshare.audit import AuditLog
-from vmshare.errors import KnobError, ProcfsError, UsageError
+from vmshare.errors import KnobError, ProcessGone, ProcfsError, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import RUN_UNMERGE, KsmSysfs
 from vmshare.tuner import Decision, Observation, Policy, TunerState, decide
 
 OWNED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class KsmdClock:
-    """ksmd's CPU time (utime+stime of /proc/<pid>/stat) for the kernel thread
-    whose comm is ``ksmd``, found once and re-found if it goes away.
-
-    Reads under the ProcFs root so tests can point it at a fake /proc. (This
-    belongs in vmshare/ksm/procfs.py; it lives here until that module grows
-    a stat-times reader.) Raises ProcfsError when no ksmd thread exists.
-    """
+    """ksmd's CPU time, for the kernel thread whose comm is ``ksmd``, found
+    once and found again if it goes away. Raises ProcfsError when no ksmd
+    thread exists."""
 
     def __init__(self, procfs: ProcFs) -> None:
-        self.root = procfs.root
+        self.procfs = procfs
         self.pid: int | None = None
 
     def find(self) -> int:
-        for entry in self.root.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                comm = (entry / "comm").read_text().strip()
-            except OSError:
-                continue
-            if comm == "ksmd":
-                self.pid = int(entry.name)
-                return self.pid
-        raise ProcfsError(f"no ksmd kernel thread under {self.root} (kernel without KSM?)")
+        pids = self.procfs.pids_named("ksmd")
+        if not pids:
+            raise ProcfsError(f"no ksmd kernel thread under {self.procfs.root} "
+                              "(kernel without KSM?)")
+        self.pid = pids[0]
+        return self.pid
 
     def seconds(self) -> float:
         for _attempt in range(2):
             pid = self.pid if self.pid is not None else self.find()
             try:
-                text = (self.root / str(pid) / "stat").read_text()
-                rest = text[text.rindex(")") + 2:].split()
-                if (self.root / str(pid) / "comm").read_text().strip() != "ksmd":
-                    raise FileNotFoundError(pid)
-            except (OSError, ValueError):
+                if self.procfs.comm(pid) != "ksmd":
+                    raise ProcessGone(f"pid {pid} is no longer ksmd")
+                return self.procfs.cpu_seconds(pid)
+            except (ProcessGone, ProcfsError):
                 self.pid = None
-                continue
-            # fields 14 and 15 (utime, stime); rest starts at field 3
-            return (int(rest[11]) + int(rest[12])) / CLK_TCK
         raise ProcfsError("cannot read ksmd's CPU time from /proc/<ksmd>/stat")
 
 

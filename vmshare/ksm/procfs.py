@@ -32,6 +32,7 @@ KPF_THP = 22
 KPF_KSM = 21
 KPF_ZERO_PAGE = 24
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Sparse PFN look-ups: PFNs closer than this are read in one pread.
 _PFN_GAP = 64
 _MAX_SPAN = 1 << 17   # entries read at once (1 MiB of kpageflags)
@@ -77,6 +78,30 @@ class ProcFs:
             return int(rest[19])
         except (ValueError, IndexError) as exc:
             raise ProcfsError(f"/proc/{pid}/stat: unexpected format") from exc
+
+    def cpu_seconds(self, pid: int) -> float:
+        """utime + stime of /proc/<pid>/stat (fields 14 and 15), in seconds."""
+        text = self._pid_text(pid, "stat")
+        try:
+            rest = text[text.rindex(")") + 2:].split()
+            return (int(rest[11]) + int(rest[12])) / _CLK_TCK
+        except (ValueError, IndexError) as exc:
+            raise ProcfsError(f"/proc/{pid}/stat: unexpected format") from exc
+
+    def comm(self, pid: int) -> str:
+        return self._pid_text(pid, "comm").strip()
+
+    def pids_named(self, comm: str) -> list[int]:
+        """Processes and kernel threads whose comm is ``comm`` (ksmd, ...)."""
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.isdigit():
+                try:
+                    if (entry / "comm").read_text().strip() == comm:
+                        found.append(int(entry.name))
+                except OSError:
+                    continue           # exited while we looked
+        return sorted(found)
 
     def cmdline(self, pid: int) -> list[str]:
         path = self.root / str(pid) / "cmdline"
