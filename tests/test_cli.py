@@ -282,3 +282,17 @@ def test_html_report(host: tuple[FakeHypervisor, FakeProc], tmp_path: Path,
     code, _, err = run(capsys, "report", "--html", str(tmp_path / "no" / "dir" / "r.html"),
                        "--config", str(cfg))
     assert code == 2 and "cannot write" in err
+
+
+def test_status_survives_a_vm_vanishing_mid_read(host: tuple[FakeHypervisor, FakeProc],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+    _, fake = host
+    shutil.rmtree(fake.root / "200")          # web-2's QEMU exited after the listing
+    code, out, err = run(capsys, "status", "--json")
+    assert code == 0, err
+    vms = {v["name"]: v for v in json.loads(out)["vms"]}
+    assert vms["web-2"]["pid"] is None and "process 200 is gone" in vms["web-2"]["warnings"][0]
+    assert vms["web-1"]["ksm_pages"] == 8
+    code, _, err = run(capsys, "status", "web-2")     # named explicitly: an error
+    assert code == 1 and "process 200 is gone" in err

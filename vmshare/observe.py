@@ -177,7 +177,9 @@ class Observer:
         for ref in refs:
             try:
                 got = self._gather(ref)
-            except (ProcessGone, HypervisorError) as exc:
+            except (ProcessGone, HypervisorError, ProcfsError) as exc:
+                # The VM stopped, or its QEMU changed, while we read: report
+                # it without figures rather than failing the whole host.
                 if names:
                     raise
                 log.warning("%s: %s", ref.name, exc)
