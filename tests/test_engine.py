@@ -214,7 +214,40 @@ def test_converge_stops_when_counters_settle() -> None:
     e = KsmEngine()
     world: World = {"a": [pg(1), Z], "b": [pg(1), pg(4)]}
     n = e.converge(lambda eng: feed_world(eng, world), max_scans=10)
-    assert n == 3 and e.counters().full_scans == 3
+    # scan 2 merges and leaves no volatile page: settled, no confirmation scan
+    assert n == 2 and e.counters().full_scans == 2 and e.settled
+    state = e.counters().merge_state()
+    feed_world(e, world)
+    assert e.counters().merge_state() == state
+
+
+def test_settled_needs_no_volatile_page_and_no_leave() -> None:
+    e = KsmEngine(EngineConfig(max_page_sharing=2))
+    y = pg(9)
+    feed_world(e, {"a": [pg(1), y, pg(1)]})
+    assert not e.settled                       # everything is new: volatile
+    feed_world(e, {"a": [pg(1), y, pg(1)]})
+    assert e.settled and e.counters().pages_sharing == 1
+    feed_world(e, {"a": [pg(1), pg(1), pg(1)]})
+    assert not e.settled                       # page 1 changed: volatile
+    feed_world(e, {"a": [pg(1), pg(1), pg(1)]})
+    assert e.settled and e.counters().pages_unshared == 1   # the node is full
+    # page 2 leaves its node after page 1 was found no room: page 1 joins next scan
+    c5 = feed_world(e, {"a": [pg(1), pg(1), None]})
+    assert not e.settled and c5.pages_unshared == 1
+    c6 = feed_world(e, {"a": [pg(1), pg(1), None]})
+    assert c6.merge_state() != c5.merge_state() and c6.pages_unshared == 0
+    assert e.settled
+
+
+@pytest.mark.parametrize("use_zero_pages", [False, True])
+def test_settled_waits_for_zero_mapping(use_zero_pages: bool) -> None:
+    e = KsmEngine(EngineConfig(use_zero_pages=use_zero_pages))
+    world: World = {"a": [Z, pg(1), pg(2)]}
+    feed_world(e, world)
+    feed_world(e, world)
+    # with use_zero_pages the zero page's rmap item lives until the next scan
+    assert e.settled is not use_zero_pages
 
 
 def test_counter_names_are_the_kernels() -> None:
@@ -275,6 +308,22 @@ def test_engine_matches_reference(h: tuple[int, bool, list[tuple[World, dict[str
         assert {s: v.saved for s, v in per.items() if v.saved} == \
             {s: v for s, v in ref_saved.items() if v}
         assert {a: row for a, row in e.shares_with().items() if row} == ref.shares_with()
+
+
+@settings(max_examples=300, deadline=None)
+@given(histories(), st.booleans())
+def test_settled_scan_is_a_fixed_point(h: tuple[int, bool, list[tuple[World, dict[str, str]]]],
+                                       verify: bool) -> None:
+    mps, uzp, scans = h
+    e = KsmEngine(EngineConfig(max_page_sharing=mps, use_zero_pages=uzp), verify_merged=verify)
+    ref = ReferenceKsm(max_page_sharing=mps, use_zero_pages=uzp, hasher=xxh)
+    for world, gens in scans:
+        c = feed_world(e, world, gens)
+        assert as_dict(c) == ref_scan(ref, world, gens)
+        if e.settled:                  # the same content once more changes nothing
+            again = feed_world(e, world, gens)
+            assert as_dict(again) == ref_scan(ref, world, gens)
+            assert again.merge_state() == c.merge_state() and e.settled
 
 
 # -- fast path (checksum retention) against verify-everything ----------------------------

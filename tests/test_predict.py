@@ -47,6 +47,10 @@ def test_two_dumps_exact_counts(tmp_path: Path) -> None:
     r = predict([dump_target(a), dump_target(b)], EngineConfig(max_page_sharing=4))
     (g,) = r.groups
     assert g.converged and g.scans == 3
+    settled = predict([dump_target(a), dump_target(b)], EngineConfig(max_page_sharing=4),
+                      settle=True)
+    assert settled.groups[0].scans == 2       # no confirmation scan, the same answer
+    assert settled.groups[0].counters.merge_state() == g.counters.merge_state()
     c = g.counters
     # page(1): 12 copies, max 4 -> 3 full dups; page(2): 1 node of 2; zero: 1 node of 3.
     assert (c.pages_shared, c.pages_sharing) == (5, 9 + 1 + 2)

@@ -478,9 +478,12 @@ def _group_result(engine: KsmEngine, targets: Sequence[Target], group: str | Non
 def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                         scans: int | None = None, max_scans: int = DEFAULT_MAX_SCANS,
                         progress: Callable[[float, str], None] | None = None,
-                        soft_dirty: bool = True
+                        soft_dirty: bool = True, settle: bool = True
                         ) -> tuple[int, bool, ScanStats | None]:
-    """Scan until the merge state repeats (or exactly ``scans`` times).
+    """Scan until the merge state repeats or (with ``settle``, the default) the
+    engine has settled: a further scan of unchanged memory would repeat its
+    state (``KsmEngine.settled``), so that confirmation scan is not run and the
+    answer is the same. Or exactly ``scans`` times.
 
     Returns (scans run, converged, stats of the last scan). Every scan sees
     the memory anew: a live guest may have changed in between. With
@@ -506,7 +509,9 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
         finally:
             _close_all(sources)
         state = engine.counters().merge_state()
-        converged = state == previous
+        # settled: a further scan of unchanged memory would repeat this state, so
+        # it is not run (the answer is the same; see KsmEngine.settled)
+        converged = state == previous or (settle and engine.settled)
         if converged and scans is None:
             return i, True, stats
         previous = state
@@ -516,10 +521,13 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
 def predict(targets: Sequence[Target], config: EngineConfig, *,
             groups: dict[str, str] | None = None, scans: int | None = None,
             max_scans: int = DEFAULT_MAX_SCANS,
-            progress: ProgressFn | None = None, soft_dirty: bool = True) -> Prediction:
+            progress: ProgressFn | None = None, soft_dirty: bool = True,
+            settle: bool = False) -> Prediction:
     """Run the engine over ``targets`` until it converges; one engine per trust group.
 
     ``soft_dirty``: incremental rescans of live processes (run_until_converged).
+    ``settle``: stop at a settled scan, without the confirmation scan
+    (run_until_converged; off here for now: the CLI reports the scans it ran).
 
     ``groups`` maps target names to trust groups (None: one engine for all).
     Raises UsageError (no targets, a name twice, bad scan count) and what the
@@ -545,7 +553,7 @@ def predict(targets: Sequence[Target], config: EngineConfig, *,
                 progress((gi + frac) / n, prefix + label)
         done, converged, stats = run_until_converged(engine, members, scans=scans,
                                                      max_scans=max_scans, progress=step,
-                                                     soft_dirty=soft_dirty)
+                                                     soft_dirty=soft_dirty, settle=settle)
         results.append(_group_result(engine, members, group, done, converged, stats))
     notes: list[str] = []
     for t in targets:

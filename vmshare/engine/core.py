@@ -156,6 +156,7 @@ class KsmEngine:
         self._full_scans = 0
         self._pages_scanned = 0
         self._counters = KsmCounters()
+        self._settled = False
 
     # -- scan protocol -------------------------------------------------------------
 
@@ -252,20 +253,23 @@ class KsmEngine:
         if not self._in_scan:
             raise UsageError("end_scan called outside a scan")
         try:
-            merge.run_scan(self._order, self._runs, self.nodes, self.config, self.zero_hash,
-                           self.verify_merged)
+            quiet = merge.run_scan(self._order, self._runs, self.nodes, self.config,
+                                   self.zero_hash, self.verify_merged)
         finally:
             self._runs = []
             self._in_scan = False
         self._full_scans += 1
         fed = 0
         rmap_items = unshared = zero = 0
+        settled = quiet
         for rs in self._order:
             fl = rs.flags
             seen = (fl & SEEN) != 0
             fed += int(np.count_nonzero(seen))
             zero_old = (fl & (ZERO | ZERO_NEW)) == ZERO
             rmap_items += int(np.count_nonzero(seen & ~zero_old))
+            if settled:     # a volatile page (new, changed, just zero-mapped) remains
+                settled = not np.any(seen & ~zero_old & (rs.node < 0) & ((fl & UNSTABLE) == 0))
             unshared += int(np.count_nonzero(fl & UNSTABLE))
             zero += int(np.count_nonzero(fl & ZERO))
         self._pages_scanned += rmap_items
@@ -276,11 +280,30 @@ class KsmEngine:
             pages_volatile=max(0, rmap_items - shared - sharing - unshared),
             pages_scanned=self._pages_scanned, full_scans=self._full_scans,
             ksm_zero_pages=zero, stable_node_chains=chains, stable_node_dups=dups)
+        self._settled = settled
         return ScanResult(self._counters, fed)
+
+    @property
+    def settled(self) -> bool:
+        """Was the last completed scan a fixed point of the algorithm?
+
+        True when that scan left no volatile page (every page fed was on a stable
+        node, in the unstable tree or zero-mapped before the scan) and no mapping
+        left a stable node (no break-out, hole or stale node). Another scan of the
+        same content would then change no counter but the cumulative ones:
+        merged pages stay (checksums unchanged), the unstable pages all differ
+        from each other (two equal ones would have merged) and find no stable
+        node with room (they found none when the scan reached them, and no count
+        fell afterwards). With live memory it also means nothing the engine can
+        see was written between the last two scans.
+        """
+        return self._settled
 
     def converge(self, scan_fn: Callable[[KsmEngine], object], max_scans: int = 10) -> int:
         """Run ``scan_fn`` (one full scan each call) until the merge state stops changing.
 
+        Stops after a scan that is ``settled`` (the next one would repeat its
+        state, so it is not run) or whose state equals the previous scan's.
         Returns the number of scans run. Stops after ``max_scans``. Raises UsageError
         if ``scan_fn`` leaves a scan open or does not complete one.
         """
@@ -291,7 +314,7 @@ class KsmEngine:
             if self._in_scan or self._full_scans != before + 1:
                 raise UsageError("scan_fn must run exactly one begin_scan/feed/end_scan")
             state = self._counters.merge_state()
-            if state == previous:
+            if state == previous or self._settled:
                 return done
             previous = state
         return max_scans

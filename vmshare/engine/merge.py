@@ -102,6 +102,8 @@ class _Scan:
         self.leave_node: list[I32] = []
         self.narrivals = 0
         self.slow: list[tuple[int, I64]] = []
+        #: no mapping left a stable node this scan (break-out, hole, stale node)
+        self.quiet = True
 
     # -- phase 1 ------------------------------------------------------------------
 
@@ -129,6 +131,7 @@ class _Scan:
                 brk = member & ~keep
                 bi = np.flatnonzero(brk)
                 if bi.size:
+                    self.quiet = False
                     self.leave_pos.append(bi + (base + s))
                     self.leave_node.append(nd[bi].copy())
                     nd[bi] = -1
@@ -142,6 +145,8 @@ class _Scan:
                 self.narrivals += int(np.count_nonzero(arr))
         live_before = nodes.count > 0
         stale = live_before & (self.node_rep < 0)
+        if stale.any():
+            self.quiet = False
         if self.leave_node:
             ln = np.concatenate(self.leave_node)
             lp = np.concatenate(self.leave_pos)
@@ -163,6 +168,7 @@ class _Scan:
             rep = self.node_rep[rs.node[mi]]
             bad = ~self.atlas.equal(pos, rep)
             if bad.any():             # only after a 128-bit collision: break them out
+                self.quiet = False
                 bi = mi[bad]
                 self.nodes.unmap(rs.node[bi])
                 rs.node[bi] = -1
@@ -424,10 +430,12 @@ class _Scan:
 
 
 def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
-             config: _Config, zero_hash: int, verify: bool) -> None:
+             config: _Config, zero_hash: int, verify: bool) -> bool:
+    """One scan's decisions; returns True when no mapping left a stable node."""
     scan = _Scan(order, runs, nodes, config, zero_hash, verify)
     scan.keep_and_break()
     scan.arrivals()
+    quiet = scan.quiet
     del scan
     nodes.prune_chains(config.max_page_sharing)
     remap = nodes.compact()
@@ -435,3 +443,4 @@ def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
         for rs in order:
             m = rs.node >= 0
             rs.node[m] = remap[rs.node[m]]
+    return quiet
