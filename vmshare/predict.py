@@ -302,7 +302,7 @@ class ScanArena:
             self._index += 1
             self._used = 0
         if self._index == len(self._buffers):
-            self._buffers.append(anon_buffer(self.chunk_bytes))   # huge pages: few faults
+            self._buffers.append(anon_buffer(self.chunk_bytes))   # populated: no faults
         view = memoryview(self._buffers[self._index])[self._used:self._used + n]
         view[:] = data
         self._used += n
