@@ -34,7 +34,9 @@ def test_predict_text(capsys: pytest.CaptureFixture[str], dumps: tuple[str, str]
     a, b = dumps
     code, out, err = run(capsys, "predict", "--dump", a, "--dump", b)
     assert code == 0 and err == ""                  # no progress bar off a terminal
-    assert "converged after 3 scans" in out
+    # Two scans: the unstable tree needs a checksum seen twice; the second scan
+    # is a fixed point (KsmEngine.settled), so no confirmation scan is run.
+    assert "converged after 2 scans" in out
     assert "pages_sharing=3" in out and "pages_shared=1" in out
     assert "SHARES WITH" in out and "all-zero pages seen: 1" in out
 
