@@ -26,6 +26,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -58,7 +59,14 @@ __all__ = [
 HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK_NAME = "vmshare"
 MARKER = b"# vmshare-managed-hook: vmshare-qemu-hook"
-SHIPPED_HOOK = Path(__file__).resolve().parent.parent / "hooks" / "vmshare-qemu-hook"
+def _shipped_hook() -> Path:
+    """The hook script: from the checkout, or where a wheel installed it."""
+    checkout = Path(__file__).resolve().parent.parent / "hooks" / "vmshare-qemu-hook"
+    installed = Path(sys.prefix) / "share" / "vmshare" / "hooks" / "vmshare-qemu-hook"
+    return checkout if checkout.is_file() or not installed.is_file() else installed
+
+
+SHIPPED_HOOK = _shipped_hook()
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 PROC = Path("/proc")
 MAX_HOOK_BYTES = 1 << 20
