@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import stat
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, VmshareError
+from vmshare.errors import AccessDenied, VmshareError
+from vmshare.libvirtd import (
+    LIBVIRTD_PIDFILE,
+    PROC,
+    LibvirtdState,
+    RestartResult,
+    libvirtd_state,
+    reload_libvirtd,
+    restart_libvirtd,
+)
 
 __all__ = [
     "HOOKS_DIR",
@@ -67,8 +72,6 @@ def _shipped_hook() -> Path:
 
 
 SHIPPED_HOOK = _shipped_hook()
-LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
-PROC = Path("/proc")
 MAX_HOOK_BYTES = 1 << 20
 RESTART_MESSAGE = "libvirtd must be restarted to load the hook"
 # /proc start times are derived from 10 ms clock ticks and /proc/uptime: allow slack
@@ -79,15 +82,6 @@ HookState = Literal["installed", "outdated", "missing", "foreign"]
 
 class HookInstallError(VmshareError):
     """The hook cannot be installed or removed (bad source, foreign file, I/O error)."""
-
-
-@dataclass(frozen=True)
-class LibvirtdState:
-    """Whether libvirtd runs, its pid, and when it started (epoch seconds)."""
-
-    running: bool
-    pid: int | None = None
-    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,13 +117,6 @@ class InstallResult:
 class UninstallResult:
     path: Path
     removed: bool
-
-
-@dataclass(frozen=True)
-class RestartResult:
-    old_pid: int | None
-    new_pid: int | None
-    seconds: float
 
 
 def _os_error(what: str, exc: OSError) -> VmshareError:
@@ -298,44 +285,6 @@ def _change_time(path: Path) -> float | None:
     return max(st.st_mtime, st.st_ctime)
 
 
-def _proc_comm(proc: Path, pid: int) -> str | None:
-    try:
-        return (proc / str(pid) / "comm").read_text().strip()
-    except OSError:
-        return None
-
-
-def _start_time(proc: Path, pid: int) -> float | None:
-    """Epoch seconds at which pid started, from /proc/<pid>/stat and /proc/uptime."""
-    try:
-        fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
-        uptime = float((proc / "uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    boot = time.time() - uptime
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-def libvirtd_state(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,
-                   scan_proc: bool = True, comm: str = "libvirtd") -> LibvirtdState:
-    """Find the running libvirtd: the pidfile's pid if its comm is ``comm``, else
-    (with ``scan_proc``) the lowest such pid in ``proc``."""
-    candidates: list[int] = []
-    with contextlib.suppress(OSError, ValueError):
-        candidates.append(int(pidfile.read_text().strip()))
-    if scan_proc:
-        with contextlib.suppress(OSError):
-            candidates += sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
-    for pid in candidates:
-        if _proc_comm(proc, pid) == comm:
-            started = _start_time(proc, pid)
-            if started is not None:
-                return LibvirtdState(True, pid, started)
-    return LibvirtdState(False)
-
-
 def status(hooks_dir: Path = HOOKS_DIR, source: Path = SHIPPED_HOOK, *,
            pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, scan_proc: bool = True,
            comm: str = "libvirtd") -> HookStatus:
@@ -389,96 +338,3 @@ def status(hooks_dir: Path = HOOKS_DIR, source: Path = SHIPPED_HOOK, *,
         messages.append("libvirtd is not running; it loads the hook when it starts")
     return HookStatus(target, state, written, others, monolithic, daemon, restart,
                       tuple(messages))
-
-
-def reload_libvirtd(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,
-                    scan_proc: bool = True, comm: str = "libvirtd") -> int:
-    """Send SIGHUP to libvirtd, which makes it look for hooks again; return its pid.
-
-    Raises HypervisorError if libvirtd is not running; AccessDenied without
-    the privilege to signal it.
-    """
-    daemon = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
-    if daemon.pid is None:
-        raise HypervisorError("libvirtd is not running")
-    try:
-        os.kill(daemon.pid, signal.SIGHUP)
-    except PermissionError as exc:
-        raise AccessDenied(f"cannot signal libvirtd (pid {daemon.pid})") from exc
-    except ProcessLookupError as exc:
-        raise HypervisorError(f"libvirtd (pid {daemon.pid}) exited") from exc
-    return daemon.pid
-
-
-def _gone(proc: Path, pid: int, comm: str) -> bool:
-    return _proc_comm(proc, pid) != comm or _start_time(proc, pid) is None
-
-
-def restart_libvirtd(*, pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC,
-                     scan_proc: bool = True, comm: str = "libvirtd",
-                     start_cmd: Sequence[str] = ("libvirtd", "-d"),
-                     probe_cmd: Sequence[str] = ("virsh", "-c", "qemu:///system", "version"),
-                     stop_timeout: float = 30.0, start_timeout: float = 30.0) -> RestartResult:
-    """Stop libvirtd (SIGTERM, wait), start ``libvirtd -d``, wait until it answers.
-
-    For hosts without systemd, where libvirtd was started by hand. Running
-    domains keep running: libvirtd reconnects to them (and calls the hook
-    with ``reconnect begin``).
-
-    Raises DeadlineExceeded if libvirtd does not stop or answer in time,
-    HypervisorError if it cannot be started, AccessDenied without privilege.
-    """
-    began = time.monotonic()
-    old = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
-    if old.pid is not None:
-        try:
-            os.kill(old.pid, signal.SIGTERM)
-        except PermissionError as exc:
-            raise AccessDenied(f"cannot signal libvirtd (pid {old.pid})") from exc
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + stop_timeout
-        while not _gone(proc, old.pid, comm):
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"libvirtd (pid {old.pid}) did not stop within {stop_timeout:.0f} s")
-            time.sleep(0.05)
-    _run_start(start_cmd, start_timeout)
-    deadline = time.monotonic() + start_timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"libvirtd did not answer within {start_timeout:.0f} s "
-                                   f"of starting ({' '.join(probe_cmd)})")
-        try:
-            answered = subprocess.run(list(probe_cmd), stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      timeout=min(left, 10.0), check=False).returncode == 0
-        except subprocess.TimeoutExpired:
-            answered = False
-        except OSError as exc:
-            raise HypervisorError(f"cannot run {probe_cmd[0]}: {exc.strerror}") from exc
-        if answered:
-            break
-        time.sleep(0.1)
-    new = libvirtd_state(pidfile, proc, scan_proc=scan_proc, comm=comm)
-    return RestartResult(old.pid, new.pid, time.monotonic() - began)
-
-
-def _run_start(start_cmd: Sequence[str], timeout: float) -> None:
-    # stdout/stderr go to a file, not a pipe: the daemonized child may keep a
-    # pipe open forever and make us wait for an EOF that never comes.
-    with tempfile.TemporaryFile() as errors:
-        try:
-            done = subprocess.run(list(start_cmd), stdin=subprocess.DEVNULL,
-                                  stdout=errors, stderr=errors, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise DeadlineExceeded(f"{' '.join(start_cmd)} did not return within "
-                                   f"{timeout:.0f} s") from exc
-        except OSError as exc:
-            raise HypervisorError(f"cannot run {start_cmd[0]}: {exc.strerror}") from exc
-        if done.returncode != 0:
-            errors.seek(0)
-            tail = errors.read(4096).decode("utf-8", "replace").strip().splitlines()
-            reason = tail[-1] if tail else f"exit status {done.returncode}"
-            raise HypervisorError(f"{' '.join(start_cmd)} failed: {reason}")
