@@ -55,7 +55,29 @@ def check_chunk_pages(chunk_pages: int) -> int:
     return chunk_pages
 
 
-class FileSource:
+class Closing:
+    """``with`` support and a best-effort close on garbage collection, for
+    sources that set ``_closed`` and define ``close()``."""
+
+    _closed: bool
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Best effort only; callers are expected to close() or use ``with``.
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+class FileSource(Closing):
     """Shared plumbing for sources backed by one regular file opened read-only.
 
     Subclasses parse in ``__init__`` (after this constructor ran) and close the
@@ -118,17 +140,6 @@ class FileSource:
         if self._closed:
             raise DumpError(f"{self.path}: page source is closed")
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        # Best effort only; callers are expected to close() or use ``with``.
-        if not getattr(self, "_closed", True):
-            self.close()
 
 
 def pages_for(nbytes: int) -> int:

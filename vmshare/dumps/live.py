@@ -35,13 +35,11 @@ import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import numpy.typing as npt
 
-from vmshare.dumps.base import DEFAULT_CHUNK_PAGES, check_chunk_pages
+from vmshare.dumps.base import DEFAULT_CHUNK_PAGES, Closing, check_chunk_pages
 from vmshare.errors import AccessDenied, ProcessGone, ProcfsError, VmshareError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
@@ -168,7 +166,7 @@ class SoftDirtyMirror:
         return sum(len(c.buf) for c in self._copies.values())
 
 
-class LiveProcessSource:
+class LiveProcessSource(Closing):
     """Resident pages of the given mappings of process ``pid``.
 
     Regions: one per mapping, keyed ``backend_ids[vma.start]`` when given
@@ -378,14 +376,3 @@ class LiveProcessSource:
             self._closed = True
             os.close(self._mem_fd)
             os.close(self._pagemap_fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            self.close()
