@@ -14,7 +14,8 @@ STAMP="$VENV/.vmshare-pyproject.sha256"
 LIBVIRT_URI="qemu:///system"
 DAEMON_DEADLINE=30
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-          busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev)
+          busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev
+          procps)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
