@@ -9,9 +9,13 @@ shrink them), in the plain or the flattened ("makedumpfile") layout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
+import subprocess
+import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,3 +309,18 @@ def write_corpus(directory: Path) -> dict[str, Path]:
         p.write_bytes(blob)
         out[name] = p
     return out
+
+
+@contextlib.contextmanager
+def mapping_process(script: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run ``script`` in a child Python that maps memory and prints its address
+    (hex) on the first line; yields (process, address), killed afterwards.
+    The live-source tests read that process's memory."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc, int(proc.stdout.readline(), 16)
+    finally:
+        proc.kill()
+        proc.wait()

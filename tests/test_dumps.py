@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,6 +30,7 @@ from vmshare.dumps import (
     private_anonymous_vmas,
 )
 from vmshare.dumps.codecs import DUMP_DH_COMPRESSED_LZO, decompressor
+from vmshare.dumps.live import LivePageRun
 from vmshare.errors import DumpError, ProcessGone
 from vmshare.model import PAGE_SIZE, Vma
 
@@ -271,15 +273,8 @@ def known(i: int) -> bytes:
 
 @pytest.fixture
 def child() -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    addr = int(proc.stdout.readline(), 16)
-    try:
-        yield proc, addr
-    finally:
-        proc.kill()
-        proc.wait()
+    with corpus.mapping_process(CHILD) as pa:
+        yield pa
 
 
 def test_live_reads_exactly_the_touched_pages(child: tuple[subprocess.Popen[str], int]) -> None:
@@ -293,6 +288,9 @@ def test_live_reads_exactly_the_touched_pages(child: tuple[subprocess.Popen[str]
         for chunk in (3, 4096):
             got = collect(src, chunk)
             assert got == {("test.ram", i): known(i) for i in TOUCHED}
+        for run in src.runs(3):        # each run carries its pages' pagemap entries
+            assert isinstance(run, LivePageRun) and run.pagemap.shape == (run.npages,)
+            assert np.all(run.pagemap >> np.uint64(63) == 1)
 
 
 def test_private_anonymous_vmas_lists_the_mapping(

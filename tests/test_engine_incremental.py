@@ -7,12 +7,12 @@ import os
 import random
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
+from tests.dump_corpus import mapping_process
 from tests.test_engine import Z, pg
 from vmshare.dumps.live import LiveProcessSource, SoftDirtyMirror, TrackedPageRun
 from vmshare.engine import EngineConfig, KsmEngine
@@ -83,21 +83,14 @@ for line in sys.stdin:
 
 @pytest.fixture
 def writer() -> Iterator[tuple[subprocess.Popen[str], int]]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    addr = int(proc.stdout.readline(), 16)
-    try:
-        yield proc, addr
-    finally:
-        proc.kill()
-        proc.wait()
+    with mapping_process(CHILD) as pa:
+        yield pa
 
 
 def collect(src: LiveProcessSource) -> tuple[dict[int, bytes], dict[int, bool]]:
     data, unchanged = {}, {}
     for run in src.runs(4):
-        assert isinstance(run, TrackedPageRun) and run.unchanged is not None
+        assert isinstance(run, TrackedPageRun) and run.pagemap.shape == (run.npages,)
         for k in range(run.npages):
             data[run.first_page + k] = bytes(run.data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
             unchanged[run.first_page + k] = bool(run.unchanged[k])

@@ -24,10 +24,10 @@ from vmshare.model import PAGE_SIZE
 from vmshare.predict import (
     LiveScanner,
     ScanArena,
-    _zero_pages,
     dump_target,
     pid_target,
     predict,
+    zero_rows,
 )
 from vmshare.progress import ProgressBar
 
@@ -108,9 +108,13 @@ def test_bad_dumps(tmp_path: Path) -> None:
         predict([dump_target(a), dump_target(a)], EngineConfig())
 
 
-def test_zero_page_count() -> None:
-    data = bytearray(b"".join([Z, page(3), Z, Z, bytes(PAGE_SIZE - 1) + b"\1", Z]))
-    assert _zero_pages(memoryview(data)) == 4
+def test_zero_rows() -> None:
+    middle = bytearray(PAGE_SIZE)
+    middle[PAGE_SIZE // 2] = 1           # passes the first/last-word filter
+    data = bytearray(b"".join([Z, page(3), Z, Z, bytes(PAGE_SIZE - 1) + b"\1", Z,
+                               bytes(middle), Z]))
+    assert zero_rows(memoryview(data)).tolist() == [0, 2, 3, 5, 7]
+    assert zero_rows(memoryview(bytearray(page(1)))).tolist() == []
 
 
 def test_arena_packs_and_reuses() -> None:
@@ -203,12 +207,14 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     turns into zero-page mappings), are not fed; other pages, zero or not, are."""
     from types import SimpleNamespace
 
+    import numpy as np
+
     from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
+    from vmshare.dumps.live import LivePageRun
     from vmshare.ksm.procfs import ProcFs
-    from vmshare.model import PageRun, Region, Vma
+    from vmshare.model import Region
     from vmshare.predict import KernelVisiblePages
 
-    base = 0x7F0000000000
     fake = FakeProc(tmp_path)
     kpf_thp = 1 << 22
     fake.flags[10] = KPF_ZERO            # page 0: the shared zero page
@@ -216,18 +222,19 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     fake.flags[12] = 0                   # page 2: zero content, plain 4K page
     fake.flags[13] = kpf_thp             # page 3: data inside a THP
     fake.flush()
-    fake.add_process(77, base, [PRESENT | pfn for pfn in (10, 11, 12, 13)])
+    # no pagemap file in the tree: the PFNs come with the run (read once, by the live source)
+    entries = np.array([PRESENT | pfn for pfn in (10, 11, 12, 13)], dtype=np.uint64)
     data = bytearray(4 * 4096)
     data[3 * 4096] = 1
     region = Region("pc.ram", 4 * 4096, "g")
     inner = SimpleNamespace(
-        name="vm", pid=77, vmas=[Vma(base, base + 4 * 4096, "rw-p", 0, "")],
-        regions=lambda: [region],
-        runs=lambda chunk_pages=4096: iter([PageRun("vm", "pc.ram", 0, memoryview(data))]),
+        name="vm", regions=lambda: [region],
+        runs=lambda chunk_pages=4096: iter([LivePageRun("vm", "pc.ram", 0, memoryview(data),
+                                                        entries)]),
         close=lambda: None)
     src = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
-    fed = [(r.first_page, r.npages) for r in src.runs()]
-    assert fed == [(2, 2)]
+    fed = [(r.first_page, r.npages, r.pagemap.tolist()) for r in src.runs()]
+    assert fed == [(2, 2, entries[2:].tolist())]
     assert src.thp_zero_pages == 1
     dumplike = KernelVisiblePages(inner, ProcFs(tmp_path), thp_split=False)  # type: ignore[arg-type]
     assert [(r.first_page, r.npages) for r in dumplike.runs()] == [(1, 3)]

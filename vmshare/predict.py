@@ -41,10 +41,10 @@ from vmshare.dumps import (
     open_dump,
     private_anonymous_vmas,
 )
-from vmshare.dumps.live import SoftDirtyMirror, TrackedPageRun, anon_buffer
+from vmshare.dumps.live import LivePageRun, SoftDirtyMirror, TrackedPageRun, anon_buffer
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
-from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, VmRef
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,19 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
-PFN_MASK = np.uint64((1 << 55) - 1)
-KPF_ZERO_PAGE_BIT = np.uint64(1 << 24)
-KPF_THP_BIT = np.uint64(1 << 22)
+def zero_rows(data: memoryview) -> np.ndarray[Any, np.dtype[np.intp]]:
+    """Indices of the all-zero pages in ``data``: a cheap first/last-word filter,
+    then whole pages checked over contiguous stretches of candidates (views, no
+    copies)."""
+    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+    maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
+    if maybe.size == 0:
+        return maybe
+    parts = []
+    for block in np.split(maybe, np.flatnonzero(np.diff(maybe) != 1) + 1):
+        rows = words[int(block[0]):int(block[-1]) + 1]
+        parts.append(block if not rows.any() else block[~rows.any(axis=1)])
+    return np.concatenate(parts)
 
 
 class KernelVisiblePages:
@@ -87,8 +97,10 @@ class KernelVisiblePages:
       mappings: memory saved, but counted in neither pages_sharing nor
       ksm_zero_pages. ``thp_zero_pages`` counts them (last scan).
 
-    Only all-zero pages can be either, so only those are looked up (pagemap
-    PFN, then KPF_ZERO_PAGE and KPF_THP in kpageflags).
+    Only all-zero pages can be either, so only those are looked up: their PFN
+    from the pagemap entries the live source read in the same pass
+    (``LivePageRun.pagemap``, through its held descriptor), then KPF_ZERO_PAGE
+    and KPF_THP in kpageflags.
     """
 
     def __init__(self, inner: LiveProcessSource, procfs: ProcFs, *,
@@ -98,44 +110,38 @@ class KernelVisiblePages:
         self.procfs = procfs
         self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
         self.thp_zero_pages = 0
-        self._start = {r.key: v.start for v, r in zip(inner.vmas, inner.regions(), strict=True)}
 
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
         self.thp_zero_pages = 0
         for run in self.inner.runs(chunk_pages):
-            words = np.frombuffer(run.data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-            maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
-            if maybe.size:
-                maybe = maybe[~words[maybe].any(axis=1)]
-            if maybe.size == 0:
+            zero = zero_rows(run.data)
+            if zero.size == 0:
                 yield run
                 continue
-            addr = self._start[run.region] + run.first_page * PAGE_SIZE
-            entries = self.procfs.pagemap(self.inner.pid, addr, run.npages)[maybe]
-            flags = self.procfs.kpageflags(entries & PFN_MASK)
-            thp_zero = ((flags & KPF_THP_BIT) != 0) & ((flags & KPF_ZERO_PAGE_BIT) == 0)
+            flags = self.procfs.kpageflags(run.pagemap[zero] & PM_PFN_MASK)
+            on_zero_page = (flags & np.uint64(1 << KPF_ZERO_PAGE)) != 0
+            thp_zero = ((flags & np.uint64(1 << KPF_THP)) != 0) & ~on_zero_page
             if not self.thp_split:
                 thp_zero[:] = False
             self.thp_zero_pages += int(thp_zero.sum())
-            drop = maybe[((flags & KPF_ZERO_PAGE_BIT) != 0) | thp_zero]
+            drop = zero[on_zero_page | thp_zero]
             if drop.size == 0:
                 yield run
                 continue
             keep = np.ones(run.npages, dtype=np.int8)
             keep[drop] = 0
             edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
-            unchanged = run.unchanged if isinstance(run, TrackedPageRun) else None
             for a, b in zip(np.flatnonzero(edges == 1).tolist(),
                             np.flatnonzero(edges == -1).tolist(), strict=True):
-                data = run.data[a * PAGE_SIZE:b * PAGE_SIZE]
-                if unchanged is None:
-                    yield PageRun(run.source, run.region, run.first_page + a, data)
+                first, data = run.first_page + a, run.data[a * PAGE_SIZE:b * PAGE_SIZE]
+                if isinstance(run, TrackedPageRun):
+                    yield TrackedPageRun(run.source, run.region, first, data,
+                                         run.pagemap[a:b], run.unchanged[a:b])
                 else:
-                    yield TrackedPageRun(run.source, run.region, run.first_page + a, data,
-                                         unchanged[a:b])
+                    yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b])
 
     def close(self) -> None:
         self.inner.close()
@@ -251,25 +257,6 @@ class ScanStats:
     zero_content: dict[str, int]     # pages whose bytes were all zero, per source
 
 
-def _zero_pages(data: memoryview) -> int:
-    """All-zero pages in ``data``: a cheap first-word filter, then whole pages
-    checked over contiguous stretches of candidates (views, no copies)."""
-    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-    maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
-    if maybe.size == 0:
-        return 0
-    cuts = np.flatnonzero(np.diff(maybe) != 1) + 1
-    count = 0
-    for block in np.split(maybe, cuts):
-        s, e = int(block[0]), int(block[-1]) + 1
-        rows = words[s:e]
-        if not rows.any():
-            count += e - s
-        else:
-            count += int(np.count_nonzero(~rows.any(axis=1)))
-    return count
-
-
 class ScanArena:
     """Buffers for one scan's page copies, reused by the next scan.
 
@@ -363,7 +350,7 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                     else:
                         item = PageRun(s.name, run.region, run.first_page,
                                        arena.copy(run.data))
-                    zero[s.name] += _zero_pages(item.data)
+                    zero[s.name] += zero_rows(item.data).size
                     if not put(item):
                         return
             put(_DONE)

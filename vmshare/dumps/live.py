@@ -10,7 +10,10 @@ so a pid reused later cannot be read by mistake.
 
 Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
 here through the held descriptor, for that reason; mappings (smaps) and the
-process start time come from procfs.ProcFs.
+process start time come from procfs.ProcFs, the entry bits from its PM_*
+constants. Each run carries the pagemap entries of its pages as read in that
+pass (``LivePageRun.pagemap``), so a consumer needing PFNs
+(``vmshare.predict.KernelVisiblePages``) reads pagemap no second time.
 
 Incremental rescans (``SoftDirtyMirror``, opt-in): the source keeps a copy of
 each region's resident pages between scans. After reading the dirty bits of
@@ -41,11 +44,12 @@ import numpy.typing as npt
 
 from vmshare.dumps.base import DEFAULT_CHUNK_PAGES, Closing, check_chunk_pages
 from vmshare.errors import AccessDenied, ProcessGone, ProcfsError, VmshareError
-from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.procfs import PM_PRESENT_BIT, ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
 
-PM_PRESENT = np.uint64(1 << 63)
-PM_SOFT_DIRTY = np.uint64(1 << 55)
+PM_PRESENT = np.uint64(1 << PM_PRESENT_BIT)
+PM_SOFT_DIRTY = np.uint64(1 << 55)   # Documentation/admin-guide/mm/soft-dirty.rst
+U64 = npt.NDArray[np.uint64]
 _DENIED = (errno.EPERM, errno.EACCES)
 _GONE = (errno.ESRCH, errno.ENOENT)
 
@@ -67,12 +71,21 @@ def _access_denied(pid: int, what: str) -> AccessDenied:
 
 
 @dataclass(frozen=True)
-class TrackedPageRun(PageRun):
+class LivePageRun(PageRun):
+    """A run of live memory with ``pagemap[i]``, the /proc/<pid>/pagemap entry of
+    page i read in the same pass (PFN, flags). Like ``data`` it may point into a
+    buffer reused for the next run."""
+
+    pagemap: U64
+
+
+@dataclass(frozen=True)
+class TrackedPageRun(LivePageRun):
     """A run from a soft-dirty tracked source: ``unchanged[i]`` is True when page
     i was not written since the previous scan of the same mirror (its bytes in
     ``data`` are the ones yielded then)."""
 
-    unchanged: npt.NDArray[np.bool_] | None = None
+    unchanged: npt.NDArray[np.bool_]
 
 
 def anon_buffer(nbytes: int) -> mmap.mmap:
@@ -263,11 +276,11 @@ class LiveProcessSource(Closing):
     def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
         """Stream resident pages, ``chunk_pages`` at most per run (16 MiB by default).
 
-        The yielded ``data`` lives in one buffer reused for later runs: copy
-        what must outlive the next iteration step.
+        The yielded ``data`` and ``pagemap`` live in buffers reused for later
+        runs: copy what must outlive the next iteration step.
         """
         check_chunk_pages(chunk_pages)
         if self._closed:
@@ -293,21 +306,14 @@ class LiveProcessSource(Closing):
                 for s, e in zip(starts, stops, strict=True):
                     chunk = view[s * PAGE_SIZE:e * PAGE_SIZE]
                     self._pread_full(self._mem_fd, chunk, addr + s * PAGE_SIZE, "memory")
-                    yield PageRun(self.name, region.key, first_page + s, chunk)
+                    yield LivePageRun(self.name, region.key, first_page + s, chunk,
+                                      entries[s:e])
 
-    def _page_states(self, vma: Vma, chunk_pages: int) -> npt.NDArray[np.uint8]:
-        """Per page of ``vma``: bit 0 present, bit 1 soft-dirty (1 byte a page)."""
-        npages = vma.size // PAGE_SIZE
-        out = np.zeros(npages, dtype=np.uint8)
-        pm = bytearray(chunk_pages * 8)
-        pm_view = memoryview(pm)
-        for p0 in range(0, npages, chunk_pages):
-            m = min(chunk_pages, npages - p0)
-            self._pread_full(self._pagemap_fd, pm_view[:m * 8],
-                             (vma.start // PAGE_SIZE + p0) * 8, "pagemap")
-            e = np.frombuffer(pm, dtype=np.uint64, count=m)
-            out[p0:p0 + m] = ((e & PM_PRESENT) != 0).astype(np.uint8) | \
-                (((e & PM_SOFT_DIRTY) != 0).astype(np.uint8) << np.uint8(1))
+    def _pagemap(self, vma: Vma) -> U64:
+        """The pagemap entries of every page of ``vma`` (8 bytes a page)."""
+        out = np.empty(vma.size // PAGE_SIZE, dtype=np.uint64)
+        self._pread_full(self._pagemap_fd, memoryview(out.data).cast("B"),
+                         vma.start // PAGE_SIZE * 8, "pagemap")
         return out
 
     def _clear_soft_dirty(self) -> bool:
@@ -322,7 +328,8 @@ class LiveProcessSource(Closing):
                 raise ProcessGone(f"process {self.pid} is gone (clear_refs)") from exc
             return False          # EINVAL: no CONFIG_MEM_SOFT_DIRTY
 
-    def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int) -> Iterator[PageRun]:
+    def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int
+                      ) -> Iterator[TrackedPageRun]:
         """runs() through ``mirror``: read only pages written since the last scan."""
         used: set[tuple[str, str]] = set()
         copies = [mirror.copy_for(r, used) for r in self._regions]
@@ -331,19 +338,19 @@ class LiveProcessSource(Closing):
         done = False
         try:
             # every region's dirty bits first, then the clear: keeps the window short
-            states = [self._page_states(v, chunk_pages) for v in self.vmas]
+            entries = [self._pagemap(v) for v in self.vmas]
             tracked = mirror.supported and self._clear_soft_dirty()
             if not tracked:
                 mirror.supported = False
-            for vma, region, cp, st in zip(self.vmas, self._regions, copies, states,
+            for vma, region, cp, pm in zip(self.vmas, self._regions, copies, entries,
                                            strict=True):
-                present = (st & 1) != 0
-                clean = present & ((st & 2) == 0) & cp.valid if tracked else \
-                    np.zeros(st.size, dtype=np.bool_)
+                present = (pm & PM_PRESENT) != 0
+                clean = present & ((pm & PM_SOFT_DIRTY) == 0) & cp.valid if tracked else \
+                    np.zeros(pm.size, dtype=np.bool_)
                 cp.valid[:] = False          # until read (or found clean) below
                 view = memoryview(cp.buf)
-                for p0 in range(0, st.size, chunk_pages):
-                    p1 = min(st.size, p0 + chunk_pages)
+                for p0 in range(0, pm.size, chunk_pages):
+                    p1 = min(pm.size, p0 + chunk_pages)
                     pres = present[p0:p1].astype(np.int8)
                     edges = np.diff(pres, prepend=np.int8(0), append=np.int8(0))
                     for s, e in zip(np.flatnonzero(edges == 1).tolist(),
@@ -356,7 +363,8 @@ class LiveProcessSource(Closing):
                         mirror.pages_reused += n_re
                         mirror.pages_read += (b - a) - n_re
                         yield TrackedPageRun(self.name, region.key, a,
-                                             view[a * PAGE_SIZE:b * PAGE_SIZE], reuse)
+                                             view[a * PAGE_SIZE:b * PAGE_SIZE],
+                                             pagemap=pm[a:b], unchanged=reuse)
             done = True
         finally:
             if not done:                  # the copies no longer match what was cleared
