@@ -9,7 +9,7 @@ import pytest
 
 from vmshare.daemon import triggers as t
 from vmshare.daemon.qmp_watch import Snapshot, transitions
-from vmshare.daemon.state import StateStore, write_atomic
+from vmshare.daemon.state import StateError, StateStore, write_atomic
 
 
 def test_libvirt_codes_match_the_bindings() -> None:
@@ -86,7 +86,7 @@ def test_write_atomic_keeps_old_file_on_failure(tmp_path: Path,
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "I/O error")
     monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(Exception, match="cannot write"):
+    with pytest.raises(StateError, match=r"cannot write .*state\.json: I/O error"):
         write_atomic(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]

@@ -133,8 +133,10 @@ def test_errors_are_vmshare_errors(tmp_path: Path) -> None:
 
 # --- status against a fake /proc: deterministic start times --------------------------------
 
-def _fake_proc(tmp_path: Path, started_ago: float | None, comm: str = "libvirtd") -> Path:
-    """A /proc booted 1000 s ago with, optionally, pid 4242 started started_ago seconds ago."""
+def _fake_proc(tmp_path: Path, started_ago: float | None, comm: str = "libvirtd",
+               zombie: bool = False) -> Path:
+    """A /proc booted 1000 s ago with, optionally, pid 4242 started started_ago seconds ago
+    (a zombie, as the kernel shows one: state Z, an empty command line)."""
     proc = tmp_path / "proc"
     proc.mkdir()
     boot = time.time() - 1000.0
@@ -143,7 +145,8 @@ def _fake_proc(tmp_path: Path, started_ago: float | None, comm: str = "libvirtd"
         ticks = int((1000.0 - started_ago) * os.sysconf("SC_CLK_TCK"))
         (proc / "4242").mkdir()
         (proc / "4242" / "comm").write_text(comm + "\n")
-        fields = ["S", "1"] + ["0"] * 17 + [str(ticks)] + ["0"] * 30
+        (proc / "4242" / "cmdline").write_bytes(b"" if zombie else comm.encode() + b"\0-d\0")
+        fields = ["Z" if zombie else "S", "1"] + ["0"] * 17 + [str(ticks)] + ["0"] * 30
         (proc / "4242" / "stat").write_text(f"4242 ({comm}) " + " ".join(fields) + "\n")
     (tmp_path / "libvirtd.pid").write_text("4242\n")
     return proc
@@ -193,11 +196,12 @@ def test_status_when_another_qemu_hook_was_loaded_at_start(tmp_path: Path,
 
 def test_status_when_libvirtd_is_not_running(tmp_path: Path, hooks_dir: Path) -> None:
     hookinstall.install(hooks_dir, source=HOOK)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
     no_process = _fake_proc(tmp_path / "a", started_ago=None)
     pid_reused = _fake_proc(tmp_path / "b", started_ago=60, comm="bash")
-    for proc in (no_process, pid_reused):
+    zombie = _fake_proc(tmp_path / "c", started_ago=60, zombie=True)
+    for proc in (no_process, pid_reused, zombie):
         st = _status(hooks_dir, proc)
         assert not st.libvirtd.running and not st.restart_needed
         assert any("not running" in m for m in st.messages)

@@ -21,15 +21,14 @@ Nothing here prints; every function returns a result or raises a
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vmshare.daemon.state import StateError, write_atomic
 from vmshare.errors import AccessDenied, VmshareError
 from vmshare.libvirtd import (
     LIBVIRTD_PIDFILE,
@@ -64,6 +63,8 @@ __all__ = [
 HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK_NAME = "vmshare"
 MARKER = b"# vmshare-managed-hook: vmshare-qemu-hook"
+
+
 def _shipped_hook() -> Path:
     """The hook script: from the checkout, or where a wheel installed it."""
     checkout = Path(__file__).resolve().parent.parent / "hooks" / "vmshare-qemu-hook"
@@ -222,29 +223,13 @@ def _existing(target: Path) -> bytes | None:
 
 
 def _write_atomically(hooks_dir: Path, target: Path, content: bytes) -> None:
-    fd, temp = tempfile.mkstemp(prefix=".vmshare-hook.", suffix=".tmp", dir=hooks_dir)
+    # The temp file lives in hooks_dir, where libvirt runs only files named
+    # after drivers, never in qemu.d, where it runs every executable.
     try:
-        try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            if os.geteuid() == 0:
-                os.fchown(fd, 0, 0)
-            os.fchmod(fd, 0o755)
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise _os_error(f"cannot write {target}", exc) from exc
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(target, content, 0o755, tmp_dir=hooks_dir,
+                     owner=(0, 0) if os.geteuid() == 0 else None)
+    except StateError as exc:
+        raise HookInstallError(str(exc)) from exc
 
 
 def uninstall(hooks_dir: Path = HOOKS_DIR) -> UninstallResult:

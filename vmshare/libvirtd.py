@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError
+from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, VmshareError
+from vmshare.ksm.procfs import ProcFs
 
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 PROC = Path("/proc")
@@ -39,41 +40,46 @@ class RestartResult:
     seconds: float
 
 
-def _proc_comm(proc: Path, pid: int) -> str | None:
+def _boot_time(proc: Path) -> float | None:
+    """Epoch seconds at which the host booted, from /proc/uptime (centisecond precision)."""
     try:
-        return (proc / str(pid) / "comm").read_text().strip()
-    except OSError:
-        return None
-
-
-def _start_time(proc: Path, pid: int) -> float | None:
-    """Epoch seconds at which pid started, from /proc/<pid>/stat and /proc/uptime."""
-    try:
-        fields = (proc / str(pid) / "stat").read_text().rpartition(")")[2].split()
-        uptime = float((proc / "uptime").read_text().split()[0])
+        return time.time() - float((proc / "uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
+
+
+def _started_at(procfs: ProcFs, pid: int, comm: str) -> float | None:
+    """Epoch seconds at which ``pid`` started, if it is a live process named ``comm``.
+
+    None for no such process, another name, or a zombie (which a daemon killed
+    while its parent does not reap stays): a zombie's memory, and with it its
+    command line, is gone, while every live libvirtd has one.
+    """
+    try:
+        if procfs.comm(pid) != comm or not procfs.cmdline(pid):
+            return None
+        ticks = procfs.start_time(pid)
+    except VmshareError:
         return None
-    boot = time.time() - uptime
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    boot = _boot_time(procfs.root)
+    return None if boot is None else boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def libvirtd_state(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,
                    scan_proc: bool = True, comm: str = "libvirtd") -> LibvirtdState:
     """Find the running libvirtd: the pidfile's pid if its comm is ``comm``, else
     (with ``scan_proc``) the lowest such pid in ``proc``."""
+    procfs = ProcFs(proc)
     candidates: list[int] = []
     with contextlib.suppress(OSError, ValueError):
         candidates.append(int(pidfile.read_text().strip()))
     if scan_proc:
         with contextlib.suppress(OSError):
-            candidates += sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
+            candidates += procfs.pids_named(comm)
     for pid in candidates:
-        if _proc_comm(proc, pid) == comm:
-            started = _start_time(proc, pid)
-            if started is not None:
-                return LibvirtdState(True, pid, started)
+        started = _started_at(procfs, pid, comm)
+        if started is not None:
+            return LibvirtdState(True, pid, started)
     return LibvirtdState(False)
 
 
@@ -94,10 +100,6 @@ def reload_libvirtd(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,
     except ProcessLookupError as exc:
         raise HypervisorError(f"libvirtd (pid {daemon.pid}) exited") from exc
     return daemon.pid
-
-
-def _gone(proc: Path, pid: int, comm: str) -> bool:
-    return _proc_comm(proc, pid) != comm or _start_time(proc, pid) is None
 
 
 def restart_libvirtd(*, pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC,
@@ -124,7 +126,8 @@ def restart_libvirtd(*, pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC,
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + stop_timeout
-        while not _gone(proc, old.pid, comm):
+        procfs = ProcFs(proc)
+        while _started_at(procfs, old.pid, comm) is not None:
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(
                     f"libvirtd (pid {old.pid}) did not stop within {stop_timeout:.0f} s")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.errors import AccessDenied, VmshareError
-from vmshare.remerge import RESETTING_EVENTS, STATE_VERSION, RemergeRecord, read_state
+from vmshare.remerge import RESETTING_EVENTS, STATE_VERSION, RemergeRecord, read_state, record_of
 
 log = logging.getLogger("vmshare.daemon.state")
 
@@ -41,23 +41,32 @@ FORGET_AFTER_S = 7 * 24 * 3600.0
 
 
 class StateError(VmshareError):
-    """The daemon state file cannot be written."""
+    """The daemon state file (or another file given to write_atomic) cannot be written."""
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, *,
+                 tmp_dir: Path | None = None, owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``data`` atomically (temp file, fsync, rename, dir fsync).
+
+    The temp file is made in ``tmp_dir`` (default: ``path``'s directory, created
+    0700 if missing; it must be on the same filesystem) and given ``mode`` and,
+    when set, ``owner`` (uid, gid) before the rename.
 
     Raises AccessDenied or StateError; the old file is intact on any failure.
     """
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if tmp_dir is None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                   dir=tmp_dir or path.parent)
     except PermissionError as exc:
         raise AccessDenied(f"cannot write {path}: permission denied") from exc
     except OSError as exc:
         raise StateError(f"cannot write {path}: {exc.strerror}") from exc
     try:
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
@@ -69,6 +78,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, PermissionError):
+            raise AccessDenied(f"cannot write {path}: {exc.strerror}") from exc
         raise StateError(f"cannot write {path}: {exc.strerror}") from exc
     try:
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -133,7 +144,7 @@ class StateStore:
             raise ValueError(f"{event!r} is not a resetting event")
         now = time.time() if now is None else now
         entry = self.vm(name)
-        current = RemergeRecord.from_json(entry.get("remerge"))
+        current = record_of(self.doc, name)
         # A reset that starts a new process cannot happen twice to one process:
         # a second report of it (however late) only refines the record.
         if current is not None and pid is not None and current.pid == pid \
