@@ -29,8 +29,7 @@ def cmd_remerge(ctx: Any) -> int:
     from vmshare.cli import emit_json, out
     config = load_config(ctx.args.config)
     host = ctx.observer().host(ctx.args.domains or None)
-    doc = remerge.annotate_status(report.status_json(host),
-                                  remerge.read_state(config.daemon.state_file))
+    doc = remerge.status_for(report.status_json(host), config.daemon.state_file)
     if ctx.args.json:
         emit_json({"vms": [{"name": v["name"], "pid": v["pid"], "ksm_pages": v["ksm_pages"],
                             "remerge": v["remerge"]} for v in doc["vms"]]})

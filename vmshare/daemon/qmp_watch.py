@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import glob
 import logging
+import os
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -90,7 +91,6 @@ async def poll_socket(path: str, deadline: float = POLL_DEADLINE_S
         await q.aclose()
     name = name_r.get("name") if isinstance(name_r, dict) else None
     if not isinstance(name, str) or not name:
-        import os
         name = os.path.splitext(os.path.basename(path))[0]
     uuid = uuid_r.get("UUID") if isinstance(uuid_r, dict) else None
     status = status_r.get("status") if isinstance(status_r, dict) else None
@@ -163,9 +163,10 @@ class QmpFleet:
                 return snap
         raise DomainNotFound(f"no watched QEMU runs {ident!r}")
 
-    def _hv(self, vm: VmRef) -> QmpHypervisor:
+    def _hv(self, vm: VmRef) -> tuple[QmpHypervisor, VmRef]:
+        """A short-lived adapter on the VM's socket, and the ref it knows the VM by."""
         snap = self._by_ref(vm)
-        return QmpHypervisor(snap.path, self.deadline)
+        return QmpHypervisor(snap.path, self.deadline), snap.ref
 
     def _by_ref(self, vm: VmRef) -> Snapshot:
         return self._snap(vm.uuid if vm.uuid.startswith("/") else vm.name)
@@ -180,22 +181,20 @@ class QmpFleet:
         return self._by_ref(vm).path
 
     def facts(self, vm: VmRef) -> VmFacts:
-        snap = self._by_ref(vm)
-        f = QmpHypervisor(snap.path, self.deadline).facts(snap.ref)
-        return VmFacts(ref=f.ref, pid=f.pid, nosharepages=f.nosharepages,
-                       launch_security=f.launch_security, memory_bytes=f.memory_bytes)
+        hv, ref = self._hv(vm)
+        return hv.facts(ref)
 
     def ram_backends(self, vm: VmRef) -> list[RamBackend]:
-        snap = self._by_ref(vm)
-        return QmpHypervisor(snap.path, self.deadline).ram_backends(snap.ref)
+        hv, ref = self._hv(vm)
+        return hv.ram_backends(ref)
 
     def set_merge(self, vm: VmRef, backend_id: str, merge: bool) -> None:
-        snap = self._by_ref(vm)
-        QmpHypervisor(snap.path, self.deadline).set_merge(snap.ref, backend_id, merge)
+        hv, ref = self._hv(vm)
+        hv.set_merge(ref, backend_id, merge)
 
     def qmp(self, vm: VmRef, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        snap = self._by_ref(vm)
-        return QmpHypervisor(snap.path, self.deadline).qmp(snap.ref, command, arguments)
+        hv, ref = self._hv(vm)
+        return hv.qmp(ref, command, arguments)
 
     def close(self) -> None:
         pass

@@ -214,9 +214,6 @@ class Reconciler:
             del self.retry[n]
         return sorted(names)
 
-    def forget_retry(self, name: str) -> None:
-        self.retry.pop(name, None)
-
     # -- lifecycle truth -----------------------------------------------------------
 
     def _reset(self, ref: VmRef, trigger: Trigger) -> bool:

@@ -83,7 +83,6 @@ class Daemon:
         self.events: Any = None          # LibvirtEvents in libvirt mode
         self.lost = asyncio.Event()
         self.connected = asyncio.Event()
-        self.wake = asyncio.Event()
 
     # -- plumbing ------------------------------------------------------------------
 
