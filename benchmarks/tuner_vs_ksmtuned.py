@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from integration.ksm_fixtures import ksm_session
 from vmshare.cli_tune import KsmdClock
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
@@ -214,22 +215,17 @@ def main() -> int:
     sysfs, clock = KsmSysfs(), KsmdClock(ProcFs())
     sysfs.require()
     expected = (procs - 1) * (size_mib * 256 // 2)
-    snap = sysfs.snapshot()
     results: list[Result] = []
     print(f"workload: {procs} processes x {size_mib} MiB, half identical "
           f"(expected pages_sharing {expected:,}); interval {INTERVAL} s; "
           f"idle window {window:g} s", flush=True)
-    try:
+    with ksm_session(sysfs, {}):      # every knob restored; fresh_ksm before each run
         fresh_ksm(sysfs)
         results.append(run_ksmtuned(sysfs, clock, procs, size_mib, window, expected))
         results.append(run_vmshare("vmshare", [], sysfs, clock, procs, size_mib, window,
                                    expected))
         results.append(run_vmshare("vmshare-tight", ["--tight", "99", "--ample", "100"],
                                    sysfs, clock, procs, size_mib, window, expected))
-    finally:
-        with contextlib.suppress(Exception):
-            sysfs.unmerge()
-        sysfs.restore(snap)
     print(f"{'run':<14} {'t99 (s)':>8} {'ksmd CPU to t99 (s)':>20} "
           f"{'ksmd CPU next ' + format(window, 'g') + ' s':>20} {'final sharing':>14} "
           f"{'tuner CPU (s)':>14}")

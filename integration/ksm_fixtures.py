@@ -1,17 +1,19 @@
 """Kernel KSM fixtures: every test that touches KSM saves and restores all knobs.
 
 Import the fixtures into a test module (``from integration.ksm_fixtures import
-kernel_ksm``). As in the kernel's ksm selftest, waits are on full_scans under a
+kernel_ksm``); benchmarks use ``ksm_session`` for the same save, unmerge, set
+and restore. As in the kernel's ksm selftest, waits are on full_scans under a
 deadline, never plain sleeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,23 +33,38 @@ def require_root_ksm() -> KsmSysfs:
     return sysfs
 
 
+#: the kernel's defaults for what the engine models, every page scanned
+#: (smart_scan=0), no advisor, and a fast ksmd
+FAST_SCAN: Mapping[str, int | str] = {
+    "use_zero_pages": 0, "max_page_sharing": 256, "merge_across_nodes": 1,
+    "advisor_mode": "none", "smart_scan": 0, "pages_to_scan": 20000, "sleep_millisecs": 20}
+
+
+@contextlib.contextmanager
+def ksm_session(sysfs: KsmSysfs, settings: Mapping[str, int | str] = FAST_SCAN,
+                **overrides: int | str) -> Iterator[KsmSysfs]:
+    """Every knob saved, KSM stopped and unmerged, ``settings`` then ``overrides``
+    set (knobs this kernel lacks are skipped); on exit everything merged is
+    unmerged and every knob restored. Raises KnobError (vmshare.ksm.sysfs)."""
+    snap = sysfs.snapshot()
+    try:
+        sysfs.unmerge()
+        for name, value in {**settings, **overrides}.items():
+            if name in snap.values:
+                sysfs.set(name, value)
+        yield sysfs
+    finally:
+        try:
+            sysfs.unmerge()
+        finally:
+            sysfs.restore(snap)
+
+
 @pytest.fixture
 def kernel_ksm() -> Iterator[KsmSysfs]:
     """Kernel KSM, stopped and unmerged, fast scan settings; restored afterwards."""
-    sysfs = require_root_ksm()
-    snap = sysfs.snapshot()
-    sysfs.unmerge()
-    for name, value in (("use_zero_pages", 0), ("max_page_sharing", 256),
-                        ("merge_across_nodes", 1), ("advisor_mode", "none"),
-                        ("smart_scan", 0), ("pages_to_scan", 20000),
-                        ("sleep_millisecs", 20)):
-        if name in snap.values:
-            sysfs.set(name, value)
-    try:
+    with ksm_session(require_root_ksm()) as sysfs:
         yield sysfs
-    finally:
-        sysfs.unmerge()
-        sysfs.restore(snap)
 
 
 def converge(sysfs: KsmSysfs, *, timeout: float = 120.0, min_scans: int = 3) -> dict[str, int]:
