@@ -41,7 +41,9 @@ def test_missing_ksm_is_one_clear_error(tmp_path: Path) -> None:
     ("pages_to_scan", str(2**32), "out of range"),
     ("use_zero_pages", "maybe", "0 or 1"),
     ("advisor_mode", "fast", "scan-time"),
-    ("advisor_max_cpu", "0", "out of range"),
+    ("advisor_max_cpu", str(2**32), "out of range"),
+    ("advisor_target_scan_time", "0", "out of range"),
+    ("advisor_min_pages_to_scan", "-1", "whole number"),
     ("no_such_knob", "1", "unknown KSM knob"),
     ("pages_sharing", "1", "read-only counter"),
 ])
@@ -92,3 +94,23 @@ def test_wait_full_scans_requires_running_ksmd(sysfs: KsmSysfs) -> None:
     sysfs.set("run", 1)
     with pytest.raises(KnobError, match="0 of 2 full scans"):
         sysfs.wait_full_scans(2, timeout=0.2)
+
+
+def test_values_the_kernel_accepts_are_accepted(sysfs: KsmSysfs) -> None:
+    # mm/ksm.c: advisor_max_cpu and the advisor page limits are plain kstrtoul,
+    # so a snapshot holding 0 must restore.
+    snap = sysfs.snapshot()
+    (sysfs.root / "advisor_max_cpu").write_text("0\n")
+    (sysfs.root / "advisor_min_pages_to_scan").write_text("0\n")
+    zeroed = sysfs.snapshot()
+    sysfs.restore(snap)
+    sysfs.restore(zeroed)
+    assert sysfs.knobs() == dict(zeroed.values)
+
+
+def test_pages_to_scan_refused_before_writing_while_advisor_on(sysfs: KsmSysfs) -> None:
+    (sysfs.root / "advisor_mode").write_text("none [scan-time]\n")
+    before = (sysfs.root / "pages_to_scan").read_text()
+    with pytest.raises(KnobError, match="advisor"):
+        sysfs.set("pages_to_scan", 5000)
+    assert (sysfs.root / "pages_to_scan").read_text() == before

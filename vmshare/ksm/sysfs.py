@@ -80,11 +80,13 @@ KNOBS: dict[str, KnobSpec] = {
     "smart_scan": KnobSpec("1: skip pages that did not merge in earlier scans", _bool),
     "advisor_mode": KnobSpec("none: fixed pages_to_scan; scan-time: ksmd sets pages_to_scan "
                              "to reach advisor_target_scan_time", _advisor_mode),
-    "advisor_max_cpu": KnobSpec("upper CPU limit for ksmd in percent (advisor)", _uint(1, 100)),
+    # kstrtoul into an unsigned int: larger values would be truncated, not refused.
+    "advisor_max_cpu": KnobSpec("upper CPU limit for ksmd in percent (advisor)",
+                                _uint(0, UINT_MAX)),
     "advisor_min_pages_to_scan": KnobSpec("lower limit of pages_to_scan (advisor)",
-                                          _uint(1, ULONG_MAX)),
+                                          _uint(0, ULONG_MAX)),
     "advisor_max_pages_to_scan": KnobSpec("upper limit of pages_to_scan (advisor)",
-                                          _uint(1, ULONG_MAX)),
+                                          _uint(0, ULONG_MAX)),
     "advisor_target_scan_time": KnobSpec("seconds a full scan should take (advisor)",
                                          _uint(1, ULONG_MAX)),
 }
@@ -198,6 +200,11 @@ class KsmSysfs:
         path = self.root / name
         if not path.exists():
             raise KnobError(f"{name}: this kernel has no such knob ({path})")
+        if name == "pages_to_scan" and (self.root / "advisor_mode").exists() \
+                and self.read_knob("advisor_mode") != "none":
+            # pages_to_scan_store returns EINVAL while an advisor is on.
+            raise KnobError("pages_to_scan is set by the kernel's advisor while "
+                            "advisor_mode is not none; set advisor_mode=none first")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         except PermissionError as exc:
