@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,11 +68,11 @@ def test_backend_types_keeps_only_memory_backends() -> None:
 
 def test_followup_queries_ask_file_path_and_memfd_hugetlb() -> None:
     types = backend_types(QOM_LIST_REPLY)
-    assert followup_queries(MEMDEV_REPLY, types) == [
-        ("qom-get", {"path": "/objects/f1", "property": "mem-path"}),
-        ("qom-get", {"path": "/objects/mem0", "property": "hugetlb"}),
-    ]
-    assert followup_queries(PC_RAM_MEMDEV, backend_types(PC_RAM_QOM)) == []
+    assert followup_queries(MEMDEV_REPLY, types) == {
+        ("f1", "mem-path"): ("qom-get", {"path": "/objects/f1", "property": "mem-path"}),
+        ("mem0", "hugetlb"): ("qom-get", {"path": "/objects/mem0", "property": "hugetlb"}),
+    }
+    assert followup_queries(PC_RAM_MEMDEV, backend_types(PC_RAM_QOM)) == {}
 
 
 def test_build_default_pc_ram_is_eligible() -> None:
@@ -241,3 +242,15 @@ def test_verify_pid_gone(decoy: subprocess.Popen[bytes]) -> None:
     decoy.wait()
     with pytest.raises(ProcessGone):
         verify_pid(pid, "vm-a", None)
+
+
+def test_verify_pid_reads_cmdline_through_procfs(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    (proc / "7").mkdir(parents=True)
+    (proc / "7" / "cmdline").write_bytes(b"qemu\0-name\0guest=vm-a\0")
+    assert verify_pid(7, "vm-a", None, proc_root=str(proc)) == 7
+    (proc / "7" / "cmdline").write_bytes(b"")   # zombie or kernel thread
+    with pytest.raises(ProcessGone, match="empty cmdline"):
+        verify_pid(7, "vm-a", None, proc_root=str(proc))
+    with pytest.raises(ProcessGone):
+        verify_pid(8, "vm-a", None, proc_root=str(proc))

@@ -49,9 +49,10 @@ class KsmdClock:
         for _attempt in range(2):
             pid = self.pid if self.pid is not None else self.find()
             try:
-                if self.procfs.comm(pid) != "ksmd":
+                stat = self.procfs.stat(pid)   # comm and CPU time from one read
+                if stat.comm != "ksmd":
                     raise ProcessGone(f"pid {pid} is no longer ksmd")
-                return self.procfs.cpu_seconds(pid)
+                return stat.cpu_seconds
             except (ProcessGone, ProcfsError):
                 self.pid = None
         raise ProcfsError("cannot read ksmd's CPU time from /proc/<ksmd>/stat")

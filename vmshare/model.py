@@ -54,8 +54,6 @@ class RamBackend:
     merge: bool
     qom_type: str = "memory-backend-ram"   # memory-backend-ram|file|memfd|epc|...
     share: bool = False
-    dump: bool = True
-    prealloc: bool = False
     mem_path: str | None = None             # memory-backend-file only
     hugetlb: bool = False                   # memfd hugetlb=on or file on hugetlbfs
 

@@ -13,8 +13,8 @@ once and is tested with recorded replies.
 
 The module also parses the few facts vmshare needs from libvirt domain XML
 (bounded, no DTDs or entities) and checks that a pid still belongs to a
-given QEMU (``/proc/<pid>/cmdline``), so numbers are never attributed to a
-reused pid.
+given QEMU (``/proc/<pid>/cmdline``, read through ``ProcFs``), so numbers
+are never attributed to a reused pid.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vmshare.errors import AccessDenied, HypervisorError, ProcessGone, ProcfsError
+from vmshare.errors import HypervisorError, ProcessGone, ProcfsError
+from vmshare.ksm.procfs import ProcFs
 from vmshare.model import RamBackend
 
 log = logging.getLogger(__name__)
 
 BACKEND_TYPE_PREFIX = "memory-backend-"
 MAX_DOMAIN_XML_BYTES = 4 * 1024 * 1024
-MAX_CMDLINE_BYTES = 1024 * 1024
 
 # (command, arguments) of one QMP call.
 QmpCall = tuple[str, dict[str, Any]]
+# The one QOM property each backend type needs beyond query-memdev.
+_FOLLOWUP_PROPERTY = {"memory-backend-file": "mem-path", "memory-backend-memfd": "hugetlb"}
 
 
 # --- RAM backends -----------------------------------------------------------
@@ -79,23 +82,23 @@ def _memdev_entries(memdev_reply: Any) -> list[dict[str, Any]]:
     return entries
 
 
-def followup_queries(memdev_reply: Any, types: Mapping[str, str]) -> list[QmpCall]:
-    """The ``qom-get`` calls needed to finish the backends of ``memdev_reply``.
+def followup_queries(memdev_reply: Any,
+                     types: Mapping[str, str]) -> dict[tuple[str, str], QmpCall]:
+    """The ``qom-get`` calls needed to finish the backends of ``memdev_reply``,
+    keyed by (backend id, property) as ``build_ram_backends`` wants the answers.
 
     File backends need ``mem-path`` (to tell hugetlbfs from other files);
     memfd backends need ``hugetlb``.
     """
-    calls: list[QmpCall] = []
+    calls: dict[tuple[str, str], QmpCall] = {}
     for entry in _memdev_entries(memdev_reply):
         backend_id = entry.get("id")
         if not isinstance(backend_id, str):
             continue
-        qom_type = types.get(backend_id)
-        path = f"/objects/{backend_id}"
-        if qom_type == "memory-backend-file":
-            calls.append(("qom-get", {"path": path, "property": "mem-path"}))
-        elif qom_type == "memory-backend-memfd":
-            calls.append(("qom-get", {"path": path, "property": "hugetlb"}))
+        prop = _FOLLOWUP_PROPERTY.get(types.get(backend_id, ""))
+        if prop is not None:
+            calls[(backend_id, prop)] = (
+                "qom-get", {"path": f"/objects/{backend_id}", "property": prop})
     return calls
 
 
@@ -149,8 +152,6 @@ def build_ram_backends(memdev_reply: Any, types: Mapping[str, str],
             merge=_flag(entry, "merge", False, memdev_reply),
             qom_type=qom_type,
             share=_flag(entry, "share", False, memdev_reply),
-            dump=_flag(entry, "dump", True, memdev_reply),
-            prealloc=_flag(entry, "prealloc", False, memdev_reply),
             mem_path=mem_path,
             hugetlb=hugetlb,
         ))
@@ -279,24 +280,6 @@ def parse_domain_xml(xml: str) -> DomainXmlFacts:
 
 # --- pid ownership --------------------------------------------------------------
 
-def read_cmdline(pid: int, proc_root: str = "/proc") -> list[str]:
-    """argv of ``pid``. Raises ProcessGone, AccessDenied, ProcfsError."""
-    path = os.path.join(proc_root, str(pid), "cmdline")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CMDLINE_BYTES)
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise ProcessGone(f"process {pid} is gone") from exc
-    except PermissionError as exc:
-        raise AccessDenied(f"cannot read {path}: permission denied") from exc
-    except OSError as exc:
-        raise ProcfsError(f"cannot read {path}: {exc.strerror}") from exc
-    if not raw:
-        # Zombies and kernel threads have an empty cmdline.
-        raise ProcessGone(f"process {pid} has exited (empty cmdline)")
-    return [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
-
-
 def _qemu_name_option(value: str) -> str:
     """The guest name in a ``-name`` value (``guest=N,debug-threads=on`` or ``N``).
 
@@ -358,13 +341,10 @@ def verify_pid(pid: int, name: str | None, uuid: str | None, *,
 
     Raises ProcessGone (gone or reused pid), AccessDenied, ProcfsError.
     """
-    argv = read_cmdline(pid, proc_root)
-    cwd: str | None = None
-    if socket_path is not None:
-        try:
-            cwd = os.readlink(os.path.join(proc_root, str(pid), "cwd"))
-        except OSError:
-            cwd = None   # absolute socket paths still match
+    procfs = ProcFs(Path(proc_root))
+    argv = procfs.cmdline(pid)
+    # Absolute socket paths match without it.
+    cwd = procfs.cwd(pid) if socket_path is not None else None
     if not cmdline_matches_vm(argv, name, uuid, socket_path, cwd):
         who = name or uuid or socket_path
         raise ProcessGone(f"pid {pid} no longer belongs to the QEMU of {who} "

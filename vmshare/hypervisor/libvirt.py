@@ -337,10 +337,8 @@ class LibvirtHypervisor:
         dom = self._domain(vm)
         memdevs = self._qmp_dom(dom, vm.name, "query-memdev", None)
         types = backend_types(self._qmp_dom(dom, vm.name, "qom-list", {"path": "/objects"}))
-        props: dict[tuple[str, str], Any] = {}
-        for command, args in followup_queries(memdevs, types):
-            backend_id = args["path"].rsplit("/", 1)[-1]
-            props[(backend_id, args["property"])] = self._qmp_dom(dom, vm.name, command, args)
+        props = {key: self._qmp_dom(dom, vm.name, command, args)
+                 for key, (command, args) in followup_queries(memdevs, types).items()}
         mounts = read_mounts(self.mounts_path) if props else []
         return build_ram_backends(memdevs, types, props, mounts)
 

@@ -239,10 +239,8 @@ class QmpHypervisor:
     async def _ram_backends(self, session: _Session) -> list[RamBackend]:
         memdevs = await session.execute("query-memdev", None)
         types = backend_types(await session.execute("qom-list", {"path": "/objects"}))
-        props: dict[tuple[str, str], Any] = {}
-        for command, args in followup_queries(memdevs, types):
-            backend_id = args["path"].rsplit("/", 1)[-1]
-            props[(backend_id, args["property"])] = await session.execute(command, args)
+        props = {key: await session.execute(command, args)
+                 for key, (command, args) in followup_queries(memdevs, types).items()}
         mounts = read_mounts(self.mounts_path) if props else []
         return build_ram_backends(memdevs, types, props, mounts)
 

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,19 @@ KPF_KSM = 21
 KPF_ZERO_PAGE = 24
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+MAX_CMDLINE_BYTES = 1024 * 1024
 # Sparse PFN look-ups: PFNs closer than this are read in one pread.
 _PFN_GAP = 64
 _MAX_SPAN = 1 << 17   # entries read at once (1 MiB of kpageflags)
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """The fields of /proc/<pid>/stat that vmshare uses."""
+
+    comm: str
+    cpu_seconds: float    # utime + stime
+    start_time: int       # clock ticks after boot
 
 
 def _map_oserror(exc: OSError, what: str, pid: int | None = None) -> Exception:
@@ -68,25 +79,27 @@ class ProcFs:
     def exists(self, pid: int) -> bool:
         return (self.root / str(pid)).is_dir()
 
-    def start_time(self, pid: int) -> int:
-        """Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid,
-        it names one process for good, so a reused pid is detected."""
+    def stat(self, pid: int) -> ProcStat:
+        """comm, CPU time and start time from one read of /proc/<pid>/stat."""
         text = self._pid_text(pid, "stat")
         try:
             # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-            rest = text[text.rindex(")") + 2:].split()
-            return int(rest[19])
+            close = text.rindex(")")
+            rest = text[close + 2:].split()
+            return ProcStat(comm=text[text.index("(") + 1:close],
+                            cpu_seconds=(int(rest[11]) + int(rest[12])) / _CLK_TCK,
+                            start_time=int(rest[19]))
         except (ValueError, IndexError) as exc:
             raise ProcfsError(f"/proc/{pid}/stat: unexpected format") from exc
 
+    def start_time(self, pid: int) -> int:
+        """Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid,
+        it names one process for good, so a reused pid is detected."""
+        return self.stat(pid).start_time
+
     def cpu_seconds(self, pid: int) -> float:
         """utime + stime of /proc/<pid>/stat (fields 14 and 15), in seconds."""
-        text = self._pid_text(pid, "stat")
-        try:
-            rest = text[text.rindex(")") + 2:].split()
-            return (int(rest[11]) + int(rest[12])) / _CLK_TCK
-        except (ValueError, IndexError) as exc:
-            raise ProcfsError(f"/proc/{pid}/stat: unexpected format") from exc
+        return self.stat(pid).cpu_seconds
 
     def comm(self, pid: int) -> str:
         return self._pid_text(pid, "comm").strip()
@@ -104,12 +117,26 @@ class ProcFs:
         return sorted(found)
 
     def cmdline(self, pid: int) -> list[str]:
+        """argv of ``pid`` (at most 1 MiB read; empty arguments kept in place).
+
+        Raises ProcessGone also for an empty cmdline (zombie, kernel thread).
+        """
         path = self.root / str(pid) / "cmdline"
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CMDLINE_BYTES)
         except OSError as exc:
             raise _map_oserror(exc, str(path), pid) from exc
-        return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+        if not raw:
+            raise ProcessGone(f"process {pid} has exited (empty cmdline)")
+        return [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
+
+    def cwd(self, pid: int) -> str | None:
+        """Where /proc/<pid>/cwd points, or None when it cannot be read."""
+        try:
+            return os.readlink(self.root / str(pid) / "cwd")
+        except OSError:
+            return None
 
     # ---- mappings -------------------------------------------------------
     def smaps(self, pid: int) -> list[Vma]:
