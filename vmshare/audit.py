@@ -9,6 +9,7 @@ The file is created 0600: it names VMs and their sharing, operator data.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -55,6 +56,44 @@ def audit_path(explicit: Path | None = None) -> Path:
     return Path(os.environ.get(AUDIT_ENV, str(DEFAULT_AUDIT_LOG)))
 
 
+def append_line(path: Path, line: bytes, *, fsync: bool = False,
+                rotate_over: int | None = None) -> None:
+    """Append one newline-terminated record to a JSON-lines file, as one write().
+
+    The file is created 0600 (its directory 0700). Writers take turns under an
+    exclusive flock, and a torn last line (a crash mid-write) is ended first so
+    this record starts on a line of its own. With ``rotate_over``, a non-empty
+    file this line would take past that many bytes is first renamed to
+    ``<path>.1`` (replacing an older one). With ``fsync``, the data is on disk
+    before this returns. The audit log and the savings history share this.
+
+    Raises OSError (PermissionError when denied; strerror "short write" when
+    the kernel took only part of the line).
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if rotate_over is not None and size and size + len(line) > rotate_over:
+            os.replace(path, path.with_name(path.name + ".1"))
+            os.close(fd)
+            fd = -1
+            fd = os.open(path, flags, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size   # another writer may have begun the new file
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        if os.write(fd, line) != len(line):
+            raise OSError(errno.EIO, "short write")
+        if fsync:
+            os.fsync(fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _user() -> str:
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
@@ -83,28 +122,12 @@ class AuditLog:
         if len(line) > _MAX_LINE:
             raise AuditError(f"audit record too large ({len(line)} bytes)")
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o600)
+            append_line(self.path, line, fsync=True)
         except PermissionError as exc:
             raise AccessDenied(f"cannot write the audit log {self.path}: permission "
                                "denied") from exc
         except OSError as exc:
-            raise AuditError(f"cannot open the audit log {self.path}: {exc.strerror}") from exc
-        try:
-            # Writers take turns; a torn last line (a crash mid-write) is ended
-            # first so this record starts on a line of its own.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line
-            if os.write(fd, line) != len(line):
-                raise AuditError(f"short write to the audit log {self.path}")
-            os.fsync(fd)
-        except OSError as exc:
             raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     def read(self) -> Iterator[AuditRecord | str]:
         """Records in order; a line that does not parse is yielded as a string

@@ -3,19 +3,18 @@ figures, as JSON lines, written by the daemon and read by `vmshare history`.
 
 A sample is small (a few hundred bytes per VM); the file is rotated to
 ``<file>.1`` when it passes ``max_bytes``, so at most twice that is kept.
-Appends are one write() under an exclusive lock, like the audit log; a torn
-last line from a crash is skipped by the reader.
+Appends go through audit.append_line, as the audit log's do (one write()
+under an exclusive lock); a torn last line from a crash is skipped by the reader.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vmshare.audit import append_line
 from vmshare.errors import AccessDenied, VmshareError
 from vmshare.model import PAGE_SIZE
 from vmshare.observe import HostView
@@ -54,29 +53,11 @@ class HistoryStore:
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            append_line(self.path, line, rotate_over=self.max_bytes)
         except PermissionError as exc:
             raise AccessDenied(f"cannot write {self.path}: permission denied") from exc
         except OSError as exc:
-            raise HistoryError(f"cannot open {self.path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size + len(line) > self.max_bytes and size:
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                os.close(fd)
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                size = 0
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line
-            os.write(fd, line)
-        except OSError as exc:
             raise HistoryError(f"cannot write {self.path}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
     def read(self, since: float = 0.0) -> Iterator[dict[str, Any]]:
         """Samples newer than ``since``, oldest first, from the rotated file too."""
@@ -125,13 +106,20 @@ def downsample(samples: Sequence[T], rows: int) -> list[T]:
     return [*picked, samples[-1]]
 
 
+def host_saved_bytes(rec: dict[str, Any]) -> int:
+    """The host's saving in one sample: pages_sharing x page size."""
+    return int(rec.get("host", {}).get("pages_sharing", 0)) * PAGE_SIZE
+
+
+def vm_saved_bytes(rec: dict[str, Any], vm: str) -> int:
+    """One VM's saved_bytes in one sample (0 when it was not running)."""
+    return int(rec.get("vms", {}).get(vm, {}).get("saved_bytes", 0))
+
+
 def summary(samples: Sequence[dict[str, Any]], vm: str | None = None) -> dict[str, Any]:
     """Per-VM (or host) saved bytes over the samples: first, last, min, max."""
-    def series(rec: dict[str, Any]) -> float:
-        if vm is None:
-            return float(rec.get("host", {}).get("pages_sharing", 0) * PAGE_SIZE)
-        return float(rec.get("vms", {}).get(vm, {}).get("saved_bytes", 0))
-    values = [series(r) for r in samples]
+    values = [float(host_saved_bytes(r) if vm is None else vm_saved_bytes(r, vm))
+              for r in samples]
     return {"samples": len(values), "first": values[0] if values else 0,
             "last": values[-1] if values else 0, "min": min(values, default=0),
             "max": max(values, default=0), "series": values}
