@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.errors import PolicyError
-from vmshare.policy import DEFAULT_GROUP, MERGE_SETTINGS, HostPolicy, VmPolicy, valid_group
+from vmshare.policy import DEFAULT_GROUP, HostPolicy, VmPolicy, valid_group
 
 DEFAULT_CONFIG = Path("/etc/vmshare/vmshare.toml")
 CONFIG_ENV = "VMSHARE_CONFIG"
@@ -117,14 +117,11 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         where = f'vm."{name}"'
         t = _check_keys(where, table, _VM_KEYS, origin)
         merge = _typed(origin, where, "merge", t.get("merge", "inherit"), str)
-        if merge not in MERGE_SETTINGS:
-            raise PolicyError(f"{origin}: [{where}] merge must be one of "
-                              f"{', '.join(MERGE_SETTINGS)}, not {merge!r}")
         group = t.get("group")
         if group is not None:
             group = _typed(origin, where, "group", group, str)
         force = _typed(origin, where, "force", t.get("force", False), bool)
-        try:
+        try:   # VmPolicy checks merge and the group name
             vms[name] = VmPolicy(merge=merge, group=group, force=force)
         except PolicyError as exc:
             raise PolicyError(f"{origin}: [{where}] {exc}") from exc

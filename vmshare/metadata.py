@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 from typing import cast
 
 from vmshare.errors import PolicyError
-from vmshare.policy import MERGE_SETTINGS, MergeSetting, VmPolicy
+from vmshare.policy import MergeSetting, VmPolicy
 
 NAMESPACE = "https://vmshare.dev/xmlns/policy/1"
 PREFIX = "vmshare"          # the ``key`` libvirt uses as the namespace prefix
@@ -77,14 +77,11 @@ def _from_element(el: ET.Element, what: str) -> VmPolicy:
     if len(el) or (el.text or "").strip():
         raise PolicyError(f"{what}: <{ELEMENT}> must be empty (attributes only)")
     merge = el.get("merge", "inherit")
-    if merge not in MERGE_SETTINGS:
-        raise PolicyError(f"{what}: merge must be one of {', '.join(MERGE_SETTINGS)}, "
-                          f"not {merge!r}")
     force_text = el.get("force", "no")
     if force_text.lower() not in _BOOL:
         raise PolicyError(f"{what}: force must be yes or no, not {force_text!r}")
     group = el.get("group")
-    try:
+    try:   # VmPolicy checks merge and the group name
         return VmPolicy(merge=cast(MergeSetting, merge), group=group or None,
                         force=_BOOL[force_text.lower()])
     except PolicyError as exc:
