@@ -134,6 +134,31 @@ def test_disable_then_enable_verified(host: tuple[FakeHypervisor, FakeProc],
     assert hv.calls == [("web-2", "pc.ram", False), ("web-2", "pc.ram", True)]
 
 
+def test_enable_reads_each_vm_once_before_acting(host: tuple[FakeHypervisor, FakeProc],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    hv, _ = host
+    code, _, err = run(capsys, "disable", "web-2")
+    assert code == 0, err
+    hv.reads.clear()
+    code, out, err = run(capsys, "enable", "web-2")
+    assert (code, out) == (0, "web-2/pc.ram: merge off -> on (verified)\n"), err
+    # The policy survey reads every VM once; the change reuses what it read of
+    # web-2, whose backends are read once more only to verify the change.
+    assert hv.reads == {("facts", "web-1"): 1, ("facts", "web-2"): 1,
+                        ("facts", "db-secret"): 1, ("facts", "idle"): 1,
+                        ("ram_backends", "web-1"): 1, ("ram_backends", "web-2"): 2,
+                        ("ram_backends", "db-secret"): 1}
+
+
+def test_status_reads_each_vm_once(host: tuple[FakeHypervisor, FakeProc],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    hv, _ = host
+    code, _, err = run(capsys, "status")
+    assert code == 0, err
+    assert set(hv.reads.values()) == {1}
+    assert ("facts", "idle") in hv.reads and ("ram_backends", "idle") not in hv.reads
+
+
 def test_kernel_disagreeing_is_an_error(host: tuple[FakeHypervisor, FakeProc],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     hv, _ = host
@@ -254,7 +279,7 @@ def test_html_report(host: tuple[FakeHypervisor, FakeProc], tmp_path: Path,
     target = tmp_path / "report.html"
     code, out, err = run(capsys, "report", "--html", str(target), "--config", str(cfg))
     assert code == 0, err
-    assert out.startswith(f"wrote {target} (")
+    assert out == f"wrote {target} ({target.stat().st_size:,} bytes)\n"   # bytes, not chars
     page = target.read_text()
     assert oct(target.stat().st_mode & 0o777) == "0o600"
     assert "<script>" not in page and "&lt;script&gt;" in page

@@ -176,7 +176,7 @@ def match_ram_vmas(vmas: Sequence[Vma], backends: Sequence[RamBackend]) -> dict[
     return found
 
 
-def mergeable_mismatch(vmas: Sequence[Vma], backends: Sequence[RamBackend],
+def mergeable_mismatch(backends: Sequence[RamBackend],
                        matched: Mapping[str, Vma]) -> list[str]:
     """Backends whose mapping's ``mg`` flag disagrees with their ``merge`` property.
 

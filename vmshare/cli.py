@@ -69,7 +69,7 @@ def emit_json(obj: object) -> None:
 
 # ---------------------------------------------------------------- commands
 def cmd_list(ctx: Context) -> int:
-    from vmshare.report import mib, table
+    from vmshare.report import backend_json, mib, table
     obs = ctx.observer()
     rows: list[list[str]] = []
     data: list[dict[str, Any]] = []
@@ -88,10 +88,7 @@ def cmd_list(ctx: Context) -> int:
             rows.append([ref.name, "running", b.id, b.qom_type.removeprefix("memory-backend-"),
                          mib(b.size), "on" if b.merge else "off", mg,
                          "yes" if v.ineligible_reason is None else f"no: {v.ineligible_reason}"])
-            entry["backends"].append({"id": b.id, "type": b.qom_type, "size": b.size,
-                                      "merge": b.merge, "mg": v.mg_flag,
-                                      "eligible": v.ineligible_reason is None,
-                                      "ineligible_reason": v.ineligible_reason})
+            entry["backends"].append(backend_json(v))
         if not views:
             rows.append([ref.name, "running", "(none)", "", "", "", "", ""])
         data.append(entry)
@@ -204,9 +201,8 @@ def cmd_history(ctx: Context) -> int:
     shown = names[:6]
     for rec in history.downsample(samples, a.rows):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"]))
-        host_saved = rec.get("host", {}).get("pages_sharing", 0) * 4096
-        rows.append([when, mib(host_saved),
-                     *[mib(rec.get("vms", {}).get(n, {}).get("saved_bytes", 0)) for n in shown]])
+        rows.append([when, mib(history.host_saved_bytes(rec)),
+                     *[mib(history.vm_saved_bytes(rec, n)) for n in shown]])
     out()
     out(table(["TIME", "HOST SAVED", *[f"{n} SAVED" for n in shown]], rows,
               right=tuple(range(1, 2 + len(shown)))))
@@ -226,17 +222,17 @@ def cmd_report(ctx: Context) -> int:
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from exc
     store = history.HistoryStore(load_config(a.config).daemon.history_file)
-    page = report_html.render(host, list(store.read(since)), hostname=socket.gethostname())
+    page = report_html.render(host, list(store.read(since)),
+                              hostname=socket.gethostname()).encode("utf-8")
     target = Path(a.html)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:      # operator data: 0600, written whole or not at all
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {target}: {exc.strerror}") from exc
+    # Operator data: 0600, written whole or not at all (the daemon state's writer).
+    from vmshare.daemon.state import StateError, write_atomic
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot write {target}: no directory {target.parent}")
+    try:
+        write_atomic(target, page)
+    except StateError as exc:
+        raise UsageError(str(exc)) from exc
     out(f"wrote {target} ({len(page):,} bytes)")
     return 0
 

@@ -84,11 +84,19 @@ def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = No
                            f"policy of {ref.name} (trust group {req.decision.group!r}) "
                            "has force")
             why += f"; forced: {forced_past}"
-        # The UUID pins the domain found above, unless it is QEMU's all-zero default.
-        pinned = ref.uuid if ref.uuid and ref.uuid.strip("0-") else ref.name
-        changes = ctl.set_merge(pinned, True, backend=backend,
-                                decision=req.decision, mergeable_now=req.mergeable_now,
-                                audit=audit, reason=why)
+        # The survey behind the request read this VM's facts and backends a
+        # moment ago: act on them rather than read them again.
+        if req.view.backends is not None:
+            changes = ctl.set_merge_observed(
+                req.view.facts, req.view.backends, True, backend=backend,
+                decision=req.decision, mergeable_now=req.mergeable_now, audit=audit,
+                reason=why)
+        else:
+            # The UUID pins the domain found above, unless it is QEMU's all-zero default.
+            pinned = ref.uuid if ref.uuid and ref.uuid.strip("0-") else ref.name
+            changes = ctl.set_merge(pinned, True, backend=backend,
+                                    decision=req.decision, mergeable_now=req.mergeable_now,
+                                    audit=audit, reason=why)
     else:
         changes = ctl.set_merge(ident, False, backend=backend, force=force, audit=audit,
                                 reason=reason or "vmshare disable")

@@ -9,7 +9,7 @@ memory to un-share the VM's pages (the OOM worry of the 2009 KSM thread).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from vmshare.accounting import attribute
@@ -61,6 +61,13 @@ class Headroom:
         return self.need_bytes + self.margin_bytes <= self.available_bytes
 
 
+def _headroom(procfs: ProcFs, need_bytes: int) -> Headroom:
+    """``need_bytes`` against MemAvailable, keeping the unmerge margin free."""
+    info = procfs.meminfo()
+    margin = max(UNMERGE_MARGIN_BYTES, int(info.get("MemTotal", 0) * UNMERGE_MARGIN_FRACTION))
+    return Headroom(need_bytes, info.get("MemAvailable", 0), margin)
+
+
 class Controller:
     def __init__(self, hv: Hypervisor, procfs: ProcFs, observer: Observer) -> None:
         self.hv = hv
@@ -88,10 +95,7 @@ class Controller:
                                                       view.vma.size // PAGE_SIZE)
         att = attribute(entries, self.procfs.kpageflags, self.procfs.kpagecount)
         ksm_pages = sum(f.ksm_pages for f in att.per_vm.values())
-        info = self.procfs.meminfo()
-        margin = max(UNMERGE_MARGIN_BYTES,
-                     int(info.get("MemTotal", 0) * UNMERGE_MARGIN_FRACTION))
-        return Headroom(ksm_pages * PAGE_SIZE, info.get("MemAvailable", 0), margin)
+        return _headroom(self.procfs, ksm_pages * PAGE_SIZE)
 
     def set_merge(self, ident: str, merge: bool, *, backend: str | None = None,
                   force: bool = False, decision: Decision | None = None,
@@ -116,11 +120,29 @@ class Controller:
         MonitorError/DeadlineExceeded from the hypervisor.
         """
         ref, facts = self._running(ident)
-        views = self.observer.backends(ref, facts)
+        return self.set_merge_observed(
+            facts, self.observer.backends(ref, facts), merge, backend=backend, force=force,
+            decision=decision, mergeable_now=mergeable_now, audit=audit, reason=reason,
+            event=event)
+
+    def set_merge_observed(self, facts: VmFacts, observed: Sequence[BackendView],
+                           merge: bool, *, backend: str | None = None, force: bool = False,
+                           decision: Decision | None = None,
+                           mergeable_now: Mapping[str, str] | None = None,
+                           audit: AuditLog | None = None, reason: str = "",
+                           event: str | None = None) -> list[MergeChange]:
+        """``set_merge`` for a VM whose facts and backends (Observer.backends) the
+        caller has just read, so they are not read again before the change; the
+        verification afterwards reads them anew. Same errors as ``set_merge``.
+        """
+        ref = facts.ref
+        if facts.pid is None:
+            raise DomainNotRunning(f"domain {ref.name} is not running")
+        views = list(observed)
         if backend is not None:
             views = [v for v in views if v.backend.id == backend]
             if not views:
-                known = ", ".join(v.backend.id for v in self.observer.backends(ref, facts))
+                known = ", ".join(v.backend.id for v in observed)
                 raise UsageError(f"domain {ref.name} has no memory backend {backend!r} "
                                  f"(it has: {known or 'none'})")
         if merge and facts.ineligible_reason:
@@ -187,10 +209,7 @@ class Controller:
 
 def host_unmerge_headroom(sysfs: KsmSysfs, procfs: ProcFs) -> Headroom:
     """Memory needed to unmerge everything (run=2): one page per pages_sharing."""
-    info = procfs.meminfo()
-    margin = max(UNMERGE_MARGIN_BYTES, int(info.get("MemTotal", 0) * UNMERGE_MARGIN_FRACTION))
-    need = sysfs.read_int("pages_sharing") * PAGE_SIZE
-    return Headroom(need, info.get("MemAvailable", 0), margin)
+    return _headroom(procfs, sysfs.read_int("pages_sharing") * PAGE_SIZE)
 
 
 def unmerge_all(sysfs: KsmSysfs, procfs: ProcFs, *, force: bool = False) -> int:

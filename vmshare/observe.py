@@ -118,15 +118,14 @@ class Observer:
     def mismatches(self, vm: VmRef, facts: VmFacts) -> tuple[list[BackendView], list[str]]:
         """Backends, and the ids whose `mg` flag disagrees with QEMU's merge property."""
         views = self.backends(vm, facts)
-        backends = [v.backend for v in views]
         matched = {v.backend.id: v.vma for v in views if v.vma is not None}
-        vmas = list(matched.values())
-        return views, mergeable_mismatch(vmas, backends, matched)
+        return views, mergeable_mismatch([v.backend for v in views], matched)
 
-    def _gather(self, vm: VmRef) -> _Gathered | None:
+    def _gather(self, vm: VmRef) -> _Gathered | VmFacts:
+        """The running VM's pages and stats, or its facts when it is not running."""
         facts = self.hv.facts(vm)
         if facts.pid is None:
-            return None
+            return facts
         start = self.procfs.start_time(facts.pid)
         views = self.backends(vm, facts)
         parts: list[U64] = []
@@ -185,8 +184,8 @@ class Observer:
                 log.warning("%s: %s", ref.name, exc)
                 idle.append(VmView(facts=VmFacts(ref=ref, pid=None), warnings=(str(exc),)))
                 continue
-            if got is None:
-                idle.append(VmView(facts=self.hv.facts(ref)))
+            if isinstance(got, VmFacts):
+                idle.append(VmView(facts=got))
             else:
                 gathered[ref.name] = got
         att = attribute({n: g.entries for n, g in gathered.items()},

@@ -11,7 +11,7 @@ running VMs with the currently mergeable ones and their trust groups.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ from vmshare.errors import (
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmFacts, VmRef
-from vmshare.observe import Observer
+from vmshare.observe import BackendView, Observer
 from vmshare.policy import Decision, HostPolicy, VmPolicy, blocking_vm, effective, plan
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class PolicyView:
     decision: Decision            # after plan() (running VMs), else the wish
     mergeable_now: bool | None    # None: not running or unknown
     warnings: tuple[str, ...] = ()
+    backends: tuple[BackendView, ...] | None = None   # as read for mergeable_now; None: not read
 
     @property
     def running(self) -> bool:
@@ -68,10 +69,9 @@ def _default_observer(hv: Any) -> Observer:
     return Observer(hv, KsmSysfs(), ProcFs())
 
 
-def is_mergeable_now(observer: Observer, ref: VmRef, facts: VmFacts) -> bool:
+def is_mergeable_now(backends: Iterable[BackendView]) -> bool:
     """Any eligible RAM backend of the running VM has merge=on."""
-    return any(v.backend.merge and v.ineligible_reason is None
-               for v in observer.backends(ref, facts))
+    return any(v.backend.merge and v.ineligible_reason is None for v in backends)
 
 
 def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
@@ -106,13 +106,15 @@ def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
             own = None
         wish = effective(facts, own, config.host)
         mergeable: bool | None = None
+        backends: tuple[BackendView, ...] | None = None
         if facts.pid is not None:
             try:
-                mergeable = is_mergeable_now(obs, facts.ref, facts)
+                backends = tuple(obs.backends(facts.ref, facts))
+                mergeable = is_mergeable_now(backends)
             except (HypervisorError, ProcessGone) as exc:
                 warnings.append(f"cannot read its RAM backends: {exc}")
         views.append(PolicyView(facts.ref, facts, own, table_policy(config.host, facts.ref),
-                                wish, wish, mergeable, tuple(warnings)))
+                                wish, wish, mergeable, tuple(warnings), backends))
     mergeable_now = mergeable_groups(views)
     planned = {d.vm: d for d in plan([v.wish for v in views if v.running], mergeable_now)}
     out = [replace(v, decision=planned.get(v.ref.name, v.wish)) for v in views]
@@ -122,16 +124,6 @@ def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
 def mergeable_groups(views: Iterable[PolicyView]) -> dict[str, str]:
     """Currently mergeable VMs -> their trust groups."""
     return {v.ref.name: v.wish.group for v in views if v.mergeable_now}
-
-
-def decide_all(hv: Any, config: Config, refs: Iterable[VmRef], *,
-               observer: Observer | None = None) -> list[Decision]:
-    """Decisions for the running VMs among ``refs``, trust groups resolved."""
-    return [v.decision for v in survey(hv, config, refs, observer=observer) if v.running]
-
-
-def groups_of(views: Iterable[PolicyView]) -> Mapping[str, str]:
-    return {v.ref.name: v.wish.group for v in views}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE
-from vmshare.observe import HostView, VmView
+from vmshare.observe import BackendView, HostView, VmView
 
 MiB = 2**20
 
@@ -57,7 +57,8 @@ def host_summary(host: HostView) -> str:
     return "\n".join(lines)
 
 
-def _merge_state(vm: VmView) -> str:
+def merge_state(vm: VmView) -> str:
+    """on, off, on/off (mixed), n/a (ineligible backends), - (none)."""
     if not vm.backends:
         return "-"
     states = {("on" if b.backend.merge else "off") if b.ineligible_reason is None
@@ -77,7 +78,7 @@ def status_table(host: HostView) -> str:
             vm.name, str(vm.facts.pid), mib(vm.ram_bytes),
             mib(vm.resident_pages * PAGE_SIZE), f"{vm.ksm_pages:,}", mib(vm.saved_bytes),
             f"{vm.ksm_stat.ksm_zero_pages:,}", f"{vm.ksm_stat.ksm_rmap_items:,}",
-            mib(vm.ksm_stat.ksm_process_profit), "n/a" if reason else _merge_state(vm),
+            mib(vm.ksm_stat.ksm_process_profit), "n/a" if reason else merge_state(vm),
         ])
     text = table(["VM", "PID", "RAM", "RESIDENT", "KSM PAGES", "SAVED", "ZERO PAGES",
                   "RMAP ITEMS", "KERNEL PROFIT", "MERGE"], rows,
@@ -110,6 +111,14 @@ def matrix(host: HostView) -> str:
             + table(["SHARES WITH", *names], rows, right=tuple(range(1, len(names) + 1))))
 
 
+def backend_json(b: BackendView) -> dict[str, Any]:
+    """One RAM backend as `status --json` and `list --json` show it."""
+    return {"id": b.backend.id, "type": b.backend.qom_type, "size": b.backend.size,
+            "merge": b.backend.merge, "mg": b.mg_flag,
+            "eligible": b.ineligible_reason is None,
+            "ineligible_reason": b.ineligible_reason}
+
+
 def vm_json(vm: VmView) -> dict[str, Any]:
     running = vm.facts.pid is not None
     return {
@@ -130,13 +139,7 @@ def vm_json(vm: VmView) -> dict[str, Any]:
         "process_profit_bytes": vm.ksm_stat.ksm_process_profit,
         "thp_bytes": vm.thp_bytes,
         "shares_with": {k: v * PAGE_SIZE for k, v in sorted(vm.shares_with_pages.items())},
-        "backends": [
-            {"id": b.backend.id, "type": b.backend.qom_type, "size": b.backend.size,
-             "merge": b.backend.merge, "mg": b.mg_flag,
-             "eligible": b.ineligible_reason is None,
-             "ineligible_reason": b.ineligible_reason}
-            for b in vm.backends
-        ],
+        "backends": [backend_json(b) for b in vm.backends],
         "warnings": list(vm.warnings),
     }
 

@@ -13,9 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from vmshare.history import host_saved_bytes
 from vmshare.model import PAGE_SIZE, VM_FIGURE_MEANINGS
 from vmshare.observe import HostView
-from vmshare.report import mib
+from vmshare.report import merge_state, mib
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;
@@ -101,7 +102,7 @@ def _line_chart(samples: Sequence[dict[str, Any]]) -> str:
         return '<p class="muted">No history yet (the daemon records it).</p>'
     width, height, pad = 720, 220, 40
     t0, t1 = samples[0]["time"], samples[-1]["time"]
-    values = [s.get("host", {}).get("pages_sharing", 0) * PAGE_SIZE for s in samples]
+    values = [host_saved_bytes(s) for s in samples]
     top = max(max(values), 1)
     pts = " ".join(
         f"{pad + (width - 2 * pad) * (s['time'] - t0) / max(t1 - t0, 1):.1f},"
@@ -136,10 +137,9 @@ def render(host: HostView, samples: Sequence[dict[str, Any]] = (), *,
     rows = []
     for vm in running:
         warn = "".join(f'<div class="warn">{_e(w)}</div>' for w in vm.warnings)
+        # As `vmshare status` shows it: an ineligible backend is n/a whatever its merge.
         state = "not eligible: " + vm.facts.ineligible_reason \
-            if vm.facts.ineligible_reason else \
-            ", ".join(sorted({"merge on" if b.backend.merge else "merge off"
-                              for b in vm.backends})) or "-"
+            if vm.facts.ineligible_reason else merge_state(vm)
         rows.append(f"<tr><td>{_e(vm.name)}{warn}</td><td>{_e(mib(vm.ram_bytes))}</td>"
                     f"<td>{vm.ksm_pages:,}</td><td>{_e(mib(vm.saved_bytes))}</td>"
                     f"<td>{vm.ksm_stat.ksm_zero_pages:,}</td>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,6 +26,8 @@ class FakeHypervisor:
     def __init__(self, vms: list[FakeVm]) -> None:
         self.vms = {v.ref.name: v for v in vms}
         self.calls: list[tuple[str, str, bool]] = []
+        # Reads per VM name, so tests can catch the same read done twice.
+        self.reads: Counter[tuple[str, str]] = Counter()
 
     def list_vms(self) -> list[VmRef]:
         return sorted((v.ref for v in self.vms.values()), key=lambda r: r.name)
@@ -36,12 +39,14 @@ class FakeHypervisor:
         raise DomainNotFound(f"no domain named {ident!r} (name, UUID or id) on {self.uri}")
 
     def facts(self, vm: VmRef) -> VmFacts:
+        self.reads["facts", vm.name] += 1
         v = self.vms[vm.name]
         return VmFacts(ref=v.ref, pid=v.pid, nosharepages=v.nosharepages,
                        launch_security=v.launch_security,
                        memory_bytes=sum(b.size for b in v.backends))
 
     def ram_backends(self, vm: VmRef) -> list[RamBackend]:
+        self.reads["ram_backends", vm.name] += 1
         v = self.vms[vm.name]
         if v.pid is None:
             raise DomainNotRunning(f"domain {vm.name} is not running")
