@@ -478,3 +478,16 @@ def test_observe_records_history_at_its_interval(host: Host) -> None:
     assert samples[-1]["vms"]["a"]["saved_bytes"] == SHARED * 4096 // 2
     assert samples[-1]["vms"]["a"]["ksm_pages"] == SHARED
     assert samples[-1]["host"]["pages_sharing"] == 30   # the fake sysfs tree's counter
+
+
+def test_nothing_to_do_reads_each_vm_once(host: Host) -> None:
+    """A periodic reconcile where every VM already matches its policy reads each
+    VM's backends once (the survey's read serves the check), never twice."""
+    host.add_vm("a", 11, merge=True)
+    host.add_vm("b", 12, merge=True)
+    host.reconciler().reconcile_all("periodic")
+    host.hv.counts.clear()
+    outcomes = host.reconciler().reconcile_all("periodic")
+    assert {o.status for o in outcomes} == {"unchanged"}
+    assert host.hv.counts[("a", "ram_backends")] == 1
+    assert host.hv.counts[("b", "ram_backends")] == 1

@@ -267,7 +267,10 @@ class Reconciler:
         decision = view.decision
         want = decision.merge
         try:
-            backends = self.observer.backends(view.ref, view.facts)
+            # The survey just read them (the common, nothing-to-do path costs no
+            # second read); acting reads them afresh in the Controller anyway.
+            backends = view.backends if view.backends is not None \
+                else self.observer.backends(view.ref, view.facts)
             before = {v.backend.id: v.backend.merge for v in backends}
             todo = [v.backend.id for v in backends
                     if (v.ineligible_reason is None or not want)
