@@ -15,7 +15,7 @@ LIBVIRT_URI="qemu:///system"
 DAEMON_DEADLINE=30
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev
-          procps)
+          libxxhash-dev procps)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
@@ -44,9 +44,11 @@ if [[ ! -x $VENV/bin/python ]]; then
     say "creating $VENV"
     /usr/bin/python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
 fi
-want=$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)
+# the install is redone when the build inputs change or the C extension is missing
+want=$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/vmshare/engine/_pages.c" \
+       | sha256sum | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
-if [[ $want != "$have" ]]; then
+if [[ $want != "$have" ]] || ! compgen -G "$REPO/vmshare/engine/_pages.*.so" >/dev/null; then
     say "pip install -e $REPO[test]"
     log=$(mktemp)
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test]" \

@@ -281,18 +281,22 @@ class ScanArena:
         self._index = 0
         self._used = 0
 
-    def copy(self, data: memoryview) -> memoryview:
-        n = len(data)
+    def take(self, n: int) -> memoryview:
+        """A writable view of ``n`` bytes, valid until the next ``reset``."""
         if n > self.chunk_bytes:
-            return memoryview(bytearray(data))
+            return memoryview(bytearray(n))
         if self._index < len(self._buffers) and self._used + n > self.chunk_bytes:
             self._index += 1
             self._used = 0
         if self._index == len(self._buffers):
             self._buffers.append(anon_buffer(self.chunk_bytes))   # populated: no faults
         view = memoryview(self._buffers[self._index])[self._used:self._used + n]
-        view[:] = data
         self._used += n
+        return view
+
+    def copy(self, data: memoryview) -> memoryview:
+        view = self.take(len(data))
+        view[:] = data
         return view
 
     @property
@@ -311,7 +315,9 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     """One full engine scan over ``sources`` (scan order: as given).
 
     Reading (a system call that releases the GIL) runs in a helper thread
-    ahead of the engine's hashing, one bounded queue apart. Raises what the
+    ahead of the engine's hashing, one bounded queue apart. Live process
+    memory is read straight into the arena; other sources' runs are copied
+    there (their read buffers are reused). Raises what the
     sources raise (DumpError, ProcessGone, AccessDenied, ProcfsError); the
     engine is then left mid-scan and must be discarded.
     """
@@ -342,11 +348,13 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
         try:
             for s in sources:
                 live = s.inner if isinstance(s, KernelVisiblePages) else s
+                direct = isinstance(live, LiveProcessSource)
                 if isinstance(live, LiveProcessSource):
                     live.mirror = arena.mirror
+                    live.read_into = arena.take     # read straight into the arena
                 for run in s.runs():
-                    if isinstance(run, TrackedPageRun):    # the mirror outlives the scan
-                        item: PageRun = run
+                    if direct or isinstance(run, TrackedPageRun):
+                        item: PageRun = run      # arena or mirror bytes: outlive the scan
                     else:
                         item = PageRun(s.name, run.region, run.first_page,
                                        arena.copy(run.data))

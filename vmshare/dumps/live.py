@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +199,9 @@ class LiveProcessSource(Closing):
                  mirror: SoftDirtyMirror | None = None) -> None:
         self.pid = pid
         self.mirror = mirror
+        #: where each run is read (a writable view of the size asked for, valid
+        #: beyond the next yield), else one buffer reused for every run
+        self.read_into: Callable[[int], memoryview] | None = None
         self.name = name if name is not None else f"pid:{pid}"
         self._procfs = procfs or ProcFs()
         self.vmas = sorted(vmas, key=lambda v: v.start)
@@ -280,7 +283,9 @@ class LiveProcessSource(Closing):
         """Stream resident pages, ``chunk_pages`` at most per run (16 MiB by default).
 
         The yielded ``data`` and ``pagemap`` live in buffers reused for later
-        runs: copy what must outlive the next iteration step.
+        runs: copy what must outlive the next iteration step. With ``read_into``
+        set, ``data`` is read into the view it returns for each run instead, and
+        ``pagemap`` is a copy: both outlive the iteration.
         """
         check_chunk_pages(chunk_pages)
         if self._closed:
@@ -304,10 +309,11 @@ class LiveProcessSource(Closing):
                 stops = np.nonzero(edges == -1)[0].tolist()
                 first_page = (addr - vma.start) // PAGE_SIZE
                 for s, e in zip(starts, stops, strict=True):
-                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE]
+                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE] if self.read_into is None \
+                        else self.read_into((e - s) * PAGE_SIZE)
                     self._pread_full(self._mem_fd, chunk, addr + s * PAGE_SIZE, "memory")
-                    yield LivePageRun(self.name, region.key, first_page + s, chunk,
-                                      entries[s:e])
+                    pm = entries[s:e] if self.read_into is None else entries[s:e].copy()
+                    yield LivePageRun(self.name, region.key, first_page + s, chunk, pm)
 
     def _pagemap(self, vma: Vma) -> U64:
         """The pagemap entries of every page of ``vma`` (8 bytes a page)."""

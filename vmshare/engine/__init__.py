@@ -36,7 +36,9 @@ Representation (not the kernel's rbtrees): per-page state lives in numpy arrays
 node a count, a chain id and a 128-bit fingerprint (24 bytes a node). A scan is
 vectorised per region and per checksum bucket (``vmshare.engine.merge``); only
 groups that meet an existing stable node, lose a member in the same scan, or
-hold a checksum collision are simulated page by page.
+hold a checksum collision are simulated page by page. The work done once per
+page (xxh3 hashing, memcmp, the zero test) is in a small C extension,
+``vmshare.engine._pages``, with the GIL released; Python decides everything.
 
 Trust and verification (what is compared with what):
 

@@ -23,7 +23,6 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
 from vmshare.engine.state import (
     BOOL,
@@ -39,14 +38,13 @@ from vmshare.engine.state import (
     PageAtlas,
     RegionState,
     RunRef,
+    fingerprint_bytes,
 )
 from vmshare.model import PAGE_SIZE
 
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _CHUNK = 1 << 13      # pages per vectorised step: bounds temporaries
-_FP_BLOCK = 512       # pages fingerprinted per step
-_VERIFY = 1 << 12     # arrivals byte-verified per step
 _BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
 
 
@@ -55,23 +53,6 @@ class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
     def max_page_sharing(self) -> int: ...
     @property
     def use_zero_pages(self) -> bool: ...
-
-
-def fingerprints(atlas: PageAtlas, pos: I64) -> U64:
-    """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array.
-
-    Done ``_FP_BLOCK`` pages at a time: the per-page Python objects (ints from
-    ``tolist``, digests) stay few, so they leave no fragmented heap behind.
-    """
-    out = np.zeros((pos.size, 2), dtype=np.uint64)
-    dig = xxhash.xxh3_128_digest
-    views = atlas.views
-    for b0 in range(0, pos.size, _FP_BLOCK):
-        cls, rows = atlas.locate(pos[b0:b0 + _FP_BLOCK])
-        raw = b"".join([dig(views[c][r]) for c, r in
-                        zip(cls.tolist(), rows.tolist(), strict=True)])
-        out[b0:b0 + cls.size] = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
-    return out
 
 
 class _Scan:
@@ -123,7 +104,7 @@ class _Scan:
                 if self.verify:
                     ki = np.flatnonzero(keep)
                     if ki.size:
-                        fps = fingerprints(self.atlas, ki + (base + s))
+                        fps = self.atlas.fingerprints(ki + (base + s))
                         keep[ki] = (fps == nodes.fp[nd[ki]]).all(axis=1)
                     zi = np.flatnonzero(zero & seen)
                     zkeep[:] = False
@@ -232,22 +213,15 @@ class _Scan:
         flags_or = np.zeros(n, dtype=np.uint8)
         node_of = np.full(n, -1, dtype=np.int32)
         flags_or[~cand[gid]] = UNSTABLE
-        # byte verification of node-free groups against their first page
+        # node-free groups: byte-compared with their first page, which is fingerprinted
         fastg = cand & ~has_nodes
-        bad = np.zeros(gck.size, dtype=np.bool_)
-        for b0 in range(0, n, _VERIFY):           # blocks bound the temporaries
-            b1 = min(n, b0 + _VERIFY)
-            bg = gid[b0:b1]
-            fa = np.flatnonzero(fastg[bg] & (np.arange(b0, b1) != gstart[bg]))
-            if fa.size:
-                bg = bg[fa]
-                ok = self.atlas.equal(pos[fa + b0], pos[gstart[bg]])
-                bad[bg[~ok]] = True
-        fastg &= ~bad
+        fi = np.flatnonzero(fastg)
+        same, fps = self.atlas.verify_groups(pos, gstart[fi], gsize[fi])
+        fastg[fi[~same]] = False
         for g in np.flatnonzero(cand & ~fastg).tolist():
             s = int(gstart[g])
             self.slow.append((int(gck[g]), pos[s:s + int(gsize[g])].copy()))
-        fg = np.flatnonzero(fastg)
+        fg, fps = fi[same], fps[same]
         if self.uzp and fg.size:
             zg = fg[zero_g[fg]]
             if zg.size:
@@ -256,14 +230,16 @@ class _Scan:
                 zmask[zg[isz]] = True
                 zi = np.flatnonzero(zmask[gid])
                 flags_or[zi] = ZERO | ZERO_NEW
-                fg = fg[~zmask[fg]]
+                nz = ~zmask[fg]
+                fg, fps = fg[nz], fps[nz]
         if fg.size:
-            self._closed_form(fg, gstart, gsize, gid, pos, node_of, flags_or)
+            self._closed_form(fg, fps, gstart, gsize, gid, node_of, flags_or)
         self._write_back(pos, node_of, flags_or, gid, fastg | ~cand)
 
-    def _closed_form(self, fg: I64, gstart: I64, gsize: I64, gid: I64, pos: I64,
+    def _closed_form(self, fg: I64, fps: U64, gstart: I64, gsize: I64, gid: I64,
                      node_of: I32, flags_or: npt.NDArray[np.uint8]) -> None:
-        """Node-free groups of one content: dups of max_page_sharing, lone last unstable."""
+        """Node-free groups of one content (``fps``: each one's fingerprint): dups of
+        max_page_sharing, lone last page unstable."""
         mps = self.mps
         size = gsize[fg]
         nfull, rem = np.divmod(size, mps)
@@ -289,8 +265,7 @@ class _Scan:
         part = rem >= 2
         counts[last[part]] = rem[part]
         chains = np.repeat(chain_of, blocks)
-        fps = np.repeat(fingerprints(self.atlas, pos[gstart[fg]]), blocks, axis=0)
-        self.nodes.add(counts, chains, fps)
+        self.nodes.add(counts, chains, np.repeat(fps, blocks, axis=0))
 
     def _write_back(self, pos: I64, node_of: I32, flags_or: npt.NDArray[np.uint8],
                     gid: I64, done_g: BOOL) -> None:
@@ -321,8 +296,7 @@ class _Scan:
         if pending:
             counts = np.array([p[0] for p in pending], dtype=np.int64)
             chains = np.array([p[1] for p in pending], dtype=np.int64)
-            fps = np.frombuffer(b"".join(xxhash.xxh3_128_digest(p[2]) for p in pending),
-                                dtype=np.uint64).reshape(-1, 2)
+            fps = fingerprint_bytes(b"".join(p[2] for p in pending))
             nodes.add(counts, chains, fps)
         for apos, node_of, flags_or in results:
             self._write_back(apos, node_of, flags_or, np.zeros(apos.size, np.int64),
@@ -336,11 +310,11 @@ class _Scan:
         atlas = self.atlas
         mps = self.mps
         arr = apos.tolist()
-        data = [atlas.row(p).tobytes() for p in arr]
-        ndata = [atlas.row(int(self.node_rep[nd])).tobytes() for nd in gnodes]
+        data = [atlas.page(p) for p in arr]
+        ndata = [atlas.page(int(self.node_rep[nd])) for nd in gnodes]
         joinable = set(gnodes)
         if not self.verify and gnodes:   # the kept page must still be the node's content
-            fps = fingerprints(atlas, self.node_rep[np.array(gnodes, dtype=np.int64)])
+            fps = atlas.fingerprints(self.node_rep[np.array(gnodes, dtype=np.int64)])
             okfp = (fps == nodes.fp[np.array(gnodes, dtype=np.int64)]).all(axis=1)
             joinable = {nd for nd, ok in zip(gnodes, okfp.tolist(), strict=True) if ok}
         contents: list[bytes] = []
@@ -433,8 +407,11 @@ def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
              config: _Config, zero_hash: int, verify: bool) -> bool:
     """One scan's decisions; returns True when no mapping left a stable node."""
     scan = _Scan(order, runs, nodes, config, zero_hash, verify)
-    scan.keep_and_break()
-    scan.arrivals()
+    try:
+        scan.keep_and_break()
+        scan.arrivals()
+    finally:
+        scan.atlas.close()       # the runs' buffers are released here, scan over
     quiet = scan.quiet
     del scan
     nodes.prune_chains(config.max_page_sharing)

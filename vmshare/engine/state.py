@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from vmshare.engine._pages import PageSet, hash128
 from vmshare.model import PAGE_SIZE
 
 HAS_CK = 1       # the page has an rmap item with a recorded checksum
@@ -24,8 +25,6 @@ ZERO = 8         # mapped to the zero page by use_zero_pages (no rmap item once 
 ZERO_NEW = 16    # zero-mapped during this scan: its rmap item still exists
 UNSTABLE = 32    # in this scan's unstable tree
 
-ROW = PAGE_SIZE // 8   # uint64 words in a page
-_PAIRS = 4096          # pages located at once by PageAtlas.equal / is_zero
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -167,94 +166,56 @@ class NodeTable:
 
 
 class PageAtlas:
-    """Rows of the current scan's fed runs, addressed by global page position.
+    """Pages of the current scan's fed runs, addressed by global page position.
 
-    To gather rows of many runs with one numpy ``take``, runs whose addresses are
-    congruent modulo PAGE_SIZE share one read-only strided view that starts at
-    the lowest of them and spans to the highest end. Only rows inside fed runs
-    are ever indexed, and the engine holds every run's buffer until the scan ends.
+    The per-page work (memcmp, zero test, xxh3_128) is done by the C ``PageSet``
+    of ``vmshare.engine._pages``, which holds a buffer export of every run until
+    ``close``: the engine references a scan's runs until the scan ends, never
+    copies them and keeps none afterwards.
     """
 
     def __init__(self, runs: list[RunRef], starts: I64) -> None:
-        self.starts = starts
-        self._arrays = [np.frombuffer(r.data, dtype=np.uint64) for r in runs]
-        addrs = [int(a.__array_interface__["data"][0]) for a in self._arrays]
-        classes: dict[int, list[int]] = {}
-        for i, ad in enumerate(addrs):
-            classes.setdefault(ad % PAGE_SIZE, []).append(i)
-        self.views: list[U64] = []
-        self.run_class = np.zeros(len(runs), dtype=np.int64)
-        self.run_row0 = np.zeros(len(runs), dtype=np.int64)
-        for c, members in enumerate(classes.values()):
-            base_i = min(members, key=lambda i: addrs[i])
-            base = addrs[base_i]
-            end = max(addrs[i] + runs[i].npages * PAGE_SIZE for i in members)
-            self.views.append(np.lib.stride_tricks.as_strided(
-                self._arrays[base_i], shape=((end - base) // PAGE_SIZE, ROW),
-                strides=(PAGE_SIZE, 8), writeable=False))
-            for i in members:
-                self.run_class[i] = c
-                self.run_row0[i] = (addrs[i] - base) // PAGE_SIZE
+        self._set = PageSet([r.data for r in runs], starts.tolist())
 
-    def locate(self, pos: I64) -> tuple[I64, I64]:
-        r = np.searchsorted(self.starts, pos, side="right") - 1
-        return self.run_class[r], self.run_row0[r] + (pos - self.starts[r])
-
-    def row(self, pos: int) -> U64:
-        c, rw = self.locate(np.array([pos], dtype=np.int64))
-        row: U64 = self.views[int(c[0])][int(rw[0])]
-        return row
-
-    def equal(self, pa: I64, pb: I64, block: int = 32) -> BOOL:
-        """Byte-for-byte: is page ``pa[i]`` identical to page ``pb[i]``, for each i.
-
-        Works through the pairs ``_PAIRS`` at a time with two ``block``-row
-        buffers, so its temporaries are bounded whatever the number of pairs.
-        """
-        out = np.ones(pa.size, dtype=np.bool_)
-        buf_a = np.empty((block, ROW), dtype=np.uint64)
-        buf_b = np.empty((block, ROW), dtype=np.uint64)
-        eq = np.empty((block, ROW), dtype=np.bool_)
-        for p0 in range(0, pa.size, _PAIRS):
-            out[p0:p0 + _PAIRS] = self._equal(pa[p0:p0 + _PAIRS], pb[p0:p0 + _PAIRS],
-                                              buf_a, buf_b, eq)
+    def equal(self, pa: I64, pb: I64) -> BOOL:
+        """Byte-for-byte: is page ``pa[i]`` identical to page ``pb[i]``, for each i."""
+        out = np.empty(pa.size, dtype=np.bool_)
+        self._set.equal(_positions(pa), _positions(pb), out)
         return out
 
-    def _equal(self, pa: I64, pb: I64, buf_a: U64, buf_b: U64,
-               eq: npt.NDArray[np.bool_]) -> BOOL:
-        out = np.ones(pa.size, dtype=np.bool_)
-        block = buf_a.shape[0]
-        ca, ra = self.locate(pa)
-        cb, rb = self.locate(pb)
-        single = len(self.views) == 1
-        combos = [(0, 0)] if single else \
-            sorted(set(zip(ca.tolist(), cb.tolist(), strict=True)))
-        for a, b in combos:
-            sel = np.arange(pa.size) if single else np.flatnonzero((ca == a) & (cb == b))
-            sel = sel[np.argsort(ra[sel], kind="stable")]     # sequential reads on one side
-            va, vb = self.views[a], self.views[b]
-            for s in range(0, sel.size, block):
-                ix = sel[s:s + block]
-                m = ix.size
-                np.take(va, ra[ix], axis=0, out=buf_a[:m])
-                rbi = rb[ix]
-                if rbi[0] == rbi[-1] and (rbi == rbi[0]).all():
-                    np.equal(buf_a[:m], vb[int(rbi[0])], out=eq[:m])   # one reference row
-                else:
-                    np.take(vb, rbi, axis=0, out=buf_b[:m])
-                    np.equal(buf_a[:m], buf_b[:m], out=eq[:m])
-                out[ix] = eq[:m].all(axis=1)
+    def is_zero(self, pos: I64) -> BOOL:
+        out = np.empty(pos.size, dtype=np.bool_)
+        self._set.is_zero(_positions(pos), out)
         return out
 
-    def is_zero(self, pos: I64, block: int = 32) -> BOOL:
-        out = np.ones(pos.size, dtype=np.bool_)
-        buf = np.empty((block, ROW), dtype=np.uint64)
-        for p0 in range(0, pos.size, _PAIRS):
-            c, r = self.locate(pos[p0:p0 + _PAIRS])
-            for cl in np.unique(c).tolist():
-                sel = np.flatnonzero(c == cl)
-                for s in range(0, sel.size, block):
-                    ix = sel[s:s + block]
-                    np.take(self.views[cl], r[ix], axis=0, out=buf[:ix.size])
-                    out[p0 + ix] = ~buf[:ix.size].any(axis=1)
+    def fingerprints(self, pos: I64) -> U64:
+        """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array."""
+        out = np.empty((pos.size, 2), dtype=np.uint64)
+        self._set.hash128(_positions(pos), out)
         return out
+
+    def verify_groups(self, pos: I64, first: I64, size: I64) -> tuple[BOOL, U64]:
+        """Group k is ``pos[first[k]:first[k] + size[k]]``: is every page of it
+        byte-identical to its first, and the xxh3_128 of that first page (n, 2)."""
+        same = np.empty(first.size, dtype=np.bool_)
+        fps = np.empty((first.size, 2), dtype=np.uint64)
+        self._set.verify_groups(_positions(pos), _positions(first), _positions(size), same, fps)
+        return same, fps
+
+    def page(self, pos: int) -> bytes:
+        """A copy of the page at ``pos``."""
+        return self._set.page(pos)
+
+    def close(self) -> None:
+        self._set.close()
+
+
+def fingerprint_bytes(pages: bytes) -> U64:
+    """xxh3_128 of each page of ``pages`` (whole pages), as PageAtlas.fingerprints."""
+    out = np.empty((len(pages) // PAGE_SIZE, 2), dtype=np.uint64)
+    hash128(pages, out)
+    return out
+
+
+def _positions(pos: npt.NDArray[np.integer]) -> I64:
+    return np.ascontiguousarray(pos, dtype=np.int64)
