@@ -25,6 +25,8 @@ from vmshare.engine.state import (
     NodeTable,
     RegionState,
     RunRef,
+    release_freed_memory,
+    run_starts,
 )
 from vmshare.errors import UsageError
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
@@ -258,6 +260,7 @@ class KsmEngine:
         finally:
             self._runs = []
             self._in_scan = False
+            release_freed_memory()
         self._full_scans += 1
         fed = 0
         rmap_items = unshared = zero = 0
@@ -366,8 +369,8 @@ class KsmEngine:
             return out
         uk, cnt = np.unique(allk, return_counts=True)
         node, src = np.divmod(uk, len(sources))
-        starts = np.flatnonzero(np.r_[True, node[1:] != node[:-1]])
-        ends = np.r_[starts[1:], node.size]
+        starts = run_starts(node)
+        ends = np.append(starts[1:], node.size)
         for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):
             if e0 - s0 < 2:
                 continue

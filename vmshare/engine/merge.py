@@ -25,7 +25,6 @@ import numpy as np
 import numpy.typing as npt
 
 from vmshare.engine.state import (
-    BOOL,
     I32,
     I64,
     SEEN,
@@ -39,6 +38,8 @@ from vmshare.engine.state import (
     RegionState,
     RunRef,
     fingerprint_bytes,
+    release_freed_memory,
+    run_starts,
 )
 from vmshare.model import PAGE_SIZE
 
@@ -166,33 +167,45 @@ class _Scan:
         del nck
         self.live_ids = live[srt]
         del srt, live
+        # every new node takes two arrivals at least: room for all of them now,
+        # so the node table is not regrown (and copied) bucket after bucket
+        nodes.reserve(self.narrivals // 2)
         per = max(_BUCKET, self.total // 64)
         nb = min(255, -(-self.narrivals // per)) if self.narrivals else 0
         buckets: list[npt.NDArray[np.uint8]] | None = None
         if nb > 1:
             buckets = []
-            for rs in self.order:
-                bk = np.full(rs.npages, 255, dtype=np.uint8)
-                ai = np.flatnonzero(rs.flags & ARRIVAL)
-                bk[ai] = ((rs.ck[ai] >> np.uint64(40)) % np.uint64(nb)).astype(np.uint8)
+            for rs in self.order:             # 255: not an arrival
+                bk = np.empty(rs.npages, dtype=np.uint8)
+                for s in range(0, rs.npages, _CHUNK):
+                    e = min(rs.npages, s + _CHUNK)
+                    b_of = ((rs.ck[s:e] >> np.uint64(40)) % np.uint64(nb)).astype(np.uint8)
+                    bk[s:e] = np.where((rs.flags[s:e] & ARRIVAL) != 0, b_of, np.uint8(255))
                 buckets.append(bk)
         for b in range(nb):
-            pos_parts: list[I64] = []
-            ck_parts: list[U64] = []
-            for r, rs in enumerate(self.order):
-                ai = np.flatnonzero(buckets[r] == b) if buckets is not None else \
-                    np.flatnonzero(rs.flags & ARRIVAL)
-                pos_parts.append(ai + int(self.offsets[r]))
-                ck_parts.append(rs.ck[ai])
-            pos = np.concatenate(pos_parts)
-            ck = np.concatenate(ck_parts)
-            del pos_parts, ck_parts
-            self._bucket(pos, ck)
+            self._bucket(b, buckets)
+            release_freed_memory()
         del buckets
         if self.slow:
             self._slow_groups()
 
-    def _bucket(self, pos: I64, ck: U64) -> None:
+    def _gather(self, b: int, buckets: list[npt.NDArray[np.uint8]] | None
+                ) -> tuple[I64, U64]:
+        """Positions and checksums of bucket ``b``'s arrivals, in position order."""
+        pos_parts: list[I64] = []
+        ck_parts: list[U64] = []
+        for r, rs in enumerate(self.order):
+            ai = np.flatnonzero(buckets[r] == b) if buckets is not None else \
+                np.flatnonzero(rs.flags & ARRIVAL)
+            pos_parts.append(ai + int(self.offsets[r]))
+            ck_parts.append(rs.ck[ai])
+        return np.concatenate(pos_parts), np.concatenate(ck_parts)
+
+    def _bucket(self, b: int, buckets: list[npt.NDArray[np.uint8]] | None) -> None:
+        """Decide one bucket's arrivals. Group-level arrays are built once; the
+        per-arrival results are made and written back ``_CHUNK`` arrivals at a
+        time, so a bucket holding one huge group (all-zero pages) stays small."""
+        pos, ck = self._gather(b, buckets)   # this frame holds the only references
         if not pos.size:
             return
         srt = np.argsort(ck, kind="stable")
@@ -200,19 +213,18 @@ class _Scan:
         pos = pos[srt]
         del srt
         n = pos.size
-        gstart = np.flatnonzero(np.r_[True, ck[1:] != ck[:-1]])
-        gsize = np.diff(np.r_[gstart, n])
+        gstart = run_starts(ck)
+        gsize = np.diff(gstart, append=n)
         gck = ck[gstart]
         del ck
         lo = np.searchsorted(self.live_ck, gck, side="left")
         hi = np.searchsorted(self.live_ck, gck, side="right")
         has_nodes = hi > lo
+        del lo, hi
         zero_g = (gck == self.zero_hash) if self.uzp else np.zeros(gck.size, np.bool_)
         cand = (gsize >= 2) | has_nodes | zero_g
-        gid = np.repeat(np.arange(gck.size), gsize)
-        flags_or = np.zeros(n, dtype=np.uint8)
-        node_of = np.full(n, -1, dtype=np.int32)
-        flags_or[~cand[gid]] = UNSTABLE
+        # per group: the flags its pages get, and for closed-form groups their nodes
+        gflags = np.where(cand, 0, UNSTABLE).astype(np.uint8)
         # node-free groups: byte-compared with their first page, which is fingerprinted
         fastg = cand & ~has_nodes
         fi = np.flatnonzero(fastg)
@@ -222,24 +234,41 @@ class _Scan:
             s = int(gstart[g])
             self.slow.append((int(gck[g]), pos[s:s + int(gsize[g])].copy()))
         fg, fps = fi[same], fps[same]
+        del fi, same
         if self.uzp and fg.size:
             zg = fg[zero_g[fg]]
             if zg.size:
                 isz = self.atlas.is_zero(pos[gstart[zg]])
-                zmask = np.zeros(gck.size, dtype=np.bool_)
-                zmask[zg[isz]] = True
-                zi = np.flatnonzero(zmask[gid])
-                flags_or[zi] = ZERO | ZERO_NEW
-                nz = ~zmask[fg]
+                gflags[zg[isz]] = ZERO | ZERO_NEW
+                nz = gflags[fg] == 0
                 fg, fps = fg[nz], fps[nz]
-        if fg.size:
-            self._closed_form(fg, fps, gstart, gsize, gid, node_of, flags_or)
-        self._write_back(pos, node_of, flags_or, gid, fastg | ~cand)
+        gnode = self._closed_form(fg, fps, gsize) if fg.size else None
+        done_g = fastg | ~cand
+        for c0 in range(0, n, _CHUNK):
+            c1 = min(n, c0 + _CHUNK)
+            gid = np.searchsorted(gstart, np.arange(c0, c1), side="right") - 1
+            keep = done_g[gid]
+            gid = gid[keep]
+            cpos = pos[c0:c1][keep]
+            flags_or = gflags[gid]
+            node_of = np.full(gid.size, -1, dtype=np.int32)
+            if gnode is not None:
+                first_node, nfull, rem = gnode[0][gid], gnode[1][gid], gnode[2][gid]
+                closed = first_node >= 0
+                blk = (np.arange(c0, c1)[keep] - gstart[gid]) // self.mps
+                lone = closed & (blk == nfull) & (rem == 1)
+                member = closed & ~lone
+                node_of[member] = (first_node + blk)[member]
+                flags_or[lone] = UNSTABLE
+            self._write_back(cpos, node_of, flags_or)
 
-    def _closed_form(self, fg: I64, fps: U64, gstart: I64, gsize: I64, gid: I64,
-                     node_of: I32, flags_or: npt.NDArray[np.uint8]) -> None:
+    def _closed_form(self, fg: I64, fps: U64, gsize: I64
+                     ) -> tuple[I64, I64, I64]:
         """Node-free groups of one content (``fps``: each one's fingerprint): dups of
-        max_page_sharing, lone last page unstable."""
+        max_page_sharing, lone last page unstable. Creates the nodes; returns per
+        group of the bucket its first new node (-1: not a closed-form group), the
+        number of full dups and the remainder, from which each page's node follows
+        by its rank in the group."""
         mps = self.mps
         size = gsize[fg]
         nfull, rem = np.divmod(size, mps)
@@ -250,27 +279,20 @@ class _Scan:
         nch = int(np.count_nonzero(chained))
         if nch:
             chain_of[chained] = self.nodes.new_chains(nch) + np.arange(nch)
-        local = np.full(gstart.size, -1, dtype=np.int64)
-        local[fg] = np.arange(fg.size)
-        ai = np.flatnonzero(local[gid] >= 0)
-        li = local[gid[ai]]
-        rank = ai - gstart[gid[ai]]
-        blk = rank // mps
-        lone = (blk == nfull[li]) & (rem[li] == 1)
-        node_of[ai[~lone]] = (first_node[li] + blk)[~lone]
-        flags_or[ai[lone]] = UNSTABLE
         total = int(blocks.sum())
         counts = np.full(total, mps, dtype=np.int64)
         last = first_node + blocks - 1 - self.nodes.n
         part = rem >= 2
         counts[last[part]] = rem[part]
-        chains = np.repeat(chain_of, blocks)
-        self.nodes.add(counts, chains, np.repeat(fps, blocks, axis=0))
+        self.nodes.add(counts, np.repeat(chain_of, blocks), np.repeat(fps, blocks, axis=0))
+        g_first = np.full(gsize.size, -1, dtype=np.int64)
+        g_nfull = np.zeros(gsize.size, dtype=np.int64)
+        g_rem = np.zeros(gsize.size, dtype=np.int64)
+        g_first[fg], g_nfull[fg], g_rem[fg] = first_node, nfull, rem
+        return g_first, g_nfull, g_rem
 
-    def _write_back(self, pos: I64, node_of: I32, flags_or: npt.NDArray[np.uint8],
-                    gid: I64, done_g: BOOL) -> None:
-        done = done_g[gid]
-        pos, node_of, flags_or = pos[done], node_of[done], flags_or[done]
+    def _write_back(self, pos: I64, node_of: I32, flags_or: npt.NDArray[np.uint8]) -> None:
+        """Pages at ``pos`` (ascending within each region) get their node and flags."""
         reg = np.searchsorted(self.offsets, pos, side="right") - 1
         for r, rs in enumerate(self.order):
             m = np.flatnonzero(reg == r)
@@ -299,8 +321,7 @@ class _Scan:
             fps = fingerprint_bytes(b"".join(p[2] for p in pending))
             nodes.add(counts, chains, fps)
         for apos, node_of, flags_or in results:
-            self._write_back(apos, node_of, flags_or, np.zeros(apos.size, np.int64),
-                             np.ones(1, dtype=np.bool_))
+            self._write_back(apos, node_of, flags_or)
 
     def _simulate(self, apos: I64, gnodes: list[int], lp: I64, ln: I32,
                   pending: list[tuple[int, int, bytes]]
