@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from integration.ksm_fixtures import MemProc, converge, kernel_ksm, memprocs, start_memproc
@@ -27,7 +28,7 @@ from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import VmshareError
 from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
-from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.procfs import PM_PFN_MASK, ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.observe import Observer
@@ -151,6 +152,31 @@ def test_engine_equals_kernel_default_knobs(kernel_ksm: KsmSysfs,
     engine, _ = engine_converge(EngineConfig(), memprocs)
     assert kernel["pages_sharing"] >= 3 * 2000
     assert pick(engine) == pick(kernel)
+
+
+def test_reading_live_memory_leaves_ksm_pages_merged(kernel_ksm: KsmSysfs,
+                                                     memprocs: list[MemProc]) -> None:
+    """A scan reads /proc/<pid>/mem, which takes plain page references. A reader
+    that pins pages (process_vm_readv) would unshare every KSM page it reads,
+    each becoming a private copy: this pins the choice."""
+    for _ in range(2):
+        memprocs.append(start_memproc(identical=1024, unique=64, seed=4))
+    converge(kernel_ksm, timeout=120, min_scans=2)
+    kernel_ksm.set("run", 0)              # nothing merges or unmerges from here on
+    procfs = ProcFs()
+
+    def pfns(p: MemProc) -> Any:
+        return procfs.pagemap(p.pid, p.address, p.pages) & PM_PFN_MASK
+
+    before = [pfns(p) for p in memprocs]
+    merged = np.intersect1d(before[0], before[1])
+    assert merged.size >= 1000, "the identical pages did not merge"
+    engine = KsmEngine()
+    scan_sources(engine, [memproc_source(p, f"p{i}") for i, p in enumerate(memprocs)])
+    after = [pfns(p) for p in memprocs]
+    for b, a in zip(before, after, strict=True):
+        assert (b == a).all(), f"{int((b != a).sum())} pages changed frame while being read"
+    assert np.intersect1d(after[0], after[1]).size == merged.size
 
 
 def destroy_by_name(name: str) -> None:

@@ -8,6 +8,16 @@ set, so reading never faults non-resident memory in (a swapped page, bit
 construction: both descriptors stay bound to that process's address space,
 so a pid reused later cannot be read by mistake.
 
+Why /proc/<pid>/mem and not process_vm_readv(2), which reads 1 GiB in 0.13-0.16 s
+against 0.21 s into a populated buffer (measured here): the
+latter pins the pages it reads (FOLL_PIN), and since Linux 5.19 a read-only
+pin of an anonymous page that is not exclusive unshares it first. A KSM page
+is never exclusive, so process_vm_readv breaks every merge it reads: measured
+on 4,096 merged pages of a process, all of their PFNs changed and its
+smaps_rollup "KSM:" fell from 16384 kB to 0, each page now a private copy.
+Reading /proc/<pid>/mem takes plain references (FOLL_GET) and changed none.
+A tool that must not cost the host memory reads /proc/<pid>/mem.
+
 Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
 here through the held descriptor, for that reason; mappings (smaps) and the
 process start time come from procfs.ProcFs, the entry bits from its PM_*
