@@ -18,12 +18,16 @@ from tests.dump_corpus import (
     noise_page,
     page,
 )
+from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmEngine
-from vmshare.errors import DumpError, ProcessGone, UsageError
-from vmshare.model import PAGE_SIZE
+from vmshare.errors import DumpError, MemoryRefused, ProcessGone, UsageError
+from vmshare.ksm.procfs import ProcFs
+from vmshare.model import PAGE_SIZE, Vma
 from vmshare.predict import (
+    ENGINE_BYTES_PER_PAGE,
     LiveScanner,
     ScanArena,
+    check_scan_memory,
     dump_target,
     pid_target,
     predict,
@@ -125,6 +129,19 @@ def test_arena_packs_and_reuses() -> None:
     arena.reset()
     arena.copy(memoryview(page(9) * 3))
     assert arena.nbytes == 8 * PAGE_SIZE         # no new buffer for the next scan
+
+
+def test_arena_reserve_maps_what_is_missing_at_once() -> None:
+    arena = ScanArena(chunk_bytes=4 * PAGE_SIZE)
+    arena.copy(memoryview(page(1)))
+    arena.reserve(10 * PAGE_SIZE)                # 4 held: 6 missing, rounded to 8
+    assert arena.nbytes == 12 * PAGE_SIZE
+    arena.reserve(12 * PAGE_SIZE)
+    assert arena.nbytes == 12 * PAGE_SIZE
+    arena.reset()
+    views = [arena.copy(memoryview(page(i) * 3)) for i in range(4)]   # 12 pages packed
+    assert [bytes(v) for v in views] == [page(i) * 3 for i in range(4)]
+    assert arena.nbytes == 16 * PAGE_SIZE        # the 3-page runs left 1 + 2 pages unused
 
 
 CHILD = """
@@ -239,3 +256,60 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     dumplike = KernelVisiblePages(inner, ProcFs(tmp_path), thp_split=False)  # type: ignore[arg-type]
     assert [(r.first_page, r.npages) for r in dumplike.runs()] == [(1, 3)]
     assert dumplike.thp_zero_pages == 0
+
+
+def fake_meminfo(tmp_path: Path, available_kib: int, total_kib: int = 4_000_000) -> ProcFs:
+    root = tmp_path / "proc"
+    root.mkdir(exist_ok=True)
+    (root / "meminfo").write_text(f"MemTotal: {total_kib} kB\nMemAvailable: {available_kib} kB\n")
+    return ProcFs(root)
+
+
+def test_scan_memory_guard_refuses_what_would_not_fit(tmp_path: Path) -> None:
+    a = write_elf(tmp_path / "a.elf", [page(i) for i in range(256)])    # 1 MiB of pages
+    sources = [dump_target(a).open()]
+    try:
+        arena = ScanArena()
+        margin_kib = 256 * 1024                 # 256 MiB: more than 5% of 4 GB
+        need = 256 * PAGE_SIZE + 256 * ENGINE_BYTES_PER_PAGE
+        fits = fake_meminfo(tmp_path, margin_kib + -(-need // 1024))
+        assert check_scan_memory(sources, arena, fits) == 256 * PAGE_SIZE   # for the arena
+        tight = fake_meminfo(tmp_path, margin_kib + need // 1024 - 8)
+        with pytest.raises(MemoryRefused, match=rf"scanning {a} would hold about 1 MiB "
+                           r"\(a copy of the 1 MiB of pages read.* but 257 MiB is available "
+                           r"\(MemAvailable\) and 256 MiB must stay free"):
+            check_scan_memory(sources, arena, tight)
+        arena.take(2 * 2**20)               # copies an earlier scan left: reused
+        check_scan_memory(sources, arena, tight)
+    finally:
+        for s in sources:
+            s.close()
+
+
+RESIDENT_CHILD = """
+import mmap, sys
+m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(0, 64, 4):
+    m[i * 4096] = 1                                  # 16 of 64 pages touched
+import ctypes
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+print("ready", hex(addr), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_live_source_counts_resident_pages_only() -> None:
+    child = subprocess.Popen([sys.executable, "-c", RESIDENT_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        word, addr = child.stdout.readline().split()
+        assert word == "ready"
+        start = int(addr, 16)
+        vma = Vma(start, start + 64 * PAGE_SIZE, "rw-p", 0, "")
+        with LiveProcessSource(child.pid, [vma]) as src:
+            assert src.resident_bytes() == 16 * PAGE_SIZE
+            assert sum(r.npages for r in src.runs()) == 16
+    finally:
+        child.kill()
+        child.wait()

@@ -24,18 +24,13 @@ from vmshare.errors import (
     VmshareError,
 )
 from vmshare.hypervisor.base import Hypervisor
-from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.procfs import Headroom, ProcFs, headroom
 from vmshare.ksm.sysfs import KNOBS, KsmSysfs
 from vmshare.model import PAGE_SIZE, VmFacts, VmRef
 from vmshare.observe import BackendView, Observer
 from vmshare.policy import Decision, check_trust_groups
 
 log = logging.getLogger("vmshare.control")
-
-# Keep this much memory free after an unmerge: the larger of 256 MiB and 5% of RAM.
-UNMERGE_MARGIN_BYTES = 256 * 2**20
-UNMERGE_MARGIN_FRACTION = 0.05
-
 
 @dataclass(frozen=True)
 class MergeChange:
@@ -48,24 +43,6 @@ class MergeChange:
     @property
     def changed(self) -> bool:
         return self.skipped is None and self.before != self.after
-
-
-@dataclass(frozen=True)
-class Headroom:
-    need_bytes: int
-    available_bytes: int
-    margin_bytes: int
-
-    @property
-    def ok(self) -> bool:
-        return self.need_bytes + self.margin_bytes <= self.available_bytes
-
-
-def _headroom(procfs: ProcFs, need_bytes: int) -> Headroom:
-    """``need_bytes`` against MemAvailable, keeping the unmerge margin free."""
-    info = procfs.meminfo()
-    margin = max(UNMERGE_MARGIN_BYTES, int(info.get("MemTotal", 0) * UNMERGE_MARGIN_FRACTION))
-    return Headroom(need_bytes, info.get("MemAvailable", 0), margin)
 
 
 class Controller:
@@ -95,7 +72,7 @@ class Controller:
                                                       view.vma.size // PAGE_SIZE)
         att = attribute(entries, self.procfs.kpageflags, self.procfs.kpagecount)
         ksm_pages = sum(f.ksm_pages for f in att.per_vm.values())
-        return _headroom(self.procfs, ksm_pages * PAGE_SIZE)
+        return headroom(self.procfs, ksm_pages * PAGE_SIZE)
 
     def set_merge(self, ident: str, merge: bool, *, backend: str | None = None,
                   force: bool = False, decision: Decision | None = None,
@@ -209,7 +186,7 @@ class Controller:
 
 def host_unmerge_headroom(sysfs: KsmSysfs, procfs: ProcFs) -> Headroom:
     """Memory needed to unmerge everything (run=2): one page per pages_sharing."""
-    return _headroom(procfs, sysfs.read_int("pages_sharing") * PAGE_SIZE)
+    return headroom(procfs, sysfs.read_int("pages_sharing") * PAGE_SIZE)
 
 
 def unmerge_all(sysfs: KsmSysfs, procfs: ProcFs, *, force: bool = False) -> int:

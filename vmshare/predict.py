@@ -41,10 +41,16 @@ from vmshare.dumps import (
     open_dump,
     private_anonymous_vmas,
 )
-from vmshare.dumps.live import LivePageRun, SoftDirtyMirror, TrackedPageRun, anon_buffer
+from vmshare.dumps.live import (
+    LivePageRun,
+    SoftDirtyMirror,
+    TrackedPageRun,
+    anon_buffer,
+    soft_dirty_supported,
+)
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
-from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
-from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
+from vmshare.errors import DomainNotRunning, MemoryRefused, ProcessGone, UsageError
+from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs, headroom
 from vmshare.model import PAGE_SIZE, PageRun, Region, VmRef
 
 log = logging.getLogger(__name__)
@@ -142,6 +148,9 @@ class KernelVisiblePages:
                                          run.pagemap[a:b], run.unchanged[a:b])
                 else:
                     yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b])
+
+    def resident_bytes(self) -> int:
+        return self.inner.resident_bytes()
 
     def close(self) -> None:
         self.inner.close()
@@ -270,9 +279,11 @@ class ScanArena:
                  soft_dirty: bool = False) -> None:
         self.chunk_bytes = chunk_bytes
         self._buffers: list[Any] = []
-        #: with soft_dirty, live process sources keep their pages here between
-        #: scans and read only what was written since (vmshare.dumps.live)
-        self.mirror: SoftDirtyMirror | None = SoftDirtyMirror() if soft_dirty else None
+        #: with soft_dirty (on a kernel that tracks it), live process sources keep
+        #: their pages here between scans and read only what was written since
+        #: (vmshare.dumps.live); without tracking a mirror would save nothing
+        self.mirror: SoftDirtyMirror | None = \
+            SoftDirtyMirror() if soft_dirty and soft_dirty_supported() else None
         self._index = 0
         self._used = 0
 
@@ -281,11 +292,20 @@ class ScanArena:
         self._index = 0
         self._used = 0
 
+    def reserve(self, nbytes: int) -> None:
+        """Room for ``nbytes`` of copies, populated now in one mapping (one kernel
+        loop, before reading starts) rather than chunk by chunk while reading."""
+        have = self.buffer_bytes
+        if nbytes > have:
+            self._buffers.append(anon_buffer(-(-(nbytes - have) // self.chunk_bytes)
+                                             * self.chunk_bytes))
+
     def take(self, n: int) -> memoryview:
         """A writable view of ``n`` bytes, valid until the next ``reset``."""
         if n > self.chunk_bytes:
             return memoryview(bytearray(n))
-        if self._index < len(self._buffers) and self._used + n > self.chunk_bytes:
+        while self._index < len(self._buffers) and \
+                self._used + n > len(self._buffers[self._index]):
             self._index += 1
             self._used = 0
         if self._index == len(self._buffers):
@@ -294,6 +314,10 @@ class ScanArena:
         self._used += n
         return view
 
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(len(b) for b in self._buffers)
+
     def copy(self, data: memoryview) -> memoryview:
         view = self.take(len(data))
         view[:] = data
@@ -301,12 +325,52 @@ class ScanArena:
 
     @property
     def nbytes(self) -> int:
-        return len(self._buffers) * self.chunk_bytes + \
-            (self.mirror.nbytes if self.mirror is not None else 0)
+        return self.buffer_bytes + (self.mirror.nbytes if self.mirror is not None else 0)
 
 
 _DONE = object()
 _QUEUE_RUNS = 4
+#: engine state and scan temporaries per page of every region scanned (measured
+#: peak 22-23 bytes: benchmarks/engine_memory.py), with room to spare
+ENGINE_BYTES_PER_PAGE = 32
+
+
+def check_scan_memory(sources: Sequence[PageSource], arena: ScanArena,
+                      procfs: ProcFs | None = None) -> int:
+    """Refuse a scan whose page copies would not fit in available memory; returns
+    the bytes of copies the arena will hold (for ``ScanArena.reserve``).
+
+    A scan holds a copy of every page it reads until its end (the engine's byte
+    comparisons need them): the resident pages of live sources (read from
+    pagemap now), every page a dump's regions span, and the engine's per-page
+    state. What the arena already holds from an earlier scan is reused. The
+    need is compared with MemAvailable, keeping the larger of 256 MiB and 5% of
+    RAM free (vmshare.ksm.procfs.headroom). Raises MemoryRefused naming both
+    figures, ProcfsError.
+    """
+    data = in_arena = pages = 0
+    for s in sources:
+        span = sum(r.size for r in s.regions())
+        pages += span // PAGE_SIZE
+        if isinstance(s, (LiveProcessSource, KernelVisiblePages)):
+            resident = s.resident_bytes()
+            data += resident
+            if arena.mirror is None:       # else the mirror keeps them
+                in_arena += resident
+        else:
+            data += span
+            in_arena += span
+    need = max(0, data - arena.nbytes) + pages * ENGINE_BYTES_PER_PAGE
+    room = headroom(procfs or ProcFs(), need)
+    if not room.ok:
+        mib = 2**20
+        raise MemoryRefused(
+            f"scanning {', '.join(s.name for s in sources)} would hold about "
+            f"{need // mib:,} MiB (a copy of the {data // mib:,} MiB of pages read, and the "
+            f"engine's state) but {room.available_bytes // mib:,} MiB is available "
+            f"(MemAvailable) and {room.margin_bytes // mib:,} MiB must stay free; "
+            "scan fewer at once (trust groups are scanned one after another) or free memory")
+    return in_arena
 
 
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
@@ -500,6 +564,7 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                 progress((i - 1 + frac) / limit, f"scan {i}/{limit}")
         sources = _open_all(targets)
         try:
+            arena.reserve(check_scan_memory(sources, arena))
             stats = scan_sources(engine, sources, progress=step, arena=arena)
         finally:
             _close_all(sources)
@@ -621,6 +686,11 @@ class LiveScanner:
         """One full pass. Raises what the sources raise; the engine is then
         replaced by a fresh one (what it knew is no longer trustworthy)."""
         sources = _open_all(self.targets)
+        try:
+            self.arena.reserve(check_scan_memory(sources, self.arena))
+        except BaseException:
+            _close_all(sources)
+            raise                         # nothing was read: the engine stays valid
         try:
             stats = scan_sources(self.engine, sources, progress=progress,
                                  arena=self.arena)

@@ -98,16 +98,19 @@ class TrackedPageRun(LivePageRun):
     unchanged: npt.NDArray[np.bool_]
 
 
-def anon_buffer(nbytes: int) -> mmap.mmap:
+def anon_buffer(nbytes: int, *, populate: bool = True) -> mmap.mmap:
     """A private anonymous buffer, populated at once (MAP_POPULATE: one kernel loop
-    instead of a fault per page; it is written in full anyway).
+    instead of a fault per page) when it will be written in full; with
+    ``populate=False`` only the pages written become memory.
 
     Not MADV_HUGEPAGE: with the usual THP defrag setting ("madvise") a huge page
     fault may compact memory synchronously, and on a host full of guests (or in
     a VM whose free memory is not backed yet) faulting in 1 GiB that way was
     measured at 0.9-1.9 s against 0.29 s populated with small pages.
     """
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
     return mmap.mmap(-1, max(nbytes, PAGE_SIZE), flags=flags)
 
 
@@ -144,7 +147,8 @@ class _RegionCopy:
     __slots__ = ("buf", "valid")
 
     def __init__(self, npages: int) -> None:
-        self.buf = anon_buffer(npages * PAGE_SIZE)
+        # spans the region, but only the resident pages read into it become memory
+        self.buf = anon_buffer(npages * PAGE_SIZE, populate=False)
         self.valid = np.zeros(npages, dtype=np.bool_)   # copy holds the page's bytes
 
 
@@ -284,6 +288,11 @@ class LiveProcessSource(Closing):
             if n == 0:
                 raise self._read_failed(what, offset + done, None)
             done += n
+
+    def resident_bytes(self) -> int:
+        """Bytes of the pages a scan would read now (present in pagemap)."""
+        return sum(int(np.count_nonzero(self._pagemap(v) & PM_PRESENT)) for v in self.vmas) \
+            * PAGE_SIZE
 
     # -- PageSource ----------------------------------------------------------
     def regions(self) -> list[Region]:

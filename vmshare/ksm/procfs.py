@@ -315,3 +315,29 @@ def parse_smaps(text: str, what: str = "smaps") -> list[Vma]:
             anon_huge = int(line.split()[1]) * 1024
     flush()
     return vmas
+
+
+# Keep this much memory free after vmshare takes some (an unmerge's copies, a
+# scan's page copies): the larger of 256 MiB and 5% of RAM.
+MEMORY_MARGIN_BYTES = 256 * 2**20
+MEMORY_MARGIN_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """Memory an action would take, against MemAvailable less the margin."""
+
+    need_bytes: int
+    available_bytes: int
+    margin_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return self.need_bytes + self.margin_bytes <= self.available_bytes
+
+
+def headroom(procfs: ProcFs, need_bytes: int) -> Headroom:
+    """``need_bytes`` against MemAvailable, keeping the margin free. Raises ProcfsError."""
+    info = procfs.meminfo()
+    margin = max(MEMORY_MARGIN_BYTES, int(info.get("MemTotal", 0) * MEMORY_MARGIN_FRACTION))
+    return Headroom(need_bytes, info.get("MemAvailable", 0), margin)
