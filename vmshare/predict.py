@@ -422,7 +422,6 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                     else:
                         item = PageRun(s.name, run.region, run.first_page,
                                        arena.copy(run.data))
-                    zero[s.name] += zero_rows(item.data).size
                     if not put(item):
                         return
             put(_DONE)
@@ -442,6 +441,7 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                 raise item
             assert isinstance(item, PageRun)
             engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None)
+            zero[item.source] += zero_rows(item.data).size   # here: the reader is the bottleneck
             fed += item.npages
             if progress is not None and total:
                 progress((base[(item.source, item.region)] + item.first_page + item.npages)
