@@ -313,3 +313,40 @@ def test_live_source_counts_resident_pages_only() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+PRIVATE_FILE_CHILD = """
+import ctypes, mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 16 * 4096, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+for i in range(16):
+    if i % 2:
+        m[i * 4096] = 9                          # written: a private anonymous copy
+    else:
+        _ = m[i * 4096]                          # only read: the page cache's page
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+print("ready", hex(addr), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_live_source_reads_only_written_pages_of_a_private_file_mapping(
+        tmp_path: Path) -> None:
+    path = tmp_path / "ram"
+    path.write_bytes(bytes([3]) * 16 * PAGE_SIZE)
+    child = subprocess.Popen([sys.executable, "-c", PRIVATE_FILE_CHILD, str(path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        word, addr = child.stdout.readline().split()
+        assert word == "ready"
+        start = int(addr, 16)
+        vma = Vma(start, start + 16 * PAGE_SIZE, "rw-p", 0, str(path))
+        with LiveProcessSource(child.pid, [vma]) as src:
+            runs = list(src.runs())
+            assert [r.first_page for r in runs] == list(range(1, 16, 2))
+            assert all(bytes(r.data)[0] == 9 for r in runs)
+            assert src.resident_bytes() == 8 * PAGE_SIZE
+    finally:
+        child.kill()
+        child.wait()

@@ -60,12 +60,12 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
     accuracy in saved bytes.
 
     ``unforked_zero_pfn``: the caller vouches that every mapping is private
-    anonymous memory that no fork can share (QEMU marks guest RAM
-    MADV_DONTFORK: the ``dc`` VmFlag) and gives the zero page's PFN. A
-    present page of such memory that is neither exclusive nor file/shared
-    (bit 61, which is how the huge zero page shows) is then either the zero
-    page or a KSM page, so the KSM bit need not be read: kpageflags is
-    skipped, which halves the kernel work.
+    memory that no fork can share (QEMU marks guest RAM MADV_DONTFORK: the
+    ``dc`` VmFlag; anonymous, or a private file/memfd mapping) and gives the
+    zero page's PFN. A present page of such memory that is neither exclusive
+    nor file/shared (bit 61: a page-cache page, or the huge zero page) is
+    then either the zero page or a KSM page, so the KSM bit need not be read:
+    kpageflags is skipped, which halves the kernel work.
 
     Raises AccessDenied when PFNs are hidden (pagemap read without
     CAP_SYS_ADMIN reports PFN 0 for every page).

@@ -114,7 +114,7 @@ def matrix(host: HostView) -> str:
 def backend_json(b: BackendView) -> dict[str, Any]:
     """One RAM backend as `status --json` and `list --json` show it."""
     return {"id": b.backend.id, "type": b.backend.qom_type, "size": b.backend.size,
-            "merge": b.backend.merge, "mg": b.mg_flag,
+            "share": b.backend.share, "merge": b.backend.merge, "mg": b.mg_flag,
             "eligible": b.ineligible_reason is None,
             "ineligible_reason": b.ineligible_reason}
 

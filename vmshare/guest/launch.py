@@ -84,13 +84,18 @@ def _sub(parent: ET.Element, tag: str, text: str | int | None = None,
 def domain_xml(name: str, image: GuestImage, spec: FillSpec, *, memory_mib: int = 256,
                console_log: Path, vcpus: int = 1, nosharepages: bool = False,
                hotplug_slots: int = 0, max_memory_mib: int | None = None,
-               metadata_xml: str | None = None) -> str:
+               metadata_xml: str | None = None, memory_source: str | None = None,
+               memory_access: str | None = None) -> str:
     """libvirt XML for a TCG guest booting ``image`` directly, serial console to a file.
 
     No disk, no network, no balloon. ``hotplug_slots > 0`` adds ``<maxMemory>``
     (default: ``memory_mib + 256 * hotplug_slots``), one NUMA cell and ACPI so a
     DIMM can be attached live. ``metadata_xml`` is one namespaced element put in
-    ``<metadata>``. Raises UsageError for impossible sizes or bad metadata XML.
+    ``<metadata>``. ``memory_source`` ("anonymous", "file", "memfd") and
+    ``memory_access`` ("private", "shared") set ``<memoryBacking>``'s source
+    and access mode (libvirt then backs RAM with memory-backend-file or -memfd,
+    share=on or off). Raises UsageError for impossible sizes, bad metadata XML
+    or an unknown source or access mode.
     """
     if not name:
         raise UsageError("the domain name must not be empty")
@@ -116,8 +121,18 @@ def domain_xml(name: str, image: GuestImage, spec: FillSpec, *, memory_mib: int 
         _sub(domain, "maxMemory", max_mib, slots=str(hotplug_slots), unit="MiB")
     _sub(domain, "memory", memory_mib, unit="MiB")
     _sub(domain, "currentMemory", memory_mib, unit="MiB")
-    if nosharepages:
-        _sub(_sub(domain, "memoryBacking"), "nosharepages")
+    if memory_source not in (None, "anonymous", "file", "memfd"):
+        raise UsageError(f"memory_source must be anonymous, file or memfd, not {memory_source!r}")
+    if memory_access not in (None, "private", "shared"):
+        raise UsageError(f"memory_access must be private or shared, not {memory_access!r}")
+    if nosharepages or memory_source or memory_access:
+        backing = _sub(domain, "memoryBacking")
+        if nosharepages:
+            _sub(backing, "nosharepages")
+        if memory_source:
+            _sub(backing, "source", type=memory_source)
+        if memory_access:
+            _sub(backing, "access", mode=memory_access)
     _sub(domain, "vcpu", vcpus, placement="static")
     os_el = _sub(domain, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
