@@ -325,7 +325,8 @@ class ScanArena:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer_bytes + (self.mirror.nbytes if self.mirror is not None else 0)
+        """Bytes of page copies held: the arena's buffers and the mirror's pages."""
+        return self.buffer_bytes + (self.mirror.held_bytes if self.mirror is not None else 0)
 
 
 _DONE = object()

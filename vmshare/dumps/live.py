@@ -10,22 +10,22 @@ read (bit 61) are never merged by KSM (``scannable``). /proc/<pid>/mem and
 pagemap are opened once, at construction: both descriptors stay bound to
 that process's address space, so a pid reused later cannot be read by mistake.
 
-Why /proc/<pid>/mem and not process_vm_readv(2), which reads 1 GiB in 0.13-0.16 s
-against 0.21 s into a populated buffer (measured here): the
-latter pins the pages it reads (FOLL_PIN), and since Linux 5.19 a read-only
-pin of an anonymous page that is not exclusive unshares it first. A KSM page
-is never exclusive, so process_vm_readv breaks every merge it reads: measured
-on 4,096 merged pages of a process, all of their PFNs changed and its
-smaps_rollup "KSM:" fell from 16384 kB to 0, each page now a private copy.
-Reading /proc/<pid>/mem takes plain references (FOLL_GET) and changed none.
-A tool that must not cost the host memory reads /proc/<pid>/mem.
-
 Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
 here through the held descriptor, for that reason; mappings (smaps) and the
 process start time come from procfs.ProcFs, the entry bits from its PM_*
 constants. Each run carries the pagemap entries of its pages as read in that
 pass (``LivePageRun.pagemap``), so a consumer needing PFNs
 (``vmshare.predict.KernelVisiblePages``) reads pagemap no second time.
+
+Why /proc/<pid>/mem and not process_vm_readv(2), which reads 1 GiB in
+0.13-0.16 s against 0.21 s into a populated buffer (measured here): the latter
+pins the pages it reads (FOLL_PIN), and since Linux 5.19 a read-only pin of an
+anonymous page that is not exclusive unshares it first. A KSM page is never
+exclusive, so process_vm_readv breaks every merge it reads: measured on 4,096
+merged pages of a process, all of their PFNs changed and its smaps_rollup
+"KSM:" fell from 16384 kB to 0, each page now a private copy. Reading
+/proc/<pid>/mem takes plain references (FOLL_GET) and changed none. A tool
+that must not cost the host memory reads /proc/<pid>/mem.
 
 Incremental rescans (``SoftDirtyMirror``, opt-in): the source keeps a copy of
 each region's resident pages between scans. After reading the dirty bits of
@@ -203,8 +203,9 @@ class SoftDirtyMirror:
             del self._copies[k]
 
     @property
-    def nbytes(self) -> int:
-        return sum(len(c.buf) for c in self._copies.values())
+    def held_bytes(self) -> int:
+        """Bytes of the pages the copies hold (the copies fault in page by page)."""
+        return sum(int(np.count_nonzero(c.valid)) for c in self._copies.values()) * PAGE_SIZE
 
 
 class LiveProcessSource(Closing):
