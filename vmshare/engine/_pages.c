@@ -22,7 +22,8 @@
  * Every position and index is bounds-checked; a bad one raises IndexError
  * naming it. Loops over pages run with the GIL released. A PageSet holds its
  * buffers (PEP 3118 exports) until close() or deallocation, so the memory it
- * addresses cannot be freed or resized under it.
+ * addresses cannot be freed or resized under it; close() while another thread
+ * is inside one of its methods is refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -158,6 +159,7 @@ typedef struct {
     int64_t *starts;        /* global position of each run's first page, ascending */
     int64_t *npages;
     int open;
+    int busy;               /* methods running with the GIL released */
 } PageSet;
 
 static void
@@ -190,6 +192,10 @@ pageset_init(PageSet *ps, PyObject *args, PyObject *kw)
     static char *names[] = {"buffers", "starts", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:PageSet", names, &buffers, &starts))
         return -1;
+    if (ps->busy) {
+        PyErr_SetString(PyExc_ValueError, "PageSet is in use by another thread");
+        return -1;
+    }
     pageset_release(ps);
     PyObject *bseq = PySequence_Fast(buffers, "PageSet: buffers must be a sequence");
     if (!bseq)
@@ -298,6 +304,7 @@ pageset_equal(PageSet *ps, PyObject *args)
         unsigned char *o = out.buf;
         Py_ssize_t bad = -1;
         int64_t badv = 0;
+        ps->busy++;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = 0; i < n; i++) {
             int64_t a = pos_at(&pa, i), b = pos_at(&pb, i);
@@ -310,6 +317,7 @@ pageset_equal(PageSet *ps, PyObject *args)
             o[i] = (x == y) || memcmp(x, y, PAGE) == 0;
         }
         Py_END_ALLOW_THREADS
+        ps->busy--;
         if (bad >= 0)
             set_bad_pos("equal", bad, badv);
         else
@@ -335,6 +343,7 @@ pageset_each(PageSet *ps, PyObject *args, const char *name, Py_ssize_t itemsize,
     if (check_out(&out, n, itemsize, name) == 0) {
         unsigned char *o = out.buf;
         Py_ssize_t bad = -1;
+        ps->busy++;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = 0; i < n; i++) {
             const unsigned char *x = locate(ps, pos_at(&pos, i));
@@ -345,6 +354,7 @@ pageset_each(PageSet *ps, PyObject *args, const char *name, Py_ssize_t itemsize,
             fn(o + i * itemsize, x);
         }
         Py_END_ALLOW_THREADS
+        ps->busy--;
         if (bad >= 0)
             set_bad_pos(name + strlen("PageSet."), bad, pos_at(&pos, bad));
         else
@@ -400,6 +410,7 @@ pageset_verify_groups(PageSet *ps, PyObject *args)
         Py_ssize_t bad = -1;
         int64_t badv = 0;
         int bad_group = 0;
+        ps->busy++;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < g && bad < 0; k++) {
             int64_t b0 = pos_at(&first, k), b1 = b0 + pos_at(&size, k);
@@ -448,6 +459,7 @@ pageset_verify_groups(PageSet *ps, PyObject *args)
             o[k] = ok;
         }
         Py_END_ALLOW_THREADS
+        ps->busy--;
         if (bad_group)
             PyErr_Format(PyExc_IndexError, "PageSet.verify_groups: group %zd is empty or "
                          "reaches beyond the %zd positions", bad, n);
@@ -483,6 +495,10 @@ pageset_page(PageSet *ps, PyObject *arg)
 static PyObject *
 pageset_close(PageSet *ps, PyObject *unused)
 {
+    if (ps->busy) {
+        PyErr_SetString(PyExc_ValueError, "PageSet is in use by another thread");
+        return NULL;
+    }
     pageset_release(ps);
     Py_RETURN_NONE;
 }
