@@ -18,7 +18,7 @@ from integration.ksm_fixtures import start_memproc
 from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.predict import ScanArena, scan_sources
+from vmshare.scanning import ScanArena, scan_sources
 
 
 def main() -> int:

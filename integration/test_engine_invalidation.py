@@ -31,7 +31,8 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.observe import Observer
-from vmshare.predict import LiveScanner, ScanPass, domain_target, scan_sources
+from vmshare.predict import LiveScanner, ScanPass, domain_target
+from vmshare.scanning import scan_sources
 
 __all__ = ["memprocs"]
 pytestmark = pytest.mark.integration

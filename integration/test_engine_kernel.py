@@ -32,7 +32,8 @@ from vmshare.ksm.procfs import PM_PFN_MASK, ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.observe import Observer
-from vmshare.predict import Target, domain_target, run_until_converged, scan_sources
+from vmshare.predict import Target, domain_target, run_until_converged
+from vmshare.scanning import scan_sources
 
 __all__ = ["kernel_ksm", "memprocs"]
 pytestmark = pytest.mark.integration

@@ -19,21 +19,14 @@ from tests.dump_corpus import (
     page,
 )
 from vmshare.dumps import LiveProcessSource
+from vmshare.dumps.visible import zero_rows
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import DumpError, MemoryRefused, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.predict import (
-    ENGINE_BYTES_PER_PAGE,
-    LiveScanner,
-    ScanArena,
-    check_scan_memory,
-    dump_target,
-    pid_target,
-    predict,
-    zero_rows,
-)
+from vmshare.predict import LiveScanner, dump_target, pid_target, predict
 from vmshare.progress import ProgressBar
+from vmshare.scanning import ENGINE_BYTES_PER_PAGE, ScanArena, check_scan_memory
 
 Z = bytes(PAGE_SIZE)
 
@@ -228,9 +221,9 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
 
     from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
     from vmshare.dumps.live import LivePageRun
+    from vmshare.dumps.visible import KernelVisiblePages
     from vmshare.ksm.procfs import ProcFs
     from vmshare.model import Region
-    from vmshare.predict import KernelVisiblePages
 
     fake = FakeProc(tmp_path)
     kpf_thp = 1 << 22

@@ -11,54 +11,40 @@ with a new ``Region.generation`` and the engine drops what it knew of the old
 one. ``LiveScanner`` keeps one engine across passes (``vmshare scan``);
 ``predict`` runs a fresh engine until its counters stop changing.
 
-Buffers: the engine references fed bytes until ``end_scan`` while sources
-reuse one buffer per run, so each run is copied once. A scan therefore holds
-the resident memory it scanned (the engine's contract, not a choice here).
-With soft-dirty tracking (``ScanArena(soft_dirty=True)``: the default of
-``predict``/``run_until_converged``, opt-in for ``LiveScanner``) live sources
-read straight into copies kept between scans and re-read only pages written
-since the previous scan; the engine reuses the checksums of the others.
+One scan, its buffers and the memory check before it: ``vmshare.scanning``.
+A scan holds the resident memory it scanned (the engine's contract). Soft-dirty
+tracking (where the kernel has it) is the default of ``predict`` and
+``run_until_converged`` and opt-in for ``LiveScanner``: live sources then
+re-read only pages written since the previous scan.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-import numpy as np
-
 from vmshare.dumps import (
-    DEFAULT_CHUNK_PAGES,
     LiveProcessSource,
     PageSource,
     RawImageSource,
     open_dump,
     private_anonymous_vmas,
 )
-from vmshare.dumps.live import (
-    LivePageRun,
-    SoftDirtyMirror,
-    TrackedPageRun,
-    anon_buffer,
-    soft_dirty_supported,
-)
+from vmshare.dumps.visible import KernelVisiblePages
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
-from vmshare.errors import DomainNotRunning, MemoryRefused, ProcessGone, UsageError
-from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs, headroom
-from vmshare.model import PAGE_SIZE, PageRun, Region, VmRef
+from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
+from vmshare.ksm.procfs import ProcFs
+from vmshare.model import PAGE_SIZE, VmRef
+from vmshare.scanning import ScanArena, ScanStats, check_scan_memory, scan_sources
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SCANS = 5
 #: progress(fraction of the whole job, label)
 ProgressFn = Callable[[float, str], None]
-_WORDS_PER_PAGE = PAGE_SIZE // 8
 
 
 # ------------------------------------------------------------------ targets
@@ -72,94 +58,6 @@ class Target:
     open: Callable[[], PageSource | None]
     group: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def zero_rows(data: memoryview) -> np.ndarray[Any, np.dtype[np.intp]]:
-    """Indices of the all-zero pages in ``data``: a cheap first/last-word filter,
-    then whole pages checked over contiguous stretches of candidates (views, no
-    copies)."""
-    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-    maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
-    if maybe.size == 0:
-        return maybe
-    parts = []
-    for block in np.split(maybe, np.flatnonzero(np.diff(maybe) != 1) + 1):
-        rows = words[int(block[0]):int(block[-1]) + 1]
-        parts.append(block if not rows.any() else block[~rows.any(axis=1)])
-    return np.concatenate(parts)
-
-
-class KernelVisiblePages:
-    """A live source without the all-zero pages kernel KSM never counts.
-
-    * An untouched anonymous page that was only read maps the kernel's shared
-      (huge) zero page: pagemap calls it present, but KSM never scans it (it
-      is not an anonymous page; no rmap item).
-    * An all-zero page inside a transparent huge page (KPF_THP): to merge any
-      subpage KSM must split the THP, and since Linux 6.12 splitting an
-      anonymous THP maps its zero-filled subpages to the shared zero page
-      instead of keeping them. A THP with zero subpages always gets split
-      (its zero subpages match each other), so they end up as zero-page
-      mappings: memory saved, but counted in neither pages_sharing nor
-      ksm_zero_pages. ``thp_zero_pages`` counts them (last scan).
-
-    Only all-zero pages can be either, so only those are looked up: their PFN
-    from the pagemap entries the live source read in the same pass
-    (``LivePageRun.pagemap``, through its held descriptor), then KPF_ZERO_PAGE
-    and KPF_THP in kpageflags.
-    """
-
-    def __init__(self, inner: LiveProcessSource, procfs: ProcFs, *,
-                 thp_split: bool = True) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.procfs = procfs
-        self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
-        self.thp_zero_pages = 0
-
-    def regions(self) -> list[Region]:
-        return self.inner.regions()
-
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
-        self.thp_zero_pages = 0
-        for run in self.inner.runs(chunk_pages):
-            zero = zero_rows(run.data)
-            if zero.size == 0:
-                yield run
-                continue
-            flags = self.procfs.kpageflags(run.pagemap[zero] & PM_PFN_MASK)
-            on_zero_page = (flags & np.uint64(1 << KPF_ZERO_PAGE)) != 0
-            thp_zero = ((flags & np.uint64(1 << KPF_THP)) != 0) & ~on_zero_page
-            if not self.thp_split:
-                thp_zero[:] = False
-            self.thp_zero_pages += int(thp_zero.sum())
-            drop = zero[on_zero_page | thp_zero]
-            if drop.size == 0:
-                yield run
-                continue
-            keep = np.ones(run.npages, dtype=np.int8)
-            keep[drop] = 0
-            edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
-            for a, b in zip(np.flatnonzero(edges == 1).tolist(),
-                            np.flatnonzero(edges == -1).tolist(), strict=True):
-                first, data = run.first_page + a, run.data[a * PAGE_SIZE:b * PAGE_SIZE]
-                if isinstance(run, TrackedPageRun):
-                    yield TrackedPageRun(run.source, run.region, first, data,
-                                         run.pagemap[a:b], run.unchanged[a:b])
-                else:
-                    yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b])
-
-    def resident_bytes(self) -> int:
-        return self.inner.resident_bytes()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __enter__(self) -> KernelVisiblePages:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def dump_target(path: str, *, raw: bool = False) -> Target:
@@ -256,202 +154,6 @@ def check_unique(targets: Sequence[Target]) -> None:
         if t.name in seen:
             raise UsageError(f"{t.name} is listed twice")
         seen.add(t.name)
-
-
-# ------------------------------------------------------------------ scanning
-@dataclass(frozen=True)
-class ScanStats:
-    pages_fed: int
-    seconds: float
-    zero_content: dict[str, int]     # pages whose bytes were all zero, per source
-
-
-class ScanArena:
-    """Buffers for one scan's page copies, reused by the next scan.
-
-    The engine keeps references to fed bytes until ``end_scan`` and sources
-    reuse their read buffer, so each run is copied; copying into buffers that
-    were already faulted in by the previous scan costs a memcpy, not a page
-    fault per page. Runs are packed, so many small runs do not waste chunks.
-    """
-
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_PAGES * PAGE_SIZE, *,
-                 soft_dirty: bool = False) -> None:
-        self.chunk_bytes = chunk_bytes
-        self._buffers: list[Any] = []
-        #: with soft_dirty (on a kernel that tracks it), live process sources keep
-        #: their pages here between scans and read only what was written since
-        #: (vmshare.dumps.live); without tracking a mirror would save nothing
-        self.mirror: SoftDirtyMirror | None = \
-            SoftDirtyMirror() if soft_dirty and soft_dirty_supported() else None
-        self._index = 0
-        self._used = 0
-
-    def reset(self) -> None:
-        """Start a new scan: the previous scan's end_scan has released its views."""
-        self._index = 0
-        self._used = 0
-
-    def reserve(self, nbytes: int) -> None:
-        """Room for ``nbytes`` of copies, populated now in one mapping (one kernel
-        loop, before reading starts) rather than chunk by chunk while reading."""
-        have = self.buffer_bytes
-        if nbytes > have:
-            self._buffers.append(anon_buffer(-(-(nbytes - have) // self.chunk_bytes)
-                                             * self.chunk_bytes))
-
-    def take(self, n: int) -> memoryview:
-        """A writable view of ``n`` bytes, valid until the next ``reset``."""
-        if n > self.chunk_bytes:
-            return memoryview(bytearray(n))
-        while self._index < len(self._buffers) and \
-                self._used + n > len(self._buffers[self._index]):
-            self._index += 1
-            self._used = 0
-        if self._index == len(self._buffers):
-            self._buffers.append(anon_buffer(self.chunk_bytes))   # populated: no faults
-        view = memoryview(self._buffers[self._index])[self._used:self._used + n]
-        self._used += n
-        return view
-
-    @property
-    def buffer_bytes(self) -> int:
-        return sum(len(b) for b in self._buffers)
-
-    def copy(self, data: memoryview) -> memoryview:
-        view = self.take(len(data))
-        view[:] = data
-        return view
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of page copies held: the arena's buffers and the mirror's pages."""
-        return self.buffer_bytes + (self.mirror.held_bytes if self.mirror is not None else 0)
-
-
-_DONE = object()
-_QUEUE_RUNS = 4
-#: engine state and scan temporaries per page of every region scanned (measured
-#: peak 22-23 bytes: benchmarks/engine_memory.py), with room to spare
-ENGINE_BYTES_PER_PAGE = 32
-
-
-def check_scan_memory(sources: Sequence[PageSource], arena: ScanArena,
-                      procfs: ProcFs | None = None) -> int:
-    """Refuse a scan whose page copies would not fit in available memory; returns
-    the bytes of copies the arena will hold (for ``ScanArena.reserve``).
-
-    A scan holds a copy of every page it reads until its end (the engine's byte
-    comparisons need them): the resident pages of live sources (read from
-    pagemap now), every page a dump's regions span, and the engine's per-page
-    state. What the arena already holds from an earlier scan is reused. The
-    need is compared with MemAvailable, keeping the larger of 256 MiB and 5% of
-    RAM free (vmshare.ksm.procfs.headroom). Raises MemoryRefused naming both
-    figures, ProcfsError.
-    """
-    data = in_arena = pages = 0
-    for s in sources:
-        span = sum(r.size for r in s.regions())
-        pages += span // PAGE_SIZE
-        if isinstance(s, (LiveProcessSource, KernelVisiblePages)):
-            resident = s.resident_bytes()
-            data += resident
-            if arena.mirror is None:       # else the mirror keeps them
-                in_arena += resident
-        else:
-            data += span
-            in_arena += span
-    need = max(0, data - arena.nbytes) + pages * ENGINE_BYTES_PER_PAGE
-    room = headroom(procfs or ProcFs(), need)
-    if not room.ok:
-        mib = 2**20
-        raise MemoryRefused(
-            f"scanning {', '.join(s.name for s in sources)} would hold about "
-            f"{need // mib:,} MiB (a copy of the {data // mib:,} MiB of pages read, and the "
-            f"engine's state) but {room.available_bytes // mib:,} MiB is available "
-            f"(MemAvailable) and {room.margin_bytes // mib:,} MiB must stay free; "
-            "scan fewer at once (trust groups are scanned one after another) or free memory")
-    return in_arena
-
-
-def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
-                 progress: Callable[[float], None] | None = None,
-                 arena: ScanArena | None = None) -> ScanStats:
-    """One full engine scan over ``sources`` (scan order: as given).
-
-    Reading (a system call that releases the GIL) runs in a helper thread
-    ahead of the engine's hashing, one bounded queue apart. Live process
-    memory is read straight into the arena; other sources' runs are copied
-    there (their read buffers are reused). Raises what the
-    sources raise (DumpError, ProcessGone, AccessDenied, ProcfsError); the
-    engine is then left mid-scan and must be discarded.
-    """
-    t0 = time.perf_counter()
-    arena = arena if arena is not None else ScanArena()
-    arena.reset()
-    regions = {s.name: s.regions() for s in sources}
-    base: dict[tuple[str, str], int] = {}
-    total = 0
-    for name, regs in regions.items():
-        for r in regs:
-            base[(name, r.key)] = total
-            total += r.size // PAGE_SIZE
-    zero: dict[str, int] = {s.name: 0 for s in sources}
-    q: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_RUNS)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader() -> None:
-        try:
-            for s in sources:
-                live = s.inner if isinstance(s, KernelVisiblePages) else s
-                direct = isinstance(live, LiveProcessSource)
-                if isinstance(live, LiveProcessSource):
-                    live.mirror = arena.mirror
-                    live.read_into = arena.take     # read straight into the arena
-                for run in s.runs():
-                    if direct or isinstance(run, TrackedPageRun):
-                        item: PageRun = run      # arena or mirror bytes: outlive the scan
-                    else:
-                        item = PageRun(s.name, run.region, run.first_page,
-                                       arena.copy(run.data))
-                    if not put(item):
-                        return
-            put(_DONE)
-        except BaseException as exc:   # handed to the scanning thread
-            put(exc)
-
-    fed = 0
-    engine.begin_scan(regions)
-    thread = threading.Thread(target=reader, name="vmshare-scan-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, PageRun)
-            engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None)
-            zero[item.source] += zero_rows(item.data).size   # here: the reader is the bottleneck
-            fed += item.npages
-            if progress is not None and total:
-                progress((base[(item.source, item.region)] + item.first_page + item.npages)
-                         / total)
-    finally:
-        stop.set()
-        thread.join()
-    engine.end_scan()
-    return ScanStats(fed, time.perf_counter() - t0, zero)
 
 
 def _open_all(targets: Sequence[Target]) -> list[PageSource]:

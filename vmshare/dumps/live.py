@@ -15,7 +15,7 @@ here through the held descriptor, for that reason; mappings (smaps) and the
 process start time come from procfs.ProcFs, the entry bits from its PM_*
 constants. Each run carries the pagemap entries of its pages as read in that
 pass (``LivePageRun.pagemap``), so a consumer needing PFNs
-(``vmshare.predict.KernelVisiblePages``) reads pagemap no second time.
+(``vmshare.dumps.visible.KernelVisiblePages``) reads pagemap no second time.
 
 Why /proc/<pid>/mem and not process_vm_readv(2), which reads 1 GiB in
 0.13-0.16 s against 0.21 s into a populated buffer (measured here): the latter
