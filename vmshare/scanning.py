@@ -119,18 +119,21 @@ def check_scan_memory(sources: Sequence[PageSource], arena: ScanArena,
     RAM free (vmshare.ksm.procfs.headroom). Raises MemoryRefused naming both
     figures, ProcfsError.
     """
-    data = in_arena = pages = 0
-    for s in sources:
-        span = sum(r.size for r in s.regions())
-        pages += span // PAGE_SIZE
-        if isinstance(s, (LiveProcessSource, KernelVisiblePages)):
-            resident = s.resident_bytes()
-            data += resident
-            if arena.mirror is None:       # else the mirror keeps them
-                in_arena += resident
-        else:
-            data += span
-            in_arena += span
+    spans = [sum(r.size for r in s.regions()) for s in sources]
+    pages = sum(spans) // PAGE_SIZE
+    data = in_arena = 0
+    if arena.mirror is None and arena.buffer_bytes >= sum(spans):
+        data = in_arena = sum(spans)    # the arena holds even the whole spans: no need to count
+    else:
+        for s, span in zip(sources, spans, strict=True):
+            if isinstance(s, (LiveProcessSource, KernelVisiblePages)):
+                resident = s.resident_bytes()
+                data += resident
+                if arena.mirror is None:       # else the mirror keeps them
+                    in_arena += resident
+            else:
+                data += span
+                in_arena += span
     need = max(0, data - arena.nbytes) + pages * ENGINE_BYTES_PER_PAGE
     room = headroom(procfs or ProcFs(), need)
     if not room.ok:
