@@ -13,16 +13,18 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmshare.guest import GuestImage, build_image
+from vmshare.guest import FillSpec, GuestImage, build_image, domain_xml, wait_ready
 
 LIBVIRT_URI = "qemu:///system"
 IT_DOMAIN_PREFIX = "vmshare-it-"
 SETUP_HINT = "run integration/setup.sh"
+GUEST_LOG_DIR = Path("/var/lib/vmshare/test")     # the guests' serial consoles
 
 
 def kill_process_group(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
@@ -139,3 +141,42 @@ def _active(dom: Any) -> bool:
         return bool(dom.isActive())
     except libvirt.libvirtError:
         return False
+
+
+def destroy_by_name(name: str) -> None:
+    """Destroy a test domain on a fresh connection: the session's libvirt
+    connection dies when libvirtd restarts, a restored guest is a new libvirt
+    object, and the guest must not outlive the test."""
+    subprocess.run(["virsh", "-q", "-c", LIBVIRT_URI, "destroy", name],
+                   capture_output=True, timeout=60, check=False)
+
+
+BootGuests = Callable[..., list[Any]]
+
+
+@pytest.fixture
+def boot_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
+                ) -> Iterator[BootGuests]:
+    """``boot(names, spec, **domain_xml options)`` starts libvirt guests of the
+    test image, waits until each is ready (240 s) and returns their domains;
+    every one is destroyed by name at teardown (``destroy_by_name``)."""
+    booted: list[str] = []
+
+    def boot(names: Sequence[str], spec: FillSpec, **options: Any) -> list[Any]:
+        GUEST_LOG_DIR.mkdir(parents=True, exist_ok=True)
+        domains = []
+        for name in names:
+            log = GUEST_LOG_DIR / f"{name}.log"
+            log.unlink(missing_ok=True)
+            booted.append(name)
+            domains.append(transient_domains(domain_xml(name, guest_image, spec,
+                                                        console_log=log, **options)))
+        for name in names:
+            wait_ready(GUEST_LOG_DIR / f"{name}.log", timeout=240)
+        return domains
+
+    try:
+        yield boot
+    finally:
+        for name in booted:
+            destroy_by_name(name)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -26,7 +24,7 @@ from vmshare.dumps import LiveProcessSource
 from vmshare.dumps.secure import ensure_dump_dir
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import VmshareError
-from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
+from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
@@ -83,36 +81,15 @@ def test_mremap_gives_a_new_generation(memprocs: list[MemProc]) -> None:
     assert engine.shares_with() == fresh.shares_with()
 
 
-def destroy_by_name(name: str) -> None:
-    """Destroy a test domain on a fresh connection: the session's libvirt
-    connection dies when libvirtd restarts, and the guest must not outlive us."""
-    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", name],
-                   capture_output=True, timeout=60, check=False)
-
-
 # ------------------------------------------------------------------ save / restore
 NAMES = ("vmshare-it-eng-inval-a", "vmshare-it-eng-inval-b")
 SPEC = FillSpec(identical_mib=48, unique_mib=16, zero_mib=8, seed=33)
 
 
 @pytest.fixture
-def guests(guest_image: GuestImage, transient_domains: Callable[[str], Any],
-           libvirt_conn: Any) -> Iterator[tuple[str, ...]]:
-    logdir = Path("/var/lib/vmshare/test")
-    logdir.mkdir(parents=True, exist_ok=True)
-    for name in NAMES:
-        log = logdir / f"{name}.log"
-        log.unlink(missing_ok=True)
-        transient_domains(domain_xml(name, guest_image, SPEC, memory_mib=192, console_log=log))
-    try:
-        for name in NAMES:
-            wait_ready(logdir / f"{name}.log", timeout=240)
-        yield NAMES
-    finally:
-        # A restored domain is a new libvirt object, and the session's
-        # connection dies if libvirtd restarts: destroy by name, freshly connected.
-        for name in NAMES:
-            destroy_by_name(name)
+def guests(boot_guests: Callable[..., list[Any]]) -> tuple[str, ...]:
+    boot_guests(NAMES, SPEC, memory_mib=192)
+    return NAMES
 
 
 def unmergeable(hv: Any, name: str) -> None:

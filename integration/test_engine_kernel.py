@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from integration.ksm_fixtures import MemProc, converge, kernel_ksm, memprocs, st
 from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import VmshareError
-from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
+from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import PM_PFN_MASK, ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
@@ -180,13 +179,6 @@ def test_reading_live_memory_leaves_ksm_pages_merged(kernel_ksm: KsmSysfs,
     assert np.intersect1d(after[0], after[1]).size == merged.size
 
 
-def destroy_by_name(name: str) -> None:
-    """Destroy a test domain on a fresh connection: the session's libvirt
-    connection dies when libvirtd restarts, and the guest must not outlive us."""
-    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", name],
-                   capture_output=True, timeout=60, check=False)
-
-
 # ------------------------------------------------------------------ real guests
 GUEST_NAMES = ("vmshare-it-eng-diff-a", "vmshare-it-eng-diff-b")
 GUEST_SPEC = FillSpec(identical_mib=64, unique_mib=24, zero_mib=16, volatile_mib=4, seed=21)
@@ -194,22 +186,9 @@ GUEST_MIB = 224
 
 
 @pytest.fixture
-def two_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
-               ) -> Iterator[tuple[str, ...]]:
-    logdir = Path("/var/lib/vmshare/test")
-    logdir.mkdir(parents=True, exist_ok=True)
-    for name in GUEST_NAMES:
-        log = logdir / f"{name}.log"
-        log.unlink(missing_ok=True)
-        transient_domains(domain_xml(name, guest_image, GUEST_SPEC, memory_mib=GUEST_MIB,
-                                     console_log=log))
-    try:
-        for name in GUEST_NAMES:
-            wait_ready(logdir / f"{name}.log", timeout=240)
-        yield GUEST_NAMES
-    finally:
-        for name in GUEST_NAMES:
-            destroy_by_name(name)
+def two_guests(boot_guests: Callable[..., list[Any]]) -> tuple[str, ...]:
+    boot_guests(GUEST_NAMES, GUEST_SPEC, memory_mib=GUEST_MIB)
+    return GUEST_NAMES
 
 
 def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,

@@ -28,7 +28,7 @@ from tests.dump_corpus import malformed_corpus, write_corpus
 from vmshare.dumps import PageSource, open_dump
 from vmshare.dumps.secure import dump_file, ensure_dump_dir, paused_guard
 from vmshare.engine import EngineConfig
-from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
+from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PageRun, Region
@@ -76,26 +76,10 @@ def ram_dump_target(path: Path, name: str) -> Target:
     return Target(name, "dump", lambda: RamRange(open_dump(path, name), {ram.key}))
 
 
-def destroy_by_name(name: str) -> None:
-    """Destroy a test domain on a fresh connection: the session's libvirt
-    connection dies when libvirtd restarts, and the guest must not outlive us."""
-    subprocess.run(["virsh", "-q", "-c", "qemu:///system", "destroy", name],
-                   capture_output=True, timeout=60, check=False)
-
-
 @pytest.fixture
-def guest(guest_image: GuestImage, transient_domains: Callable[[str], Any]) -> Iterator[Any]:
-    logdir = Path("/var/lib/vmshare/test")
-    logdir.mkdir(parents=True, exist_ok=True)
-    log = logdir / f"{NAME}.log"
-    log.unlink(missing_ok=True)
-    dom = transient_domains(domain_xml(NAME, guest_image, SPEC, memory_mib=MEMORY_MIB,
-                                       console_log=log))
-    try:
-        wait_ready(log, timeout=240)
-        yield dom
-    finally:
-        destroy_by_name(NAME)
+def guest(boot_guests: Callable[..., list[Any]]) -> Any:
+    (dom,) = boot_guests([NAME], SPEC, memory_mib=MEMORY_MIB)
+    return dom
 
 
 def counters(p: Prediction) -> tuple[int, ...]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli import main
 from vmshare.engine import EngineConfig, KsmEngine
-from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
+from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.observe import Observer
@@ -34,19 +33,11 @@ GUESTS = {"vmshare-it-privfile": "file", "vmshare-it-privmemfd": "memfd"}
 
 
 @pytest.fixture
-def private_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
-                   ) -> Iterator[dict[str, str]]:
-    logdir = Path("/var/lib/vmshare/test")
-    logdir.mkdir(parents=True, exist_ok=True)
+def private_guests(boot_guests: Callable[..., list[Any]]) -> dict[str, str]:
     for name, source in GUESTS.items():
-        log = logdir / f"{name}.log"
-        log.unlink(missing_ok=True)
-        transient_domains(domain_xml(name, guest_image, SPEC, memory_mib=MEMORY_MIB,
-                                     console_log=log, memory_source=source,
-                                     memory_access="private"))
-    for name in GUESTS:
-        wait_ready(logdir / f"{name}.log", timeout=240)
-    yield GUESTS
+        boot_guests([name], SPEC, memory_mib=MEMORY_MIB, memory_source=source,
+                    memory_access="private")
+    return GUESTS
 
 
 def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
