@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
-                 qmp_globs: tuple[str, ...] = ()) -> Path:
+                 qmp_globs: tuple[str, ...] = (), tune: bool = False) -> Path:
     lines = ["[host]", f'default_merge = "{default_merge}"']
     for name, merge in vms.items():
         lines += [f'[vm."{name}"]', f'merge = "{merge}"']
@@ -28,6 +28,8 @@ def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
               "reconnect_max_seconds = 2.0"]
     if qmp_globs:
         lines.append("qmp_sockets = [" + ", ".join(f'"{g}"' for g in qmp_globs) + "]")
+    if tune:
+        lines += ["tune = true", "tune_interval = 1.0", "tune_cpu_budget = 30.0"]
     path = tmp / "vmshare.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from integration.daemon_helpers import DaemonProc, wait_for, write_config
 from integration.ksm_fixtures import REPO, MemProc, kernel_ksm, memprocs, start_memproc
 from vmshare.audit import AuditLog, AuditRecord
-from vmshare.cli_tune import KsmdClock
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
+from vmshare.tuning import KsmdClock
 
 __all__ = ["kernel_ksm", "memprocs"]
 
@@ -121,3 +123,32 @@ def test_tuner_refuses_the_kernel_advisor_unless_told(
     assert proc.returncode == 0, proc.stderr
     assert "advisor switched off" in proc.stdout and "nothing restored" in proc.stdout
     assert kernel_ksm.read_knob("advisor_mode") == "none"
+
+
+def test_daemon_runs_the_tuner(kernel_ksm: KsmSysfs, memprocs: list[MemProc],
+                               tmp_path: Path) -> None:
+    """`[daemon] tune = true`: the daemon runs the same tuner beside its policy
+    work (scoped here to no domain at all), merging the workload at the
+    budget and then stopping ksmd with the merges kept, every knob it writes
+    audit-logged as the tuner's."""
+    kernel_ksm.set("pages_to_scan", 100)
+    start_workload(memprocs)
+    kernel_ksm.set("run", 1)
+    daemon = DaemonProc(write_config(tmp_path, {}, tune=True), tmp_path / "daemon.log",
+                        domains=("vmshare-it-no-such-domain-*",))
+    try:
+        daemon.wait_log("KSM tuner: owning run, pages_to_scan, sleep_millisecs")
+        wait_for(lambda: kernel_ksm.read_int("pages_sharing") == (PROCS - 1) * IDENTICAL,
+                 120, lambda: f"not merged: {kernel_ksm.counters()}\n{daemon.text()[-2000:]}")
+        wait_for(lambda: kernel_ksm.read_knob("run") == 0, 120,
+                 lambda: f"ksmd not stopped:\n{daemon.text()[-2000:]}")
+    finally:
+        daemon.kill(signal.SIGTERM)
+    assert kernel_ksm.read_int("pages_sharing") == (PROCS - 1) * IDENTICAL   # merges kept
+    recs = [r for r in AuditLog(tmp_path / "audit.jsonl").read()
+            if isinstance(r, AuditRecord) and r.action == "knob"]
+    assert recs and all(r.actor == "tuner" for r in recs)
+    raised = [r.after for r in recs if r.target == "knob pages_to_scan"]
+    assert raised and max(int(v) for v in raised) > 1000    # scanned at the budget, not 100
+    assert any(r.target == "knob run" and r.after == 0 for r in recs)
+    assert "KSM tuner idle" in daemon.text()

@@ -52,6 +52,9 @@ default_group = "blue"
 spool_dir = "/tmp/s"
 qmp_sockets = ["/run/q/*.sock"]
 reconnect_max_seconds = 5
+tune = true
+tune_interval = 2
+tune_cpu_budget = 12.5
 [vm."web-1"]
 merge = "off"
 [vm."6695eb01-f6a4-8304-79aa-97f2502e193f"]
@@ -65,6 +68,8 @@ force = true
     assert cfg.daemon.spool_dir == Path("/tmp/s")
     assert cfg.daemon.qmp_sockets == ("/run/q/*.sock",)
     assert cfg.daemon.reconnect_max_seconds == 5.0
+    assert (cfg.daemon.tune, cfg.daemon.tune_interval, cfg.daemon.tune_cpu_budget) == (
+        True, 2.0, 12.5)
 
 
 @pytest.mark.parametrize(("text", "needle"), [
@@ -88,6 +93,9 @@ force = true
     ("[daemon]\nqmp_sockets = \"/x\"\n", "[daemon] qmp_sockets must be a list"),
     ("[daemon]\nreconnect_max_seconds = \"5\"\n", "[daemon] reconnect_max_seconds must be a"),
     ("[daemon]\naudit_log = 3\n", "[daemon] audit_log must be a str"),
+    ("[daemon]\ntune = 1\n", "[daemon] tune must be a bool"),
+    ("[daemon]\ntune_interval = 0\n", "[daemon] tune_interval must be positive"),
+    ("[daemon]\ntune_cpu_budget = 150\n", "[daemon] tune_cpu_budget must be a percentage"),
 ])
 def test_malformed_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
     p = write(tmp_path, text)

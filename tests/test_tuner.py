@@ -19,7 +19,6 @@ import pytest
 
 from tests.ksmtree import make_sysfs
 from vmshare.audit import AuditLog, AuditRecord
-from vmshare.cli_tune import Collector, KsmdClock, act, check_advisor
 from vmshare.errors import KnobError, ProcfsError, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
@@ -33,6 +32,7 @@ from vmshare.tuner import (
     TunerState,
     decide,
 )
+from vmshare.tuning import Collector, KsmdClock, act, check_advisor
 
 GIB = 2**30
 SCAN_SET = 262_144          # 1 GiB of mergeable pages

@@ -20,7 +20,8 @@ def cmd_daemon(ctx: Any) -> int:
     return run_daemon(config, once=a.once, uri=a.connect,
                       qmp_globs=tuple(a.qmp_glob or ()), observe_interval=a.observe_interval,
                       resync_interval=a.resync_interval, deadline=a.deadline,
-                      domains=tuple(a.domain or ()), level=level)
+                      domains=tuple(a.domain or ()), tune=True if a.tune else None,
+                      level=level)
 
 
 def cmd_remerge(ctx: Any) -> int:
@@ -58,6 +59,9 @@ def register(sub: Any) -> None:
                    help="how often to record each VM's KSM pages (default 10)")
     s.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often to reconcile everything regardless of events (default 60)")
+    s.add_argument("--tune", action="store_true",
+                   help="also run the KSM tuner (as `vmshare tune`; [daemon] tune, "
+                        "tune_interval and tune_cpu_budget in the config)")
     s.set_defaults(func=cmd_daemon)
 
     s = sub.add_parser("remerge", help="re-merge progress after restore/migration/reset")

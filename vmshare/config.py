@@ -14,6 +14,7 @@ from typing import Any
 
 from vmshare.errors import PolicyError
 from vmshare.policy import DEFAULT_GROUP, HostPolicy, VmPolicy, valid_group
+from vmshare.tuner import Policy
 
 DEFAULT_CONFIG = Path("/etc/vmshare/vmshare.toml")
 CONFIG_ENV = "VMSHARE_CONFIG"
@@ -29,6 +30,9 @@ class DaemonSettings:
     reconnect_max_seconds: float = 30.0
     history_file: Path = Path("/var/lib/vmshare/history.jsonl")
     history_interval: float = 60.0             # seconds between samples; 0: none
+    tune: bool = False                         # run the KSM tuner (vmshare.tuner) too
+    tune_interval: float = 5.0                 # seconds between the tuner's decisions
+    tune_cpu_budget: float = Policy.cpu_budget_pct   # ksmd CPU budget, % of one core
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class Config:
 
 _HOST_KEYS = {"enabled", "default_merge", "default_group"}
 _DAEMON_KEYS = {"spool_dir", "socket", "audit_log", "state_file", "qmp_sockets",
-                "reconnect_max_seconds", "history_file", "history_interval"}
+                "reconnect_max_seconds", "history_file", "history_interval", "tune",
+                "tune_interval", "tune_cpu_budget"}
 _VM_KEYS = {"merge", "group", "force"}
 
 
@@ -148,7 +153,18 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         reconnect_max_seconds=_typed(origin, "daemon", "reconnect_max_seconds",
                                      d.get("reconnect_max_seconds",
                                            defaults.reconnect_max_seconds), float),
+        tune=_typed(origin, "daemon", "tune", d.get("tune", defaults.tune), bool),
+        tune_interval=_typed(origin, "daemon", "tune_interval",
+                             d.get("tune_interval", defaults.tune_interval), float),
+        tune_cpu_budget=_typed(origin, "daemon", "tune_cpu_budget",
+                               d.get("tune_cpu_budget", defaults.tune_cpu_budget), float),
     )
+    if daemon.tune_interval <= 0:
+        raise PolicyError(f"{origin}: [daemon] tune_interval must be positive, "
+                          f"not {daemon.tune_interval!r}")
+    if not 0 < daemon.tune_cpu_budget <= 100:
+        raise PolicyError(f"{origin}: [daemon] tune_cpu_budget must be a percentage of one "
+                          f"core in (0, 100], not {daemon.tune_cpu_budget!r}")
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,
                                   default_group=default_group, vms=vms),

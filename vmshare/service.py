@@ -54,7 +54,8 @@ async def _main(opts: DaemonOptions) -> int:
 def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
                qmp_globs: tuple[str, ...] = (), observe_interval: float = 10.0,
                resync_interval: float = 60.0, deadline: float = 10.0,
-               domains: tuple[str, ...] = (), level: int = logging.INFO) -> int:
+               domains: tuple[str, ...] = (), tune: bool | None = None,
+               level: int = logging.INFO) -> int:
     """Run the daemon until a signal (or once). Returns the exit status.
 
     Errors that stop the daemon (config, socket in use, libvirt unreachable
@@ -64,7 +65,7 @@ def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
     opts = DaemonOptions(config=config, once=once, uri=uri or "qemu:///system",
                          qmp_globs=qmp_globs, observe_interval=observe_interval,
                          resync_interval=resync_interval, deadline=deadline,
-                         domains=domains)
+                         domains=domains, tune=tune)
     try:
         return asyncio.run(_main(opts))
     except VmshareError as exc:

@@ -36,7 +36,7 @@ from vmshare.daemon.triggers import (
     lifecycle_trigger,
     qmp_trigger,
 )
-from vmshare.errors import DeadlineExceeded, HypervisorError, VmshareError
+from vmshare.errors import DeadlineExceeded, HypervisorError, UsageError, VmshareError
 
 log = logging.getLogger("vmshare.daemon")
 T = TypeVar("T")
@@ -65,6 +65,7 @@ class DaemonOptions:
     retry_after: float = 30.0
     spool: bool = True
     domains: tuple[str, ...] = ()     # name globs to manage; () = every VM
+    tune: bool | None = None          # run the KSM tuner; None: [daemon] tune
 
 
 class Daemon:
@@ -288,6 +289,8 @@ class Daemon:
                 loop.add_reader(sock.fileno(), lambda: self.drain_spool(sock))
             tasks = [asyncio.ensure_future(self.consume(stop)),
                      asyncio.ensure_future(self.periodic(stop, sock))]
+            if self.opts.tune if self.opts.tune is not None else self.settings.tune:
+                tasks.append(asyncio.ensure_future(self.tune(stop)))
             if watcher is not None:
                 tasks.append(asyncio.ensure_future(watcher.run(stop)))
             else:
@@ -338,6 +341,52 @@ class Daemon:
                 if self.opts.spool:
                     self.drain_spool(sock)
                 await self.reconcile_all("periodic")
+
+
+    async def tune(self, stop: asyncio.Event) -> None:
+        """The KSM tuner's loop (vmshare.tuning), in the worker thread between
+        reconciles: it owns run, pages_to_scan and sleep_millisecs while the
+        daemon runs, audit-logs each change as actor "tuner", never unmerges,
+        and leaves the knobs as they are when the daemon stops."""
+        from vmshare.audit import AuditLog
+        from vmshare.tuner import Policy
+        from vmshare.tuning import OWNED_KNOBS, Tuner, check_advisor
+
+        rc = self.rc
+        audit = AuditLog(self.settings.audit_log, actor="tuner")
+        try:
+            await self.work(lambda: check_advisor(rc.sysfs, False, False, audit))
+        except UsageError:
+            log.error("KSM tuner not started: the kernel's KSM advisor is on "
+                      "(advisor_mode=scan-time) and owns pages_to_scan; switch it off "
+                      "(vmshare ksm set advisor_mode=none) to let the daemon tune")
+            return
+        except (VmshareError, OSError) as exc:
+            log.error("KSM tuner not started: %s", exc)
+            return
+        try:
+            tuner = Tuner(rc.sysfs, rc.procfs,
+                          Policy(cpu_budget_pct=self.settings.tune_cpu_budget), audit)
+            await self.work(tuner.start)
+        except (VmshareError, OSError, ValueError) as exc:
+            log.error("KSM tuner not started: %s", exc)
+            return
+        log.info("KSM tuner: owning %s, a decision every %g s, ksmd CPU budget %g%% of a core",
+                 ", ".join(OWNED_KNOBS), self.settings.tune_interval,
+                 self.settings.tune_cpu_budget)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.tune_interval)
+            if stop.is_set():
+                return
+            try:
+                _obs, decision, changes = await self.work(tuner.step)
+            except (VmshareError, OSError) as exc:
+                log.warning("KSM tuner: %s", exc)
+                continue
+            if changes:
+                log.info("KSM tuner %s: %s (%s)", decision.mode,
+                         ", ".join(f"{n} {b} -> {a}" for n, b, a in changes), decision.reason)
 
 
 class _TriggerSink:
