@@ -24,7 +24,7 @@ from integration.ksm_fixtures import REPO, MemProc, kernel_ksm, memprocs, start_
 from vmshare.audit import AuditLog, AuditRecord
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.tuning import KsmdClock
+from vmshare.tuning import KsmdClock, tuner_lock
 
 __all__ = ["kernel_ksm", "memprocs"]
 
@@ -152,3 +152,13 @@ def test_daemon_runs_the_tuner(kernel_ksm: KsmSysfs, memprocs: list[MemProc],
     assert raised and max(int(v) for v in raised) > 1000    # scanned at the budget, not 100
     assert any(r.target == "knob run" and r.after == 0 for r in recs)
     assert "KSM tuner idle" in daemon.text()
+    # one tuner per host: with another one holding the lock, the daemon does
+    # its policy work but leaves the knobs alone, and says why
+    with tuner_lock():
+        second = DaemonProc(write_config(tmp_path, {}, tune=True), tmp_path / "second.log",
+                            domains=("vmshare-it-no-such-domain-*",))
+        try:
+            second.wait_log(f"KSM tuner not started: another vmshare tuner (pid {os.getpid()})")
+            second.wait_log("running: qemu:///system")
+        finally:
+            second.kill(signal.SIGTERM)

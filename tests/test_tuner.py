@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from vmshare.tuner import (
     TunerState,
     decide,
 )
-from vmshare.tuning import Collector, KsmdClock, act, check_advisor
+from vmshare.tuning import Collector, KsmdClock, act, check_advisor, tuner_lock
 
 GIB = 2**30
 SCAN_SET = 262_144          # 1 GiB of mergeable pages
@@ -429,3 +430,18 @@ def test_over_budget_backs_off_even_when_the_cost_model_cannot_tell() -> None:
     d, _ = decide(state, obs, policy)
     assert d.pages_to_scan is not None and d.pages_to_scan <= 3000 * 20 / 80
     assert "backing off" in d.reason
+
+
+def test_one_tuner_per_host(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / "tuner.lock"
+    with tuner_lock(lock):
+        assert lock.read_text().strip() == str(os.getpid())
+        held = rf"another vmshare tuner \(pid {os.getpid()}\) owns run, pages_to_scan"
+        with pytest.raises(KnobError, match=held), tuner_lock(lock):
+            pass
+    with tuner_lock(lock):               # released when the holder is done
+        pass
+    (tmp_path / "file").write_text("")   # a lock under a regular file cannot be made
+    with pytest.raises(KnobError, match="cannot open the tuner lock"), \
+            tuner_lock(tmp_path / "file" / "tuner.lock"):
+        pass

@@ -8,6 +8,7 @@ runs the tuner owns run, pages_to_scan and sleep_millisecs, and it says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import time
@@ -21,7 +22,7 @@ from vmshare.audit import AuditLog
 from vmshare.errors import UsageError
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.tuner import Decision, Observation, Policy
-from vmshare.tuning import OWNED_KNOBS, Changes, Tuner, check_advisor
+from vmshare.tuning import OWNED_KNOBS, Changes, Tuner, check_advisor, tuner_lock
 
 
 def decision_line(obs: Observation, d: Decision,
@@ -81,16 +82,17 @@ def cmd_tune(ctx: Any) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     try:
-        tuner.start()
-        steps = 0
-        while True:
-            time.sleep(a.interval)
-            obs, decision, changes = tuner.step()
-            print(decision_json(obs, decision, changes) if a.json
-                  else decision_line(obs, decision, changes), flush=True)
-            steps += 1
-            if a.once or (a.steps and steps >= a.steps):
-                break
+        with contextlib.nullcontext() if a.dry_run else tuner_lock():
+            tuner.start()
+            steps = 0
+            while True:
+                time.sleep(a.interval)
+                obs, decision, changes = tuner.step()
+                print(decision_json(obs, decision, changes) if a.json
+                      else decision_line(obs, decision, changes), flush=True)
+                steps += 1
+                if a.once or (a.steps and steps >= a.steps):
+                    break
     except (Stop, KeyboardInterrupt):
         pass
     finally:

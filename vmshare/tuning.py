@@ -9,9 +9,14 @@ written); while it runs it owns run, pages_to_scan and sleep_millisecs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmshare.audit import AuditLog
 from vmshare.errors import KnobError, ProcessGone, ProcfsError, UsageError
@@ -20,6 +25,37 @@ from vmshare.ksm.sysfs import RUN_UNMERGE, KsmSysfs
 from vmshare.tuner import Decision, Observation, Policy, TunerState, decide
 
 Changes = list[tuple[str, int | str, int | str]]
+#: one tuner per host: `vmshare tune` and `vmshare daemon --tune` both hold it
+TUNER_LOCK = Path(os.environ.get("VMSHARE_TUNER_LOCK", "/run/vmshare/tuner.lock"))
+
+
+@contextlib.contextmanager
+def tuner_lock(path: Path = TUNER_LOCK) -> Iterator[None]:
+    """Hold the host's tuner lock (an exclusive flock; the holder's pid in the
+    file) for the block: two tuners would fight over the same knobs.
+
+    Raises KnobError naming the holding pid when another tuner has it, and
+    when the lock file cannot be made or locked.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise KnobError(f"cannot open the tuner lock {path}: {exc.strerror}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise KnobError(f"cannot lock {path}: {exc.strerror}") from exc
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise KnobError(f"another vmshare tuner (pid {holder}) owns "
+                            f"{', '.join(OWNED_KNOBS)}; stop it first ({path})") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)        # releases the flock
 
 
 OWNED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")

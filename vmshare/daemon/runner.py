@@ -350,43 +350,48 @@ class Daemon:
         and leaves the knobs as they are when the daemon stops."""
         from vmshare.audit import AuditLog
         from vmshare.tuner import Policy
-        from vmshare.tuning import OWNED_KNOBS, Tuner, check_advisor
+        from vmshare.tuning import OWNED_KNOBS, Tuner, check_advisor, tuner_lock
 
         rc = self.rc
         audit = AuditLog(self.settings.audit_log, actor="tuner")
-        try:
-            await self.work(lambda: check_advisor(rc.sysfs, False, False, audit))
-        except UsageError:
-            log.error("KSM tuner not started: the kernel's KSM advisor is on "
-                      "(advisor_mode=scan-time) and owns pages_to_scan; switch it off "
-                      "(vmshare ksm set advisor_mode=none) to let the daemon tune")
-            return
-        except (VmshareError, OSError) as exc:
-            log.error("KSM tuner not started: %s", exc)
-            return
-        try:
-            tuner = Tuner(rc.sysfs, rc.procfs,
-                          Policy(cpu_budget_pct=self.settings.tune_cpu_budget), audit)
-            await self.work(tuner.start)
-        except (VmshareError, OSError, ValueError) as exc:
-            log.error("KSM tuner not started: %s", exc)
-            return
-        log.info("KSM tuner: owning %s, a decision every %g s, ksmd CPU budget %g%% of a core",
-                 ", ".join(OWNED_KNOBS), self.settings.tune_interval,
-                 self.settings.tune_cpu_budget)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.tune_interval)
-            if stop.is_set():
-                return
+        policy = Policy(cpu_budget_pct=self.settings.tune_cpu_budget)
+        held = contextlib.ExitStack()
+
+        def setup() -> Tuner:
             try:
-                _obs, decision, changes = await self.work(tuner.step)
+                check_advisor(rc.sysfs, False, False, audit)
+            except UsageError as exc:
+                raise UsageError("the kernel's KSM advisor is on (advisor_mode=scan-time) "
+                                 "and owns pages_to_scan; switch it off (vmshare ksm set "
+                                 "advisor_mode=none) to let the daemon tune") from exc
+            held.enter_context(tuner_lock())
+            tuner = Tuner(rc.sysfs, rc.procfs, policy, audit)
+            tuner.start()
+            return tuner
+
+        with held:
+            try:
+                tuner = await self.work(setup)
             except (VmshareError, OSError) as exc:
-                log.warning("KSM tuner: %s", exc)
-                continue
-            if changes:
-                log.info("KSM tuner %s: %s (%s)", decision.mode,
-                         ", ".join(f"{n} {b} -> {a}" for n, b, a in changes), decision.reason)
+                log.error("KSM tuner not started: %s", exc)
+                return
+            log.info("KSM tuner: owning %s, a decision every %g s, ksmd CPU budget %g%% "
+                     "of a core", ", ".join(OWNED_KNOBS), self.settings.tune_interval,
+                     policy.cpu_budget_pct)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.tune_interval)
+                if stop.is_set():
+                    return
+                try:
+                    _obs, decision, changes = await self.work(tuner.step)
+                except (VmshareError, OSError) as exc:
+                    log.warning("KSM tuner: %s", exc)
+                    continue
+                if changes:
+                    log.info("KSM tuner %s: %s (%s)", decision.mode,
+                             ", ".join(f"{n} {b} -> {a}" for n, b, a in changes),
+                             decision.reason)
 
 
 class _TriggerSink:
