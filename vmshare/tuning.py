@@ -24,7 +24,8 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import RUN_UNMERGE, KsmSysfs
 from vmshare.tuner import Decision, Observation, Policy, TunerState, decide
 
-Changes = list[tuple[str, int | str, int | str]]
+OWNED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
+Changes = list[tuple[str, int | str, int | str]]     # (knob, before, after)
 #: one tuner per host: `vmshare tune` and `vmshare daemon --tune` both hold it
 TUNER_LOCK = Path(os.environ.get("VMSHARE_TUNER_LOCK", "/run/vmshare/tuner.lock"))
 
@@ -56,9 +57,6 @@ def tuner_lock(path: Path = TUNER_LOCK) -> Iterator[None]:
         yield
     finally:
         os.close(fd)        # releases the flock
-
-
-OWNED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
 
 
 class KsmdClock:
@@ -119,15 +117,14 @@ class Collector:
             sleep_millisecs=int(self.sysfs.read_knob("sleep_millisecs")))
 
 
-def act(sysfs: KsmSysfs, decision: Decision, audit: AuditLog | None
-        ) -> list[tuple[str, int | str, int | str]]:
+def act(sysfs: KsmSysfs, decision: Decision, audit: AuditLog | None) -> Changes:
     """Apply a decision: each knob that differs is validated, written, read
     back (KsmSysfs.set) and audit-logged. Never unmerges.
 
     Returns (knob, before, after) for each change. Raises KnobError,
     AccessDenied, KsmUnavailable, AuditError.
     """
-    changes: list[tuple[str, int | str, int | str]] = []
+    changes: Changes = []
     for name, value in decision.knobs().items():
         if name == "run" and value == RUN_UNMERGE:
             raise KnobError("the tuner never unmerges (run=2)")
