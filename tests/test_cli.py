@@ -75,6 +75,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeHyperviso
     (sysfs / "pages_sharing").write_text("8\n")
     monkeypatch.setenv("VMSHARE_SYSFS_ROOT", str(sysfs))
     monkeypatch.setenv("VMSHARE_PROC_ROOT", str(fake.root))
+    monkeypatch.setenv("VMSHARE_TUNER_LOCK", str(tmp_path / "tuner.lock"))
     monkeypatch.setattr("vmshare.hypervisor.connect", lambda *a, **k: hv)
     return hv, fake
 
@@ -103,6 +104,20 @@ def test_golden_output(host: object, capsys: pytest.CaptureFixture[str], args: l
     code, out, err = run(capsys, *args)
     assert code == 0, err
     golden(name, out)
+
+
+def test_ksm_show_names_the_tuner_holding_the_knobs(host: object,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from vmshare.tuning import tuner_lock
+    with tuner_lock():
+        code, out, _ = run(capsys, "ksm", "show")
+        assert code == 0 and out.splitlines()[-1] == (
+            f"tuner: a vmshare tuner (pid {os.getpid()}) owns run, pages_to_scan, "
+            "sleep_millisecs")
+        code, out, _ = run(capsys, "ksm", "show", "--json")
+        assert json.loads(out)["tuner_pid"] == os.getpid()
+    code, out, _ = run(capsys, "ksm", "show", "--json")
+    assert json.loads(out)["tuner_pid"] is None
 
 
 def test_status_json_adds_up(host: object, capsys: pytest.CaptureFixture[str]) -> None:

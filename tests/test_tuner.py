@@ -33,7 +33,7 @@ from vmshare.tuner import (
     TunerState,
     decide,
 )
-from vmshare.tuning import Collector, KsmdClock, act, check_advisor, tuner_lock
+from vmshare.tuning import Collector, KsmdClock, act, check_advisor, tuner_holder, tuner_lock
 
 GIB = 2**30
 SCAN_SET = 262_144          # 1 GiB of mergeable pages
@@ -439,6 +439,9 @@ def test_one_tuner_per_host(tmp_path: Path) -> None:
         held = rf"another vmshare tuner \(pid {os.getpid()}\) owns run, pages_to_scan"
         with pytest.raises(KnobError, match=held), tuner_lock(lock):
             pass
+        assert tuner_holder(lock) == os.getpid()
+    assert tuner_holder(lock) is None     # the file stays, nobody holds it
+    assert tuner_holder(tmp_path / "none") is None
     with tuner_lock(lock):               # released when the holder is done
         pass
     (tmp_path / "file").write_text("")   # a lock under a regular file cannot be made

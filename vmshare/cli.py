@@ -132,11 +132,16 @@ def cmd_ksm(ctx: Context) -> int:
     sysfs = ctx.sysfs
     sysfs.require()
     if a.ksm_cmd == "show":
+        from vmshare.tuning import OWNED_KNOBS, tuner_holder
+        tuner = tuner_holder()
         if a.json:
-            emit_json({"knobs": sysfs.knobs(), "counters": sysfs.counters()})
+            emit_json({"knobs": sysfs.knobs(), "counters": sysfs.counters(),
+                       "tuner_pid": tuner})
         else:
             out(report.ksm_show(sysfs.counters(), sysfs.knobs(),
                                 {k: s.meaning for k, s in KNOBS.items()}))
+            out("tuner: none" if tuner is None else
+                f"tuner: a vmshare tuner (pid {tuner}) owns {', '.join(OWNED_KNOBS)}")
         return 0
     if a.ksm_cmd == "start":
         assignments = {"run": "1"}

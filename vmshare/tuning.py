@@ -27,17 +27,23 @@ from vmshare.tuner import Decision, Observation, Policy, TunerState, decide
 OWNED_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
 Changes = list[tuple[str, int | str, int | str]]     # (knob, before, after)
 #: one tuner per host: `vmshare tune` and `vmshare daemon --tune` both hold it
-TUNER_LOCK = Path(os.environ.get("VMSHARE_TUNER_LOCK", "/run/vmshare/tuner.lock"))
+TUNER_LOCK = Path("/run/vmshare/tuner.lock")
+TUNER_LOCK_ENV = "VMSHARE_TUNER_LOCK"          # another path (tests, a second instance)
+
+
+def tuner_lock_path() -> Path:
+    return Path(os.environ.get(TUNER_LOCK_ENV, str(TUNER_LOCK)))
 
 
 @contextlib.contextmanager
-def tuner_lock(path: Path = TUNER_LOCK) -> Iterator[None]:
+def tuner_lock(path: Path | None = None) -> Iterator[None]:
     """Hold the host's tuner lock (an exclusive flock; the holder's pid in the
     file) for the block: two tuners would fight over the same knobs.
 
     Raises KnobError naming the holding pid when another tuner has it, and
     when the lock file cannot be made or locked.
     """
+    path = path or tuner_lock_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -57,6 +63,27 @@ def tuner_lock(path: Path = TUNER_LOCK) -> Iterator[None]:
         yield
     finally:
         os.close(fd)        # releases the flock
+
+
+def tuner_holder(path: Path | None = None) -> int | None:
+    """The pid of the vmshare tuner holding the host's tuner lock, or None
+    when none does (a lock file left by a stopped tuner is not held)."""
+    path = path or tuner_lock_path()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        return None
+    finally:
+        os.close(fd)
 
 
 class KsmdClock:
