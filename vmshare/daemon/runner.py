@@ -342,7 +342,6 @@ class Daemon:
                     self.drain_spool(sock)
                 await self.reconcile_all("periodic")
 
-
     async def tune(self, stop: asyncio.Event) -> None:
         """The KSM tuner's loop (vmshare.tuning), in the worker thread between
         reconciles: it owns run, pages_to_scan and sleep_millisecs while the
