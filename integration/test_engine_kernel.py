@@ -32,7 +32,7 @@ from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.observe import Observer
 from vmshare.predict import Target, domain_target, run_until_converged
-from vmshare.scanning import scan_sources
+from vmshare.scanning import ScanArena, scan_sources
 
 __all__ = ["kernel_ksm", "memprocs"]
 pytestmark = pytest.mark.integration
@@ -154,6 +154,30 @@ def test_engine_equals_kernel_default_knobs(kernel_ksm: KsmSysfs,
     assert pick(engine) == pick(kernel)
 
 
+def test_reading_pages_again_gives_the_kept_answer(memprocs: list[MemProc]) -> None:
+    """The low-memory way (live pages not kept, the ones to compare read again
+    at the end of each scan) against keeping every page: the same answer,
+    with nothing copied into the arena."""
+    for i in range(3):
+        memprocs.append(start_memproc(identical=3000, unique=700, zero=300 + i, seed=12,
+                                      madvise=False))
+    answers = []
+    for reread in (False, True):
+        engine, arena = KsmEngine(EngineConfig(max_page_sharing=16)), ScanArena()
+        for _ in range(2):
+            sources = [memproc_source(p, f"p{i}") for i, p in enumerate(memprocs)]
+            try:
+                scan_sources(engine, sources, arena=arena, reread=reread)
+            finally:
+                for src in sources:
+                    src.close()
+        assert (arena.buffer_bytes == 0) == reread
+        answers.append((engine.counters().merge_state(), engine.per_source(),
+                        engine.shares_with()))
+    assert answers[0] == answers[1]
+    assert answers[0][0][1] >= 2 * 3000            # pages_sharing: the identical pages
+
+
 def test_reading_live_memory_leaves_ksm_pages_merged(kernel_ksm: KsmSysfs,
                                                      memprocs: list[MemProc]) -> None:
     """A scan reads /proc/<pid>/mem, which takes plain page references. A reader
@@ -211,6 +235,9 @@ def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,
         require_alone(pids)
         engine = KsmEngine(EngineConfig())
         scans, _, _ = run_until_converged(engine, targets, max_scans=6)
+        # the low-memory way: no copy kept, the pages to compare read again
+        low = KsmEngine(EngineConfig())
+        run_until_converged(low, targets, max_scans=6, low_memory=True)
         kernel_after = kernel_ksm.counters()
     finally:
         with contextlib.suppress(VmshareError):
@@ -222,3 +249,4 @@ def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,
     assert ours == pytest.approx(theirs, rel=0.02), (
         f"engine pages_sharing {ours} vs kernel {kernel['pages_sharing']} / "
         f"{kernel_after['pages_sharing']} after {scans} engine scans")
+    assert low.counters().pages_sharing == pytest.approx(theirs, rel=0.02)

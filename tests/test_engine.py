@@ -8,14 +8,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
+from unittest.mock import patch
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.engine_reference import ReferenceKsm
-from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
+from vmshare.engine import EngineConfig, KsmCounters, KsmEngine, state
 from vmshare.errors import UsageError
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
 
@@ -31,7 +34,11 @@ World = dict[str, list[bytes | None]]   # source -> pages of its one region (Non
 
 
 def feed_world(e: KsmEngine, world: World, gens: Mapping[str, str] | None = None,
-               shuffle: random.Random | None = None) -> KsmCounters:
+               shuffle: random.Random | None = None, *, fetched: World | None = None
+               ) -> KsmCounters:
+    """One scan of ``world``. With ``fetched`` the runs are fed without being
+    retained and the engine reads pages again from ``fetched`` (the content
+    then: usually ``world`` itself)."""
     regions = {s: [Region("ram", len(p) * PAGE_SIZE, (gens or {}).get(s, ""))]
                for s, p in world.items()}
     e.begin_scan(regions)
@@ -51,8 +58,15 @@ def feed_world(e: KsmEngine, world: World, gens: Mapping[str, str] | None = None
     if shuffle is not None:
         shuffle.shuffle(runs)
     for r in runs:
-        e.feed(r)
-    return e.end_scan().counters
+        e.feed(r, retain=fetched is None)
+    if fetched is None:
+        return e.end_scan().counters
+    flat = [p for pages in fetched.values() for p in pages]
+    def fetch(pos: npt.NDArray[np.int64]) -> memoryview:
+        assert all(flat[q] is not None for q in pos.tolist()), "a hole was asked for"
+        return memoryview(b"".join(flat[q] or b"" for q in pos.tolist()))
+
+    return e.end_scan(fetch).counters
 
 
 def ref_scan(ref: ReferenceKsm, world: World, gens: Mapping[str, str] | None = None
@@ -308,6 +322,49 @@ def test_engine_matches_reference(h: tuple[int, bool, list[tuple[World, dict[str
         assert {s: v.saved for s, v in per.items() if v.saved} == \
             {s: v for s, v in ref_saved.items() if v}
         assert {a: row for a, row in e.shares_with().items() if row} == ref.shares_with()
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.randoms(use_true_random=False), st.sampled_from([2, 3, 5, 1 << 14]))
+def test_pages_read_again_give_the_retained_answer(
+        h: tuple[int, bool, list[tuple[World, dict[str, str]]]], rnd: random.Random,
+        batch: int) -> None:
+    """Runs fed without retaining them, their pages fetched in batches (tiny ones:
+    groups split across fetches, a group bigger than a batch in slices): the
+    same counters and savings as the reference."""
+    mps, uzp, scans = h
+    e = KsmEngine(EngineConfig(max_page_sharing=mps, use_zero_pages=uzp))
+    ref = ReferenceKsm(max_page_sharing=mps, use_zero_pages=uzp, hasher=xxh)
+    with patch.object(state, "FETCH_PAGES", batch):
+        for world, gens in scans:
+            c = feed_world(e, world, gens, shuffle=rnd, fetched=world)
+            assert as_dict(c) == ref_scan(ref, world, gens)
+            assert {s: v.saved for s, v in e.per_source().items() if v.saved} == \
+                {s: v for s, v in ref.saved().items() if v}
+
+
+def test_a_page_written_between_feed_and_fetch_merges_by_its_new_bytes() -> None:
+    """ksmd compares a page as it is when it gets there: the engine, reading a
+    page again, compares those bytes, never the checksum it fed."""
+    e = KsmEngine()
+    world: World = {"a": [pg(1), pg(1)], "b": [pg(1), pg(2)]}
+    feed_world(e, world, fetched=world)
+    later: World = {"a": [pg(1), pg(5)], "b": [pg(1), pg(2)]}     # a[1] written
+    c = feed_world(e, world, fetched=later)
+    assert (c.pages_shared, c.pages_sharing) == (1, 1)              # a[0] and b[0] only
+    assert e.per_source()["a"].ksm_pages == 1
+
+
+def test_unretained_pages_need_a_fetch() -> None:
+    e = KsmEngine()
+    e.begin_scan({"a": [Region("ram", PAGE_SIZE)]})
+    e.feed(PageRun("a", "ram", 0, memoryview(bytearray(pg(1)))), retain=False)
+    with pytest.raises(UsageError, match="1 pages were fed without retain"):
+        e.end_scan()
+    v = KsmEngine(verify_merged=True)
+    v.begin_scan({"a": [Region("ram", PAGE_SIZE)]})
+    with pytest.raises(UsageError, match="verify mode"):
+        v.feed(PageRun("a", "ram", 0, memoryview(bytearray(pg(1)))), retain=False)
 
 
 @settings(max_examples=300, deadline=None)

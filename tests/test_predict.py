@@ -26,7 +26,13 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.predict import LiveScanner, dump_target, pid_target, predict
 from vmshare.progress import ProgressBar
-from vmshare.scanning import ENGINE_BYTES_PER_PAGE, ScanArena, check_scan_memory
+from vmshare.scanning import (
+    ENGINE_BYTES_PER_PAGE,
+    LIVE_BUFFER_BYTES,
+    ScanArena,
+    ScanPlan,
+    plan_scan,
+)
 
 Z = bytes(PAGE_SIZE)
 
@@ -258,7 +264,8 @@ def fake_meminfo(tmp_path: Path, available_kib: int, total_kib: int = 4_000_000)
     return ProcFs(root)
 
 
-def test_scan_memory_guard_refuses_what_would_not_fit(tmp_path: Path) -> None:
+def test_scan_plan_keeps_pages_when_they_fit_and_refuses_when_nothing_does(
+        tmp_path: Path) -> None:
     a = write_elf(tmp_path / "a.elf", [page(i) for i in range(256)])    # 1 MiB of pages
     sources = [dump_target(a).open()]
     try:
@@ -266,17 +273,53 @@ def test_scan_memory_guard_refuses_what_would_not_fit(tmp_path: Path) -> None:
         margin_kib = 256 * 1024                 # 256 MiB: more than 5% of 4 GB
         need = 256 * PAGE_SIZE + 256 * ENGINE_BYTES_PER_PAGE
         fits = fake_meminfo(tmp_path, margin_kib + -(-need // 1024))
-        assert check_scan_memory(sources, arena, fits) == 256 * PAGE_SIZE   # for the arena
+        assert plan_scan(sources, arena, fits) == ScanPlan(256 * PAGE_SIZE, reread=False)
         tight = fake_meminfo(tmp_path, margin_kib + need // 1024 - 8)
-        with pytest.raises(MemoryRefused, match=rf"scanning {a} would hold about 1 MiB "
-                           r"\(a copy of the 1 MiB of pages read.* but 257 MiB is available "
-                           r"\(MemAvailable\) and 256 MiB must stay free"):
-            check_scan_memory(sources, arena, tight)
+        # a dump has no second way: it is copied or not scanned
+        with pytest.raises(MemoryRefused, match=rf"scanning {a} needs about 1 MiB \(of 1 "
+                           r"MiB of pages read\) but 257 MiB is available \(MemAvailable\) "
+                           r"and 256 MiB must stay free"):
+            plan_scan(sources, arena, tight)
         arena.take(2 * 2**20)               # copies an earlier scan left: reused
-        assert check_scan_memory(sources, arena, tight) == 256 * PAGE_SIZE
+        assert plan_scan(sources, arena, tight) == ScanPlan(256 * PAGE_SIZE, reread=False)
     finally:
         for s in sources:
             s.close()
+
+
+BIG_CHILD = """
+import ctypes, mmap, sys
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(n):
+    m[i * 4096] = 1
+print("ready", hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_scan_plan_reads_live_pages_again_when_copies_would_not_fit(tmp_path: Path) -> None:
+    pages = LIVE_BUFFER_BYTES // PAGE_SIZE * 3 // 2        # copies cost more than buffers
+    child = subprocess.Popen([sys.executable, "-c", BIG_CHILD, str(pages)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        start = int(child.stdout.readline().split()[1], 16)
+        vma = Vma(start, start + pages * PAGE_SIZE, "rw-p", 0, "")
+        with LiveProcessSource(child.pid, [vma]) as src:
+            margin_kib = 256 * 1024
+            engine_kib = pages * ENGINE_BYTES_PER_PAGE // 1024
+            copies_kib = pages * PAGE_SIZE // 1024 + engine_kib
+            low_kib = LIVE_BUFFER_BYTES // 1024 + engine_kib
+            plan = plan_scan([src], ScanArena(), fake_meminfo(tmp_path, margin_kib + copies_kib))
+            assert plan == ScanPlan(pages * PAGE_SIZE, reread=False)
+            plan = plan_scan([src], ScanArena(), fake_meminfo(tmp_path, margin_kib + low_kib))
+            assert plan == ScanPlan(0, reread=True)
+            with pytest.raises(MemoryRefused, match=r"needs about \d+ MiB \(of 384 MiB"):
+                plan_scan([src], ScanArena(), fake_meminfo(tmp_path, margin_kib + low_kib - 8))
+    finally:
+        child.kill()
+        child.wait()
 
 
 RESIDENT_CHILD = """

@@ -35,6 +35,10 @@ def _engine_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--use-zero-pages", action="store_true",
                    help="assume use_zero_pages=1 (zero pages map the zero page)")
     s.add_argument("--json", action="store_true", help="JSON output, no progress bar")
+    s.add_argument("--low-memory", action="store_true",
+                   help="keep no copy of guest memory: read again, at the end of each "
+                        "scan, only the pages to compare (slower; chosen anyway when "
+                        "copies would not fit in MemAvailable)")
 
 
 def _config(a: argparse.Namespace) -> EngineConfig:
@@ -77,7 +81,7 @@ def cmd_predict(ctx: Any) -> int:
                                         load_config(a.config))
     with _progress(a) as bar:
         result = pr.predict(targets, config, groups=groups, scans=a.scans,
-                            progress=bar.update)
+                            progress=bar.update, low_memory=a.low_memory)
     all_notes = [*notes, *result.notes]
     if a.json:
         emit_json(prediction_json(result, all_notes))
@@ -165,7 +169,7 @@ def cmd_scan(ctx: Any) -> int:
         raise UsageError(f"--count must be >= 0, not {a.count}")
     observer = ctx.observer()
     scanner = pr.LiveScanner([pr.domain_target(ctx.hv, observer, n, ctx.procfs)
-                              for n in a.domains], _config(a))
+                              for n in a.domains], _config(a), low_memory=a.low_memory)
     headers = ["PASS", "SECONDS", "PAGES", "SHARED", "SHARING", "UNSHARED", "VOLATILE",
                "ZERO", "CHAINS", "DUPS", "SAVED"]
     widths = [max(len(h), w) for h, w in

@@ -38,7 +38,7 @@ from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, VmRef
-from vmshare.scanning import ScanArena, ScanStats, check_scan_memory, scan_sources
+from vmshare.scanning import ScanArena, ScanStats, plan_scan, scan_sources
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def _group_result(engine: KsmEngine, targets: Sequence[Target], group: str | Non
 def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                         scans: int | None = None, max_scans: int = DEFAULT_MAX_SCANS,
                         progress: Callable[[float, str], None] | None = None,
-                        soft_dirty: bool = True, settle: bool = True
-                        ) -> tuple[int, bool, ScanStats | None]:
+                        soft_dirty: bool = True, settle: bool = True,
+                        low_memory: bool = False) -> tuple[int, bool, ScanStats | None]:
     """Scan until the merge state repeats or (with ``settle``, the default) the
     engine has settled: a further scan of unchanged memory would repeat its
     state (``KsmEngine.settled``), so that confirmation scan is not run and the
@@ -253,6 +253,8 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
     pages written since the previous scan are read and hashed again (see
     ``vmshare.dumps.live``: one extra write fault per page in the guest, and
     a write racing the clear of the dirty bits is seen only when repeated).
+    ``low_memory``: keep no copy of live memory even where it would fit
+    (``vmshare.scanning.plan_scan``).
     """
     limit = scans if scans is not None else max_scans
     if limit < 1:
@@ -267,8 +269,10 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                 progress((i - 1 + frac) / limit, f"scan {i}/{limit}")
         sources = _open_all(targets)
         try:
-            arena.reserve(check_scan_memory(sources, arena))
-            stats = scan_sources(engine, sources, progress=step, arena=arena)
+            plan = plan_scan(sources, arena, low_memory=low_memory)
+            arena.reserve(plan.arena_bytes)
+            stats = scan_sources(engine, sources, progress=step, arena=arena,
+                                 reread=plan.reread)
         finally:
             _close_all(sources)
         state = engine.counters().merge_state()
@@ -285,12 +289,13 @@ def predict(targets: Sequence[Target], config: EngineConfig, *,
             groups: dict[str, str] | None = None, scans: int | None = None,
             max_scans: int = DEFAULT_MAX_SCANS,
             progress: ProgressFn | None = None, soft_dirty: bool = True,
-            settle: bool = True) -> Prediction:
+            settle: bool = True, low_memory: bool = False) -> Prediction:
     """Run the engine over ``targets`` until it converges; one engine per trust group.
 
     ``soft_dirty``: incremental rescans of live processes (run_until_converged).
     ``settle``: stop at a settled scan, without the confirmation scan
     (run_until_converged); the answer is the same, one scan sooner.
+    ``low_memory``: keep no copy of live memory (run_until_converged).
 
     ``groups`` maps target names to trust groups (None: one engine for all).
     Raises UsageError (no targets, a name twice, bad scan count) and what the
@@ -316,7 +321,8 @@ def predict(targets: Sequence[Target], config: EngineConfig, *,
                 progress((gi + frac) / n, prefix + label)
         done, converged, stats = run_until_converged(engine, members, scans=scans,
                                                      max_scans=max_scans, progress=step,
-                                                     soft_dirty=soft_dirty, settle=settle)
+                                                     soft_dirty=soft_dirty, settle=settle,
+                                                     low_memory=low_memory)
         results.append(_group_result(engine, members, group, done, converged, stats))
     notes: list[str] = []
     for t in targets:
@@ -374,13 +380,14 @@ class LiveScanner:
     """
 
     def __init__(self, targets: Sequence[Target], config: EngineConfig, *,
-                 soft_dirty: bool = False) -> None:
+                 soft_dirty: bool = False, low_memory: bool = False) -> None:
         if not targets:
             raise UsageError("nothing to scan: give at least one domain")
         check_unique(targets)
         self.targets = list(targets)
         self.config = config
         self.soft_dirty = soft_dirty
+        self.low_memory = low_memory
         self.engine = KsmEngine(config)
         self.arena = ScanArena(soft_dirty=soft_dirty)
         self.passes = 0
@@ -390,13 +397,14 @@ class LiveScanner:
         replaced by a fresh one (what it knew is no longer trustworthy)."""
         sources = _open_all(self.targets)
         try:
-            self.arena.reserve(check_scan_memory(sources, self.arena))
+            plan = plan_scan(sources, self.arena, low_memory=self.low_memory)
+            self.arena.reserve(plan.arena_bytes)
         except BaseException:
             _close_all(sources)
             raise                         # nothing was read: the engine stays valid
         try:
             stats = scan_sources(self.engine, sources, progress=progress,
-                                 arena=self.arena)
+                                 arena=self.arena, reread=plan.reread)
         except BaseException:
             self.engine = KsmEngine(self.config)
             self.arena = ScanArena(soft_dirty=self.soft_dirty)   # its copies may be stale

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from vmshare.dumps.base import DEFAULT_CHUNK_PAGES
 from vmshare.dumps.live import LivePageRun, LiveProcessSource, TrackedPageRun
@@ -98,6 +99,9 @@ class KernelVisiblePages:
 
     def resident_bytes(self) -> int:
         return self.inner.resident_bytes()
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64]) -> bytearray:
+        return self.inner.read_pages(region, pages)
 
     def close(self) -> None:
         self.inner.close()

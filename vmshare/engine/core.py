@@ -22,6 +22,7 @@ from vmshare.engine.state import (
     UNSTABLE,
     ZERO,
     ZERO_NEW,
+    Fetch,
     NodeTable,
     RegionState,
     RunRef,
@@ -154,6 +155,7 @@ class KsmEngine:
         self._regions: dict[tuple[str, str], RegionState] = {}
         self._order: list[RegionState] = []
         self._runs: list[RunRef] = []
+        self._unretained = 0            # pages fed this scan with retain=False
         self._in_scan = False
         self._full_scans = 0
         self._pages_scanned = 0
@@ -197,9 +199,11 @@ class KsmEngine:
             self._order.append(rs)
         self.nodes.free_empty()
         self._runs = []
+        self._unretained = 0
         self._in_scan = True
 
-    def feed(self, run: PageRun, unchanged: npt.NDArray[np.bool_] | None = None) -> None:
+    def feed(self, run: PageRun, unchanged: npt.NDArray[np.bool_] | None = None, *,
+             retain: bool = True) -> None:
         """Give the engine pages of the current scan (one run, any order of runs).
 
         ``unchanged`` (one bool per page of the run, optional) marks pages the
@@ -209,12 +213,19 @@ class KsmEngine:
         page the engine has no checksum for is hashed anyway. Their bytes must
         still be in ``run.data`` (a new merge is byte-compared).
 
+        ``retain=False``: the engine hashes the run and keeps no reference to
+        its bytes (the caller may reuse the buffer at once); the pages it then
+        needs to compare are asked of ``end_scan``'s ``fetch``.
+
         Raises UsageError outside a scan, for an unknown source/region, a run
         beyond its region, data not a whole number of pages, a page fed twice,
         or an ``unchanged`` mask of the wrong length.
         """
         if not self._in_scan:
             raise UsageError("feed called outside a scan (call begin_scan first)")
+        if not retain and self.verify_merged:
+            raise UsageError("verify mode re-reads every merged page each scan: "
+                             "feed with retain=True")
         rs = self._regions.get((run.source, run.region))
         if rs is None:
             raise UsageError(f"region {run.region!r} of {run.source!r} was not announced "
@@ -248,17 +259,38 @@ class KsmEngine:
         ck[:] = h
         flags |= np.uint8(SEEN | HAS_CK)
         flags[stable] |= np.uint8(STABLE_CK)
-        self._runs.append(RunRef(rs, first, n, data))
+        if retain:
+            self._runs.append(RunRef(rs, first, n, data))
+        else:
+            self._unretained += n
 
-    def end_scan(self) -> ScanResult:
-        """Complete the full scan: merge, break out, count. Raises UsageError outside a scan."""
+    def end_scan(self, fetch: Fetch | None = None) -> ScanResult:
+        """Complete the full scan: merge, break out, count.
+
+        ``fetch(positions)`` gives the bytes of pages fed with ``retain=False``
+        that the scan must compare: ``positions`` (ascending, global: pages
+        numbered in scan order across every region) in, those pages in that
+        order out. They are compared as they are then, as ksmd compares pages
+        when it reaches them: a page written since it was fed is merged only
+        with pages equal to its new bytes. Asked in batches of at most
+        ``FETCH_PAGES`` pages (a group bigger than that in slices). Raises
+        UsageError outside a scan, and when pages were not retained and no
+        ``fetch`` is given (the engine must then be discarded).
+        """
         if not self._in_scan:
             raise UsageError("end_scan called outside a scan")
+        if self._unretained and fetch is None:
+            self._runs = []
+            self._in_scan = False
+            raise UsageError(f"{self._unretained} pages were fed without retain and "
+                             "end_scan has no fetch to read them again")
         try:
             quiet = merge.run_scan(self._order, self._runs, self.nodes, self.config,
-                                   self.zero_hash, self.verify_merged)
+                                   self.zero_hash, self.verify_merged,
+                                   fetch if self._unretained else None)
         finally:
             self._runs = []
+            self._unretained = 0
             self._in_scan = False
             release_freed_memory()
         self._full_scans += 1

@@ -33,6 +33,7 @@ from vmshare.engine.state import (
     UNSTABLE,
     ZERO,
     ZERO_NEW,
+    Fetch,
     NodeTable,
     PageAtlas,
     RegionState,
@@ -60,7 +61,8 @@ class _Scan:
     """The state of one end_scan (kept together to keep the phases short)."""
 
     def __init__(self, order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
-                 config: _Config, zero_hash: int, verify: bool) -> None:
+                 config: _Config, zero_hash: int, verify: bool,
+                 fetch: Fetch | None = None) -> None:
         self.order = order
         self.nodes = nodes
         self.mps = config.max_page_sharing
@@ -76,7 +78,7 @@ class _Scan:
         runs = sorted(runs, key=lambda rr: offs[rindex[id(rr.region)]] + rr.first)
         starts = np.array([offs[rindex[id(rr.region)]] + rr.first for rr in runs],
                           dtype=np.int64)
-        self.atlas = PageAtlas(runs, starts)
+        self.atlas = PageAtlas(runs, starts, fetch)
         nn = nodes.n
         self.node_ck = np.zeros(nn, dtype=np.uint64)
         self.node_rep = np.full(nn, -1, dtype=np.int64)
@@ -425,9 +427,11 @@ class _Scan:
 
 
 def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
-             config: _Config, zero_hash: int, verify: bool) -> bool:
-    """One scan's decisions; returns True when no mapping left a stable node."""
-    scan = _Scan(order, runs, nodes, config, zero_hash, verify)
+             config: _Config, zero_hash: int, verify: bool,
+             fetch: Fetch | None = None) -> bool:
+    """One scan's decisions; returns True when no mapping left a stable node.
+    ``fetch``: pages not in ``runs``, read again (KsmEngine.end_scan)."""
+    scan = _Scan(order, runs, nodes, config, zero_hash, verify, fetch)
     try:
         scan.keep_and_break()
         scan.arrivals()

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmshare.engine._pages import PageSet, hash128
+from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE
 
 HAS_CK = 1       # the page has an rmap item with a recorded checksum
@@ -198,45 +199,133 @@ class NodeTable:
         return remap
 
 
+#: fetch(positions) -> the bytes of those pages, in order (KsmEngine.end_scan)
+Fetch = Callable[[I64], memoryview]
+#: pages asked of a fetch at once: bounds the memory re-read pages take
+FETCH_PAGES = 1 << 14
+
+
 class PageAtlas:
-    """Pages of the current scan's fed runs, addressed by global page position.
+    """Pages of the current scan, addressed by global page position.
 
     The per-page work (memcmp, zero test, xxh3_128) is done by the C ``PageSet``
     of ``vmshare.engine._pages``, which holds a buffer export of every run until
-    ``close``: the engine references a scan's runs until the scan ends, never
-    copies them and keeps none afterwards.
+    ``close``: the engine references a scan's retained runs until the scan
+    ends, never copies them and keeps none afterwards. Pages fed without
+    retaining them are read again through ``fetch`` when a method needs them,
+    at most ``FETCH_PAGES`` at a time; each batch replaces the previous one.
     """
 
-    def __init__(self, runs: list[RunRef], starts: I64) -> None:
-        self._set = PageSet([r.data for r in runs], starts.tolist())
+    def __init__(self, runs: list[RunRef], starts: I64, fetch: Fetch | None = None) -> None:
+        self._held = [r.data for r in runs]
+        self._starts = starts
+        self._ends = starts + np.array([r.npages for r in runs], dtype=np.int64)
+        self._fetch = fetch
+        self._set = PageSet(self._held, starts.tolist())
+
+    def _ensure(self, pos: I64) -> None:
+        """Make every page at ``pos`` (at most FETCH_PAGES missing) addressable."""
+        if self._fetch is None:
+            return
+        need = np.unique(pos)
+        r = np.searchsorted(self._starts, need, side="right") - 1
+        held = (r >= 0) & (need < self._ends[np.maximum(r, 0)]) if self._starts.size else \
+            np.zeros(need.size, dtype=np.bool_)
+        missing = need[~held]
+        if not missing.size:
+            return
+        data = memoryview(self._fetch(missing)).cast("B")
+        if len(data) != missing.size * PAGE_SIZE:
+            raise UsageError(f"fetch returned {len(data)} bytes for {missing.size} pages")
+        cut = run_starts(missing - np.arange(missing.size))   # consecutive stretches
+        ends = np.append(cut[1:], missing.size)
+        bufs = list(self._held)
+        starts = self._starts.tolist()
+        for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
+            bufs.append(data[a * PAGE_SIZE:b * PAGE_SIZE])
+            starts.append(int(missing[a]))
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        self._set.close()
+        self._set = PageSet([bufs[k] for k in order], [starts[k] for k in order])
+
+    def _batches(self, pos: I64) -> list[I64]:
+        """``pos`` in slices a fetch can serve at once (one slice when all are held)."""
+        if self._fetch is None or pos.size <= FETCH_PAGES:
+            return [pos]
+        return [pos[k:k + FETCH_PAGES] for k in range(0, pos.size, FETCH_PAGES)]
 
     def equal(self, pa: I64, pb: I64) -> BOOL:
         """Byte-for-byte: is page ``pa[i]`` identical to page ``pb[i]``, for each i."""
         out = np.empty(pa.size, dtype=np.bool_)
-        self._set.equal(_positions(pa), _positions(pb), out)
+        step = max(1, pa.size if self._fetch is None else FETCH_PAGES // 2)
+        for k in range(0, pa.size, step):
+            a, b = pa[k:k + step], pb[k:k + step]
+            self._ensure(np.concatenate([a, b]))
+            self._set.equal(_positions(a), _positions(b), out[k:k + a.size])
         return out
 
     def is_zero(self, pos: I64) -> BOOL:
         out = np.empty(pos.size, dtype=np.bool_)
-        self._set.is_zero(_positions(pos), out)
+        k = 0
+        for part in self._batches(pos):
+            self._ensure(part)
+            self._set.is_zero(_positions(part), out[k:k + part.size])
+            k += part.size
         return out
 
     def fingerprints(self, pos: I64) -> U64:
         """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array."""
         out = np.empty((pos.size, 2), dtype=np.uint64)
-        self._set.hash128(_positions(pos), out)
+        k = 0
+        for part in self._batches(pos):
+            self._ensure(part)
+            self._set.hash128(_positions(part), out[k:k + part.size])
+            k += part.size
         return out
 
     def verify_groups(self, pos: I64, first: I64, size: I64) -> tuple[BOOL, U64]:
         """Group k is ``pos[first[k]:first[k] + size[k]]``: is every page of it
-        byte-identical to its first, and the xxh3_128 of that first page (n, 2)."""
-        same = np.empty(first.size, dtype=np.bool_)
+        byte-identical to its first, and the xxh3_128 of that first page (n, 2).
+
+        With a fetch, groups are served in batches of at most FETCH_PAGES pages,
+        a bigger group in slices that each start with its first page."""
+        same = np.ones(first.size, dtype=np.bool_)
         fps = np.empty((first.size, 2), dtype=np.uint64)
-        self._set.verify_groups(_positions(pos), _positions(first), _positions(size), same, fps)
+        if self._fetch is None:
+            self._set.verify_groups(_positions(pos), _positions(first), _positions(size),
+                                    same, fps)
+            return same, fps
+        k = 0
+        while k < first.size:
+            if size[k] > FETCH_PAGES:                 # one group, in slices
+                g = pos[int(first[k]):int(first[k] + size[k])]
+                for m in range(1, g.size, FETCH_PAGES - 1):
+                    part = np.concatenate([g[:1], g[m:m + FETCH_PAGES - 1]])
+                    self._ensure(part)
+                    s1, f1 = np.ones(1, np.bool_), np.empty((1, 2), np.uint64)
+                    one = np.array([0, part.size], dtype=np.int64)
+                    self._set.verify_groups(_positions(part), one[:1], one[1:], s1, f1)
+                    same[k] &= bool(s1[0])
+                    fps[k] = f1[0]
+                k += 1
+                continue
+            total = np.cumsum(size[k:])
+            j = k + max(1, int(np.searchsorted(total, FETCH_PAGES, side="right")))
+            j = min(j, first.size)
+            big = np.flatnonzero(size[k:j] > FETCH_PAGES)
+            if big.size:
+                j = k + int(big[0])
+            f, z = first[k:j], size[k:j]
+            members = np.repeat(f - np.cumsum(z) + z, z) + np.arange(int(z.sum()))
+            self._ensure(pos[members])
+            self._set.verify_groups(_positions(pos), _positions(f), _positions(z),
+                                    same[k:j], fps[k:j])
+            k = j
         return same, fps
 
     def page(self, pos: int) -> bytes:
         """A copy of the page at ``pos``."""
+        self._ensure(np.array([pos], dtype=np.int64))
         return self._set.page(pos)
 
     def close(self) -> None:
