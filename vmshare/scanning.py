@@ -38,6 +38,15 @@ from vmshare.errors import MemoryRefused
 from vmshare.ksm.procfs import ProcFs, headroom
 from vmshare.model import PAGE_SIZE, PageRun
 
+_DONE = object()
+_QUEUE_RUNS = 4
+#: engine state and scan temporaries per page of every region scanned (measured
+#: peak 22-23 bytes: benchmarks/engine_memory.py), with room to spare
+ENGINE_BYTES_PER_PAGE = 32
+#: live memory not kept: the read ring, and a batch of pages read again
+RING_CHUNKS = 6
+LIVE_BUFFER_BYTES = RING_CHUNKS * DEFAULT_CHUNK_PAGES * PAGE_SIZE + FETCH_PAGES * PAGE_SIZE
+
 
 @dataclass(frozen=True)
 class ScanStats:
@@ -118,7 +127,7 @@ class ReadRing:
     A chunk is free again once its reader has moved on and no item holds it.
     """
 
-    def __init__(self, chunk_bytes: int, chunks: int = 8) -> None:
+    def __init__(self, chunk_bytes: int, chunks: int = RING_CHUNKS) -> None:
         self.chunk_bytes = chunk_bytes
         self.limit = chunks
         self._bufs: list[Any] = []
@@ -197,23 +206,18 @@ def live_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int]
 
     def fetch(pos: Any) -> memoryview:
         which = np.searchsorted(starts, pos, side="right") - 1
-        parts = []
-        for w in np.unique(which).tolist():
+        out = memoryview(bytearray(pos.size * PAGE_SIZE))
+        done = 0
+        for w in np.unique(which).tolist():      # ascending: the order of pos
             start, src, key = spans[w]
-            parts.append(src.read_pages(key, pos[which == w] - start))
-        return memoryview(b"".join(parts))
+            local = pos[which == w] - start
+            src.read_pages(key, local, out[done:done + local.size * PAGE_SIZE])
+            done += local.size * PAGE_SIZE
+        return out
 
     return fetch
 
 
-_DONE = object()
-_QUEUE_RUNS = 4
-#: engine state and scan temporaries per page of every region scanned (measured
-#: peak 22-23 bytes: benchmarks/engine_memory.py), with room to spare
-ENGINE_BYTES_PER_PAGE = 32
-#: live memory not kept: the read ring, and a batch of pages read again (twice:
-#: the parts and their join)
-LIVE_BUFFER_BYTES = 8 * DEFAULT_CHUNK_PAGES * PAGE_SIZE + 2 * FETCH_PAGES * PAGE_SIZE
 
 
 @dataclass(frozen=True)

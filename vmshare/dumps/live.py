@@ -349,24 +349,24 @@ class LiveProcessSource(Closing):
                     pm = entries[s:e] if self.read_into is None else entries[s:e].copy()
                     yield LivePageRun(self.name, region.key, first_page + s, chunk, pm)
 
-    def read_pages(self, region: str, pages: npt.NDArray[np.int64]) -> bytearray:
-        """The pages at indices ``pages`` (ascending) of ``region``, read now, in
-        that order; consecutive pages in one read. For comparing pages at the
-        end of a scan that did not keep them (``KsmEngine.end_scan``'s fetch).
-        Raises what reading raises (ProcessGone, AccessDenied, ProcfsError).
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64],
+                   into: memoryview) -> None:
+        """Read the pages at indices ``pages`` (ascending) of ``region`` now into
+        ``into``, in that order; consecutive pages in one read. For comparing
+        pages at the end of a scan that did not keep them (``KsmEngine.end_scan``'s
+        fetch). Raises what reading raises (ProcessGone, AccessDenied, ProcfsError).
         """
         k = next((i for i, r in enumerate(self._regions) if r.key == region), None)
         if k is None:
             raise ProcfsError(f"process {self.pid} has no region {region!r}")
+        if len(into) != pages.size * PAGE_SIZE:
+            raise ValueError(f"{len(into)} bytes for {pages.size} pages")
         start = self.vmas[k].start
-        out = bytearray(pages.size * PAGE_SIZE)
-        view = memoryview(out)
         cut = np.flatnonzero(np.diff(pages, prepend=np.int64(-2)) != 1)
         ends = np.append(cut[1:], pages.size)
         for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
-            self._pread_full(self._mem_fd, view[a * PAGE_SIZE:b * PAGE_SIZE],
+            self._pread_full(self._mem_fd, into[a * PAGE_SIZE:b * PAGE_SIZE],
                              start + int(pages[a]) * PAGE_SIZE, "memory")
-        return out
 
     def _pagemap(self, vma: Vma) -> U64:
         """The pagemap entries of every page of ``vma`` (8 bytes a page)."""

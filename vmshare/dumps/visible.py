@@ -100,8 +100,9 @@ class KernelVisiblePages:
     def resident_bytes(self) -> int:
         return self.inner.resident_bytes()
 
-    def read_pages(self, region: str, pages: npt.NDArray[np.int64]) -> bytearray:
-        return self.inner.read_pages(region, pages)
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64],
+                   into: memoryview) -> None:
+        self.inner.read_pages(region, pages, into)
 
     def close(self) -> None:
         self.inner.close()

@@ -68,7 +68,11 @@ Trust and verification (what is compared with what):
 
 Page bytes: the engine copies none. It keeps references to the buffers of the
 current scan's runs until ``end_scan`` returns (byte comparisons happen there)
-and holds no page bytes between scans.
+and holds no page bytes between scans. A run fed with ``retain=False`` is only
+hashed; the pages of it the scan must compare are asked of ``end_scan``'s
+``fetch`` (at most ``state.FETCH_PAGES`` at a time) and compared as they are
+then, as ksmd compares a page when it reaches it. Verify mode needs every
+merged page each scan, so it takes retained runs only.
 
 Incremental feeds: ``feed(run, unchanged)`` takes a per-page mask from a source
 that knows which pages were not written since the previous scan (the kernel's
