@@ -333,6 +333,8 @@ class _Scan:
         atlas = self.atlas
         mps = self.mps
         arr = apos.tolist()
+        # one read for the group's pages and its nodes' representatives
+        atlas.load(np.concatenate([apos, self.node_rep[np.array(gnodes, dtype=np.int64)]]))
         data = [atlas.page(p) for p in arr]
         ndata = [atlas.page(int(self.node_rep[nd])) for nd in gnodes]
         joinable = set(gnodes)

@@ -213,7 +213,8 @@ class PageAtlas:
     ``close``: the engine references a scan's retained runs until the scan
     ends, never copies them and keeps none afterwards. Pages fed without
     retaining them are read again through ``fetch`` when a method needs them,
-    at most ``FETCH_PAGES`` at a time; each batch replaces the previous one.
+    at most ``FETCH_PAGES`` at a time (``load`` takes what its caller asks);
+    each batch replaces the previous one.
     """
 
     def __init__(self, runs: list[RunRef], starts: I64, fetch: Fetch | None = None) -> None:
@@ -221,32 +222,36 @@ class PageAtlas:
         self._starts = starts
         self._ends = starts + np.array([r.npages for r in runs], dtype=np.int64)
         self._fetch = fetch
+        self._batch_pos: I64 = np.zeros(0, dtype=np.int64)   # fetched pages addressable now
         self._set = PageSet(self._held, starts.tolist())
 
-    def _ensure(self, pos: I64) -> None:
-        """Make every page at ``pos`` (at most FETCH_PAGES missing) addressable."""
+    def load(self, pos: I64) -> None:
+        """Make every page at ``pos`` addressable: with a fetch, the pages neither
+        held nor in the current batch are fetched, and they (with the ones of
+        the current batch that ``pos`` names) become the new batch."""
         if self._fetch is None:
             return
         need = np.unique(pos)
         r = np.searchsorted(self._starts, need, side="right") - 1
         held = (r >= 0) & (need < self._ends[np.maximum(r, 0)]) if self._starts.size else \
             np.zeros(need.size, dtype=np.bool_)
-        missing = need[~held]
-        if not missing.size:
+        need = need[~held]
+        if not need.size or np.isin(need, self._batch_pos, assume_unique=True).all():
             return
-        data = memoryview(self._fetch(missing)).cast("B")
-        if len(data) != missing.size * PAGE_SIZE:
-            raise UsageError(f"fetch returned {len(data)} bytes for {missing.size} pages")
-        cut = run_starts(missing - np.arange(missing.size))   # consecutive stretches
-        ends = np.append(cut[1:], missing.size)
+        data = memoryview(self._fetch(need)).cast("B")
+        if len(data) != need.size * PAGE_SIZE:
+            raise UsageError(f"fetch returned {len(data)} bytes for {need.size} pages")
+        cut = run_starts(need - np.arange(need.size))   # consecutive stretches
+        ends = np.append(cut[1:], need.size)
         bufs = list(self._held)
         starts = self._starts.tolist()
         for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
             bufs.append(data[a * PAGE_SIZE:b * PAGE_SIZE])
-            starts.append(int(missing[a]))
+            starts.append(int(need[a]))
         order = sorted(range(len(starts)), key=starts.__getitem__)
         self._set.close()
         self._set = PageSet([bufs[k] for k in order], [starts[k] for k in order])
+        self._batch_pos = need
 
     def _batches(self, pos: I64) -> list[I64]:
         """``pos`` in slices a fetch can serve at once (one slice when all are held)."""
@@ -260,7 +265,7 @@ class PageAtlas:
         step = max(1, pa.size if self._fetch is None else FETCH_PAGES // 2)
         for k in range(0, pa.size, step):
             a, b = pa[k:k + step], pb[k:k + step]
-            self._ensure(np.concatenate([a, b]))
+            self.load(np.concatenate([a, b]))
             self._set.equal(_positions(a), _positions(b), out[k:k + a.size])
         return out
 
@@ -268,7 +273,7 @@ class PageAtlas:
         out = np.empty(pos.size, dtype=np.bool_)
         k = 0
         for part in self._batches(pos):
-            self._ensure(part)
+            self.load(part)
             self._set.is_zero(_positions(part), out[k:k + part.size])
             k += part.size
         return out
@@ -278,7 +283,7 @@ class PageAtlas:
         out = np.empty((pos.size, 2), dtype=np.uint64)
         k = 0
         for part in self._batches(pos):
-            self._ensure(part)
+            self.load(part)
             self._set.hash128(_positions(part), out[k:k + part.size])
             k += part.size
         return out
@@ -301,7 +306,7 @@ class PageAtlas:
                 g = pos[int(first[k]):int(first[k] + size[k])]
                 for m in range(1, g.size, FETCH_PAGES - 1):
                     part = np.concatenate([g[:1], g[m:m + FETCH_PAGES - 1]])
-                    self._ensure(part)
+                    self.load(part)
                     s1, f1 = np.ones(1, np.bool_), np.empty((1, 2), np.uint64)
                     one = np.array([0, part.size], dtype=np.int64)
                     self._set.verify_groups(_positions(part), one[:1], one[1:], s1, f1)
@@ -317,7 +322,7 @@ class PageAtlas:
                 j = k + int(big[0])
             f, z = first[k:j], size[k:j]
             members = np.repeat(f - np.cumsum(z) + z, z) + np.arange(int(z.sum()))
-            self._ensure(pos[members])
+            self.load(pos[members])
             self._set.verify_groups(_positions(pos), _positions(f), _positions(z),
                                     same[k:j], fps[k:j])
             k = j
@@ -325,7 +330,7 @@ class PageAtlas:
 
     def page(self, pos: int) -> bytes:
         """A copy of the page at ``pos``."""
-        self._ensure(np.array([pos], dtype=np.int64))
+        self.load(np.array([pos], dtype=np.int64))
         return self._set.page(pos)
 
     def close(self) -> None:
