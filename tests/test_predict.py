@@ -249,11 +249,11 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
                                                         entries)]),
         close=lambda: None)
     src = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
-    fed = [(r.first_page, r.npages, r.pagemap.tolist()) for r in src.runs()]
-    assert fed == [(2, 2, entries[2:].tolist())]
+    fed = [(r.first_page, r.npages, r.pagemap.tolist(), r.zero_pages) for r in src.runs()]
+    assert fed == [(2, 2, entries[2:].tolist(), 1)]      # page 2 is zero and fed
     assert src.thp_zero_pages == 1
     dumplike = KernelVisiblePages(inner, ProcFs(tmp_path), thp_split=False)  # type: ignore[arg-type]
-    assert [(r.first_page, r.npages) for r in dumplike.runs()] == [(1, 3)]
+    assert [(r.first_page, r.npages, r.zero_pages) for r in dumplike.runs()] == [(1, 3, 2)]
     assert dumplike.thp_zero_pages == 0
 
 

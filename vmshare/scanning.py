@@ -358,7 +358,9 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                 and not isinstance(item, TrackedPageRun)
             engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None,
                         retain=not from_ring)
-            zero[item.source] += zero_rows(item.data).size   # here: the reader is the bottleneck
+            counted = item.zero_pages if isinstance(item, LivePageRun) else None
+            zero[item.source] += counted if counted is not None else \
+                zero_rows(item.data).size         # here: the reader is the bottleneck
             if from_ring:
                 assert ring is not None
                 ring.release(item.data)

@@ -49,7 +49,7 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -98,9 +98,11 @@ def _access_denied(pid: int, what: str) -> AccessDenied:
 class LivePageRun(PageRun):
     """A run of live memory with ``pagemap[i]``, the /proc/<pid>/pagemap entry of
     page i read in the same pass (PFN, flags). Like ``data`` it may point into a
-    buffer reused for the next run."""
+    buffer reused for the next run. ``zero_pages``: how many of its pages are
+    all zero, when a wrapper already counted them (else None)."""
 
     pagemap: U64
+    zero_pages: int | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

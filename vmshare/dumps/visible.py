@@ -9,6 +9,7 @@ since Linux 6.12). ``zero_rows`` finds all-zero pages in a run.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -73,7 +74,7 @@ class KernelVisiblePages:
         for run in self.inner.runs(chunk_pages):
             zero = zero_rows(run.data)
             if zero.size == 0:
-                yield run
+                yield replace(run, zero_pages=0)
                 continue
             flags = self.procfs.kpageflags(run.pagemap[zero] & PM_PFN_MASK)
             on_zero_page = (flags & np.uint64(1 << KPF_ZERO_PAGE)) != 0
@@ -81,21 +82,25 @@ class KernelVisiblePages:
             if not self.thp_split:
                 thp_zero[:] = False
             self.thp_zero_pages += int(thp_zero.sum())
-            drop = zero[on_zero_page | thp_zero]
-            if drop.size == 0:
-                yield run
+            dropped = on_zero_page | thp_zero
+            if not dropped.any():
+                yield replace(run, zero_pages=int(zero.size))
                 continue
+            kept_zero = zero[~dropped]             # all-zero pages fed all the same
             keep = np.ones(run.npages, dtype=np.int8)
-            keep[drop] = 0
+            keep[zero[dropped]] = 0
             edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
             for a, b in zip(np.flatnonzero(edges == 1).tolist(),
                             np.flatnonzero(edges == -1).tolist(), strict=True):
                 first, data = run.first_page + a, run.data[a * PAGE_SIZE:b * PAGE_SIZE]
+                nzero = int(np.searchsorted(kept_zero, b) - np.searchsorted(kept_zero, a))
                 if isinstance(run, TrackedPageRun):
                     yield TrackedPageRun(run.source, run.region, first, data,
-                                         run.pagemap[a:b], run.unchanged[a:b])
+                                         run.pagemap[a:b], run.unchanged[a:b],
+                                         zero_pages=nzero)
                 else:
-                    yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b])
+                    yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b],
+                                      zero_pages=nzero)
 
     def resident_bytes(self) -> int:
         return self.inner.resident_bytes()
