@@ -218,8 +218,6 @@ def live_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int]
     return fetch
 
 
-
-
 @dataclass(frozen=True)
 class ScanPlan:
     """How a scan holds pages: ``arena_bytes`` of copies (``ScanArena.reserve``),
