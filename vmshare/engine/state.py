@@ -304,8 +304,9 @@ class PageAtlas:
         while k < first.size:
             if size[k] > FETCH_PAGES:                 # one group, in slices
                 g = pos[int(first[k]):int(first[k] + size[k])]
-                for m in range(1, g.size, FETCH_PAGES - 1):
-                    part = np.concatenate([g[:1], g[m:m + FETCH_PAGES - 1]])
+                step = max(1, FETCH_PAGES - 1)
+                for m in range(1, g.size, step):
+                    part = np.concatenate([g[:1], g[m:m + step]])
                     self.load(part)
                     s1, f1 = np.ones(1, np.bool_), np.empty((1, 2), np.uint64)
                     one = np.array([0, part.size], dtype=np.int64)
@@ -314,12 +315,10 @@ class PageAtlas:
                     fps[k] = f1[0]
                 k += 1
                 continue
+            # the groups from k whose pages add up to FETCH_PAGES at most (each of
+            # them is that small: a bigger one was taken above)
             total = np.cumsum(size[k:])
             j = k + max(1, int(np.searchsorted(total, FETCH_PAGES, side="right")))
-            j = min(j, first.size)
-            big = np.flatnonzero(size[k:j] > FETCH_PAGES)
-            if big.size:
-                j = k + int(big[0])
             f, z = first[k:j], size[k:j]
             members = np.repeat(f - np.cumsum(z) + z, z) + np.arange(int(z.sum()))
             self.load(pos[members])
