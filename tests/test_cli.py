@@ -220,6 +220,11 @@ def test_metrics_exposition(host: object, capsys: pytest.CaptureFixture[str]) ->
            "16384" in lines
     assert "vmshare_ksm_pages_sharing 8" in lines
     assert "vmshare_ksm_full_scans_total 3" in lines
+    assert "vmshare_ksm_tuner_running 0" in lines
+    from vmshare.tuning import tuner_lock
+    with tuner_lock():
+        code, held, _ = run(capsys, "metrics")
+    assert code == 0 and "vmshare_ksm_tuner_running 1" in held.splitlines()
     # Every sample's family has HELP and TYPE lines, and names are valid.
     import re
     families = {line.split()[2] for line in lines if line.startswith("# TYPE")}

@@ -10,6 +10,7 @@ from typing import Any
 
 from vmshare.errors import UsageError, VmshareError
 from vmshare.metrics import CONTENT_TYPE, exposition
+from vmshare.tuning import tuner_holder
 
 log = logging.getLogger("vmshare.metrics")
 DEFAULT_LISTEN = "127.0.0.1:9731"
@@ -24,7 +25,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def cmd_metrics(ctx: Any) -> int:
     if ctx.args.listen is None:
-        print(exposition(ctx.observer().host()), end="", flush=True)
+        print(exposition(ctx.observer().host(), tuner_holder()), end="", flush=True)
         return 0
     host, port = parse_listen(ctx.args.listen)
     lock = threading.Lock()
@@ -36,7 +37,7 @@ def cmd_metrics(ctx: Any) -> int:
                 return
             try:
                 with lock:      # one collection at a time: the adapters are not re-entrant
-                    body = exposition(ctx.observer().host()).encode()
+                    body = exposition(ctx.observer().host(), tuner_holder()).encode()
             except VmshareError as exc:
                 log.warning("collection failed: %s", exc)
                 self.send_error(500, str(exc).splitlines()[0][:200])

@@ -49,12 +49,18 @@ class _Family:
                 f"# TYPE {self.name} {self.kind}", *self.samples]
 
 
-def exposition(host: HostView) -> str:
-    """Render the host's KSM counters, knobs and per-VM figures."""
+def exposition(host: HostView, tuner_pid: int | None = None) -> str:
+    """Render the host's KSM counters, knobs and per-VM figures, and whether a
+    vmshare tuner (``tuner_pid``: vmshare.tuning.tuner_holder) owns the knobs."""
     families: list[_Family] = []
     up = _Family("vmshare_ksm_available", "gauge", "1 if kernel KSM exists on this host")
     up.add(1 if host.ksm_available else 0)
     families.append(up)
+    tuner = _Family("vmshare_ksm_tuner_running", "gauge",
+                    "1 while a vmshare tuner (vmshare tune or daemon --tune) owns run, "
+                    "pages_to_scan and sleep_millisecs")
+    tuner.add(0 if tuner_pid is None else 1)
+    families.append(tuner)
     for name, value in sorted(host.counters.items()):
         if name in MONOTONIC:
             fam = _Family(f"vmshare_ksm_{name}_total", "counter", COUNTER_MEANINGS[name])
