@@ -65,28 +65,54 @@ store128(unsigned char *dst, const void *page)
     memcpy(dst + 8, &h.high64, 8);
 }
 
+/* One result of ``itemsize`` bytes per page of a buffer, computed by fn. */
+typedef void (*page_fn)(unsigned char *dst, const unsigned char *page);
+
+static void
+hash64_fn(unsigned char *dst, const unsigned char *page)
+{
+    uint64_t h = XXH3_64bits(page, PAGE);
+    memcpy(dst, &h, 8);
+}
+
+static void
+hash128_fn(unsigned char *dst, const unsigned char *page)
+{
+    store128(dst, page);
+}
+
 static PyObject *
-hash64(PyObject *self, PyObject *args)
+pages_each(PyObject *args, const char *name, Py_ssize_t itemsize, page_fn fn)
 {
     Py_buffer data, out;
-    if (!PyArg_ParseTuple(args, "y*w*:hash64", &data, &out))
+    if (!PyArg_ParseTuple(args, "y*w*", &data, &out))
         return NULL;
     PyObject *ret = NULL;
     Py_ssize_t n = data.len / PAGE;
-    if (check_pages(&data, "hash64") == 0 && check_out(&out, n, 8, "hash64") == 0) {
+    if (check_pages(&data, name) == 0 && check_out(&out, n, itemsize, name) == 0) {
         const unsigned char *src = data.buf;
         unsigned char *dst = out.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint64_t h = XXH3_64bits(src + i * PAGE, PAGE);
-            memcpy(dst + i * 8, &h, 8);
-        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            fn(dst + i * itemsize, src + i * PAGE);
         Py_END_ALLOW_THREADS
         ret = Py_NewRef(Py_None);
     }
     PyBuffer_Release(&data);
     PyBuffer_Release(&out);
     return ret;
+}
+
+static PyObject *
+hash64(PyObject *self, PyObject *args)
+{
+    return pages_each(args, "hash64", 8, hash64_fn);
+}
+
+static PyObject *
+hash128(PyObject *self, PyObject *args)
+{
+    return pages_each(args, "hash128", 16, hash128_fn);
 }
 
 static PyObject *
@@ -128,27 +154,6 @@ hash64_at(PyObject *self, PyObject *args)
     return ret;
 }
 
-static PyObject *
-hash128(PyObject *self, PyObject *args)
-{
-    Py_buffer data, out;
-    if (!PyArg_ParseTuple(args, "y*w*:hash128", &data, &out))
-        return NULL;
-    PyObject *ret = NULL;
-    Py_ssize_t n = data.len / PAGE;
-    if (check_pages(&data, "hash128") == 0 && check_out(&out, n, 16, "hash128") == 0) {
-        const unsigned char *src = data.buf;
-        unsigned char *dst = out.buf;
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++)
-            store128(dst + i * 16, src + i * PAGE);
-        Py_END_ALLOW_THREADS
-        ret = Py_NewRef(Py_None);
-    }
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&out);
-    return ret;
-}
 
 /* ---- PageSet --------------------------------------------------------------- */
 
@@ -330,8 +335,6 @@ pageset_equal(PageSet *ps, PyObject *args)
 }
 
 /* One result of ``itemsize`` bytes per position, computed by fn from the page. */
-typedef void (*page_fn)(unsigned char *dst, const unsigned char *page);
-
 static PyObject *
 pageset_each(PageSet *ps, PyObject *args, const char *name, Py_ssize_t itemsize, page_fn fn)
 {
@@ -372,11 +375,6 @@ zero_fn(unsigned char *dst, const unsigned char *x)
     *dst = x[0] == 0 && memcmp(x, x + 1, PAGE - 1) == 0;
 }
 
-static void
-hash128_fn(unsigned char *dst, const unsigned char *x)
-{
-    store128(dst, x);
-}
 
 static PyObject *
 pageset_is_zero(PageSet *ps, PyObject *args)
