@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -253,11 +254,15 @@ class PageAtlas:
         self._set = PageSet([bufs[k] for k in order], [starts[k] for k in order])
         self._batch_pos = need
 
-    def _batches(self, pos: I64) -> list[I64]:
-        """``pos`` in slices a fetch can serve at once (one slice when all are held)."""
-        if self._fetch is None or pos.size <= FETCH_PAGES:
-            return [pos]
-        return [pos[k:k + FETCH_PAGES] for k in range(0, pos.size, FETCH_PAGES)]
+    def _each(self, pos: I64, out: npt.NDArray[Any],
+              fn: Callable[[I64, npt.NDArray[Any]], None]) -> None:
+        """``fn(positions, out rows)`` over ``pos``, in slices a fetch can serve
+        (``fn`` reaches ``self._set`` when called: ``load`` may replace it)."""
+        step = max(1, pos.size if self._fetch is None else FETCH_PAGES)
+        for k in range(0, pos.size, step):
+            part = _positions(pos[k:k + step])
+            self.load(part)
+            fn(part, out[k:k + part.size])
 
     def equal(self, pa: I64, pb: I64) -> BOOL:
         """Byte-for-byte: is page ``pa[i]`` identical to page ``pb[i]``, for each i."""
@@ -271,21 +276,13 @@ class PageAtlas:
 
     def is_zero(self, pos: I64) -> BOOL:
         out = np.empty(pos.size, dtype=np.bool_)
-        k = 0
-        for part in self._batches(pos):
-            self.load(part)
-            self._set.is_zero(_positions(part), out[k:k + part.size])
-            k += part.size
+        self._each(pos, out, lambda part, rows: self._set.is_zero(part, rows))
         return out
 
     def fingerprints(self, pos: I64) -> U64:
         """xxh3_128 of each page at ``pos``, as an (n, 2) uint64 array."""
         out = np.empty((pos.size, 2), dtype=np.uint64)
-        k = 0
-        for part in self._batches(pos):
-            self.load(part)
-            self._set.hash128(_positions(part), out[k:k + part.size])
-            k += part.size
+        self._each(pos, out, lambda part, rows: self._set.hash128(part, rows))
         return out
 
     def verify_groups(self, pos: I64, first: I64, size: I64) -> tuple[BOOL, U64]:
