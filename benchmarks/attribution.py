@@ -5,7 +5,7 @@ Two real processes each map SIZE MiB of private anonymous memory (half of it
 identical across them, the rest unique), kernel KSM merges them (every knob
 saved and restored, everything unmerged afterwards), then we time, best of N:
   plain:  reading the mapping's pagemap entries (what any tool must do)
-  attrib: vmshare.accounting.attribute over the same mapping (pagemap +
+  attrib: vmshare.observe.attribution.attribute over the same mapping (pagemap +
           kpageflags + kpagecount look-ups + fair-share arithmetic)
 Run as root:  .venv/bin/python benchmarks/attribution.py [SIZE_MIB] [REPEATS]
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.ksm_fixtures import MemProc, converge, ksm_session, start_memproc
-from vmshare.accounting import attribute
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
+from vmshare.observe.attribution import attribute
 
 
 def best(fn: object, repeats: int) -> float:

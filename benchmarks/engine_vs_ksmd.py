@@ -17,11 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.ksm_fixtures import MemProc, converge, ksm_session, start_memproc
-from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.predict import Target, run_until_converged
+from vmshare.prediction.predict import Target, run_until_converged
+from vmshare.sources import LiveProcessSource
 
 
 def target(p: MemProc, name: str) -> Target:

@@ -18,8 +18,8 @@ import textwrap
 import time
 from collections.abc import Callable
 
-from vmshare.dumps import LiveProcessSource, RawImageSource
 from vmshare.model import PAGE_SIZE, Vma
+from vmshare.sources import LiveProcessSource, RawImageSource
 
 CHILD = textwrap.dedent("""
     import ctypes, mmap, os, sys

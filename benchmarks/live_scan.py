@@ -15,10 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.ksm_fixtures import start_memproc
-from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.scanning import ScanArena, scan_sources
+from vmshare.prediction.scanning import ScanArena, scan_sources
+from vmshare.sources import LiveProcessSource
 
 
 def main() -> int:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from integration.ksm_fixtures import ksm_session
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.tuning import KsmdClock
+from vmshare.tuner.loop import KsmdClock
 
 REPO = Path(__file__).resolve().parent.parent
 KSMTUNED = Path("/usr/sbin/ksmtuned")

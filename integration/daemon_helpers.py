@@ -103,7 +103,7 @@ def backends(name: str, *options: str) -> dict[str, tuple[bool, bool | None]]:
     from vmshare.hypervisor import connect
     from vmshare.ksm.procfs import ProcFs
     from vmshare.ksm.sysfs import KsmSysfs
-    from vmshare.observe import Observer
+    from vmshare.observe.host import Observer
     qmp = options[1] if options[:1] == ("--qmp",) else None
     try:
         hv = connect(None, qmp)

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from vmshare.dumps import (
+from vmshare.model import PAGE_SIZE, Vma
+from vmshare.sources import (
     ElfCoreSource,
     KdumpSource,
     LiveProcessSource,
@@ -28,8 +29,7 @@ from vmshare.dumps import (
     RawImageSource,
     private_anonymous_vmas,
 )
-from vmshare.dumps.secure import dump_file
-from vmshare.model import PAGE_SIZE, Vma
+from vmshare.sources.secure import dump_file
 
 pytestmark = pytest.mark.integration
 

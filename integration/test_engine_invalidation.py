@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 
 from integration.ksm_fixtures import MemProc, memprocs, start_memproc
-from vmshare.dumps import LiveProcessSource
-from vmshare.dumps.secure import ensure_dump_dir
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import VmshareError
 from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.observe import Observer
-from vmshare.predict import LiveScanner, ScanPass, domain_target
-from vmshare.scanning import scan_sources
+from vmshare.observe.host import Observer
+from vmshare.prediction.predict import LiveScanner, ScanPass, domain_target
+from vmshare.prediction.scanning import scan_sources
+from vmshare.sources import LiveProcessSource
+from vmshare.sources.secure import ensure_dump_dir
 
 __all__ = ["memprocs"]
 pytestmark = pytest.mark.integration

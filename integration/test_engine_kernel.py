@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 
 from integration.ksm_fixtures import MemProc, converge, kernel_ksm, memprocs, start_memproc
-from vmshare.dumps import LiveProcessSource
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import VmshareError
 from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import PM_PFN_MASK, ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.observe import Observer
-from vmshare.predict import Target, domain_target, run_until_converged
-from vmshare.scanning import ScanArena, scan_sources
+from vmshare.observe.host import Observer
+from vmshare.prediction.predict import Target, domain_target, run_until_converged
+from vmshare.prediction.scanning import ScanArena, scan_sources
+from vmshare.sources import LiveProcessSource
 
 __all__ = ["kernel_ksm", "memprocs"]
 pytestmark = pytest.mark.integration

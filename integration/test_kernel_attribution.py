@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from integration.ksm_fixtures import converge, kernel_ksm, memprocs, start_memproc
-from vmshare.accounting import attribute
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE
+from vmshare.observe.attribution import attribute
 
 __all__ = ["kernel_ksm", "memprocs"]
 pytestmark = pytest.mark.integration

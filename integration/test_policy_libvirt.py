@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from vmshare.cli import main
+from vmshare.cli.main import main
 from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
-from vmshare.metadata import NAMESPACE
+from vmshare.hypervisor.metadata import NAMESPACE
 
 pytestmark = pytest.mark.integration
 

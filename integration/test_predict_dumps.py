@@ -25,15 +25,15 @@ from typing import Any, Self
 import pytest
 
 from tests.dump_corpus import malformed_corpus, write_corpus
-from vmshare.dumps import PageSource, open_dump
-from vmshare.dumps.secure import dump_file, ensure_dump_dir, paused_guard
 from vmshare.engine import EngineConfig
 from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PageRun, Region
-from vmshare.observe import Observer
-from vmshare.predict import Prediction, Target, domain_target, predict
+from vmshare.observe.host import Observer
+from vmshare.prediction.predict import Prediction, Target, domain_target, predict
+from vmshare.sources import PageSource, open_dump
+from vmshare.sources.secure import dump_file, ensure_dump_dir, paused_guard
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent

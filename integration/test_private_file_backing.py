@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from integration.ksm_fixtures import converge, kernel_ksm
-from vmshare.cli import main
+from vmshare.cli.main import main
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.guest import FillSpec
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.observe import Observer
-from vmshare.predict import domain_target, run_until_converged
+from vmshare.observe.host import Observer
+from vmshare.prediction.predict import domain_target, run_until_converged
 
 __all__ = ["kernel_ksm"]
 pytestmark = pytest.mark.integration

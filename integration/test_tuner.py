@@ -21,10 +21,10 @@ import pytest
 
 from integration.daemon_helpers import DaemonProc, wait_for, write_config
 from integration.ksm_fixtures import REPO, MemProc, kernel_ksm, memprocs, start_memproc
-from vmshare.audit import AuditLog, AuditRecord
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.tuning import KsmdClock, tuner_lock
+from vmshare.records.audit import AuditLog, AuditRecord
+from vmshare.tuner.loop import KsmdClock, tuner_lock
 
 __all__ = ["kernel_ksm", "memprocs"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from integration.ksm_fixtures import converge, kernel_ksm
-from vmshare.cli import main
+from vmshare.cli.main import main
 from vmshare.guest import FillSpec, GuestImage, domain_xml, qemu_argv, wait_ready
 from vmshare.ksm.sysfs import KsmSysfs
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, KPF_ZERO, PRESENT, FakeProc
-from vmshare.accounting import attribute, match_ram_vmas, mergeable_mismatch
 from vmshare.errors import AccessDenied, ProcessGone
 from vmshare.ksm.procfs import ProcFs, parse_smaps
 from vmshare.model import RamBackend, Vma
+from vmshare.observe.attribution import attribute, match_ram_vmas, mergeable_mismatch
 
 BASE = 0x7F0000000000
 

@@ -1,4 +1,4 @@
-"""vmshare.audit: append-only JSON lines, 0600, torn last line tolerated, ids."""
+"""vmshare.records.audit: append-only JSON lines, 0600, torn last line tolerated, ids."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.audit import AUDIT_ENV, AuditError, AuditLog, AuditRecord, audit_path
+from vmshare.records.audit import AUDIT_ENV, AuditError, AuditLog, AuditRecord, audit_path
 
 
 def test_append_and_read_back(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fakes.hypervisor import FakeHypervisor, FakeVm
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
-from vmshare import cli
+from vmshare.cli import main as cli
 from vmshare.model import RamBackend, VmRef
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -108,7 +108,7 @@ def test_golden_output(host: object, capsys: pytest.CaptureFixture[str], args: l
 
 def test_ksm_show_names_the_tuner_holding_the_knobs(host: object,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from vmshare.tuning import tuner_lock
+    from vmshare.tuner.loop import tuner_lock
     with tuner_lock():
         code, out, _ = run(capsys, "ksm", "show")
         assert code == 0 and out.splitlines()[-1] == (
@@ -221,7 +221,7 @@ def test_metrics_exposition(host: object, capsys: pytest.CaptureFixture[str]) ->
     assert "vmshare_ksm_pages_sharing 8" in lines
     assert "vmshare_ksm_full_scans_total 3" in lines
     assert "vmshare_ksm_tuner_running 0" in lines
-    from vmshare.tuning import tuner_lock
+    from vmshare.tuner.loop import tuner_lock
     with tuner_lock():
         code, held, _ = run(capsys, "metrics")
     assert code == 0 and "vmshare_ksm_tuner_running 1" in held.splitlines()
@@ -235,7 +235,7 @@ def test_metrics_exposition(host: object, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_metrics_label_escaping() -> None:
-    from vmshare.metrics import _labels
+    from vmshare.present.metrics import _labels
     assert _labels([("vm", 'a"b\\c\nd')]) == '{vm="a\\"b\\\\c\\nd"}'
 
 
@@ -246,7 +246,7 @@ def test_metrics_listen_bad_address(host: object, capsys: pytest.CaptureFixture[
 
 def test_history_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from vmshare.history import HistoryStore
+    from vmshare.records.history import HistoryStore
     cfg = tmp_path / "vmshare.toml"
     cfg.write_text(f'[daemon]\nhistory_file = "{tmp_path}/h.jsonl"\n')
     code, out, _ = run(capsys, "history", "--config", str(cfg))
@@ -273,7 +273,7 @@ def test_history_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_history_rotates_and_skips_torn_lines(tmp_path: Path) -> None:
-    from vmshare.history import HistoryStore
+    from vmshare.records.history import HistoryStore
     store = HistoryStore(tmp_path / "h.jsonl", max_bytes=400)
     for i in range(20):
         store.append({"time": float(i + 1), "host": {}, "vms": {}})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.dump_corpus import ElfSpec, Seg, build_elf, noise_page, page
-from vmshare.cli import main
+from vmshare.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 

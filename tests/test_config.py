@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.config import CONFIG_ENV, DaemonSettings, load_config
+from vmshare.config import CONFIG_ENV, DaemonSettings, HostPolicy, VmPolicy, load_config
 from vmshare.errors import PolicyError
-from vmshare.policy import HostPolicy, VmPolicy
 
 
 def write(tmp_path: Path, text: str) -> Path:

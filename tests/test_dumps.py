@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests import dump_corpus as corpus
-from vmshare.dumps import (
+from vmshare.errors import DumpError, ProcessGone
+from vmshare.model import PAGE_SIZE, Vma
+from vmshare.sources import (
     ElfCoreSource,
     KdumpSource,
     LiveProcessSource,
@@ -29,10 +31,8 @@ from vmshare.dumps import (
     open_dump,
     private_anonymous_vmas,
 )
-from vmshare.dumps.codecs import DUMP_DH_COMPRESSED_LZO, decompressor
-from vmshare.dumps.live import LivePageRun
-from vmshare.errors import DumpError, ProcessGone
-from vmshare.model import PAGE_SIZE, Vma
+from vmshare.sources.codecs import DUMP_DH_COMPRESSED_LZO, decompressor
+from vmshare.sources.live import LivePageRun
 
 PAGE = PAGE_SIZE
 
@@ -150,7 +150,7 @@ def test_kdump_valid_yields_exactly_the_known_pages(tmp_path: Path, flattened: b
 
 def test_kdump_bitmap_runs_across_scan_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
-    import vmshare.dumps.kdump as kdump
+    import vmshare.sources.kdump as kdump
     monkeypatch.setattr(kdump, "_BITMAP_CHUNK", 1)     # 8 pfns per bitmap read
     pages = {pfn: corpus.page(pfn) for pfn in [*range(3, 21), 23, *range(30, 40)]}
     path = tmp_path / "vmcore"
@@ -325,7 +325,7 @@ def test_live_denied_without_privileges(child: tuple[subprocess.Popen[str], int]
     probe = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
-        from vmshare.dumps import LiveProcessSource
+        from vmshare.sources import LiveProcessSource
         from vmshare.errors import AccessDenied
         from vmshare.model import Vma
         try:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.dumps.secure import (
+from vmshare.errors import DumpError
+from vmshare.sources.secure import (
     async_paused_guard,
     dump_file,
     ensure_dump_dir,
     paused_guard,
     taken_dump,
 )
-from vmshare.errors import DumpError
 
 ME = os.geteuid()
 
@@ -132,7 +132,7 @@ def test_taken_dump_resumes_and_removes_on_failure(tmp_path: Path) -> None:
     seen: list[Path] = []
 
     def produce(f: object) -> None:
-        from vmshare.dumps.secure import DumpFile
+        from vmshare.sources.secure import DumpFile
         assert isinstance(f, DumpFile)
         seen.append(f.path)
         raise DumpError("qemu refused")
@@ -148,7 +148,7 @@ def test_taken_dump_resumes_and_removes_on_failure(tmp_path: Path) -> None:
     calls.clear()
 
     def produce_ok(f: object) -> None:
-        from vmshare.dumps.secure import DumpFile
+        from vmshare.sources.secure import DumpFile
         assert isinstance(f, DumpFile)
         os.write(f.fd, b"x" * 10)
 

@@ -1,5 +1,5 @@
 """Incremental rescans: the engine's ``unchanged`` masks and the live source's
-soft-dirty mirror (vmshare.dumps.live.SoftDirtyMirror)."""
+soft-dirty mirror (vmshare.sources.live.SoftDirtyMirror)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from tests.dump_corpus import mapping_process
 from tests.test_engine import Z, pg
-from vmshare.dumps.live import LiveProcessSource, SoftDirtyMirror, TrackedPageRun
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
+from vmshare.sources.live import LiveProcessSource, SoftDirtyMirror, TrackedPageRun
 
 
 def scan(e: KsmEngine, world: dict[str, list[bytes]], prev: dict[str, list[bytes]] | None,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare import spool
+from vmshare.daemon import spool
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = REPO / "hooks" / "vmshare-qemu-hook"

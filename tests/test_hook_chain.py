@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vmshare import hookinstall, spool
+from vmshare.daemon import spool
+from vmshare.hook import install as hookinstall
 
 from .test_hook import DOMAIN_XML, HOOK, LIBVIRT_PATH, UUID
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from vmshare import hookinstall
 from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, VmshareError
-from vmshare.hookinstall import HookInstallError
+from vmshare.hook import install as hookinstall
+from vmshare.hook.install import HookInstallError
 
 from .test_hook import HOOK
 

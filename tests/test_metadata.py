@@ -1,4 +1,4 @@
-"""vmshare.metadata: round trip, hostile XML, and libvirt's metadata API (test:///default)."""
+"""vmshare.hypervisor.metadata: round trip, hostile XML, and libvirt's metadata API (test:///default)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from vmshare.config import VmPolicy
 from vmshare.errors import DomainNotFound, HypervisorError, PolicyError, UsageError
 from vmshare.hypervisor.libvirt import LibvirtHypervisor
-from vmshare.metadata import (
+from vmshare.hypervisor.metadata import (
     MAX_POLICY_XML_BYTES,
     NAMESPACE,
     policy_from_domain_xml,
@@ -17,7 +18,6 @@ from vmshare.metadata import (
     policy_to_xml,
 )
 from vmshare.model import VmRef
-from vmshare.policy import VmPolicy
 
 POLICIES = [VmPolicy(), VmPolicy("on"), VmPolicy("off", "tenant-a"),
             VmPolicy("inherit", "g.1_x", True), VmPolicy("on", None, True)]

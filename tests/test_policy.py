@@ -1,20 +1,13 @@
-"""vmshare.policy: effective() precedence and plan() trust-group resolution."""
+"""vmshare.policy.rules: effective() precedence and plan() trust-group resolution."""
 
 from __future__ import annotations
 
 import pytest
 
+from vmshare.config import HostPolicy, VmPolicy
 from vmshare.errors import PolicyError, TrustGroupConflict
 from vmshare.model import VmFacts, VmRef
-from vmshare.policy import (
-    Decision,
-    HostPolicy,
-    VmPolicy,
-    blocking_vm,
-    check_trust_groups,
-    effective,
-    plan,
-)
+from vmshare.policy.rules import Decision, blocking_vm, check_trust_groups, effective, plan
 
 
 def facts(name: str = "vm1", *, nosharepages: bool = False, sev: bool = False) -> VmFacts:

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from vmshare import hookinstall
-from vmshare.cli import main
+from vmshare.cli.main import main
+from vmshare.hook import install as hookinstall
 from vmshare.hypervisor.libvirt import LibvirtHypervisor
-from vmshare.metadata import NAMESPACE
+from vmshare.hypervisor.metadata import NAMESPACE
 from vmshare.model import RamBackend, VmRef
 
 RAM = 256 * 2**20

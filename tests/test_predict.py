@@ -18,21 +18,21 @@ from tests.dump_corpus import (
     noise_page,
     page,
 )
-from vmshare.dumps import LiveProcessSource
-from vmshare.dumps.visible import zero_rows
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import DumpError, MemoryRefused, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.predict import LiveScanner, dump_target, pid_target, predict
-from vmshare.progress import ProgressBar
-from vmshare.scanning import (
+from vmshare.prediction.predict import LiveScanner, dump_target, pid_target, predict
+from vmshare.prediction.scanning import (
     ENGINE_BYTES_PER_PAGE,
     LIVE_BUFFER_BYTES,
     ScanArena,
     ScanPlan,
     plan_scan,
 )
+from vmshare.present.progress import ProgressBar
+from vmshare.sources import LiveProcessSource
+from vmshare.sources.visible import zero_rows
 
 Z = bytes(PAGE_SIZE)
 
@@ -226,10 +226,10 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     import numpy as np
 
     from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
-    from vmshare.dumps.live import LivePageRun
-    from vmshare.dumps.visible import KernelVisiblePages
     from vmshare.ksm.procfs import ProcFs
     from vmshare.model import Region
+    from vmshare.sources.live import LivePageRun
+    from vmshare.sources.visible import KernelVisiblePages
 
     fake = FakeProc(tmp_path)
     kpf_thp = 1 << 22

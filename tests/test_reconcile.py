@@ -21,8 +21,7 @@ import pytest
 
 from tests.fakes.hypervisor import FakeHypervisor, FakeVm
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
-from vmshare.audit import AuditLog
-from vmshare.config import Config, DaemonSettings
+from vmshare.config import Config, DaemonSettings, HostPolicy, VmPolicy
 from vmshare.daemon.reconcile import Reconciler
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
@@ -30,7 +29,7 @@ from vmshare.errors import DomainNotFound, ProcessGone
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import RamBackend, VmFacts, VmRef
-from vmshare.policy import HostPolicy, VmPolicy
+from vmshare.records.audit import AuditLog
 
 BASE = 0x7F0000000000
 PAGES = 16
@@ -463,7 +462,7 @@ def test_scope_foreign_vms_are_never_touched_but_count_for_trust_groups(host: Ho
 
 
 def test_observe_records_history_at_its_interval(host: Host) -> None:
-    from vmshare.history import HistoryStore
+    from vmshare.records.history import HistoryStore
     host.add_vm("a", 11, merge=True)
     host.add_vm("b", 12, merge=True)
     rc = host.reconciler()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vmshare.remerge import (
+from vmshare.observe.remerge import (
     RemergeRecord,
     annotate_status,
     describe,

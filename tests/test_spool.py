@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare import spool
+from vmshare.daemon import spool
 from vmshare.errors import VmshareError
 
 
@@ -66,7 +66,7 @@ def test_drain_sets_corrupt_entries_aside(spool_dir: Path,
     (spool_dir / "11-1-dir.json").mkdir()
     (spool_dir / "12-1-link.json").symlink_to(good)
     (spool_dir / "README").write_text("not an entry, left alone\n")
-    with caplog.at_level(logging.WARNING, logger="vmshare.spool"):
+    with caplog.at_level(logging.WARNING, logger="vmshare.daemon.spool"):
         events = spool.drain(spool_dir)
     assert [(e.domain, e.uuid) for e in events] == [("ok", uuid)]
     bad = sorted(p.name for p in (spool_dir / spool.BAD_DIR).iterdir())

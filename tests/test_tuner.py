@@ -19,21 +19,21 @@ from pathlib import Path
 import pytest
 
 from tests.ksmtree import make_sysfs
-from vmshare.audit import AuditLog, AuditRecord
 from vmshare.errors import KnobError, ProcfsError, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.tuner import (
+from vmshare.records.audit import AuditLog, AuditRecord
+from vmshare.tuner.decide import (
     MODE_IDLE,
     MODE_MERGE,
     MODE_WATCH,
     Decision,
     Observation,
-    Policy,
+    TunerPolicy,
     TunerState,
     decide,
 )
-from vmshare.tuning import Collector, KsmdClock, act, check_advisor, tuner_holder, tuner_lock
+from vmshare.tuner.loop import Collector, KsmdClock, act, check_advisor, tuner_holder, tuner_lock
 
 GIB = 2**30
 SCAN_SET = 262_144          # 1 GiB of mergeable pages
@@ -102,7 +102,7 @@ class SimKsmd:
             self.sleep_millisecs = d.sleep_millisecs
 
 
-def drive(sim: SimKsmd, policy: Policy, steps: int, interval: float = 2.0,
+def drive(sim: SimKsmd, policy: TunerPolicy, steps: int, interval: float = 2.0,
           state: TunerState | None = None,
           each: Callable[[int, SimKsmd], None] | None = None
           ) -> tuple[list[Decision], TunerState]:
@@ -123,7 +123,7 @@ def drive(sim: SimKsmd, policy: Policy, steps: int, interval: float = 2.0,
 # ---------------------------------------------------------------- converging
 def test_converging_workload_scans_at_budget_then_stops_with_merges_kept() -> None:
     sim = SimKsmd(converging())
-    decisions, _ = drive(sim, Policy(cpu_budget_pct=25), 40)
+    decisions, _ = drive(sim, TunerPolicy(cpu_budget_pct=25), 40)
     modes = [d.mode for d in decisions]
     first_idle = modes.index(MODE_IDLE)
     # everything merged before ksmd was stopped, and it stays stopped
@@ -141,7 +141,7 @@ def test_converging_workload_scans_at_budget_then_stops_with_merges_kept() -> No
 
 def test_converging_workload_with_moderate_memory_slows_instead_of_stopping() -> None:
     sim = SimKsmd(converging(), mem_available=6 * GIB)       # 25%: moderate
-    decisions, _ = drive(sim, Policy(cpu_budget_pct=25), 40)
+    decisions, _ = drive(sim, TunerPolicy(cpu_budget_pct=25), 40)
     watch = [d for d in decisions if d.mode == MODE_WATCH]
     merge = [d for d in decisions if d.mode == MODE_MERGE]
     assert watch and decisions[-1].mode == MODE_WATCH and sim.run == 1
@@ -149,14 +149,14 @@ def test_converging_workload_with_moderate_memory_slows_instead_of_stopping() ->
                                                          for d in merge[2:]) / 10
     # watching: about one full scan per 120 s
     scans_before = sim.full_scans
-    drive(sim, Policy(cpu_budget_pct=25), 60, state=_state_after(decisions, sim))
+    drive(sim, TunerPolicy(cpu_budget_pct=25), 60, state=_state_after(decisions, sim))
     assert 0.5 < sim.full_scans - scans_before < 1.5
 
 
 def _state_after(decisions: list[Decision], sim: SimKsmd) -> TunerState:
     # Re-run to get the state (drive returns it; kept separate for clarity).
     fresh = SimKsmd(converging(), mem_available=sim.mem_available)
-    _, state = drive(fresh, Policy(cpu_budget_pct=25), len(decisions))
+    _, state = drive(fresh, TunerPolicy(cpu_budget_pct=25), len(decisions))
     sim.time, sim.scanned, sim.cpu = fresh.time, fresh.scanned, fresh.cpu
     sim.run, sim.pages_to_scan, sim.sleep_millisecs = (fresh.run, fresh.pages_to_scan,
                                                        fresh.sleep_millisecs)
@@ -166,10 +166,10 @@ def _state_after(decisions: list[Decision], sim: SimKsmd) -> TunerState:
 def test_no_verdict_before_enough_full_scans() -> None:
     # pages_sharing flat at 0 for the first two scans must not count as converged
     sim = SimKsmd(lambda scans: 0 if scans < 2.5 else 5000)
-    decisions, _ = drive(sim, Policy(cpu_budget_pct=25), 40)
+    decisions, _ = drive(sim, TunerPolicy(cpu_budget_pct=25), 40)
     stop = next(i for i, d in enumerate(decisions) if d.mode == MODE_IDLE)
     sim_at = SimKsmd(lambda scans: 0)
-    drive(sim_at, Policy(cpu_budget_pct=25), stop)
+    drive(sim_at, TunerPolicy(cpu_budget_pct=25), stop)
     assert sim_at.full_scans >= 3
     assert decisions[-1].run == 0 and sim.sharing(sim.full_scans) == 5000
 
@@ -177,7 +177,7 @@ def test_no_verdict_before_enough_full_scans() -> None:
 # ---------------------------------------------------------------- pressure
 def test_rising_pressure_resumes_a_stopped_ksmd_at_the_budget() -> None:
     sim = SimKsmd(converging())
-    policy = Policy(cpu_budget_pct=25)
+    policy = TunerPolicy(cpu_budget_pct=25)
     _, state = drive(sim, policy, 30)
     assert state.mode == MODE_IDLE
 
@@ -194,7 +194,7 @@ def test_rising_pressure_resumes_a_stopped_ksmd_at_the_budget() -> None:
 def test_memory_drop_while_ample_resumes_and_new_merges_are_found() -> None:
     final = {"v": 100_000}
     sim = SimKsmd(lambda scans: final["v"] if scans >= 3 else 0)
-    policy = Policy(cpu_budget_pct=25)
+    policy = TunerPolicy(cpu_budget_pct=25)
     _, state = drive(sim, policy, 30)
     assert state.mode == MODE_IDLE
 
@@ -210,7 +210,7 @@ def test_memory_drop_while_ample_resumes_and_new_merges_are_found() -> None:
 
 def test_pressure_rising_while_watching_scans_faster() -> None:
     sim = SimKsmd(converging(), mem_available=6 * GIB)       # moderate
-    policy = Policy(cpu_budget_pct=25)
+    policy = TunerPolicy(cpu_budget_pct=25)
     decisions, state = drive(sim, policy, 40)
     assert state.mode == MODE_WATCH
     moderate_pages = decisions[-1].pages_to_scan
@@ -223,7 +223,7 @@ def test_pressure_rising_while_watching_scans_faster() -> None:
 
 # ---------------------------------------------------------------- CPU budget
 def test_cpu_over_budget_in_the_last_interval_backs_off() -> None:
-    policy = Policy(cpu_budget_pct=20)
+    policy = TunerPolicy(cpu_budget_pct=20)
     base = Observation(time=0, pages_scanned=0, full_scans=0, pages_shared=0,
                        pages_sharing=0, pages_unshared=0, pages_volatile=0,
                        general_profit=0, ksmd_cpu_seconds=0.0, mem_available=20 * GIB,
@@ -242,7 +242,7 @@ def test_cpu_over_budget_in_the_last_interval_backs_off() -> None:
 
 def test_true_cost_above_the_prior_is_learned_and_budget_then_held() -> None:
     sim = SimKsmd(converging(), ns_per_page=12_000.0)     # 6x slower than assumed
-    policy = Policy(cpu_budget_pct=30)
+    policy = TunerPolicy(cpu_budget_pct=30)
     cpu_marks: list[float] = []
     state = TunerState()
     for _ in range(12):
@@ -258,7 +258,7 @@ def test_true_cost_above_the_prior_is_learned_and_budget_then_held() -> None:
 @pytest.mark.parametrize("budget", [5.0, 50.0, 90.0])
 def test_merging_rate_never_exceeds_the_budget_once_measured(budget: float) -> None:
     sim = SimKsmd(converging(final=300_000))
-    decisions, _ = drive(sim, Policy(cpu_budget_pct=budget), 25)
+    decisions, _ = drive(sim, TunerPolicy(cpu_budget_pct=budget), 25)
     measured = [d.cpu_pct for d in decisions[2:] if d.cpu_pct is not None]
     assert measured and max(measured) <= budget * 1.02
 
@@ -268,7 +268,7 @@ def test_volatile_churn_does_not_make_ksmd_run_away() -> None:
     # pages_sharing flat; pages_volatile swings by up to 60k pages every full scan
     sim = SimKsmd(lambda scans: 80_000 if scans >= 3 else 0, mem_available=6 * GIB,
                   volatile=lambda scans: (scans * 2_654_435_761 >> 7) % 60_000)
-    policy = Policy(cpu_budget_pct=25)
+    policy = TunerPolicy(cpu_budget_pct=25)
     decisions, state = drive(sim, policy, 1800, interval=2.0)        # one hour
     merge_after_converged = [d for d in decisions[20:] if d.mode == MODE_MERGE]
     churn_bursts = sum(1 for a, b in itertools.pairwise(decisions)
@@ -293,7 +293,7 @@ def test_churn_while_watching_is_rescanned_and_merges_followed(merges: bool) -> 
         return 90_000 if merges and scans >= born["at"] + 1.5 else 50_000
 
     sim = SimKsmd(sharing, mem_available=6 * GIB)
-    policy = Policy(cpu_budget_pct=25)
+    policy = TunerPolicy(cpu_budget_pct=25)
     _, state = drive(sim, policy, 40)
     assert state.mode == MODE_WATCH
 
@@ -315,7 +315,7 @@ def test_churn_while_watching_is_rescanned_and_merges_followed(merges: bool) -> 
 # ---------------------------------------------------------------- odd input
 def test_counters_going_backwards_start_a_new_epoch() -> None:
     sim = SimKsmd(converging())
-    policy = Policy()
+    policy = TunerPolicy()
     _, state = drive(sim, policy, 8)
     sim.scanned, sim.cpu = 0.0, sim.cpu        # someone ran run=2 and restarted
     d, state = decide(state, sim.observe(), policy)
@@ -334,7 +334,7 @@ def test_decision_knobs_write_run_last_and_idle_touches_only_run() -> None:
                                     {"converge_scans": 3, "epoch_min_scans": 2}])
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
-        Policy(**kwargs)  # type: ignore[arg-type]
+        TunerPolicy(**kwargs)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- edge: collect/act
@@ -420,7 +420,7 @@ def test_advisor_on_is_refused_unless_taken_over(tmp_path: Path) -> None:
 def test_over_budget_backs_off_even_when_the_cost_model_cannot_tell() -> None:
     # ksmd burned 80% of a core but scanned almost nothing (say, long stable-node
     # chains): no per-page cost can be learned, the measured CPU still rules.
-    policy = Policy(cpu_budget_pct=20)
+    policy = TunerPolicy(cpu_budget_pct=20)
     base = Observation(time=0, pages_scanned=0, full_scans=0, pages_shared=0,
                        pages_sharing=0, pages_unshared=0, pages_volatile=0,
                        general_profit=0, ksmd_cpu_seconds=0.0, mem_available=20 * GIB,

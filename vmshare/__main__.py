@@ -1,3 +1,3 @@
-from vmshare.cli import main
+from vmshare.cli.main import main
 
 raise SystemExit(main())

@@ -8,13 +8,88 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vmshare.errors import PolicyError
-from vmshare.policy import DEFAULT_GROUP, HostPolicy, VmPolicy, valid_group
-from vmshare.tuner import Policy
+
+MergeSetting = Literal["on", "off", "inherit"]
+MERGE_SETTINGS: tuple[str, ...] = ("on", "off", "inherit")
+DEFAULT_GROUP = "default"
+
+
+@dataclass(frozen=True)
+class VmPolicy:
+    """A VM's own policy (domain metadata or a config table)."""
+
+    merge: MergeSetting = "inherit"
+    group: str | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGE_SETTINGS:
+            raise PolicyError(f"merge must be one of {', '.join(MERGE_SETTINGS)}, "
+                              f"not {self.merge!r}")
+        if self.group is not None and not valid_group(self.group):
+            raise PolicyError(f"bad trust group name {self.group!r}: use 1-64 letters, "
+                              "digits, '.', '_' or '-'")
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """The host's policy: the off switch, defaults, and per-VM tables by name or UUID."""
+
+    enabled: bool = True
+    default_merge: Literal["on", "off"] = "off"
+    default_group: str = DEFAULT_GROUP
+    vms: Mapping[str, VmPolicy] = field(default_factory=dict)
+
+
+def valid_group(name: str) -> bool:
+    return 0 < len(name) <= 64 and all(c.isalnum() or c in "._-" for c in name)
+
+
+
+@dataclass(frozen=True)
+class TunerPolicy:
+    """The KSM tuner's settings: the ksmd CPU budget and memory thresholds."""
+
+    cpu_budget_pct: float = 25.0          # of one core, measured over each interval
+    tight_available: float = 0.15         # MemAvailable/MemTotal below this: tight
+    ample_available: float = 0.35         # at or above this: ample
+    converge_scans: int = 1               # complete full scans without new sharing
+    epoch_min_scans: int = 3              # full scans needed before judging at all
+    min_gain_pages: int = 64              # rises up to this (or the fraction) are noise
+    min_gain_fraction: float = 0.002
+    sleep_millisecs: int = 20             # ksmd's sleep while merging
+    watch_sleep_millisecs: int = 200      # ksmd's sleep while watching
+    watch_scan_seconds_tight: float = 20.0     # a full scan per this while watching, tight
+    watch_scan_seconds: float = 120.0          # ... moderate
+    min_pages_to_scan: int = 32
+    max_pages_to_scan: int = 200_000
+    assumed_ns_per_page: float = 2000.0   # cost prior until ksmd has been measured
+    resume_drop_fraction: float = 0.05    # MemAvailable drop (of MemTotal) that resumes
+    probe_seconds: float = 600.0          # re-check for new merges this often when idle
+    churn_fraction: float = 0.05          # of the scanned set, per full scan
+    churn_cooldown_seconds: float = 60.0  # first cooldown after a fruitless churn burst
+    churn_cooldown_max_seconds: float = 1800.0
+    budget_tolerance: float = 1.10        # measured/budget above this counts as over
+    cost_memory: int = 8                  # measured intervals the planning cost remembers
+    history: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cpu_budget_pct <= 100:
+            raise ValueError(f"cpu budget must be in (0, 100] percent of a core, "
+                             f"got {self.cpu_budget_pct}")
+        if not 0 <= self.tight_available <= self.ample_available <= 1:
+            raise ValueError("need 0 <= tight_available <= ample_available <= 1")
+        if self.converge_scans < 1 or self.epoch_min_scans < self.converge_scans:
+            raise ValueError("need 1 <= converge_scans <= epoch_min_scans")
+        if self.min_pages_to_scan < 1 or self.max_pages_to_scan < self.min_pages_to_scan:
+            raise ValueError("need 1 <= min_pages_to_scan <= max_pages_to_scan")
+
 
 DEFAULT_CONFIG = Path("/etc/vmshare/vmshare.toml")
 CONFIG_ENV = "VMSHARE_CONFIG"
@@ -30,9 +105,9 @@ class DaemonSettings:
     reconnect_max_seconds: float = 30.0
     history_file: Path = Path("/var/lib/vmshare/history.jsonl")
     history_interval: float = 60.0             # seconds between samples; 0: none
-    tune: bool = False                         # run the KSM tuner (vmshare.tuner) too
+    tune: bool = False                         # run the KSM tuner (vmshare.tuner.decide) too
     tune_interval: float = 5.0                 # seconds between the tuner's decisions
-    tune_cpu_budget: float = Policy.cpu_budget_pct   # ksmd CPU budget, % of one core
+    tune_cpu_budget: float = TunerPolicy.cpu_budget_pct   # ksmd CPU budget, % of one core
 
 
 @dataclass(frozen=True)

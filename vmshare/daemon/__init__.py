@@ -11,5 +11,11 @@ Modules:
 * (libvirt's events come from the adapter vmshare.hypervisor.libvirt_events,
   turned into triggers by the runner;)
 * ``qmp_watch``: plain QEMU: QMP socket globs, short sessions, polled state;
-* ``runner``: the asyncio main loop tying them together.
+* ``spool``: the hook's spool directory and wake-up datagrams;
+* ``runner``: the asyncio main loop tying them together;
+* ``service``: the entry point (logging, signals), the only module here that
+  writes to the terminal.
+
+May import control, policy, tuner, observe, records, present, the adapters,
+config, model and errors; only ``vmshare.cli`` imports it.
 """

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmshare.audit import AuditLog, AuditRecord
 from vmshare.config import Config
-from vmshare.control import Controller, MergeChange
+from vmshare.control.merge import Controller, MergeChange
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
 from vmshare.errors import (
@@ -44,14 +43,15 @@ from vmshare.errors import (
     VerificationError,
     VmshareError,
 )
-from vmshare.history import HistoryStore
-from vmshare.history import sample as history_sample
 from vmshare.hypervisor.base import Hypervisor
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmRef
-from vmshare.observe import Observer
-from vmshare.policy_source import PolicyView, mergeable_groups, survey
+from vmshare.observe.host import Observer
+from vmshare.policy.sources import PolicyView, mergeable_groups, survey
+from vmshare.records.audit import AuditLog, AuditRecord
+from vmshare.records.history import HistoryStore
+from vmshare.records.history import sample as history_sample
 
 log = logging.getLogger("vmshare.daemon")
 VM_LOG = logging.getLogger("vmshare.daemon.vm")

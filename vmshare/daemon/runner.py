@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vmshare import spool
 from vmshare.config import Config
+from vmshare.daemon import spool
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import (
@@ -343,17 +343,17 @@ class Daemon:
                 await self.reconcile_all("periodic")
 
     async def tune(self, stop: asyncio.Event) -> None:
-        """The KSM tuner's loop (vmshare.tuning), in the worker thread between
+        """The KSM tuner's loop (vmshare.tuner.loop), in the worker thread between
         reconciles: it owns run, pages_to_scan and sleep_millisecs while the
         daemon runs, audit-logs each change as actor "tuner", never unmerges,
         and leaves the knobs as they are when the daemon stops."""
-        from vmshare.audit import AuditLog
-        from vmshare.tuner import Policy
-        from vmshare.tuning import OWNED_KNOBS, Tuner, check_advisor, tuner_lock
+        from vmshare.config import TunerPolicy
+        from vmshare.records.audit import AuditLog
+        from vmshare.tuner.loop import OWNED_KNOBS, Tuner, check_advisor, tuner_lock
 
         rc = self.rc
         audit = AuditLog(self.settings.audit_log, actor="tuner")
-        policy = Policy(cpu_budget_pct=self.settings.tune_cpu_budget)
+        policy = TunerPolicy(cpu_budget_pct=self.settings.tune_cpu_budget)
         held = contextlib.ExitStack()
 
         def setup() -> Tuner:

@@ -14,7 +14,7 @@ done and writes its audit record once (the record id makes it idempotent).
 
 Writes go to a temporary file in the same directory, fsync'd, renamed over
 the old file and the directory fsync'd: a reader sees the old or the new
-document, never half of one. vmshare.remerge reads it for ``vmshare status``.
+document, never half of one. vmshare.observe.remerge reads it for ``vmshare status``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.errors import AccessDenied, VmshareError
-from vmshare.remerge import RESETTING_EVENTS, STATE_VERSION, RemergeRecord, read_state, record_of
+from vmshare.observe.remerge import (
+    RESETTING_EVENTS,
+    STATE_VERSION,
+    RemergeRecord,
+    read_state,
+    record_of,
+)
 
 log = logging.getLogger("vmshare.daemon.state")
 

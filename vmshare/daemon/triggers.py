@@ -5,7 +5,7 @@ lifecycle events, QMP events (through libvirt's pass-through or a plain
 QEMU's socket) and the libvirt hook's spool entries. Each becomes a
 ``Trigger``: apply the VM's policy (idempotent), or forget the VM, and, for
 events after which its memory must merge again from scratch, which
-resetting event it was (vmshare.remerge.RESETTING_EVENTS).
+resetting event it was (vmshare.observe.remerge.RESETTING_EVENTS).
 
 Numeric libvirt codes are the stable public ABI (virDomainEventType and its
 detail enums); tests check them against the libvirt module.

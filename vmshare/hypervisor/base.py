@@ -6,8 +6,9 @@ protocol, so a scripted fake and the real thing are interchangeable.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+from vmshare.config import VmPolicy
 from vmshare.model import RamBackend, VmFacts, VmRef
 
 DEFAULT_DEADLINE = 10.0   # seconds; every libvirt and QMP call has one
@@ -47,4 +48,20 @@ class Hypervisor(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class PolicyStore(Protocol):
+    """An optional ability: the domain carries vmshare's policy in its own
+    definition (libvirt domain metadata). Plain QEMU has no such place."""
+
+    def get_policy(self, vm: VmRef, *, config: bool = False) -> VmPolicy | None:
+        """The domain's policy element, or None. Raises PolicyError when malformed."""
+        ...
+
+    def set_policy(self, vm: VmRef, policy: VmPolicy | None, *, live: bool,
+                   config: bool) -> None:
+        """Write (or with None remove) the element in the live and/or persistent
+        definition."""
         ...

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 
+from vmshare.config import VmPolicy
 from vmshare.errors import (
     AccessDenied,
     DeadlineExceeded,
@@ -40,7 +41,6 @@ from vmshare.hypervisor.common import (
     verify_pid,
 )
 from vmshare.model import RamBackend, VmFacts, VmRef
-from vmshare.policy import VmPolicy
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class LibvirtHypervisor:
             except HypervisorError as exc:
                 log.debug("closing %s: %s", self.uri, exc)
 
-    # -- per-domain policy metadata (vmshare.metadata) -------------------------
+    # -- per-domain policy metadata (vmshare.hypervisor.metadata) -------------------------
 
     def get_policy(self, vm: VmRef, *, config: bool = False) -> VmPolicy | None:
         """The domain's vmshare policy element, or None when it has none.
@@ -382,7 +382,7 @@ class LibvirtHypervisor:
         ``config``). Raises PolicyError (malformed element), DomainNotFound,
         DeadlineExceeded, HypervisorError.
         """
-        from vmshare.metadata import NAMESPACE, policy_from_xml
+        from vmshare.hypervisor.metadata import NAMESPACE, policy_from_xml
         dom = self._domain(vm)
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0
         try:
@@ -406,7 +406,7 @@ class LibvirtHypervisor:
         DomainNotRunning, DeadlineExceeded, HypervisorError.
         """
         from vmshare.errors import UsageError
-        from vmshare.metadata import NAMESPACE, PREFIX, policy_to_xml
+        from vmshare.hypervisor.metadata import NAMESPACE, PREFIX, policy_to_xml
         if not (live or config):
             raise UsageError("set_policy needs live and/or config")
         flags = ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)

@@ -1,0 +1,53 @@
+"""What every command needs: the Context (adapters made on first use) and the
+only writers to stdout (``out``, ``emit_json``) and stderr (``warn``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from vmshare.hypervisor.base import Hypervisor
+from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.sysfs import DEFAULT_ROOT, KsmSysfs
+from vmshare.observe.host import Observer
+
+EXIT_INTERNAL = 70
+
+
+class Context:
+    """What every command needs; adapters are created on first use."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sysfs = KsmSysfs(Path(os.environ.get("VMSHARE_SYSFS_ROOT", str(DEFAULT_ROOT))))
+        self.procfs = ProcFs(Path(os.environ.get("VMSHARE_PROC_ROOT", "/proc")))
+        self._hv: Hypervisor | None = None
+
+    @property
+    def hv(self) -> Hypervisor:
+        if self._hv is None:
+            from vmshare.hypervisor import connect
+            self._hv = connect(self.args.connect, self.args.qmp, self.args.deadline)
+        return self._hv
+
+    def observer(self) -> Observer:
+        return Observer(self.hv, self.sysfs, self.procfs)
+
+    def close(self) -> None:
+        if self._hv is not None:
+            self._hv.close()
+
+
+def out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def emit_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False), flush=True)
+
+
+def warn(text: str) -> None:
+    print(f"vmshare: warning: {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,100 @@
+"""``vmshare history`` and ``vmshare report``: savings over time, as the daemon
+recorded them, and the self-contained HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vmshare.cli.context import Context, emit_json, out
+from vmshare.errors import UsageError
+
+
+def cmd_history(ctx: Context) -> int:
+    import time
+
+    from vmshare.config import load_config
+    from vmshare.present.text import mib, table
+    from vmshare.records import history
+    a = ctx.args
+    store = history.HistoryStore(load_config(a.config).daemon.history_file)
+    try:
+        since = time.time() - history.parse_duration(a.since) if a.since else 0.0
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from exc
+    samples = list(store.read(since))
+    if a.json:
+        emit_json({"file": str(store.path), "samples": samples})
+        return 0
+    if not samples:
+        out(f"no history in {store.path} (the daemon records it every "
+            "[daemon] history_interval seconds)")
+        return 0
+    names = sorted({n for s in samples for n in s.get("vms", {})})
+    if a.domain:
+        if a.domain not in names:
+            raise UsageError(f"no history for {a.domain!r} in {store.path}")
+        names = [a.domain]
+    span = samples[-1]["time"] - samples[0]["time"]
+    out(f"{len(samples)} samples over {span / 3600:.1f} h from {store.path}")
+    for label, vm in [("host", None), *[(n, n) for n in names[:8]]]:
+        s = history.summary(samples, vm)
+        out(f"  {label:<20} {history.sparkline(history.downsample(s['series'], 40))}  "
+            f"now {mib(s['last'])}, min {mib(s['min'])}, max {mib(s['max'])}")
+    rows = []
+    shown = names[:6]
+    for rec in history.downsample(samples, a.rows):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec["time"]))
+        rows.append([when, mib(history.host_saved_bytes(rec)),
+                     *[mib(history.vm_saved_bytes(rec, n)) for n in shown]])
+    out()
+    out(table(["TIME", "HOST SAVED", *[f"{n} SAVED" for n in shown]], rows,
+              right=tuple(range(1, 2 + len(shown)))))
+    return 0
+
+
+def cmd_report(ctx: Context) -> int:
+    import socket
+    import time
+
+    from vmshare.config import load_config
+    from vmshare.present import html as report_html
+    from vmshare.records import history
+    a = ctx.args
+    host = ctx.observer().host()
+    try:
+        since = time.time() - history.parse_duration(a.since)
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from exc
+    store = history.HistoryStore(load_config(a.config).daemon.history_file)
+    page = report_html.render(host, list(store.read(since)),
+                              hostname=socket.gethostname()).encode("utf-8")
+    target = Path(a.html)
+    # Operator data: 0600, written whole or not at all (the daemon state's writer).
+    from vmshare.daemon.state import StateError, write_atomic
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot write {target}: no directory {target.parent}")
+    try:
+        write_atomic(target, page)
+    except StateError as exc:
+        raise UsageError(str(exc)) from exc
+    out(f"wrote {target} ({len(page):,} bytes)")
+    return 0
+
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("history", help="savings over time, as recorded by the daemon")
+    s.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this VM")
+    s.add_argument("--since", metavar="DURATION", help="e.g. 30m, 6h, 2d (default: all)")
+    s.add_argument("--rows", type=int, default=20, help="table rows (default 20)")
+    s.add_argument("--config", metavar="PATH", help="host config naming the history file")
+    s.add_argument("--json", action="store_true", help="every sample, as recorded")
+    s.set_defaults(func=cmd_history)
+
+    s = sub.add_parser("report", help="a self-contained HTML report (charts, matrix, history)")
+    s.add_argument("--html", required=True, metavar="FILE", help="where to write it (0600)")
+    s.add_argument("--since", default="24h", metavar="DURATION",
+                   help="history shown (default 24h)")
+    s.add_argument("--config", metavar="PATH", help="host config naming the history file")
+    s.set_defaults(func=cmd_report)

@@ -1,0 +1,215 @@
+"""Collect: read-only observation of the host and its VMs.
+
+Everything here measures; nothing changes state. It joins the hypervisor's
+view (backends, pids) with /proc and /sys and hands the page arrays to the
+pure accounting in vmshare.observe.attribution.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vmshare.errors import HypervisorError, ProcessGone, ProcfsError
+from vmshare.hypervisor.base import Hypervisor
+from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.sysfs import KsmSysfs
+from vmshare.model import PAGE_SIZE, KsmStat, RamBackend, Vma, VmFacts, VmRef
+from vmshare.observe.attribution import U64, attribute, match_ram_vmas, mergeable_mismatch
+
+log = logging.getLogger("vmshare.observe.host")
+
+# Kernel docs: an rmap_item costs 64 bytes, a merged page saves 4096, so more
+# than 64 rmap items per merging page means KSM costs this VM more than it saves.
+RMAP_ITEMS_PER_MERGED_PAGE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class BackendView:
+    backend: RamBackend
+    vma: Vma | None
+    ineligible_reason: str | None
+
+    @property
+    def mg_flag(self) -> bool | None:
+        return None if self.vma is None else self.vma.mergeable
+
+
+@dataclass(frozen=True)
+class VmView:
+    """Everything vmshare knows about one VM at one moment."""
+
+    facts: VmFacts
+    backends: tuple[BackendView, ...] = ()
+    ksm_stat: KsmStat = field(default_factory=KsmStat)
+    resident_pages: int = 0
+    ksm_pages: int = 0
+    saved_pages: float = 0.0
+    thp_bytes: int = 0
+    shares_with_pages: dict[str, int] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.facts.ref.name
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(b.backend.size for b in self.backends)
+
+    @property
+    def saved_bytes(self) -> int:
+        return round(self.saved_pages * PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class HostView:
+    counters: dict[str, int]
+    knobs: dict[str, int | str]
+    vms: tuple[VmView, ...]
+    ksm_available: bool = True
+
+    @property
+    def vm_saved_pages(self) -> float:
+        return sum(v.saved_pages for v in self.vms)
+
+    @property
+    def other_saved_pages(self) -> float:
+        """pages_sharing not accounted to the listed VMs (other processes, other VMs)."""
+        return max(0.0, self.counters.get("pages_sharing", 0) - self.vm_saved_pages)
+
+
+@dataclass
+class _Gathered:
+    facts: VmFacts
+    backends: list[BackendView]
+    entries: U64
+    stat: KsmStat
+    thp: int
+    start_time: int
+    warnings: list[str]
+
+
+class Observer:
+    """Reads the host's and each VM's state. Errors are per VM where possible:
+    a VM that vanishes mid-read is reported with a warning, never with numbers
+    from a reused pid."""
+
+    def __init__(self, hv: Hypervisor, sysfs: KsmSysfs, procfs: ProcFs) -> None:
+        self.hv = hv
+        self.sysfs = sysfs
+        self.procfs = procfs
+        self._zero_pfn: int | None = None
+
+    def backends(self, vm: VmRef, facts: VmFacts) -> list[BackendView]:
+        """The VM's backends with their mapping in the QEMU process."""
+        backends = self.hv.ram_backends(vm)
+        vmas = self.procfs.smaps(facts.pid) if facts.pid else []
+        matched = match_ram_vmas(vmas, backends)
+        views = []
+        for b in backends:
+            reason = facts.ineligible_reason or b.ineligible_reason
+            views.append(BackendView(b, matched.get(b.id), reason))
+        return views
+
+    def mismatches(self, vm: VmRef, facts: VmFacts) -> tuple[list[BackendView], list[str]]:
+        """Backends, and the ids whose `mg` flag disagrees with QEMU's merge property."""
+        views = self.backends(vm, facts)
+        matched = {v.backend.id: v.vma for v in views if v.vma is not None}
+        return views, mergeable_mismatch([v.backend for v in views], matched)
+
+    def _gather(self, vm: VmRef) -> _Gathered | VmFacts:
+        """The running VM's pages and stats, or its facts when it is not running."""
+        facts = self.hv.facts(vm)
+        if facts.pid is None:
+            return facts
+        start = self.procfs.start_time(facts.pid)
+        views = self.backends(vm, facts)
+        parts: list[U64] = []
+        thp = 0
+        warnings: list[str] = []
+        for view in views:
+            if view.vma is None:
+                warnings.append(f"backend {view.backend.id}: mapping not found in QEMU "
+                                f"process {facts.pid}")
+                continue
+            if view.backend.ineligible_reason:
+                continue
+            parts.append(self.procfs.pagemap(facts.pid, view.vma.start,
+                                             view.vma.size // PAGE_SIZE))
+            thp += view.vma.anon_huge_bytes
+        try:
+            stat = self.procfs.ksm_stat(facts.pid)
+        except ProcfsError:
+            stat = KsmStat()
+        if self.procfs.start_time(facts.pid) != start:
+            raise ProcessGone(f"{vm.name}: QEMU process {facts.pid} was replaced while reading")
+        entries = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        return _Gathered(facts, views, entries, stat, thp, start, warnings)
+
+    def _zero_pfn_if_unforked(self, gathered: Iterable[_Gathered]) -> int | None:
+        """The zero page's PFN when every measured mapping is MADV_DONTFORK
+        (QEMU guest RAM: VmFlag dc), which lets attribution skip kpageflags."""
+        for g in gathered:
+            for view in g.backends:
+                if view.vma is not None and view.backend.ineligible_reason is None \
+                        and "dc" not in view.vma.vmflags:
+                    return None
+        if self._zero_pfn is None:
+            self._zero_pfn = self.procfs.zero_pfn() or 0
+        return self._zero_pfn or None
+
+    def host(self, names: Sequence[str] | None = None) -> HostView:
+        """Host counters plus every (or the named) VM's figures.
+
+        Raises DomainNotFound for an unknown name, AccessDenied without root.
+        """
+        ksm_ok = self.sysfs.available()
+        counters = self.sysfs.counters() if ksm_ok else {}
+        knobs = self.sysfs.knobs() if ksm_ok else {}
+        refs = [self.hv.lookup(n) for n in names] if names else self.hv.list_vms()
+        gathered: dict[str, _Gathered] = {}
+        idle: list[VmView] = []
+        for ref in refs:
+            try:
+                got = self._gather(ref)
+            except (ProcessGone, HypervisorError, ProcfsError) as exc:
+                # The VM stopped, or its QEMU changed, while we read: report
+                # it without figures rather than failing the whole host.
+                if names:
+                    raise
+                log.warning("%s: %s", ref.name, exc)
+                idle.append(VmView(facts=VmFacts(ref=ref, pid=None), warnings=(str(exc),)))
+                continue
+            if isinstance(got, VmFacts):
+                idle.append(VmView(facts=got))
+            else:
+                gathered[ref.name] = got
+        att = attribute({n: g.entries for n, g in gathered.items()},
+                        self.procfs.kpageflags, self.procfs.kpagecount,
+                        unforked_zero_pfn=self._zero_pfn_if_unforked(gathered.values()))
+        views: list[VmView] = []
+        for name, g in gathered.items():
+            fig = att.per_vm[name]
+            warnings = list(g.warnings)
+            merging = g.stat.ksm_merging_pages
+            if g.stat.ksm_rmap_items > RMAP_ITEMS_PER_MERGED_PAGE_LIMIT * max(merging, 1) \
+                    and g.stat.ksm_rmap_items > 1024:
+                warnings.append(
+                    f"{g.stat.ksm_rmap_items} rmap items for {merging} merged pages: KSM "
+                    "costs this VM more than it saves (more than 64 per merged page)")
+            if g.thp:
+                warnings.append(f"{g.thp // 2**20} MiB of guest RAM is in transparent huge "
+                                "pages, which KSM must split before it can merge them")
+            views.append(VmView(
+                facts=g.facts, backends=tuple(g.backends), ksm_stat=g.stat,
+                resident_pages=fig.resident_pages, ksm_pages=fig.ksm_pages,
+                saved_pages=fig.saved_pages, thp_bytes=g.thp,
+                shares_with_pages=att.shares_with.get(name, {}), warnings=tuple(warnings)))
+        views.extend(idle)
+        views.sort(key=lambda v: v.name)
+        return HostView(counters=counters, knobs=knobs, vms=tuple(views), ksm_available=ksm_ok)
+

@@ -1,0 +1,447 @@
+"""Live memory of a running process (a QEMU guest's RAM mappings, or any
+process's private anonymous memory), read from /proc/<pid>/mem.
+
+Only resident pages are read: /proc/<pid>/pagemap is consulted first for
+each chunk and runs are yielded only over pages whose present bit (63) is
+set, so reading never faults non-resident memory in (a swapped page, bit
+62, is skipped as well). In a file mapping (private file or memfd guest
+RAM) only the pages the process wrote are read: the page-cache pages it only
+read (bit 61) are never merged by KSM (``scannable``). /proc/<pid>/mem and
+pagemap are opened once, at construction: both descriptors stay bound to
+that process's address space, so a pid reused later cannot be read by mistake.
+
+Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
+here through the held descriptor, for that reason; mappings (smaps) and the
+process start time come from procfs.ProcFs, the entry bits from its PM_*
+constants. Each run carries the pagemap entries of its pages as read in that
+pass (``LivePageRun.pagemap``), so a consumer needing PFNs
+(``vmshare.sources.visible.KernelVisiblePages``) reads pagemap no second time.
+
+Why /proc/<pid>/mem and not process_vm_readv(2), which reads 1 GiB in
+0.13-0.16 s against 0.21 s into a populated buffer (measured here): the latter
+pins the pages it reads (FOLL_PIN), and since Linux 5.19 a read-only pin of an
+anonymous page that is not exclusive unshares it first. A KSM page is never
+exclusive, so process_vm_readv breaks every merge it reads: measured on 4,096
+merged pages of a process, all of their PFNs changed and its smaps_rollup
+"KSM:" fell from 16384 kB to 0, each page now a private copy. Reading
+/proc/<pid>/mem takes plain references (FOLL_GET) and changed none. A tool
+that must not cost the host memory reads /proc/<pid>/mem.
+
+Incremental rescans (``SoftDirtyMirror``, opt-in): the source keeps a copy of
+each region's resident pages between scans. After reading the dirty bits of
+a scan it writes "4" to /proc/<pid>/clear_refs (the kernel's soft-dirty
+tracking, as CRIU uses it); at the next scan only pages whose pagemap bit 55
+(soft-dirty) is set were written since, so only those are read again. The
+others are yielded from the copy as ``TrackedPageRun`` with ``unchanged``
+set, and the engine reuses their checksums (``KsmEngine.feed``). Costs and
+limits: clear_refs write-protects the process's page tables, so the next
+write to each page takes one extra minor fault in the guest; a write that
+lands between reading the dirty bits and clearing them (the pagemap of all
+regions is read just before the clear, a window of milliseconds) is missed
+until the page is written again. A kernel without CONFIG_MEM_SOFT_DIRTY
+tracks nothing (probed once: ``soft_dirty_supported``): every page is then
+read each scan.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from vmshare.errors import AccessDenied, ProcessGone, ProcfsError, VmshareError
+from vmshare.ksm.procfs import PM_FILE_BIT, PM_PRESENT_BIT, ProcFs
+from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, Closing, check_chunk_pages
+
+PM_PRESENT = np.uint64(1 << PM_PRESENT_BIT)
+PM_FILE = np.uint64(1 << PM_FILE_BIT)
+PM_SOFT_DIRTY = np.uint64(1 << 55)   # Documentation/admin-guide/mm/soft-dirty.rst
+U64 = npt.NDArray[np.uint64]
+_DENIED = (errno.EPERM, errno.EACCES)
+_GONE = (errno.ESRCH, errno.ENOENT)
+
+
+def scannable(entries: U64, vma: Vma) -> npt.NDArray[np.bool_]:
+    """Which pages of ``vma`` (its pagemap ``entries``) KSM could ever merge: the
+    present ones, and in a file mapping (a private file or memfd guest RAM
+    backend) only those the process wrote, its private anonymous copies: a
+    page still in the page cache (pagemap bit 61) is never merged."""
+    ok: npt.NDArray[np.bool_] = (entries & PM_PRESENT) != 0
+    if not vma.anonymous_private:
+        ok &= (entries & PM_FILE) == 0
+    return ok
+
+
+def private_anonymous_vmas(pid: int, procfs: ProcFs | None = None) -> list[Vma]:
+    """The private anonymous mappings of ``pid`` (heap included), from smaps.
+
+    Raises ProcessGone, AccessDenied or ProcfsError (from procfs.ProcFs).
+    """
+    return [v for v in (procfs or ProcFs()).smaps(pid) if v.anonymous_private and v.size > 0]
+
+
+def _access_denied(pid: int, what: str) -> AccessDenied:
+    return AccessDenied(
+        f"cannot read {what} of process {pid}: permission denied. Reading another "
+        "process's memory needs root (CAP_SYS_PTRACE) and is also refused by "
+        "kernel.yama.ptrace_scope=3 and by sVirt/SELinux/AppArmor confinement of the "
+        "guest; vmshare weakens none of these")
+
+
+@dataclass(frozen=True)
+class LivePageRun(PageRun):
+    """A run of live memory with ``pagemap[i]``, the /proc/<pid>/pagemap entry of
+    page i read in the same pass (PFN, flags). Like ``data`` it may point into a
+    buffer reused for the next run. ``zero_pages``: how many of its pages are
+    all zero, when a wrapper already counted them (else None)."""
+
+    pagemap: U64
+    zero_pages: int | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class TrackedPageRun(LivePageRun):
+    """A run from a soft-dirty tracked source: ``unchanged[i]`` is True when page
+    i was not written since the previous scan of the same mirror (its bytes in
+    ``data`` are the ones yielded then)."""
+
+    unchanged: npt.NDArray[np.bool_]
+
+
+def anon_buffer(nbytes: int, *, populate: bool = True) -> mmap.mmap:
+    """A private anonymous buffer, populated at once (MAP_POPULATE: one kernel loop
+    instead of a fault per page) when it will be written in full; with
+    ``populate=False`` only the pages written become memory.
+
+    Not MADV_HUGEPAGE: with the usual THP defrag setting ("madvise") a huge page
+    fault may compact memory synchronously, and on a host full of guests (or in
+    a VM whose free memory is not backed yet) faulting in 1 GiB that way was
+    measured at 0.9-1.9 s against 0.29 s populated with small pages.
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, max(nbytes, PAGE_SIZE), flags=flags)
+
+
+_SOFT_DIRTY_WORKS: bool | None = None
+
+
+def soft_dirty_supported() -> bool:
+    """Does this kernel track soft-dirty bits (CONFIG_MEM_SOFT_DIRTY)?
+
+    Without it clear_refs "4" is accepted and does nothing, and pagemap bit 55
+    is always 0: every page would look unchanged forever. A page this process
+    just mapped and wrote is always soft-dirty when tracking exists, so that is
+    the probe (our own pagemap; nothing is cleared).
+    """
+    global _SOFT_DIRTY_WORKS
+    if _SOFT_DIRTY_WORKS is None:
+        probe = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            probe[0] = 1
+            addr = int(np.frombuffer(probe, dtype=np.uint8).__array_interface__["data"][0])
+            try:
+                with open("/proc/self/pagemap", "rb") as f:
+                    f.seek(addr // PAGE_SIZE * 8)
+                    entry = np.uint64(int.from_bytes(f.read(8), "little"))
+            except OSError:
+                entry = np.uint64(0)
+            _SOFT_DIRTY_WORKS = bool(entry & PM_PRESENT) and bool(entry & PM_SOFT_DIRTY)
+        finally:
+            probe.close()
+    return _SOFT_DIRTY_WORKS
+
+
+class _RegionCopy:
+    __slots__ = ("buf", "valid")
+
+    def __init__(self, npages: int) -> None:
+        # spans the region, but only the resident pages read into it become memory
+        self.buf = anon_buffer(npages * PAGE_SIZE, populate=False)
+        self.valid = np.zeros(npages, dtype=np.bool_)   # copy holds the page's bytes
+
+
+class SoftDirtyMirror:
+    """Copies of live regions kept between scans, refreshed through soft-dirty bits.
+
+    One mirror serves any number of processes and scans; copies are keyed by
+    region generation (pid, mapping, process start time), so a restarted guest
+    or a moved mapping starts from scratch. Not thread-safe: one scan at a time.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[str, str], _RegionCopy] = {}
+        #: False without kernel soft-dirty tracking (or once clear_refs was refused):
+        #: every page is then read each scan
+        self.supported = soft_dirty_supported()
+        self.pages_read = 0             # pages read from the process in the last scan
+        self.pages_reused = 0           # pages served from the copy in the last scan
+
+    def copy_for(self, region: Region, live: set[tuple[str, str]]) -> _RegionCopy:
+        key = (region.key, region.generation)
+        live.add(key)
+        cp = self._copies.get(key)
+        if cp is None:
+            cp = self._copies[key] = _RegionCopy(region.size // PAGE_SIZE)
+        return cp
+
+    def forget(self, keys: set[tuple[str, str]]) -> None:
+        for k in keys:
+            cp = self._copies.pop(k, None)
+            if cp is not None:
+                cp.valid[:] = False
+
+    def prune(self, generation_prefix: str, keep: set[tuple[str, str]]) -> None:
+        """Drop copies of this process (generation prefix) not listed in ``keep``."""
+        for k in [k for k in self._copies if k[1].startswith(generation_prefix)
+                  and k not in keep]:
+            del self._copies[k]
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the pages the copies hold (the copies fault in page by page)."""
+        return sum(int(np.count_nonzero(c.valid)) for c in self._copies.values()) * PAGE_SIZE
+
+
+class LiveProcessSource(Closing):
+    """Resident pages of the given mappings of process ``pid``.
+
+    Regions: one per mapping, keyed ``backend_ids[vma.start]`` when given
+    (a QEMU RAM backend id such as "pc.ram"), else "vma@0x<start>"; the
+    generation is "<pid>:<start hex>:<size>:<process start time>", so a
+    reused pid, a moved or resized mapping is a new generation.
+
+    Raises (at construction and while streaming) AccessDenied on EPERM/EACCES,
+    ProcessGone when the process vanished (ESRCH/ENOENT, or EIO/end of file
+    once it has exited), ProcfsError when a mapping is no longer readable in a
+    process that is still alive (it was unmapped or changed).
+    """
+
+    def __init__(self, pid: int, vmas: Sequence[Vma], name: str | None = None, *,
+                 backend_ids: Mapping[int, str] | None = None,
+                 procfs: ProcFs | None = None,
+                 mirror: SoftDirtyMirror | None = None) -> None:
+        self.pid = pid
+        self.mirror = mirror
+        #: where each run is read (a writable view of the size asked for, valid
+        #: beyond the next yield), else one buffer reused for every run
+        self.read_into: Callable[[int], memoryview] | None = None
+        self.name = name if name is not None else f"pid:{pid}"
+        self._procfs = procfs or ProcFs()
+        self.vmas = sorted(vmas, key=lambda v: v.start)
+        for v in self.vmas:
+            if v.start % PAGE_SIZE or v.end % PAGE_SIZE or v.end <= v.start:
+                raise ValueError(f"mapping {v.start:#x}-{v.end:#x} is not page aligned")
+        self._closed = True
+        self.start_time = self._procfs.start_time(pid)     # ProcessGone/AccessDenied
+        self._mem_fd = self._open("mem")
+        try:
+            self._pagemap_fd = self._open("pagemap")
+        except BaseException:
+            os.close(self._mem_fd)
+            raise
+        self._closed = False
+        # The descriptors are bound to whichever process had the pid when they
+        # were opened: make sure that is still the one whose start time we read.
+        if not self._same_process():
+            self.close()
+            raise ProcessGone(f"process {pid} exited (its pid was reused) while opening it")
+        ids = backend_ids or {}
+        self._regions = [
+            Region(ids.get(v.start, f"vma@{v.start:#x}"), v.size,
+                   f"{pid}:{v.start:x}:{v.size}:{self.start_time}")
+            for v in self.vmas]
+
+    def _open(self, what: str) -> int:
+        path = f"/proc/{self.pid}/{what}"
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in _DENIED:
+                raise _access_denied(self.pid, path) from exc
+            if exc.errno in _GONE:
+                raise ProcessGone(f"process {self.pid} is gone ({path})") from exc
+            raise ProcfsError(f"cannot open {path}: {exc.strerror}") from exc
+
+    def _same_process(self) -> bool:
+        try:
+            return self._procfs.start_time(self.pid) == self.start_time
+        except ProcessGone:
+            return False
+
+    def _alive(self) -> bool:
+        if not self._same_process():
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in (b"Z", b"X")   # a zombie has no memory left
+
+    def _read_failed(self, what: str, addr: int, exc: OSError | None) -> VmshareError:
+        if exc is not None and exc.errno in _DENIED:
+            return _access_denied(self.pid, what)
+        if (exc is not None and exc.errno in _GONE) or not self._alive():
+            return ProcessGone(f"process {self.pid} is gone (reading {what} at {addr:#x})")
+        reason = exc.strerror if exc is not None else "end of file"
+        return ProcfsError(f"process {self.pid}: {what} at {addr:#x} is no longer readable "
+                           f"({reason}); the mapping was unmapped or changed")
+
+    def _pread_full(self, fd: int, view: memoryview, offset: int, what: str) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise self._read_failed(what, offset + done, exc) from exc
+            if n == 0:
+                raise self._read_failed(what, offset + done, None)
+            done += n
+
+    def resident_bytes(self) -> int:
+        """Bytes of the pages a scan would read now (present in pagemap)."""
+        return sum(int(np.count_nonzero(scannable(self._pagemap(v), v)))
+                   for v in self.vmas) * PAGE_SIZE
+
+    # -- PageSource ----------------------------------------------------------
+    def regions(self) -> list[Region]:
+        return list(self._regions)
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
+        """Stream resident pages, ``chunk_pages`` at most per run (16 MiB by default).
+
+        The yielded ``data`` and ``pagemap`` live in buffers reused for later
+        runs: copy what must outlive the next iteration step. With ``read_into``
+        set, ``data`` is read into the view it returns for each run instead, and
+        ``pagemap`` is a copy: both outlive the iteration.
+        """
+        check_chunk_pages(chunk_pages)
+        if self._closed:
+            raise ProcfsError(f"live source for process {self.pid} is closed")
+        if self.mirror is not None:
+            yield from self._tracked_runs(self.mirror, chunk_pages)
+            return
+        buf = bytearray(chunk_pages * PAGE_SIZE)
+        view = memoryview(buf)
+        pm_buf = bytearray(chunk_pages * 8)
+        pm_view = memoryview(pm_buf)
+        for vma, region in zip(self.vmas, self._regions, strict=True):
+            for addr in range(vma.start, vma.end, chunk_pages * PAGE_SIZE):
+                npages = min(chunk_pages, (vma.end - addr) // PAGE_SIZE)
+                self._pread_full(self._pagemap_fd, pm_view[:npages * 8],
+                                 addr // PAGE_SIZE * 8, "pagemap")
+                entries = np.frombuffer(pm_buf, dtype=np.uint64, count=npages)
+                present = scannable(entries, vma).astype(np.int8)
+                edges = np.diff(present, prepend=np.int8(0), append=np.int8(0))
+                starts = np.nonzero(edges == 1)[0].tolist()
+                stops = np.nonzero(edges == -1)[0].tolist()
+                first_page = (addr - vma.start) // PAGE_SIZE
+                for s, e in zip(starts, stops, strict=True):
+                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE] if self.read_into is None \
+                        else self.read_into((e - s) * PAGE_SIZE)
+                    self._pread_full(self._mem_fd, chunk, addr + s * PAGE_SIZE, "memory")
+                    pm = entries[s:e] if self.read_into is None else entries[s:e].copy()
+                    yield LivePageRun(self.name, region.key, first_page + s, chunk, pm)
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64],
+                   into: memoryview) -> None:
+        """Read the pages at indices ``pages`` (ascending) of ``region`` now into
+        ``into``, in that order; consecutive pages in one read. For comparing
+        pages at the end of a scan that did not keep them (``KsmEngine.end_scan``'s
+        fetch). Raises what reading raises (ProcessGone, AccessDenied, ProcfsError).
+        """
+        k = next((i for i, r in enumerate(self._regions) if r.key == region), None)
+        if k is None:
+            raise ProcfsError(f"process {self.pid} has no region {region!r}")
+        if len(into) != pages.size * PAGE_SIZE:
+            raise ValueError(f"{len(into)} bytes for {pages.size} pages")
+        start = self.vmas[k].start
+        cut = np.flatnonzero(np.diff(pages, prepend=np.int64(-2)) != 1)
+        ends = np.append(cut[1:], pages.size)
+        for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
+            self._pread_full(self._mem_fd, into[a * PAGE_SIZE:b * PAGE_SIZE],
+                             start + int(pages[a]) * PAGE_SIZE, "memory")
+
+    def _pagemap(self, vma: Vma) -> U64:
+        """The pagemap entries of every page of ``vma`` (8 bytes a page)."""
+        out = np.empty(vma.size // PAGE_SIZE, dtype=np.uint64)
+        self._pread_full(self._pagemap_fd, memoryview(out.data).cast("B"),
+                         vma.start // PAGE_SIZE * 8, "pagemap")
+        return out
+
+    def _clear_soft_dirty(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("4")
+            return True
+        except OSError as exc:
+            if exc.errno in _DENIED:
+                raise _access_denied(self.pid, "clear_refs") from exc
+            if exc.errno in _GONE:
+                raise ProcessGone(f"process {self.pid} is gone (clear_refs)") from exc
+            return False          # EINVAL: no CONFIG_MEM_SOFT_DIRTY
+
+    def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int
+                      ) -> Iterator[TrackedPageRun]:
+        """runs() through ``mirror``: read only pages written since the last scan."""
+        used: set[tuple[str, str]] = set()
+        copies = [mirror.copy_for(r, used) for r in self._regions]
+        mirror.prune(f"{self.pid}:", used)
+        mirror.pages_read = mirror.pages_reused = 0
+        done = False
+        try:
+            # every region's dirty bits first, then the clear: keeps the window short
+            entries = [self._pagemap(v) for v in self.vmas]
+            tracked = mirror.supported and self._clear_soft_dirty()
+            if not tracked:
+                mirror.supported = False
+            for vma, region, cp, pm in zip(self.vmas, self._regions, copies, entries,
+                                           strict=True):
+                present = scannable(pm, vma)
+                clean = present & ((pm & PM_SOFT_DIRTY) == 0) & cp.valid if tracked else \
+                    np.zeros(pm.size, dtype=np.bool_)
+                cp.valid[:] = False          # until read (or found clean) below
+                view = memoryview(cp.buf)
+                for p0 in range(0, pm.size, chunk_pages):
+                    p1 = min(pm.size, p0 + chunk_pages)
+                    pres = present[p0:p1].astype(np.int8)
+                    edges = np.diff(pres, prepend=np.int8(0), append=np.int8(0))
+                    for s, e in zip(np.flatnonzero(edges == 1).tolist(),
+                                    np.flatnonzero(edges == -1).tolist(), strict=True):
+                        a, b = p0 + s, p0 + e
+                        reuse = clean[a:b].copy()
+                        self._read_dirty(view, vma.start, a, reuse)
+                        cp.valid[a:b] = tracked
+                        n_re = int(np.count_nonzero(reuse))
+                        mirror.pages_reused += n_re
+                        mirror.pages_read += (b - a) - n_re
+                        yield TrackedPageRun(self.name, region.key, a,
+                                             view[a * PAGE_SIZE:b * PAGE_SIZE],
+                                             pagemap=pm[a:b], unchanged=reuse)
+            done = True
+        finally:
+            if not done:                  # the copies no longer match what was cleared
+                mirror.forget(used)
+
+    def _read_dirty(self, view: memoryview, start: int, first: int,
+                    reuse: npt.NDArray[np.bool_]) -> None:
+        """Read pages first.. of the run whose ``reuse`` is False into ``view``."""
+        edges = np.diff((~reuse).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+        for s, e in zip(np.flatnonzero(edges == 1).tolist(),
+                        np.flatnonzero(edges == -1).tolist(), strict=True):
+            a, b = (first + s) * PAGE_SIZE, (first + e) * PAGE_SIZE
+            self._pread_full(self._mem_fd, view[a:b], start + a, "memory")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._mem_fd)
+            os.close(self._pagemap_fd)

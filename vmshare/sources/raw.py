@@ -1,0 +1,47 @@
+"""Raw guest RAM images (QMP/HMP ``pmemsave``, or any plain file of RAM)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from vmshare.model import PAGE_SIZE, PageRun, Region
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, FileSource, check_chunk_pages, pages_for
+
+
+class RawImageSource(FileSource):
+    """A file whose byte ``i`` is guest RAM byte ``base + i``: one region.
+
+    The region key is "gpa@0x<base>" (``base`` is the guest-physical address
+    the image starts at, 0 for ``pmemsave val=0``) unless ``key`` is given.
+    A file whose size is not a page multiple gets its last page zero-filled.
+    There is nothing to validate beyond the file being readable; a file that
+    shrinks while it is read raises DumpError.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None, *,
+                 base: int = 0, key: str | None = None) -> None:
+        super().__init__(path, name)
+        self.base = base
+        self.key = key if key is not None else f"gpa@{base:#x}"
+
+    def regions(self) -> list[Region]:
+        if self.file_size == 0:
+            return []
+        return [Region(self.key, pages_for(self.file_size) * PAGE_SIZE, self.file_generation)]
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+        """Stream the whole file; ``data`` lives in one buffer reused between yields."""
+        check_chunk_pages(chunk_pages)
+        self._check_open()
+        buf = bytearray(chunk_pages * PAGE_SIZE)
+        view = memoryview(buf)
+        done = 0
+        while done < self.file_size:
+            n = min(len(buf), self.file_size - done)
+            npages = pages_for(n)
+            self.pread_exact(view[:n], done, "raw image")
+            if n % PAGE_SIZE:
+                view[n:npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE - n)
+            yield PageRun(self.name, self.key, done // PAGE_SIZE, view[:npages * PAGE_SIZE])
+            done += n
