@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Prepare a Debian 12 machine (as root, no systemd needed) for vmshare's
-# integration tests: Debian packages, the project venv, virtlogd + libvirtd,
-# and the cached test guest image. Idempotent; quiet and fast (< 3 s) when
-# everything is already in place. Run from anywhere.
+# Prepare a Debian 12 machine (as root, no systemd needed) for vmshare and its
+# integration tests: Debian packages, the project venv, the vmshare(1) man page
+# and bash/zsh completion, virtlogd + libvirtd, and the cached test guest
+# image. Idempotent; quiet and fast (< 3 s) when everything is already in
+# place. Run from anywhere.
 #
 # Guests are always TCG (libvirt domain type 'qemu', QEMU -accel tcg): /dev/kvm
 # may open on these machines but KVM guests hang, so nothing here enables KVM.
