@@ -99,6 +99,9 @@ def test_global_options_before_the_command(bash_script: Path) -> None:
 def test_choices_and_files(bash_script: Path, tmp_path: Path) -> None:
     assert complete(bash_script, "vmshare", "policy", "set", "--merge", "") == [
         "inherit", "off", "on"]
+    # --merge=o: bash's COMP_WORDS split at '='
+    assert complete(bash_script, "vmshare", "policy", "set", "--merge", "=", "o") == [
+        "off", "on"]
     (tmp_path / "guest.core").write_text("")
     assert complete(bash_script, "vmshare", "predict", "--dump", "gu", cwd=tmp_path) == [
         "guest.core"]

@@ -81,6 +81,8 @@ _vmshare() {{
         fi
     done
     local key=$cmd${{act:+ $act}}
+    # bash splits --opt=value at '=' (COMP_WORDBREAKS): the option is two words back
+    [[ $prev == = ]] && prev=${{COMP_WORDS[COMP_CWORD-2]}}
 """
 
 _BASH_TAIL = """\
