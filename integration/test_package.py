@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# a cold run makes the root with mmdebstrap inside the first test's time
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("VMSHARE_CACHE", "/var/cache/vmshare-test"))
@@ -113,7 +114,8 @@ def bare_root(packages: list[str], into: Path) -> Chroot:
     tarball = CACHE / f"chroot-{SUITE}-{key}.tar"
     if not tarball.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        part = tarball.with_suffix(".part.tar")
+        # mmdebstrap picks the format by the name's end; the pid keeps two runs apart
+        part = tarball.with_name(f".{tarball.stem}.{os.getpid()}.part.tar")
         r = subprocess.run(["mmdebstrap", "--quiet", f"--variant={VARIANT}",
                             "--include=" + ",".join(packages), SUITE, str(part)],
                            capture_output=True, text=True, timeout=1200, check=False)
