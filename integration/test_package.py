@@ -232,6 +232,23 @@ def test_man_page(installed: Installed) -> None:
     assert "vmshare" in page and "--version" in page
 
 
+def test_completions(installed: Installed) -> None:
+    bash = "/usr/share/bash-completion/completions/vmshare"
+    if bash not in installed.owned:
+        pytest.skip("this tree has no completion generator (vmshare/cli/completion.py) yet")
+    assert "/usr/share/zsh/vendor-completions/_vmshare" in installed.owned
+    spec = installed.chroot.ok("bash", "-c", f"source {bash} && complete -p vmshare")
+    assert spec.startswith("complete ") and spec.strip().endswith(" vmshare"), spec
+
+
+def test_unit_is_installed_disabled(installed: Installed) -> None:
+    # enabling is the operator's step (see debian/rules); dpkg only records the unit
+    wants = installed.chroot.root / "etc/systemd/system/multi-user.target.wants"
+    assert not (wants / "vmshare.service").is_symlink()
+    state = installed.chroot.root / "var/lib/systemd/deb-systemd-helper-enabled"
+    assert state.is_dir(), "dh_installsystemd's update-state did not run"
+
+
 def test_purge_leaves_nothing(installed: Installed) -> None:
     c = installed.chroot
     for path in RUNTIME_FILES:
