@@ -21,12 +21,18 @@ PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
 
+# The Debian package: build, lint, and the throwaway root it is installed into
+# (integration/build_deb.sh, integration/test_package.py).
+PACKAGING_PACKAGES=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all-dev
+                    python3-setuptools python3-libvirt python3-numpy python3-xxhash lintian
+                    mmdebstrap util-linux)
+
 [[ $(id -u) -eq 0 ]] || die "must run as root (installs packages, starts libvirtd)"
 [[ -f $REPO/pyproject.toml ]] || die "no pyproject.toml in $REPO"
 
 # --- Debian packages -------------------------------------------------------
 missing=()
-for pkg in "${PACKAGES[@]}"; do
+for pkg in "${PACKAGES[@]}" "${PACKAGING_PACKAGES[@]}"; do
     status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
     [[ $status == installed ]] || missing+=("$pkg")
 done
@@ -35,7 +41,8 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     log=$(mktemp)
     apt-get update >"$log" 2>&1 || { cat "$log" >&2; die "apt-get update failed"; }
-    apt-get install -y --no-install-recommends "${PACKAGES[@]}" >"$log" 2>&1 \
+    apt-get install -y --no-install-recommends "${PACKAGES[@]}" "${PACKAGING_PACKAGES[@]}" \
+        >"$log" 2>&1 \
         || { tail -n 30 "$log" >&2; die "apt-get install ${missing[*]} failed"; }
     rm -f "$log"
 fi
