@@ -16,7 +16,19 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vmshare import __version__
-from vmshare.cli import daemon, demo, hook, ksm, metrics, policy, predict, records, tune, vms
+from vmshare.cli import (
+    argtypes,
+    daemon,
+    demo,
+    hook,
+    ksm,
+    metrics,
+    policy,
+    predict,
+    records,
+    tune,
+    vms,
+)
 from vmshare.cli.context import EXIT_INTERNAL, Context
 from vmshare.errors import VmshareError
 
@@ -30,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmshare",
         description="Per-VM KSM control and exact per-VM memory-sharing accounting.")
     p.add_argument("--version", action="version", version=f"vmshare {__version__}")
-    p.add_argument("-c", "--connect", metavar="URI",
-                   help="libvirt connection URI, as in virsh (default qemu:///system)")
-    p.add_argument("--qmp", metavar="SOCKET",
+    p.add_argument("-c", "--connect", metavar="URI", type=argtypes.nonempty("libvirt URI"),
+                   help="libvirt connection URI, as in virsh (default, when the option is "
+                        "absent: qemu:///system; an empty URI is refused)")
+    p.add_argument("--qmp", metavar="SOCKET", type=argtypes.nonempty("QMP socket path"),
                    help="talk to a plain QEMU over its QMP unix socket instead of libvirt")
-    p.add_argument("--deadline", type=float, default=10.0, metavar="SECONDS",
-                   help="deadline for every libvirt/QMP call (default 10)")
+    p.add_argument("--deadline", type=argtypes.DEADLINE, default=10.0, metavar="SECONDS",
+                   help="deadline for every libvirt/QMP call, greater than 0 and at most "
+                        f"{argtypes.MAX_SECONDS:g} (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

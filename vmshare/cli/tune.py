@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vmshare.cli import argtypes
 from vmshare.config import TunerPolicy
 from vmshare.errors import UsageError
 from vmshare.ksm.sysfs import KsmSysfs
@@ -55,8 +56,6 @@ class Stop(Exception):
 
 def cmd_tune(ctx: Any) -> int:
     a = ctx.args
-    if a.interval <= 0:
-        raise UsageError("--interval must be positive")
     try:
         policy = TunerPolicy(cpu_budget_pct=a.cpu_budget, tight_available=a.tight / 100.0,
                         ample_available=a.ample / 100.0)
@@ -111,17 +110,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                                     "CPU budget (a better ksmtuned)")
     s.add_argument("--once", action="store_true",
                    help="one step: observe, wait --interval, observe, decide, act")
-    s.add_argument("--interval", type=float, default=5.0, metavar="S",
-                   help="seconds between observations (default 5)")
-    s.add_argument("--cpu-budget", type=float, default=TunerPolicy.cpu_budget_pct, metavar="PCT",
+    s.add_argument("--interval", type=argtypes.seconds(), default=5.0, metavar="S",
+                   help="seconds between observations, greater than 0 and at most "
+                        f"{argtypes.MAX_SECONDS:g} (default 5)")
+    s.add_argument("--cpu-budget", type=argtypes.finite_float(0, 100, lo_open=True),
+                   default=TunerPolicy.cpu_budget_pct, metavar="PCT",
                    help="ksmd CPU budget, percent of one core (default %(default)g)")
-    s.add_argument("--tight", type=float, default=TunerPolicy.tight_available * 100, metavar="PCT",
+    s.add_argument("--tight", type=argtypes.PERCENT, default=TunerPolicy.tight_available * 100,
+                   metavar="PCT",
                    help="memory is tight below this MemAvailable %% of RAM (default "
                         "%(default)g)")
-    s.add_argument("--ample", type=float, default=TunerPolicy.ample_available * 100, metavar="PCT",
+    s.add_argument("--ample", type=argtypes.PERCENT, default=TunerPolicy.ample_available * 100,
+                   metavar="PCT",
                    help="memory is ample at or above this MemAvailable %% of RAM (default "
                         "%(default)g): converged KSM is stopped")
-    s.add_argument("--steps", type=int, default=0, help="stop after this many decisions")
+    s.add_argument("--steps", type=argtypes.bounded_int(0, 10**9), default=0,
+                   help="stop after this many decisions")
     s.add_argument("--dry-run", action="store_true", help="print decisions, write nothing")
     s.add_argument("--take-over", action="store_true",
                    help="switch the kernel's scan-time advisor off and tune instead")
