@@ -13,7 +13,8 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from vmshare import __version__
 from vmshare.cli import (
@@ -31,6 +32,7 @@ from vmshare.cli import (
 )
 from vmshare.cli.context import EXIT_INTERNAL, Context
 from vmshare.errors import VmshareError
+from vmshare.present.text import visible
 
 log = logging.getLogger("vmshare")
 
@@ -62,18 +64,61 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="vmshare: %(levelname)s: %(name)s: %(message)s")
     func: Callable[[Context], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
+    with escaped_log_records():
+        setup_logging(args.debug, args.verbose)
+        return run(func, args)
+
+
+def setup_logging(debug: bool, verbose: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="vmshare: %(levelname)s: %(name)s: %(message)s")
+    # qemu.qmp logs its own ERROR lines (a greeting timeout gives two) before
+    # vmshare's one-line error says the same thing better: --debug only.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def escaped_log_records() -> Iterator[None]:
+    """For the block, every log record made in this process carries its message
+    and logger name through ``visible``: domain names and guest text reach log
+    lines with their control characters escaped, so they can neither forge a
+    line nor drive the terminal.
+
+    A record factory rather than a Formatter, because the daemon installs its
+    own handler and formatter (vmshare.daemon.service) and a record passes
+    through the factory whichever handler writes it.
+    """
+    plain = logging.getLogRecordFactory()
+
+    def factory(*a: Any, **k: Any) -> logging.LogRecord:
+        record = plain(*a, **k)
+        try:
+            message = record.getMessage()
+        except Exception:      # a malformed call: let the handler report it as usual
+            return record
+        record.msg, record.args = visible(message), ()
+        record.name = visible(record.name)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(plain)
+
+
+def run(func: Callable[[Context], int], args: argparse.Namespace) -> int:
+    """Run one command; every failure is one line on stderr and an exit code."""
     ctx = Context(args)
     try:
         return func(ctx)
     except VmshareError as exc:
         log.debug("error detail", exc_info=True)
-        print(f"vmshare: error: {exc}", file=sys.stderr)
+        print(f"vmshare: error: {visible(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("vmshare: interrupted", file=sys.stderr)
@@ -83,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:   # a bug: one line, traceback only with --debug
         if args.debug:
             raise
-        print(f"vmshare: internal error: {type(exc).__name__}: {exc} "
+        print(f"vmshare: internal error: {type(exc).__name__}: {visible(str(exc))} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
