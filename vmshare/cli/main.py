@@ -31,11 +31,16 @@ from vmshare.cli import (
     vms,
 )
 from vmshare.cli.context import EXIT_INTERNAL, Context
+from vmshare.control.lock import DEFAULT_WAIT, control_lock
 from vmshare.errors import VmshareError
 from vmshare.present.text import visible
 
 log = logging.getLogger("vmshare")
 
+#: Commands that change merge state, policy or KSM knobs: one at a time per host.
+#: `tune` takes the lock around each step itself (it runs for hours).
+ACTS = frozenset({"enable", "disable", "policy set", "ksm start", "ksm stop", "ksm unmerge",
+                  "ksm set"})
 GROUPS = (vms, ksm, policy, records, demo, hook, predict, metrics, daemon, tune)
 
 
@@ -52,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=argtypes.DEADLINE, default=10.0, metavar="SECONDS",
                    help="deadline for every libvirt/QMP call, greater than 0 and at most "
                         f"{argtypes.MAX_SECONDS:g} (default 10)")
+    p.add_argument("--lock-wait", type=argtypes.seconds(zero_ok=True), default=DEFAULT_WAIT,
+                   metavar="SECONDS",
+                   help="how long a command that acts waits for another's to finish "
+                        f"(the host's control lock; default {DEFAULT_WAIT:g}, at most "
+                        f"{argtypes.MAX_SECONDS:g})")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -111,11 +121,26 @@ def escaped_log_records() -> Iterator[None]:
         logging.setLogRecordFactory(plain)
 
 
+def acting(args: argparse.Namespace) -> str | None:
+    """What the command does to the host, for the control lock's holder line,
+    or None when it only reads. A command declares itself with
+    ``set_defaults(acts=True)``, or is named in ACTS."""
+    words = [args.command, *(getattr(args, k, None) for k in ("ksm_cmd", "policy_cmd"))]
+    name = " ".join(w for w in words if w)
+    if not (getattr(args, "acts", False) or name in ACTS):
+        return None
+    domain = getattr(args, "domain", None)
+    return f"vmshare {name} {domain}" if isinstance(domain, str) else f"vmshare {name}"
+
+
 def run(func: Callable[[Context], int], args: argparse.Namespace) -> int:
-    """Run one command; every failure is one line on stderr and an exit code."""
+    """Run one command; every failure is one line on stderr and an exit code.
+    A command that acts runs under the host's control lock (vmshare.control.lock)."""
     ctx = Context(args)
+    what = acting(args)
     try:
-        return func(ctx)
+        with (control_lock(what, wait=args.lock_wait) if what else contextlib.nullcontext()):
+            return func(ctx)
     except VmshareError as exc:
         log.debug("error detail", exc_info=True)
         print(f"vmshare: error: {visible(str(exc))}", file=sys.stderr)

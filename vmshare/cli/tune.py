@@ -19,7 +19,9 @@ from types import FrameType
 from typing import Any
 
 from vmshare.cli import argtypes
+from vmshare.cli.context import warn
 from vmshare.config import TunerPolicy
+from vmshare.control.lock import ControlBusy, control_lock
 from vmshare.errors import UsageError
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.records.audit import AuditLog
@@ -67,7 +69,14 @@ def cmd_tune(ctx: Any) -> int:
                                             actor="tuner")
     say: Callable[[str], None] = (lambda s: None) if a.json else (
         lambda s: print(s, flush=True))
-    line = check_advisor(sysfs, a.take_over, a.dry_run, audit)
+    def acting(what: str) -> contextlib.AbstractContextManager[None]:
+        # Each act, not the whole run, holds the host's control lock: an
+        # `enable` or `ksm set` waits for one step, never for the tuner to end.
+        return (contextlib.nullcontext() if a.dry_run
+                else control_lock(f"vmshare tune: {what}", wait=a.lock_wait))
+
+    with acting("advisor check"):
+        line = check_advisor(sysfs, a.take_over, a.dry_run, audit)
     if line:
         say(line)
     tuner = Tuner(sysfs, ctx.procfs, policy, audit, dry_run=a.dry_run)
@@ -87,7 +96,12 @@ def cmd_tune(ctx: Any) -> int:
             steps = 0
             while True:
                 time.sleep(a.interval)
-                obs, decision, changes = tuner.step()
+                try:
+                    with acting("step"):
+                        obs, decision, changes = tuner.step()
+                except ControlBusy as exc:
+                    warn(f"{exc}; this step is skipped")
+                    continue
                 print(decision_json(obs, decision, changes) if a.json
                       else decision_line(obs, decision, changes), flush=True)
                 steps += 1
