@@ -209,3 +209,36 @@ def test_cli_acts_from_many_shells_form_one_serial_order(tmp_path: Path) -> None
     assert sorted(seen) == values
     assert (tmp_path / "ksm" / "pages_to_scan").read_text().strip() == seen[-1]
     assert not (tmp_path / "control.lock").exists()
+
+
+def test_tune_takes_the_lock_per_step_and_skips_a_busy_step(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tune` holds the lock only around each act: while another act holds
+    it, the step is skipped with a warning naming the holder, and the tuner
+    carries on (it runs for hours; it must not die of a busy moment)."""
+    from vmshare.cli.main import main
+    proc = tmp_path / "proc"
+    (proc / "77").mkdir(parents=True)
+    (proc / "77" / "comm").write_text("ksmd\n")
+    (proc / "77" / "stat").write_text("77 (ksmd) S " + " ".join(["0"] * 19) + " 555\n")
+    (proc / "meminfo").write_text("MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n")
+    monkeypatch.setenv("VMSHARE_SYSFS_ROOT", str(make_sysfs(tmp_path / "ksm")))
+    monkeypatch.setenv("VMSHARE_PROC_ROOT", str(proc))
+    monkeypatch.setenv("VMSHARE_TUNER_LOCK", str(tmp_path / "tuner.lock"))
+    monkeypatch.setenv("VMSHARE_CONTROL_LOCK", str(tmp_path / "control.lock"))
+    (tmp_path / "counter").write_text("0")
+    holder = worker(tmp_path, "holder", 1.0)
+    try:
+        while not (tmp_path / "control.lock").exists() or \
+                not (tmp_path / "control.lock").read_text():
+            time.sleep(0.01)
+        code = main(["--lock-wait", "0.1", "tune", "--interval", "0.05", "--steps", "1",
+                     "--json", "--audit-log", str(tmp_path / "audit.jsonl")])
+    finally:
+        holder.wait(timeout=30)
+    out, err = capsys.readouterr()
+    assert code == 0
+    skipped = [line for line in err.splitlines() if "this step is skipped" in line]
+    assert skipped and all(f"pid {holder.pid} (worker holder)" in line for line in skipped)
+    assert len(out.splitlines()) == 1 and json.loads(out)["mode"]     # then one decision

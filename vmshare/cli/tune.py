@@ -69,13 +69,15 @@ def cmd_tune(ctx: Any) -> int:
                                             actor="tuner")
     say: Callable[[str], None] = (lambda s: None) if a.json else (
         lambda s: print(s, flush=True))
+
     def acting(what: str) -> contextlib.AbstractContextManager[None]:
         # Each act, not the whole run, holds the host's control lock: an
         # `enable` or `ksm set` waits for one step, never for the tuner to end.
         return (contextlib.nullcontext() if a.dry_run
                 else control_lock(f"vmshare tune: {what}", wait=a.lock_wait))
 
-    with acting("advisor check"):
+    # Only --take-over can write (advisor_mode=none); a plain start reads.
+    with acting("advisor take-over") if a.take_over else contextlib.nullcontext():
         line = check_advisor(sysfs, a.take_over, a.dry_run, audit)
     if line:
         say(line)
