@@ -47,6 +47,18 @@ def worker(tmp_path: Path, name: str, hold: float) -> subprocess.Popen[str]:
                              str(hold), name], cwd=REPO, text=True)
 
 
+def holding(tmp_path: Path, name: str, hold: float) -> subprocess.Popen[str]:
+    """A worker process that has taken the lock (its line is in the file)."""
+    (tmp_path / "counter").write_text("0")
+    holder = worker(tmp_path, name, hold)
+    lock = tmp_path / "control.lock"
+    deadline = time.monotonic() + 10
+    while not (lock.exists() and lock.read_text()):
+        assert time.monotonic() < deadline, "the worker never took the lock"
+        time.sleep(0.01)
+    return holder
+
+
 def test_processes_contending_run_one_at_a_time(tmp_path: Path) -> None:
     (tmp_path / "counter").write_text("0")
     procs = [worker(tmp_path, str(i), 0.05) for i in range(8)]
@@ -62,14 +74,8 @@ def test_processes_contending_run_one_at_a_time(tmp_path: Path) -> None:
 
 
 def test_wait_is_bounded_and_names_the_holder(tmp_path: Path) -> None:
-    (tmp_path / "counter").write_text("0")
-    holder = worker(tmp_path, "holder", 2.0)
+    holder = holding(tmp_path, "holder", 2.0)
     try:
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "control.lock").exists() or \
-                not (tmp_path / "control.lock").read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(ControlBusy) as exc, \
                 control_lock("test", path=tmp_path / "control.lock", wait=0.5):
@@ -85,13 +91,7 @@ def test_wait_is_bounded_and_names_the_holder(tmp_path: Path) -> None:
 
 
 def test_a_dead_holder_releases_at_once(tmp_path: Path) -> None:
-    (tmp_path / "counter").write_text("0")
-    holder = worker(tmp_path, "doomed", 30.0)
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "control.lock").exists() or \
-            not (tmp_path / "control.lock").read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    holder = holding(tmp_path, "doomed", 30.0)
     holder.kill()
     holder.wait()
     with control_lock("next", path=tmp_path / "control.lock", wait=2):
@@ -167,12 +167,8 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_cli_act_waits_a_bounded_time_then_names_the_holder(tmp_path: Path) -> None:
     env = {**os.environ, "VMSHARE_SYSFS_ROOT": str(make_sysfs(tmp_path / "ksm")),
            "VMSHARE_CONTROL_LOCK": str(tmp_path / "control.lock")}
-    (tmp_path / "counter").write_text("0")
-    holder = worker(tmp_path, "holder", 2.0)
+    holder = holding(tmp_path, "holder", 2.0)
     try:
-        while not (tmp_path / "control.lock").exists() or \
-                not (tmp_path / "control.lock").read_text():
-            time.sleep(0.01)
         proc = cli("--lock-wait", "0.5", "ksm", "set", "pages_to_scan=500", env=env)
         assert proc.returncode == 75
         assert proc.stderr == (f"vmshare: error: pid {holder.pid} (worker holder) has held the "
@@ -227,12 +223,8 @@ def test_tune_takes_the_lock_per_step_and_skips_a_busy_step(
     monkeypatch.setenv("VMSHARE_PROC_ROOT", str(proc))
     monkeypatch.setenv("VMSHARE_TUNER_LOCK", str(tmp_path / "tuner.lock"))
     monkeypatch.setenv("VMSHARE_CONTROL_LOCK", str(tmp_path / "control.lock"))
-    (tmp_path / "counter").write_text("0")
-    holder = worker(tmp_path, "holder", 1.0)
+    holder = holding(tmp_path, "holder", 1.0)
     try:
-        while not (tmp_path / "control.lock").exists() or \
-                not (tmp_path / "control.lock").read_text():
-            time.sleep(0.01)
         code = main(["--lock-wait", "0.1", "tune", "--interval", "0.05", "--steps", "1",
                      "--json", "--audit-log", str(tmp_path / "audit.jsonl")])
     finally:
