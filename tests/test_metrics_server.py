@@ -126,7 +126,9 @@ def test_idle_and_half_sent_clients_do_not_block_scrapes(
         results = list(pool.map(lambda _: scrape(server, timeout=5), range(20)))
     elapsed = time.monotonic() - t0
     assert results == [(200, BODY)] * 20
-    assert elapsed < 2.0, f"20 scrapes took {elapsed:.1f}s beside two stuck clients"
+    # Well under a second: a listen backlog too short for the burst shows as
+    # the client's 1 s SYN retransmit.
+    assert elapsed < 0.9, f"20 scrapes took {elapsed:.2f}s beside two stuck clients"
     # Neither stuck client is kept past the bounds: the per-read timeout
     # closes the silent one, the request deadline the other.
     assert closed_within(idle, 8) < 6

@@ -74,6 +74,9 @@ class MetricsServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True       # an exit never waits for a stuck client
+    # The listen backlog: socketserver's 5 drops the SYNs of a burst of scrapes,
+    # which then wait a second for the client's retransmit.
+    request_queue_size = 128
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
