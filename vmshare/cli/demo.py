@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmshare.cli import argtypes
 from vmshare.cli.context import Context, out
 from vmshare.control.merge import Controller
 from vmshare.errors import AccessDenied, KsmUnavailable, UsageError, VmshareError
@@ -177,7 +178,7 @@ def register(sub: Any) -> None:
                    help="memory each guest fills with its own bytes (default %(default)s)")
     s.add_argument("--zero", type=int, default=16, metavar="MiB",
                    help="memory each guest fills with zeros (default %(default)s)")
-    s.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+    s.add_argument("--timeout", type=argtypes.seconds(), default=300.0, metavar="SECONDS",
                    help="seconds to wait for each guest to boot, and for KSM to merge "
                         "(default %(default)g)")
     s.add_argument("--keep", action="store_true", help="leave the guests running")
