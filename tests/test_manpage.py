@@ -158,7 +158,9 @@ def returned_ints(path: Path, function: str) -> set[int]:
 
 
 def test_every_exit_status_is_documented(rendered: str) -> None:
-    codes = manpage.error_exit_codes() | returned_ints(ROOT / "vmshare/cli/main.py", "main")
+    main_py = ROOT / "vmshare/cli/main.py"
+    codes = (manpage.error_exit_codes() | returned_ints(main_py, "main")
+             | returned_ints(main_py, "run"))
     assert {0, 1, 2, 130} <= codes
     assert codes <= set(manpage.EXIT_MEANINGS)
     status = section(rendered, "EXIT STATUS")

@@ -18,6 +18,7 @@ from vmshare import __version__
 from vmshare.cli.context import EXIT_INTERNAL
 from vmshare.cli.parsertree import Command, Option, ParserTree, Positional, vmshare_tree
 from vmshare.config import CONFIG_ENV, DEFAULT_CONFIG, DaemonSettings
+from vmshare.control.lock import CONTROL_LOCK, CONTROL_LOCK_ENV, ControlBusy
 from vmshare.daemon.runner import DOMAINS_ENV
 from vmshare.errors import VmshareError
 from vmshare.hook.install import HOOK_NAME, HOOKS_DIR
@@ -141,6 +142,8 @@ def _files() -> tuple[Para, ...]:
         (str(d.socket), "The daemon's wake-up socket (datagrams from the hook)."),
         (str(TUNER_LOCK), "The tuner lock, holding the pid of the one vmshare tuner that "
          "owns run, pages_to_scan and sleep_millisecs."),
+        (str(CONTROL_LOCK), "The host's control lock: commands that change merge state, "
+         "policy or knobs take it one at a time (the holder's pid and command inside)."),
         (f"{HOOKS_DIR}/qemu.d/{HOOK_NAME}", "The libvirt qemu hook, as installed by "
          "vmshare hook install."),
         ("/sys/kernel/mm/ksm", "Kernel KSM's knobs and counters."),
@@ -153,6 +156,7 @@ ENVIRONMENT: tuple[Para, ...] = (
     (DOMAINS_ENV, "Comma-separated name globs: the daemon manages only these domains "
      "(as --domain); the others still count for trust groups."),
     (TUNER_LOCK_ENV, f"The tuner lock, instead of {TUNER_LOCK}."),
+    (CONTROL_LOCK_ENV, f"The host's control lock, instead of {CONTROL_LOCK}."),
     ("VMSHARE_SYSFS_ROOT", "The KSM sysfs directory, instead of /sys/kernel/mm/ksm "
      "(for tests)."),
     ("VMSHARE_PROC_ROOT", "The procfs root, instead of /proc (for tests)."),
@@ -169,6 +173,8 @@ EXIT_MEANINGS: dict[int, str] = {
        "refused, a domain not found or not running, a deadline passed, verification "
        "failed, an unmerge or scan refused for lack of memory, a policy forbids it.",
     2: "Bad usage: an unknown option, a malformed value, no command.",
+    ControlBusy.exit_code: "Another command held the host's control lock for longer than "
+                           "--lock-wait (its pid and command are named): try again.",
     EXIT_INTERNAL: "An internal error (a bug), printed as one line; --debug shows the "
                    "traceback.",
     INTERRUPTED: "Interrupted (SIGINT).",
