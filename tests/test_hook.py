@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.daemon import spool
+from vmshare.daemon import spool, wakeup
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = REPO / "hooks" / "vmshare-qemu-hook"
@@ -176,7 +176,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def daemon_socket(dirs: tuple[Path, Path]) -> Iterator[socket.socket]:
-    sock = spool.bind_wakeup_socket(dirs[1])
+    sock = wakeup.bind_wakeup_socket(dirs[1])
     yield sock
     sock.close()
 
@@ -205,14 +205,14 @@ def test_every_libvirt_call_is_spooled_and_signalled(
     raw = json.loads(entry.read_bytes())
     assert raw["v"] == spool.FORMAT_VERSION and raw["xml"] == "ok"
     assert raw["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    [wakeup] = spool.drain_wakeups(daemon_socket)
+    [woken] = wakeup.drain_wakeups(daemon_socket)
     [event] = spool.drain(spool_dir)
     assert event == spool.SpoolEvent(
         domain="guest-1", uuid=UUID, operation=operation, sub_operation=sub_operation,
         extra=extra, time=event.time, seq=event.seq, boot_id=raw["boot_id"], entry=entry.name)
     assert before <= event.time <= time.time()
     assert 0 < event.seq <= time.monotonic_ns()
-    assert wakeup == event
+    assert woken == event
     assert entries(spool_dir) == []
 
 
@@ -226,7 +226,7 @@ def test_consecutive_calls_keep_their_order(tmp_path: Path, dirs: tuple[Path, Pa
                  env=libvirt_env(spool_dir, sock)).assert_libvirt_safe(0)
     events = spool.drain(spool_dir)
     assert [(e.operation, e.sub_operation) for e in events] == [c[:2] for c in calls]
-    assert len(spool.drain_wakeups(daemon_socket)) == len(calls)
+    assert len(wakeup.drain_wakeups(daemon_socket)) == len(calls)
 
 
 def test_daemon_socket_absent(tmp_path: Path, dirs: tuple[Path, Path]) -> None:
@@ -265,7 +265,7 @@ def test_spool_dir_missing_and_not_creatable(tmp_path: Path, dirs: tuple[Path, P
     run.assert_libvirt_safe(stderr_lines=1)
     assert b"spool dir unusable (ENOTDIR), event dropped" in run.stderr
     # the daemon still hears of the event, and that it is not in the spool
-    [event] = spool.drain_wakeups(daemon_socket)
+    [event] = wakeup.drain_wakeups(daemon_socket)
     assert (event.operation, event.entry) == ("start", "")
 
 
@@ -451,12 +451,12 @@ def test_config_file_next_to_the_hook(tmp_path: Path) -> None:
     conf = tmp_path / "hook.conf"
     conf.write_text(f"# vmshare hook\n[hook]\nspool_dir = {spool_dir}\nsocket={sock}\n"
                     "unknown=1\nmax_entries=100\n")
-    daemon = spool.bind_wakeup_socket(sock)
+    daemon = wakeup.bind_wakeup_socket(sock)
     try:
         env = {"PATH": LIBVIRT_PATH, "LC_ALL": "C", "HOME": "/", "VMSHARE_HOOK_CONF": str(conf)}
         run = run_hook(tmp_path, ["guest-1", "started", "begin", "-"], env=env)
         run.assert_libvirt_safe(stderr_lines=0)
-        assert len(spool.drain_wakeups(daemon)) == 1
+        assert len(wakeup.drain_wakeups(daemon)) == 1
     finally:
         daemon.close()
     assert len(spool.drain(spool_dir)) == 1
