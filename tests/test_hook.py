@@ -374,6 +374,56 @@ def test_bad_xml_falls_back_to_the_name_libvirt_passed(
     assert (event.domain, event.uuid, event.operation) == ("guest-1", None, "start")
 
 
+def _hook_parsing_with(tmp_path: Path, code: str) -> Path:
+    """A copy of the hook that runs ``code`` first thing in parse_domain."""
+    marker = "def parse_domain(xml, problems):\n"
+    text = HOOK.read_text()
+    assert marker in text
+    copy = tmp_path / "changed-hook"
+    copy.write_text(text.replace(marker, marker + code))
+    copy.chmod(0o755)
+    return copy
+
+
+def test_a_slow_parse_never_loses_the_event(tmp_path: Path, dirs: tuple[Path, Path],
+                                            daemon_socket: socket.socket) -> None:
+    spool_dir, sock = dirs
+    slow = _hook_parsing_with(tmp_path, "    time.sleep(30)\n")
+    run = run_hook(tmp_path, ["guest-1", "restore", "begin", "-"],
+                   env=libvirt_env(spool_dir, sock), hook=slow)
+    run.assert_libvirt_safe(stderr_lines=1)
+    assert b"gave up after 0.8 s, event recorded without its UUID" in run.stderr
+    [woken] = wakeup.drain_wakeups(daemon_socket)          # woken by the timer
+    [event] = spool.drain(spool_dir)                       # not locked any more
+    assert (event.domain, event.uuid, event.operation) == ("guest-1", None, "restore")
+    assert woken.entry == event.entry
+
+
+def test_the_entry_is_locked_until_it_is_complete(tmp_path: Path, dirs: tuple[Path, Path],
+                                                  daemon_socket: socket.socket) -> None:
+    """A drainer running during the parse finds the entry locked and leaves it."""
+    spool_dir, sock = dirs
+    seen = tmp_path / "seen.json"
+    check = (f"    import fcntl as _f, json as _j\n"
+             f"    _names = [n for n in os.listdir({str(spool_dir)!r}) if n.endswith('.json')]\n"
+             f"    _fd = os.open({str(spool_dir)!r} + '/' + _names[0], os.O_RDONLY)\n"
+             f"    try:\n"
+             f"        _f.flock(_fd, _f.LOCK_SH | _f.LOCK_NB)\n"
+             f"        _locked = False\n"
+             f"    except BlockingIOError:\n"
+             f"        _locked = True\n"
+             f"    open({str(seen)!r}, 'w').write(_j.dumps([_names, _locked]))\n")
+    probe = _hook_parsing_with(tmp_path, check)
+    run = run_hook(tmp_path, ["guest-1", "start", "begin", "-"],
+                   env=libvirt_env(spool_dir, sock), hook=probe)
+    run.assert_libvirt_safe(stderr_lines=0)
+    names, locked = json.loads(seen.read_text())
+    assert len(names) == 1 and locked      # written before the parse, and held
+    [event] = spool.drain(spool_dir)
+    assert (event.domain, event.uuid, event.entry) == ("guest-1", UUID, names[0])
+    assert [p.name for p in spool_dir.iterdir()] == []
+
+
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [
  <!ENTITY lol "lol">
