@@ -112,10 +112,13 @@ def finite(value: float) -> bool:
 
 def get_map(obj: Any, key: str, error: type[E], what: str, *,
             required: bool = True) -> dict[str, Any]:
-    """``obj[key]`` as a JSON object ({} when absent and not required). Raises ``error``."""
-    value = obj.get(key) if isinstance(obj, Mapping) else None
-    if value is None and not required:
+    """``obj[key]`` as a JSON object ({} when absent and not required; null is not
+    absent). Raises ``error``."""
+    if not isinstance(obj, Mapping):
+        raise error(f"{what}: not an object")
+    if key not in obj and not required:
         return {}
+    value = obj.get(key)
     if not isinstance(value, dict):
         raise error(f"{what}: {key!r} is {_kind(value)}, not an object")
     return value
