@@ -71,7 +71,8 @@ def test_drain_in_a_scope_leaves_other_domains_entries(spool_dir: Path) -> None:
     assert [e.domain for e in spool.drain(spool_dir)] == ["db-1"]
 
 
-def test_bad_dir_has_a_cap(spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_dir_has_a_cap(spool_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                           caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(spool, "MAX_BAD_ENTRIES", 3)
     for i in range(5):
         (spool_dir / f"{i}-1-bad.json").write_bytes(b"{")
@@ -79,10 +80,16 @@ def test_bad_dir_has_a_cap(spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert spool.drain(spool_dir, rejects=rejects) == []
     assert len(list((spool_dir / spool.BAD_DIR).iterdir())) == 3
     assert [p.name for p in spool_dir.iterdir()] == [spool.BAD_DIR]
-    assert rejects.counts == {"spool_entry": 5, "spool_dropped": 2}
-    (spool_dir / "9-1-bad.json").write_bytes(b"{")      # a later drain counts bad/ again
-    spool.drain(spool_dir, rejects=rejects)
-    assert rejects.counts["spool_dropped"] == 3
+    assert rejects.counts == {"spool_entry": 5}
+    assert "4-1-bad.json: not JSON" in caplog.text and "deleted (bad/ holds 3" in caplog.text
+    (spool_dir / "8-1-dir.json").mkdir()                     # empty: removed
+    stuck = spool_dir / "9-1-stuck.json"
+    stuck.mkdir()
+    (stuck / "x").write_text("")                             # cannot be deleted: skipped
+    for _ in range(3):
+        spool.drain(spool_dir, rejects=rejects)
+    assert sorted(p.name for p in spool_dir.iterdir()) == ["9-1-stuck.json", spool.BAD_DIR]
+    assert rejects.counts == {"spool_entry": 7, "spool_dropped": 1}   # refused once each
 
 
 def test_an_entry_the_hook_still_holds_waits(spool_dir: Path) -> None:

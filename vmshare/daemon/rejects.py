@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from vmshare.records.schema import printable
 
 KINDS = ("spool_entry", "datagram", "spool_dropped")
+MAX_SKIPPED = 10_000
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Rejects:
     clock: Callable[[], float] = time.monotonic
     counts: dict[str, int] = field(default_factory=dict)
     _logged: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    _skipped: set[str] = field(default_factory=set)
 
     def reject(self, kind: str, reason: str) -> None:
         """Count one refused item of ``kind``; log it unless this kind is over its rate.
@@ -61,6 +63,15 @@ class Rejects:
                                  "since start", hidden, kind.replace("_", " "), now - start,
                                  self.counts[kind])
                 self._logged[kind] = (now, 0, 0)
+
+    def skip(self, name: str) -> None:
+        """Remember an item that could not be moved aside, so it is refused only once
+        (at most MAX_SKIPPED names are remembered)."""
+        if len(self._skipped) < MAX_SKIPPED:
+            self._skipped.add(name)
+
+    def skipped(self, name: str) -> bool:
+        return name in self._skipped
 
     def total(self) -> int:
         return sum(self.counts.values())

@@ -209,12 +209,13 @@ class _BadDir:
 
     def set_aside(self, name: str, reason: str) -> None:
         """Count and log the bad entry, then move it to bad/ (or delete it, bad/ full)."""
-        self.rejects.reject("spool_entry", f"{reason}; moved to {BAD_DIR}/")
+        full = self._held() >= MAX_BAD_ENTRIES
+        self.rejects.reject("spool_entry", f"{reason}; " + (
+            f"deleted ({BAD_DIR}/ holds {MAX_BAD_ENTRIES} entries)" if full
+            else f"moved to {BAD_DIR}/"))
         try:
-            if self._held() >= MAX_BAD_ENTRIES:
-                self.rejects.reject("spool_dropped", f"spool entry {name}: deleted, not kept: "
-                                    f"{BAD_DIR}/ holds {MAX_BAD_ENTRIES} entries already")
-                os.unlink(name, dir_fd=self.dir_fd)
+            if full:
+                self._delete(name)
                 return
             with contextlib.suppress(FileExistsError):
                 os.mkdir(BAD_DIR, 0o700, dir_fd=self.dir_fd)
@@ -225,9 +226,23 @@ class _BadDir:
             pass    # another drainer took it
         except OSError as exc:
             self.rejects.reject("spool_dropped", f"spool entry {name}: cannot move it to "
-                                f"{BAD_DIR}/ ({exc.strerror}); deleted")
-            with contextlib.suppress(OSError):
+                                f"{BAD_DIR}/ ({exc.strerror}); deleting it")
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        """Delete a bad entry; one that cannot be deleted (a directory with content)
+        is remembered and skipped from now on, so that it is refused once."""
+        try:
+            try:
                 os.unlink(name, dir_fd=self.dir_fd)
+            except IsADirectoryError:
+                os.rmdir(name, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.rejects.reject("spool_dropped", f"spool entry {name}: cannot delete it "
+                                f"({exc.strerror}); left in place and skipped")
+            self.rejects.skip(name)
 
 
 def drain(spool_dir: Path = SPOOL_DIR, *, temp_grace: float = TEMP_GRACE_S,
@@ -264,7 +279,8 @@ def drain(spool_dir: Path = SPOOL_DIR, *, temp_grace: float = TEMP_GRACE_S,
             if name.startswith(TEMP_PREFIX):
                 _expire_temp(dir_fd, name, now, temp_grace)
                 continue
-            if name.startswith(".") or not name.endswith(ENTRY_SUFFIX):
+            if name.startswith(".") or not name.endswith(ENTRY_SUFFIX) \
+                    or rejects.skipped(name):
                 continue
             event = _take(dir_fd, name, scope, bad)
             if event is not None:
