@@ -78,3 +78,14 @@ def test_start_refuses_a_world_writable_spool(tmp_path: Path) -> None:
     with pytest.raises(SpoolError, match="writable by others"):
         asyncio.run(_daemon(tmp_path).run(asyncio.Event()))
     assert (tmp_path / "spool").stat().st_mode & 0o7777 == 0o1777
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5", "1e308", "soon"])
+def test_daemon_intervals_must_be_finite_and_in_range(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from vmshare.cli import main as cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["daemon", "--once", "--resync-interval", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resync-interval" in err and value in err

@@ -42,6 +42,22 @@ def cmd_remerge(ctx: Any) -> int:
     return 0
 
 
+MAX_INTERVAL = 86400.0
+
+
+def seconds(text: str) -> float:
+    """An interval for argparse: finite, in [0.1, MAX_INTERVAL] seconds (nan, inf,
+    0 and negatives would spin or never fire). Raises argparse.ArgumentTypeError."""
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+    if not 0.1 <= value <= MAX_INTERVAL:   # also false for nan
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and {MAX_INTERVAL:g} seconds, "
+                                         f"not {text}")
+    return value
+
+
 def register(sub: Any) -> None:
     s: argparse.ArgumentParser = sub.add_parser(
         "daemon", help="run the vmshare daemon: apply policy on lifecycle events")
@@ -56,9 +72,9 @@ def register(sub: Any) -> None:
                    help="manage only domains whose name matches GLOB (repeatable; default "
                         "all; also $VMSHARE_DAEMON_DOMAINS, comma-separated); the others "
                         "still count for trust groups")
-    s.add_argument("--observe-interval", type=float, default=10.0, metavar="SECONDS",
+    s.add_argument("--observe-interval", type=seconds, default=10.0, metavar="SECONDS",
                    help="how often to record each VM's KSM pages (default 10)")
-    s.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
+    s.add_argument("--resync-interval", type=seconds, default=60.0, metavar="SECONDS",
                    help="how often to reconcile everything regardless of events (default 60)")
     s.add_argument("--tune", action="store_true",
                    help="also run the KSM tuner (as `vmshare tune`; [daemon] tune, "

@@ -18,8 +18,9 @@ renamed::
 ``seq`` is CLOCK_MONOTONIC in nanoseconds: one clock for every process since
 boot, so it orders hook calls of one boot even when the wall clock steps;
 ``boot_id`` says which boot. ``uuid`` is null and ``xml`` is "unparsed" when
-the domain XML was missing, malformed, oversized or carried a DTD; ``domain``
-then is the name libvirt passed on the command line. The wake-up datagram
+the domain XML was missing, malformed, oversized or carried a DTD, or the
+hook's timer stopped it before the parse finished; ``domain`` then is the
+name libvirt passed on the command line. The wake-up datagram
 carries the same object plus ``"entry"``: the spool file name, or null when
 the hook could not write the spool (then the event exists only there).
 
