@@ -89,3 +89,27 @@ def test_daemon_intervals_must_be_finite_and_in_range(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--resync-interval" in err and value in err
+
+
+def test_drain_spool_survives_a_bug_and_keeps_to_its_scope(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from vmshare.daemon import spool
+    d = _daemon(tmp_path, domains=("web-*",))
+    spool.ensure_spool_dir(tmp_path / "spool")
+    for i, name in enumerate(["web-1", "db-1"]):
+        (tmp_path / "spool" / f"{i}-1-x.json").write_text(json.dumps(
+            {"v": 1, "domain": name, "uuid": None, "operation": "started",
+             "sub_operation": "begin", "extra": "-", "time": 1.0, "seq": i}))
+    d.drain_spool(None)
+    assert [t.vm for t in [d.queue.get_nowait()]] == ["web-1"] and d.queue.empty()
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == ["1-1-x.json"]
+
+    def broken(*args: object, **kw: object) -> list[object]:
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(spool, "drain", broken)
+    with caplog.at_level(logging.ERROR, logger="vmshare.daemon"):
+        d.drain_spool(None)                        # logged loudly, not raised
+    assert "internal error draining the hook spool; still serving" in caplog.text
