@@ -93,8 +93,25 @@ force = true
     ("[daemon]\nreconnect_max_seconds = \"5\"\n", "[daemon] reconnect_max_seconds must be a"),
     ("[daemon]\naudit_log = 3\n", "[daemon] audit_log must be a str"),
     ("[daemon]\ntune = 1\n", "[daemon] tune must be a bool"),
-    ("[daemon]\ntune_interval = 0\n", "[daemon] tune_interval must be positive"),
+    ("[daemon]\ntune_interval = 0\n", "[daemon] tune_interval must be seconds in (0, 3600]"),
     ("[daemon]\ntune_cpu_budget = 150\n", "[daemon] tune_cpu_budget must be a percentage"),
+    ("[daemon]\nhistory_interval = -5\n",
+     "[daemon] history_interval must be 0 (no history) or seconds up to 86400, not -5.0"),
+    ("[daemon]\nhistory_interval = nan\n", "[daemon] history_interval must be 0 (no history)"),
+    ("[daemon]\nhistory_interval = inf\n", "not inf"),
+    ("[daemon]\nhistory_interval = 1e308\n", "[daemon] history_interval must be"),
+    ("[daemon]\nreconnect_max_seconds = -inf\n", "[daemon] reconnect_max_seconds must be"),
+    ("[daemon]\nreconnect_max_seconds = 0\n", "seconds in (0, 3600], not 0.0"),
+    ("[daemon]\ntune_interval = nan\n", "[daemon] tune_interval must be seconds"),
+    ("[daemon]\ntune_cpu_budget = -0.0\n", "[daemon] tune_cpu_budget must be a percentage"),
+    ("[daemon]\ntune_cpu_budget = nan\n", "[daemon] tune_cpu_budget must be a percentage"),
+    ("[daemon]\nspool_dir = \"\"\n", "[daemon] spool_dir must be an absolute path, not ''"),
+    ("[daemon]\nstate_file = \"state.json\"\n", "[daemon] state_file must be an absolute"),
+    ("[daemon]\nsocket = \"/run/a\\u0000b\"\n", "[daemon] socket must be an absolute path"),
+    ("[daemon]\nqmp_sockets = [\"\"]\n", "[daemon] qmp_sockets must be a list"),
+    ("[daemon]\nhistory_intervall = 5\n",
+     "unknown key(s) in [daemon]: history_intervall (did you mean history_interval?)"),
+    ("[demon]\ntune = true\n", "unknown section(s) demon (did you mean daemon?)"),
 ])
 def test_malformed_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
     p = write(tmp_path, text)
@@ -113,5 +130,22 @@ def test_not_utf8(tmp_path: Path) -> None:
 
 
 def test_unreadable_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(PolicyError, match="cannot read config file"):
+    with pytest.raises(PolicyError, match=r"cannot read config file .*: it is a directory"):
         load_config(tmp_path)   # a directory
+
+
+def test_fifo_and_endless_files_are_refused_at_once(tmp_path: Path) -> None:
+    import os
+    import time
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(PolicyError, match=f"cannot read config file {path}: it is not a "
+                           "regular file"):
+            load_config(path)
+    assert time.monotonic() - started < 2.0
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(PolicyError, match="larger than 1048576 bytes"):
+        load_config(big)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 from itertools import islice
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import pytest
 
 from vmshare.daemon import triggers as t
 from vmshare.daemon.qmp_watch import Snapshot, transitions
-from vmshare.daemon.state import StateError, StateStore, write_atomic
+from vmshare.daemon.state import StateStore
 
 
 def test_libvirt_codes_match_the_bindings() -> None:
@@ -75,21 +74,6 @@ def test_state_previous_by_uuid_for_a_migration_destination(tmp_path: Path) -> N
     s.observe("src", "1234-5678", 1, 700, now=1.0)
     rec = s.reset_event("dst", "migrate-in", 2, now=2.0, uuid="1234-5678")
     assert rec is not None and rec.previous_ksm_pages == 700
-
-
-def test_write_atomic_keeps_old_file_on_failure(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "state.json"
-    write_atomic(path, b"old")
-    assert oct(path.stat().st_mode & 0o777) == "0o600"
-
-    def broken_fsync(fd: int) -> None:
-        raise OSError(5, "I/O error")
-    monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(StateError, match=r"cannot write .*state\.json: I/O error"):
-        write_atomic(path, b"new")
-    assert path.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 def test_qmp_transitions() -> None:

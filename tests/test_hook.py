@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.daemon import spool
+from vmshare.daemon import spool, wakeup
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = REPO / "hooks" / "vmshare-qemu-hook"
@@ -176,7 +176,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def daemon_socket(dirs: tuple[Path, Path]) -> Iterator[socket.socket]:
-    sock = spool.bind_wakeup_socket(dirs[1])
+    sock = wakeup.bind_wakeup_socket(dirs[1])
     yield sock
     sock.close()
 
@@ -205,14 +205,14 @@ def test_every_libvirt_call_is_spooled_and_signalled(
     raw = json.loads(entry.read_bytes())
     assert raw["v"] == spool.FORMAT_VERSION and raw["xml"] == "ok"
     assert raw["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    [wakeup] = spool.drain_wakeups(daemon_socket)
+    [woken] = wakeup.drain_wakeups(daemon_socket)
     [event] = spool.drain(spool_dir)
     assert event == spool.SpoolEvent(
         domain="guest-1", uuid=UUID, operation=operation, sub_operation=sub_operation,
         extra=extra, time=event.time, seq=event.seq, boot_id=raw["boot_id"], entry=entry.name)
     assert before <= event.time <= time.time()
     assert 0 < event.seq <= time.monotonic_ns()
-    assert wakeup == event
+    assert woken == event
     assert entries(spool_dir) == []
 
 
@@ -226,7 +226,7 @@ def test_consecutive_calls_keep_their_order(tmp_path: Path, dirs: tuple[Path, Pa
                  env=libvirt_env(spool_dir, sock)).assert_libvirt_safe(0)
     events = spool.drain(spool_dir)
     assert [(e.operation, e.sub_operation) for e in events] == [c[:2] for c in calls]
-    assert len(spool.drain_wakeups(daemon_socket)) == len(calls)
+    assert len(wakeup.drain_wakeups(daemon_socket)) == len(calls)
 
 
 def test_daemon_socket_absent(tmp_path: Path, dirs: tuple[Path, Path]) -> None:
@@ -265,7 +265,7 @@ def test_spool_dir_missing_and_not_creatable(tmp_path: Path, dirs: tuple[Path, P
     run.assert_libvirt_safe(stderr_lines=1)
     assert b"spool dir unusable (ENOTDIR), event dropped" in run.stderr
     # the daemon still hears of the event, and that it is not in the spool
-    [event] = spool.drain_wakeups(daemon_socket)
+    [event] = wakeup.drain_wakeups(daemon_socket)
     assert (event.operation, event.entry) == ("start", "")
 
 
@@ -374,6 +374,56 @@ def test_bad_xml_falls_back_to_the_name_libvirt_passed(
     assert (event.domain, event.uuid, event.operation) == ("guest-1", None, "start")
 
 
+def _hook_parsing_with(tmp_path: Path, code: str) -> Path:
+    """A copy of the hook that runs ``code`` first thing in parse_domain."""
+    marker = "def parse_domain(xml, problems):\n"
+    text = HOOK.read_text()
+    assert marker in text
+    copy = tmp_path / "changed-hook"
+    copy.write_text(text.replace(marker, marker + code))
+    copy.chmod(0o755)
+    return copy
+
+
+def test_a_slow_parse_never_loses_the_event(tmp_path: Path, dirs: tuple[Path, Path],
+                                            daemon_socket: socket.socket) -> None:
+    spool_dir, sock = dirs
+    slow = _hook_parsing_with(tmp_path, "    time.sleep(30)\n")
+    run = run_hook(tmp_path, ["guest-1", "restore", "begin", "-"],
+                   env=libvirt_env(spool_dir, sock), hook=slow)
+    run.assert_libvirt_safe(stderr_lines=1)
+    assert b"gave up after 0.8 s, event recorded without its UUID" in run.stderr
+    [woken] = wakeup.drain_wakeups(daemon_socket)          # woken by the timer
+    [event] = spool.drain(spool_dir)                       # not locked any more
+    assert (event.domain, event.uuid, event.operation) == ("guest-1", None, "restore")
+    assert woken.entry == event.entry
+
+
+def test_the_entry_is_locked_until_it_is_complete(tmp_path: Path, dirs: tuple[Path, Path],
+                                                  daemon_socket: socket.socket) -> None:
+    """A drainer running during the parse finds the entry locked and leaves it."""
+    spool_dir, sock = dirs
+    seen = tmp_path / "seen.json"
+    check = (f"    import fcntl as _f, json as _j\n"
+             f"    _names = [n for n in os.listdir({str(spool_dir)!r}) if n.endswith('.json')]\n"
+             f"    _fd = os.open({str(spool_dir)!r} + '/' + _names[0], os.O_RDONLY)\n"
+             f"    try:\n"
+             f"        _f.flock(_fd, _f.LOCK_SH | _f.LOCK_NB)\n"
+             f"        _locked = False\n"
+             f"    except BlockingIOError:\n"
+             f"        _locked = True\n"
+             f"    open({str(seen)!r}, 'w').write(_j.dumps([_names, _locked]))\n")
+    probe = _hook_parsing_with(tmp_path, check)
+    run = run_hook(tmp_path, ["guest-1", "start", "begin", "-"],
+                   env=libvirt_env(spool_dir, sock), hook=probe)
+    run.assert_libvirt_safe(stderr_lines=0)
+    names, locked = json.loads(seen.read_text())
+    assert len(names) == 1 and locked      # written before the parse, and held
+    [event] = spool.drain(spool_dir)
+    assert (event.domain, event.uuid, event.entry) == ("guest-1", UUID, names[0])
+    assert [p.name for p in spool_dir.iterdir()] == []
+
+
 BILLION_LAUGHS = b"""<?xml version="1.0"?>
 <!DOCTYPE lolz [
  <!ENTITY lol "lol">
@@ -451,12 +501,12 @@ def test_config_file_next_to_the_hook(tmp_path: Path) -> None:
     conf = tmp_path / "hook.conf"
     conf.write_text(f"# vmshare hook\n[hook]\nspool_dir = {spool_dir}\nsocket={sock}\n"
                     "unknown=1\nmax_entries=100\n")
-    daemon = spool.bind_wakeup_socket(sock)
+    daemon = wakeup.bind_wakeup_socket(sock)
     try:
         env = {"PATH": LIBVIRT_PATH, "LC_ALL": "C", "HOME": "/", "VMSHARE_HOOK_CONF": str(conf)}
         run = run_hook(tmp_path, ["guest-1", "started", "begin", "-"], env=env)
         run.assert_libvirt_safe(stderr_lines=0)
-        assert len(spool.drain_wakeups(daemon)) == 1
+        assert len(wakeup.drain_wakeups(daemon)) == 1
     finally:
         daemon.close()
     assert len(spool.drain(spool_dir)) == 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.daemon import spool
+from vmshare.daemon import spool, wakeup
 from vmshare.hook import install as hookinstall
 
 from .test_hook import DOMAIN_XML, HOOK, LIBVIRT_PATH, UUID
@@ -101,11 +101,11 @@ def test_filter_output_passes_through_our_hook(tmp_path: Path, hooks: Path,
                                                operation: str) -> None:
     assert sorted(p.name for p in (hooks / "qemu.d").iterdir()) == [
         "50-rewrite", "vmshare", "zz-record"]  # ours runs between the two
-    sock = spool.bind_wakeup_socket(tmp_path / "wakeup.sock")
+    sock = wakeup.bind_wakeup_socket(tmp_path / "wakeup.sock")
     try:
         call = run_like_libvirt(hooks, ["guest-1", operation, "begin", "-"], DOMAIN_XML,
                                 _env(tmp_path))
-        assert len(spool.drain_wakeups(sock)) == 1
+        assert len(wakeup.drain_wakeups(sock)) == 1
     finally:
         sock.close()
     rewritten = DOMAIN_XML.replace(b"/var/lib/libvirt/images/", b"/srv/images/")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.daemon import spool
+from vmshare.daemon import spool, wakeup
+from vmshare.daemon.rejects import Rejects
 from vmshare.errors import VmshareError
 
 
@@ -66,8 +67,9 @@ def test_drain_sets_corrupt_entries_aside(spool_dir: Path,
     (spool_dir / "11-1-dir.json").mkdir()
     (spool_dir / "12-1-link.json").symlink_to(good)
     (spool_dir / "README").write_text("not an entry, left alone\n")
+    rejects = Rejects(logging.getLogger("vmshare.daemon.spool"), burst=100)
     with caplog.at_level(logging.WARNING, logger="vmshare.daemon.spool"):
-        events = spool.drain(spool_dir)
+        events = spool.drain(spool_dir, rejects=rejects)
     assert [(e.domain, e.uuid) for e in events] == [("ok", uuid)]
     bad = sorted(p.name for p in (spool_dir / spool.BAD_DIR).iterdir())
     assert bad == sorted(["2-1-notjson.json", "3-1-binary.json", "4-1-list.json",
@@ -75,7 +77,9 @@ def test_drain_sets_corrupt_entries_aside(spool_dir: Path,
                           "8-1-boolseq.json", "9-1-emptyname.json", "10-1-huge.json",
                           "11-1-dir.json", "12-1-link.json"])
     assert sorted(p.name for p in spool_dir.iterdir()) == ["README", spool.BAD_DIR]
-    assert len([r for r in caplog.records if "corrupt" in r.getMessage()]) == len(bad)
+    assert len([r for r in caplog.records if "refused spool entry" in r.getMessage()]) \
+        == len(bad)
+    assert rejects.counts == {"spool_entry": len(bad)}
     assert stat.S_IMODE((spool_dir / spool.BAD_DIR).stat().st_mode) == 0o700
     assert spool.drain(spool_dir) == []  # bad/ is not read again
 
@@ -114,9 +118,35 @@ def test_ensure_spool_dir_is_private(tmp_path: Path) -> None:
         os.umask(old)
     st = path.stat()
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
-    path.chmod(0o755)
+    path.chmod(0o755)      # ours and not writable by others: accepted, never chmod'ed
     spool.ensure_spool_dir(path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o770, 0o702])
+def test_world_or_group_writable_spool_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "spool"
+    path.mkdir()
+    path.chmod(mode)
+    with pytest.raises(spool.SpoolError, match=f"the spool directory {path} is writable by "
+                       f"others \\(mode {mode:04o}\\); refusing it"):
+        spool.ensure_spool_dir(path)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_foreign_owned_spool_and_entries_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    path.mkdir(mode=0o700)
+    os.chown(path, 4242, 4242)
+    with pytest.raises(spool.SpoolError, match="belongs to uid 4242, not to us"):
+        spool.ensure_spool_dir(path)
+    assert path.stat().st_uid == 4242
+    os.chown(path, 0, 0)
+    forged = _put(path, "1-1-forged.json", _entry(domain="victim"))
+    os.chown(forged, 4242, 4242)
+    _put(path, "2-1-real.json", _entry(domain="real", seq=2))
+    assert [e.domain for e in spool.drain(path)] == ["real"]
+    assert (path / spool.BAD_DIR / "1-1-forged.json").exists()
 
 
 def test_ensure_spool_dir_refuses_symlinks_and_files(tmp_path: Path) -> None:
@@ -134,35 +164,46 @@ def test_ensure_spool_dir_refuses_symlinks_and_files(tmp_path: Path) -> None:
 
 def test_wakeup_socket_binding(tmp_path: Path) -> None:
     path = tmp_path / "run" / "wakeup.sock"
-    sock = spool.bind_wakeup_socket(path)
+    sock = wakeup.bind_wakeup_socket(path)
     try:
         assert stat.S_ISSOCK(path.lstat().st_mode)
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         assert not sock.getblocking()
         with pytest.raises(spool.SpoolError, match="in use"):
-            spool.bind_wakeup_socket(path)
+            wakeup.bind_wakeup_socket(path)
         sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sender.sendto(json.dumps(_entry(entry="1-1-x.json")).encode(), str(path))
         sender.sendto(b"not json", str(path))
         sender.sendto(json.dumps(_entry(op="stopped", entry=None)).encode(), str(path))
         sender.close()
-        events = spool.drain_wakeups(sock)
+        events = wakeup.drain_wakeups(sock)
         assert [(e.operation, e.entry) for e in events] == [("start", "1-1-x.json"),
                                                             ("stopped", "")]
-        assert spool.drain_wakeups(sock) == []
+        assert wakeup.drain_wakeups(sock) == []
     finally:
         sock.close()
     # the daemon died: its socket file is stale and is replaced
-    again = spool.bind_wakeup_socket(path)
+    again = wakeup.bind_wakeup_socket(path)
     again.close()
+
+
+def test_wakeup_socket_never_takes_over_a_shared_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(spool.SpoolError, match=r"the socket directory .*shared is writable by "
+                       r"others \(mode 1777\)"):
+        wakeup.bind_wakeup_socket(shared / "wake.sock")
+    st = shared.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o1777 and not (shared / "wake.sock").exists()
 
 
 def test_wakeup_socket_never_replaces_other_files(tmp_path: Path) -> None:
     path = tmp_path / "wakeup.sock"
     path.write_text("precious")
     with pytest.raises(spool.SpoolError, match="not a socket"):
-        spool.bind_wakeup_socket(path)
+        wakeup.bind_wakeup_socket(path)
     assert path.read_text() == "precious"
 
 

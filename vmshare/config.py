@@ -6,7 +6,10 @@ types and bad values are errors naming the file, the key and the problem.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,13 +141,11 @@ def load_config(path: str | Path | None = None) -> Config:
     """
     p = config_path(path)
     try:
-        raw = p.read_bytes()
+        raw = _read_bounded(p)
     except FileNotFoundError as exc:
         if path is not None:
             raise PolicyError(f"config file {p} does not exist") from exc
         return Config(path=None)
-    except OSError as exc:
-        raise PolicyError(f"cannot read config file {p}: {exc.strerror}") from exc
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -152,14 +153,54 @@ def load_config(path: str | Path | None = None) -> Config:
     return parse_config(doc, p)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_bounded(p: Path) -> bytes:
+    """The file's bytes, refusing what is not a regular file (a FIFO would block
+    the open, /dev/zero would never end) or is over MAX_CONFIG_BYTES.
+
+    Raises FileNotFoundError and PolicyError.
+    """
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise PolicyError(f"cannot read config file {p}: {exc.strerror}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise PolicyError(f"cannot read config file {p}: it is {kind}")
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, 1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise PolicyError(f"cannot read config file {p}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise PolicyError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes")
+    return b"".join(chunks)
+
+
 def _check_keys(where: str, table: Any, allowed: set[str], origin: Path) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise PolicyError(f"{origin}: [{where}] must be a table")
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise PolicyError(f"{origin}: unknown key(s) in [{where}]: {', '.join(unknown)} "
+        raise PolicyError(f"{origin}: unknown key(s) in [{where}]: "
+                          f"{', '.join(_with_hint(k, allowed) for k in unknown)} "
                           f"(known: {', '.join(sorted(allowed))})")
     return table
+
+
+def _with_hint(name: str, known: set[str]) -> str:
+    """``name``, with the nearest known name when one is close (a typo)."""
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"{name} (did you mean {near[0]}?)" if near else name
 
 
 def _typed(origin: Path, where: str, key: str, value: Any, kind: type) -> Any:
@@ -171,10 +212,38 @@ def _typed(origin: Path, where: str, key: str, value: Any, kind: type) -> Any:
     return value
 
 
+# [daemon] numbers: (lowest, highest, whether the lowest is allowed, the rule in words).
+# Every number is finite: TOML has nan and inf literals.
+_DAEMON_NUMBERS: dict[str, tuple[float, float, bool, str]] = {
+    "history_interval": (0.0, 86400.0, True, "0 (no history) or seconds up to 86400"),
+    "reconnect_max_seconds": (0.0, 3600.0, False, "seconds in (0, 3600]"),
+    "tune_interval": (0.0, 3600.0, False, "seconds in (0, 3600]"),
+    "tune_cpu_budget": (0.0, 100.0, False, "a percentage of one core in (0, 100]"),
+}
+
+
+def _number(origin: Path, table: dict[str, Any], key: str, default: float) -> float:
+    value: float = _typed(origin, "daemon", key, table.get(key, default), float)
+    low, high, low_ok, rule = _DAEMON_NUMBERS[key]
+    if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
+        raise PolicyError(f"{origin}: [daemon] {key} must be {rule}, not {value!r}")
+    return value
+
+
+def _path(origin: Path, table: dict[str, Any], key: str, default: Path) -> Path:
+    """An absolute path without NUL: an empty string would mean the current directory."""
+    text: str = _typed(origin, "daemon", key, table.get(key, str(default)), str)
+    if not text.startswith("/") or "\0" in text:
+        raise PolicyError(f"{origin}: [daemon] {key} must be an absolute path, not {text!r}")
+    return Path(text)
+
+
 def parse_config(doc: dict[str, Any], origin: Path) -> Config:
-    unknown = sorted(set(doc) - {"host", "daemon", "vm"})
+    sections = {"host", "daemon", "vm"}
+    unknown = sorted(set(doc) - sections)
     if unknown:
-        raise PolicyError(f"{origin}: unknown section(s) {', '.join(unknown)} "
+        raise PolicyError(f"{origin}: unknown section(s) "
+                          f"{', '.join(_with_hint(k, sections) for k in unknown)} "
                           "(known: host, daemon, vm)")
     host_t = _check_keys("host", doc.get("host", {}), _HOST_KEYS, origin)
     enabled = _typed(origin, "host", "enabled", host_t.get("enabled", True), bool)
@@ -209,37 +278,23 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
     d = _check_keys("daemon", doc.get("daemon", {}), _DAEMON_KEYS, origin)
     defaults = DaemonSettings()
     globs = d.get("qmp_sockets", [])
-    if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
+    if not isinstance(globs, list) or not all(isinstance(g, str) and g and "\0" not in g
+                                              for g in globs):
         raise PolicyError(f"{origin}: [daemon] qmp_sockets must be a list of path globs")
     daemon = DaemonSettings(
-        spool_dir=Path(_typed(origin, "daemon", "spool_dir",
-                              d.get("spool_dir", str(defaults.spool_dir)), str)),
-        socket=Path(_typed(origin, "daemon", "socket", d.get("socket", str(defaults.socket)),
-                           str)),
-        audit_log=Path(_typed(origin, "daemon", "audit_log",
-                              d.get("audit_log", str(defaults.audit_log)), str)),
-        state_file=Path(_typed(origin, "daemon", "state_file",
-                               d.get("state_file", str(defaults.state_file)), str)),
+        spool_dir=_path(origin, d, "spool_dir", defaults.spool_dir),
+        socket=_path(origin, d, "socket", defaults.socket),
+        audit_log=_path(origin, d, "audit_log", defaults.audit_log),
+        state_file=_path(origin, d, "state_file", defaults.state_file),
         qmp_sockets=tuple(globs),
-        history_file=Path(_typed(origin, "daemon", "history_file",
-                                 d.get("history_file", str(defaults.history_file)), str)),
-        history_interval=_typed(origin, "daemon", "history_interval",
-                                d.get("history_interval", defaults.history_interval), float),
-        reconnect_max_seconds=_typed(origin, "daemon", "reconnect_max_seconds",
-                                     d.get("reconnect_max_seconds",
-                                           defaults.reconnect_max_seconds), float),
+        history_file=_path(origin, d, "history_file", defaults.history_file),
+        history_interval=_number(origin, d, "history_interval", defaults.history_interval),
+        reconnect_max_seconds=_number(origin, d, "reconnect_max_seconds",
+                                      defaults.reconnect_max_seconds),
         tune=_typed(origin, "daemon", "tune", d.get("tune", defaults.tune), bool),
-        tune_interval=_typed(origin, "daemon", "tune_interval",
-                             d.get("tune_interval", defaults.tune_interval), float),
-        tune_cpu_budget=_typed(origin, "daemon", "tune_cpu_budget",
-                               d.get("tune_cpu_budget", defaults.tune_cpu_budget), float),
+        tune_interval=_number(origin, d, "tune_interval", defaults.tune_interval),
+        tune_cpu_budget=_number(origin, d, "tune_cpu_budget", defaults.tune_cpu_budget),
     )
-    if daemon.tune_interval <= 0:
-        raise PolicyError(f"{origin}: [daemon] tune_interval must be positive, "
-                          f"not {daemon.tune_interval!r}")
-    if not 0 < daemon.tune_cpu_budget <= 100:
-        raise PolicyError(f"{origin}: [daemon] tune_cpu_budget must be a percentage of one "
-                          f"core in (0, 100], not {daemon.tune_cpu_budget!r}")
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,
                                   default_group=default_group, vms=vms),

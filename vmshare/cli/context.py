@@ -46,7 +46,9 @@ def out(text: str = "") -> None:
 
 
 def emit_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False), flush=True)
+    """Print ``obj`` as strict JSON. Raises ValueError for a NaN or infinity (a bug
+    upstream: outside numbers are checked finite where they are read)."""
+    print(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False), flush=True)
 
 
 def warn(text: str) -> None:

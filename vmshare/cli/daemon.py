@@ -43,6 +43,13 @@ def cmd_remerge(ctx: Any) -> int:
     return 0
 
 
+MAX_INTERVAL = 86400.0
+#: an interval: finite, 0.1 s to a day (nan, inf, 0 and negatives would spin or never fire)
+INTERVAL = argtypes.finite_float(0.1, MAX_INTERVAL)
+
+
+
+
 def register(sub: Any) -> None:
     s: argparse.ArgumentParser = sub.add_parser(
         "daemon", help="run the vmshare daemon: apply policy on lifecycle events")
@@ -57,9 +64,9 @@ def register(sub: Any) -> None:
                    help="manage only domains whose name matches GLOB (repeatable; default "
                         "all; also $VMSHARE_DAEMON_DOMAINS, comma-separated); the others "
                         "still count for trust groups")
-    s.add_argument("--observe-interval", type=argtypes.seconds(), default=10.0, metavar="SECONDS",
+    s.add_argument("--observe-interval", type=INTERVAL, default=10.0, metavar="SECONDS",
                    help="how often to record each VM's KSM pages (default 10)")
-    s.add_argument("--resync-interval", type=argtypes.seconds(), default=60.0, metavar="SECONDS",
+    s.add_argument("--resync-interval", type=INTERVAL, default=60.0, metavar="SECONDS",
                    help="how often to reconcile everything regardless of events (default 60)")
     s.add_argument("--tune", action="store_true",
                    help="also run the KSM tuner (as `vmshare tune`; [daemon] tune, "

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vmshare.cli.context import Context, emit_json, out
+from vmshare.cli.context import Context, emit_json, out, warn
 from vmshare.errors import UsageError
+
+MAX_ROWS = 10_000
 
 
 def cmd_history(ctx: Context) -> int:
@@ -17,12 +19,17 @@ def cmd_history(ctx: Context) -> int:
     from vmshare.present.text import mib, table
     from vmshare.records import history
     a = ctx.args
+    if not 1 <= a.rows <= MAX_ROWS:
+        raise UsageError(f"--rows must be between 1 and {MAX_ROWS}, not {a.rows}")
     store = history.HistoryStore(load_config(a.config).daemon.history_file)
     try:
         since = time.time() - history.parse_duration(a.since) if a.since else 0.0
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from exc
     samples = list(store.read(since))
+    if store.skipped:
+        warn(f"skipped {store.skipped} unreadable line(s) in {store.path} (first: "
+             f"{store.first_problem})")
     if a.json:
         emit_json({"file": str(store.path), "samples": samples})
         return 0
@@ -70,24 +77,25 @@ def cmd_report(ctx: Context) -> int:
     page = report_html.render(host, list(store.read(since)),
                               hostname=socket.gethostname()).encode("utf-8")
     target = Path(a.html)
-    # Operator data: 0600, written whole or not at all (the daemon state's writer).
-    from vmshare.daemon.state import StateError, write_atomic
+    # Operator data: 0600, written whole or not at all; a device or FIFO is
+    # refused (see vmshare.records.atomic for why not write through it).
+    from vmshare.records.atomic import AtomicWriteError, write_atomic
     if not target.parent.is_dir():
         raise UsageError(f"cannot write {target}: no directory {target.parent}")
     try:
         write_atomic(target, page)
-    except StateError as exc:
+    except AtomicWriteError as exc:
         raise UsageError(str(exc)) from exc
     out(f"wrote {target} ({len(page):,} bytes)")
     return 0
-
 
 
 def register(sub: Any) -> None:
     s = sub.add_parser("history", help="savings over time, as recorded by the daemon")
     s.add_argument("domain", nargs="?", metavar="DOMAIN", help="only this VM")
     s.add_argument("--since", metavar="DURATION", help="e.g. 30m, 6h, 2d (default: all)")
-    s.add_argument("--rows", type=int, default=20, help="table rows (default 20)")
+    s.add_argument("--rows", type=int, default=20,
+                   help=f"table rows, 1 to {MAX_ROWS} (default 20)")
     s.add_argument("--config", metavar="PATH", help="host config naming the history file")
     s.add_argument("--json", action="store_true", help="every sample, as recorded")
     s.set_defaults(func=cmd_history)

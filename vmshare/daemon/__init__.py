@@ -11,8 +11,12 @@ Modules:
 * (libvirt's events come from the adapter vmshare.hypervisor.libvirt_events,
   turned into triggers by the runner;)
 * ``qmp_watch``: plain QEMU: QMP socket globs, short sessions, polled state;
-* ``spool``: the hook's spool directory and wake-up datagrams;
-* ``runner``: the asyncio main loop tying them together;
+* ``spool``: the hook's spool directory (entries validated, bad ones set aside);
+* ``wakeup``: the hook's wake-up datagram socket;
+* ``rejects``: refused input, counted and logged at a bounded rate;
+* ``runner``: the asyncio main loop tying them together, with ``supervisor``
+  (background tasks restarted, never silently dead) and ``tuning`` (the KSM
+  tuner's seat in the daemon);
 * ``service``: the entry point (logging, signals), the only module here that
   writes to the terminal.
 

@@ -19,27 +19,30 @@ import fnmatch
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vmshare.config import Config
-from vmshare.daemon import spool
+from vmshare.daemon import spool, wakeup
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
+from vmshare.daemon.rejects import Rejects
 from vmshare.daemon.state import StateStore
+from vmshare.daemon.supervisor import Supervisor
 from vmshare.daemon.triggers import (
     QMP_EVENTS,
     HookSequence,
     Trigger,
+    TriggerSink,
     backoff_delays,
-    device_added_trigger,
-    lifecycle_trigger,
-    qmp_trigger,
 )
-from vmshare.errors import DeadlineExceeded, HypervisorError, UsageError, VmshareError
+from vmshare.daemon.tuning import run_tuner
+from vmshare.errors import DeadlineExceeded, HypervisorError, VmshareError
+from vmshare.records.schema import printable
 
 log = logging.getLogger("vmshare.daemon")
 T = TypeVar("T")
+EXIT_TASK_DIED = 70          # EX_SOFTWARE: a background task kept dying (a bug)
 # Comma-separated name globs: the daemon manages only these domains (default:
 # all). For hosts shared with other managers, and for tests that share one
 # libvirtd with concurrent test sessions.
@@ -84,6 +87,11 @@ class Daemon:
         self.events: Any = None          # LibvirtEvents in libvirt mode
         self.lost = asyncio.Event()
         self.connected = asyncio.Event()
+        self.scope = domain_scope(self.domains)
+        # Refused input by kind (spool_entry, datagram, spool_dropped): the metrics'
+        # vmshare_daemon_bad_inputs_total; logged at a bounded rate.
+        self.rejects = Rejects(logging.getLogger("vmshare.daemon.spool"))
+        self.supervisor = Supervisor()
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -106,8 +114,8 @@ class Daemon:
         from vmshare.hypervisor.libvirt import LibvirtHypervisor
         from vmshare.hypervisor.libvirt_events import LibvirtEvents, register_event_loop
         register_event_loop(asyncio.get_running_loop())
-        events = LibvirtEvents(self.opts.uri, _TriggerSink(self), QMP_EVENTS,
-                               deadline=self.opts.deadline)
+        sink = TriggerSink(self.deliver, self.on_disconnect)
+        events = LibvirtEvents(self.opts.uri, sink, QMP_EVENTS, deadline=self.opts.deadline)
         await in_thread(events.open, self.opts.deadline, f"connect to {self.opts.uri}")
         try:
             hv = await in_thread(lambda: LibvirtHypervisor(self.opts.uri, self.opts.deadline),
@@ -127,7 +135,7 @@ class Daemon:
             self.reconciler = Reconciler(hv, self.opts.config, state=self.state,
                                          audit_path=self.settings.audit_log,
                                          retry_after=self.opts.retry_after,
-                                         scope=domain_scope(self.domains))
+                                         scope=self.scope)
             if self.domains:
                 log.info("managing only domains matching %s", ", ".join(self.domains))
         else:
@@ -222,17 +230,28 @@ class Daemon:
     # -- spool -----------------------------------------------------------------------
 
     def drain_spool(self, sock: socket.socket | None) -> None:
+        """Take the hook's events (datagrams, then the spool) and deliver their triggers.
+
+        Never raises: bad items are counted in ``self.rejects`` and set aside by
+        the spool; a spool that cannot be read is logged and tried again at
+        the next wake-up or resync.
+        """
         events: list[spool.SpoolEvent] = []
         try:
             if sock is not None:
-                events += [e for e in spool.drain_wakeups(sock) if not e.entry]
-            events += spool.drain(self.settings.spool_dir)
+                events += [e for e in wakeup.drain_wakeups(sock, self.rejects) if not e.entry]
+            events += spool.drain(self.settings.spool_dir, scope=self.scope,
+                                  rejects=self.rejects)
         except VmshareError as exc:
             log.warning("cannot drain the hook spool: %s", exc)
-            return
+        except Exception:   # a bug, not input: loud, and the daemon keeps serving
+            log.exception("internal error draining the hook spool; still serving")
         for e in events:
+            if self.scope is not None and not self.scope(e.domain):
+                continue
             trigger = self.hooks.feed(e.domain, e.uuid, e.operation, e.sub_operation)
-            log.debug("hook %s %s/%s -> %s", e.domain, e.operation, e.sub_operation, trigger)
+            log.debug("hook %s %s/%s -> %s", printable(e.domain), printable(e.operation),
+                      printable(e.sub_operation), trigger)
             if trigger is not None:
                 self.deliver(trigger)
 
@@ -251,7 +270,21 @@ class Daemon:
                     self.reconciler.hv.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def _check_spool(self) -> None:
+        """Refuse an unsafe spool and a second drainer before touching anything.
+
+        Raises SpoolError (DaemonRunning for --once beside a running daemon)
+        or AccessDenied.
+        """
+        spool.ensure_spool_dir(self.settings.spool_dir)
+        if self.opts.once and wakeup.daemon_running(self.settings.socket):
+            raise wakeup.DaemonRunning(
+                f"a vmshare daemon is running (it answers on {self.settings.socket}); "
+                "--once would take its spool entries and race its actions: stop it first")
+
     async def _run(self, stop: asyncio.Event) -> int:
+        if self.opts.spool:
+            self._check_spool()
         watcher = None
         if self.qmp_globs:
             from vmshare.daemon.qmp_watch import QmpFleet, QmpWatcher
@@ -272,7 +305,7 @@ class Daemon:
             log.info("audited %d action(s) the previous run made before it stopped", written)
         sock = None
         if self.opts.spool and not self.opts.once:
-            sock = spool.bind_wakeup_socket(self.settings.socket)
+            sock = wakeup.bind_wakeup_socket(self.settings.socket)
         try:
             if self.opts.spool:
                 self.drain_spool(sock)
@@ -284,23 +317,7 @@ class Daemon:
             await self.observe()
             if self.opts.once:
                 return 0
-            loop = asyncio.get_running_loop()
-            if sock is not None:
-                loop.add_reader(sock.fileno(), lambda: self.drain_spool(sock))
-            tasks = [asyncio.ensure_future(self.consume(stop)),
-                     asyncio.ensure_future(self.periodic(stop, sock))]
-            if self.opts.tune if self.opts.tune is not None else self.settings.tune:
-                tasks.append(asyncio.ensure_future(self.tune(stop)))
-            if watcher is not None:
-                tasks.append(asyncio.ensure_future(watcher.run(stop)))
-            else:
-                tasks.append(asyncio.ensure_future(self.watch_connection(stop)))
-            log.info("running: %s", ", ".join(self.qmp_globs) if watcher else self.opts.uri)
-            await stop.wait()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            return 0
+            return await self._serve(stop, sock, watcher)
         finally:
             if sock is not None:
                 with contextlib.suppress(Exception):
@@ -308,6 +325,35 @@ class Daemon:
                 sock.close()
                 with contextlib.suppress(OSError):
                     self.settings.socket.unlink()
+
+    async def _serve(self, stop: asyncio.Event, sock: socket.socket | None,
+                     watcher: Any) -> int:
+        """Run the background tasks, each supervised, until ``stop``. Returns the exit
+        status: EXIT_TASK_DIED when one kept dying."""
+        if sock is not None:
+            asyncio.get_running_loop().add_reader(sock.fileno(), lambda: self.drain_spool(sock))
+        jobs: dict[str, Callable[[], Awaitable[None]]] = {
+            "consume": lambda: self.consume(stop),
+            "periodic": lambda: self.periodic(stop, sock),
+        }
+        if self.opts.tune if self.opts.tune is not None else self.settings.tune:
+            jobs["tuner"] = lambda: run_tuner(self, stop)
+        if watcher is not None:
+            jobs["qmp-watch"] = lambda: watcher.run(stop)
+        else:
+            jobs["libvirt-connection"] = lambda: self.watch_connection(stop)
+        tasks = [asyncio.ensure_future(self.supervisor.run(name, job, stop))
+                 for name, job in jobs.items()]
+        log.info("running: %s", ", ".join(self.qmp_globs) if watcher else self.opts.uri)
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.supervisor.failed is not None:
+            log.error("stopped because the %s task kept dying (see the tracebacks above)",
+                      self.supervisor.failed)
+            return EXIT_TASK_DIED
+        return 0
 
     async def watch_connection(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -341,80 +387,7 @@ class Daemon:
                 if self.opts.spool:
                     self.drain_spool(sock)
                 await self.reconcile_all("periodic")
-
-    async def tune(self, stop: asyncio.Event) -> None:
-        """The KSM tuner's loop (vmshare.tuner.loop), in the worker thread between
-        reconciles: it owns run, pages_to_scan and sleep_millisecs while the
-        daemon runs, audit-logs each change as actor "tuner", never unmerges,
-        and leaves the knobs as they are when the daemon stops."""
-        from vmshare.config import TunerPolicy
-        from vmshare.records.audit import AuditLog
-        from vmshare.tuner.loop import OWNED_KNOBS, Tuner, check_advisor, tuner_lock
-
-        rc = self.rc
-        audit = AuditLog(self.settings.audit_log, actor="tuner")
-        policy = TunerPolicy(cpu_budget_pct=self.settings.tune_cpu_budget)
-        held = contextlib.ExitStack()
-
-        def setup() -> Tuner:
-            try:
-                check_advisor(rc.sysfs, False, False, audit)
-            except UsageError as exc:
-                raise UsageError("the kernel's KSM advisor is on (advisor_mode=scan-time) "
-                                 "and owns pages_to_scan; switch it off (vmshare ksm set "
-                                 "advisor_mode=none) to let the daemon tune") from exc
-            held.enter_context(tuner_lock())
-            tuner = Tuner(rc.sysfs, rc.procfs, policy, audit)
-            tuner.start()
-            return tuner
-
-        with held:
-            try:
-                tuner = await self.work(setup)
-            except (VmshareError, OSError) as exc:
-                log.error("KSM tuner not started: %s", exc)
-                return
-            log.info("KSM tuner: owning %s, a decision every %g s, ksmd CPU budget %g%% "
-                     "of a core", ", ".join(OWNED_KNOBS), self.settings.tune_interval,
-                     policy.cpu_budget_pct)
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.settings.tune_interval)
-                if stop.is_set():
-                    return
-                try:
-                    _obs, decision, changes = await self.work(tuner.step)
-                except (VmshareError, OSError) as exc:
-                    log.warning("KSM tuner: %s", exc)
-                    continue
-                if changes:
-                    log.info("KSM tuner %s: %s (%s)", decision.mode,
-                             ", ".join(f"{n} {b} -> {a}" for n, b, a in changes),
-                             decision.reason)
-
-
-class _TriggerSink:
-    """Turns the libvirt adapter's raw events into the daemon's triggers."""
-
-    def __init__(self, runner: Daemon) -> None:
-        self.runner = runner
-
-    def lifecycle(self, name: str, uuid: str | None, event: int, detail: int) -> None:
-        trigger = lifecycle_trigger(name, uuid, event, detail)
-        if trigger is not None:
-            self.runner.deliver(trigger)
-
-    def device_added(self, name: str, uuid: str | None, alias: str) -> None:
-        self.runner.deliver(device_added_trigger(name, uuid, alias))
-
-    def qmp_event(self, name: str, uuid: str | None, event: str,
-                  data: dict[str, Any]) -> None:
-        trigger = qmp_trigger(name, uuid, event, data)
-        if trigger is not None:
-            self.runner.deliver(trigger)
-
-    def disconnected(self, reason: str) -> None:
-        self.runner.on_disconnect(reason)
+            self.rejects.flush()
 
 
 async def in_thread(fn: Callable[[], Any], deadline: float, what: str) -> Any:

@@ -18,10 +18,25 @@ import sys
 from vmshare.config import Config
 from vmshare.daemon.runner import Daemon, DaemonOptions
 from vmshare.errors import VmshareError
+from vmshare.records.schema import printable
 
 log = logging.getLogger("vmshare.daemon")
 
 LOG_FORMAT = "%(asctime)s vmshare[%(process)d]: %(levelname)s %(name)s: %(message)s"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, control characters escaped: a domain name
+    with a newline or an escape sequence cannot forge a log line or drive a
+    terminal, whichever module logged it. A traceback, appended after the
+    message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message, MAX_LOG_MESSAGE)
+        return super().formatMessage(record)
+
+
+MAX_LOG_MESSAGE = 4000
 
 
 def setup_logging(level: int) -> None:
@@ -29,7 +44,7 @@ def setup_logging(level: int) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
     # libvirtaio logs every handle update at DEBUG; keep it out unless asked for.

@@ -18,39 +18,61 @@ renamed::
 ``seq`` is CLOCK_MONOTONIC in nanoseconds: one clock for every process since
 boot, so it orders hook calls of one boot even when the wall clock steps;
 ``boot_id`` says which boot. ``uuid`` is null and ``xml`` is "unparsed" when
-the domain XML was missing, malformed, oversized or carried a DTD; ``domain``
-then is the name libvirt passed on the command line. The wake-up datagram
+the domain XML was missing, malformed, oversized or carried a DTD, or the
+hook's timer stopped it before the parse finished; ``domain`` then is the
+name libvirt passed on the command line. The wake-up datagram
 carries the same object plus ``"entry"``: the spool file name, or null when
 the hook could not write the spool (then the event exists only there).
+
+The hook writes its entry before it parses the domain XML (a slow parse must
+not lose the event), holding an exclusive flock on it; when the XML gives the
+UUID it renames a completed entry over the first one and lets go. A drainer
+skips an entry that is locked (the hook is still at it) or no longer linked
+(it was just replaced), so it acts on each hook call once.
+
+Every entry is validated by :func:`parse_event` (vmshare.records.schema): a
+bad one is moved to ``bad/`` (at most MAX_BAD_ENTRIES are kept; past that
+it is deleted), counted and logged at a bounded rate (vmshare.daemon.rejects).
+A drainer with a domain scope leaves other domains' entries in place.
+The wake-up socket lives in vmshare.daemon.wakeup.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
+import fcntl
 import logging
 import os
-import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmshare.daemon.rejects import Rejects
 from vmshare.errors import AccessDenied, VmshareError
+from vmshare.records.atomic import file_kind
+from vmshare.records.schema import (
+    RecordError,
+    decode,
+    get_int,
+    get_number,
+    get_opt_str,
+    get_str,
+    printable,
+)
 
 __all__ = [
     "BAD_DIR",
     "FORMAT_VERSION",
+    "MAX_BAD_ENTRIES",
     "SPOOL_DIR",
     "TEMP_GRACE_S",
-    "WAKEUP_SOCKET",
     "SpoolEntryError",
     "SpoolError",
     "SpoolEvent",
-    "bind_wakeup_socket",
+    "check_private_dir",
     "drain",
-    "drain_wakeups",
     "ensure_spool_dir",
     "parse_event",
 ]
@@ -59,20 +81,20 @@ log = logging.getLogger("vmshare.daemon.spool")
 
 FORMAT_VERSION = 1
 SPOOL_DIR = Path("/run/vmshare/spool")
-WAKEUP_SOCKET = Path("/run/vmshare/wakeup.sock")
 BAD_DIR = "bad"
 ENTRY_SUFFIX = ".json"
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE_S = 60.0  # a hook that has not renamed its temp file by now is dead
 MAX_ENTRY_BYTES = 1 << 20  # the hook writes a few hundred bytes; refuse to slurp more
-MAX_DATAGRAM_BYTES = 1 << 16
+MAX_BAD_ENTRIES = 1000   # kept in bad/ for a human; a flood past this is deleted
+MAX_FIELD_CHARS = 4096   # the hook cuts its fields to 1024 characters
 
 
 class SpoolError(VmshareError):
     """The spool directory or the wake-up socket cannot be used."""
 
 
-class SpoolEntryError(SpoolError):
+class SpoolEntryError(SpoolError, RecordError):
     """One spool entry (or datagram) is not a valid version-1 hook event."""
 
 
@@ -98,53 +120,33 @@ class SpoolEvent:
     entry: str = ""
 
 
-def _text(obj: dict[str, object], key: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise SpoolEntryError(f"field {key!r} is not a string")
-    return value
-
-
 def parse_event(data: bytes, entry: str = "") -> SpoolEvent:
-    """Parse one spool entry or wake-up datagram.
+    """Parse one spool entry (named ``entry``) or wake-up datagram (``entry`` "").
 
-    Raises SpoolEntryError if it is not a version-1 hook event.
+    Raises SpoolEntryError, naming the entry and the problem, if it is not a
+    version-1 hook event.
     """
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpoolEntryError(f"not JSON: {exc}") from exc
+    what = f"spool entry {entry}" if entry else "wake-up datagram"
+    E = SpoolEntryError
+    obj = decode(data, E, what, max_bytes=MAX_ENTRY_BYTES)
     if not isinstance(obj, dict):
-        raise SpoolEntryError("not a JSON object")
-    if obj.get("v") != FORMAT_VERSION:
-        raise SpoolEntryError(f"unknown format version {obj.get('v')!r}")
-    uuid = obj.get("uuid")
-    if uuid is not None and not isinstance(uuid, str):
-        raise SpoolEntryError("field 'uuid' is neither a string nor null")
-    when = obj.get("time")
-    seq = obj.get("seq")
-    if isinstance(when, bool) or not isinstance(when, int | float):
-        raise SpoolEntryError("field 'time' is not a number")
-    if isinstance(seq, bool) or not isinstance(seq, int):
-        raise SpoolEntryError("field 'seq' is not an integer")
-    boot_id = obj.get("boot_id", "")
-    if not isinstance(boot_id, str):
-        raise SpoolEntryError("field 'boot_id' is not a string")
-    if not entry:
-        named = obj.get("entry")
-        entry = named if isinstance(named, str) else ""
-    domain = _text(obj, "domain")
+        raise E(f"{what}: not a JSON object")
+    if obj.get("v") != FORMAT_VERSION or isinstance(obj.get("v"), bool):
+        raise E(f"{what}: unknown format version {printable(repr(obj.get('v')), 40)}")
+    domain = get_str(obj, "domain", E, what, max_len=MAX_FIELD_CHARS)
     if not domain:
-        raise SpoolEntryError("empty domain name")
+        raise E(f"{what}: empty domain name")
+    if not entry:
+        entry = get_opt_str(obj, "entry", E, what, max_len=MAX_FIELD_CHARS) or ""
     return SpoolEvent(
         domain=domain,
-        uuid=uuid,
-        operation=_text(obj, "operation"),
-        sub_operation=_text(obj, "sub_operation"),
-        extra=_text(obj, "extra"),
-        time=float(when),
-        seq=seq,
-        boot_id=boot_id,
+        uuid=get_opt_str(obj, "uuid", E, what, max_len=64),
+        operation=get_str(obj, "operation", E, what, max_len=MAX_FIELD_CHARS),
+        sub_operation=get_str(obj, "sub_operation", E, what, max_len=MAX_FIELD_CHARS),
+        extra=get_str(obj, "extra", E, what, max_len=MAX_FIELD_CHARS),
+        time=get_number(obj, "time", E, what, minimum=0.0),
+        seq=get_int(obj, "seq", E, what, minimum=0),
+        boot_id=get_str(obj, "boot_id", E, what, max_len=64, default=""),
         entry=entry,
     )
 
@@ -157,44 +159,110 @@ def _order(events: list[SpoolEvent]) -> list[SpoolEvent]:
     return sorted(events, key=lambda e: (boot_start[e.boot_id], e.boot_id, e.seq, e.entry))
 
 
+class _Busy(Exception):
+    """The hook still holds this entry (or just replaced it): leave it for the next drain."""
+
+
 def _read_entry(dir_fd: int, name: str) -> bytes:
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                  dir_fd=dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpoolEntryError("not a regular file")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpoolEntryError(f"spool entry {name}: {file_kind(st.st_mode)}, not a "
+                                  "regular file")
+        if st.st_uid != os.geteuid():
+            # Only the hook (root, as libvirtd) writes here; anything else is forged.
+            raise SpoolEntryError(f"spool entry {name}: owned by uid {st.st_uid}, not by us")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise _Busy(name) from exc
+        if os.fstat(fd).st_nlink == 0:
+            raise _Busy(name)
         data = os.read(fd, MAX_ENTRY_BYTES + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_ENTRY_BYTES:
-        raise SpoolEntryError(f"larger than {MAX_ENTRY_BYTES} bytes")
+        raise SpoolEntryError(f"spool entry {name}: larger than {MAX_ENTRY_BYTES} bytes")
     return data
 
 
-def _set_aside(dir_fd: int, name: str, reason: str) -> None:
-    """Move a corrupt entry to bad/ so that it is kept for a human, out of the way."""
-    log.warning("spool entry %s is corrupt (%s); moved to %s/", name, reason, BAD_DIR)
-    try:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(BAD_DIR, 0o700, dir_fd=dir_fd)
-        os.rename(name, f"{BAD_DIR}/{name}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as exc:
-        log.warning("cannot move %s to %s/ (%s); deleting it", name, BAD_DIR, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=dir_fd)
+class _BadDir:
+    """``bad/`` with a cap: entries are moved there until it holds MAX_BAD_ENTRIES."""
+
+    def __init__(self, dir_fd: int, rejects: Rejects) -> None:
+        self.dir_fd = dir_fd
+        self.rejects = rejects
+        self.count: int | None = None
+
+    def _held(self) -> int:
+        if self.count is None:
+            self.count = 0
+            with contextlib.suppress(OSError):
+                fd = os.open(BAD_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                             dir_fd=self.dir_fd)
+                try:
+                    self.count = len(os.listdir(fd))
+                finally:
+                    os.close(fd)
+        return self.count
+
+    def set_aside(self, name: str, reason: str) -> None:
+        """Count and log the bad entry, then move it to bad/ (or delete it, bad/ full)."""
+        full = self._held() >= MAX_BAD_ENTRIES
+        self.rejects.reject("spool_entry", f"{reason}; " + (
+            f"deleted ({BAD_DIR}/ holds {MAX_BAD_ENTRIES} entries)" if full
+            else f"moved to {BAD_DIR}/"))
+        try:
+            if full:
+                self._delete(name)
+                return
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(BAD_DIR, 0o700, dir_fd=self.dir_fd)
+            os.rename(name, f"{BAD_DIR}/{name}", src_dir_fd=self.dir_fd,
+                      dst_dir_fd=self.dir_fd)
+            self.count = self._held() + 1
+        except FileNotFoundError:
+            pass    # another drainer took it
+        except OSError as exc:
+            self.rejects.reject("spool_dropped", f"spool entry {name}: cannot move it to "
+                                f"{BAD_DIR}/ ({exc.strerror}); deleting it")
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        """Delete a bad entry; one that cannot be deleted (a directory with content)
+        is remembered and skipped from now on, so that it is refused once."""
+        try:
+            try:
+                os.unlink(name, dir_fd=self.dir_fd)
+            except IsADirectoryError:
+                os.rmdir(name, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.rejects.reject("spool_dropped", f"spool entry {name}: cannot delete it "
+                                f"({exc.strerror}); left in place and skipped")
+            self.rejects.skip(name)
 
 
-def drain(spool_dir: Path = SPOOL_DIR, *, temp_grace: float = TEMP_GRACE_S) -> list[SpoolEvent]:
+def drain(spool_dir: Path = SPOOL_DIR, *, temp_grace: float = TEMP_GRACE_S,
+          scope: Callable[[str], bool] | None = None,
+          rejects: Rejects | None = None) -> list[SpoolEvent]:
     """Take every complete entry out of the spool, in hook-call order.
 
     Each entry is deleted only after it parsed; a corrupt one is moved to
-    ``<spool>/bad/`` with one warning. Temp files of a hook still writing are
-    left alone; those older than ``temp_grace`` seconds (a hook that died
-    mid-write) are deleted. A missing spool directory holds no events.
+    ``<spool>/bad/`` and counted in ``rejects`` (logged at a bounded rate).
+    With ``scope``, an entry whose domain it rejects is left in place for
+    the drainer that manages that domain. Entries a hook still holds, and
+    temp files of a hook still writing, are left alone; temp files older
+    than ``temp_grace`` seconds (a hook that died mid-write) are deleted. A
+    missing spool directory holds no events.
 
     Raises AccessDenied if the spool cannot be read for lack of privilege and
-    SpoolError if it cannot be read otherwise.
+    SpoolError if it cannot be read otherwise; never for one bad entry.
     """
+    rejects = rejects if rejects is not None else Rejects(log)
     try:
         dir_fd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -206,30 +274,45 @@ def drain(spool_dir: Path = SPOOL_DIR, *, temp_grace: float = TEMP_GRACE_S) -> l
     try:
         names = sorted(os.listdir(dir_fd))
         now = time.time()
+        bad = _BadDir(dir_fd, rejects)
         events: list[SpoolEvent] = []
         for name in names:
             if name.startswith(TEMP_PREFIX):
                 _expire_temp(dir_fd, name, now, temp_grace)
                 continue
-            if name.startswith(".") or not name.endswith(ENTRY_SUFFIX):
+            if name.startswith(".") or not name.endswith(ENTRY_SUFFIX) \
+                    or rejects.skipped(name):
                 continue
-            try:
-                event = parse_event(_read_entry(dir_fd, name), entry=name)
-            except FileNotFoundError:
-                continue  # another drainer took it
-            except (OSError, SpoolEntryError) as exc:
-                _set_aside(dir_fd, name, str(exc))
-                continue
-            events.append(event)
-            try:
-                os.unlink(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                events.pop()  # another drainer already returned it
-            except OSError as exc:
-                raise SpoolError(f"cannot delete spool entry {name}: {exc.strerror}") from exc
+            event = _take(dir_fd, name, scope, bad)
+            if event is not None:
+                events.append(event)
         return _order(events)
     finally:
         os.close(dir_fd)
+
+
+def _take(dir_fd: int, name: str, scope: Callable[[str], bool] | None,
+          bad: _BadDir) -> SpoolEvent | None:
+    """Read, validate and delete one entry; None when it is not ours to act on."""
+    try:
+        event = parse_event(_read_entry(dir_fd, name), entry=name)
+    except (FileNotFoundError, _Busy):
+        return None     # another drainer took it, or the hook still holds it
+    except SpoolEntryError as exc:
+        bad.set_aside(name, str(exc))
+        return None
+    except OSError as exc:
+        bad.set_aside(name, f"spool entry {name}: unreadable ({exc.strerror})")
+        return None
+    if scope is not None and not scope(event.domain):
+        return None
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None     # another drainer already returned it
+    except OSError as exc:
+        raise SpoolError(f"cannot delete spool entry {name}: {exc.strerror}") from exc
+    return event
 
 
 def _expire_temp(dir_fd: int, name: str, now: float, grace: float) -> None:
@@ -237,115 +320,48 @@ def _expire_temp(dir_fd: int, name: str, now: float, grace: float) -> None:
         age = now - os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
         if age > grace:
             os.unlink(name, dir_fd=dir_fd)
-            log.warning("removed %s left half-written by a hook %.0f s ago", name, age)
+            log.warning("removed %s left half-written by a hook %.0f s ago",
+                        printable(name), age)
     except FileNotFoundError:
         pass  # the hook just renamed it
     except OSError as exc:
-        log.warning("cannot remove stale spool temp file %s: %s", name, exc)
+        log.warning("cannot remove stale spool temp file %s: %s", printable(name), exc)
 
 
-def _private_dir(path: Path) -> None:
-    """Create path (and parents) as root-only 0700 directories; refuse anything else."""
+def check_private_dir(path: Path, what: str) -> Path:
+    """Create ``path`` 0700 if missing; accept an existing one only if it is a real
+    directory of ours (root's, or the effective user's) that no one else may
+    write to. An existing directory is never chmod'ed or chown'ed: a socket
+    or spool pointed at /tmp must not turn /tmp into root's 0700.
+
+    Raises AccessDenied or SpoolError naming ``what``, the path and the problem.
+    """
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.path.lexists(path):
+            path.mkdir(mode=0o700, parents=True)
+        st = os.lstat(path)
+    except FileExistsError:
         st = os.lstat(path)
     except PermissionError as exc:
-        raise AccessDenied(f"cannot create {path}: {exc.strerror}") from exc
+        raise AccessDenied(f"cannot create the {what} {path}: {exc.strerror}") from exc
     except OSError as exc:
-        raise SpoolError(f"cannot create {path}: {exc.strerror}") from exc
+        raise SpoolError(f"cannot create the {what} {path}: {exc.strerror}") from exc
     if not stat.S_ISDIR(st.st_mode):
-        raise SpoolError(f"{path} exists and is not a directory")
-    euid = os.geteuid()
-    try:
-        if st.st_uid != euid or st.st_gid != os.getegid():
-            if euid != 0:
-                raise AccessDenied(f"{path} belongs to uid {st.st_uid}, not to us (uid {euid})")
-            os.chown(path, 0, 0, follow_symlinks=False)
-        if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(path, 0o700, follow_symlinks=False)
-    except PermissionError as exc:
-        raise AccessDenied(f"cannot make {path} private: {exc.strerror}") from exc
-    except OSError as exc:
-        raise SpoolError(f"cannot make {path} private: {exc.strerror}") from exc
-
-
-def ensure_spool_dir(path: Path = SPOOL_DIR) -> Path:
-    """Create the spool directory 0700, owned by root (by us when not root).
-
-    Raises AccessDenied or SpoolError if it cannot be created or made private,
-    or if the path exists and is not a directory (a symlink counts as not).
-    """
-    _private_dir(path)
+        raise SpoolError(f"the {what} {path} is {file_kind(st.st_mode)}, not a directory")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid():
+        raise SpoolError(f"the {what} {path} belongs to uid {st.st_uid}, not to us (uid "
+                         f"{os.geteuid()}); refusing it: anyone who owns it can forge events")
+    if mode & 0o022:
+        raise SpoolError(f"the {what} {path} is writable by others (mode {mode:04o}); "
+                         "refusing it: use a directory only root can write (e.g. "
+                         f"{SPOOL_DIR.parent}, mode 0700)")
     return path
 
 
-def bind_wakeup_socket(path: Path = WAKEUP_SOCKET) -> socket.socket:
-    """Bind the non-blocking datagram socket the hook pokes after each entry.
+def ensure_spool_dir(path: Path = SPOOL_DIR) -> Path:
+    """The spool directory, checked (check_private_dir) and created 0700 if missing.
 
-    A stale socket file (nobody bound to it) is replaced; a live one means
-    another daemon is running and is an error. The parent directory is made
-    0700 and the socket 0600: only root may wake the daemon.
-
-    Raises SpoolError (AccessDenied for privilege problems) if the socket
-    cannot be bound.
+    Raises AccessDenied or SpoolError.
     """
-    _private_dir(path.parent)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise SpoolError(f"cannot inspect {path}: {exc.strerror}") from exc
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise SpoolError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: left by a daemon that died
-        except OSError as exc:
-            raise SpoolError(f"cannot probe {path}: {exc.strerror}") from exc
-        else:
-            raise SpoolError(f"{path} is in use: another vmshare daemon is running")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-        sock.setblocking(False)
-    except PermissionError as exc:
-        sock.close()
-        raise AccessDenied(f"cannot bind {path}: {exc.strerror}") from exc
-    except OSError as exc:
-        sock.close()
-        raise SpoolError(f"cannot bind {path}: {exc.strerror}") from exc
-    return sock
-
-
-def drain_wakeups(sock: socket.socket) -> list[SpoolEvent]:
-    """Read every pending datagram without blocking; return the events they carry.
-
-    The daemon still drains the spool afterwards: a datagram is a wake-up, and
-    those whose ``entry`` is "" report events the hook could not spool. A
-    malformed datagram is logged and skipped.
-    """
-    events: list[SpoolEvent] = []
-    while True:
-        try:
-            data = sock.recv(MAX_DATAGRAM_BYTES, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return events
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return events
-            raise SpoolError(f"cannot read wake-up socket: {exc.strerror}") from exc
-        try:
-            events.append(parse_event(data))
-        except SpoolEntryError as exc:
-            log.warning("ignoring malformed wake-up datagram (%s)", exc)
+    return check_private_dir(path, "spool directory")

@@ -12,30 +12,34 @@ One JSON document (format version 1)::
 daemon dies between acting and auditing, the next start finds the action
 done and writes its audit record once (the record id makes it idempotent).
 
-Writes go to a temporary file in the same directory, fsync'd, renamed over
-the old file and the directory fsync'd: a reader sees the old or the new
-document, never half of one. vmshare.observe.remerge reads it for ``vmshare status``.
+Writes go through vmshare.records.atomic (a reader sees the old or the new
+document, never half of one). The format is validated by
+vmshare.observe.remerge.parse_state, which ``vmshare status`` reads too.
+A corrupt file is kept as ``state.json.corrupt-<UTC time>`` (with a
+WARNING) before the daemon starts over; a file of a newer version is
+refused (StateVersionError), never rewritten as version 1.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmshare.errors import AccessDenied, VmshareError
 from vmshare.observe.remerge import (
     RESETTING_EVENTS,
     STATE_VERSION,
     RemergeRecord,
-    read_state,
+    StateFileError,
+    StateVersionError,
+    empty_state,
+    load_state,
     record_of,
 )
+from vmshare.records.atomic import AtomicWriteError, keep_copy, write_atomic
 
 log = logging.getLogger("vmshare.daemon.state")
 
@@ -46,55 +50,8 @@ SAME_EVENT_WINDOW_S = 30.0
 FORGET_AFTER_S = 7 * 24 * 3600.0
 
 
-class StateError(VmshareError):
-    """The daemon state file (or another file given to write_atomic) cannot be written."""
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, *,
-                 tmp_dir: Path | None = None, owner: tuple[int, int] | None = None) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file, fsync, rename, dir fsync).
-
-    The temp file is made in ``tmp_dir`` (default: ``path``'s directory, created
-    0700 if missing; it must be on the same filesystem) and given ``mode`` and,
-    when set, ``owner`` (uid, gid) before the rename.
-
-    Raises AccessDenied or StateError; the old file is intact on any failure.
-    """
-    try:
-        if tmp_dir is None:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                   dir=tmp_dir or path.parent)
-    except PermissionError as exc:
-        raise AccessDenied(f"cannot write {path}: permission denied") from exc
-    except OSError as exc:
-        raise StateError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        try:
-            if owner is not None:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, PermissionError):
-            raise AccessDenied(f"cannot write {path}: {exc.strerror}") from exc
-        raise StateError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:   # the rename happened; durability is best effort here
-        log.debug("fsync of %s: %s", path.parent, exc)
+class StateError(AtomicWriteError):
+    """The daemon state file cannot be written (or a corrupt one cannot be kept)."""
 
 
 _SPECIFICITY = {"qemu-restart": 1, "migrate-in": 2, "restore": 3}
@@ -107,8 +64,28 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.doc: dict[str, Any] = read_state(path)
+        self.doc: dict[str, Any] = self._load()
         self.doc["version"] = STATE_VERSION
+
+    def _load(self) -> dict[str, Any]:
+        """The validated document; a corrupt one is copied aside first, then dropped.
+
+        Raises StateVersionError (a newer vmshare's file) and StateError (a
+        corrupt file that cannot be kept).
+        """
+        try:
+            return load_state(self.path) or empty_state()
+        except StateVersionError:
+            raise
+        except StateFileError as exc:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            try:
+                copy = keep_copy(self.path, f"corrupt-{stamp}")
+            except AtomicWriteError as copy_exc:
+                raise StateError(f"{exc}; not replacing it, since no copy could be kept: "
+                                 f"{copy_exc}") from copy_exc
+            log.warning("%s; kept it as %s and started with an empty state", exc, copy)
+            return empty_state()
 
     def vm(self, name: str) -> dict[str, Any]:
         vms: dict[str, Any] = self.doc["vms"]
@@ -121,8 +98,12 @@ class StateStore:
         return sorted(self.doc["vms"])
 
     def save(self) -> None:
-        data = json.dumps(self.doc, sort_keys=True, indent=1).encode() + b"\n"
-        write_atomic(self.path, data)
+        """Write the document. Raises StateError, AtomicWriteError or AccessDenied."""
+        try:
+            text = json.dumps(self.doc, sort_keys=True, indent=1, allow_nan=False)
+        except ValueError as exc:   # a non-finite number: never write what we cannot read
+            raise StateError(f"cannot write {self.path}: {exc}") from exc
+        write_atomic(self.path, text.encode() + b"\n")
 
     # -- observations and events ------------------------------------------------
 

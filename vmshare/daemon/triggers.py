@@ -13,7 +13,7 @@ detail enums); tests check them against the libvirt module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,6 +128,32 @@ class HookSequence:
             self._coming.pop(domain, None)
             return Trigger(domain, "forget", label, None, uuid)
         return None
+
+
+class TriggerSink:
+    """Turns the libvirt adapter's raw events into triggers for ``deliver``."""
+
+    def __init__(self, deliver: Callable[[Trigger], None],
+                 disconnected: Callable[[str], None]) -> None:
+        self.deliver = deliver
+        self.on_disconnect = disconnected
+
+    def lifecycle(self, name: str, uuid: str | None, event: int, detail: int) -> None:
+        trigger = lifecycle_trigger(name, uuid, event, detail)
+        if trigger is not None:
+            self.deliver(trigger)
+
+    def device_added(self, name: str, uuid: str | None, alias: str) -> None:
+        self.deliver(device_added_trigger(name, uuid, alias))
+
+    def qmp_event(self, name: str, uuid: str | None, event: str,
+                  data: dict[str, Any]) -> None:
+        trigger = qmp_trigger(name, uuid, event, data)
+        if trigger is not None:
+            self.deliver(trigger)
+
+    def disconnected(self, reason: str) -> None:
+        self.on_disconnect(reason)
 
 
 def backoff_delays(maximum: float, first: float = 0.5, factor: float = 2.0):  # type: ignore[no-untyped-def]

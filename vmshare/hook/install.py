@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmshare.daemon.state import StateError, write_atomic
 from vmshare.errors import AccessDenied, VmshareError
 from vmshare.hook.libvirtd import (
     LIBVIRTD_PIDFILE,
@@ -39,6 +38,8 @@ from vmshare.hook.libvirtd import (
     reload_libvirtd,
     restart_libvirtd,
 )
+from vmshare.records.atomic import AtomicWriteError as StateError
+from vmshare.records.atomic import write_atomic
 
 __all__ = [
     "HOOKS_DIR",

@@ -19,13 +19,26 @@ is vmshare.daemon.state. No hypervisor or kernel access here.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vmshare.errors import AccessDenied, VmshareError
+from vmshare.records.schema import (
+    RecordError,
+    decode,
+    get_bool,
+    get_int,
+    get_map,
+    get_number,
+    get_opt_int,
+    get_opt_str,
+    get_str,
+    printable,
+)
 
 log = logging.getLogger("vmshare.observe.remerge")
 
@@ -91,30 +104,98 @@ def progress(record: RemergeRecord, current_ksm_pages: int,
     }
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """The daemon's state document; an empty one when missing or unreadable.
+class StateFileError(RecordError):
+    """The daemon's state file is not a state document this version can read."""
 
-    Never raises: status must work when the daemon never ran. A corrupt file
-    (which atomic writes should make impossible) is logged once at WARNING.
+
+class StateVersionError(StateFileError):
+    """The state file was written by a newer vmshare (a higher ``version``)."""
+
+
+_PENDING_STR = ("id", "event", "reason", "ident")
+
+
+def _check_vm(name: str, entry: Any, where: str) -> None:
+    what = f"{where}: vms.{printable(name, 60)}"
+    if not isinstance(entry, dict):
+        raise StateFileError(f"{what} is not an object")
+    get_opt_str(entry, "uuid", StateFileError, what)
+    get_opt_int(entry, "pid", StateFileError, what, minimum=0)
+    if "ksm_pages" in entry:
+        get_int(entry, "ksm_pages", StateFileError, what, minimum=0)
+    if "observed" in entry:
+        get_number(entry, "observed", StateFileError, what)
+    if entry.get("remerge") is not None and RemergeRecord.from_json(entry["remerge"]) is None:
+        raise StateFileError(f"{what}: 'remerge' is not a re-merge record")
+    pending = get_map(entry, "pending", StateFileError, what, required=False)
+    if pending:
+        pwhat = f"{what}.pending"
+        get_bool(pending, "merge", StateFileError, pwhat)
+        for key in _PENDING_STR:
+            if key in pending:
+                get_str(pending, key, StateFileError, pwhat)
+        before = get_map(pending, "before", StateFileError, pwhat, required=False)
+        if not all(isinstance(v, bool) for v in before.values()):
+            raise StateFileError(f"{pwhat}: 'before' maps backends to non-booleans")
+
+
+def parse_state(data: bytes, where: str) -> dict[str, Any]:
+    """Validate one state document (the format of vmshare.daemon.state).
+
+    Raises StateVersionError for a ``version`` above STATE_VERSION and
+    StateFileError for anything else that is not a version-1 document.
+    """
+    doc = decode(data, StateFileError, where, max_bytes=MAX_STATE_BYTES)
+    if not isinstance(doc, dict):
+        raise StateFileError(f"{where}: not a JSON object")
+    version = get_int(doc, "version", StateFileError, where, default=STATE_VERSION)
+    if version > STATE_VERSION:
+        raise StateVersionError(f"{where}: written by a newer vmshare (state version "
+                                f"{version}; this one reads {STATE_VERSION})")
+    if version < 1:
+        raise StateFileError(f"{where}: unknown state version {version}")
+    vms = get_map(doc, "vms", StateFileError, where)
+    for name, entry in vms.items():
+        _check_vm(name, entry, where)
+    return doc
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    """The validated state document at ``path``; None when there is none.
+
+    Raises StateFileError (StateVersionError for a newer version) or
+    AccessDenied.
     """
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_STATE_BYTES + 1)
     except FileNotFoundError:
-        return {"version": STATE_VERSION, "vms": {}}
+        return None
+    except PermissionError as exc:
+        raise AccessDenied(f"cannot read the daemon state file {path}: permission "
+                           "denied") from exc
     except OSError as exc:
-        log.warning("cannot read the daemon state file %s: %s", path, exc.strerror)
-        return {"version": STATE_VERSION, "vms": {}}
+        raise StateFileError(f"cannot read the daemon state file {path}: "
+                             f"{exc.strerror}") from exc
+    return parse_state(raw, str(path))
+
+
+def empty_state() -> dict[str, Any]:
+    return {"version": STATE_VERSION, "vms": {}}
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The daemon's state document; an empty one when missing or unusable.
+
+    Never raises: status must work when the daemon never ran. A corrupt or
+    newer file is logged at WARNING (the daemon keeps a copy when it
+    replaces one; see vmshare.daemon.state).
+    """
     try:
-        if len(raw) > MAX_STATE_BYTES:
-            raise ValueError("too large")
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or not isinstance(doc.get("vms"), dict):
-            raise ValueError("not a state document")
-    except ValueError as exc:
-        log.warning("ignoring the daemon state file %s: %s", path, exc)
-        return {"version": STATE_VERSION, "vms": {}}
-    return doc
+        return load_state(path) or empty_state()
+    except VmshareError as exc:
+        log.warning("ignoring the daemon state file: %s", exc)
+        return empty_state()
 
 
 def record_of(state: Mapping[str, Any], vm: str) -> RemergeRecord | None:
@@ -170,7 +251,6 @@ def status_for(doc: dict[str, Any], state_file: Path | None = None,
     """
     if state_file is None:
         from vmshare.config import load_config
-        from vmshare.errors import VmshareError
         try:
             state_file = load_config().daemon.state_file
         except VmshareError as exc:

@@ -1,5 +1,7 @@
-"""What vmshare keeps on disk: the audit log of every change (``audit``) and
-the savings history (``history``).
+"""What vmshare keeps on disk: the audit log of every change (``audit``), the
+savings history (``history``), the whole-or-nothing file writer (``atomic``)
+and the schema layer every reader of an outside JSON record goes through
+(``schema``).
 
-May import model and errors only.
+May import model, errors and observe.host (a history sample is made of a host view).
 """

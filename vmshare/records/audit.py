@@ -16,18 +16,19 @@ import os
 import pwd
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmshare.errors import AccessDenied, VmshareError
+from vmshare.errors import AccessDenied
+from vmshare.records.schema import RecordError, decode, get_int, get_number, get_opt_str, get_str
 
 DEFAULT_AUDIT_LOG = Path("/var/log/vmshare/audit.jsonl")
 AUDIT_ENV = "VMSHARE_AUDIT_LOG"
 _MAX_LINE = 64 * 1024
 
 
-class AuditError(VmshareError):
+class AuditError(RecordError):
     """The audit log cannot be written or read."""
 
 
@@ -45,9 +46,44 @@ class AuditRecord:
     event: str | None = None
     vm: str | None = None
     id: str | None = None    # idempotency key: the same change is never logged twice
+    # Keys this version does not know (a newer writer's), kept as read and written back.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        """One line of JSON. Raises ValueError for a non-finite number."""
+        doc = asdict(self)
+        doc.pop("extra")
+        doc.update((k, v) for k, v in self.extra.items() if k not in doc)
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+_REQUIRED_STR = ("actor", "user", "action", "target", "reason")
+KNOWN_FIELDS = frozenset(("time", "pid", "before", "after", "event", "vm", "id",
+                          *_REQUIRED_STR))
+
+
+def parse_record(raw: bytes, what: str) -> AuditRecord:
+    """Validate one audit line. Keys a newer writer added go to ``extra``.
+
+    Raises AuditError naming ``what`` (file:line) and the problem.
+    """
+    doc = decode(raw, AuditError, what, max_bytes=_MAX_LINE)
+    if not isinstance(doc, dict):
+        raise AuditError(f"{what}: not a JSON object")
+    for key in ("before", "after"):
+        if key not in doc:
+            raise AuditError(f"{what}: {key!r} is missing")
+    text = {k: get_str(doc, k, AuditError, what) for k in _REQUIRED_STR}
+    return AuditRecord(
+        time=get_number(doc, "time", AuditError, what),
+        actor=text["actor"], user=text["user"],
+        pid=get_int(doc, "pid", AuditError, what, minimum=0),
+        action=text["action"], target=text["target"],
+        before=doc["before"], after=doc["after"], reason=text["reason"],
+        event=get_opt_str(doc, "event", AuditError, what),
+        vm=get_opt_str(doc, "vm", AuditError, what),
+        id=get_opt_str(doc, "id", AuditError, what),
+        extra={k: v for k, v in doc.items() if k not in KNOWN_FIELDS})
 
 
 def audit_path(explicit: Path | None = None) -> Path:
@@ -118,7 +154,10 @@ class AuditLog:
         return rec
 
     def append(self, rec: AuditRecord) -> None:
-        line = (rec.to_json() + "\n").encode()
+        try:
+            line = (rec.to_json() + "\n").encode()
+        except ValueError as exc:
+            raise AuditError(f"cannot write the audit log {self.path}: {exc}") from exc
         if len(line) > _MAX_LINE:
             raise AuditError(f"audit record too large ({len(line)} bytes)")
         try:
@@ -130,8 +169,10 @@ class AuditLog:
             raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror}") from exc
 
     def read(self) -> Iterator[AuditRecord | str]:
-        """Records in order; a line that does not parse is yielded as a string
-        describing the problem (a torn last line after a crash)."""
+        """Records in order; a line that is not a valid record is yielded as a
+        string describing the problem (a torn last line after a crash).
+
+        Raises AccessDenied or AuditError (the file cannot be read)."""
         try:
             f = open(self.path, "rb")  # noqa: SIM115 - closed below, generator
         except FileNotFoundError:
@@ -139,13 +180,14 @@ class AuditLog:
         except PermissionError as exc:
             raise AccessDenied(f"cannot read the audit log {self.path}: permission "
                                "denied") from exc
+        except OSError as exc:
+            raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror}") from exc
         with f:
             for number, raw in enumerate(f, 1):
                 try:
-                    doc = json.loads(raw)
-                    yield AuditRecord(**doc)
-                except (ValueError, TypeError) as exc:
-                    yield f"{self.path}:{number}: unreadable record ({exc.__class__.__name__})"
+                    yield parse_record(raw, f"{self.path}:{number}")
+                except AuditError as exc:
+                    yield f"{exc} (record skipped)"
 
     def ids(self) -> set[str]:
         return {r.id for r in self.read() if isinstance(r, AuditRecord) and r.id}

@@ -14,18 +14,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmshare.errors import AccessDenied, VmshareError
+from vmshare.errors import AccessDenied
 from vmshare.model import PAGE_SIZE
 from vmshare.observe.host import HostView
 from vmshare.records.audit import append_line
+from vmshare.records.schema import RecordError, decode, get_int, get_map, get_number, printable
 
 HOST_FIELDS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                "full_scans", "ksm_zero_pages", "general_profit")
+VM_FIELDS = ("saved_bytes", "ksm_pages", "ram_bytes", "zero_pages")
 SPARK = "▁▂▃▄▅▆▇█"
 T = TypeVar("T")
 
 
-class HistoryError(VmshareError):
+class HistoryError(RecordError):
     """The history file cannot be written or read."""
 
 
@@ -49,9 +51,15 @@ class HistoryStore:
     def __init__(self, path: Path, max_bytes: int = 16 * 2**20) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.skipped = 0
+        self.first_problem = ""
 
     def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        try:
+            text = json.dumps(record, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        except ValueError as exc:
+            raise HistoryError(f"cannot write {self.path}: {exc}") from exc
+        line = (text + "\n").encode()
         try:
             append_line(self.path, line, rotate_over=self.max_bytes)
         except PermissionError as exc:
@@ -60,7 +68,15 @@ class HistoryStore:
             raise HistoryError(f"cannot write {self.path}: {exc.strerror}") from exc
 
     def read(self, since: float = 0.0) -> Iterator[dict[str, Any]]:
-        """Samples newer than ``since``, oldest first, from the rotated file too."""
+        """Samples newer than ``since``, oldest first, from the rotated file too.
+
+        A line that is not a valid sample (a torn line from a crash, a
+        hand edit) is skipped and counted in ``self.skipped``, with the first
+        problem in ``self.first_problem``. Raises AccessDenied or HistoryError
+        (a file that cannot be read).
+        """
+        self.skipped = 0
+        self.first_problem = ""
         for path in (self.path.with_name(self.path.name + ".1"), self.path):
             try:
                 f = open(path, "rb")  # noqa: SIM115 - closed by the with below
@@ -68,15 +84,43 @@ class HistoryStore:
                 continue
             except PermissionError as exc:
                 raise AccessDenied(f"cannot read {path}: permission denied") from exc
+            except OSError as exc:
+                raise HistoryError(f"cannot read {path}: {exc.strerror}") from exc
             with f:
-                for raw in f:
+                for number, raw in enumerate(f, 1):
                     try:
-                        rec = json.loads(raw)
-                    except ValueError:
-                        continue          # a torn line from a crash
-                    if isinstance(rec, dict) and isinstance(rec.get("time"), (int, float)) \
-                            and rec["time"] > since:
+                        rec = parse_sample(raw, f"{path}:{number}")
+                    except HistoryError as exc:
+                        self.skipped += 1
+                        self.first_problem = self.first_problem or str(exc)
+                        continue
+                    if rec["time"] > since:
                         yield rec
+
+
+MAX_LINE_BYTES = 1 << 20
+
+
+def parse_sample(raw: bytes, what: str) -> dict[str, Any]:
+    """Validate one history line: ``time`` a finite number, ``host`` counters and
+    each VM's figures non-negative integers. Unknown keys are kept.
+
+    Raises HistoryError naming ``what`` (file:line) and the problem.
+    """
+    rec = decode(raw, HistoryError, what, max_bytes=MAX_LINE_BYTES)
+    if not isinstance(rec, dict):
+        raise HistoryError(f"{what}: not a JSON object")
+    get_number(rec, "time", HistoryError, what)
+    host = get_map(rec, "host", HistoryError, what, required=False)
+    for key in host:
+        get_int(host, key, HistoryError, f"{what}: host", minimum=0)
+    vms = get_map(rec, "vms", HistoryError, what, required=False)
+    for name in vms:
+        vm = get_map(vms, name, HistoryError, f"{what}: vms")
+        for key in VM_FIELDS:
+            if key in vm:
+                get_int(vm, key, HistoryError, f"{what}: vms.{printable(name, 60)}", minimum=0)
+    return rec
 
 
 def parse_duration(text: str) -> float:
@@ -98,7 +142,12 @@ def sparkline(values: Sequence[float]) -> str:
 
 
 def downsample(samples: Sequence[T], rows: int) -> list[T]:
-    """At most ``rows`` samples, evenly spaced, always keeping the last."""
+    """At most ``rows`` samples, evenly spaced, always keeping the last.
+
+    Raises ValueError for fewer than one row.
+    """
+    if rows < 1:
+        raise ValueError(f"need at least one row, not {rows}")
     if len(samples) <= rows:
         return list(samples)
     step = len(samples) / rows
