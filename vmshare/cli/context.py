@@ -13,6 +13,7 @@ from vmshare.hypervisor.base import Hypervisor
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import DEFAULT_ROOT, KsmSysfs
 from vmshare.observe.host import Observer
+from vmshare.present.text import visible
 
 EXIT_INTERNAL = 70
 
@@ -52,4 +53,5 @@ def emit_json(obj: object) -> None:
 
 
 def warn(text: str) -> None:
-    print(f"vmshare: warning: {text}", file=sys.stderr, flush=True)
+    """One warning line on stderr; domain names in it are shown escaped."""
+    print(f"vmshare: warning: {visible(text)}", file=sys.stderr, flush=True)

@@ -49,7 +49,10 @@ def setup_logging(level: int) -> None:
     root.setLevel(level)
     # libvirtaio logs every handle update at DEBUG; keep it out unless asked for.
     logging.getLogger("virEventAsyncIOImpl").setLevel(max(level, logging.INFO))
-    logging.getLogger("qemu.qmp").setLevel(max(level, logging.WARNING))
+    # qemu.qmp logs its own ERROR lines before vmshare's one line says the same:
+    # only with --debug, as in the CLI
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if level <= logging.DEBUG
+                                           else logging.CRITICAL)
 
 
 async def _main(opts: DaemonOptions) -> int:
