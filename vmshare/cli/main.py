@@ -16,13 +16,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from vmshare import __version__
-from vmshare.cli import daemon, demo, hook, ksm, metrics, policy, predict, records, tune, vms
+from vmshare.cli import daemon, demo, fleet, hook, ksm, metrics, policy, predict, records, tune, vms
 from vmshare.cli.context import EXIT_INTERNAL, Context
 from vmshare.errors import VmshareError
 
 log = logging.getLogger("vmshare")
 
-GROUPS = (vms, ksm, policy, records, demo, hook, predict, metrics, daemon, tune)
+GROUPS = (vms, ksm, policy, records, demo, hook, predict, metrics, fleet, daemon, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
