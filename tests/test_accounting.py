@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, KPF_ZERO, PRESENT, FakeProc
-from vmshare.errors import AccessDenied, ProcessGone
+from vmshare.errors import AccessDenied, ProcessGone, ProcfsError
 from vmshare.ksm.procfs import ProcFs, parse_smaps
 from vmshare.model import RamBackend, Vma
-from vmshare.observe.attribution import attribute, match_ram_vmas, mergeable_mismatch
+from vmshare.observe.attribution import (
+    attribute,
+    check_kpf_ksm,
+    match_ram_vmas,
+    mergeable_mismatch,
+)
 
 BASE = 0x7F0000000000
 
@@ -196,3 +202,75 @@ def test_huge_zero_page_is_never_a_ksm_page(tmp_path: Path) -> None:
                         unforked_zero_pfn=zero)
         assert att.per_vm["a"].ksm_pages == 1
         assert att.per_vm["a"].saved_pages == pytest.approx(0.5)
+
+
+# ------------------------------------------- kernels that misreport KPF_KSM ----
+KPF_ANON = 1 << 12
+
+
+def test_kpf_ksm_on_a_plain_anonymous_page_refuses_the_figures(tmp_path: Path) -> None:
+    """Linux 6.10 flagged every anonymous page KSM: a page shared after fork
+    (not exclusive, mapped twice) would be counted as half a page saved."""
+    fake = FakeProc(tmp_path)
+    fake.flags[:] = KPF_KSM | KPF_ANON           # what such a kernel reports
+    fake.counts[500] = 2                         # shared with a forked child
+    fake.flush()
+    fake.add_process(10, BASE, [PRESENT | 500, PRESENT | EXCLUSIVE | 501])
+    proc = ProcFs(tmp_path)
+    entries = {"a": proc.pagemap(10, BASE, 2)}
+    with pytest.raises(ProcfsError, match=r"KPF_KSM.*Linux 6\.10.*not reported"):
+        attribute(entries, proc.kpageflags, proc.kpagecount,
+                  anon_flags=lambda: KPF_KSM | KPF_ANON)
+    # A kernel that flags the known page correctly is trusted, as is one
+    # where the probe cannot be read (not root): the figures stand.
+    for probe in (lambda: KPF_ANON, lambda: None):
+        att = attribute(entries, proc.kpageflags, proc.kpagecount, anon_flags=probe)
+        assert att.per_vm["a"].saved_pages == pytest.approx(0.5)
+
+    def never() -> int | None:
+        raise AssertionError("the unforked path reads no KPF_KSM and needs no probe")
+    att = attribute(entries, proc.kpageflags, proc.kpagecount, unforked_zero_pfn=1,
+                    anon_flags=never)
+    assert att.per_vm["a"].ksm_pages == 1
+
+
+def _max_pfn() -> int:
+    """One past the highest PFN of any memory zone (/proc/zoneinfo)."""
+    top = start = 0
+    for line in Path("/proc/zoneinfo").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["spanned"]:
+            spanned = int(words[1])
+        elif words[:1] == ["start_pfn:"]:
+            start = int(words[1])
+            top = max(top, start + spanned)
+    return top
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PFNs in pagemap need root")
+def test_probe_reads_a_fake_kpageflags_that_flags_everything_ksm(tmp_path: Path) -> None:
+    """ProcFs pointed at a root whose kpageflags says KSM for every PFN: the
+    probe of vmshare's own plain page sees it and attribution refuses."""
+    (tmp_path / str(os.getpid())).symlink_to(f"/proc/{os.getpid()}")   # our real pagemap
+    np.full(_max_pfn(), KPF_KSM | KPF_ANON, dtype=np.uint64).tofile(tmp_path / "kpageflags")
+    np.full(1024, 2, dtype=np.uint64).tofile(tmp_path / "kpagecount")
+    proc = ProcFs(tmp_path)
+    flags = proc.anon_page_flags()
+    assert flags == KPF_KSM | KPF_ANON
+    with pytest.raises(ProcfsError, match="KPF_KSM"):
+        check_kpf_ksm(flags)
+    entries = np.array([PRESENT | 100, PRESENT | 101], dtype=np.uint64)
+    with pytest.raises(ProcfsError, match="per-VM KSM figures would be wrong"):
+        attribute({"a": entries}, proc.kpageflags, proc.kpagecount,
+                  anon_flags=proc.anon_page_flags)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PFNs in pagemap need root")
+def test_this_kernel_flags_a_plain_anonymous_page_correctly() -> None:
+    flags = ProcFs().anon_page_flags()
+    assert flags is not None and flags & KPF_ANON and not flags & KPF_KSM
+    check_kpf_ksm(flags)
+
+
+def test_probe_is_none_where_pfns_cannot_be_read(tmp_path: Path) -> None:
+    assert ProcFs(tmp_path).anon_page_flags() is None     # no pagemap under this root

@@ -348,3 +348,79 @@ def test_zlib_stream_longer_than_a_block_is_rejected(tmp_path: Path) -> None:
         pages, 8, data_override={0: zlib.compress(corpus.page(1) + b"x" * 100)})))
     with KdumpSource(path) as src, pytest.raises(DumpError, match="pfn 0x0"):
         collect(src)
+
+
+# ------------------------------------------------- what is not a dump file ----
+def _not_files(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)                       # no writer: a blocking open would never return
+    yield str(fifo), "a FIFO"
+    yield "/dev/zero", "a character device"
+    yield str(tmp_path), "a directory"
+
+
+@pytest.mark.parametrize("reader", [open_dump, ElfCoreSource, KdumpSource, RawImageSource])
+def test_fifo_device_or_directory_is_refused_without_blocking(tmp_path: Path,
+                                                              reader: object) -> None:
+    for path, kind in _not_files(tmp_path):
+        with pytest.raises(DumpError) as exc:
+            reader(path)  # type: ignore[operator]
+        assert str(exc.value) == (f"{path}: is {kind}, not a dump: give a regular file or "
+                                  "a block device")
+
+
+def test_unix_socket_is_refused(tmp_path: Path) -> None:
+    import socket
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        with pytest.raises(DumpError, match="is a socket, not a dump"):
+            open_dump(path)
+
+
+def test_symlink_to_a_fifo_is_refused_by_its_target(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "fifo")
+    with pytest.raises(DumpError, match="link: is a FIFO"):
+        RawImageSource(tmp_path / "link")
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """A read-only loop device over 3 pages and one sector of known content."""
+    import shutil
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup for a block device")
+    data = corpus.page(1) + corpus.noise_page(2) + corpus.page(3) + b"\x07" * 512
+    image = tmp_path / "ram.img"
+    image.write_bytes(data)
+    made = subprocess.run(["losetup", "--find", "--show", "--read-only", str(image)],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"losetup cannot attach here: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        yield dev, data
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+def test_block_device_is_a_raw_image_of_its_whole_size(loop_device: tuple[str, bytes]) -> None:
+    dev, data = loop_device
+    with open_dump(dev) as src:          # st_size is 0 for a device: the size is its end
+        assert isinstance(src, RawImageSource) and src.file_size == len(data)
+        pages = collect(src)
+    padded = data + bytes(-len(data) % PAGE)
+    assert pages == {("gpa@0x0", i): padded[i * PAGE:(i + 1) * PAGE] for i in range(4)}
+
+
+@pytest.mark.parametrize("option", ["--dump", "--raw"])
+def test_cli_predict_fifo_is_one_line_not_a_hang(tmp_path: Path, option: str) -> None:
+    fifo = tmp_path / "guest.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "vmshare", "predict", option, str(fifo)],
+                          capture_output=True, text=True, timeout=15,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"vmshare: error: {fifo}: is a FIFO, not a dump: give a regular " \
+                          "file or a block device\n"

@@ -9,6 +9,7 @@ import argparse
 import logging
 from typing import Any
 
+from vmshare.cli import argtypes
 from vmshare.config import load_config
 
 
@@ -56,9 +57,9 @@ def register(sub: Any) -> None:
                    help="manage only domains whose name matches GLOB (repeatable; default "
                         "all; also $VMSHARE_DAEMON_DOMAINS, comma-separated); the others "
                         "still count for trust groups")
-    s.add_argument("--observe-interval", type=float, default=10.0, metavar="SECONDS",
+    s.add_argument("--observe-interval", type=argtypes.seconds(), default=10.0, metavar="SECONDS",
                    help="how often to record each VM's KSM pages (default 10)")
-    s.add_argument("--resync-interval", type=float, default=60.0, metavar="SECONDS",
+    s.add_argument("--resync-interval", type=argtypes.seconds(), default=60.0, metavar="SECONDS",
                    help="how often to reconcile everything regardless of events (default 60)")
     s.add_argument("--tune", action="store_true",
                    help="also run the KSM tuner (as `vmshare tune`; [daemon] tune, "

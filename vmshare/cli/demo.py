@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmshare.cli import argtypes
 from vmshare.cli.context import Context, out
 from vmshare.control.merge import Controller
 from vmshare.errors import AccessDenied, KsmUnavailable, UsageError, VmshareError
@@ -172,6 +173,6 @@ def register(sub: Any) -> None:
     s.add_argument("--identical", type=int, default=96, metavar="MiB")
     s.add_argument("--unique", type=int, default=32, metavar="MiB")
     s.add_argument("--zero", type=int, default=16, metavar="MiB")
-    s.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    s.add_argument("--timeout", type=argtypes.seconds(), default=300.0, metavar="SECONDS")
     s.add_argument("--keep", action="store_true", help="leave the guests running")
     s.set_defaults(func=cmd_demo)

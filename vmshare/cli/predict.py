@@ -11,26 +11,20 @@ import argparse
 import time
 from typing import Any
 
+from vmshare.cli import argtypes
 from vmshare.engine import EngineConfig, KsmCounters
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE
 
+#: the kernel's PID_MAX_LIMIT on 64-bit: no process id is larger
+PID_MAX = 4_194_304
 COUNTER_ORDER = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
                  "ksm_zero_pages", "stable_node_chains", "stable_node_dups")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def _engine_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--max-page-sharing", type=int, default=256, metavar="N",
+    s.add_argument("--max-page-sharing", type=argtypes.bounded_int(2, 2**31 - 1), default=256,
+                   metavar="N",
                    help="the kernel knob to assume (default 256)")
     s.add_argument("--use-zero-pages", action="store_true",
                    help="assume use_zero_pages=1 (zero pages map the zero page)")
@@ -163,10 +157,6 @@ def cmd_scan(ctx: Any) -> int:
     from vmshare.prediction import predict as pr
     from vmshare.present.text import mib
     a = ctx.args
-    if a.interval < 0:
-        raise UsageError(f"--interval must be >= 0, not {a.interval}")
-    if a.count < 0:
-        raise UsageError(f"--count must be >= 0, not {a.count}")
     observer = ctx.observer()
     scanner = pr.LiveScanner([pr.domain_target(ctx.hv, observer, n, ctx.procfs)
                               for n in a.domains], _config(a), low_memory=a.low_memory)
@@ -215,13 +205,14 @@ def register(sub: Any) -> None:
                    help="a guest memory dump (ELF core or kdump); repeatable")
     s.add_argument("--raw", action="append", default=[], metavar="FILE",
                    help="a raw guest RAM image (pmemsave); repeatable")
-    s.add_argument("--pid", action="append", default=[], type=_positive_int, metavar="PID",
+    s.add_argument("--pid", action="append", default=[], type=argtypes.bounded_int(1, PID_MAX),
+                   metavar="PID",
                    help="a process's private anonymous memory; repeatable")
     s.add_argument("--trust-groups", action="store_true",
                    help="share only within trust groups (one engine per group)")
     s.add_argument("--config", metavar="FILE", help="host config for trust groups "
                    "(default $VMSHARE_CONFIG or /etc/vmshare/vmshare.toml)")
-    s.add_argument("--scans", type=_positive_int, metavar="N",
+    s.add_argument("--scans", type=argtypes.bounded_int(1, 1000), metavar="N",
                    help="run exactly N scans (default: until the counters stop changing, "
                    "at most 5)")
     _engine_options(s)
@@ -230,9 +221,10 @@ def register(sub: Any) -> None:
     s = sub.add_parser("scan", help="live incremental engine scan of domains, counters "
                        "per pass")
     s.add_argument("domains", nargs="+", metavar="DOMAIN")
-    s.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
-                   help="pause between passes (default 2)")
-    s.add_argument("--count", type=int, default=5, metavar="N",
+    s.add_argument("--interval", type=argtypes.seconds(zero_ok=True), default=2.0,
+                   metavar="SECONDS", help="pause between passes, 0 to "
+                   f"{argtypes.MAX_SECONDS:g} (default 2)")
+    s.add_argument("--count", type=argtypes.bounded_int(0, 10**9), default=5, metavar="N",
                    help="number of passes, 0 for until interrupted (default 5)")
     _engine_options(s)
     s.set_defaults(func=cmd_scan)

@@ -18,7 +18,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vmshare.cli import argtypes
+from vmshare.cli.context import warn
 from vmshare.config import TunerPolicy
+from vmshare.control.lock import ControlBusy, control_lock
 from vmshare.errors import UsageError
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.records.audit import AuditLog
@@ -55,8 +58,6 @@ class Stop(Exception):
 
 def cmd_tune(ctx: Any) -> int:
     a = ctx.args
-    if a.interval <= 0:
-        raise UsageError("--interval must be positive")
     try:
         policy = TunerPolicy(cpu_budget_pct=a.cpu_budget, tight_available=a.tight / 100.0,
                         ample_available=a.ample / 100.0)
@@ -68,7 +69,16 @@ def cmd_tune(ctx: Any) -> int:
                                             actor="tuner")
     say: Callable[[str], None] = (lambda s: None) if a.json else (
         lambda s: print(s, flush=True))
-    line = check_advisor(sysfs, a.take_over, a.dry_run, audit)
+
+    def acting(what: str) -> contextlib.AbstractContextManager[None]:
+        # Each act, not the whole run, holds the host's control lock: an
+        # `enable` or `ksm set` waits for one step, never for the tuner to end.
+        return (contextlib.nullcontext() if a.dry_run
+                else control_lock(f"vmshare tune: {what}", wait=a.lock_wait))
+
+    # Only --take-over can write (advisor_mode=none); a plain start reads.
+    with acting("advisor take-over") if a.take_over else contextlib.nullcontext():
+        line = check_advisor(sysfs, a.take_over, a.dry_run, audit)
     if line:
         say(line)
     tuner = Tuner(sysfs, ctx.procfs, policy, audit, dry_run=a.dry_run)
@@ -88,7 +98,12 @@ def cmd_tune(ctx: Any) -> int:
             steps = 0
             while True:
                 time.sleep(a.interval)
-                obs, decision, changes = tuner.step()
+                try:
+                    with acting("step"):
+                        obs, decision, changes = tuner.step()
+                except ControlBusy as exc:
+                    warn(f"{exc}; this step is skipped")
+                    continue
                 print(decision_json(obs, decision, changes) if a.json
                       else decision_line(obs, decision, changes), flush=True)
                 steps += 1
@@ -111,17 +126,22 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                                     "CPU budget (a better ksmtuned)")
     s.add_argument("--once", action="store_true",
                    help="one step: observe, wait --interval, observe, decide, act")
-    s.add_argument("--interval", type=float, default=5.0, metavar="S",
-                   help="seconds between observations (default 5)")
-    s.add_argument("--cpu-budget", type=float, default=TunerPolicy.cpu_budget_pct, metavar="PCT",
+    s.add_argument("--interval", type=argtypes.seconds(), default=5.0, metavar="S",
+                   help="seconds between observations, greater than 0 and at most "
+                        f"{argtypes.MAX_SECONDS:g} (default 5)")
+    s.add_argument("--cpu-budget", type=argtypes.finite_float(0, 100, lo_open=True),
+                   default=TunerPolicy.cpu_budget_pct, metavar="PCT",
                    help="ksmd CPU budget, percent of one core (default %(default)g)")
-    s.add_argument("--tight", type=float, default=TunerPolicy.tight_available * 100, metavar="PCT",
+    s.add_argument("--tight", type=argtypes.PERCENT, default=TunerPolicy.tight_available * 100,
+                   metavar="PCT",
                    help="memory is tight below this MemAvailable %% of RAM (default "
                         "%(default)g)")
-    s.add_argument("--ample", type=float, default=TunerPolicy.ample_available * 100, metavar="PCT",
+    s.add_argument("--ample", type=argtypes.PERCENT, default=TunerPolicy.ample_available * 100,
+                   metavar="PCT",
                    help="memory is ample at or above this MemAvailable %% of RAM (default "
                         "%(default)g): converged KSM is stopped")
-    s.add_argument("--steps", type=int, default=0, help="stop after this many decisions")
+    s.add_argument("--steps", type=argtypes.bounded_int(0, 10**9), default=0,
+                   help="stop after this many decisions")
     s.add_argument("--dry-run", action="store_true", help="print decisions, write nothing")
     s.add_argument("--take-over", action="store_true",
                    help="switch the kernel's scan-time advisor off and tune instead")

@@ -263,6 +263,31 @@ class ProcFs:
         finally:
             area.close()
 
+    def anon_page_flags(self) -> int | None:
+        """The /proc/kpageflags word of a page that is certainly not a KSM page:
+        a private anonymous page of this process, written (so present and
+        exclusively ours), never MADV_MERGEABLE. Attribution compares it with
+        KPF_KSM to catch kernels that flag every anonymous page as KSM.
+
+        Returns None where it cannot be learned (PFNs hidden without root, the
+        page not reported present and exclusive).
+        """
+        import mmap
+        area = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            area[0:1] = b"\x01"                       # write fault: a page of our own
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            try:
+                entry = int(self.pagemap(os.getpid(), addr, 1)[0])
+                pfn = entry & int(PM_PFN_MASK)
+                if not (entry >> PM_PRESENT_BIT & 1 and entry >> PM_EXCLUSIVE_BIT & 1 and pfn):
+                    return None
+                return int(self.kpageflags(np.array([pfn], dtype=np.uint64))[0])
+            except (AccessDenied, ProcessGone, ProcfsError):
+                return None
+        finally:
+            area.close()
+
     # ---- host memory ----------------------------------------------------
     def meminfo(self) -> dict[str, int]:
         """/proc/meminfo in bytes."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from vmshare.errors import AccessDenied
+from vmshare.errors import AccessDenied, ProcfsError
 from vmshare.model import RamBackend, Vma
 
 U64 = npt.NDArray[np.uint64]
@@ -28,6 +28,7 @@ PfnLookup = Callable[[U64], U64]
 
 _PFN_MASK = np.uint64((1 << 55) - 1)
 _ONE = np.uint64(1)
+_KPF_KSM = 21          # include/uapi/linux/kernel-page-flags.h
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,28 @@ def _bit(entries: U64, bit: int) -> npt.NDArray[np.bool_]:
     return ((entries >> np.uint64(bit)) & _ONE).astype(bool)
 
 
+def check_kpf_ksm(anon_flags: int | None) -> None:
+    """Refuse to trust KPF_KSM when the kernel sets it on a plain page.
+
+    ``anon_flags`` is the kpageflags word of a private anonymous page that
+    was written and never made mergeable (ProcFs.anon_page_flags), or None
+    where it could not be read. Linux 6.10, until a fix reported in 2026,
+    set KPF_KSM on every anonymous page: per-VM figures from such a kernel
+    would count every shared-after-fork page as merged.
+
+    Raises ProcfsError when that page reads KPF_KSM.
+    """
+    if anon_flags is not None and anon_flags >> _KPF_KSM & 1:
+        raise ProcfsError(
+            "/proc/kpageflags marks a plain anonymous page of vmshare's own as a KSM page "
+            f"(KPF_KSM, flags {anon_flags:#x}): this kernel flags anonymous pages as KSM "
+            "(as Linux 6.10 did until its fix), so per-VM KSM figures would be wrong and "
+            "are not reported; the host counters in sysfs are still right")
+
+
 def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLookup, *,
-              unforked_zero_pfn: int | None = None) -> Attribution:
+              unforked_zero_pfn: int | None = None,
+              anon_flags: Callable[[], int | None] | None = None) -> Attribution:
     """Attribute KSM savings to VMs from their guest-RAM pagemap entries.
 
     ``vms`` maps a VM name to the pagemap entries of all its guest RAM.
@@ -67,8 +88,14 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
     then either the zero page or a KSM page, so the KSM bit need not be read:
     kpageflags is skipped, which halves the kernel work.
 
+    ``anon_flags`` (ProcFs.anon_page_flags) is called, before KPF_KSM is
+    trusted, to check the kernel flags a known plain page correctly (see
+    ``check_kpf_ksm``). With ``unforked_zero_pfn`` no KPF_KSM is read, so
+    no figure depends on it and the check is not needed.
+
     Raises AccessDenied when PFNs are hidden (pagemap read without
-    CAP_SYS_ADMIN reports PFN 0 for every page).
+    CAP_SYS_ADMIN reports PFN 0 for every page); ProcfsError from
+    ``check_kpf_ksm``.
     """
     names = list(vms)
     all_pfns: list[U64] = []
@@ -95,8 +122,10 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
     unique, inverse = np.unique(pfns, return_inverse=True)
     inverse = inverse.reshape(-1)
     if unforked_zero_pfn is None:
+        if anon_flags is not None and len(unique):
+            check_kpf_ksm(anon_flags())
         flags = kpageflags(unique)
-        ksm_unique = _bit(flags, 21) & ~_bit(flags, 24)
+        ksm_unique = _bit(flags, _KPF_KSM) & ~_bit(flags, 24)
     else:
         ksm_unique = unique != np.uint64(unforked_zero_pfn)
     counts_unique = np.ones(len(unique), dtype=np.float64)

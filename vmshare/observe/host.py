@@ -190,7 +190,8 @@ class Observer:
                 gathered[ref.name] = got
         att = attribute({n: g.entries for n, g in gathered.items()},
                         self.procfs.kpageflags, self.procfs.kpagecount,
-                        unforked_zero_pfn=self._zero_pfn_if_unforked(gathered.values()))
+                        unforked_zero_pfn=self._zero_pfn_if_unforked(gathered.values()),
+                        anon_flags=self.procfs.anon_page_flags)
         views: list[VmView] = []
         for name, g in gathered.items():
             fig = att.per_vm[name]

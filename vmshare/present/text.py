@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,14 +21,37 @@ def mib(nbytes: float) -> str:
     return f"{nbytes / (1024 * MiB):,.2f} GiB"
 
 
+# C0 and C1 controls (ESC, CR, LF, BEL...), DEL, the Unicode line and paragraph
+# separators and the bidirectional overrides that reorder what a terminal shows.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group(0)
+    return _SHORT.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character shown as a Python-style escape
+    (``\\n``, ``\\x1b``, ``\\u202e``), for text from guests and domains (names,
+    XML-derived strings) on its way to a terminal or a log line: it can then
+    neither move the cursor, recolour, rewrite the screen nor start a line
+    that looks like another record. Backslashes are left as they are."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]],
           right: Sequence[int] = ()) -> str:
-    """A plain aligned text table; columns in ``right`` are right-aligned."""
+    """A plain aligned text table; columns in ``right`` are right-aligned.
+    Cells are shown through ``visible``: a domain name cannot break the table."""
+    headers = [visible(h) for h in headers]
+    rows = [[visible(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
     out = []
-    for row in [list(headers), *rows]:
+    for row in [headers, *rows]:
         cells = [c.rjust(w) if i in right else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         out.append("  ".join(cells).rstrip())
@@ -91,9 +115,10 @@ def status_table(host: HostView) -> str:
                      f"other processes and unlisted VMs: {mib(host.other_saved_pages * PAGE_SIZE)}")
     for vm in host.vms:
         for warning in vm.warnings:
-            lines.append(f"warning: {vm.name}: {warning}")
+            lines.append(visible(f"warning: {vm.name}: {warning}"))
         if vm.facts.ineligible_reason and vm.facts.pid is not None:
-            lines.append(f"note: {vm.name} is not eligible: {vm.facts.ineligible_reason}")
+            lines.append(visible(f"note: {vm.name} is not eligible: "
+                                 f"{vm.facts.ineligible_reason}"))
     return "\n".join(lines).rstrip()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from vmshare.errors import DumpError
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, PageSource
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, PageSource, open_dump_file
 from vmshare.sources.elf import ELF_MAGIC, ElfCoreSource
 from vmshare.sources.kdump import KdumpSource, looks_like_kdump
 from vmshare.sources.live import LiveProcessSource, private_anonymous_vmas
@@ -35,13 +35,17 @@ def open_dump(path: str | os.PathLike[str], name: str | None = None, *,
 
     With ``raw_ok=False`` a file that is neither ELF nor kdump raises
     DumpError instead of being read as a raw image. Raises DumpError for any
-    malformed or unreadable dump.
+    malformed or unreadable dump, and for a path that is neither a regular
+    file nor a block device (named with its type; a FIFO is never opened
+    in a way that could block).
     """
+    fd, _, size = open_dump_file(os.fspath(path))   # refuses FIFOs and devices unopened
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
+        head = os.pread(fd, min(32, size), 0)
     except OSError as exc:
-        raise DumpError(f"{os.fspath(path)}: cannot open dump: {exc.strerror}") from exc
+        raise DumpError(f"{os.fspath(path)}: cannot read dump: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     if head.startswith(ELF_MAGIC):
         return ElfCoreSource(path, name)
     if looks_like_kdump(head):

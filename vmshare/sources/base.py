@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
@@ -49,6 +50,58 @@ class PageSource(Protocol):
         ...
 
 
+def file_type(mode: int) -> str:
+    """What ``stat``'s mode says a path is, in words for an error message."""
+    for test, words in ((stat.S_ISREG, "a regular file"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return words
+    return f"of unknown type {stat.S_IFMT(mode):#o}"
+
+
+def open_dump_file(path: str) -> tuple[int, os.stat_result, int]:
+    """Open a dump read-only, refusing what is neither a regular file nor a
+    block device (a FIFO would block the open and every read forever; a
+    character device such as /dev/zero never ends). Returns (fd, stat, size);
+    a block device's size is where it ends, its st_size being 0.
+
+    The type is checked with stat before the open, and again on the open
+    descriptor: the open is non-blocking, so a FIFO swapped in between cannot
+    block it. Raises DumpError naming the path and its type, or the OS error.
+    """
+    try:
+        before = os.stat(path)
+    except OSError as exc:
+        raise DumpError(f"{path}: cannot open dump: {exc.strerror}") from exc
+    _check_dump_type(path, before.st_mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise DumpError(f"{path}: cannot open dump: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        _check_dump_type(path, st.st_mode)
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise DumpError(f"{path}: replaced while being opened; try again")
+        size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+        os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        raise DumpError(f"{path}: cannot stat dump: {exc.strerror}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st, size
+
+
+def _check_dump_type(path: str, mode: int) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise DumpError(f"{path}: is {file_type(mode)}, not a dump: give a regular file "
+                        "or a block device")
+
+
 def check_chunk_pages(chunk_pages: int) -> int:
     if not isinstance(chunk_pages, int) or chunk_pages < 1:
         raise ValueError(f"chunk_pages must be a positive int, not {chunk_pages!r}")
@@ -78,7 +131,8 @@ class Closing:
 
 
 class FileSource(Closing):
-    """Shared plumbing for sources backed by one regular file opened read-only.
+    """Shared plumbing for sources backed by one regular file (or block device)
+    opened read-only; anything else is refused at open (see open_dump_file).
 
     Subclasses parse in ``__init__`` (after this constructor ran) and close the
     file themselves if parsing fails, via ``_fail_closed``.
@@ -87,19 +141,10 @@ class FileSource(Closing):
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         self.path = os.fspath(path)
         self.name = name if name is not None else self.path
-        try:
-            self._fd: int = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise DumpError(f"{self.path}: cannot open dump: {exc.strerror}") from exc
-        try:
-            st = os.fstat(self._fd)
-        except OSError as exc:
-            os.close(self._fd)
-            raise DumpError(f"{self.path}: cannot stat dump: {exc.strerror}") from exc
-        self.file_size: int = st.st_size
+        self._fd, st, self.file_size = open_dump_file(self.path)
         # Region.generation for every region of this file: a new dump written
         # under the same name is a different file (inode, mtime, size).
-        self.file_generation = f"{st.st_dev:x}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+        self.file_generation = f"{st.st_dev:x}:{st.st_ino}:{st.st_mtime_ns}:{self.file_size}"
         self._closed = False
 
     # -- reading -----------------------------------------------------------

@@ -15,8 +15,9 @@ class RawImageSource(FileSource):
     The region key is "gpa@0x<base>" (``base`` is the guest-physical address
     the image starts at, 0 for ``pmemsave val=0``) unless ``key`` is given.
     A file whose size is not a page multiple gets its last page zero-filled.
-    There is nothing to validate beyond the file being readable; a file that
-    shrinks while it is read raises DumpError.
+    There is nothing to validate beyond the file being a readable regular
+    file or block device (a FIFO or character device raises DumpError at
+    once); a file that shrinks while it is read raises DumpError.
     """
 
     def __init__(self, path: str | os.PathLike[str], name: str | None = None, *,
