@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Prepare a Debian 12 machine (as root, no systemd needed) for vmshare's
-# integration tests: Debian packages, the project venv, virtlogd + libvirtd,
-# and the cached test guest image. Idempotent; quiet and fast (< 3 s) when
-# everything is already in place. Run from anywhere.
+# Prepare a Debian 12 machine (as root, no systemd needed) for vmshare and its
+# integration tests: Debian packages, the project venv, the vmshare(1) man page
+# and bash/zsh completion, virtlogd + libvirtd, and the cached test guest
+# image. Idempotent; quiet and fast (< 3 s) when everything is already in
+# place. Run from anywhere.
 #
 # Guests are always TCG (libvirt domain type 'qemu', QEMU -accel tcg): /dev/kvm
 # may open on these machines but KVM guests hang, so nothing here enables KVM.
@@ -15,7 +16,7 @@ LIBVIRT_URI="qemu:///system"
 DAEMON_DEADLINE=30
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev
-          libxxhash-dev procps)
+          libxxhash-dev procps man-db bash-completion zsh)
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
@@ -55,6 +56,32 @@ if [[ $want != "$have" ]] || ! compgen -G "$REPO/vmshare/engine/_pages.*.so" >/d
         >"$log" 2>&1 || { tail -n 30 "$log" >&2; die "pip install -e $REPO[test] failed"; }
     rm -f "$log"
     echo "$want" > "$STAMP"
+fi
+
+# --- Man page and shell completion, generated from vmshare's parser ---------
+# Regenerated only when a source file changed or an installed copy differs from
+# what this checkout installed last (another checkout may have replaced it).
+MAN_PAGE=/usr/local/share/man/man1/vmshare.1
+BASH_COMPLETION=/usr/share/bash-completion/completions/vmshare
+ZSH_COMPLETION=/usr/local/share/zsh/site-functions/_vmshare
+DOCS_STAMP="$VENV/.vmshare-docs.sha256"
+docs_state() {
+    find "$REPO/vmshare" -name '*.py' -print0 | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1
+    cat "$MAN_PAGE" "$BASH_COMPLETION" "$ZSH_COMPLETION" 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+if [[ $(docs_state) != "$(cat "$DOCS_STAMP" 2>/dev/null || true)" ]]; then
+    say "installing $MAN_PAGE and bash/zsh completion"
+    gen=$(mktemp -d)
+    (cd "$REPO" && "$VENV/bin/python" -m vmshare.cli.manpage --out "$gen/vmshare.1" \
+        && "$VENV/bin/python" -m vmshare.cli.completion bash > "$gen/vmshare.bash" \
+        && "$VENV/bin/python" -m vmshare.cli.completion zsh > "$gen/_vmshare") \
+        || { rm -rf "$gen"; die "generating the man page and completion failed"; }
+    install -D -m 0644 "$gen/vmshare.1" "$MAN_PAGE"
+    install -D -m 0644 "$gen/vmshare.bash" "$BASH_COMPLETION"
+    install -D -m 0644 "$gen/_vmshare" "$ZSH_COMPLETION"
+    rm -rf "$gen"
+    mandb -q /usr/local/share/man 2>/dev/null || true   # man finds the page without it too
+    docs_state > "$DOCS_STAMP"
 fi
 
 # --- Daemons (no systemd: start them by hand) ------------------------------

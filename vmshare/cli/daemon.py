@@ -69,5 +69,6 @@ def register(sub: Any) -> None:
     s = sub.add_parser("remerge", help="re-merge progress after restore/migration/reset")
     s.add_argument("domains", nargs="*", metavar="DOMAIN")
     s.add_argument("--config", metavar="PATH", help="host config naming the state file")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object: vms, each with its re-merge progress")
     s.set_defaults(func=cmd_remerge)

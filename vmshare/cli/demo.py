@@ -168,11 +168,18 @@ def cmd_demo(ctx: Context) -> int:
 
 def register(sub: Any) -> None:
     s = sub.add_parser("demo", help="boot small guests, merge them, show per-VM savings")
-    s.add_argument("--guests", type=int, default=3)
-    s.add_argument("--memory", type=int, default=256, metavar="MiB")
-    s.add_argument("--identical", type=int, default=96, metavar="MiB")
-    s.add_argument("--unique", type=int, default=32, metavar="MiB")
-    s.add_argument("--zero", type=int, default=16, metavar="MiB")
-    s.add_argument("--timeout", type=argtypes.seconds(), default=300.0, metavar="SECONDS")
+    s.add_argument("--guests", type=int, default=3,
+                   help="how many guests, 2 to 8 (default %(default)s)")
+    s.add_argument("--memory", type=int, default=256, metavar="MiB",
+                   help="each guest's RAM (default %(default)s)")
+    s.add_argument("--identical", type=int, default=96, metavar="MiB",
+                   help="memory each guest fills the same as the others (default %(default)s)")
+    s.add_argument("--unique", type=int, default=32, metavar="MiB",
+                   help="memory each guest fills with its own bytes (default %(default)s)")
+    s.add_argument("--zero", type=int, default=16, metavar="MiB",
+                   help="memory each guest fills with zeros (default %(default)s)")
+    s.add_argument("--timeout", type=argtypes.seconds(), default=300.0, metavar="SECONDS",
+                   help="seconds to wait for each guest to boot, and for KSM to merge "
+                        "(default %(default)g)")
     s.add_argument("--keep", action="store_true", help="leave the guests running")
     s.set_defaults(func=cmd_demo)

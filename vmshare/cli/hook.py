@@ -85,7 +85,8 @@ def register(sub: Any) -> None:
             h.add_argument("--restart-libvirtd", action="store_true",
                            help="restart libvirtd afterwards so it loads the hook")
         if name == "status":
-            h.add_argument("--json", action="store_true")
+            h.add_argument("--json", action="store_true",
+                           help="one JSON object: the hook's state and libvirtd's")
     s.set_defaults(func=cmd_hook)
 
 

@@ -273,24 +273,28 @@ def register(sub: Any) -> None:
     psub = s.add_subparsers(dest="policy_cmd", metavar="ACTION", required=True)
     p = psub.add_parser("show", help="each VM's policy sources, decision, trust group and why")
     p.add_argument("domains", nargs="*", metavar="DOMAIN")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: config, host, and per VM its sources and decision")
     _config_option(p)
     p.set_defaults(func=cmd_policy_show)
 
     p = psub.add_parser("set", help="write a domain's own policy (libvirt domain metadata)")
     p.add_argument("domain", metavar="DOMAIN", help="name, UUID or id")
-    p.add_argument("--merge", choices=MERGE_SETTINGS)
+    p.add_argument("--merge", choices=MERGE_SETTINGS,
+                   help="on, off, or inherit (the host config decides)")
     p.add_argument("--group", metavar="NAME", help="trust group ('' removes it)")
     p.add_argument("--force", dest="force", action="store_true", default=None,
                    help="may merge while another trust group merges")
-    p.add_argument("--no-force", dest="force", action="store_false")
+    p.add_argument("--no-force", dest="force", action="store_false",
+                   help="clear force: obey trust groups again")
     p.add_argument("--apply", action="store_true",
                    help="then make the running VM match its decision now")
     _config_option(p)
     p.set_defaults(func=cmd_policy_set)
 
     s = sub.add_parser("log", help="the audit log of every change vmshare made")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true",
+                   help="one JSON object: the log's path and its records")
     s.add_argument("--vm", metavar="NAME", help="only changes to this VM")
     s.add_argument("--tail", type=int, metavar="N", help="only the last N records")
     _config_option(s)

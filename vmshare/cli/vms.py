@@ -70,7 +70,7 @@ def cmd_status(ctx: Context) -> int:
 
 def register(sub: Any) -> None:
     s = sub.add_parser("list", help="domains, their RAM backends, merge state, eligibility")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="one JSON object: vms")
     s.set_defaults(func=cmd_list)
 
     for name, merge in (("enable", True), ("disable", False)):
@@ -78,7 +78,8 @@ def register(sub: Any) -> None:
                            "now, and verify it")
         s.add_argument("domain", metavar="DOMAIN", help="name, UUID or id")
         s.add_argument("--backend", metavar="ID", help="only this memory backend")
-        s.add_argument("--json", action="store_true")
+        s.add_argument("--json", action="store_true",
+                       help="one JSON object: the changes made, each before and after")
         if not merge:
             s.add_argument("--force", action="store_true",
                            help="unmerge even if MemAvailable looks too small")
