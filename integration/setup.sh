@@ -17,6 +17,9 @@ DAEMON_DEADLINE=30
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev
           libxxhash-dev procps man-db bash-completion zsh)
+# the fleet tests: a real Prometheus (and promtool) from Debian's package
+FLEET_PACKAGES=(prometheus)
+PACKAGES+=("${FLEET_PACKAGES[@]}")
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }

@@ -93,3 +93,8 @@ class DumpError(VmshareError):
 
 class ImageBuildError(VmshareError):
     """The demo/test guest image could not be built."""
+
+
+class PrometheusError(VmshareError):
+    """The Prometheus HTTP API is unreachable, too slow, or answered something
+    that is not a Prometheus API reply (or an error reply)."""

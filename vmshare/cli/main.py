@@ -21,6 +21,7 @@ from vmshare.cli import (
     argtypes,
     daemon,
     demo,
+    fleet,
     hook,
     ksm,
     metrics,
@@ -41,7 +42,7 @@ log = logging.getLogger("vmshare")
 #: `tune` takes the lock around each step itself (it runs for hours).
 ACTS = frozenset({"enable", "disable", "policy set", "ksm start", "ksm stop", "ksm unmerge",
                   "ksm set"})
-GROUPS = (vms, ksm, policy, records, demo, hook, predict, metrics, daemon, tune)
+GROUPS = (vms, ksm, policy, records, demo, hook, predict, metrics, fleet, daemon, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

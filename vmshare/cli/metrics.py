@@ -16,16 +16,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from vmshare.cli import argtypes
+from vmshare.daemon.exporter import SnapshotSource
 from vmshare.errors import UsageError, VmshareError
-from vmshare.present.metrics import CONTENT_TYPE, exposition
-from vmshare.tuner.loop import tuner_holder
+from vmshare.present.metrics import CONTENT_TYPE, Refresher, exposition
 
 log = logging.getLogger("vmshare.present.metrics")
 DEFAULT_LISTEN = "127.0.0.1:9731"
@@ -203,18 +207,58 @@ def serve(listen: str, collect: Callable[[], str]) -> MetricsServer:
         raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
 
 
+def _source(ctx: Any) -> SnapshotSource:
+    from vmshare.config import load_config
+    config = load_config(ctx.args.config)
+    return SnapshotSource(ctx.hv, ctx.sysfs, ctx.procfs, config, scope=ctx.args.domain)
+
+
+def write_textfile(directory: Path, text: str) -> Path:
+    """node_exporter's textfile collector convention: DIR/vmshare.prom written to a
+    temporary name in DIR and renamed, so node_exporter never reads half a file.
+    Raises UsageError when DIR is not a directory or cannot be written."""
+    if not directory.is_dir():
+        raise UsageError(f"--textfile {directory}: not a directory")
+    target = directory / "vmshare.prom"
+    if target.exists() and not target.is_file():
+        raise UsageError(f"{target} exists and is not a regular file")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vmshare.prom.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    return target
+
+
 def cmd_metrics(ctx: Any) -> int:
-    if ctx.args.listen is None:
-        print(exposition(ctx.observer().host(), tuner_holder()), end="", flush=True)
+    a = ctx.args
+    source = _source(ctx)
+    if a.listen is None:
+        refresher = Refresher(source)
+        refresher.refresh()
+        text = exposition(refresher.latest())
+        if a.textfile is not None:
+            target = write_textfile(Path(a.textfile), text)
+            print(f"wrote {target}", flush=True)
+        else:
+            print(text, end="", flush=True)
         return 0
-    server = serve(ctx.args.listen,
-                   lambda: exposition(ctx.observer().host(), tuner_holder()))
-    print(f"serving Prometheus metrics on {server.url}", flush=True)
+    refresher = Refresher(source, interval=a.interval, cpu_budget=a.cpu_budget / 100.0)
+    refresher.start()
+    server = serve(a.listen, lambda: exposition(refresher.latest()))
+    print(f"serving Prometheus metrics on {server.url} (figures refreshed every "
+          f"{a.interval:g} s within {a.cpu_budget:g}% of a core)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        refresher.stop()
         server.server_close()
     return 0
 
@@ -225,4 +269,17 @@ def register(sub: Any) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", nargs="?", const=DEFAULT_LISTEN,
                    help=f"serve /metrics over HTTP (default {DEFAULT_LISTEN}; [::1]:PORT for "
                         "IPv6; port 0 picks a free one) instead of printing once")
+    p.add_argument("--textfile", metavar="DIR",
+                   help="write DIR/vmshare.prom atomically (node_exporter's textfile "
+                        "collector) instead of printing")
+    p.add_argument("--domain", action="append", default=[], metavar="GLOB",
+                   help="only domains whose name matches; repeatable (default: all)")
+    p.add_argument("--interval", type=argtypes.seconds(), default=30.0, metavar="SECONDS",
+                   help="with --listen: how often the figures are collected "
+                        "(default %(default)g)")
+    p.add_argument("--cpu-budget", type=argtypes.finite_float(0.01, 100.0), default=1.0,
+                   metavar="PERCENT", help="with --listen: most of one core the collection "
+                   "may use; a slow collection waits longer (default %(default)g)")
+    p.add_argument("--config", metavar="PATH",
+                   help="host config for each VM's policy and trust group")
     p.set_defaults(func=cmd_metrics)

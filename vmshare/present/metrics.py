@@ -1,108 +1,249 @@
-"""Prometheus text exposition (format 0.0.4) of a HostView. Pure, no I/O.
+"""Prometheus metrics of one host: a prometheus_client Collector over one snapshot.
 
-Metric names keep the kernel's counter names; HELP texts are the meanings
-defined once in vmshare.model. Monotonic kernel counters (full_scans,
-pages_scanned, pages_skipped) are Prometheus counters with a ``_total``
-suffix; everything else is a gauge.
+A scrape never measures: it renders the last ``Snapshot`` (taken in the
+background by ``Refresher`` at a set interval within a CPU budget), so its
+cost is the same on a 4 GiB host and a 256 GiB one, and every figure in one
+scrape comes from the same moment. The snapshot's age and cost are exported
+with it; parts that could not be collected are counted in
+``vmshare_scrape_errors`` and the rest is still served.
+
+Naming: ``vmshare_`` prefix, base units (``_bytes``, ``_seconds``), ``_total``
+on counters. The kernel's KSM counters keep the kernel's names and meanings
+(vmshare.model.COUNTER_MEANINGS; they count pages); per-VM series carry the
+labels ``domain``, ``uuid`` and ``trust_group``. HELP texts are the meanings
+defined once in vmshare.model, or below for what only the exporter reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, VM_FIGURE_MEANINGS
-from vmshare.observe.host import HostView
+from vmshare.observe.host import HostView, VmView
 
-MONOTONIC = {"full_scans", "pages_scanned", "pages_skipped"}
+log = logging.getLogger("vmshare.present.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MONOTONIC = {"full_scans", "pages_scanned", "pages_skipped"}
+KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages",
+         "merge_across_nodes")
+VM_LABELS = ("domain", "uuid", "trust_group")
+#: figures only the exporter reports; the rest are vmshare.model's meanings
+EXPORT_MEANINGS = {
+    "ksm_available": "1 if kernel KSM exists on this host",
+    "ksm_tuner_running": "1 while a vmshare tuner (vmshare tune or daemon --tune) owns run, "
+                         "pages_to_scan and sleep_millisecs",
+    "ksm_saved_bytes": "pages_sharing in bytes: memory the kernel's KSM saves on this host",
+    "ksmd_cpu_seconds": "CPU time the ksmd kernel thread has used since boot",
+    "vm_mergeable": "1 if any mapping of the VM's QEMU process is mergeable (MADV_MERGEABLE)",
+    "vm_policy_merge": "1 if the VM's policy decision is to merge its RAM, 0 if not",
+    "other_saved_bytes": "pages_sharing not attributed to a listed VM, in bytes",
+    "snapshot_age_seconds": "seconds since the figures served were collected",
+    "snapshot_duration_seconds": "wall-clock seconds the last collection took",
+    "snapshot_cpu_seconds": "CPU seconds the last collection cost this process",
+    "scrape_errors": "parts of the last collection that failed (the rest is still served)",
+}
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+@dataclass(frozen=True)
+class VmPolicyFacts:
+    trust_group: str
+    merge: bool
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
+@dataclass(frozen=True)
+class Snapshot:
+    """One collection: the host view (None when not even KSM could be read) and
+    what went wrong, each problem one line."""
+
+    host: HostView | None
+    taken_at: float                      # Unix time the collection finished
+    duration: float = 0.0
+    cpu_seconds: float = 0.0
+    tuner_pid: int | None = None
+    ksmd_cpu_seconds: float | None = None
+    policy: Mapping[str, VmPolicyFacts] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
 
 
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    inner = ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs)
-    return "{" + inner + "}" if inner else ""
+def _gauge(name: str, meaning: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"vmshare_{name}", meaning, labels=list(labels))
 
 
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+class SnapshotCollector:
+    """prometheus_client Collector rendering the latest snapshot (``latest()``)."""
+
+    def __init__(self, latest: Callable[[], Snapshot | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.latest = latest
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.latest()
+        if snap is None:
+            errors = _gauge("scrape_errors", EXPORT_MEANINGS["scrape_errors"])
+            errors.add_metric([], 1)
+            yield errors
+            return
+        yield from self._snapshot_families(snap)
+        if snap.host is not None:
+            yield from self._host_families(snap, snap.host)
+            yield from self._vm_families(snap, snap.host)
+
+    def _snapshot_families(self, snap: Snapshot) -> Iterator[Metric]:
+        for name, value in (("snapshot_age_seconds", max(0.0, self.clock() - snap.taken_at)),
+                            ("snapshot_duration_seconds", snap.duration),
+                            ("snapshot_cpu_seconds", snap.cpu_seconds),
+                            ("scrape_errors", float(len(snap.errors)))):
+            g = _gauge(name, EXPORT_MEANINGS[name])
+            g.add_metric([], value)
+            yield g
+        tuner = _gauge("ksm_tuner_running", EXPORT_MEANINGS["ksm_tuner_running"])
+        tuner.add_metric([], 0 if snap.tuner_pid is None else 1)
+        yield tuner
+        if snap.ksmd_cpu_seconds is not None:
+            cpu = CounterMetricFamily("vmshare_ksmd_cpu_seconds",
+                                      EXPORT_MEANINGS["ksmd_cpu_seconds"])
+            cpu.add_metric([], snap.ksmd_cpu_seconds)
+            yield cpu
+
+    def _host_families(self, snap: Snapshot, host: HostView) -> Iterator[Metric]:
+        available = _gauge("ksm_available", EXPORT_MEANINGS["ksm_available"])
+        available.add_metric([], 1 if host.ksm_available else 0)
+        yield available
+        for name, value in sorted(host.counters.items()):
+            meaning = COUNTER_MEANINGS.get(name, name)
+            fam: Metric
+            if name in MONOTONIC:
+                fam = CounterMetricFamily(f"vmshare_ksm_{name}", meaning)
+            else:
+                fam = GaugeMetricFamily(f"vmshare_ksm_{name}", meaning)
+            fam.add_metric([], value)
+            yield fam
+        if "pages_sharing" in host.counters:
+            saved = _gauge("ksm_saved_bytes", EXPORT_MEANINGS["ksm_saved_bytes"])
+            saved.add_metric([], host.counters["pages_sharing"] * PAGE_SIZE)
+            yield saved
+        for knob in KNOBS:
+            setting = host.knobs.get(knob)
+            if isinstance(setting, int):
+                g = _gauge(f"ksm_knob_{knob}", f"the KSM knob {knob} in force")
+                g.add_metric([], setting)
+                yield g
+        if host.ksm_available:
+            other = _gauge("other_saved_bytes", EXPORT_MEANINGS["other_saved_bytes"])
+            other.add_metric([], round(host.other_saved_pages * PAGE_SIZE))
+            yield other
+
+    def _vm_families(self, snap: Snapshot, host: HostView) -> Iterator[Metric]:
+        figures: dict[str, tuple[str, Callable[[VmView], float]]] = {
+            "ram_bytes": (VM_FIGURE_MEANINGS["ram_bytes"], lambda v: v.ram_bytes),
+            "resident_bytes": (VM_FIGURE_MEANINGS["resident_pages"] + ", in bytes",
+                               lambda v: v.resident_pages * PAGE_SIZE),
+            "ksm_bytes": (VM_FIGURE_MEANINGS["ksm_pages"] + ", in bytes",
+                          lambda v: v.ksm_pages * PAGE_SIZE),
+            "saved_bytes": (VM_FIGURE_MEANINGS["saved_bytes"] + ", in bytes",
+                            lambda v: v.saved_bytes),
+            "zero_page_bytes": (VM_FIGURE_MEANINGS["zero_pages"] + ", in bytes",
+                                lambda v: v.ksm_stat.ksm_zero_pages * PAGE_SIZE),
+            "rmap_items": (VM_FIGURE_MEANINGS["rmap_items"], lambda v: v.ksm_stat.ksm_rmap_items),
+            "process_profit_bytes": (VM_FIGURE_MEANINGS["process_profit_bytes"],
+                                     lambda v: v.ksm_stat.ksm_process_profit),
+            "mergeable": (EXPORT_MEANINGS["vm_mergeable"],
+                          lambda v: 1 if any(b.mg_flag for b in v.backends) else 0),
+        }
+        fams = {k: _gauge(f"vm_{k}", meaning, VM_LABELS) for k, (meaning, _) in figures.items()}
+        policy = _gauge("vm_policy_merge", EXPORT_MEANINGS["vm_policy_merge"], VM_LABELS)
+        shares = _gauge("vm_shares_with_bytes", VM_FIGURE_MEANINGS["shares_with"],
+                        (*VM_LABELS, "peer"))
+        for vm in host.vms:
+            if vm.facts.pid is None:
+                continue
+            facts = snap.policy.get(vm.name)
+            labels = [vm.name, vm.facts.ref.uuid, facts.trust_group if facts else ""]
+            for key, (_, value) in figures.items():
+                fams[key].add_metric(labels, value(vm))
+            if facts is not None:
+                policy.add_metric(labels, 1 if facts.merge else 0)
+            for peer, pages in sorted(vm.shares_with_pages.items()):
+                shares.add_metric([*labels, peer], pages * PAGE_SIZE)
+        yield from fams.values()
+        yield policy
+        yield shares
 
 
-class _Family:
-    def __init__(self, name: str, kind: str, help_text: str) -> None:
-        self.name, self.kind, self.help = name, kind, help_text
-        self.samples: list[str] = []
-
-    def add(self, value: float, labels: Iterable[tuple[str, str]] = ()) -> None:
-        self.samples.append(f"{self.name}{_labels(labels)} {_fmt(value)}")
-
-    def render(self) -> list[str]:
-        if not self.samples:
-            return []
-        return [f"# HELP {self.name} {_escape_help(self.help)}",
-                f"# TYPE {self.name} {self.kind}", *self.samples]
+def exposition(snapshot: Snapshot | None, clock: Callable[[], float] = time.time) -> str:
+    """The text exposition (format 0.0.4) of one snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snapshot, clock))
+    return generate_latest(registry).decode()
 
 
-def exposition(host: HostView, tuner_pid: int | None = None) -> str:
-    """Render the host's KSM counters, knobs and per-VM figures, and whether a
-    vmshare tuner (``tuner_pid``: vmshare.tuner.loop.tuner_holder) owns the knobs."""
-    families: list[_Family] = []
-    up = _Family("vmshare_ksm_available", "gauge", "1 if kernel KSM exists on this host")
-    up.add(1 if host.ksm_available else 0)
-    families.append(up)
-    tuner = _Family("vmshare_ksm_tuner_running", "gauge",
-                    "1 while a vmshare tuner (vmshare tune or daemon --tune) owns run, "
-                    "pages_to_scan and sleep_millisecs")
-    tuner.add(0 if tuner_pid is None else 1)
-    families.append(tuner)
-    for name, value in sorted(host.counters.items()):
-        if name in MONOTONIC:
-            fam = _Family(f"vmshare_ksm_{name}_total", "counter", COUNTER_MEANINGS[name])
-        else:
-            fam = _Family(f"vmshare_ksm_{name}", "gauge", COUNTER_MEANINGS.get(name, name))
-        fam.add(value)
-        families.append(fam)
-    for knob in ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing",
-                 "use_zero_pages", "merge_across_nodes"):
-        if isinstance(host.knobs.get(knob), int):
-            fam = _Family(f"vmshare_ksm_knob_{knob}", "gauge", f"KSM knob {knob}")
-            fam.add(int(host.knobs[knob]))
-            families.append(fam)
+class Refresher:
+    """Takes snapshots in a background thread: every ``interval`` seconds, but
+    never more often than keeps this thread's collection CPU within
+    ``cpu_budget`` (a fraction of one core). ``latest()`` is what scrapes serve.
 
-    vm_fams = {key: _Family(f"vmshare_vm_{key}", "gauge", VM_FIGURE_MEANINGS[key])
-               for key in ("ram_bytes", "resident_pages", "ksm_pages", "saved_bytes",
-                           "zero_pages", "rmap_items", "process_profit_bytes")}
-    shares = _Family("vmshare_vm_shares_with_bytes", "gauge", VM_FIGURE_MEANINGS["shares_with"])
-    mergeable = _Family("vmshare_vm_mergeable_backends", "gauge",
-                        "backends whose QEMU merge property is on")
-    for vm in host.vms:
-        if vm.facts.pid is None:
-            continue
-        labels = (("vm", vm.name), ("uuid", vm.facts.ref.uuid))
-        values = {"ram_bytes": vm.ram_bytes, "resident_pages": vm.resident_pages,
-                  "ksm_pages": vm.ksm_pages, "saved_bytes": vm.saved_bytes,
-                  "zero_pages": vm.ksm_stat.ksm_zero_pages,
-                  "rmap_items": vm.ksm_stat.ksm_rmap_items,
-                  "process_profit_bytes": vm.ksm_stat.ksm_process_profit}
-        for key, value in values.items():
-            vm_fams[key].add(value, labels)
-        mergeable.add(sum(1 for b in vm.backends if b.backend.merge), labels)
-        for peer, pages in sorted(vm.shares_with_pages.items()):
-            shares.add(pages * PAGE_SIZE, (*labels, ("peer", peer)))
-    families.extend(vm_fams.values())
-    families.extend([shares, mergeable])
-    other = _Family("vmshare_other_saved_bytes", "gauge",
-                    "pages_sharing not attributed to a listed VM, in bytes")
-    if host.ksm_available:
-        other.add(round(host.other_saved_pages * PAGE_SIZE))
-        families.append(other)
-    lines: list[str] = []
-    for fam in families:
-        lines.extend(fam.render())
-    return "\n".join(lines) + "\n"
+    A collection that raises is logged once per kind and counted; the previous
+    snapshot keeps being served (its age shows it). The thread is a daemon
+    thread; ``stop()`` ends it.
+    """
+
+    def __init__(self, take: Callable[[], Snapshot], *, interval: float = 30.0,
+                 cpu_budget: float = 0.01) -> None:
+        if not (interval > 0 and 0 < cpu_budget <= 1):
+            raise ValueError("interval must be > 0 and cpu_budget in (0, 1]")
+        self.take = take
+        self.interval = interval
+        self.cpu_budget = cpu_budget
+        self.failures = 0
+        self._latest: Snapshot | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def latest(self) -> Snapshot | None:
+        with self._lock:
+            return self._latest
+
+    def refresh(self) -> float:
+        """Take one snapshot now; returns how long to wait before the next."""
+        cpu0, t0 = time.thread_time(), time.monotonic()
+        try:
+            snap = self.take()
+        except Exception as exc:       # never let the refresher die: count and go on
+            self.failures += 1
+            if self.failures == 1 or self.failures % 100 == 0:
+                log.error("metrics collection failed (%d so far): %s: %s", self.failures,
+                          type(exc).__name__, exc)
+            log.debug("detail", exc_info=True)
+            return self.interval
+        cpu = time.thread_time() - cpu0
+        wall = time.monotonic() - t0
+        snap = Snapshot(**{**snap.__dict__, "duration": wall, "cpu_seconds": cpu})
+        with self._lock:
+            self._latest = snap
+        return max(self.interval, cpu / self.cpu_budget)
+
+    def start(self) -> None:
+        wait = self.refresh()           # the first scrape already has figures
+
+        def loop() -> None:
+            delay = wait
+            while not self._stop.wait(delay):
+                delay = self.refresh()
+
+        self._thread = threading.Thread(target=loop, name="vmshare-metrics-refresh",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
