@@ -184,6 +184,17 @@ def test_kernel_disagreeing_is_an_error(host: tuple[FakeHypervisor, FakeProc],
                    "pc.ram: the kernel's mg flag is set\n")
 
 
+def test_qemu_keeping_its_merge_property_is_an_error_not_a_success(
+        host: tuple[FakeHypervisor, FakeProc], capsys: pytest.CaptureFixture[str]) -> None:
+    hv, _ = host
+    hv.vms["web-2"].disagree = "property"    # qom-set accepted, merge stays on
+    code, out, err = run(capsys, "disable", "web-2")
+    assert (code, out) == (1, "")
+    assert err == ("vmshare: error: web-2: merge state not as asked after the change: "
+                   "pc.ram: QEMU reports merge=true\n")
+    assert hv.calls == [("web-2", "pc.ram", False)]
+
+
 def test_unmerge_refused_without_memory(host: tuple[FakeHypervisor, FakeProc],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     hv, fake = host

@@ -16,10 +16,12 @@ from typing import Any
 
 from vmshare.cli.context import Context, emit_json, out
 from vmshare.config import MERGE_SETTINGS, Config, VmPolicy, config_path, load_config
+from vmshare.control.merge import MergeResult
 from vmshare.errors import HypervisorError, PolicyError, UsageError
 from vmshare.hypervisor.base import PolicyStore
+from vmshare.model import VmRef
 from vmshare.policy.rules import Decision
-from vmshare.policy.sources import PolicyView, merge_request, survey
+from vmshare.policy.sources import PolicyView, survey
 from vmshare.records.audit import AUDIT_ENV, AuditLog, AuditRecord
 
 
@@ -69,43 +71,27 @@ def decision_json(d: Decision) -> dict[str, Any]:
 # ---------------------------------------------------------------- enable/disable
 def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = None,
               force: bool = False, as_json: bool = False, reason: str | None = None) -> int:
-    """enable/disable one VM: policy checks, the Controller, the audit log, output."""
-    from vmshare.control.merge import Controller
+    """enable/disable one VM through the one path (vmshare.control.merge), then print."""
+    from vmshare.control.merge import Controller, disable, enable
     cfg = load(ctx, lenient=not merge)
     ctl = Controller(ctx.hv, ctx.procfs, ctx.observer())
     audit = audit_log(cfg)
-    forced_past: str | None = None
     if merge:
-        ref = ctx.hv.lookup(ident)
-        req = merge_request(ctx.hv, cfg, ref, observer=ctl.observer)
-        why = reason or "vmshare enable"
-        if req.forced_past:
-            forced_past = (f"{req.forced_past} of trust group "
-                           f"{req.mergeable_now[req.forced_past]!r} is mergeable, but the "
-                           f"policy of {ref.name} (trust group {req.decision.group!r}) "
-                           "has force")
-            why += f"; forced: {forced_past}"
-        # The survey behind the request read this VM's facts and backends a
-        # moment ago: act on them rather than read them again.
-        if req.view.backends is not None:
-            changes = ctl.set_merge_observed(
-                req.view.facts, req.view.backends, True, backend=backend,
-                decision=req.decision, mergeable_now=req.mergeable_now, audit=audit,
-                reason=why)
-        else:
-            # The UUID pins the domain found above, unless it is QEMU's all-zero default.
-            pinned = ref.uuid if ref.uuid and ref.uuid.strip("0-") else ref.name
-            changes = ctl.set_merge(pinned, True, backend=backend,
-                                    decision=req.decision, mergeable_now=req.mergeable_now,
-                                    audit=audit, reason=why)
+        result = enable(ctl, cfg, ident, audit=audit, backend=backend,
+                        reason=reason or "vmshare enable")
     else:
-        changes = ctl.set_merge(ident, False, backend=backend, force=force, audit=audit,
-                                reason=reason or "vmshare disable")
+        result = disable(ctl, ident, audit=audit, backend=backend, force=force,
+                         reason=reason or "vmshare disable")
+    show_result(result, as_json)
+    return 0
+
+
+def show_result(result: MergeResult, as_json: bool) -> None:
     if as_json:
-        emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in changes],
-                   "forced": forced_past})
-        return 0
-    for c in changes:
+        emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in result.changes],
+                   "forced": result.forced[0] if result.forced else None})
+        return
+    for c in result.changes:
         if c.skipped:
             out(f"{c.vm}/{c.backend}: skipped ({c.skipped})")
         elif c.changed:
@@ -113,9 +99,8 @@ def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = No
                 f"{'on' if c.after else 'off'} (verified)")
         else:
             out(f"{c.vm}/{c.backend}: merge already {'on' if c.after else 'off'} (verified)")
-    if forced_past:
-        out(f"forced: {forced_past}")
-    return 0
+    for what in result.forced:
+        out(f"forced: {what}")
 
 
 # ---------------------------------------------------------------- policy show
@@ -168,7 +153,7 @@ def cmd_policy_show(ctx: Context) -> int:
 
 
 # ---------------------------------------------------------------- policy set
-def _write_policy(hv: Any, ref: Any, policy: VmPolicy) -> str:
+def _write_policy(hv: PolicyStore, ref: VmRef, policy: VmPolicy) -> str:
     """LIVE when running, plus CONFIG when persistent; returns where it went."""
     if ref.running:
         try:

@@ -10,7 +10,8 @@ Modules:
   recording each real change in the audit log;
 * (libvirt's events come from the adapter vmshare.hypervisor.libvirt_events,
   turned into triggers by the runner;)
-* ``qmp_watch``: plain QEMU: QMP socket globs, short sessions, polled state;
+* ``qmp_watch``: plain QEMU: polls QMP socket globs (sessions and ``QmpFleet``
+  are in vmshare.hypervisor.qmp_fleet) and turns what changed into triggers;
 * ``spool``: the hook's spool directory and wake-up datagrams;
 * ``runner``: the asyncio main loop tying them together;
 * ``service``: the entry point (logging, signals), the only module here that

@@ -1,9 +1,10 @@
 """Reconcile: bring each running VM to its policy, once, and say what was done.
 
-Collect (policy_source.survey: facts, policy, what is mergeable now, trust
-groups planned over the host), decide (policy.effective + plan, done by the
-survey), act (control.Controller.set_merge, which checks unmerge headroom and
-trust groups and verifies afterwards). Reconciling a VM that already matches
+Collect (policy.sources.survey: facts, policy, what is mergeable now, trust
+groups planned over the host), decide (policy.rules.effective + plan, done by
+the survey), act through the one enable/disable path the CLI uses too
+(control.merge.to_decision: trust groups, unmerge headroom, qom-set, audit,
+verification). Reconciling a VM that already matches
 its policy changes nothing and writes nothing: the daemon can be killed and
 restarted, or told twice about one event, without repeating an action.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.config import Config
-from vmshare.control.merge import Controller, MergeChange
+from vmshare.control.merge import Controller, MergeChange, to_decision
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
 from vmshare.errors import (
@@ -43,7 +44,7 @@ from vmshare.errors import (
     VerificationError,
     VmshareError,
 )
-from vmshare.hypervisor.base import Hypervisor
+from vmshare.hypervisor.base import Hypervisor, ident_of
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmRef
@@ -149,10 +150,7 @@ class Reconciler:
         return self._audit_ids
 
     def _ident(self, ref: VmRef) -> str:
-        ident_of = getattr(self.hv, "ident_of", None)
-        if ident_of is not None:
-            return str(ident_of(ref))
-        return ref.uuid or ref.name
+        return ident_of(self.hv, ref)
 
     # -- entry points ------------------------------------------------------------
 
@@ -289,11 +287,9 @@ class Reconciler:
             self.state.save()
             try:
                 audit = KeyedAudit(self.audit_path, "daemon", key, self.audit_ids())
-                others = {n: g for n, g in groups.items() if n != name}
-                changes = self.controller.set_merge(
-                    self._ident(view.ref), want, decision=decision,
-                    mergeable_now=others if want else None, audit=audit,
-                    reason=f"policy: {decision.reason}", event=event)
+                result = to_decision(self.controller, self._ident(view.ref), decision,
+                                     groups, audit=audit,
+                                     reason=f"policy: {decision.reason}", event=event)
             finally:
                 self.state.set_pending(name, None)
                 self.state.save()
@@ -321,7 +317,7 @@ class Reconciler:
         self.retry.pop(name, None)
         # A backend acted on is a change even when QEMU's property already said
         # so (the kernel's mg flag disagreed and qom-set fixed it).
-        done = tuple(c for c in changes if c.skipped is None and c.backend in todo)
+        done = tuple(c for c in result.changes if c.backend in result.acted)
         for c in done:
             vlog.info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
                       _onoff(c.after), event, decision.reason)

@@ -254,7 +254,8 @@ class Daemon:
     async def _run(self, stop: asyncio.Event) -> int:
         watcher = None
         if self.qmp_globs:
-            from vmshare.daemon.qmp_watch import QmpFleet, QmpWatcher
+            from vmshare.daemon.qmp_watch import QmpWatcher
+            from vmshare.hypervisor.qmp_fleet import QmpFleet
             fleet = QmpFleet(self.opts.deadline)
             watcher = QmpWatcher(self.qmp_globs, fleet, self.deliver)
             self._set_hv(fleet)

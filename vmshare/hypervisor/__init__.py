@@ -1,4 +1,7 @@
-"""Hypervisor adapters: libvirt (``libvirt.py``) and plain QEMU over QMP (``qmp.py``).
+"""Hypervisor adapters: libvirt (``libvirt.py``), plain QEMU over QMP (``qmp.py``)
+and every plain QEMU a daemon watches behind one adapter (``qmp_fleet.py``).
+The ``Hypervisor`` Protocol and the optional abilities some adapters add
+(``PolicyStore``, ``AddressedHypervisor``, ``DomainLifecycle``) are in ``base.py``.
 
 ``connect`` picks one. The adapter modules are imported lazily, so a host
 without libvirt-python can still drive a plain QEMU, and the reverse.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from vmshare.config import Config, HostPolicy, VmPolicy
 from vmshare.errors import (
@@ -23,7 +22,7 @@ from vmshare.errors import (
     PolicyError,
     ProcessGone,
 )
-from vmshare.hypervisor.base import PolicyStore
+from vmshare.hypervisor.base import Hypervisor, PolicyStore
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmFacts, VmRef
@@ -52,7 +51,7 @@ class PolicyView:
         return self.facts.pid is not None
 
 
-def vm_policy(hv: Any, ref: VmRef) -> VmPolicy | None:
+def vm_policy(hv: Hypervisor, ref: VmRef) -> VmPolicy | None:
     """The VM's own policy from its domain metadata, or None (none set, or an
     adapter without metadata). Raises PolicyError for a malformed element."""
     if not isinstance(hv, PolicyStore):
@@ -64,7 +63,7 @@ def table_policy(host: HostPolicy, ref: VmRef) -> VmPolicy | None:
     return host.vms.get(ref.name) or host.vms.get(ref.uuid)
 
 
-def _default_observer(hv: Any) -> Observer:
+def _default_observer(hv: Hypervisor) -> Observer:
     return Observer(hv, KsmSysfs(), ProcFs())
 
 
@@ -73,7 +72,7 @@ def is_mergeable_now(backends: Iterable[BackendView]) -> bool:
     return any(v.backend.merge and v.ineligible_reason is None for v in backends)
 
 
-def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
+def survey(hv: Hypervisor, config: Config, refs: Iterable[VmRef], *,
            observer: Observer | None = None,
            others: Iterable[VmRef] | None = None) -> list[PolicyView]:
     """Policy views of ``refs``. Trust groups are planned over ``refs`` plus
@@ -135,12 +134,12 @@ class MergeRequest:
     forced_past: str | None          # the VM force let it ignore, if any
 
 
-def merge_request(hv: Any, config: Config, ref: VmRef, *,
+def merge_request(hv: Hypervisor, config: Config, ref: VmRef, *,
                   observer: Observer | None = None) -> MergeRequest:
     """Check that ``ref`` may be made mergeable now.
 
     Raises PolicyError when the host-wide switch is off or the domain can
-    never be merged. Trust groups are left to Controller.set_merge (it gets
+    never be merged. Trust groups are left to control.merge.Controller.act (it gets
     ``decision`` and ``mergeable_now``); ``forced_past`` names the VM of
     another group that force overrides, so the caller can say so.
     """
