@@ -16,6 +16,7 @@ from typing import Any
 
 from vmshare.cli.context import Context, emit_json, out
 from vmshare.config import MERGE_SETTINGS, Config, VmPolicy, config_path, load_config
+from vmshare.control.adopt import adopt, describe
 from vmshare.control.merge import MergeResult
 from vmshare.errors import HypervisorError, PolicyError, UsageError
 from vmshare.hypervisor.base import PolicyStore
@@ -72,7 +73,7 @@ def decision_json(d: Decision) -> dict[str, Any]:
 def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = None,
               force: bool = False, as_json: bool = False, reason: str | None = None) -> int:
     """enable/disable one VM through the one path (vmshare.control.merge), then print."""
-    from vmshare.control.merge import Controller, disable, enable
+    from vmshare.control.merge import Controller, NotFullyUnmergeable, disable, enable
     cfg = load(ctx, lenient=not merge)
     ctl = Controller(ctx.hv, ctx.procfs, ctx.observer())
     audit = audit_log(cfg)
@@ -80,8 +81,13 @@ def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = No
         result = enable(ctl, cfg, ident, audit=audit, backend=backend,
                         reason=reason or "vmshare enable")
     else:
-        result = disable(ctl, ident, audit=audit, backend=backend, force=force,
-                         reason=reason or "vmshare disable")
+        try:
+            result = disable(ctl, ident, audit=audit, backend=backend, force=force,
+                             reason=reason or "vmshare disable")
+        except NotFullyUnmergeable as exc:
+            # What was done is true and audited; the VM is still not unmergeable.
+            show_result(exc.result, as_json)
+            raise
     show_result(result, as_json)
     return 0
 
@@ -89,7 +95,8 @@ def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = No
 def show_result(result: MergeResult, as_json: bool) -> None:
     if as_json:
         emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in result.changes],
-                   "forced": result.forced[0] if result.forced else None})
+                   "forced": result.forced[0] if result.forced else None,
+                   "other_mergeable_bytes": result.other_mergeable_bytes})
         return
     for c in result.changes:
         if c.skipped:
@@ -188,10 +195,13 @@ def cmd_policy_set(ctx: Context) -> int:
     after = VmPolicy(merge=a.merge or base.merge, group=group,
                      force=base.force if a.force is None else a.force)
     where = _write_policy(hv, ref, after)
-    audit_log(cfg).record("policy", ref.name, policy_json(before), policy_json(after),
-                          "vmshare policy set", vm=ref.name)
+    audit = audit_log(cfg)
+    audit.record("policy", ref.name, policy_json(before), policy_json(after),
+                 "vmshare policy set", vm=ref.name)
     out(f"{ref.name}: policy {policy_text(after)} (was {policy_text(before)}); "
         f"written to the {where}")
+    # A domain vmshare has a policy for is one it manages: bring it to <nosharepages/>.
+    out(describe(adopt(hv, ref, audit=audit, reason="vmshare policy set")))
     if not a.apply:
         return 0
     everyone = hv.list_vms()
@@ -204,6 +214,24 @@ def cmd_policy_set(ctx: Context) -> int:
         f"(trust group {d.group!r}): {d.reason}")
     return run_merge(ctx, ref.uuid or ref.name, d.merge,
                      reason=f"vmshare policy set --apply: {d.reason}")
+
+
+# ---------------------------------------------------------------- policy adopt
+def cmd_policy_adopt(ctx: Context) -> int:
+    a = ctx.args
+    if bool(a.domains) == bool(a.all):
+        raise UsageError("name the domains to adopt, or give --all (not both)")
+    cfg = load(ctx, lenient=True)
+    hv = ctx.hv
+    refs = hv.list_vms() if a.all else [hv.lookup(d) for d in a.domains]
+    audit = audit_log(cfg)
+    results = [adopt(hv, ref, audit=audit) for ref in refs]
+    if a.json:
+        emit_json({"domains": [dataclasses.asdict(r) for r in results]})
+    else:
+        for r in results:
+            out(describe(r))
+    return 0
 
 
 # ---------------------------------------------------------------- log
@@ -254,7 +282,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    s = sub.add_parser("policy", help="per-VM policy: show|set")
+    s = sub.add_parser("policy", help="per-VM policy: show|set|adopt")
     psub = s.add_subparsers(dest="policy_cmd", metavar="ACTION", required=True)
     p = psub.add_parser("show", help="each VM's policy sources, decision, trust group and why")
     p.add_argument("domains", nargs="*", metavar="DOMAIN")
@@ -262,7 +290,16 @@ def register(sub: Any) -> None:
     _config_option(p)
     p.set_defaults(func=cmd_policy_show)
 
-    p = psub.add_parser("set", help="write a domain's own policy (libvirt domain metadata)")
+    p = psub.add_parser("adopt", help="bring domains to <nosharepages/> (QEMU mem-merge=off) "
+                        "so that vmshare turns merging on per RAM backend")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="name, UUID or id")
+    p.add_argument("--all", action="store_true", help="every domain libvirt knows")
+    p.add_argument("--json", action="store_true")
+    _config_option(p)
+    p.set_defaults(func=cmd_policy_adopt)
+
+    p = psub.add_parser("set", help="write a domain's own policy (libvirt domain metadata), "
+                        "and adopt it (see adopt)")
     p.add_argument("domain", metavar="DOMAIN", help="name, UUID or id")
     p.add_argument("--merge", choices=MERGE_SETTINGS)
     p.add_argument("--group", metavar="NAME", help="trust group ('' removes it)")

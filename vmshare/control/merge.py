@@ -37,7 +37,7 @@ from vmshare.hypervisor.base import Hypervisor
 from vmshare.ksm.procfs import Headroom, ProcFs, headroom
 from vmshare.model import PAGE_SIZE, VmFacts, VmRef
 from vmshare.observe.attribution import attribute
-from vmshare.observe.host import BackendView, Observer
+from vmshare.observe.host import BackendView, Mappings, Observer, not_unmergeable_warning
 from vmshare.policy.rules import Decision, check_trust_groups
 from vmshare.policy.sources import merge_request
 from vmshare.records.audit import AuditLog
@@ -73,10 +73,22 @@ class MergeResult:
     changes: tuple[MergeChange, ...]
     acted: tuple[str, ...] = ()
     forced: tuple[str, ...] = ()
+    # Mergeable mappings of the QEMU process outside its RAM backends, as verified.
+    other_mergeable_bytes: int = 0
 
     @property
     def changed(self) -> tuple[MergeChange, ...]:
         return tuple(c for c in self.changes if c.changed)
+
+
+class NotFullyUnmergeable(VerificationError):
+    """The RAM backends were made unmergeable, but other mappings of the QEMU
+    process (VRAM, ROMs under QEMU's mem-merge=on) stay mergeable. ``result``
+    is what was done; its changes are audited."""
+
+    def __init__(self, message: str, result: MergeResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class Controller:
@@ -122,8 +134,8 @@ class Controller:
     def act(self, facts: VmFacts, observed: Sequence[BackendView], merge: bool, *,
             backend: str | None = None, force: bool = False,
             decision: Decision | None = None, mergeable_now: Mapping[str, str] | None = None,
-            audit: AuditLog | None = None, reason: str = "",
-            event: str | None = None) -> MergeResult:
+            exposed: Mapping[str, int] | None = None, audit: AuditLog | None = None,
+            reason: str = "", event: str | None = None) -> MergeResult:
         """Set ``merge`` on the VM's eligible RAM backends (or one), then verify.
 
         ``observed`` are the VM's backends as just read (Observer.backends);
@@ -131,13 +143,19 @@ class Controller:
         With ``decision`` (trust group, force) and ``mergeable_now`` (other
         mergeable VMs -> trust groups), making the VM mergeable is refused
         when a VM of another trust group is mergeable, unless the decision is
-        forced. With ``audit``, each backend acted on is recorded once.
+        forced (``exposed``: VMs mergeable only outside their RAM backends, so
+        the refusal names the fix). With ``audit``, each backend acted on is
+        recorded once. Making the whole VM unmergeable is verified over every
+        mapping of its QEMU process: mergeable ones outside the RAM backends
+        (VRAM, ROMs under QEMU's mem-merge=on) raise NotFullyUnmergeable
+        after the backends were changed.
 
         Raises DomainNotRunning, UsageError (unknown backend), PolicyError
         (nosharepages, confidential guest, ineligible backend),
         TrustGroupConflict, UnmergeRefused (not enough free memory to unmerge,
         unless ``force``), VerificationError (QEMU or the kernel disagree
-        afterwards), MonitorError/DeadlineExceeded from the hypervisor.
+        afterwards; NotFullyUnmergeable), MonitorError/DeadlineExceeded from
+        the hypervisor.
         """
         ref = facts.ref
         if facts.pid is None:
@@ -147,7 +165,7 @@ class Controller:
             raise PolicyError(f"refusing to make {ref.name} mergeable: "
                               f"{facts.ineligible_reason}")
         if merge and decision is not None:
-            check_trust_groups(replace(decision, merge=True), mergeable_now or {})
+            check_trust_groups(replace(decision, merge=True), mergeable_now or {}, exposed)
         changes, todo = _plan_backends(ref, views, merge, single=backend is not None)
         forced: list[str] = []
         if not merge and todo:
@@ -174,18 +192,24 @@ class Controller:
                 audit.record("merge", f"{ref.name}/{view.backend.id}", view.backend.merge,
                              merge, why, event=event, vm=ref.name)
             changes.append(MergeChange(ref.name, view.backend.id, view.backend.merge, merge))
-        self.verify(ref, facts, {c.backend: c.after for c in changes if c.skipped is None})
-        return MergeResult(ref.name, merge, tuple(changes),
-                           tuple(v.backend.id for v in todo), tuple(forced))
+        maps = self.verify(ref, facts, {c.backend: c.after for c in changes
+                                        if c.skipped is None})
+        result = MergeResult(ref.name, merge, tuple(changes), tuple(v.backend.id for v in todo),
+                             tuple(forced), maps.other_mergeable_bytes)
+        if not merge and backend is None and maps.other_mergeable:
+            raise NotFullyUnmergeable(
+                f"{ref.name}: {not_unmergeable_warning(facts, maps.other_mergeable)}", result)
+        return result
 
-    def verify(self, ref: VmRef, facts: VmFacts, want: dict[str, bool]) -> None:
-        """Check QEMU's merge property and the kernel's mg flag match ``want``.
+    def verify(self, ref: VmRef, facts: VmFacts, want: dict[str, bool]) -> Mappings:
+        """Check QEMU's merge property and the kernel's mg flag match ``want``;
+        return every mapping as read for it (other mergeable ones included).
 
         Raises VerificationError naming each backend that disagrees.
         """
-        views, mismatched = self.observer.mismatches(ref, facts)
+        maps, mismatched = self.observer.mismatches(ref, facts)
         problems = []
-        for view in views:
+        for view in maps.backends:
             b = view.backend
             if b.id not in want:
                 continue
@@ -199,6 +223,7 @@ class Controller:
         if problems:
             raise VerificationError(f"{ref.name}: merge state not as asked after the change: "
                                     + "; ".join(problems))
+        return maps
 
 
 def _selected(ref: VmRef, observed: Sequence[BackendView],
@@ -268,7 +293,8 @@ def enable(ctl: Controller, config: Config, ident: str, *, audit: AuditLog | Non
         facts = ctl.running(_pinned(ref))[1]
         observed = tuple(ctl.observer.backends(facts.ref, facts))
     result = ctl.act(facts, observed, True, backend=backend, decision=req.decision,
-                     mergeable_now=req.mergeable_now, audit=audit, reason=reason)
+                     mergeable_now=req.mergeable_now, exposed=req.exposed, audit=audit,
+                     reason=reason)
     return replace(result, forced=tuple(forced) + result.forced)
 
 
@@ -280,7 +306,8 @@ def disable(ctl: Controller, ident: str, *, audit: AuditLog | None,
     result and the audit reason say so).
 
     Raises UnmergeRefused, DomainNotFound, DomainNotRunning, UsageError,
-    VerificationError, and the hypervisor's errors.
+    VerificationError (NotFullyUnmergeable: mappings outside the RAM
+    backends stay mergeable), and the hypervisor's errors.
     """
     ref, facts = ctl.running(ident)
     return ctl.act(facts, ctl.observer.backends(ref, facts), False, backend=backend,
@@ -289,7 +316,8 @@ def disable(ctl: Controller, ident: str, *, audit: AuditLog | None,
 
 def to_decision(ctl: Controller, ident: str, decision: Decision,
                 mergeable_now: Mapping[str, str], *, audit: AuditLog | None,
-                reason: str, event: str | None = None) -> MergeResult:
+                reason: str, event: str | None = None,
+                exposed: Mapping[str, int] | None = None) -> MergeResult:
     """Bring one running VM to a decision already planned over the whole host
     (the daemon: ``policy.plan`` with trust groups). The VM is read afresh;
     an unmerge is never forced. ``mergeable_now`` maps the other mergeable
@@ -299,5 +327,5 @@ def to_decision(ctl: Controller, ident: str, decision: Decision,
     others = {n: g for n, g in mergeable_now.items() if n != ref.name}
     return ctl.act(facts, ctl.observer.backends(ref, facts), decision.merge,
                    decision=decision, mergeable_now=others if decision.merge else None,
-                   audit=audit, reason=reason, event=event)
+                   exposed=exposed, audit=audit, reason=reason, event=event)
 

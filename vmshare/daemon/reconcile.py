@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.config import Config
-from vmshare.control.merge import Controller, MergeChange, to_decision
+from vmshare.control.merge import (
+    Controller,
+    MergeChange,
+    MergeResult,
+    NotFullyUnmergeable,
+    to_decision,
+)
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
 from vmshare.errors import (
@@ -48,8 +54,8 @@ from vmshare.hypervisor.base import Hypervisor, ident_of
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmRef
-from vmshare.observe.host import Observer
-from vmshare.policy.sources import PolicyView, mergeable_groups, survey
+from vmshare.observe.host import Observer, not_unmergeable_warning
+from vmshare.policy.sources import PolicyView, exposed_vms, mergeable_groups, survey
 from vmshare.records.audit import AuditLog, AuditRecord
 from vmshare.records.history import HistoryStore
 from vmshare.records.history import sample as history_sample
@@ -70,7 +76,10 @@ def vm_log(name: str) -> logging.Logger:
 class Outcome:
     """What reconciling one VM came to.
 
-    status: changed | unchanged | refused | vanished | failed | forgotten | stopped | ignored
+    status: changed | unchanged | partial | refused | vanished | failed | forgotten |
+    stopped | ignored. ``partial``: policy says unmergeable and the RAM backends
+    are, but other mappings of the QEMU process (VRAM, ROMs under QEMU's
+    mem-merge=on) stay mergeable until the domain is adopted and restarted.
     """
 
     vm: str
@@ -128,6 +137,9 @@ class Reconciler:
         # trust groups (KSM is host-wide) but are never acted on or tracked.
         self.scope: Callable[[str], bool] = scope or (lambda _name: True)
         self._audit_ids: set[str] | None = None
+        # VM name -> QEMU pid already warned about as not fully unmergeable
+        # (the warning is worth one line per process, not one per reconcile).
+        self._exposed_warned: dict[str, int | None] = {}
         settings = config.daemon
         self.history = HistoryStore(settings.history_file) \
             if settings.history_interval > 0 else None
@@ -159,6 +171,7 @@ class Reconciler:
         itself cannot be listed (the caller reconnects)."""
         running = [v for v in self._survey() if v.running]
         groups = mergeable_groups(running)
+        exposed = exposed_vms(running)
         views = [v for v in running if self.scope(v.ref.name)]
         # Unmerge first, then merge, keeping ``groups`` current: a VM of the
         # winning trust group is checked against the host as it is after the
@@ -168,7 +181,7 @@ class Reconciler:
         for i in sorted(range(len(views)),
                         key=lambda i: (views[i].decision.merge, views[i].ref.name)):
             v = views[i]
-            outcome = done[i] = self._act(v, event, groups)
+            outcome = done[i] = self._act(v, event, groups, exposed)
             if outcome.status == "changed":
                 if v.decision.merge:
                     groups[v.ref.name] = v.wish.group
@@ -202,7 +215,7 @@ class Reconciler:
         mine = [v for v in views if self._ident(v.ref) == self._ident(ref)]
         if not mine or not mine[0].running:
             return Outcome(trigger.vm, "stopped", "not running")
-        return self._act(mine[0], event, mergeable_groups(views))
+        return self._act(mine[0], event, mergeable_groups(views), exposed_vms(views))
 
     def due(self) -> list[str]:
         """VMs whose retry time has come (they are taken off the retry list)."""
@@ -259,7 +272,8 @@ class Reconciler:
 
     # -- acting --------------------------------------------------------------------
 
-    def _act(self, view: PolicyView, event: str, groups: dict[str, str]) -> Outcome:
+    def _act(self, view: PolicyView, event: str, groups: dict[str, str],
+             exposed: dict[str, int]) -> Outcome:
         name = view.ref.name
         vlog = vm_log(name)
         decision = view.decision
@@ -275,6 +289,9 @@ class Reconciler:
                     and (v.backend.merge != want or v.mg_flag not in (want, None))]
             if not todo:
                 self.retry.pop(name, None)
+                if not want and view.other_mergeable_bytes:
+                    return self._exposed(view, not_unmergeable_warning(
+                        view.facts, view.other_mergeable))
                 vlog.debug("already %s (%s)", "mergeable" if want else "unmergeable",
                            decision.reason)
                 return Outcome(name, "unchanged", decision.reason)
@@ -288,13 +305,17 @@ class Reconciler:
             try:
                 audit = KeyedAudit(self.audit_path, "daemon", key, self.audit_ids())
                 result = to_decision(self.controller, self._ident(view.ref), decision,
-                                     groups, audit=audit,
+                                     groups, audit=audit, exposed=exposed,
                                      reason=f"policy: {decision.reason}", event=event)
             finally:
                 self.state.set_pending(name, None)
                 self.state.save()
         except _GONE as exc:
             return self._vanished(name, exc)
+        except NotFullyUnmergeable as exc:
+            self.retry.pop(name, None)   # a retry cannot help: it needs a QEMU restart
+            self._log_changes(name, exc.result, event, decision.reason)
+            return self._exposed(view, str(exc), exc.result)
         except UnmergeRefused as exc:
             self.retry[name] = self.clock() + self.retry_after
             vlog.warning("not made unmergeable yet, retrying in %.0f s: %s",
@@ -315,13 +336,29 @@ class Reconciler:
             vlog.debug("detail", exc_info=True)
             return Outcome(name, "failed", str(exc))
         self.retry.pop(name, None)
+        done = self._log_changes(name, result, event, decision.reason)
+        return Outcome(name, "changed" if done else "unchanged", decision.reason, done)
+
+    def _log_changes(self, name: str, result: MergeResult, event: str,
+                     reason: str) -> tuple[MergeChange, ...]:
         # A backend acted on is a change even when QEMU's property already said
         # so (the kernel's mg flag disagreed and qom-set fixed it).
         done = tuple(c for c in result.changes if c.backend in result.acted)
         for c in done:
-            vlog.info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
-                      _onoff(c.after), event, decision.reason)
-        return Outcome(name, "changed" if done else "unchanged", decision.reason, done)
+            vm_log(name).info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
+                              _onoff(c.after), event, reason)
+        return done
+
+    def _exposed(self, view: PolicyView, detail: str,
+                 result: MergeResult | None = None) -> Outcome:
+        """A VM policy keeps unmergeable whose QEMU still has mergeable mappings
+        outside its RAM backends: one WARNING per QEMU process."""
+        name = view.ref.name
+        if self._exposed_warned.get(name) != view.facts.pid:
+            self._exposed_warned[name] = view.facts.pid
+            vm_log(name).warning("%s", detail)
+        done = tuple(c for c in result.changes if c.backend in result.acted) if result else ()
+        return Outcome(name, "partial", detail, done)
 
     def _vanished(self, name: str, exc: VmshareError) -> Outcome:
         self.retry.pop(name, None)

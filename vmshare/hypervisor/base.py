@@ -9,6 +9,8 @@ Abilities only some adapters have are second Protocols, checked with
 * ``AddressedHypervisor``: a VM has a stable address other than its name or
   UUID (``QmpFleet``: the socket path, which keeps two QEMUs of one VM apart
   during a migration on one host);
+* ``DefinitionStore``: the domain has a persistent definition vmshare can
+  bring to ``<nosharepages/>`` (``adopt``);
 * ``DomainLifecycle``: start a transient domain from XML and destroy it
   (the demo and the tests).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from vmshare.config import VmPolicy
-from vmshare.model import RamBackend, VmFacts, VmRef
+from vmshare.model import Adoption, RamBackend, VmFacts, VmRef
 
 DEFAULT_DEADLINE = 10.0   # seconds; every libvirt and QMP call has one
 
@@ -83,6 +85,18 @@ class AddressedHypervisor(Protocol):
 
     def ident_of(self, vm: VmRef) -> str:
         """The address of ``vm``. Raises DomainNotFound when it is gone."""
+        ...
+
+
+@runtime_checkable
+class DefinitionStore(Protocol):
+    """An optional ability: domains have persistent definitions vmshare may
+    change (libvirt). Plain QEMU has none: its options are its command line."""
+
+    def adopt(self, vm: VmRef) -> Adoption:
+        """Bring the persistent definition to ``<nosharepages/>`` (see
+        vmshare.hypervisor.metadata). Raises DomainNotFound, PolicyError,
+        DeadlineExceeded, HypervisorError."""
         ...
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from vmshare.config import Config, HostPolicy, VmPolicy
 from vmshare.errors import (
@@ -25,7 +25,7 @@ from vmshare.errors import (
 from vmshare.hypervisor.base import Hypervisor, PolicyStore
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.model import VmFacts, VmRef
+from vmshare.model import Vma, VmFacts, VmRef
 from vmshare.observe.host import BackendView, Observer
 from vmshare.policy.rules import Decision, blocking_vm, effective, plan
 
@@ -45,6 +45,13 @@ class PolicyView:
     mergeable_now: bool | None    # None: not running or unknown
     warnings: tuple[str, ...] = ()
     backends: tuple[BackendView, ...] | None = None   # as read for mergeable_now; None: not read
+    # Mergeable mappings of its QEMU outside the RAM backends (VRAM, ROMs under
+    # QEMU's mem-merge=on): they make the VM mergeable whatever its backends say.
+    other_mergeable: tuple[Vma, ...] = ()
+
+    @property
+    def other_mergeable_bytes(self) -> int:
+        return sum(v.size for v in self.other_mergeable)
 
     @property
     def running(self) -> bool:
@@ -67,9 +74,11 @@ def _default_observer(hv: Hypervisor) -> Observer:
     return Observer(hv, KsmSysfs(), ProcFs())
 
 
-def is_mergeable_now(backends: Iterable[BackendView]) -> bool:
-    """Any eligible RAM backend of the running VM has merge=on."""
-    return any(v.backend.merge and v.ineligible_reason is None for v in backends)
+def is_mergeable_now(backends: Iterable[BackendView], other_mergeable_bytes: int = 0) -> bool:
+    """Any eligible RAM backend of the running VM has merge=on, or any other
+    mapping of its QEMU process is mergeable."""
+    return other_mergeable_bytes > 0 or any(v.backend.merge and v.ineligible_reason is None
+                                            for v in backends)
 
 
 def survey(hv: Hypervisor, config: Config, refs: Iterable[VmRef], *,
@@ -105,14 +114,16 @@ def survey(hv: Hypervisor, config: Config, refs: Iterable[VmRef], *,
         wish = effective(facts, own, config.host)
         mergeable: bool | None = None
         backends: tuple[BackendView, ...] | None = None
+        strays: tuple[Vma, ...] = ()
         if facts.pid is not None:
             try:
-                backends = tuple(obs.backends(facts.ref, facts))
-                mergeable = is_mergeable_now(backends)
+                maps = obs.mappings(facts.ref, facts)
+                backends, strays = maps.backends, maps.other_mergeable
+                mergeable = is_mergeable_now(backends, maps.other_mergeable_bytes)
             except (HypervisorError, ProcessGone) as exc:
                 warnings.append(f"cannot read its RAM backends: {exc}")
         views.append(PolicyView(facts.ref, facts, own, table_policy(config.host, facts.ref),
-                                wish, wish, mergeable, tuple(warnings), backends))
+                                wish, wish, mergeable, tuple(warnings), backends, strays))
     mergeable_now = mergeable_groups(views)
     planned = {d.vm: d for d in plan([v.wish for v in views if v.running], mergeable_now)}
     out = [replace(v, decision=planned.get(v.ref.name, v.wish)) for v in views]
@@ -124,6 +135,13 @@ def mergeable_groups(views: Iterable[PolicyView]) -> dict[str, str]:
     return {v.ref.name: v.wish.group for v in views if v.mergeable_now}
 
 
+def exposed_vms(views: Iterable[PolicyView]) -> dict[str, int]:
+    """VMs mergeable only outside their RAM backends -> the bytes that are."""
+    return {v.ref.name: v.other_mergeable_bytes for v in views
+            if v.other_mergeable_bytes and v.backends is not None
+            and not is_mergeable_now(v.backends)}
+
+
 @dataclass(frozen=True)
 class MergeRequest:
     """What an operator's ``enable`` of one VM is checked against."""
@@ -132,6 +150,7 @@ class MergeRequest:
     decision: Decision               # the VM's trust group and force, merge=True
     mergeable_now: dict[str, str]    # other mergeable VMs -> trust groups
     forced_past: str | None          # the VM force let it ignore, if any
+    exposed: dict[str, int] = field(default_factory=dict)   # see exposed_vms
 
 
 def merge_request(hv: Hypervisor, config: Config, ref: VmRef, *,
@@ -155,4 +174,4 @@ def merge_request(hv: Hypervisor, config: Config, ref: VmRef, *,
     forced_past = None
     if decision.forced:
         forced_past = blocking_vm(replace(decision, forced=False), now)
-    return MergeRequest(view, decision, now, forced_past)
+    return MergeRequest(view, decision, now, forced_past, exposed_vms(views))
