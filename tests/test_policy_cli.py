@@ -342,3 +342,36 @@ def test_policy_set_needs_libvirt(tmp_path: Path, capsys: pytest.CaptureFixture[
     monkeypatch.setenv("VMSHARE_CONFIG", str(tmp_path / "none.toml"))
     code, _, err = run(capsys, "--qmp", "/x.sock", "policy", "set", "vm", "--merge", "on")
     assert code == 2 and "libvirt domain metadata" in err and err.count("\n") == 1
+
+
+def test_policy_adopt_names_what_it_did_and_audits_it(host: FakeHost,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "-c", host.uri, "policy", "adopt", "alpha", "beta")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "alpha: adopted: <nosharepages/> added to its persistent definition; restart the "
+        "guest so that QEMU starts with mem-merge=off (until then its VRAM and ROMs stay "
+        "mergeable)",
+        "beta: its <nosharepages/> is the operator's (recorded): never merged"]
+    # (each command opens the test driver's node file afresh: nothing carries over)
+    code, out, err = run(capsys, "-c", host.uri, "policy", "adopt", "--all", "--json")
+    assert code == 0, err
+    doc = {d["vm"]: (d["outcome"], d["changed"]) for d in json.loads(out)["domains"]}
+    assert doc == {"alpha": ("adopted", True), "beta": ("operator", True),
+                   "delta": ("adopted", True), "gamma": ("adopted", True)}
+    recs = [json.loads(line) for line in host.audit.read_text().splitlines()]
+    assert [(r["action"], r["target"], r["after"]) for r in recs[:2]] == [
+        ("adopt", "alpha", "nosharepages=vmshare"), ("adopt", "beta", "nosharepages=operator")]
+    assert len(recs) == 6
+    code, _, err = run(capsys, "-c", host.uri, "enable", "beta")
+    assert code == 1 and "nosharepages" in err
+    code, out, _ = run(capsys, "-c", host.uri, "policy", "show", "--json", "alpha")
+    assert json.loads(out)["vms"][0]["decision"]["merge"] is True
+
+
+@pytest.mark.parametrize("args", [("policy", "adopt"), ("policy", "adopt", "alpha", "--all")])
+def test_policy_adopt_needs_names_or_all(host: FakeHost, capsys: pytest.CaptureFixture[str],
+                                         args: tuple[str, ...]) -> None:
+    code, out, err = run(capsys, "-c", host.uri, *args)
+    assert (code, out) == (2, "")
+    assert err == "vmshare: error: name the domains to adopt, or give --all (not both)\n"

@@ -182,6 +182,8 @@ class Reconciler:
                         key=lambda i: (views[i].decision.merge, views[i].ref.name)):
             v = views[i]
             outcome = done[i] = self._act(v, event, groups, exposed)
+            if outcome.status == "partial":   # still mergeable, outside its RAM
+                exposed[v.ref.name] = v.other_mergeable_bytes
             if outcome.status == "changed":
                 if v.decision.merge:
                     groups[v.ref.name] = v.wish.group
