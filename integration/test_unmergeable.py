@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from integration.conftest import GUEST_LOG_DIR
+from integration.daemon_helpers import DaemonProc, wait_for
 from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli.main import main
 from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
@@ -32,7 +33,7 @@ from vmshare.ksm.sysfs import KsmSysfs
 
 __all__ = ["kernel_ksm"]
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 URI = "qemu:///system"
 MEMORY_MIB = 256
@@ -105,6 +106,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 Define = Callable[..., list[Any]]
+define_prefix = [""]     # the current test's domain name prefix (for a daemon's scope)
 
 
 @pytest.fixture
@@ -116,12 +118,13 @@ def persistent_guests(guest_image: GuestImage, libvirt_conn: Any) -> Iterator[De
 
     suffix = secrets.token_hex(3)
     made: list[Any] = []
+    define_prefix[0] = f"vmshare-it-unm-{suffix}-"
 
     def define(count: int, *, nosharepages: bool = False, tag: str = "g") -> list[Any]:
         GUEST_LOG_DIR.mkdir(parents=True, exist_ok=True)
         doms = []
         for i in range(count):
-            name = f"vmshare-it-unm-{suffix}-{tag}{i}"
+            name = f"{define_prefix[0]}{tag}{i}"
             log = GUEST_LOG_DIR / f"{name}.log"
             log.unlink(missing_ok=True)
             xml = domain_xml(name, guest_image, SPEC, memory_mib=MEMORY_MIB, console_log=log,
@@ -269,3 +272,44 @@ def test_two_trust_groups_share_no_ksm_page(
             break
         kernel_ksm.wait_full_scans(1, timeout=60)
     assert leaked, "the unadopted guest shares no KSM page with group A"
+
+
+def test_under_the_daemon_policy_off_and_other_groups_have_no_mergeable_mapping(
+        persistent_guests: Define, env: Path, capsys: pytest.CaptureFixture[str],
+        kernel_ksm: KsmSysfs, tmp_path: Path) -> None:
+    group_a = persistent_guests(2, tag="a")
+    (group_b,) = persistent_guests(1, tag="b")
+    (off,) = persistent_guests(1, tag="off")
+    (leaky,) = persistent_guests(1, tag="leak")   # never adopted
+    tables = "".join(f'[vm."{d.name()}"]\nmerge = "{merge}"\ngroup = "{g}"\nforce = {force}\n'
+                     for g, doms, merge, force in (
+                         ("tenant-a", group_a, "on", "true"),
+                         ("tenant-b", [group_b], "on", "false"),
+                         ("tenant-b", [off, leaky], "off", "false"))
+                     for d in doms)
+    env.write_text(env.read_text() + tables + "[daemon]\n" + "".join(
+        f'{key} = "{tmp_path}/{value}"\n' for key, value in (
+            ("spool_dir", "spool"), ("socket", "run/wake.sock"), ("audit_log", "audit.jsonl"),
+            ("state_file", "state.json"), ("history_file", "history.jsonl"))))
+    adopt(capsys, [*group_a, group_b, off])
+    daemon = DaemonProc(env, tmp_path / "daemon.log", domains=(f"{define_prefix[0]}*",))
+    try:
+        daemon.wait_log("running: qemu:///system")
+        start([*group_a, group_b, off, leaky])
+        ram = MEMORY_MIB * 2**20
+        wait_for(lambda: all([size for _, size in mergeable_mappings(qemu_pid(d.name()))]
+                             == [ram] for d in group_a), 60,
+                 lambda: f"group A not made mergeable:\n{daemon.text()[-3000:]}")
+        daemon.wait_log(f"{leaky.name()}: not fully unmergeable", 60)
+        daemon.wait_log(f"not made mergeable: refusing to make {group_b.name()}", 60)
+        converge(kernel_ksm, timeout=180)
+        pages_a = ksm_pfns(qemu_pid(group_a[0].name())) | ksm_pfns(qemu_pid(group_a[1].name()))
+        assert pages_a, "group A merged nothing"
+        for dom in (group_b, off):
+            assert mergeable_mappings(qemu_pid(dom.name())) == [], dom.name()
+            assert ksm_pfns(qemu_pid(dom.name())) == set(), dom.name()
+        # the unadopted guest: RAM made unmergeable by the daemon, VRAM and ROMs not
+        leaky_mg = mergeable_mappings(qemu_pid(leaky.name()))
+        assert leaky_mg and all(size != ram for _, size in leaky_mg)
+    finally:
+        daemon.kill()
