@@ -169,7 +169,8 @@ def test_disabled_without_adoption_keeps_vram_and_roms_mergeable_and_is_reported
     assert code == 1, (out, err)
     assert out == f"{name}/pc.ram: merge on -> off (verified)\n"
     assert err.startswith(f"vmshare: error: {name}: not fully unmergeable: ")
-    assert f"'vmshare policy adopt {name}' and restart the guest" in err
+    assert f"'vmshare policy adopt {name}' (a plain QEMU: -machine mem-merge=off) and " \
+        "restart the guest" in err
     # the kernel's own view: RAM off, the rest (16 MiB of VRAM among it) still mergeable
     mg = mergeable_mappings(pid)
     assert mg and all(size != MEMORY_MIB * 2**20 for _, size in mg)

@@ -377,8 +377,8 @@ def test_vram_left_mergeable_is_shown_and_disable_fails_naming_the_fix(
     assert err == ("vmshare: error: web-2: not fully unmergeable: 16,384 KiB in 1 mapping(s) "
                    "of QEMU process 200 outside its RAM backends stay mergeable (QEMU's "
                    "mem-merge=on: VRAM, ROMs); bring the domain to <nosharepages/> with "
-                   "'vmshare policy adopt web-2' and restart the guest (mem-merge is a QEMU "
-                   "start option)\n")
+                   "'vmshare policy adopt web-2' (a plain QEMU: -machine mem-merge=off) and "
+                   "restart the guest (mem-merge is a QEMU start option)\n")
     code, out, _ = run(capsys, "list")
     (row,) = [line for line in out.splitlines() if "(other)" in line]
     assert row.split()[:7] == ["web-2", "running", "(other)", "non-RAM", "16.0", "MiB", "-"]

@@ -62,8 +62,8 @@ def test_disable_leaving_vram_mergeable_is_not_a_success(host: Host) -> None:
     assert str(info.value) == (
         "web-1: not fully unmergeable: 16,384 KiB in 1 mapping(s) of QEMU process 101 "
         "outside its RAM backends stay mergeable (QEMU's mem-merge=on: VRAM, ROMs); bring "
-        "the domain to <nosharepages/> with 'vmshare policy adopt web-1' and restart the "
-        "guest (mem-merge is a QEMU start option)")
+        "the domain to <nosharepages/> with 'vmshare policy adopt web-1' (a plain QEMU: "
+        "-machine mem-merge=off) and restart the guest (mem-merge is a QEMU start option)")
     # the backend was changed (and audited); the result says what is left
     assert ram_state(host, "web-1") == (False, False)
     assert [r["target"] for r in host.audit()] == ["web-1/pc.ram"]

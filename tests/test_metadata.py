@@ -14,13 +14,14 @@ from vmshare.hypervisor.metadata import (
     MAX_POLICY_XML_BYTES,
     NAMESPACE,
     adopt_domain_xml,
+    adopted_element,
     element_from_xml,
     owner_from_domain_xml,
     policy_from_domain_xml,
     policy_from_xml,
     policy_to_xml,
 )
-from vmshare.model import Adoption, VmRef
+from vmshare.model import Adoption, VmFacts, VmRef
 
 POLICIES = [VmPolicy(), VmPolicy("on"), VmPolicy("off", "tenant-a"),
             VmPolicy("inherit", "g.1_x", True), VmPolicy("on", None, True)]
@@ -242,3 +243,15 @@ def test_adopt_on_libvirt_operator_and_transient(private: LibvirtHypervisor) -> 
                                        "(recorded when vmshare adopted the domain)")
     conn.createXML("<domain type='test'><name>tmp</name>" + base, 0)
     assert hv.adopt(hv.lookup("tmp")) == Adoption("tmp", "transient", running=True)
+
+
+def test_a_domain_written_adopted_is_eligible_an_unrecorded_nosharepages_is_not() -> None:
+    xml = (f"<domain><name>t</name><metadata>{adopted_element()}</metadata>"
+           "<memoryBacking><nosharepages/></memoryBacking></domain>")
+    assert owner_from_domain_xml(xml) == "vmshare"
+    assert adopt_domain_xml(xml) == (None, "vmshare")
+    ref = VmRef("t", "")
+    assert VmFacts(ref, 1, nosharepages=True, nosharepages_owner="vmshare") \
+        .ineligible_reason is None
+    assert VmFacts(ref, 1, nosharepages=True).ineligible_reason == \
+        "<memoryBacking><nosharepages/> is set"

@@ -7,7 +7,8 @@ Modules:
 * ``triggers``: what each libvirt lifecycle event, QMP event and hook spool
   entry means for a VM (apply its policy, forget it, or also reset its merges);
 * ``reconcile``: decide and act for one VM or all of them, idempotently,
-  recording each real change in the audit log;
+  recording each real change in the audit log (``keyed_audit``: records with
+  ids, never written twice across a SIGKILL);
 * (libvirt's events come from the adapter vmshare.hypervisor.libvirt_events,
   turned into triggers by the runner;)
 * ``qmp_watch``: plain QEMU: polls QMP socket globs (sessions and ``QmpFleet``

@@ -36,6 +36,7 @@ from vmshare.control.merge import (
     NotFullyUnmergeable,
     to_decision,
 )
+from vmshare.daemon.keyed_audit import KeyedAudit, record_id
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
 from vmshare.errors import (
@@ -56,7 +57,7 @@ from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmRef
 from vmshare.observe.host import Observer, not_unmergeable_warning
 from vmshare.policy.sources import PolicyView, exposed_vms, mergeable_groups, survey
-from vmshare.records.audit import AuditLog, AuditRecord
+from vmshare.records.audit import AuditLog
 from vmshare.records.history import HistoryStore
 from vmshare.records.history import sample as history_sample
 
@@ -86,34 +87,6 @@ class Outcome:
     status: str
     detail: str = ""
     changes: tuple[MergeChange, ...] = ()
-
-
-class KeyedAudit(AuditLog):
-    """An AuditLog whose records carry an id made from the action's key and the
-    record's target and value, and which never writes an id twice."""
-
-    def __init__(self, path: Path, actor: str, key: str, known: set[str]) -> None:
-        super().__init__(path, actor)
-        self.key = key
-        self.known = known
-
-    def record(self, action: str, target: str, before: Any, after: Any, reason: str, *,
-               event: str | None = None, vm: str | None = None,
-               id: str | None = None) -> AuditRecord:
-        rid = id or record_id(self.key, target, after)
-        rec = AuditRecord(time=time.time(), actor=self.actor, user="", pid=0, action=action,
-                          target=target, before=before, after=after, reason=reason,
-                          event=event, vm=vm, id=rid)
-        if rid in self.known:
-            return rec
-        rec = super().record(action, target, before, after, reason, event=event, vm=vm,
-                             id=rid)
-        self.known.add(rid)
-        return rec
-
-
-def record_id(key: str, target: str, after: Any) -> str:
-    return f"{key}/{target}/{str(after).lower()}"
 
 
 class Reconciler:

@@ -5,6 +5,10 @@ libvirtd or QEMU monitor is a DeadlineExceeded naming the domain and the
 call, never a hang. libvirtError is mapped to vmshare.errors here and
 nowhere else. QMP goes through ``libvirt_qemu.qemuMonitorCommand`` (libvirt
 marks the domain tainted "custom-monitor" when it is used).
+
+Over 400 lines by design: being the only module that imports libvirt, it holds
+every libvirt call vmshare makes (domains, QMP pass-through, policy metadata,
+persistent definitions); the pure parts live in ``common`` and ``metadata``.
 """
 
 from __future__ import annotations

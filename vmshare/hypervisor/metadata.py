@@ -203,6 +203,14 @@ def adopt_domain_xml(domain_xml: str) -> tuple[str | None, Owner]:
     return _serialise(root, raw), owner
 
 
+def adopted_element() -> str:
+    """vmshare's element, namespaced, recording a ``<nosharepages/>`` as vmshare's:
+    for a domain XML written already adopted (a transient domain has no
+    persistent definition ``adopt_domain_xml`` could change)."""
+    return (f'<{PREFIX}:{ELEMENT} xmlns:{PREFIX}="{NAMESPACE}" '
+            f'{OWNER_ATTRIBUTE}="vmshare"/>')
+
+
 def _serialise(root: ET.Element, raw: bytes) -> str:
     """``root`` as text, with the namespace prefixes ``raw`` declared (ElementTree
     would otherwise rename them ns0, ns1...)."""

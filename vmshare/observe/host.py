@@ -124,8 +124,8 @@ def not_unmergeable_warning(facts: VmFacts, others: Sequence[Vma]) -> str:
     return (f"not fully unmergeable: {size // 1024:,} KiB in {len(others)} mapping(s) of QEMU "
             f"process {facts.pid} outside its RAM backends stay mergeable (QEMU's "
             "mem-merge=on: VRAM, ROMs); bring the domain to <nosharepages/> with "
-            f"'vmshare policy adopt {facts.ref.name}' and restart the guest "
-            "(mem-merge is a QEMU start option)")
+            f"'vmshare policy adopt {facts.ref.name}' (a plain QEMU: -machine "
+            "mem-merge=off) and restart the guest (mem-merge is a QEMU start option)")
 
 
 class Observer:
