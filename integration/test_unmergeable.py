@@ -11,11 +11,11 @@ smaps, pagemap, kpageflags), independently of vmshare's own accounting.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,11 +113,10 @@ define_prefix = [""]     # the current test's domain name prefix (for a daemon's
 def persistent_guests(guest_image: GuestImage, libvirt_conn: Any) -> Iterator[Define]:
     """``define(count, nosharepages=False)``: persistent domains with a VGA device
     and unique names, defined but not started; all destroyed and undefined at
-    teardown."""
-    import libvirt
-
+    teardown, by name on fresh connections (another session's test may have
+    restarted libvirtd, killing the module's connection)."""
     suffix = secrets.token_hex(3)
-    made: list[Any] = []
+    made: list[str] = []
     define_prefix[0] = f"vmshare-it-unm-{suffix}-"
 
     def define(count: int, *, nosharepages: bool = False, tag: str = "g") -> list[Any]:
@@ -130,18 +129,17 @@ def persistent_guests(guest_image: GuestImage, libvirt_conn: Any) -> Iterator[De
             xml = domain_xml(name, guest_image, SPEC, memory_mib=MEMORY_MIB, console_log=log,
                              nosharepages=nosharepages)
             dom = libvirt_conn.defineXML(xml.replace("<devices>", f"<devices>{VGA}", 1))
-            made.append(dom)
+            made.append(name)
             doms.append(dom)
         return doms
 
     try:
         yield define
     finally:
-        for dom in made:
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefine()
+        for name in made:
+            for action in ("destroy", "undefine"):
+                subprocess.run(["virsh", "-q", "-c", URI, action, name],
+                               capture_output=True, timeout=60, check=False)
 
 
 def start(doms: list[Any]) -> None:
