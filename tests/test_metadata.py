@@ -243,6 +243,13 @@ def test_adopt_on_libvirt_operator_and_transient(private: LibvirtHypervisor) -> 
                                        "(recorded when vmshare adopted the domain)")
     conn.createXML("<domain type='test'><name>tmp</name>" + base, 0)
     assert hv.adopt(hv.lookup("tmp")) == Adoption("tmp", "transient", running=True)
+    # a transient domain written already adopted (or with the operator's own) says so
+    backing = "<memoryBacking><nosharepages/></memoryBacking>"
+    conn.createXML(f"<domain type='test'><name>tmp2</name><metadata>{adopted_element()}"
+                   f"</metadata>{backing}" + base, 0)
+    assert hv.adopt(hv.lookup("tmp2")) == Adoption("tmp2", "already", running=True)
+    conn.createXML(f"<domain type='test'><name>tmp3</name>{backing}" + base, 0)
+    assert hv.adopt(hv.lookup("tmp3")) == Adoption("tmp3", "operator", running=True)
 
 
 def test_a_domain_written_adopted_is_eligible_an_unrecorded_nosharepages_is_not() -> None:

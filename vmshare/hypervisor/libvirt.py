@@ -382,7 +382,7 @@ class LibvirtHypervisor:
         ref = self._ref(dom)
         persistent = self._call(dom.isPersistent, f"read persistence of domain {vm.name}")
         if not persistent:
-            return Adoption(ref.name, "transient", running=ref.running)
+            return self._transient_adoption(dom, ref)
         # SECURE: a definition written back without its secrets (graphics
         # passwords) would lose them.
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
@@ -396,6 +396,16 @@ class LibvirtHypervisor:
                        f"define domain {vm.name} with <nosharepages/>")
         outcome = "operator" if owner == "operator" else ("adopted" if new else "already")
         return Adoption(ref.name, outcome, changed=new is not None, running=ref.running)
+
+    def _transient_adoption(self, dom: Any, ref: VmRef) -> Adoption:
+        """A transient domain cannot be changed, but may have been written adopted."""
+        from vmshare.hypervisor.metadata import owner_from_domain_xml
+        xml = self._call(lambda: dom.XMLDesc(0), f"read XML of domain {ref.name}")
+        if parse_domain_xml(xml).nosharepages:
+            owner = owner_from_domain_xml(xml)
+            return Adoption(ref.name, "already" if owner == "vmshare" else "operator",
+                            running=ref.running)
+        return Adoption(ref.name, "transient", running=ref.running)
 
     # -- lifecycle (DomainLifecycle: the demo and tests) ----------------------
 
