@@ -16,7 +16,11 @@ each returns a ``MergeResult``. Under them ``Controller`` acts:
   still leaves the change on record);
 * verify: QEMU's ``merge`` property (query-memdev) and the kernel's ``mg``
   VmFlag of the backend's mapping, read afresh; a mismatch is a
-  VerificationError, never a success.
+  VerificationError, never a success. A VM is unmergeable only when no
+  mapping of its QEMU process is mergeable: under QEMU's machine default
+  mem-merge=on, VRAM and ROMs stay mergeable whatever the backends say, and
+  disabling such a VM raises NotFullyUnmergeable naming the fix
+  (``vmshare policy adopt``: vmshare.control.adopt).
 """
 
 from __future__ import annotations
