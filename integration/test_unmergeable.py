@@ -271,6 +271,9 @@ def test_two_trust_groups_share_no_ksm_page(
             break
         kernel_ksm.wait_full_scans(1, timeout=60)
     assert leaked, "the unadopted guest shares no KSM page with group A"
+    print(f"\ngroup A shares {len(pages_a[0] & pages_a[1])} KSM pages; adopted group B maps "
+          f"{sum(map(len, pages_b))}; the unadopted group-B guest shares {len(leaked)} with "
+          f"group A in {len(mergeable_mappings(qemu_pid(leaky.name())))} mergeable mappings")
 
 
 def test_under_the_daemon_policy_off_and_other_groups_have_no_mergeable_mapping(
