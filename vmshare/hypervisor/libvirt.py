@@ -35,7 +35,13 @@ from vmshare.errors import (
     PolicyError,
     ProcessGone,
 )
-from vmshare.hypervisor.base import DEFAULT_DEADLINE
+from vmshare.hypervisor.base import (
+    DEFAULT_DEADLINE,
+    DefinitionStore,
+    DomainLifecycle,
+    Hypervisor,
+    PolicyStore,
+)
 from vmshare.hypervisor.common import (
     backend_types,
     build_ram_backends,
@@ -491,3 +497,10 @@ class LibvirtHypervisor:
         self._call(lambda: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, key,
                                            NAMESPACE, flags),
                    f"write vmshare metadata of domain {vm.name}")
+
+
+# Checked by mypy: the adapter and the optional abilities it offers.
+_AS_HYPERVISOR: type[Hypervisor] = LibvirtHypervisor
+_AS_POLICY_STORE: type[PolicyStore] = LibvirtHypervisor
+_AS_DEFINITIONS: type[DefinitionStore] = LibvirtHypervisor
+_AS_LIFECYCLE: type[DomainLifecycle] = LibvirtHypervisor
