@@ -15,7 +15,7 @@ import pytest
 
 from vmshare.cli.main import main
 from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
-from vmshare.hypervisor.metadata import NAMESPACE
+from vmshare.hypervisor.metadata import NAMESPACE, adopted_element
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +59,19 @@ def test_policy_set_show_round_trip_persistent(persistent_domain: Any, env: Path
     code, out, err = run(capsys, "policy", "set", name, "--merge", "on", "--group", "tenant-x",
                          "--force")
     assert code == 0, err
-    assert out == (f"{name}: policy merge=on group=tenant-x force (was -); written to the "
-                   "persistent definition\n")
+    assert out.splitlines() == [
+        f"{name}: policy merge=on group=tenant-x force (was -); written to the persistent "
+        "definition",
+        f"{name}: adopted: <nosharepages/> added to its persistent definition; QEMU starts "
+        "with mem-merge=off from its next start"]
     # what libvirt itself stores, in our namespace, in the persistent definition
     got = persistent_domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE,
                                      libvirt.VIR_DOMAIN_AFFECT_CONFIG)
     assert 'merge="on"' in got and 'group="tenant-x"' in got and 'force="yes"' in got
     xml = persistent_domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     assert f'xmlns:vmshare="{NAMESPACE}"' in xml
+    # adopted: libvirt took the redefinition, the policy and the record side by side
+    assert "<nosharepages/>" in xml and 'nosharepages="vmshare"' in got
 
     code, out, err = run(capsys, "policy", "show", name, "--json")
     assert code == 0, err
@@ -81,14 +86,15 @@ def test_policy_set_show_round_trip_persistent(persistent_domain: Any, env: Path
     code, out, err = run(capsys, "policy", "set", name, "--group", "", "--no-force",
                          "--merge", "inherit")
     assert code == 0, err
+    assert out.splitlines()[1] == f"{name}: already adopted"
     code, out, _ = run(capsys, "policy", "show", name, "--json")
     (vm,) = json.loads(out)["vms"]
     assert vm["metadata"] == {"merge": "inherit", "group": None, "force": False}
     assert vm["decision"]["reason"] == "host default merge=off"
     recs = [json.loads(line) for line in env.read_text().splitlines()]
     assert [(r["action"], r["target"], r["actor"]) for r in recs] == \
-        [("policy", name, "cli"), ("policy", name, "cli")]
-    assert recs[0]["before"] is None and recs[1]["before"]["group"] == "tenant-x"
+        [("policy", name, "cli"), ("adopt", name, "cli"), ("policy", name, "cli")]
+    assert recs[0]["before"] is None and recs[2]["before"]["group"] == "tenant-x"
 
 
 @pytest.fixture
@@ -99,7 +105,10 @@ def two_guests(guest_image: GuestImage, transient_domains: Any) -> tuple[str, st
     for name in names:
         log = LOGDIR / f"{name}.log"
         log.unlink(missing_ok=True)
-        transient_domains(domain_xml(name, guest_image, spec, memory_mib=192, console_log=log))
+        # written adopted: QEMU starts with mem-merge=off, nothing mergeable, so two
+        # trust groups can be told apart by their RAM backends alone
+        transient_domains(domain_xml(name, guest_image, spec, memory_mib=192, console_log=log,
+                                     nosharepages=True, metadata_xml=adopted_element()))
     for name in names:
         wait_ready(LOGDIR / f"{name}.log", timeout=240)
     return names
@@ -109,14 +118,15 @@ def test_trust_groups_refuse_then_force_with_audit(two_guests: tuple[str, str], 
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     a, b = two_guests
     try:
-        # QEMU's default is mem-merge=on: a fresh guest starts mergeable.
+        # adopted guests start with nothing mergeable
         for vm in (a, b):
             code, out, err = run(capsys, "disable", vm, "--force")
-            assert code == 0, err
+            assert (code, out) == (0, f"{vm}/pc.ram: merge already off (verified)\n"), err
         for vm, group in ((a, "tenant-a"), (b, "tenant-b")):
             code, out, err = run(capsys, "policy", "set", vm, "--group", group)
             assert code == 0, err
             assert "written to the live definition (transient domain)" in out
+            assert out.splitlines()[1] == f"{vm}: already adopted"
         code, out, err = run(capsys, "enable", a)
         assert code == 0, err
         assert "merge off -> on (verified)" in out
@@ -149,11 +159,10 @@ def test_trust_groups_refuse_then_force_with_audit(two_guests: tuple[str, str], 
     summary = [(r["action"], r["vm"], r["before"], r["after"]) for r in recs]
     merges = [s for s in summary if s[0] == "merge"]
     assert [s[1] for s in summary if s[0] == "policy"] == [a, b, b]
-    assert merges[:2] == [("merge", a, True, False), ("merge", b, True, False)]
-    assert (("merge", a, False, True) in merges and ("merge", b, False, True) in merges
-            and ("merge", a, True, False) in merges and ("merge", b, True, False) in merges)
+    assert merges == [("merge", a, False, True), ("merge", b, False, True),
+                      ("merge", a, True, False), ("merge", b, True, False)]
     assert all(r["actor"] == "cli" and r["user"] and r["pid"] for r in recs)
     forced = next(r for r in recs if r["action"] == "merge" and r["vm"] == b and r["after"])
     assert "forced" in forced["reason"] and forced["target"].startswith(f"{b}/")
     code, out, _ = run(capsys, "log", "--vm", b)
-    assert code == 0 and len(out.splitlines()) == 5
+    assert code == 0 and len(out.splitlines()) == 4

@@ -18,6 +18,7 @@ from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli.main import main
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.guest import FillSpec
+from vmshare.hypervisor.metadata import adopted_element
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.observe.host import Observer
@@ -35,8 +36,11 @@ GUESTS = {"vmshare-it-privfile": "file", "vmshare-it-privmemfd": "memfd"}
 @pytest.fixture
 def private_guests(boot_guests: Callable[..., list[Any]]) -> dict[str, str]:
     for name, source in GUESTS.items():
+        # adopted (<nosharepages/>: QEMU mem-merge=off), so that disable can make
+        # the whole QEMU unmergeable and vmshare turns merging on per backend
         boot_guests([name], SPEC, memory_mib=MEMORY_MIB, memory_source=source,
-                    memory_access="private")
+                    memory_access="private", nosharepages=True,
+                    metadata_xml=adopted_element())
     return GUESTS
 
 

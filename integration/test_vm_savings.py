@@ -21,6 +21,7 @@ import pytest
 from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli.main import main
 from vmshare.guest import FillSpec, GuestImage, domain_xml, qemu_argv, wait_ready
+from vmshare.hypervisor.metadata import adopted_element
 from vmshare.ksm.sysfs import KsmSysfs
 
 __all__ = ["kernel_ksm"]
@@ -59,8 +60,11 @@ def two_guests(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         for name in NAMES:
             log = logdir / f"{name}.log"
             log.unlink(missing_ok=True)
+            # adopted (<nosharepages/>: QEMU mem-merge=off), so that disable
+            # can make the whole QEMU unmergeable
             doms.append(conn.createXML(domain_xml(name, image, SPEC, memory_mib=MEMORY_MIB,
-                                                  console_log=log), 0))
+                                                  console_log=log, nosharepages=True,
+                                                  metadata_xml=adopted_element()), 0))
         for name in NAMES:
             wait_ready(logdir / f"{name}.log", timeout=180)
         yield NAMES
@@ -123,8 +127,11 @@ def test_plain_qemu_over_qmp(guest_image: GuestImage, kernel_ksm: KsmSysfs,
     socks, logs = [], []
     for i in range(2):
         sock, log = tmp_path / f"q{i}.qmp", tmp_path / f"q{i}.log"
-        qemu_launcher(qemu_argv(guest_image, spec, memory_mib=256, qmp_socket=sock,
-                                console_log=log, name=f"vmshare-it-qmp-{i}"))
+        argv = qemu_argv(guest_image, spec, memory_mib=256, qmp_socket=sock,
+                         console_log=log, name=f"vmshare-it-qmp-{i}")
+        if i == 0:   # mem-merge=off: nothing mergeable until vmshare enables the RAM
+            argv[argv.index("-machine") + 1] += ",mem-merge=off"   # (q1: QEMU's default)
+        qemu_launcher(argv)
         socks.append(sock)
         logs.append(log)
     for log in logs:

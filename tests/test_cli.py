@@ -187,6 +187,17 @@ def test_kernel_disagreeing_is_an_error(host: tuple[FakeHypervisor, FakeProc],
                    "pc.ram: the kernel's mg flag is set\n")
 
 
+def test_qemu_keeping_its_merge_property_is_an_error_not_a_success(
+        host: tuple[FakeHypervisor, FakeProc], capsys: pytest.CaptureFixture[str]) -> None:
+    hv, _ = host
+    hv.vms["web-2"].disagree = "property"    # qom-set accepted, merge stays on
+    code, out, err = run(capsys, "disable", "web-2")
+    assert (code, out) == (1, "")
+    assert err == ("vmshare: error: web-2: merge state not as asked after the change: "
+                   "pc.ram: QEMU reports merge=true\n")
+    assert hv.calls == [("web-2", "pc.ram", False)]
+
+
 def test_unmerge_refused_without_memory(host: tuple[FakeHypervisor, FakeProc],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     hv, fake = host
@@ -371,3 +382,43 @@ def test_status_survives_a_vm_vanishing_mid_read(host: tuple[FakeHypervisor, Fak
     assert vms["web-1"]["ksm_pages"] == 8
     code, _, err = run(capsys, "status", "web-2")     # named explicitly: an error
     assert code == 1 and "process 200 is gone" in err
+
+
+VRAM = ("7e0000000000-7e0001000000 rw-p 00000000 00:00 0 \nSize: 16384 kB\n"
+        "Rss: 8 kB\nVmFlags: rd wr mr mw me ac mg\n")
+
+
+def test_vram_left_mergeable_is_shown_and_disable_fails_naming_the_fix(
+        host: tuple[FakeHypervisor, FakeProc], capsys: pytest.CaptureFixture[str]) -> None:
+    hv, fake = host
+    smaps_path = fake.root / "200" / "smaps"
+    kernel_side = hv.vms["web-2"].on_set_merge
+    assert kernel_side is not None
+
+    def keep_vram(backend_id: str, merge: bool) -> None:   # mem-merge=on: VRAM stays mg
+        kernel_side(backend_id, merge)
+        smaps_path.write_text(smaps_path.read_text() + VRAM)
+
+    hv.vms["web-2"].on_set_merge = keep_vram
+    smaps_path.write_text(smaps_path.read_text() + VRAM)
+    code, out, err = run(capsys, "disable", "web-2")
+    assert code == 1
+    assert out == "web-2/pc.ram: merge on -> off (verified)\n"
+    assert err == ("vmshare: error: web-2: not fully unmergeable: 16,384 KiB in 1 mapping(s) "
+                   "of QEMU process 200 outside its RAM backends stay mergeable (QEMU's "
+                   "mem-merge=on: VRAM, ROMs); bring the domain to <nosharepages/> with "
+                   "'vmshare policy adopt web-2' (a plain QEMU: -machine mem-merge=off) and "
+                   "restart the guest (mem-merge is a QEMU start option)\n")
+    code, out, _ = run(capsys, "list")
+    (row,) = [line for line in out.splitlines() if "(other)" in line]
+    assert row.split()[:7] == ["web-2", "running", "(other)", "non-RAM", "16.0", "MiB", "-"]
+    code, out, _ = run(capsys, "list", "--json")
+    web2 = next(v for v in json.loads(out)["vms"] if v["name"] == "web-2")
+    assert (web2["unmergeable"], web2["other_mergeable_bytes"]) == (False, 16 * 2**20)
+    web1 = next(v for v in json.loads(out)["vms"] if v["name"] == "web-1")
+    assert (web1["unmergeable"], web1["other_mergeable_bytes"]) == (False, 0)
+    code, out, _ = run(capsys, "status")
+    assert "partial" in next(line for line in out.splitlines() if line.startswith("web-2"))
+    assert "warning: web-2: not fully unmergeable: 16,384 KiB" in out
+    code, out, _ = run(capsys, "status", "--json", "web-2")
+    assert json.loads(out)["vms"][0]["other_mergeable_bytes"] == 16 * 2**20

@@ -72,7 +72,7 @@ def test_actions_of_ksm_policy_and_hook(bash_script: Path) -> None:
     assert complete(bash_script, "vmshare", "ksm", "") == sorted(
         ["show", "start", "stop", "unmerge", "set"])
     assert complete(bash_script, "vmshare", "ksm", "s") == ["set", "show", "start", "stop"]
-    assert complete(bash_script, "vmshare", "policy", "") == ["set", "show"]
+    assert complete(bash_script, "vmshare", "policy", "") == ["adopt", "set", "show"]
     assert complete(bash_script, "vmshare", "hook", "") == ["install", "status", "uninstall"]
 
 

@@ -13,11 +13,15 @@ from vmshare.hypervisor.libvirt import LibvirtHypervisor
 from vmshare.hypervisor.metadata import (
     MAX_POLICY_XML_BYTES,
     NAMESPACE,
+    adopt_domain_xml,
+    adopted_element,
+    element_from_xml,
+    owner_from_domain_xml,
     policy_from_domain_xml,
     policy_from_xml,
     policy_to_xml,
 )
-from vmshare.model import VmRef
+from vmshare.model import Adoption, VmFacts, VmRef
 
 POLICIES = [VmPolicy(), VmPolicy("on"), VmPolicy("off", "tenant-a"),
             VmPolicy("inherit", "g.1_x", True), VmPolicy("on", None, True)]
@@ -147,3 +151,114 @@ def test_errors(hv: LibvirtHypervisor) -> None:
     hv._conn.lookupByName("test").destroy()
     with pytest.raises(HypervisorError):    # LIVE on a shut-off domain
         hv.set_policy(hv.lookup("test"), VmPolicy("on"), live=True, config=False)
+
+
+# ---- adoption: <nosharepages/> and whose it is
+
+FOREIGN = ("<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+           "<name>web</name><metadata><lib:os xmlns:lib='http://libosinfo.org/xmlns/libvirt/"
+           "domain/1.0' id='x'/></metadata><memory>1</memory><qemu:commandline>"
+           "<qemu:arg value='-s'/></qemu:commandline></domain>")
+
+
+def test_adopt_adds_nosharepages_keeps_foreign_namespaces_and_is_idempotent() -> None:
+    new, owner = adopt_domain_xml(FOREIGN)
+    assert owner == "vmshare" and new is not None
+    assert "<memoryBacking><nosharepages /></memoryBacking>" in new
+    assert "<qemu:arg " in new and "<lib:os " in new and "ns0" not in new
+    assert owner_from_domain_xml(new) == "vmshare"
+    assert policy_from_domain_xml(new) == VmPolicy()   # no policy set: inherit
+    assert adopt_domain_xml(new) == (None, "vmshare")
+
+
+def test_adopt_records_the_operators_own_nosharepages() -> None:
+    theirs = ("<domain><name>db</name><memoryBacking><nosharepages/></memoryBacking>"
+              f"<metadata><vmshare:policy xmlns:vmshare='{NAMESPACE}' merge='on'/></metadata>"
+              "</domain>")
+    new, owner = adopt_domain_xml(theirs)
+    assert owner == "operator" and new is not None and new.count("nosharepages />") == 1
+    assert owner_from_domain_xml(new) == "operator"
+    assert policy_from_domain_xml(new) == VmPolicy("on")   # the policy is kept
+    assert adopt_domain_xml(new) == (None, "operator")
+
+
+def test_owner_record_round_trip_and_bad_values() -> None:
+    text = policy_to_xml(VmPolicy("on", "g"), "vmshare")
+    assert element_from_xml(text) == (VmPolicy("on", "g"), "vmshare")
+    assert element_from_xml(policy_to_xml(None, "operator")) == (None, "operator")
+    with pytest.raises(PolicyError, match="nosharepages must be vmshare or operator, not 'me'"):
+        element_from_xml('<policy nosharepages="me"/>')
+    with pytest.raises(PolicyError, match="nosharepages must be"):
+        adopt_domain_xml(f"<domain><name>x</name><metadata><v:policy xmlns:v='{NAMESPACE}' "
+                         "nosharepages='yes'/></metadata></domain>")
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> Iterator[LibvirtHypervisor]:
+    """A test-driver host of this test's own (test:///default is shared by the process)."""
+    node = tmp_path / "node.xml"
+    node.write_text("<node><domain type='test'><name>test</name><memory>8192</memory>"
+                    "<os><type arch='x86_64'>hvm</type></os></domain></node>")
+    h = LibvirtHypervisor(f"test://{node}", deadline=5.0, run_dir=str(tmp_path))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_adopt_on_libvirt_running_then_restarted(private: LibvirtHypervisor) -> None:
+    import libvirt
+    hv = private
+    ref = hv.lookup("test")
+    assert hv.adopt(ref) == Adoption("test", "adopted", changed=True, running=True)
+    dom = hv._conn.lookupByName("test")
+    assert "<nosharepages/>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "<nosharepages/>" not in dom.XMLDesc(0)   # the running QEMU keeps its options
+    # a policy written afterwards keeps the record
+    hv.set_policy(ref, VmPolicy("on", "g"), live=True, config=True)
+    assert hv.adopt(ref) == Adoption("test", "already", running=True)
+    assert hv.get_policy(ref, config=True) == VmPolicy("on", "g")
+    dom.destroy()
+    dom.create()   # started again: from the adopted definition
+    live = dom.XMLDesc(0)
+    assert "<nosharepages/>" in live and owner_from_domain_xml(live) == "vmshare"
+    # removing the policy keeps the record too
+    hv.set_policy(ref, None, live=True, config=True)
+    assert owner_from_domain_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == "vmshare"
+    assert hv.get_policy(ref) is None
+
+
+def test_adopt_on_libvirt_operator_and_transient(private: LibvirtHypervisor) -> None:
+    hv = private
+    conn = hv._conn
+    base = "<memory>8192</memory><os><type arch='x86_64'>hvm</type></os></domain>"
+    conn.defineXML("<domain type='test'><name>db</name><memoryBacking><nosharepages/>"
+                   "</memoryBacking>" + base)
+    db = hv.lookup("db")
+    assert hv.adopt(db) == Adoption("db", "operator", changed=True)
+    assert hv.adopt(db) == Adoption("db", "operator")
+    facts = hv.facts(db)
+    assert facts.nosharepages_owner == "operator"
+    assert facts.ineligible_reason == ("<memoryBacking><nosharepages/> is set by the operator "
+                                       "(recorded when vmshare adopted the domain)")
+    conn.createXML("<domain type='test'><name>tmp</name>" + base, 0)
+    assert hv.adopt(hv.lookup("tmp")) == Adoption("tmp", "transient", running=True)
+    # a transient domain written already adopted (or with the operator's own) says so
+    backing = "<memoryBacking><nosharepages/></memoryBacking>"
+    conn.createXML(f"<domain type='test'><name>tmp2</name><metadata>{adopted_element()}"
+                   f"</metadata>{backing}" + base, 0)
+    assert hv.adopt(hv.lookup("tmp2")) == Adoption("tmp2", "already", running=True)
+    conn.createXML(f"<domain type='test'><name>tmp3</name>{backing}" + base, 0)
+    assert hv.adopt(hv.lookup("tmp3")) == Adoption("tmp3", "operator", running=True)
+
+
+def test_a_domain_written_adopted_is_eligible_an_unrecorded_nosharepages_is_not() -> None:
+    xml = (f"<domain><name>t</name><metadata>{adopted_element()}</metadata>"
+           "<memoryBacking><nosharepages/></memoryBacking></domain>")
+    assert owner_from_domain_xml(xml) == "vmshare"
+    assert adopt_domain_xml(xml) == (None, "vmshare")
+    ref = VmRef("t", "")
+    assert VmFacts(ref, 1, nosharepages=True, nosharepages_owner="vmshare") \
+        .ineligible_reason is None
+    assert VmFacts(ref, 1, nosharepages=True).ineligible_reason == \
+        "<memoryBacking><nosharepages/> is set"

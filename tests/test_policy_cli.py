@@ -216,9 +216,15 @@ def test_policy_set_writes_metadata_and_audits(host: FakeHost,
     code, out, err = run(capsys, "-c", host.uri, "policy", "set", "alpha", "--merge", "off",
                          "--force")
     assert code == 0, err
-    assert out == ("alpha: policy merge=off group=tenant-a force (was merge=on "
-                   "group=tenant-a); written to the live and persistent definition\n")
-    (rec,) = [json.loads(line) for line in host.audit.read_text().splitlines()]
+    assert out.splitlines() == [
+        "alpha: policy merge=off group=tenant-a force (was merge=on group=tenant-a); "
+        "written to the live and persistent definition",
+        "alpha: adopted: <nosharepages/> added to its persistent definition; restart the "
+        "guest so that QEMU starts with mem-merge=off (until then its VRAM and ROMs stay "
+        "mergeable)"]
+    rec, adopted = [json.loads(line) for line in host.audit.read_text().splitlines()]
+    assert (adopted["action"], adopted["target"], adopted["after"]) == (
+        "adopt", "alpha", "nosharepages=vmshare")
     assert rec["action"] == "policy" and rec["target"] == "alpha"
     assert rec["before"] == {"merge": "on", "group": "tenant-a", "force": False}
     assert rec["after"] == {"merge": "off", "group": "tenant-a", "force": True}
@@ -232,13 +238,14 @@ def test_policy_set_apply_follows_the_decision(host: FakeHost,
                          "tenant-a", "--apply")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[1] == ("delta: decision merge=on (trust group 'tenant-a'): domain metadata "
+    assert lines[1].startswith("delta: adopted: ")
+    assert lines[2] == ("delta: decision merge=on (trust group 'tenant-a'): domain metadata "
                         "says merge=on")
-    assert lines[2] == "delta/pc.ram: merge off -> on (verified)"
+    assert lines[3] == "delta/pc.ram: merge off -> on (verified)"
     assert host.merged["delta"] is True
     recs = [json.loads(line) for line in host.audit.read_text().splitlines()]
-    assert [r["action"] for r in recs] == ["policy", "merge"]
-    assert recs[1]["reason"].startswith("vmshare policy set --apply")
+    assert [r["action"] for r in recs] == ["policy", "adopt", "merge"]
+    assert recs[2]["reason"].startswith("vmshare policy set --apply")
 
 
 def test_policy_set_apply_blocked_group_is_refused(host: FakeHost,
@@ -276,9 +283,9 @@ def test_log_filters_tail_json_and_torn_lines(host: FakeHost,
         f.write(b'{"time": 2.0, "act')
     code, out, err = run(capsys, "log")
     assert code == 0
-    assert err.startswith(f"vmshare: warning: {host.audit}:3: not JSON (")
+    assert err.startswith(f"vmshare: warning: {host.audit}:4: not JSON (")
     lines = out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3   # the merge, the policy, the adoption that came with it
     assert "cli/" in lines[0] and "merge  gamma/pc.ram  off -> on  vmshare enable; forced" \
         in lines[0]
     assert "policy  alpha  merge=on group=tenant-a -> merge=on group=x  vmshare policy set" \
@@ -286,8 +293,9 @@ def test_log_filters_tail_json_and_torn_lines(host: FakeHost,
     code, out, _ = run(capsys, "log", "--vm", "gamma", "--json")
     doc = json.loads(out)
     assert [r["target"] for r in doc["records"]] == ["gamma/pc.ram"]
-    code, out, _ = run(capsys, "log", "--tail", "1", "--json")
-    assert [r["target"] for r in json.loads(out)["records"]] == ["alpha"]
+    code, out, _ = run(capsys, "log", "--tail", "2", "--json")
+    assert [(r["action"], r["target"]) for r in json.loads(out)["records"]] == [
+        ("policy", "alpha"), ("adopt", "alpha")]
 
 
 def test_hook_commands_on_a_temp_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -334,3 +342,36 @@ def test_policy_set_needs_libvirt(tmp_path: Path, capsys: pytest.CaptureFixture[
     monkeypatch.setenv("VMSHARE_CONFIG", str(tmp_path / "none.toml"))
     code, _, err = run(capsys, "--qmp", "/x.sock", "policy", "set", "vm", "--merge", "on")
     assert code == 2 and "libvirt domain metadata" in err and err.count("\n") == 1
+
+
+def test_policy_adopt_names_what_it_did_and_audits_it(host: FakeHost,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "-c", host.uri, "policy", "adopt", "alpha", "beta")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "alpha: adopted: <nosharepages/> added to its persistent definition; restart the "
+        "guest so that QEMU starts with mem-merge=off (until then its VRAM and ROMs stay "
+        "mergeable)",
+        "beta: its <nosharepages/> is the operator's (recorded): never merged"]
+    # (each command opens the test driver's node file afresh: nothing carries over)
+    code, out, err = run(capsys, "-c", host.uri, "policy", "adopt", "--all", "--json")
+    assert code == 0, err
+    doc = {d["vm"]: (d["outcome"], d["changed"]) for d in json.loads(out)["domains"]}
+    assert doc == {"alpha": ("adopted", True), "beta": ("operator", True),
+                   "delta": ("adopted", True), "gamma": ("adopted", True)}
+    recs = [json.loads(line) for line in host.audit.read_text().splitlines()]
+    assert [(r["action"], r["target"], r["after"]) for r in recs[:2]] == [
+        ("adopt", "alpha", "nosharepages=vmshare"), ("adopt", "beta", "nosharepages=operator")]
+    assert len(recs) == 6
+    code, _, err = run(capsys, "-c", host.uri, "enable", "beta")
+    assert code == 1 and "nosharepages" in err
+    code, out, _ = run(capsys, "-c", host.uri, "policy", "show", "--json", "alpha")
+    assert json.loads(out)["vms"][0]["decision"]["merge"] is True
+
+
+@pytest.mark.parametrize("args", [("policy", "adopt"), ("policy", "adopt", "alpha", "--all")])
+def test_policy_adopt_needs_names_or_all(host: FakeHost, capsys: pytest.CaptureFixture[str],
+                                         args: tuple[str, ...]) -> None:
+    code, out, err = run(capsys, "-c", host.uri, *args)
+    assert (code, out) == (2, "")
+    assert err == "vmshare: error: name the domains to adopt, or give --all (not both)\n"

@@ -105,14 +105,39 @@ class VmFacts:
     nosharepages: bool = False
     launch_security: bool = False
     memory_bytes: int = 0
+    # Whose <nosharepages/> it is, from vmshare's metadata element: "vmshare"
+    # (added by ``vmshare policy adopt``: merging is vmshare's to turn on per
+    # RAM backend), "operator" (there before vmshare adopted the domain), or
+    # None (not recorded: the operator's, as far as vmshare knows).
+    nosharepages_owner: str | None = None
 
     @property
     def ineligible_reason(self) -> str | None:
-        if self.nosharepages:
+        if self.nosharepages and self.nosharepages_owner != "vmshare":
+            if self.nosharepages_owner == "operator":
+                return ("<memoryBacking><nosharepages/> is set by the operator "
+                        "(recorded when vmshare adopted the domain)")
             return "<memoryBacking><nosharepages/> is set"
         if self.launch_security:
             return "confidential guest (launchSecurity)"
         return None
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What ``vmshare policy adopt`` did to one domain's persistent definition.
+
+    outcome: adopted (<nosharepages/> added: QEMU starts with mem-merge=off
+    and vmshare turns merging on per RAM backend) | already (adopted before)
+    | operator (its own <nosharepages/> recorded: never merged) | transient
+    (no persistent definition to change) | confidential (never merged anyway).
+    ``changed``: the definition was written.
+    """
+
+    vm: str
+    outcome: str
+    changed: bool = False
+    running: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,18 @@
-"""A scripted in-memory Hypervisor for fast tests of everything above the adapters."""
+"""A scripted in-memory Hypervisor for fast tests of everything above the adapters.
+
+Type-checked against the ``Hypervisor`` Protocol (the assignment at the end),
+so the fake cannot drift from the seam it stands in for.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vmshare.errors import DomainNotFound, DomainNotRunning, MonitorError
+from vmshare.hypervisor.base import Hypervisor
 from vmshare.model import RamBackend, VmFacts, VmRef
 
 
@@ -17,7 +23,13 @@ class FakeVm:
     backends: list[RamBackend] = field(default_factory=list)
     nosharepages: bool = False
     launch_security: bool = False
-    on_set_merge: Any = None   # callable(backend_id, merge) to mimic the kernel side
+    # The kernel side of a qom-set: (backend_id, merge) -> None, e.g. rewrite smaps.
+    on_set_merge: Callable[[str, bool], None] | None = None
+    # A QEMU that disagrees after qom-set: "property" accepts the command but
+    # its merge property keeps the old value (and the kernel side is not
+    # called); "mg" changes the property but the kernel's mg flag stays (the
+    # kernel side is not called).
+    disagree: str | None = None
 
 
 class FakeHypervisor:
@@ -56,9 +68,11 @@ class FakeHypervisor:
         v = self.vms[vm.name]
         for i, b in enumerate(v.backends):
             if b.id == backend_id:
-                v.backends[i] = replace(b, merge=merge)
                 self.calls.append((vm.name, backend_id, merge))
-                if v.on_set_merge:
+                if v.disagree == "property":
+                    return
+                v.backends[i] = replace(b, merge=merge)
+                if v.on_set_merge and v.disagree != "mg":
                     v.on_set_merge(backend_id, merge)
                 return
         raise MonitorError(f"QMP qom-set on domain {vm.name} failed: DeviceNotFound",
@@ -69,3 +83,7 @@ class FakeHypervisor:
 
     def close(self) -> None:
         pass
+
+
+# mypy checks the fake against the Protocol here (tests/fakes is type-checked).
+_CHECKED: type[Hypervisor] = FakeHypervisor

@@ -10,7 +10,7 @@ from vmshare.ksm.sysfs import KNOBS
 
 
 def cmd_ksm(ctx: Context) -> int:
-    from vmshare.control import merge as control
+    from vmshare.control import knobs as control
     from vmshare.present import text as report
     a = ctx.args
     sysfs = ctx.sysfs

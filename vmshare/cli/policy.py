@@ -16,10 +16,13 @@ from typing import Any
 
 from vmshare.cli.context import Context, emit_json, out
 from vmshare.config import MERGE_SETTINGS, Config, VmPolicy, config_path, load_config
+from vmshare.control.adopt import adopt, describe
+from vmshare.control.merge import MergeResult
 from vmshare.errors import HypervisorError, PolicyError, UsageError
 from vmshare.hypervisor.base import PolicyStore
+from vmshare.model import VmRef
 from vmshare.policy.rules import Decision
-from vmshare.policy.sources import PolicyView, merge_request, survey
+from vmshare.policy.sources import PolicyView, survey
 from vmshare.records.audit import AUDIT_ENV, AuditLog, AuditRecord
 
 
@@ -69,43 +72,33 @@ def decision_json(d: Decision) -> dict[str, Any]:
 # ---------------------------------------------------------------- enable/disable
 def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = None,
               force: bool = False, as_json: bool = False, reason: str | None = None) -> int:
-    """enable/disable one VM: policy checks, the Controller, the audit log, output."""
-    from vmshare.control.merge import Controller
+    """enable/disable one VM through the one path (vmshare.control.merge), then print."""
+    from vmshare.control.merge import Controller, NotFullyUnmergeable, disable, enable
     cfg = load(ctx, lenient=not merge)
     ctl = Controller(ctx.hv, ctx.procfs, ctx.observer())
     audit = audit_log(cfg)
-    forced_past: str | None = None
     if merge:
-        ref = ctx.hv.lookup(ident)
-        req = merge_request(ctx.hv, cfg, ref, observer=ctl.observer)
-        why = reason or "vmshare enable"
-        if req.forced_past:
-            forced_past = (f"{req.forced_past} of trust group "
-                           f"{req.mergeable_now[req.forced_past]!r} is mergeable, but the "
-                           f"policy of {ref.name} (trust group {req.decision.group!r}) "
-                           "has force")
-            why += f"; forced: {forced_past}"
-        # The survey behind the request read this VM's facts and backends a
-        # moment ago: act on them rather than read them again.
-        if req.view.backends is not None:
-            changes = ctl.set_merge_observed(
-                req.view.facts, req.view.backends, True, backend=backend,
-                decision=req.decision, mergeable_now=req.mergeable_now, audit=audit,
-                reason=why)
-        else:
-            # The UUID pins the domain found above, unless it is QEMU's all-zero default.
-            pinned = ref.uuid if ref.uuid and ref.uuid.strip("0-") else ref.name
-            changes = ctl.set_merge(pinned, True, backend=backend,
-                                    decision=req.decision, mergeable_now=req.mergeable_now,
-                                    audit=audit, reason=why)
+        result = enable(ctl, cfg, ident, audit=audit, backend=backend,
+                        reason=reason or "vmshare enable")
     else:
-        changes = ctl.set_merge(ident, False, backend=backend, force=force, audit=audit,
-                                reason=reason or "vmshare disable")
+        try:
+            result = disable(ctl, ident, audit=audit, backend=backend, force=force,
+                             reason=reason or "vmshare disable")
+        except NotFullyUnmergeable as exc:
+            # What was done is true and audited; the VM is still not unmergeable.
+            show_result(exc.result, as_json)
+            raise
+    show_result(result, as_json)
+    return 0
+
+
+def show_result(result: MergeResult, as_json: bool) -> None:
     if as_json:
-        emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in changes],
-                   "forced": forced_past})
-        return 0
-    for c in changes:
+        emit_json({"changes": [c.__dict__ | {"changed": c.changed} for c in result.changes],
+                   "forced": result.forced[0] if result.forced else None,
+                   "other_mergeable_bytes": result.other_mergeable_bytes})
+        return
+    for c in result.changes:
         if c.skipped:
             out(f"{c.vm}/{c.backend}: skipped ({c.skipped})")
         elif c.changed:
@@ -113,9 +106,8 @@ def run_merge(ctx: Context, ident: str, merge: bool, *, backend: str | None = No
                 f"{'on' if c.after else 'off'} (verified)")
         else:
             out(f"{c.vm}/{c.backend}: merge already {'on' if c.after else 'off'} (verified)")
-    if forced_past:
-        out(f"forced: {forced_past}")
-    return 0
+    for what in result.forced:
+        out(f"forced: {what}")
 
 
 # ---------------------------------------------------------------- policy show
@@ -168,7 +160,7 @@ def cmd_policy_show(ctx: Context) -> int:
 
 
 # ---------------------------------------------------------------- policy set
-def _write_policy(hv: Any, ref: Any, policy: VmPolicy) -> str:
+def _write_policy(hv: PolicyStore, ref: VmRef, policy: VmPolicy) -> str:
     """LIVE when running, plus CONFIG when persistent; returns where it went."""
     if ref.running:
         try:
@@ -203,10 +195,13 @@ def cmd_policy_set(ctx: Context) -> int:
     after = VmPolicy(merge=a.merge or base.merge, group=group,
                      force=base.force if a.force is None else a.force)
     where = _write_policy(hv, ref, after)
-    audit_log(cfg).record("policy", ref.name, policy_json(before), policy_json(after),
-                          "vmshare policy set", vm=ref.name)
+    audit = audit_log(cfg)
+    audit.record("policy", ref.name, policy_json(before), policy_json(after),
+                 "vmshare policy set", vm=ref.name)
     out(f"{ref.name}: policy {policy_text(after)} (was {policy_text(before)}); "
         f"written to the {where}")
+    # A domain vmshare has a policy for is one it manages: bring it to <nosharepages/>.
+    out(describe(adopt(hv, ref, audit=audit, reason="vmshare policy set")))
     if not a.apply:
         return 0
     everyone = hv.list_vms()
@@ -219,6 +214,24 @@ def cmd_policy_set(ctx: Context) -> int:
         f"(trust group {d.group!r}): {d.reason}")
     return run_merge(ctx, ref.uuid or ref.name, d.merge,
                      reason=f"vmshare policy set --apply: {d.reason}")
+
+
+# ---------------------------------------------------------------- policy adopt
+def cmd_policy_adopt(ctx: Context) -> int:
+    a = ctx.args
+    if bool(a.domains) == bool(a.all):
+        raise UsageError("name the domains to adopt, or give --all (not both)")
+    cfg = load(ctx, lenient=True)
+    hv = ctx.hv
+    refs = hv.list_vms() if a.all else [hv.lookup(d) for d in a.domains]
+    audit = audit_log(cfg)
+    results = [adopt(hv, ref, audit=audit) for ref in refs]
+    if a.json:
+        emit_json({"domains": [dataclasses.asdict(r) for r in results]})
+    else:
+        for r in results:
+            out(describe(r))
+    return 0
 
 
 # ---------------------------------------------------------------- log
@@ -269,7 +282,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    s = sub.add_parser("policy", help="per-VM policy: show|set")
+    s = sub.add_parser("policy", help="per-VM policy: show|set|adopt")
     psub = s.add_subparsers(dest="policy_cmd", metavar="ACTION", required=True)
     p = psub.add_parser("show", help="each VM's policy sources, decision, trust group and why")
     p.add_argument("domains", nargs="*", metavar="DOMAIN")
@@ -278,7 +291,17 @@ def register(sub: Any) -> None:
     _config_option(p)
     p.set_defaults(func=cmd_policy_show)
 
-    p = psub.add_parser("set", help="write a domain's own policy (libvirt domain metadata)")
+    p = psub.add_parser("adopt", help="bring domains to <nosharepages/> (QEMU mem-merge=off) "
+                        "so that vmshare turns merging on per RAM backend")
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="name, UUID or id")
+    p.add_argument("--all", action="store_true", help="every domain libvirt knows")
+    p.add_argument("--json", action="store_true", help="one JSON object: what each domain "
+                   "came to")
+    _config_option(p)
+    p.set_defaults(func=cmd_policy_adopt)
+
+    p = psub.add_parser("set", help="write a domain's own policy (libvirt domain metadata), "
+                        "and adopt it (see adopt)")
     p.add_argument("domain", metavar="DOMAIN", help="name, UUID or id")
     p.add_argument("--merge", choices=MERGE_SETTINGS,
                    help="on, off, or inherit (the host config decides)")

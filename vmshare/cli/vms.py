@@ -19,9 +19,13 @@ def cmd_list(ctx: Context) -> int:
             rows.append([ref.name, "shut off", "-", "", "", "", "", ""])
             data.append({"name": ref.name, "uuid": ref.uuid, "running": False, "backends": []})
             continue
-        views = obs.backends(ref, facts)
+        maps = obs.mappings(ref, facts)
+        views = maps.backends
         entry: dict[str, Any] = {"name": ref.name, "uuid": ref.uuid, "running": True,
-                                 "pid": facts.pid, "backends": []}
+                                 "pid": facts.pid, "backends": [],
+                                 "unmergeable": maps.unmergeable,
+                                 "other_mergeable_bytes": maps.other_mergeable_bytes,
+                                 "other_mergeable_mappings": len(maps.other_mergeable)}
         for v in views:
             b = v.backend
             mg = "-" if v.mg_flag is None else ("yes" if v.mg_flag else "no")
@@ -31,6 +35,14 @@ def cmd_list(ctx: Context) -> int:
             entry["backends"].append(backend_json(v))
         if not views:
             rows.append([ref.name, "running", "(none)", "", "", "", "", ""])
+        if maps.other_mergeable:
+            # QEMU's other RAM blocks under mem-merge=on (VRAM, ROMs): mergeable
+            # whatever the backends say, so the VM is not unmergeable.
+            rows.append([ref.name, "running", "(other)", "non-RAM",
+                         mib(maps.other_mergeable_bytes), "-", "yes",
+                         f"{len(maps.other_mergeable)} mapping(s) outside the RAM backends; "
+                         "never unmergeable until adopted ('vmshare policy adopt') and "
+                         "restarted"])
         data.append(entry)
     if ctx.args.json:
         emit_json({"vms": data})

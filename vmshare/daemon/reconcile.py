@@ -1,9 +1,10 @@
 """Reconcile: bring each running VM to its policy, once, and say what was done.
 
-Collect (policy_source.survey: facts, policy, what is mergeable now, trust
-groups planned over the host), decide (policy.effective + plan, done by the
-survey), act (control.Controller.set_merge, which checks unmerge headroom and
-trust groups and verifies afterwards). Reconciling a VM that already matches
+Collect (policy.sources.survey: facts, policy, what is mergeable now, trust
+groups planned over the host), decide (policy.rules.effective + plan, done by
+the survey), act through the one enable/disable path the CLI uses too
+(control.merge.to_decision: trust groups, unmerge headroom, qom-set, audit,
+verification). Reconciling a VM that already matches
 its policy changes nothing and writes nothing: the daemon can be killed and
 restarted, or told twice about one event, without repeating an action.
 
@@ -28,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.config import Config
-from vmshare.control.merge import Controller, MergeChange
+from vmshare.control.lock import ControlBusy, control_lock
+from vmshare.control.merge import (
+    Controller,
+    MergeChange,
+    MergeResult,
+    NotFullyUnmergeable,
+    to_decision,
+)
+from vmshare.daemon.keyed_audit import KeyedAudit, record_id
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
 from vmshare.errors import (
@@ -43,13 +52,13 @@ from vmshare.errors import (
     VerificationError,
     VmshareError,
 )
-from vmshare.hypervisor.base import Hypervisor
+from vmshare.hypervisor.base import Hypervisor, ident_of
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmRef
-from vmshare.observe.host import Observer
-from vmshare.policy.sources import PolicyView, mergeable_groups, survey
-from vmshare.records.audit import AuditLog, AuditRecord
+from vmshare.observe.host import Observer, not_unmergeable_warning
+from vmshare.policy.sources import PolicyView, exposed_vms, mergeable_groups, survey
+from vmshare.records.audit import AuditLog
 from vmshare.records.history import HistoryStore
 from vmshare.records.history import sample as history_sample
 
@@ -69,41 +78,16 @@ def vm_log(name: str) -> logging.Logger:
 class Outcome:
     """What reconciling one VM came to.
 
-    status: changed | unchanged | refused | vanished | failed | forgotten | stopped | ignored
+    status: changed | unchanged | partial | refused | vanished | failed | forgotten |
+    stopped | ignored. ``partial``: policy says unmergeable and the RAM backends
+    are, but other mappings of the QEMU process (VRAM, ROMs under QEMU's
+    mem-merge=on) stay mergeable until the domain is adopted and restarted.
     """
 
     vm: str
     status: str
     detail: str = ""
     changes: tuple[MergeChange, ...] = ()
-
-
-class KeyedAudit(AuditLog):
-    """An AuditLog whose records carry an id made from the action's key and the
-    record's target and value, and which never writes an id twice."""
-
-    def __init__(self, path: Path, actor: str, key: str, known: set[str]) -> None:
-        super().__init__(path, actor)
-        self.key = key
-        self.known = known
-
-    def record(self, action: str, target: str, before: Any, after: Any, reason: str, *,
-               event: str | None = None, vm: str | None = None,
-               id: str | None = None) -> AuditRecord:
-        rid = id or record_id(self.key, target, after)
-        rec = AuditRecord(time=time.time(), actor=self.actor, user="", pid=0, action=action,
-                          target=target, before=before, after=after, reason=reason,
-                          event=event, vm=vm, id=rid)
-        if rid in self.known:
-            return rec
-        rec = super().record(action, target, before, after, reason, event=event, vm=vm,
-                             id=rid)
-        self.known.add(rid)
-        return rec
-
-
-def record_id(key: str, target: str, after: Any) -> str:
-    return f"{key}/{target}/{str(after).lower()}"
 
 
 class Reconciler:
@@ -127,6 +111,9 @@ class Reconciler:
         # trust groups (KSM is host-wide) but are never acted on or tracked.
         self.scope: Callable[[str], bool] = scope or (lambda _name: True)
         self._audit_ids: set[str] | None = None
+        # VM name -> QEMU pid already warned about as not fully unmergeable
+        # (the warning is worth one line per process, not one per reconcile).
+        self._exposed_warned: dict[str, int | None] = {}
         settings = config.daemon
         self.history = HistoryStore(settings.history_file) \
             if settings.history_interval > 0 else None
@@ -149,10 +136,7 @@ class Reconciler:
         return self._audit_ids
 
     def _ident(self, ref: VmRef) -> str:
-        ident_of = getattr(self.hv, "ident_of", None)
-        if ident_of is not None:
-            return str(ident_of(ref))
-        return ref.uuid or ref.name
+        return ident_of(self.hv, ref)
 
     # -- entry points ------------------------------------------------------------
 
@@ -161,6 +145,7 @@ class Reconciler:
         itself cannot be listed (the caller reconnects)."""
         running = [v for v in self._survey() if v.running]
         groups = mergeable_groups(running)
+        exposed = exposed_vms(running)
         views = [v for v in running if self.scope(v.ref.name)]
         # Unmerge first, then merge, keeping ``groups`` current: a VM of the
         # winning trust group is checked against the host as it is after the
@@ -170,7 +155,9 @@ class Reconciler:
         for i in sorted(range(len(views)),
                         key=lambda i: (views[i].decision.merge, views[i].ref.name)):
             v = views[i]
-            outcome = done[i] = self._act(v, event, groups)
+            outcome = done[i] = self._act(v, event, groups, exposed)
+            if outcome.status == "partial":   # still mergeable, outside its RAM
+                exposed[v.ref.name] = v.other_mergeable_bytes
             if outcome.status == "changed":
                 if v.decision.merge:
                     groups[v.ref.name] = v.wish.group
@@ -204,7 +191,7 @@ class Reconciler:
         mine = [v for v in views if self._ident(v.ref) == self._ident(ref)]
         if not mine or not mine[0].running:
             return Outcome(trigger.vm, "stopped", "not running")
-        return self._act(mine[0], event, mergeable_groups(views))
+        return self._act(mine[0], event, mergeable_groups(views), exposed_vms(views))
 
     def due(self) -> list[str]:
         """VMs whose retry time has come (they are taken off the retry list)."""
@@ -261,7 +248,8 @@ class Reconciler:
 
     # -- acting --------------------------------------------------------------------
 
-    def _act(self, view: PolicyView, event: str, groups: dict[str, str]) -> Outcome:
+    def _act(self, view: PolicyView, event: str, groups: dict[str, str],
+             exposed: dict[str, int]) -> Outcome:
         name = view.ref.name
         vlog = vm_log(name)
         decision = view.decision
@@ -277,6 +265,9 @@ class Reconciler:
                     and (v.backend.merge != want or v.mg_flag not in (want, None))]
             if not todo:
                 self.retry.pop(name, None)
+                if not want and view.other_mergeable_bytes:
+                    return self._exposed(view, not_unmergeable_warning(
+                        view.facts, view.other_mergeable))
                 vlog.debug("already %s (%s)", "mergeable" if want else "unmergeable",
                            decision.reason)
                 return Outcome(name, "unchanged", decision.reason)
@@ -289,16 +280,24 @@ class Reconciler:
             self.state.save()
             try:
                 audit = KeyedAudit(self.audit_path, "daemon", key, self.audit_ids())
-                others = {n: g for n, g in groups.items() if n != name}
-                changes = self.controller.set_merge(
-                    self._ident(view.ref), want, decision=decision,
-                    mergeable_now=others if want else None, audit=audit,
-                    reason=f"policy: {decision.reason}", event=event)
+                # one act at a time per host, the CLI's and the daemon's alike
+                with control_lock(f"vmshare daemon: reconcile {name}"):
+                    result = to_decision(self.controller, self._ident(view.ref), decision,
+                                         groups, audit=audit, exposed=exposed,
+                                         reason=f"policy: {decision.reason}", event=event)
             finally:
                 self.state.set_pending(name, None)
                 self.state.save()
         except _GONE as exc:
             return self._vanished(name, exc)
+        except NotFullyUnmergeable as exc:
+            self.retry.pop(name, None)   # a retry cannot help: it needs a QEMU restart
+            self._log_changes(name, exc.result, event, decision.reason)
+            return self._exposed(view, str(exc), exc.result)
+        except ControlBusy as exc:
+            self.retry[name] = self.clock() + self.retry_after
+            vlog.warning("busy, retrying in %.0f s: %s", self.retry_after, exc)
+            return Outcome(name, "refused", str(exc))
         except UnmergeRefused as exc:
             self.retry[name] = self.clock() + self.retry_after
             vlog.warning("not made unmergeable yet, retrying in %.0f s: %s",
@@ -319,13 +318,29 @@ class Reconciler:
             vlog.debug("detail", exc_info=True)
             return Outcome(name, "failed", str(exc))
         self.retry.pop(name, None)
+        done = self._log_changes(name, result, event, decision.reason)
+        return Outcome(name, "changed" if done else "unchanged", decision.reason, done)
+
+    def _log_changes(self, name: str, result: MergeResult, event: str,
+                     reason: str) -> tuple[MergeChange, ...]:
         # A backend acted on is a change even when QEMU's property already said
         # so (the kernel's mg flag disagreed and qom-set fixed it).
-        done = tuple(c for c in changes if c.skipped is None and c.backend in todo)
+        done = tuple(c for c in result.changes if c.backend in result.acted)
         for c in done:
-            vlog.info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
-                      _onoff(c.after), event, decision.reason)
-        return Outcome(name, "changed" if done else "unchanged", decision.reason, done)
+            vm_log(name).info("%s: merge %s -> %s (%s; %s)", c.backend, _onoff(c.before),
+                              _onoff(c.after), event, reason)
+        return done
+
+    def _exposed(self, view: PolicyView, detail: str,
+                 result: MergeResult | None = None) -> Outcome:
+        """A VM policy keeps unmergeable whose QEMU still has mergeable mappings
+        outside its RAM backends: one WARNING per QEMU process."""
+        name = view.ref.name
+        if self._exposed_warned.get(name) != view.facts.pid:
+            self._exposed_warned[name] = view.facts.pid
+            vm_log(name).warning("%s", detail)
+        done = tuple(c for c in result.changes if c.backend in result.acted) if result else ()
+        return Outcome(name, "partial", detail, done)
 
     def _vanished(self, name: str, exc: VmshareError) -> Outcome:
         self.retry.pop(name, None)

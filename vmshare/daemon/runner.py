@@ -287,7 +287,8 @@ class Daemon:
             self._check_spool()
         watcher = None
         if self.qmp_globs:
-            from vmshare.daemon.qmp_watch import QmpFleet, QmpWatcher
+            from vmshare.daemon.qmp_watch import QmpWatcher
+            from vmshare.hypervisor.qmp_fleet import QmpFleet
             fleet = QmpFleet(self.opts.deadline)
             watcher = QmpWatcher(self.qmp_globs, fleet, self.deliver)
             self._set_hv(fleet)

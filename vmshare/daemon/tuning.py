@@ -11,10 +11,13 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from vmshare.control.lock import control_lock
 from vmshare.errors import UsageError, VmshareError
 
 if TYPE_CHECKING:
     from vmshare.daemon.runner import Daemon
+    from vmshare.tuner.decide import Decision, Observation
+    from vmshare.tuner.loop import Changes, Tuner
 
 log = logging.getLogger("vmshare.daemon")
 
@@ -60,7 +63,7 @@ async def run_tuner(daemon: Daemon, stop: asyncio.Event) -> None:
             if stop.is_set():
                 return
             try:
-                _obs, decision, changes = await daemon.work(tuner.step)
+                _obs, decision, changes = await daemon.work(lambda: _locked_step(tuner))
             except (VmshareError, OSError) as exc:
                 log.warning("KSM tuner: %s", exc)
                 continue
@@ -68,3 +71,10 @@ async def run_tuner(daemon: Daemon, stop: asyncio.Event) -> None:
                 log.info("KSM tuner %s: %s (%s)", decision.mode,
                          ", ".join(f"{n} {b} -> {a}" for n, b, a in changes),
                          decision.reason)
+
+
+def _locked_step(tuner: Tuner) -> tuple[Observation, Decision, Changes | None]:
+    """One tuner step under the host's control lock (a command changing knobs
+    at the same moment waits, and the reverse). Raises ControlBusy."""
+    with control_lock("vmshare daemon: tune step"):
+        return tuner.step()

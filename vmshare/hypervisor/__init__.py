@@ -1,4 +1,7 @@
-"""Hypervisor adapters: libvirt (``libvirt.py``) and plain QEMU over QMP (``qmp.py``).
+"""Hypervisor adapters: libvirt (``libvirt.py``), plain QEMU over QMP (``qmp.py``)
+and every plain QEMU a daemon watches behind one adapter (``qmp_fleet.py``).
+The ``Hypervisor`` Protocol and the optional abilities some adapters add
+(``PolicyStore``, ``AddressedHypervisor``, ``DomainLifecycle``) are in ``base.py``.
 
 ``connect`` picks one. The adapter modules are imported lazily, so a host
 without libvirt-python can still drive a plain QEMU, and the reverse.
@@ -23,6 +26,10 @@ def connect(uri: str | None = None, qmp_socket: str | None = None,
     """
     if uri is not None and qmp_socket is not None:
         raise UsageError("give either a libvirt URI or a QMP socket, not both")
+    if (uri is not None and not uri.strip()) or (qmp_socket is not None
+                                                 and not qmp_socket.strip()):
+        raise UsageError("empty libvirt URI or QMP socket: leave the option out for the "
+                         "default")
     if not deadline > 0:
         raise UsageError(f"deadline must be positive, not {deadline!r}")
     if qmp_socket is not None:

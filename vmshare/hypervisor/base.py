@@ -2,6 +2,17 @@
 
 Adapters implement ``Hypervisor``; everything above talks only to this
 protocol, so a scripted fake and the real thing are interchangeable.
+Abilities only some adapters have are second Protocols, checked with
+``isinstance`` (they are runtime-checkable), never with getattr/hasattr:
+
+* ``PolicyStore``: the domain carries vmshare's policy (libvirt metadata);
+* ``AddressedHypervisor``: a VM has a stable address other than its name or
+  UUID (``QmpFleet``: the socket path, which keeps two QEMUs of one VM apart
+  during a migration on one host);
+* ``DefinitionStore``: the domain has a persistent definition vmshare can
+  bring to ``<nosharepages/>`` (``adopt``);
+* ``DomainLifecycle``: start a transient domain from XML and destroy it
+  (the demo and the tests).
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from vmshare.config import VmPolicy
-from vmshare.model import RamBackend, VmFacts, VmRef
+from vmshare.model import Adoption, RamBackend, VmFacts, VmRef
 
 DEFAULT_DEADLINE = 10.0   # seconds; every libvirt and QMP call has one
 
@@ -65,3 +76,46 @@ class PolicyStore(Protocol):
         """Write (or with None remove) the element in the live and/or persistent
         definition."""
         ...
+
+
+@runtime_checkable
+class AddressedHypervisor(Protocol):
+    """An optional ability: each VM has an address of its own that later calls
+    (``lookup``) reach it by, unlike its name, which two processes may share."""
+
+    def ident_of(self, vm: VmRef) -> str:
+        """The address of ``vm``. Raises DomainNotFound when it is gone."""
+        ...
+
+
+@runtime_checkable
+class DefinitionStore(Protocol):
+    """An optional ability: domains have persistent definitions vmshare may
+    change (libvirt). Plain QEMU has none: its options are its command line."""
+
+    def adopt(self, vm: VmRef) -> Adoption:
+        """Bring the persistent definition to ``<nosharepages/>`` (see
+        vmshare.hypervisor.metadata). Raises DomainNotFound, PolicyError,
+        DeadlineExceeded, HypervisorError."""
+        ...
+
+
+@runtime_checkable
+class DomainLifecycle(Protocol):
+    """An optional ability: start a transient domain and power one off."""
+
+    def create_transient(self, xml: str) -> VmRef:
+        """Start a transient domain from XML. Raises HypervisorError."""
+        ...
+
+    def destroy(self, vm: VmRef) -> None:
+        """Power a domain off at once; one already gone is not an error."""
+        ...
+
+
+def ident_of(hv: Hypervisor, vm: VmRef) -> str:
+    """The identifier that reaches ``vm`` again through ``hv.lookup``: the
+    adapter's own address when it has one, else the UUID, else the name."""
+    if isinstance(hv, AddressedHypervisor):
+        return hv.ident_of(vm)
+    return vm.uuid or vm.name

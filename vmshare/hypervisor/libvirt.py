@@ -5,6 +5,10 @@ libvirtd or QEMU monitor is a DeadlineExceeded naming the domain and the
 call, never a hang. libvirtError is mapped to vmshare.errors here and
 nowhere else. QMP goes through ``libvirt_qemu.qemuMonitorCommand`` (libvirt
 marks the domain tainted "custom-monitor" when it is used).
+
+Over 400 lines by design: being the only module that imports libvirt, it holds
+every libvirt call vmshare makes (domains, QMP pass-through, policy metadata,
+persistent definitions); the pure parts live in ``common`` and ``metadata``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,16 @@ from vmshare.errors import (
     DomainNotRunning,
     HypervisorError,
     MonitorError,
+    PolicyError,
     ProcessGone,
 )
-from vmshare.hypervisor.base import DEFAULT_DEADLINE
+from vmshare.hypervisor.base import (
+    DEFAULT_DEADLINE,
+    DefinitionStore,
+    DomainLifecycle,
+    Hypervisor,
+    PolicyStore,
+)
 from vmshare.hypervisor.common import (
     backend_types,
     build_ram_backends,
@@ -40,7 +51,7 @@ from vmshare.hypervisor.common import (
     read_mounts,
     verify_pid,
 )
-from vmshare.model import RamBackend, VmFacts, VmRef
+from vmshare.model import Adoption, RamBackend, VmFacts, VmRef
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +274,23 @@ class LibvirtHypervisor:
         dom = self._domain(vm)
         xml = self._call(lambda: dom.XMLDesc(0), f"read XML of domain {vm.name}")
         facts = parse_domain_xml(xml)
+        owner = self._owner(xml, vm.name) if facts.nosharepages else None
         ref = self._ref(dom)
         pid = self._pid(ref) if ref.running else None
         return VmFacts(ref=ref, pid=pid, nosharepages=facts.nosharepages,
                        launch_security=facts.launch_security,
-                       memory_bytes=facts.memory_bytes)
+                       memory_bytes=facts.memory_bytes, nosharepages_owner=owner)
+
+    @staticmethod
+    def _owner(xml: str, name: str) -> str | None:
+        """Whose <nosharepages/> it is; a malformed record counts as the operator's
+        (never merged), with a warning, rather than failing every command."""
+        from vmshare.hypervisor.metadata import owner_from_domain_xml
+        try:
+            return owner_from_domain_xml(xml)
+        except PolicyError as exc:
+            log.warning("%s: %s", name, exc)
+            return None
 
     def _pid(self, ref: VmRef) -> int:
         path = os.path.join(self.run_dir, f"{ref.name}.pid")
@@ -350,7 +373,47 @@ class LibvirtHypervisor:
         command, args = merge_set_call(backend_id, merge)
         self.qmp(vm, command, args)
 
-    # -- lifecycle (demo and tests; not part of the Hypervisor protocol) ------
+    # -- persistent definitions (DefinitionStore) ----------------------------------
+
+    def adopt(self, vm: VmRef) -> Adoption:
+        """Bring the domain's persistent definition to ``<nosharepages/>``, recording
+        whose it is in vmshare's metadata (vmshare.hypervisor.metadata.adopt_domain_xml).
+
+        The running QEMU keeps its options until it is started again. Raises
+        DomainNotFound, PolicyError (hostile or malformed XML), DeadlineExceeded,
+        HypervisorError.
+        """
+        from vmshare.hypervisor.metadata import adopt_domain_xml
+        dom = self._domain(vm)
+        ref = self._ref(dom)
+        persistent = self._call(dom.isPersistent, f"read persistence of domain {vm.name}")
+        if not persistent:
+            return self._transient_adoption(dom, ref)
+        # SECURE: a definition written back without its secrets (graphics
+        # passwords) would lose them.
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        xml = self._call(lambda: dom.XMLDesc(flags),
+                         f"read persistent XML of domain {vm.name}")
+        if parse_domain_xml(xml).launch_security:
+            return Adoption(ref.name, "confidential", running=ref.running)
+        new, owner = adopt_domain_xml(xml)
+        if new is not None:
+            self._call(lambda: self._conn.defineXML(new),
+                       f"define domain {vm.name} with <nosharepages/>")
+        outcome = "operator" if owner == "operator" else ("adopted" if new else "already")
+        return Adoption(ref.name, outcome, changed=new is not None, running=ref.running)
+
+    def _transient_adoption(self, dom: Any, ref: VmRef) -> Adoption:
+        """A transient domain cannot be changed, but may have been written adopted."""
+        from vmshare.hypervisor.metadata import owner_from_domain_xml
+        xml = self._call(lambda: dom.XMLDesc(0), f"read XML of domain {ref.name}")
+        if parse_domain_xml(xml).nosharepages:
+            owner = owner_from_domain_xml(xml)
+            return Adoption(ref.name, "already" if owner == "vmshare" else "operator",
+                            running=ref.running)
+        return Adoption(ref.name, "transient", running=ref.running)
+
+    # -- lifecycle (DomainLifecycle: the demo and tests) ----------------------
 
     def create_transient(self, xml: str) -> VmRef:
         """Start a transient domain from XML. Raises HypervisorError naming the cause."""
@@ -382,38 +445,62 @@ class LibvirtHypervisor:
         ``config``). Raises PolicyError (malformed element), DomainNotFound,
         DeadlineExceeded, HypervisorError.
         """
-        from vmshare.hypervisor.metadata import NAMESPACE, policy_from_xml
-        dom = self._domain(vm)
+        from vmshare.hypervisor.metadata import element_from_xml
+        text = self._element(self._domain(vm), vm.name, config=config)
+        if text is None:
+            return None
+        return element_from_xml(text, what=f"{vm.name}: vmshare policy metadata")[0]
+
+    def _element(self, dom: Any, name: str, *, config: bool) -> str | None:
+        """vmshare's metadata element as libvirt hands it over, or None."""
+        from vmshare.hypervisor.metadata import NAMESPACE
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0
         try:
-            text = self._call(
+            text: str = self._call(
                 lambda: dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE, flags),
-                f"read vmshare metadata of domain {vm.name}")
+                f"read vmshare metadata of domain {name}")
         except HypervisorError as exc:
             cause = exc.__cause__
             if (isinstance(cause, libvirt.libvirtError)
                     and cause.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA):
                 return None
             raise
-        return policy_from_xml(text, what=f"{vm.name}: vmshare policy metadata")
+        return text
 
     def set_policy(self, vm: VmRef, policy: VmPolicy | None, *, live: bool,
                    config: bool) -> None:
         """Write (or, with None, remove) the domain's vmshare policy element.
 
         ``live`` changes the running domain, ``config`` its persistent
-        definition; at least one is needed. Raises UsageError, DomainNotFound,
-        DomainNotRunning, DeadlineExceeded, HypervisorError.
+        definition; at least one is needed. The record of whose
+        ``<nosharepages/>`` it is (read from the persistent definition when
+        ``config``, else the live one) is kept. Raises UsageError,
+        DomainNotFound, DomainNotRunning, DeadlineExceeded, HypervisorError,
+        PolicyError (a malformed record).
         """
         from vmshare.errors import UsageError
-        from vmshare.hypervisor.metadata import NAMESPACE, PREFIX, policy_to_xml
+        from vmshare.hypervisor.metadata import NAMESPACE, PREFIX, element_from_xml, policy_to_xml
         if not (live or config):
             raise UsageError("set_policy needs live and/or config")
         flags = ((libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
                  | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if config else 0))
         dom = self._domain(vm)
-        text = policy_to_xml(policy) if policy is not None else None
-        key = PREFIX if policy is not None else None
+        current = self._element(dom, vm.name, config=config)
+        owner = None
+        if current is not None:
+            try:
+                owner = element_from_xml(current)[1]
+            except PolicyError:
+                owner = None   # a malformed element is replaced whole
+        text = policy_to_xml(policy, owner) if policy is not None or owner else None
+        key = PREFIX if text is not None else None
         self._call(lambda: dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, key,
                                            NAMESPACE, flags),
                    f"write vmshare metadata of domain {vm.name}")
+
+
+# Checked by mypy: the adapter and the optional abilities it offers.
+_AS_HYPERVISOR: type[Hypervisor] = LibvirtHypervisor
+_AS_POLICY_STORE: type[PolicyStore] = LibvirtHypervisor
+_AS_DEFINITIONS: type[DefinitionStore] = LibvirtHypervisor
+_AS_LIFECYCLE: type[DomainLifecycle] = LibvirtHypervisor

@@ -5,8 +5,18 @@ domain's ``<metadata>``; vmshare's is::
 
     <metadata>
       <vmshare:policy xmlns:vmshare="https://vmshare.dev/xmlns/policy/1"
-                      merge="on" group="tenant-a" force="no"/>
+                      merge="on" group="tenant-a" force="no" nosharepages="vmshare"/>
     </metadata>
+
+``nosharepages`` says whose the domain's ``<memoryBacking><nosharepages/>``
+is. QEMU's machine default ``mem-merge=on`` makes every RAM block mergeable,
+VRAM and ROMs included, and only the RAM backends' ``merge`` can be turned
+off at run time; so vmshare brings the domains it manages to
+``<nosharepages/>`` (QEMU then starts with ``mem-merge=off``: nothing
+mergeable) and turns merging on per RAM backend. ``vmshare`` marks a
+``<nosharepages/>` vmshare added (merging is then vmshare's to turn on);
+``operator`` records one that was there before vmshare adopted the domain,
+which keeps meaning "never merge". ``adopt_domain_xml`` does the adoption.
 
 It is written and read with virDomainSetMetadata/virDomainGetMetadata
 (type VIR_DOMAIN_METADATA_ELEMENT, key ``vmshare``, the namespace URI), which
@@ -20,9 +30,10 @@ or children; every problem is a PolicyError naming it.
 
 from __future__ import annotations
 
+import io
 import re
 import xml.etree.ElementTree as ET
-from typing import cast
+from typing import Literal, cast
 
 from vmshare.config import MergeSetting, VmPolicy
 from vmshare.errors import PolicyError
@@ -32,7 +43,11 @@ PREFIX = "vmshare"          # the ``key`` libvirt uses as the namespace prefix
 ELEMENT = "policy"
 MAX_POLICY_XML_BYTES = 4096
 MAX_DOMAIN_XML_BYTES = 4 * 1024 * 1024
-ATTRIBUTES = ("merge", "group", "force")
+POLICY_ATTRIBUTES = ("merge", "group", "force")
+OWNER_ATTRIBUTE = "nosharepages"
+ATTRIBUTES = (*POLICY_ATTRIBUTES, OWNER_ATTRIBUTE)
+Owner = Literal["vmshare", "operator"]
+OWNERS: tuple[Owner, ...] = ("vmshare", "operator")
 _BOOL = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False,
          "1": True, "0": False}
 _DTD = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
@@ -57,13 +72,28 @@ def _local(tag: str) -> tuple[str | None, str]:
     return None, tag
 
 
-def policy_to_xml(policy: VmPolicy) -> str:
-    """The element for virDomainSetMetadata (libvirt adds the namespace)."""
-    el = ET.Element(ELEMENT, {"merge": policy.merge})
-    if policy.group is not None:
-        el.set("group", policy.group)
-    el.set("force", "yes" if policy.force else "no")
+def policy_to_xml(policy: VmPolicy | None, owner: Owner | None = None) -> str:
+    """The element for virDomainSetMetadata (libvirt adds the namespace); with
+    no policy, only the record of whose ``<nosharepages/>`` it is."""
+    el = ET.Element(ELEMENT)
+    if policy is not None:
+        el.set("merge", policy.merge)
+        if policy.group is not None:
+            el.set("group", policy.group)
+        el.set("force", "yes" if policy.force else "no")
+    if owner is not None:
+        el.set(OWNER_ATTRIBUTE, owner)
     return ET.tostring(el, encoding="unicode")
+
+
+def _owner(el: ET.Element, what: str) -> Owner | None:
+    value = el.get(OWNER_ATTRIBUTE)
+    if value is None:
+        return None
+    if value not in OWNERS:
+        raise PolicyError(f"{what}: {OWNER_ATTRIBUTE} must be vmshare or operator, "
+                          f"not {value!r}")
+    return value
 
 
 def _from_element(el: ET.Element, what: str) -> VmPolicy:
@@ -76,6 +106,7 @@ def _from_element(el: ET.Element, what: str) -> VmPolicy:
                           f"(known: {', '.join(ATTRIBUTES)})")
     if len(el) or (el.text or "").strip():
         raise PolicyError(f"{what}: <{ELEMENT}> must be empty (attributes only)")
+    _owner(el, what)
     merge = el.get("merge", "inherit")
     force_text = el.get("force", "no")
     if force_text.lower() not in _BOOL:
@@ -93,12 +124,18 @@ def policy_from_xml(text: str | bytes, *, what: str = "vmshare policy metadata")
     return _from_element(_parse(text, MAX_POLICY_XML_BYTES, what), what)
 
 
-def policy_from_domain_xml(domain_xml: str | bytes) -> VmPolicy | None:
-    """The policy element inside a full domain XML's <metadata>, or None.
+def element_from_xml(text: str | bytes, *, what: str = "vmshare policy metadata"
+                     ) -> tuple[VmPolicy | None, Owner | None]:
+    """The element virDomainGetMetadata returns: its policy (None when it
+    carries only the nosharepages record) and whose nosharepages it records.
+    Raises PolicyError."""
+    el = _parse(text, MAX_POLICY_XML_BYTES, what)
+    policy = _from_element(el, what)
+    has_policy = any(a in el.attrib for a in POLICY_ATTRIBUTES)
+    return (policy if has_policy else None), _owner(el, what)
 
-    Raises PolicyError for an oversized or hostile document, or a malformed element.
-    """
-    root = _parse(domain_xml, MAX_DOMAIN_XML_BYTES, "domain XML")
+
+def _policy_element(root: ET.Element) -> ET.Element | None:
     name = root.findtext("name") or "domain"
     found = None
     for meta in root.findall("metadata"):
@@ -107,6 +144,78 @@ def policy_from_domain_xml(domain_xml: str | bytes) -> VmPolicy | None:
                 if found is not None:
                     raise PolicyError(f"{name}: more than one vmshare policy element")
                 found = child
+    return found
+
+
+def policy_from_domain_xml(domain_xml: str | bytes) -> VmPolicy | None:
+    """The policy element inside a full domain XML's <metadata>, or None.
+
+    Raises PolicyError for an oversized or hostile document, or a malformed element.
+    """
+    root = _parse(domain_xml, MAX_DOMAIN_XML_BYTES, "domain XML")
+    found = _policy_element(root)
     if found is None:
         return None
-    return _from_element(found, f"{name}: vmshare policy metadata")
+    return _from_element(found, f"{root.findtext('name') or 'domain'}: vmshare policy metadata")
+
+
+def owner_from_domain_xml(domain_xml: str | bytes) -> Owner | None:
+    """Whose ``<nosharepages/>`` the domain's vmshare element records, or None.
+
+    Raises PolicyError for an oversized or hostile document, or a malformed element.
+    """
+    root = _parse(domain_xml, MAX_DOMAIN_XML_BYTES, "domain XML")
+    found = _policy_element(root)
+    name = root.findtext("name") or "domain"
+    return None if found is None else _owner(found, f"{name}: vmshare policy metadata")
+
+
+def adopt_domain_xml(domain_xml: str) -> tuple[str | None, Owner]:
+    """Bring a persistent domain definition under vmshare's merge control.
+
+    Returns (the new definition, or None when nothing changes; the owner now
+    recorded). A domain already adopted keeps its record. One whose
+    ``<nosharepages/>`` is the operator's gets ``nosharepages="operator"``
+    (never merged); any other gets ``<memoryBacking><nosharepages/>`` and
+    ``nosharepages="vmshare"``. Namespace prefixes of other applications'
+    metadata are kept. Raises PolicyError (hostile or malformed document).
+    """
+    raw = domain_xml.encode("utf-8")
+    root = _parse(raw, MAX_DOMAIN_XML_BYTES, "domain XML")
+    el = _policy_element(root)
+    name = root.findtext("name") or "domain"
+    owner = None if el is None else _owner(el, f"{name}: vmshare policy metadata")
+    backing = root.find("memoryBacking")
+    has_nosharepages = backing is not None and backing.find("nosharepages") is not None
+    if owner == "operator" or (owner == "vmshare" and has_nosharepages):
+        return None, owner
+    owner = "operator" if has_nosharepages else "vmshare"
+    if owner == "vmshare":
+        if backing is None:
+            backing = ET.SubElement(root, "memoryBacking")
+        ET.SubElement(backing, "nosharepages")
+    if el is None:
+        meta = root.find("metadata")
+        if meta is None:
+            meta = ET.SubElement(root, "metadata")
+        el = ET.SubElement(meta, f"{{{NAMESPACE}}}{ELEMENT}")
+    el.set(OWNER_ATTRIBUTE, owner)
+    return _serialise(root, raw), owner
+
+
+def adopted_element() -> str:
+    """vmshare's element, namespaced, recording a ``<nosharepages/>`` as vmshare's:
+    for a domain XML written already adopted (a transient domain has no
+    persistent definition ``adopt_domain_xml`` could change)."""
+    return (f'<{PREFIX}:{ELEMENT} xmlns:{PREFIX}="{NAMESPACE}" '
+            f'{OWNER_ATTRIBUTE}="vmshare"/>')
+
+
+def _serialise(root: ET.Element, raw: bytes) -> str:
+    """``root`` as text, with the namespace prefixes ``raw`` declared (ElementTree
+    would otherwise rename them ns0, ns1...)."""
+    for _event, (prefix, uri) in ET.iterparse(io.BytesIO(raw), events=("start-ns",)):
+        if prefix and not re.fullmatch(r"ns\d+", prefix):
+            ET.register_namespace(prefix, uri)
+    ET.register_namespace(PREFIX, NAMESPACE)
+    return ET.tostring(root, encoding="unicode")

@@ -39,7 +39,7 @@ from vmshare.errors import (
     HypervisorError,
     MonitorError,
 )
-from vmshare.hypervisor.base import DEFAULT_DEADLINE
+from vmshare.hypervisor.base import DEFAULT_DEADLINE, Hypervisor
 from vmshare.hypervisor.common import (
     backend_types,
     build_ram_backends,
@@ -344,3 +344,7 @@ class QmpHypervisor:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+# Checked by mypy: the adapter is a Hypervisor.
+_AS_HYPERVISOR: type[Hypervisor] = QmpHypervisor

@@ -39,6 +39,25 @@ class BackendView:
 
 
 @dataclass(frozen=True)
+class Mappings:
+    """A running VM's RAM backends with their mappings, and every other mapping
+    of its QEMU process the kernel may merge (``mg``): with QEMU's machine
+    default mem-merge=on, the RAM blocks that are no backend (VRAM, ROMs)."""
+
+    backends: tuple[BackendView, ...]
+    other_mergeable: tuple[Vma, ...] = ()
+
+    @property
+    def other_mergeable_bytes(self) -> int:
+        return sum(v.size for v in self.other_mergeable)
+
+    @property
+    def unmergeable(self) -> bool:
+        """No mapping of the QEMU process is mergeable."""
+        return not self.other_mergeable and not any(v.mg_flag for v in self.backends)
+
+
+@dataclass(frozen=True)
 class VmView:
     """Everything vmshare knows about one VM at one moment."""
 
@@ -51,6 +70,11 @@ class VmView:
     thp_bytes: int = 0
     shares_with_pages: dict[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    other_mergeable: tuple[Vma, ...] = ()   # see Mappings
+
+    @property
+    def other_mergeable_bytes(self) -> int:
+        return sum(v.size for v in self.other_mergeable)
 
     @property
     def name(self) -> str:
@@ -85,12 +109,23 @@ class HostView:
 @dataclass
 class _Gathered:
     facts: VmFacts
-    backends: list[BackendView]
+    backends: tuple[BackendView, ...]
+    other_mergeable: tuple[Vma, ...]
     entries: U64
     stat: KsmStat
     thp: int
     start_time: int
     warnings: list[str]
+
+
+def not_unmergeable_warning(facts: VmFacts, others: Sequence[Vma]) -> str:
+    """Why a VM whose RAM backends are unmergeable still is not, and the fix."""
+    size = sum(v.size for v in others)
+    return (f"not fully unmergeable: {size // 1024:,} KiB in {len(others)} mapping(s) of QEMU "
+            f"process {facts.pid} outside its RAM backends stay mergeable (QEMU's "
+            "mem-merge=on: VRAM, ROMs); bring the domain to <nosharepages/> with "
+            f"'vmshare policy adopt {facts.ref.name}' (a plain QEMU: -machine "
+            "mem-merge=off) and restart the guest (mem-merge is a QEMU start option)")
 
 
 class Observer:
@@ -104,8 +139,9 @@ class Observer:
         self.procfs = procfs
         self._zero_pfn: int | None = None
 
-    def backends(self, vm: VmRef, facts: VmFacts) -> list[BackendView]:
-        """The VM's backends with their mapping in the QEMU process."""
+    def mappings(self, vm: VmRef, facts: VmFacts) -> Mappings:
+        """The VM's backends with their mapping in the QEMU process, and the
+        process's other mergeable mappings (one read of smaps for both)."""
         backends = self.hv.ram_backends(vm)
         vmas = self.procfs.smaps(facts.pid) if facts.pid else []
         matched = match_ram_vmas(vmas, backends)
@@ -113,13 +149,20 @@ class Observer:
         for b in backends:
             reason = facts.ineligible_reason or b.ineligible_reason
             views.append(BackendView(b, matched.get(b.id), reason))
-        return views
+        taken = {v.start for v in matched.values()}
+        others = tuple(v for v in vmas if v.mergeable and v.start not in taken)
+        return Mappings(tuple(views), others)
 
-    def mismatches(self, vm: VmRef, facts: VmFacts) -> tuple[list[BackendView], list[str]]:
-        """Backends, and the ids whose `mg` flag disagrees with QEMU's merge property."""
-        views = self.backends(vm, facts)
-        matched = {v.backend.id: v.vma for v in views if v.vma is not None}
-        return views, mergeable_mismatch([v.backend for v in views], matched)
+    def backends(self, vm: VmRef, facts: VmFacts) -> list[BackendView]:
+        """The VM's backends with their mapping in the QEMU process."""
+        return list(self.mappings(vm, facts).backends)
+
+    def mismatches(self, vm: VmRef, facts: VmFacts) -> tuple[Mappings, list[str]]:
+        """Backends and other mergeable mappings, and the backend ids whose `mg`
+        flag disagrees with QEMU's merge property."""
+        maps = self.mappings(vm, facts)
+        matched = {v.backend.id: v.vma for v in maps.backends if v.vma is not None}
+        return maps, mergeable_mismatch([v.backend for v in maps.backends], matched)
 
     def _gather(self, vm: VmRef) -> _Gathered | VmFacts:
         """The running VM's pages and stats, or its facts when it is not running."""
@@ -127,7 +170,8 @@ class Observer:
         if facts.pid is None:
             return facts
         start = self.procfs.start_time(facts.pid)
-        views = self.backends(vm, facts)
+        maps = self.mappings(vm, facts)
+        views = maps.backends
         parts: list[U64] = []
         thp = 0
         warnings: list[str] = []
@@ -148,7 +192,10 @@ class Observer:
         if self.procfs.start_time(facts.pid) != start:
             raise ProcessGone(f"{vm.name}: QEMU process {facts.pid} was replaced while reading")
         entries = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-        return _Gathered(facts, views, entries, stat, thp, start, warnings)
+        if maps.other_mergeable and not any(v.mg_flag for v in views):
+            warnings.append(not_unmergeable_warning(facts, maps.other_mergeable))
+        return _Gathered(facts, views, maps.other_mergeable, entries, stat, thp, start,
+                         warnings)
 
     def _zero_pfn_if_unforked(self, gathered: Iterable[_Gathered]) -> int | None:
         """The zero page's PFN when every measured mapping is MADV_DONTFORK
@@ -209,7 +256,8 @@ class Observer:
                 facts=g.facts, backends=tuple(g.backends), ksm_stat=g.stat,
                 resident_pages=fig.resident_pages, ksm_pages=fig.ksm_pages,
                 saved_pages=fig.saved_pages, thp_bytes=g.thp,
-                shares_with_pages=att.shares_with.get(name, {}), warnings=tuple(warnings)))
+                shares_with_pages=att.shares_with.get(name, {}), warnings=tuple(warnings),
+                other_mergeable=g.other_mergeable))
         views.extend(idle)
         views.sort(key=lambda v: v.name)
         return HostView(counters=counters, knobs=knobs, vms=tuple(views), ksm_available=ksm_ok)

@@ -1,8 +1,10 @@
 """Decide: which VMs' RAM should be mergeable. Pure functions, no I/O.
 
 Sources of policy, strongest first:
-1. what the domain can never do: ``<nosharepages/>``, a confidential guest
-   (launchSecurity), an ineligible backend: never merged, whatever is asked;
+1. what the domain can never do: the operator's ``<nosharepages/>`` (not one
+   vmshare added when adopting the domain: see vmshare.hypervisor.metadata),
+   a confidential guest (launchSecurity), an ineligible backend: never
+   merged, whatever is asked;
 2. the host-wide switch (``[host] enabled = false``): nothing is merged;
 3. the domain's own metadata element (``vmshare policy set``): merge
    on/off/inherit, trust group, force;
@@ -12,9 +14,11 @@ Sources of policy, strongest first:
 Trust groups: kernel KSM merges across every mergeable area on the host, so
 VMs of two different trust groups being mergeable at the same time could
 share pages with each other, the precondition of cross-VM side channels
-(Flush+Reload, Dedup Est Machina). vmshare therefore lets only one trust
-group be mergeable at a time. A VM whose policy carries ``force`` is exempt
-and the refusal message says so.
+(Flush+Reload, Dedup Est Machina). "Mergeable" means any mapping of the VM's
+QEMU process, not only its RAM backends: under QEMU's default mem-merge=on
+its VRAM and ROMs are mergeable too, and a guest can probe through its VRAM.
+vmshare therefore lets only one trust group be mergeable at a time. A VM
+whose policy carries ``force`` is exempt and the refusal message says so.
 """
 
 from __future__ import annotations
@@ -72,15 +76,26 @@ def blocking_vm(decision: Decision, mergeable_now: Mapping[str, str]) -> str | N
     return None
 
 
-def check_trust_groups(decision: Decision, mergeable_now: Mapping[str, str]) -> None:
+def check_trust_groups(decision: Decision, mergeable_now: Mapping[str, str],
+                       exposed: Mapping[str, int] | None = None) -> None:
     """Raise TrustGroupConflict naming the VM that blocks making ``decision.vm``
-    mergeable; ``mergeable_now`` maps mergeable VMs to their trust groups."""
+    mergeable; ``mergeable_now`` maps mergeable VMs to their trust groups,
+    ``exposed`` those mergeable only outside their RAM backends to the bytes
+    that are (QEMU's mem-merge=on: VRAM, ROMs), which disabling cannot fix."""
     other = blocking_vm(decision, mergeable_now)
-    if other is not None:
+    if other is None:
+        return
+    prefix = (f"refusing to make {decision.vm} (trust group {decision.group!r}) mergeable: "
+              f"{other} of trust group {mergeable_now[other]!r} is mergeable")
+    if exposed and other in exposed:
         raise TrustGroupConflict(
-            f"refusing to make {decision.vm} (trust group {decision.group!r}) mergeable: "
-            f"{other} of trust group {mergeable_now[other]!r} is mergeable, and KSM would "
-            "let the two share pages; disable it first, or set force in the policy")
+            f"{prefix} ({exposed[other] // 1024:,} KiB of its QEMU outside its RAM "
+            "backends: VRAM, ROMs under QEMU's mem-merge=on), and KSM would let the two "
+            f"share pages; bring {other} to <nosharepages/> ('vmshare policy adopt "
+            f"{other}') and restart it, or set force in the policy")
+    raise TrustGroupConflict(
+        f"{prefix}, and KSM would let the two share pages; disable it first, or set "
+        "force in the policy")
 
 
 def plan(wishes: Sequence[Decision], mergeable_now: Mapping[str, str]) -> list[Decision]:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 from vmshare.config import Config, HostPolicy, VmPolicy
 from vmshare.errors import (
@@ -23,10 +22,10 @@ from vmshare.errors import (
     PolicyError,
     ProcessGone,
 )
-from vmshare.hypervisor.base import PolicyStore
+from vmshare.hypervisor.base import Hypervisor, PolicyStore
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.model import VmFacts, VmRef
+from vmshare.model import Vma, VmFacts, VmRef
 from vmshare.observe.host import BackendView, Observer
 from vmshare.policy.rules import Decision, blocking_vm, effective, plan
 
@@ -46,13 +45,20 @@ class PolicyView:
     mergeable_now: bool | None    # None: not running or unknown
     warnings: tuple[str, ...] = ()
     backends: tuple[BackendView, ...] | None = None   # as read for mergeable_now; None: not read
+    # Mergeable mappings of its QEMU outside the RAM backends (VRAM, ROMs under
+    # QEMU's mem-merge=on): they make the VM mergeable whatever its backends say.
+    other_mergeable: tuple[Vma, ...] = ()
+
+    @property
+    def other_mergeable_bytes(self) -> int:
+        return sum(v.size for v in self.other_mergeable)
 
     @property
     def running(self) -> bool:
         return self.facts.pid is not None
 
 
-def vm_policy(hv: Any, ref: VmRef) -> VmPolicy | None:
+def vm_policy(hv: Hypervisor, ref: VmRef) -> VmPolicy | None:
     """The VM's own policy from its domain metadata, or None (none set, or an
     adapter without metadata). Raises PolicyError for a malformed element."""
     if not isinstance(hv, PolicyStore):
@@ -64,16 +70,18 @@ def table_policy(host: HostPolicy, ref: VmRef) -> VmPolicy | None:
     return host.vms.get(ref.name) or host.vms.get(ref.uuid)
 
 
-def _default_observer(hv: Any) -> Observer:
+def _default_observer(hv: Hypervisor) -> Observer:
     return Observer(hv, KsmSysfs(), ProcFs())
 
 
-def is_mergeable_now(backends: Iterable[BackendView]) -> bool:
-    """Any eligible RAM backend of the running VM has merge=on."""
-    return any(v.backend.merge and v.ineligible_reason is None for v in backends)
+def is_mergeable_now(backends: Iterable[BackendView], other_mergeable_bytes: int = 0) -> bool:
+    """Any eligible RAM backend of the running VM has merge=on, or any other
+    mapping of its QEMU process is mergeable."""
+    return other_mergeable_bytes > 0 or any(v.backend.merge and v.ineligible_reason is None
+                                            for v in backends)
 
 
-def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
+def survey(hv: Hypervisor, config: Config, refs: Iterable[VmRef], *,
            observer: Observer | None = None,
            others: Iterable[VmRef] | None = None) -> list[PolicyView]:
     """Policy views of ``refs``. Trust groups are planned over ``refs`` plus
@@ -106,14 +114,16 @@ def survey(hv: Any, config: Config, refs: Iterable[VmRef], *,
         wish = effective(facts, own, config.host)
         mergeable: bool | None = None
         backends: tuple[BackendView, ...] | None = None
+        strays: tuple[Vma, ...] = ()
         if facts.pid is not None:
             try:
-                backends = tuple(obs.backends(facts.ref, facts))
-                mergeable = is_mergeable_now(backends)
+                maps = obs.mappings(facts.ref, facts)
+                backends, strays = maps.backends, maps.other_mergeable
+                mergeable = is_mergeable_now(backends, maps.other_mergeable_bytes)
             except (HypervisorError, ProcessGone) as exc:
                 warnings.append(f"cannot read its RAM backends: {exc}")
         views.append(PolicyView(facts.ref, facts, own, table_policy(config.host, facts.ref),
-                                wish, wish, mergeable, tuple(warnings), backends))
+                                wish, wish, mergeable, tuple(warnings), backends, strays))
     mergeable_now = mergeable_groups(views)
     planned = {d.vm: d for d in plan([v.wish for v in views if v.running], mergeable_now)}
     out = [replace(v, decision=planned.get(v.ref.name, v.wish)) for v in views]
@@ -125,6 +135,13 @@ def mergeable_groups(views: Iterable[PolicyView]) -> dict[str, str]:
     return {v.ref.name: v.wish.group for v in views if v.mergeable_now}
 
 
+def exposed_vms(views: Iterable[PolicyView]) -> dict[str, int]:
+    """VMs mergeable only outside their RAM backends -> the bytes that are."""
+    return {v.ref.name: v.other_mergeable_bytes for v in views
+            if v.other_mergeable_bytes and v.backends is not None
+            and not is_mergeable_now(v.backends)}
+
+
 @dataclass(frozen=True)
 class MergeRequest:
     """What an operator's ``enable`` of one VM is checked against."""
@@ -133,14 +150,15 @@ class MergeRequest:
     decision: Decision               # the VM's trust group and force, merge=True
     mergeable_now: dict[str, str]    # other mergeable VMs -> trust groups
     forced_past: str | None          # the VM force let it ignore, if any
+    exposed: dict[str, int] = field(default_factory=dict)   # see exposed_vms
 
 
-def merge_request(hv: Any, config: Config, ref: VmRef, *,
+def merge_request(hv: Hypervisor, config: Config, ref: VmRef, *,
                   observer: Observer | None = None) -> MergeRequest:
     """Check that ``ref`` may be made mergeable now.
 
     Raises PolicyError when the host-wide switch is off or the domain can
-    never be merged. Trust groups are left to Controller.set_merge (it gets
+    never be merged. Trust groups are left to control.merge.Controller.act (it gets
     ``decision`` and ``mergeable_now``); ``forced_past`` names the VM of
     another group that force overrides, so the caller can say so.
     """
@@ -156,4 +174,4 @@ def merge_request(hv: Any, config: Config, ref: VmRef, *,
     forced_past = None
     if decision.forced:
         forced_past = blocking_vm(replace(decision, forced=False), now)
-    return MergeRequest(view, decision, now, forced_past)
+    return MergeRequest(view, decision, now, forced_past, exposed_vms(views))

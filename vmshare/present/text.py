@@ -82,11 +82,15 @@ def host_summary(host: HostView) -> str:
 
 
 def merge_state(vm: VmView) -> str:
-    """on, off, on/off (mixed), n/a (ineligible backends), - (none)."""
+    """on, off, on/off (mixed), n/a (ineligible backends), - (none); "partial"
+    when every backend is off but other mappings of the QEMU process are
+    mergeable (QEMU's mem-merge=on: VRAM, ROMs)."""
     if not vm.backends:
         return "-"
     states = {("on" if b.backend.merge else "off") if b.ineligible_reason is None
               else "n/a" for b in vm.backends}
+    if vm.other_mergeable and "on" not in states:
+        return "partial"
     return "/".join(sorted(states))
 
 
@@ -165,6 +169,7 @@ def vm_json(vm: VmView) -> dict[str, Any]:
         "thp_bytes": vm.thp_bytes,
         "shares_with": {k: v * PAGE_SIZE for k, v in sorted(vm.shares_with_pages.items())},
         "backends": [backend_json(b) for b in vm.backends],
+        "other_mergeable_bytes": vm.other_mergeable_bytes,
         "warnings": list(vm.warnings),
     }
 
