@@ -16,6 +16,9 @@ DAEMON_DEADLINE=30
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev
           libxxhash-dev procps)
+# the real Debian guest (vmshare/guest/debian.py): a root made from Debian's packages
+GUEST_PACKAGES=(mmdebstrap qemu-utils e2fsprogs)
+PACKAGES+=("${GUEST_PACKAGES[@]}")
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
@@ -91,4 +94,8 @@ image=$(cd "$REPO" && "$VENV/bin/python" -c \
     'from vmshare.guest import build_image; print(build_image().initrd.parent)') \
     || die "building the guest image failed"
 [[ -n ${VMSHARE_SETUP_VERBOSE:-} ]] && say "guest image in $image"
+debian=$(cd "$REPO" && "$VENV/bin/python" -c \
+    'from vmshare.guest.debian import build_debian_image; print(build_debian_image().root)') \
+    || die "building the Debian guest image failed"
+[[ -n ${VMSHARE_SETUP_VERBOSE:-} ]] && say "Debian guest root disk $debian"
 say "ok"
