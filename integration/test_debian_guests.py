@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,11 +26,20 @@ from typing import Any
 
 import pytest
 
+from integration.daemon_helpers import (
+    DaemonProc,
+    all_merge,
+    audit_lines,
+    cli_json,
+    wait_for,
+    write_config,
+)
 from integration.debian_guests import (
     DebianGuests,
     booted_debian_guests,
     independent_saved_pages,
     mergeable_ranges,
+    virsh,
 )
 from integration.ksm_fixtures import converge, ksm_session, require_root_ksm
 from vmshare.ksm.sysfs import KsmSysfs
@@ -49,12 +59,17 @@ def vmshare(*args: str, env: dict[str, str]) -> dict[str, Any]:
     return doc
 
 
+def forced(names: list[str]) -> dict[str, str]:
+    """Config tables giving these guests ``force``: another session's guests of another
+    trust group on a shared test machine must not block the engine comparisons."""
+    return {n: "on" for n in names}
+
+
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def cli_env(tmp_path_factory: pytest.TempPathFactory, guests: DebianGuests) -> dict[str, str]:
     """The CLI with this module's own config and audit log."""
     tmp = tmp_path_factory.mktemp("debian-cli")
-    config = tmp / "vmshare.toml"
-    config.write_text('[host]\ndefault_merge = "on"\n')
+    config = write_config(tmp, forced(guests.names), force=True)
     return {**os.environ, "VMSHARE_CONFIG": str(config),
             "VMSHARE_AUDIT_LOG": str(tmp / "audit.jsonl")}
 
@@ -111,3 +126,101 @@ def test_status_matches_an_independent_attribution(
             f"say {theirs[name]:,.0f}")
     # only these guests merge on this host during the test: they hold all of it
     assert sum(theirs.values()) == pytest.approx(host_sharing, rel=0.02)
+
+
+# ---------------------------------------------------------------- the daemon's lifecycle
+@pytest.fixture(scope="module")
+def daemon_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("debian-daemon")
+
+
+def _pending(state_file: Path, name: str) -> bool:
+    try:
+        doc = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return False
+    entry = doc.get("vms", {}).get(name, {})
+    return isinstance(entry, dict) and isinstance(entry.get("pending"), dict)
+
+
+def _flip_behind_the_daemons_back(name: str) -> None:
+    """Turn merging off on the RAM backend through libvirt, not through vmshare."""
+    cmd = json.dumps({"execute": "qom-set", "arguments": {
+        "path": "/objects/pc.ram", "property": "merge", "value": False}})
+    r = virsh("qemu-monitor-command", name, cmd)
+    assert r.returncode == 0, r.stderr
+
+
+def test_daemon_keeps_policy_across_save_restore_and_reset(
+        guests: DebianGuests, daemon_dir: Path) -> None:
+    on1, off, on3 = guests.names
+    cfg = write_config(daemon_dir, {**forced(guests.names), off: "off"}, force=True)
+    d = DaemonProc(cfg, daemon_dir / "daemon.log", domains=tuple(guests.names))
+    try:
+        wait_for(lambda: all_merge(off, False) and all_merge(on1, True), 30,
+                 lambda: f"policy not applied:\n{d.text()[-3000:]}")
+        # save/restore: the restored QEMU starts with QEMU's default (mergeable)
+        save = daemon_dir / f"{off}.save"
+        assert virsh("save", off, str(save), timeout=300).returncode == 0
+        t0 = time.monotonic()
+        r = virsh("restore", str(save), timeout=300)
+        assert r.returncode == 0, r.stderr
+        save.unlink()
+        wait_for(lambda: all_merge(off, False), 30,
+                 lambda: f"policy off not re-applied after restore:\n{d.text()[-3000:]}")
+        print(f"policy off re-applied {time.monotonic() - t0:.2f} s after restore")
+        records = audit_lines(daemon_dir / "audit.jsonl")
+        assert any(r["target"] == f"{off}/pc.ram" and r["after"] is False
+                   and "restore" in str(r.get("event")) for r in records), records
+        # a guest RESET: the reset is tracked, the policy still holds
+        assert virsh("reset", on3).returncode == 0
+        wait_for(lambda: "reset" in _remerge_events(cfg, on3), 30,
+                 lambda: f"no reset tracked for {on3}:\n{d.text()[-3000:]}")
+        assert all_merge(on3, True)
+    finally:
+        d.kill(signal.SIGTERM)
+
+
+def _remerge_events(cfg: Path, name: str) -> str:
+    doc = cli_json("remerge", "--json", "--config", str(cfg), config=cfg)
+    return " ".join(str((v.get("remerge") or {}).get("event")) for v in doc["vms"]
+                    if v["name"] == name)
+
+
+def test_daemon_killed_in_the_middle_of_an_action_repeats_nothing(
+        guests: DebianGuests, daemon_dir: Path) -> None:
+    """SIGKILL the daemon while an action is pending in its state file (acted or
+    not yet audited), restart it: the VM ends as its policy says and every
+    change is in the audit log exactly once."""
+    target = guests.names[0]
+    cfg = write_config(daemon_dir, {**forced(guests.names), guests.names[1]: "off"}, force=True)
+    state = daemon_dir / "state.json"
+    caught = 0
+    for attempt in range(6):
+        d = DaemonProc(cfg, daemon_dir / f"kill-{attempt}.log", domains=tuple(guests.names))
+        try:
+            d.wait_log("reconciled", timeout=60)
+            _flip_behind_the_daemons_back(target)
+            deadline = time.monotonic() + 20     # the daemon resyncs every 5 s
+            while time.monotonic() < deadline and not _pending(state, target):
+                time.sleep(0.001)
+            if _pending(state, target):
+                d.kill(signal.SIGKILL)
+                caught += 1
+                break
+        finally:
+            d.kill(signal.SIGKILL)
+    assert caught, "the daemon's action was never caught pending in six tries"
+    assert _pending(state, target)
+    d2 = DaemonProc(cfg, daemon_dir / "restarted.log", domains=tuple(guests.names))
+    try:
+        wait_for(lambda: all_merge(target, True) and not _pending(state, target), 30,
+                 lambda: f"not brought back to policy:\n{d2.text()[-3000:]}")
+        time.sleep(2)
+    finally:
+        d2.kill(signal.SIGTERM)
+    records = audit_lines(daemon_dir / "audit.jsonl")
+    ids = [r["id"] for r in records if r.get("id")]
+    assert len(ids) == len(set(ids)), f"an audit record was written twice: {records}"
+    turned_on = [r for r in records if r["target"] == f"{target}/pc.ram" and r["after"] is True]
+    assert turned_on, records

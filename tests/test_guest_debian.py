@@ -99,6 +99,9 @@ def test_wait_returns_the_reported_uptime(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_text("[  1.0] booting\nvmshare-guest: ready uptime=27.31\n")
     assert debian.wait_debian_ready(log, timeout=1) == pytest.approx(27.31)
+    log.write_text("Debian GNU/Linux 12 vmshare-guest ttyS0\n\n"
+                   "vmshare-guest login: vmshare-guest: ready uptime=3.5\n")
+    assert debian.wait_debian_ready(log, timeout=1) == pytest.approx(3.5)
 
 
 def test_wait_fails_fast_on_emergency_mode_and_times_out_otherwise(tmp_path: Path) -> None:

@@ -37,7 +37,8 @@ PACKAGES = ("systemd-sysv", "udev", "dbus", "cron", "rsyslog", "procps")
 DEFAULT_CACHE_DIR = Path("/var/cache/vmshare/debian")
 ROOT_SIZE_MIB = 1024
 READY_TEXT = "vmshare-guest: ready"
-READY = re.compile(r"^vmshare-guest: ready uptime=[0-9.]+\s*$", re.MULTILINE)
+# not anchored: the serial getty's login prompt may precede it on the same line
+READY = re.compile(r"vmshare-guest: ready uptime=([0-9.]+)")
 FATAL = re.compile(r"Kernel panic[^\n]*|Give root password for maintenance|"
                    r"You are in emergency mode|Failed to mount /sysroot")
 # Bump when the customisation changes (the key covers everything else).
@@ -311,7 +312,7 @@ def wait_debian_ready(console_log: Path, timeout: float = 180.0, *, pid: int | N
             raise GuestBootFailed(f"cannot read console log {console_log}: {exc}") from exc
         ready = READY.search(text)
         if ready:
-            return float(ready.group(0).split("uptime=")[1])
+            return float(ready.group(1))
         tail = "\n".join(text.rstrip().splitlines()[-20:]) or "(empty)"
         fatal = FATAL.search(text)
         if fatal:
