@@ -134,7 +134,8 @@ def read_kpage(path: str, pfns: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
                 break
             done += n
     table = np.frombuffer(buf, dtype=np.uint64)
-    return table[pfns.astype(np.int64)]
+    picked: np.ndarray[Any, Any] = table[pfns.astype(np.int64)]
+    return picked
 
 
 def independent_saved_pages(pids: dict[str, int]) -> dict[str, float]:

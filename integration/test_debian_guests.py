@@ -224,3 +224,17 @@ def test_daemon_killed_in_the_middle_of_an_action_repeats_nothing(
     assert len(ids) == len(set(ids)), f"an audit record was written twice: {records}"
     turned_on = [r for r in records if r["target"] == f"{target}/pc.ram" and r["after"] is True]
     assert turned_on, records
+
+
+def test_tuner_benchmark_produces_its_table(guests: DebianGuests) -> None:
+    """benchmarks/tuner_vs_advisor.py --short on these guests: both runs scored."""
+    r = subprocess.run([sys.executable, "benchmarks/tuner_vs_advisor.py", "--short",
+                        "--domains", ",".join(guests.names[:2])], cwd=REPO,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()
+            if line.split()[:1] in (["vmshare"], ["advisor-matched"])}
+    assert set(rows) == {"vmshare", "advisor-matched"}, r.stdout
+    assert "advisor_target_scan_time=" in rows["advisor-matched"]
+    assert "machine: " in r.stdout and "kernel " in r.stdout
+    print(r.stdout)
