@@ -18,10 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
-                 qmp_globs: tuple[str, ...] = (), tune: bool = False) -> Path:
+                 qmp_globs: tuple[str, ...] = (), tune: bool = False,
+                 force: bool = False) -> Path:
+    """A config in ``tmp`` with every daemon path inside ``tmp``; ``vms``: name ->
+    merge setting, each table with ``force`` when asked."""
     lines = ["[host]", f'default_merge = "{default_merge}"']
     for name, merge in vms.items():
-        lines += [f'[vm."{name}"]', f'merge = "{merge}"']
+        lines += [f'[vm."{name}"]', f'merge = "{merge}"'] + (["force = true"] if force else [])
     lines += ["[daemon]", f'spool_dir = "{tmp}/spool"', f'socket = "{tmp}/run/wake.sock"',
               f'audit_log = "{tmp}/audit.jsonl"', f'state_file = "{tmp}/state.json"',
               f'history_file = "{tmp}/history.jsonl"', "history_interval = 1.0",

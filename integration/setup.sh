@@ -19,7 +19,9 @@ PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-
           libxxhash-dev procps man-db bash-completion zsh)
 # the fleet tests: a real Prometheus (and promtool) from Debian's package
 FLEET_PACKAGES=(prometheus)
-PACKAGES+=("${FLEET_PACKAGES[@]}")
+# the real Debian guest (vmshare/guest/debian.py): a root made from Debian's packages
+GUEST_PACKAGES=(mmdebstrap qemu-utils e2fsprogs)
+PACKAGES+=("${FLEET_PACKAGES[@]}" "${GUEST_PACKAGES[@]}")
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
@@ -128,4 +130,8 @@ image=$(cd "$REPO" && "$VENV/bin/python" -c \
     'from vmshare.guest import build_image; print(build_image().initrd.parent)') \
     || die "building the guest image failed"
 [[ -n ${VMSHARE_SETUP_VERBOSE:-} ]] && say "guest image in $image"
+debian=$(cd "$REPO" && "$VENV/bin/python" -c \
+    'from vmshare.guest.debian import build_debian_image; print(build_debian_image().root)') \
+    || die "building the Debian guest image failed"
+[[ -n ${VMSHARE_SETUP_VERBOSE:-} ]] && say "Debian guest root disk $debian"
 say "ok"

@@ -1,0 +1,121 @@
+"""vmshare.guest.debian without building anything: mirror discovery, the cache key,
+the domain XML, and the ready-line wait on a console file."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmshare.errors import ImageBuildError, UsageError
+from vmshare.guest import debian
+from vmshare.guest.debian import DebianImage, apt_mirror, debian_domain_xml, image_key
+from vmshare.guest.launch import GuestBootFailed, GuestBootTimeout
+
+
+def test_mirror_from_deb822_sources_skips_security(tmp_path: Path) -> None:
+    d = tmp_path / "sources.list.d"
+    d.mkdir()
+    (d / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\n")
+    assert apt_mirror(tmp_path) == "http://mirror.example/debian/"
+
+
+def test_mirror_from_one_line_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text(
+        "# comment\ndeb [arch=amd64] http://ftp.example/debian bookworm main\n")
+    assert apt_mirror(tmp_path) == "http://ftp.example/debian"
+
+
+def test_no_mirror_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("deb http://example/ubuntu jammy main\n")
+    with pytest.raises(ImageBuildError, match="no Debian mirror"):
+        apt_mirror(tmp_path)
+
+
+def test_cache_key_follows_every_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = Path("/boot/vmlinuz-6.1.0-1-cloud-amd64")
+    base = image_key("http://a/debian", kernel)
+    assert base == image_key("http://a/debian", kernel)
+    assert base != image_key("http://b/debian", kernel)
+    assert base != image_key("http://a/debian", Path("/boot/vmlinuz-6.1.0-2-cloud-amd64"))
+    monkeypatch.setattr(debian, "PACKAGES", (*debian.PACKAGES, "nginx-light"))
+    assert base != image_key("http://a/debian", kernel)
+    monkeypatch.setattr(debian, "_FILES", {**debian._FILES, "etc/motd": "hello\n"})
+    assert image_key("http://a/debian", kernel) not in (base,)
+
+
+IMAGE = DebianImage(root=Path("/cache/root.img"), kernel=Path("/boot/vmlinuz-x"),
+                    initrd=Path("/boot/initrd.img-x"))
+
+
+def test_domain_xml_boots_the_overlay_under_tcg(tmp_path: Path) -> None:
+    xml = debian_domain_xml("deb-1", IMAGE, tmp_path / "deb-1.qcow2",
+                            console_log=tmp_path / "deb-1.log", memory_mib=512, video=True,
+                            metadata_xml='<p:x xmlns:p="urn:test"/>')
+    dom = ET.fromstring(xml)
+    assert dom.get("type") == "qemu"
+    assert dom.findtext("memory") == "512"
+    assert dom.find("os/kernel").text == "/boot/vmlinuz-x"          # type: ignore[union-attr]
+    assert "root=/dev/vda" in (dom.findtext("os/cmdline") or "")
+    disk = dom.find("devices/disk")
+    assert disk is not None
+    assert disk.find("driver").get("type") == "qcow2"               # type: ignore[union-attr]
+    assert disk.find("source").get("file") == str(tmp_path / "deb-1.qcow2")  # type: ignore[union-attr]
+    assert disk.find("target").get("dev") == "vda"                  # type: ignore[union-attr]
+    assert dom.find("devices/video/model").get("type") == "vga"     # type: ignore[union-attr]
+    assert dom.find("memoryBacking") is None
+    assert dom.find("metadata/{urn:test}x") is not None
+    plain = ET.fromstring(debian_domain_xml("d", IMAGE, tmp_path / "o", console_log=tmp_path / "l",
+                                            nosharepages=True))
+    assert plain.find("devices/video") is None
+    assert plain.find("memoryBacking/nosharepages") is not None
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": ""}, "name must not be empty"),
+    ({"memory_mib": 128}, "at least 256 MiB"),
+    ({"metadata_xml": "<unclosed"}, "not well-formed"),
+])
+def test_domain_xml_refuses_bad_input(tmp_path: Path, kwargs: dict[str, object],
+                                      message: str) -> None:
+    args: dict[str, object] = {"name": "d", "memory_mib": 512, "metadata_xml": None, **kwargs}
+    with pytest.raises(UsageError, match=message):
+        debian_domain_xml(str(args["name"]), IMAGE, tmp_path / "o", console_log=tmp_path / "l",
+                          memory_mib=int(args["memory_mib"]),  # type: ignore[call-overload]
+                          metadata_xml=args["metadata_xml"])  # type: ignore[arg-type]
+
+
+def test_overlay_path_with_a_comma_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="comma"):
+        debian.make_overlay(IMAGE, tmp_path / "a,b.qcow2")
+
+
+def test_wait_returns_the_reported_uptime(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text("[  1.0] booting\nvmshare-guest: ready uptime=27.31\n")
+    assert debian.wait_debian_ready(log, timeout=1) == pytest.approx(27.31)
+    log.write_text("Debian GNU/Linux 12 vmshare-guest ttyS0\n\n"
+                   "vmshare-guest login: vmshare-guest: ready uptime=3.5\n")
+    assert debian.wait_debian_ready(log, timeout=1) == pytest.approx(3.5)
+
+
+def test_wait_fails_fast_on_emergency_mode_and_times_out_otherwise(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text("You are in emergency mode. After logging in...\n")
+    with pytest.raises(GuestBootFailed, match="emergency mode"):
+        debian.wait_debian_ready(log, timeout=5)
+    log.write_text("still booting\n")
+    with pytest.raises(GuestBootTimeout, match="still booting"):
+        debian.wait_debian_ready(log, timeout=0.3, poll=0.05)
+
+
+def test_wait_notices_qemu_is_gone(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text("")
+    with pytest.raises(GuestBootFailed, match="exited"):
+        debian.wait_debian_ready(log, timeout=5, pid=2**22 + 12345)
