@@ -2,7 +2,7 @@
 on a boot of real Debian guests.
 
 Each run boots the guests fresh (Debian 12, systemd, 512 MiB each by default,
-libvirt TCG; QEMU marks guest RAM mergeable by default), starts from KSM
+libvirt TCG, adopted: `vmshare enable` makes their RAM mergeable), starts from KSM
 stopped and unmerged at the kernel's default knobs (pages_to_scan 100, sleep
 20 ms, smart_scan 1, advisor none), then lets one contender drive ksmd for
 LIMIT seconds:
@@ -106,6 +106,21 @@ class Result:
         return last.scanned / last.full_scans if last.full_scans else 0.0
 
 
+def make_mergeable(guests: DebianGuests) -> None:
+    """`vmshare enable` each guest (they boot adopted: nothing mergeable), with a
+    throwaway config and audit log."""
+    with tempfile.TemporaryDirectory(prefix="vmshare-bench-") as tmp:
+        env = {**os.environ, "VMSHARE_CONFIG": f"{tmp}/vmshare.toml",
+               "VMSHARE_AUDIT_LOG": f"{tmp}/audit.jsonl"}
+        Path(env["VMSHARE_CONFIG"]).write_text('[host]\ndefault_merge = "on"\n')
+        for n in guests.names:
+            if not mergeable_ranges(guests.pid(n)):
+                r = subprocess.run([sys.executable, "-m", "vmshare", "enable", n], cwd=REPO,
+                                   env=env, capture_output=True, text=True, timeout=120)
+                if r.returncode != 0 or not mergeable_ranges(guests.pid(n)):
+                    raise SystemExit(f"{n}: cannot make its RAM mergeable: {r.stderr.strip()}")
+
+
 def fresh_ksm(sysfs: KsmSysfs) -> None:
     """KSM stopped, nothing merged, the kernel's default knobs."""
     sysfs.unmerge()
@@ -192,9 +207,7 @@ def _ksmtuned(tmp: Path) -> Iterator[str]:
 
 def one_run(name: str, guests: DebianGuests, sysfs: KsmSysfs, clock: KsmdClock,
             limit: float, window: float, target_scan_time: int | None) -> Result:
-    for n in guests.names:
-        if not mergeable_ranges(guests.pid(n)):
-            raise SystemExit(f"{n}: no mergeable guest RAM")
+    make_mergeable(guests)
     fresh_ksm(sysfs)
     with tempfile.TemporaryDirectory(prefix="vmshare-bench-") as tmp, \
             contender(name, sysfs, Path(tmp), target_scan_time) as setting:

@@ -27,6 +27,7 @@ from vmshare.guest.debian import (
     make_overlay,
     wait_debian_ready,
 )
+from vmshare.hypervisor.metadata import adopted_element
 
 LIBVIRT_URI = "qemu:///system"
 PREFIX = "vmshare-it-deb-"
@@ -69,8 +70,11 @@ def booted_debian_guests(count: int, *, memory_mib: int = 512, video: bool = Fal
             for i in range(count):
                 name = f"{PREFIX}{tag}-{i + 1}"
                 overlay = make_overlay(image, directory / f"{name}.qcow2")
+                # written adopted (vmshare's <nosharepages/>): nothing mergeable until
+                # vmshare turns the RAM backend on, VRAM and ROMs never
                 xml = debian_domain_xml(name, image, overlay, memory_mib=memory_mib,
-                                        console_log=directory / f"{name}.log", video=video)
+                                        console_log=directory / f"{name}.log", video=video,
+                                        nosharepages=True, metadata_xml=adopted_element())
                 result = virsh_create(xml, directory / f"{name}.xml")
                 assert result.returncode == 0, f"virsh create {name}: {result.stderr}"
                 names.append(name)
