@@ -13,8 +13,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmshare.errors import DeadlineExceeded, HypervisorError, UsageError
+from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, UsageError
 from vmshare.guest.builder import GuestImage
+from vmshare.ksm.procfs import ProcFs
 
 READY_PREFIX = "vmshare-fill: ready"
 QEMU_BINARY = "qemu-system-x86_64"
@@ -207,10 +208,9 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:   # a zombie has exited; it only waits for its parent to reap it
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+        return ProcFs().alive(pid)
+    except AccessDenied:
+        return True
 
 
 def wait_ready(console_log: Path, timeout: float = 120.0, *, pid: int | None = None,

@@ -40,6 +40,7 @@ from vmshare.hypervisor.common import (
     read_mounts,
     verify_pid,
 )
+from vmshare.ksm.procfs import MOUNTS_PATH, PROC_ROOT
 from vmshare.model import RamBackend, VmFacts, VmRef
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,8 @@ class LibvirtHypervisor:
     """
 
     def __init__(self, uri: str = "qemu:///system", deadline: float = DEFAULT_DEADLINE, *,
-                 run_dir: str = "/run/libvirt/qemu", proc_root: str = "/proc",
-                 mounts_path: str = "/proc/mounts") -> None:
+                 run_dir: str = "/run/libvirt/qemu", proc_root: str = PROC_ROOT,
+                 mounts_path: str = MOUNTS_PATH) -> None:
         _silence_default_error_printer()
         self.uri = uri
         self.deadline = deadline

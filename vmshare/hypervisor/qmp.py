@@ -48,6 +48,7 @@ from vmshare.hypervisor.common import (
     read_mounts,
     verify_pid,
 )
+from vmshare.ksm.procfs import MOUNTS_PATH, PROC_ROOT
 from vmshare.model import RamBackend, VmFacts, VmRef
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class QmpHypervisor:
     """
 
     def __init__(self, socket_path: str, deadline: float = DEFAULT_DEADLINE, *,
-                 proc_root: str = "/proc", mounts_path: str = "/proc/mounts") -> None:
+                 proc_root: str = PROC_ROOT, mounts_path: str = MOUNTS_PATH) -> None:
         self.socket_path = socket_path
         self.uri = f"qmp+unix://{socket_path}"
         self.deadline = deadline

@@ -148,10 +148,8 @@ def soft_dirty_supported() -> bool:
             probe[0] = 1
             addr = int(np.frombuffer(probe, dtype=np.uint8).__array_interface__["data"][0])
             try:
-                with open("/proc/self/pagemap", "rb") as f:
-                    f.seek(addr // PAGE_SIZE * 8)
-                    entry = np.uint64(int.from_bytes(f.read(8), "little"))
-            except OSError:
+                entry = ProcFs().pagemap(os.getpid(), addr, 1)[0]
+            except VmshareError:
                 entry = np.uint64(0)
             _SOFT_DIRTY_WORKS = bool(entry & PM_PRESENT) and bool(entry & PM_SOFT_DIRTY)
         finally:
@@ -260,15 +258,10 @@ class LiveProcessSource(Closing):
             for v in self.vmas]
 
     def _open(self, what: str) -> int:
-        path = f"/proc/{self.pid}/{what}"
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in _DENIED:
-                raise _access_denied(self.pid, path) from exc
-            if exc.errno in _GONE:
-                raise ProcessGone(f"process {self.pid} is gone ({path})") from exc
-            raise ProcfsError(f"cannot open {path}: {exc.strerror}") from exc
+            return self._procfs.open_fd(self.pid, what)
+        except AccessDenied as exc:
+            raise _access_denied(self.pid, what) from exc
 
     def _same_process(self) -> bool:
         try:
@@ -277,14 +270,10 @@ class LiveProcessSource(Closing):
             return False
 
     def _alive(self) -> bool:
-        if not self._same_process():
+        try:   # a zombie has no memory left
+            return self._procfs.alive(self.pid, self.start_time)
+        except AccessDenied:
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in (b"Z", b"X")   # a zombie has no memory left
 
     def _read_failed(self, what: str, addr: int, exc: OSError | None) -> VmshareError:
         if exc is not None and exc.errno in _DENIED:
@@ -378,16 +367,13 @@ class LiveProcessSource(Closing):
         return out
 
     def _clear_soft_dirty(self) -> bool:
+        """False without CONFIG_MEM_SOFT_DIRTY (or another refusal than EPERM)."""
         try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-                f.write("4")
-            return True
-        except OSError as exc:
-            if exc.errno in _DENIED:
-                raise _access_denied(self.pid, "clear_refs") from exc
-            if exc.errno in _GONE:
-                raise ProcessGone(f"process {self.pid} is gone (clear_refs)") from exc
-            return False          # EINVAL: no CONFIG_MEM_SOFT_DIRTY
+            return self._procfs.clear_soft_dirty(self.pid)
+        except AccessDenied as exc:
+            raise _access_denied(self.pid, "clear_refs") from exc
+        except ProcfsError:
+            return False
 
     def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int
                       ) -> Iterator[TrackedPageRun]:
