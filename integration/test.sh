@@ -14,6 +14,6 @@ echo "test: mypy"
 # tests/fakes too: each fake is type-checked against the Protocol it stands in for
 .venv/bin/mypy vmshare tests/fakes
 echo "test: import contracts"
-.venv/bin/lint-imports --no-cache
+.venv/bin/lint-imports --no-cache --no-logo
 echo "test: pytest"
 exec .venv/bin/pytest -p no:cacheprovider "$@"
