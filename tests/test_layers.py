@@ -27,6 +27,7 @@ import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grimp
 import pytest
@@ -56,12 +57,12 @@ def relative(path: Path) -> str:
 
 # --- (a) the contract run ---------------------------------------------------------
 
-def contracts() -> list[dict[str, object]]:
+def contracts() -> list[dict[str, Any]]:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
     return list(config["contracts"])
 
 
-def write_config(path: Path, root_package: str, contract_list: list[dict[str, object]]) -> None:
+def write_config(path: Path, root_package: str, contract_list: list[dict[str, Any]]) -> None:
     """An import-linter TOML config (JSON values are valid TOML for these types)."""
     lines = ["[tool.importlinter]", f"root_package = {json.dumps(root_package)}",
              "include_external_packages = true"]
@@ -84,6 +85,19 @@ def test_the_import_contracts_hold() -> None:
     done = lint_imports(REPO / "pyproject.toml")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{len(ids)} kept, 0 broken" in done.stdout
+
+
+def test_the_engine_contract_names_every_other_package() -> None:
+    """engine-no-io lists what the engine may not import; a package added to
+    vmshare later must be on that list too (model and errors are all it may use)."""
+    engine = next(c for c in contracts() if c["id"] == "engine-no-io")
+    children = {f"vmshare.{p.stem if p.is_file() else p.name}" for p in PACKAGE.iterdir()
+                if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    allowed = {"vmshare.engine", "vmshare.model", "vmshare.errors"}
+    assert "vmshare.cli" in children and allowed <= children
+    forbidden = set(engine["forbidden_modules"])
+    assert sorted(children - allowed - forbidden) == []
+    assert not forbidden & allowed
 
 
 def test_the_contract_run_fails_on_a_broken_contract(tmp_path: Path) -> None:
