@@ -10,9 +10,10 @@ read (bit 61) are never merged by KSM (``scannable``). /proc/<pid>/mem and
 pagemap are opened once, at construction: both descriptors stay bound to
 that process's address space, so a pid reused later cannot be read by mistake.
 
-Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
-here through the held descriptor, for that reason; mappings (smaps) and the
-process start time come from procfs.ProcFs, the entry bits from its PM_*
+Both descriptors come from procfs.ProcFs.open_fd (ksm/ alone opens /proc),
+and pagemap is read here through the held one rather than by ProcFs.pagemap,
+which opens the file anew, for that reason; mappings (smaps), the process
+start time and liveness come from ProcFs, the entry bits from its PM_*
 constants. Each run carries the pagemap entries of its pages as read in that
 pass (``LivePageRun.pagemap``), so a consumer needing PFNs
 (``vmshare.sources.visible.KernelVisiblePages``) reads pagemap no second time.
