@@ -156,7 +156,7 @@ class LiveProcessSource(Closing):
         try:
             return self._procfs.open_fd(self.pid, what)
         except AccessDenied as exc:
-            raise _access_denied(self.pid, what) from exc
+            raise _access_denied(self.pid, str(self._procfs.root / str(self.pid) / what)) from exc
 
     def _same_process(self) -> bool:
         try:
