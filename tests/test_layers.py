@@ -87,17 +87,19 @@ def test_the_import_contracts_hold() -> None:
     assert f"{len(ids)} kept, 0 broken" in done.stdout
 
 
-def test_the_engine_contract_names_every_other_package() -> None:
-    """engine-no-io lists what the engine may not import; a package added to
-    vmshare later must be on that list too (model and errors are all it may use)."""
-    engine = next(c for c in contracts() if c["id"] == "engine-no-io")
-    children = {f"vmshare.{p.stem if p.is_file() else p.name}" for p in PACKAGE.iterdir()
-                if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
-    allowed = {"vmshare.engine", "vmshare.model", "vmshare.errors"}
-    assert "vmshare.cli" in children and allowed <= children
-    forbidden = set(engine["forbidden_modules"])
-    assert sorted(children - allowed - forbidden) == []
-    assert not forbidden & allowed
+def test_the_engine_may_reach_only_model_and_errors() -> None:
+    """Between them, the layers contract (which bars every layer above the
+    engine's, and its independent siblings) and engine-no-io (which bars what
+    lies below) leave the engine exactly vmshare.model and vmshare.errors."""
+    contract = {str(c["id"]): c for c in contracts()}
+    layers = [[tail.strip().strip("()") for tail in layer.replace(":", "|").split("|")]
+              for layer in contract["layers"]["layers"]]
+    level = next(i for i, layer in enumerate(layers) if "engine" in layer)
+    assert ":" not in contract["layers"]["layers"][level], "engine's siblings must be independent"
+    below = {f"vmshare.{tail}" for layer in layers[level + 1:] for tail in layer}
+    forbidden = set(contract["engine-no-io"]["forbidden_modules"])
+    assert contract["engine-no-io"]["source_modules"] == ["vmshare.engine"]
+    assert below - forbidden == {"vmshare.model", "vmshare.errors"}
 
 
 def test_the_contract_run_fails_on_a_broken_contract(tmp_path: Path) -> None:
