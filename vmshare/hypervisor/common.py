@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmshare.errors import HypervisorError, ProcessGone
-from vmshare.ksm.procfs import MOUNTS_PATH, PROC_ROOT, ProcFs, mount_table
+from vmshare.ksm.procfs import MOUNTS_PATH as MOUNTS_PATH  # the adapters' defaults
+from vmshare.ksm.procfs import PROC_ROOT as PROC_ROOT
+from vmshare.ksm.procfs import ProcFs, mount_table
 from vmshare.model import RamBackend
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,8 @@ from vmshare.errors import (
 )
 from vmshare.hypervisor.base import DEFAULT_DEADLINE
 from vmshare.hypervisor.common import (
+    MOUNTS_PATH,
+    PROC_ROOT,
     backend_types,
     build_ram_backends,
     followup_queries,
@@ -40,7 +42,6 @@ from vmshare.hypervisor.common import (
     read_mounts,
     verify_pid,
 )
-from vmshare.ksm.procfs import MOUNTS_PATH, PROC_ROOT
 from vmshare.model import RamBackend, VmFacts, VmRef
 
 log = logging.getLogger(__name__)
