@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: set up this Debian 12 host (packages,
-# venv, libvirtd, guest image), then lint (ruff), type-check (mypy), and run
-# the unit tests and the real-hypervisor integration tests (pytest).
+# venv, libvirtd, guest image), then lint (ruff), type-check (mypy), check the
+# import contracts (lint-imports, pyproject.toml), and run the unit tests and
+# the real-hypervisor integration tests (pytest).
 # Extra arguments go to pytest (e.g. -k NAME, -x).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,6 +11,9 @@ cd "$REPO"
 echo "test: ruff"
 .venv/bin/ruff check vmshare hooks integration tests benchmarks
 echo "test: mypy"
-.venv/bin/mypy vmshare
+# tests/fakes too: each fake is type-checked against the Protocol it stands in for
+.venv/bin/mypy vmshare tests/fakes
+echo "test: import contracts"
+.venv/bin/lint-imports --no-cache --no-logo
 echo "test: pytest"
 exec .venv/bin/pytest -p no:cacheprovider "$@"

@@ -89,10 +89,25 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+_updated: list[str] = []   # golden files rewritten by this run (VMSHARE_UPDATE_GOLDEN)
+
+
 def golden(name: str, text: str) -> None:
+    """Compare ``text`` with the golden file ``name``. With VMSHARE_UPDATE_GOLDEN
+    set, rewrite the file instead and fail all the same, so that an update run
+    never passes; refused when CI is set (CI only ever checks)."""
     path = GOLDEN / name
     if os.environ.get("VMSHARE_UPDATE_GOLDEN"):
-        path.write_text(text)
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail("VMSHARE_UPDATE_GOLDEN is set under CI: golden files are checked in "
+                        "CI, never rewritten; unset it", pytrace=False)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            _updated.append(name)
+            pytest.fail(f"updated {path} ({len(_updated)} golden files updated in this run); "
+                        "rerun without VMSHARE_UPDATE_GOLDEN", pytrace=False)
+        pytest.fail(f"{path} already matches; rerun without VMSHARE_UPDATE_GOLDEN",
+                    pytrace=False)
     assert text == path.read_text(), f"output differs from {path}"
 
 

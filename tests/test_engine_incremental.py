@@ -1,5 +1,5 @@
 """Incremental rescans: the engine's ``unchanged`` masks and the live source's
-soft-dirty mirror (vmshare.sources.live.SoftDirtyMirror)."""
+soft-dirty mirror (vmshare.sources.softdirty.SoftDirtyMirror)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from tests.dump_corpus import mapping_process
 from tests.test_engine import Z, pg
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
-from vmshare.sources.live import LiveProcessSource, SoftDirtyMirror, TrackedPageRun
+from vmshare.sources.live import LiveProcessSource, TrackedPageRun
+from vmshare.sources.softdirty import SoftDirtyMirror
 
 
 def scan(e: KsmEngine, world: dict[str, list[bytes]], prev: dict[str, list[bytes]] | None,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vmshare.hypervisor.base import Hypervisor
-from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.procfs import PROC_ROOT, ProcFs
 from vmshare.ksm.sysfs import DEFAULT_ROOT, KsmSysfs
 from vmshare.observe.host import Observer
 from vmshare.present.text import visible
@@ -24,7 +24,7 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.sysfs = KsmSysfs(Path(os.environ.get("VMSHARE_SYSFS_ROOT", str(DEFAULT_ROOT))))
-        self.procfs = ProcFs(Path(os.environ.get("VMSHARE_PROC_ROOT", "/proc")))
+        self.procfs = ProcFs(os.environ.get("VMSHARE_PROC_ROOT", PROC_ROOT))
         self._hv: Hypervisor | None = None
 
     @property

@@ -22,6 +22,7 @@ from vmshare.control.lock import CONTROL_LOCK, CONTROL_LOCK_ENV, ControlBusy
 from vmshare.daemon.runner import DOMAINS_ENV
 from vmshare.errors import VmshareError
 from vmshare.hook.install import HOOK_NAME, HOOKS_DIR
+from vmshare.ksm.sysfs import DEFAULT_ROOT as KSM_SYSFS
 from vmshare.records.audit import AUDIT_ENV
 from vmshare.tuner.loop import TUNER_LOCK, TUNER_LOCK_ENV
 
@@ -146,7 +147,7 @@ def _files() -> tuple[Para, ...]:
          "policy or knobs take it one at a time (the holder's pid and command inside)."),
         (f"{HOOKS_DIR}/qemu.d/{HOOK_NAME}", "The libvirt qemu hook, as installed by "
          "vmshare hook install."),
-        ("/sys/kernel/mm/ksm", "Kernel KSM's knobs and counters."),
+        (str(KSM_SYSFS), "Kernel KSM's knobs and counters."),
     )
 
 

@@ -76,7 +76,7 @@ merged page each scan, so it takes retained runs only.
 
 Incremental feeds: ``feed(run, unchanged)`` takes a per-page mask from a source
 that knows which pages were not written since the previous scan (the kernel's
-soft-dirty bits, ``vmshare.sources.live.SoftDirtyMirror``). Those pages keep the
+soft-dirty bits, ``vmshare.sources.softdirty.SoftDirtyMirror``). Those pages keep the
 checksum recorded then instead of being hashed again; their bytes must still
 be in the run, since any new merge is byte-compared as above. This matches
 the kernel's own rule that a merged page stays merged until it is written.

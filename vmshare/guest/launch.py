@@ -13,8 +13,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmshare.errors import DeadlineExceeded, HypervisorError, UsageError
+from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, UsageError
 from vmshare.guest.builder import GuestImage
+from vmshare.ksm.procfs import ProcFs
 
 READY_PREFIX = "vmshare-fill: ready"
 QEMU_BINARY = "qemu-system-x86_64"
@@ -97,22 +98,55 @@ def domain_xml(name: str, image: GuestImage, spec: FillSpec, *, memory_mib: int 
     share=on or off). Raises UsageError for impossible sizes, bad metadata XML
     or an unknown source or access mode.
     """
+    _check_domain_args(name, vcpus, hotplug_slots, memory_source, memory_access)
+    _check_room(spec, memory_mib)
+    domain = ET.Element("domain", type="qemu")
+    _sub(domain, "name", name)
+    if metadata_xml is not None:
+        _sub(domain, "metadata").append(_metadata_element(metadata_xml))
+    _add_memory(domain, memory_mib, hotplug_slots, max_memory_mib)
+    _add_memory_backing(domain, nosharepages, memory_source, memory_access)
+    _add_boot(domain, image, spec, vcpus)
+    if hotplug_slots > 0:   # a DIMM plugs into a NUMA cell
+        numa = _sub(_sub(domain, "cpu"), "numa")
+        _sub(numa, "cell", id="0", cpus=f"0-{vcpus - 1}", memory=str(memory_mib), unit="MiB")
+    _sub(domain, "clock", offset="utc")
+    _sub(domain, "on_poweroff", "destroy")
+    _sub(domain, "on_reboot", "restart")
+    _sub(domain, "on_crash", "destroy")
+    _add_devices(domain, console_log)
+    # The image cache is root-only (0700); run this test guest's QEMU as root
+    # rather than loosening the cache's permissions.
+    seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
+    _sub(seclabel, "label", "+0:+0")
+    ET.indent(domain)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def _check_domain_args(name: str, vcpus: int, hotplug_slots: int, memory_source: str | None,
+                       memory_access: str | None) -> None:
     if not name:
         raise UsageError("the domain name must not be empty")
     if vcpus < 1:
         raise UsageError(f"vcpus must be >= 1, not {vcpus}")
     if hotplug_slots < 0:
         raise UsageError(f"hotplug_slots must be >= 0, not {hotplug_slots}")
-    _check_room(spec, memory_mib)
+    if memory_source not in (None, "anonymous", "file", "memfd"):
+        raise UsageError(f"memory_source must be anonymous, file or memfd, not {memory_source!r}")
+    if memory_access not in (None, "private", "shared"):
+        raise UsageError(f"memory_access must be private or shared, not {memory_access!r}")
 
-    domain = ET.Element("domain", type="qemu")
-    _sub(domain, "name", name)
-    if metadata_xml is not None:
-        try:
-            element = ET.fromstring(metadata_xml)
-        except ET.ParseError as exc:
-            raise UsageError(f"metadata_xml is not well-formed XML: {exc}") from exc
-        _sub(domain, "metadata").append(element)
+
+def _metadata_element(metadata_xml: str) -> ET.Element:
+    try:
+        return ET.fromstring(metadata_xml)
+    except ET.ParseError as exc:
+        raise UsageError(f"metadata_xml is not well-formed XML: {exc}") from exc
+
+
+def _add_memory(domain: ET.Element, memory_mib: int, hotplug_slots: int,
+                max_memory_mib: int | None) -> None:
+    """<maxMemory> (room for hotplugged DIMMs), <memory> and <currentMemory>."""
     if hotplug_slots > 0:
         max_mib = max_memory_mib if max_memory_mib is not None else (
             memory_mib + 256 * hotplug_slots)
@@ -121,18 +155,24 @@ def domain_xml(name: str, image: GuestImage, spec: FillSpec, *, memory_mib: int 
         _sub(domain, "maxMemory", max_mib, slots=str(hotplug_slots), unit="MiB")
     _sub(domain, "memory", memory_mib, unit="MiB")
     _sub(domain, "currentMemory", memory_mib, unit="MiB")
-    if memory_source not in (None, "anonymous", "file", "memfd"):
-        raise UsageError(f"memory_source must be anonymous, file or memfd, not {memory_source!r}")
-    if memory_access not in (None, "private", "shared"):
-        raise UsageError(f"memory_access must be private or shared, not {memory_access!r}")
-    if nosharepages or memory_source or memory_access:
-        backing = _sub(domain, "memoryBacking")
-        if nosharepages:
-            _sub(backing, "nosharepages")
-        if memory_source:
-            _sub(backing, "source", type=memory_source)
-        if memory_access:
-            _sub(backing, "access", mode=memory_access)
+
+
+def _add_memory_backing(domain: ET.Element, nosharepages: bool, memory_source: str | None,
+                        memory_access: str | None) -> None:
+    """<memoryBacking>, only when something in it differs from libvirt's default."""
+    if not (nosharepages or memory_source or memory_access):
+        return
+    backing = _sub(domain, "memoryBacking")
+    if nosharepages:
+        _sub(backing, "nosharepages")
+    if memory_source:
+        _sub(backing, "source", type=memory_source)
+    if memory_access:
+        _sub(backing, "access", mode=memory_access)
+
+
+def _add_boot(domain: ET.Element, image: GuestImage, spec: FillSpec, vcpus: int) -> None:
+    """The vCPUs and a direct kernel boot (no firmware disk) with the fill parameters."""
     _sub(domain, "vcpu", vcpus, placement="static")
     os_el = _sub(domain, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
@@ -140,13 +180,10 @@ def domain_xml(name: str, image: GuestImage, spec: FillSpec, *, memory_mib: int 
     _sub(os_el, "initrd", str(image.initrd))
     _sub(os_el, "cmdline", kernel_cmdline(spec))
     _sub(_sub(domain, "features"), "acpi")
-    if hotplug_slots > 0:
-        numa = _sub(_sub(domain, "cpu"), "numa")
-        _sub(numa, "cell", id="0", cpus=f"0-{vcpus - 1}", memory=str(memory_mib), unit="MiB")
-    _sub(domain, "clock", offset="utc")
-    _sub(domain, "on_poweroff", "destroy")
-    _sub(domain, "on_reboot", "restart")
-    _sub(domain, "on_crash", "destroy")
+
+
+def _add_devices(domain: ET.Element, console_log: Path) -> None:
+    """A serial console into ``console_log``, and nothing else: no USB, no balloon."""
     devices = _sub(domain, "devices")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(console_log))
@@ -156,12 +193,6 @@ def domain_xml(name: str, image: GuestImage, spec: FillSpec, *, memory_mib: int 
     _sub(console, "target", type="serial", port="0")
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
-    # The image cache is root-only (0700); run this test guest's QEMU as root
-    # rather than loosening the cache's permissions.
-    seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
-    _sub(seclabel, "label", "+0:+0")
-    ET.indent(domain)
-    return ET.tostring(domain, encoding="unicode")
 
 
 def _no_comma(what: str, path: Path) -> str:
@@ -207,10 +238,9 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:   # a zombie has exited; it only waits for its parent to reap it
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+        return ProcFs().alive(pid)
+    except AccessDenied:
+        return True
 
 
 def wait_ready(console_log: Path, timeout: float = 120.0, *, pid: int | None = None,

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmshare.errors import AccessDenied, DeadlineExceeded, HypervisorError, VmshareError
-from vmshare.ksm.procfs import ProcFs
+from vmshare.ksm.procfs import PROC_ROOT, ProcFs
 
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
-PROC = Path("/proc")
+PROC = Path(PROC_ROOT)
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,6 @@ class RestartResult:
     seconds: float
 
 
-def _boot_time(proc: Path) -> float | None:
-    """Epoch seconds at which the host booted, from /proc/uptime (centisecond precision)."""
-    try:
-        return time.time() - float((proc / "uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _started_at(procfs: ProcFs, pid: int, comm: str) -> float | None:
     """Epoch seconds at which ``pid`` started, if it is a live process named ``comm``.
 
@@ -59,10 +51,10 @@ def _started_at(procfs: ProcFs, pid: int, comm: str) -> float | None:
         if procfs.comm(pid) != comm or not procfs.cmdline(pid):
             return None
         ticks = procfs.start_time(pid)
+        boot = procfs.boot_time()
     except VmshareError:
         return None
-    boot = _boot_time(procfs.root)
-    return None if boot is None else boot + ticks / os.sysconf("SC_CLK_TCK")
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def libvirtd_state(pidfile: Path = LIBVIRTD_PIDFILE, proc: Path = PROC, *,

@@ -24,11 +24,12 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from vmshare.errors import HypervisorError, ProcessGone, ProcfsError
-from vmshare.ksm.procfs import ProcFs
+from vmshare.errors import HypervisorError, ProcessGone
+from vmshare.ksm.procfs import MOUNTS_PATH as MOUNTS_PATH  # the adapters' defaults
+from vmshare.ksm.procfs import PROC_ROOT as PROC_ROOT
+from vmshare.ksm.procfs import ProcFs, mount_table
 from vmshare.model import RamBackend
 
 log = logging.getLogger(__name__)
@@ -198,13 +199,9 @@ def parse_mounts(text: str) -> list[Mount]:
     return mounts
 
 
-def read_mounts(path: str = "/proc/mounts") -> list[Mount]:
-    """Read and parse the mount table. Raises ProcfsError."""
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return parse_mounts(f.read())
-    except OSError as exc:
-        raise ProcfsError(f"cannot read mount table {path}: {exc.strerror}") from exc
+def read_mounts(path: str = MOUNTS_PATH) -> list[Mount]:
+    """Read (through ksm/'s procfs) and parse the mount table. Raises ProcfsError."""
+    return parse_mounts(mount_table(path))
 
 
 def fstype_of(path: str, mounts: Sequence[Mount]) -> str | None:
@@ -336,12 +333,12 @@ def cmdline_matches_vm(argv: Sequence[str], name: str | None, uuid: str | None,
 
 
 def verify_pid(pid: int, name: str | None, uuid: str | None, *,
-               socket_path: str | None = None, proc_root: str = "/proc") -> int:
+               socket_path: str | None = None, proc_root: str = PROC_ROOT) -> int:
     """Return ``pid`` if it still runs this VM's QEMU, else raise ProcessGone.
 
     Raises ProcessGone (gone or reused pid), AccessDenied, ProcfsError.
     """
-    procfs = ProcFs(Path(proc_root))
+    procfs = ProcFs(proc_root)
     argv = procfs.cmdline(pid)
     # Absolute socket paths match without it.
     cwd = procfs.cwd(pid) if socket_path is not None else None

@@ -43,6 +43,8 @@ from vmshare.hypervisor.base import (
     PolicyStore,
 )
 from vmshare.hypervisor.common import (
+    MOUNTS_PATH,
+    PROC_ROOT,
     backend_types,
     build_ram_backends,
     followup_queries,
@@ -178,8 +180,8 @@ class LibvirtHypervisor:
     """
 
     def __init__(self, uri: str = "qemu:///system", deadline: float = DEFAULT_DEADLINE, *,
-                 run_dir: str = "/run/libvirt/qemu", proc_root: str = "/proc",
-                 mounts_path: str = "/proc/mounts") -> None:
+                 run_dir: str = "/run/libvirt/qemu", proc_root: str = PROC_ROOT,
+                 mounts_path: str = MOUNTS_PATH) -> None:
         _silence_default_error_printer()
         self.uri = uri
         self.deadline = deadline

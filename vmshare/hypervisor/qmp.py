@@ -41,6 +41,8 @@ from vmshare.errors import (
 )
 from vmshare.hypervisor.base import DEFAULT_DEADLINE, Hypervisor
 from vmshare.hypervisor.common import (
+    MOUNTS_PATH,
+    PROC_ROOT,
     backend_types,
     build_ram_backends,
     followup_queries,
@@ -139,7 +141,7 @@ class QmpHypervisor:
     """
 
     def __init__(self, socket_path: str, deadline: float = DEFAULT_DEADLINE, *,
-                 proc_root: str = "/proc", mounts_path: str = "/proc/mounts") -> None:
+                 proc_root: str = PROC_ROOT, mounts_path: str = MOUNTS_PATH) -> None:
         self.socket_path = socket_path
         self.uri = f"qmp+unix://{socket_path}"
         self.deadline = deadline

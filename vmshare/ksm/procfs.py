@@ -1,9 +1,14 @@
 """Per-process and per-page KSM facts from /proc.
 
-The only module that reads /proc/<pid>/{smaps,ksm_stat,pagemap,stat,cmdline},
-/proc/kpageflags, /proc/kpagecount and /proc/meminfo. The root is injectable
-so tests run against temporary trees shaped like /proc.
+The only module that opens /proc (tests/test_layers.py checks it): its
+/proc/<pid>/{smaps,ksm_stat,pagemap,stat,cmdline,cwd,clear_refs},
+/proc/kpageflags, /proc/kpagecount, /proc/meminfo, /proc/uptime and the mount
+table. Other packages ask ``ProcFs``; a reader that must stay bound to one
+process (sources/live.py) holds descriptors ``ProcFs.open_fd`` gave it. The
+root is injectable so tests run against temporary trees shaped like /proc.
 """
+# size: over 400 lines on purpose: the one adapter for all of /proc (the
+# architecture's rule), its readers sharing one error mapping and one root.
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import ctypes
 import errno
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,8 @@ KPF_THP = 22
 KPF_KSM = 21
 KPF_ZERO_PAGE = 24
 
+PROC_ROOT = "/proc"
+MOUNTS_PATH = "/proc/mounts"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_CMDLINE_BYTES = 1024 * 1024
 # Sparse PFN look-ups: PFNs closer than this are read in one pread.
@@ -47,6 +55,7 @@ class ProcStat:
     comm: str
     cpu_seconds: float    # utime + stime
     start_time: int       # clock ticks after boot
+    state: str = "R"      # field 3: R, S, D, ..., Z (zombie), X (dead)
 
 
 def _map_oserror(exc: OSError, what: str, pid: int | None = None) -> Exception:
@@ -65,7 +74,7 @@ class ProcFs:
     (EPERM/EACCES), ProcfsError (anything unparseable).
     """
 
-    def __init__(self, root: Path = Path("/proc")) -> None:
+    def __init__(self, root: Path | str = PROC_ROOT) -> None:
         self.root = Path(root)
 
     def _pid_text(self, pid: int, name: str) -> str:
@@ -88,7 +97,7 @@ class ProcFs:
             rest = text[close + 2:].split()
             return ProcStat(comm=text[text.index("(") + 1:close],
                             cpu_seconds=(int(rest[11]) + int(rest[12])) / _CLK_TCK,
-                            start_time=int(rest[19]))
+                            start_time=int(rest[19]), state=rest[0])
         except (ValueError, IndexError) as exc:
             raise ProcfsError(f"/proc/{pid}/stat: unexpected format") from exc
 
@@ -100,6 +109,17 @@ class ProcFs:
     def cpu_seconds(self, pid: int) -> float:
         """utime + stime of /proc/<pid>/stat (fields 14 and 15), in seconds."""
         return self.stat(pid).cpu_seconds
+
+    def alive(self, pid: int, start_time: int | None = None) -> bool:
+        """Does ``pid`` run and hold memory (not a zombie)? With ``start_time``,
+        only if it is still the process that started then (not a reused pid).
+        Raises AccessDenied only; a vanished or unreadable process is not alive."""
+        try:
+            st = self.stat(pid)
+        except (ProcessGone, ProcfsError):
+            return False
+        same = start_time is None or st.start_time == start_time
+        return same and st.state not in ("Z", "X")
 
     def comm(self, pid: int) -> str:
         return self._pid_text(pid, "comm").strip()
@@ -137,6 +157,35 @@ class ProcFs:
             return os.readlink(self.root / str(pid) / "cwd")
         except OSError:
             return None
+
+    def open_fd(self, pid: int, name: str) -> int:
+        """A read-only descriptor of /proc/<pid>/<name> (mem, pagemap, ...).
+
+        A descriptor stays bound to the process that had the pid when it was
+        opened: a reader that holds it cannot be redirected by a reused pid.
+        The caller closes it. Raises ProcessGone, AccessDenied, ProcfsError.
+        """
+        path = self.root / str(pid) / name
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _map_oserror(exc, str(path), pid) from exc
+
+    def clear_soft_dirty(self, pid: int) -> bool:
+        """Clear the soft-dirty bits of ``pid``'s pages (write "4" to clear_refs).
+
+        False when the kernel refuses (EINVAL: no CONFIG_MEM_SOFT_DIRTY).
+        Raises ProcessGone, AccessDenied, ProcfsError.
+        """
+        path = self.root / str(pid) / "clear_refs"
+        try:
+            with open(path, "w") as f:
+                f.write("4")
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise _map_oserror(exc, str(path), pid) from exc
 
     # ---- mappings -------------------------------------------------------
     def smaps(self, pid: int) -> list[Vma]:
@@ -288,7 +337,18 @@ class ProcFs:
         finally:
             area.close()
 
-    # ---- host memory ----------------------------------------------------
+    # ---- host -----------------------------------------------------------
+    def boot_time(self) -> float:
+        """Epoch seconds at which the host booted, from /proc/uptime
+        (centisecond precision). Raises ProcfsError."""
+        path = self.root / "uptime"
+        try:
+            return time.time() - float(path.read_text().split()[0])
+        except OSError as exc:
+            raise _map_oserror(exc, str(path)) from exc
+        except (ValueError, IndexError) as exc:
+            raise ProcfsError(f"{path}: unexpected format") from exc
+
     def meminfo(self) -> dict[str, int]:
         """/proc/meminfo in bytes."""
         path = self.root / "meminfo"
@@ -303,6 +363,15 @@ class ProcFs:
             if parts and parts[0].isdigit():
                 info[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
         return info
+
+
+def mount_table(path: str = MOUNTS_PATH) -> str:
+    """The text of the mount table (/proc/mounts, or a test file). Raises ProcfsError."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError as exc:
+        raise ProcfsError(f"cannot read mount table {path}: {exc.strerror}") from exc
 
 
 def parse_smaps(text: str, what: str = "smaps") -> list[Vma]:

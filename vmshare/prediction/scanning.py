@@ -9,7 +9,7 @@ anything is read between keeping every page and, where that would not fit in
 available memory, re-reading at the end only the pages to compare, or refuses.
 With soft-dirty tracking (``ScanArena(soft_dirty=True)`` on a kernel that
 tracks it) live sources keep their copies between scans and re-read only the
-pages written since (``vmshare.sources.live.SoftDirtyMirror``).
+pages written since (``vmshare.sources.softdirty.SoftDirtyMirror``).
 """
 
 from __future__ import annotations
@@ -29,13 +29,8 @@ from vmshare.errors import MemoryRefused
 from vmshare.ksm.procfs import ProcFs, headroom
 from vmshare.model import PAGE_SIZE, PageRun
 from vmshare.sources import DEFAULT_CHUNK_PAGES, LiveProcessSource, PageSource
-from vmshare.sources.live import (
-    LivePageRun,
-    SoftDirtyMirror,
-    TrackedPageRun,
-    anon_buffer,
-    soft_dirty_supported,
-)
+from vmshare.sources.live import LivePageRun, TrackedPageRun
+from vmshare.sources.softdirty import SoftDirtyMirror, anon_buffer, soft_dirty_supported
 from vmshare.sources.visible import KernelVisiblePages, zero_rows
 
 _DONE = object()

@@ -10,9 +10,10 @@ read (bit 61) are never merged by KSM (``scannable``). /proc/<pid>/mem and
 pagemap are opened once, at construction: both descriptors stay bound to
 that process's address space, so a pid reused later cannot be read by mistake.
 
-Unlike the rest of vmshare/ksm/procfs.py's /proc readers, pagemap is read
-here through the held descriptor, for that reason; mappings (smaps) and the
-process start time come from procfs.ProcFs, the entry bits from its PM_*
+Both descriptors come from procfs.ProcFs.open_fd (ksm/ alone opens /proc),
+and pagemap is read here through the held one rather than by ProcFs.pagemap,
+which opens the file anew, for that reason; mappings (smaps), the process
+start time and liveness come from ProcFs, the entry bits from its PM_*
 constants. Each run carries the pagemap entries of its pages as read in that
 pass (``LivePageRun.pagemap``), so a consumer needing PFNs
 (``vmshare.sources.visible.KernelVisiblePages``) reads pagemap no second time.
@@ -27,26 +28,14 @@ merged pages of a process, all of their PFNs changed and its smaps_rollup
 /proc/<pid>/mem takes plain references (FOLL_GET) and changed none. A tool
 that must not cost the host memory reads /proc/<pid>/mem.
 
-Incremental rescans (``SoftDirtyMirror``, opt-in): the source keeps a copy of
-each region's resident pages between scans. After reading the dirty bits of
-a scan it writes "4" to /proc/<pid>/clear_refs (the kernel's soft-dirty
-tracking, as CRIU uses it); at the next scan only pages whose pagemap bit 55
-(soft-dirty) is set were written since, so only those are read again. The
-others are yielded from the copy as ``TrackedPageRun`` with ``unchanged``
-set, and the engine reuses their checksums (``KsmEngine.feed``). Costs and
-limits: clear_refs write-protects the process's page tables, so the next
-write to each page takes one extra minor fault in the guest; a write that
-lands between reading the dirty bits and clearing them (the pagemap of all
-regions is read just before the clear, a window of milliseconds) is missed
-until the page is written again. A kernel without CONFIG_MEM_SOFT_DIRTY
-tracks nothing (probed once: ``soft_dirty_supported``): every page is then
-read each scan.
+Incremental rescans (opt-in): with a ``SoftDirtyMirror`` (sources/softdirty.py)
+only the pages written since the previous scan are read again; the others
+come from the mirror's copy as ``TrackedPageRun`` with ``unchanged`` set.
 """
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,10 +47,10 @@ from vmshare.errors import AccessDenied, ProcessGone, ProcfsError, VmshareError
 from vmshare.ksm.procfs import PM_FILE_BIT, PM_PRESENT_BIT, ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
 from vmshare.sources.base import DEFAULT_CHUNK_PAGES, Closing, check_chunk_pages
+from vmshare.sources.softdirty import PM_SOFT_DIRTY, SoftDirtyMirror
 
 PM_PRESENT = np.uint64(1 << PM_PRESENT_BIT)
 PM_FILE = np.uint64(1 << PM_FILE_BIT)
-PM_SOFT_DIRTY = np.uint64(1 << 55)   # Documentation/admin-guide/mm/soft-dirty.rst
 U64 = npt.NDArray[np.uint64]
 _DENIED = (errno.EPERM, errno.EACCES)
 _GONE = (errno.ESRCH, errno.ENOENT)
@@ -114,102 +103,6 @@ class TrackedPageRun(LivePageRun):
     unchanged: npt.NDArray[np.bool_]
 
 
-def anon_buffer(nbytes: int, *, populate: bool = True) -> mmap.mmap:
-    """A private anonymous buffer, populated at once (MAP_POPULATE: one kernel loop
-    instead of a fault per page) when it will be written in full; with
-    ``populate=False`` only the pages written become memory.
-
-    Not MADV_HUGEPAGE: with the usual THP defrag setting ("madvise") a huge page
-    fault may compact memory synchronously, and on a host full of guests (or in
-    a VM whose free memory is not backed yet) faulting in 1 GiB that way was
-    measured at 0.9-1.9 s against 0.29 s populated with small pages.
-    """
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    if populate:
-        flags |= getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(nbytes, PAGE_SIZE), flags=flags)
-
-
-_SOFT_DIRTY_WORKS: bool | None = None
-
-
-def soft_dirty_supported() -> bool:
-    """Does this kernel track soft-dirty bits (CONFIG_MEM_SOFT_DIRTY)?
-
-    Without it clear_refs "4" is accepted and does nothing, and pagemap bit 55
-    is always 0: every page would look unchanged forever. A page this process
-    just mapped and wrote is always soft-dirty when tracking exists, so that is
-    the probe (our own pagemap; nothing is cleared).
-    """
-    global _SOFT_DIRTY_WORKS
-    if _SOFT_DIRTY_WORKS is None:
-        probe = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            probe[0] = 1
-            addr = int(np.frombuffer(probe, dtype=np.uint8).__array_interface__["data"][0])
-            try:
-                with open("/proc/self/pagemap", "rb") as f:
-                    f.seek(addr // PAGE_SIZE * 8)
-                    entry = np.uint64(int.from_bytes(f.read(8), "little"))
-            except OSError:
-                entry = np.uint64(0)
-            _SOFT_DIRTY_WORKS = bool(entry & PM_PRESENT) and bool(entry & PM_SOFT_DIRTY)
-        finally:
-            probe.close()
-    return _SOFT_DIRTY_WORKS
-
-
-class _RegionCopy:
-    __slots__ = ("buf", "valid")
-
-    def __init__(self, npages: int) -> None:
-        # spans the region, but only the resident pages read into it become memory
-        self.buf = anon_buffer(npages * PAGE_SIZE, populate=False)
-        self.valid = np.zeros(npages, dtype=np.bool_)   # copy holds the page's bytes
-
-
-class SoftDirtyMirror:
-    """Copies of live regions kept between scans, refreshed through soft-dirty bits.
-
-    One mirror serves any number of processes and scans; copies are keyed by
-    region generation (pid, mapping, process start time), so a restarted guest
-    or a moved mapping starts from scratch. Not thread-safe: one scan at a time.
-    """
-
-    def __init__(self) -> None:
-        self._copies: dict[tuple[str, str], _RegionCopy] = {}
-        #: False without kernel soft-dirty tracking (or once clear_refs was refused):
-        #: every page is then read each scan
-        self.supported = soft_dirty_supported()
-        self.pages_read = 0             # pages read from the process in the last scan
-        self.pages_reused = 0           # pages served from the copy in the last scan
-
-    def copy_for(self, region: Region, live: set[tuple[str, str]]) -> _RegionCopy:
-        key = (region.key, region.generation)
-        live.add(key)
-        cp = self._copies.get(key)
-        if cp is None:
-            cp = self._copies[key] = _RegionCopy(region.size // PAGE_SIZE)
-        return cp
-
-    def forget(self, keys: set[tuple[str, str]]) -> None:
-        for k in keys:
-            cp = self._copies.pop(k, None)
-            if cp is not None:
-                cp.valid[:] = False
-
-    def prune(self, generation_prefix: str, keep: set[tuple[str, str]]) -> None:
-        """Drop copies of this process (generation prefix) not listed in ``keep``."""
-        for k in [k for k in self._copies if k[1].startswith(generation_prefix)
-                  and k not in keep]:
-            del self._copies[k]
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of the pages the copies hold (the copies fault in page by page)."""
-        return sum(int(np.count_nonzero(c.valid)) for c in self._copies.values()) * PAGE_SIZE
-
-
 class LiveProcessSource(Closing):
     """Resident pages of the given mappings of process ``pid``.
 
@@ -260,15 +153,10 @@ class LiveProcessSource(Closing):
             for v in self.vmas]
 
     def _open(self, what: str) -> int:
-        path = f"/proc/{self.pid}/{what}"
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno in _DENIED:
-                raise _access_denied(self.pid, path) from exc
-            if exc.errno in _GONE:
-                raise ProcessGone(f"process {self.pid} is gone ({path})") from exc
-            raise ProcfsError(f"cannot open {path}: {exc.strerror}") from exc
+            return self._procfs.open_fd(self.pid, what)
+        except AccessDenied as exc:
+            raise _access_denied(self.pid, str(self._procfs.root / str(self.pid) / what)) from exc
 
     def _same_process(self) -> bool:
         try:
@@ -277,14 +165,10 @@ class LiveProcessSource(Closing):
             return False
 
     def _alive(self) -> bool:
-        if not self._same_process():
+        try:   # a zombie has no memory left
+            return self._procfs.alive(self.pid, self.start_time)
+        except AccessDenied:
             return False
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in (b"Z", b"X")   # a zombie has no memory left
 
     def _read_failed(self, what: str, addr: int, exc: OSError | None) -> VmshareError:
         if exc is not None and exc.errno in _DENIED:
@@ -378,16 +262,13 @@ class LiveProcessSource(Closing):
         return out
 
     def _clear_soft_dirty(self) -> bool:
+        """False without CONFIG_MEM_SOFT_DIRTY (or another refusal than EPERM)."""
         try:
-            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
-                f.write("4")
-            return True
-        except OSError as exc:
-            if exc.errno in _DENIED:
-                raise _access_denied(self.pid, "clear_refs") from exc
-            if exc.errno in _GONE:
-                raise ProcessGone(f"process {self.pid} is gone (clear_refs)") from exc
-            return False          # EINVAL: no CONFIG_MEM_SOFT_DIRTY
+            return self._procfs.clear_soft_dirty(self.pid)
+        except AccessDenied as exc:
+            raise _access_denied(self.pid, "clear_refs") from exc
+        except ProcfsError:
+            return False
 
     def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int
                       ) -> Iterator[TrackedPageRun]:
