@@ -56,11 +56,10 @@ from vmshare.hypervisor.base import Hypervisor, ident_of
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import VmRef
-from vmshare.observe.host import Observer, not_unmergeable_warning
+from vmshare.observe.host import Observer, history_sample, not_unmergeable_warning
 from vmshare.policy.sources import PolicyView, exposed_vms, mergeable_groups, survey
 from vmshare.records.audit import AuditLog
 from vmshare.records.history import HistoryStore
-from vmshare.records.history import sample as history_sample
 
 log = logging.getLogger("vmshare.daemon")
 VM_LOG = logging.getLogger("vmshare.daemon.vm")

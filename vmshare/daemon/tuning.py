@@ -9,20 +9,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from vmshare.config import DaemonSettings
 from vmshare.control.lock import control_lock
+from vmshare.daemon.reconcile import Reconciler
 from vmshare.errors import UsageError, VmshareError
 
 if TYPE_CHECKING:
-    from vmshare.daemon.runner import Daemon
     from vmshare.tuner.decide import Decision, Observation
     from vmshare.tuner.loop import Changes, Tuner
+
+T = TypeVar("T")
+
+
+class TunerSeat(Protocol):
+    """What the tuner needs of the daemon (the runner's Daemon is one): its
+    settings, its reconciler's adapters, and its worker thread."""
+
+    settings: DaemonSettings
+
+    @property
+    def rc(self) -> Reconciler:
+        ...
+
+    async def work(self, fn: Callable[[], T]) -> T:
+        ...
 
 log = logging.getLogger("vmshare.daemon")
 
 
-async def run_tuner(daemon: Daemon, stop: asyncio.Event) -> None:
+async def run_tuner(daemon: TunerSeat, stop: asyncio.Event) -> None:
     """The KSM tuner's loop (vmshare.tuner.loop), in the worker thread between
     reconciles: it owns run, pages_to_scan and sleep_millisecs while the
     daemon runs, audit-logs each change as actor "tuner", never unmerges,

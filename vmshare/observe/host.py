@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, KsmStat, RamBackend, Vma, VmFacts, VmRef
 from vmshare.observe.attribution import U64, attribute, match_ram_vmas, mergeable_mismatch
+from vmshare.records.history import HOST_FIELDS
 
 log = logging.getLogger("vmshare.observe.host")
 
@@ -262,3 +264,16 @@ class Observer:
         views.sort(key=lambda v: v.name)
         return HostView(counters=counters, knobs=knobs, vms=tuple(views), ksm_available=ksm_ok)
 
+
+def history_sample(host: HostView, now: float) -> dict[str, Any]:
+    """One savings-history record of ``host`` (pure; the format vmshare.records.history
+    reads back)."""
+    vms = {}
+    for vm in host.vms:
+        if vm.facts.pid is None:
+            continue
+        vms[vm.name] = {"saved_bytes": vm.saved_bytes, "ksm_pages": vm.ksm_pages,
+                        "ram_bytes": vm.ram_bytes, "zero_pages": vm.ksm_stat.ksm_zero_pages}
+    return {"time": round(now, 3),
+            "host": {k: host.counters[k] for k in HOST_FIELDS if k in host.counters},
+            "vms": vms}

@@ -3,5 +3,5 @@ savings history (``history``), the whole-or-nothing file writer (``atomic``)
 and the schema layer every reader of an outside JSON record goes through
 (``schema``).
 
-May import model, errors and observe.host (a history sample is made of a host view).
+May import model and errors only (observe makes a history record of its host view).
 """

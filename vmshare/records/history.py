@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 from vmshare.errors import AccessDenied
 from vmshare.model import PAGE_SIZE
-from vmshare.observe.host import HostView
 from vmshare.records.audit import append_line
 from vmshare.records.schema import RecordError, decode, get_int, get_map, get_number, printable
 
@@ -29,19 +28,6 @@ T = TypeVar("T")
 
 class HistoryError(RecordError):
     """The history file cannot be written or read."""
-
-
-def sample(host: HostView, now: float) -> dict[str, Any]:
-    """One history sample of ``host`` (pure)."""
-    vms = {}
-    for vm in host.vms:
-        if vm.facts.pid is None:
-            continue
-        vms[vm.name] = {"saved_bytes": vm.saved_bytes, "ksm_pages": vm.ksm_pages,
-                        "ram_bytes": vm.ram_bytes, "zero_pages": vm.ksm_stat.ksm_zero_pages}
-    return {"time": round(now, 3),
-            "host": {k: host.counters[k] for k in HOST_FIELDS if k in host.counters},
-            "vms": vms}
 
 
 class HistoryStore:
