@@ -2,8 +2,10 @@
 paths, and the run must leave the host as it found it.
 
 At configure time (before collection imports any test module) every VMSHARE_*
-path variable is pointed into a temporary tree (tests.hostguard.isolated_environment);
-subprocesses inherit it, and a test that needs other paths sets its own.
+path variable is pointed into a temporary tree (tests.hostguard.environment_for),
+which module- and session-scoped fixtures see; each test then gets a tree of
+its own (its own config, audit log, tuner lock, spool). Subprocesses inherit
+them, and a test that needs other paths sets its own.
 
 At session start the host state a test could disturb is recorded (KSM knobs,
 libvirt domains, /etc/vmshare, /var/log/vmshare, /var/lib/vmshare,
@@ -48,6 +50,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         hostguard.restore_environment(config.stash[_ENV])
     if _TMP in config.stash:
         shutil.rmtree(config.stash[_TMP], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_vmshare_paths(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in hostguard.environment_for(tmp_path_factory.mktemp("env")).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

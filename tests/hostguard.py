@@ -3,9 +3,9 @@
 * ``RUN_ID``: a random id per pytest process; every libvirt domain a test
   creates carries it (``integration/domains.py``), so one run never touches
   another run's guests and a left-over guest names the run that left it.
-* ``isolated_environment``: every VMSHARE_* path variable vmshare (and the
-  hook script) reads, pointed into one temporary directory, with a config
-  file whose daemon paths are there too; subprocesses inherit it.
+* ``environment_for``: every VMSHARE_* path variable vmshare (and the hook
+  script) reads, pointed into one temporary directory, with a config file
+  whose daemon paths are there too; subprocesses inherit it.
 * ``HostState``: what a test could disturb on the host (KSM knobs, libvirt
   domains, vmshare's host directories, libvirt hooks), recorded at session
   start and compared at session end.
@@ -38,9 +38,9 @@ UNSET_VARS = ("VMSHARE_SYSFS_ROOT", "VMSHARE_PROC_ROOT", "VMSHARE_DAEMON_DOMAINS
               "VMSHARE_SPOOL_MAX")
 
 
-def isolated_environment(root: Path) -> dict[str, str | None]:
-    """Point every vmshare path variable under ``root``; return the previous
-    values (None: unset) for ``restore_environment``."""
+def environment_for(root: Path) -> dict[str, str | None]:
+    """Every vmshare path variable pointed under ``root`` (None: to be unset);
+    writes the config file they name."""
     run = root / "run"
     run.mkdir(parents=True, exist_ok=True)
     config = root / "vmshare.toml"
@@ -50,7 +50,7 @@ def isolated_environment(root: Path) -> dict[str, str | None]:
         f'spool_dir = "{run}/spool"\nsocket = "{run}/wakeup.sock"\n'
         f'audit_log = "{root}/audit.jsonl"\nstate_file = "{root}/state.json"\n'
         f'history_file = "{root}/history.jsonl"\n')
-    values: dict[str, str | None] = {
+    return {
         "VMSHARE_CONFIG": str(config),
         "VMSHARE_AUDIT_LOG": str(root / "audit.jsonl"),
         "VMSHARE_TUNER_LOCK": str(run / "tuner.lock"),
@@ -60,7 +60,12 @@ def isolated_environment(root: Path) -> dict[str, str | None]:
         "VMSHARE_HOOK_CONF": str(root / "hook.conf"),    # absent: the hook's defaults
         **{name: None for name in UNSET_VARS},
     }
-    return _apply(values)
+
+
+def isolated_environment(root: Path) -> dict[str, str | None]:
+    """Apply ``environment_for(root)`` to os.environ; return the previous
+    values (None: unset) for ``restore_environment``."""
+    return _apply(environment_for(root))
 
 
 def restore_environment(previous: dict[str, str | None]) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests import hostguard
 from tests.ksmtree import make_sysfs
 
@@ -71,18 +73,24 @@ def test_own_children_are_not_foreign_a_stranger_is(tmp_path: Path) -> None:
                 os.kill(pid, 9)
 
 
-def test_session_environment_points_into_the_tree() -> None:
-    for name in ("VMSHARE_CONFIG", "VMSHARE_AUDIT_LOG", "VMSHARE_TUNER_LOCK",
-                 "VMSHARE_SPOOL_DIR", "VMSHARE_SOCKET", "VMSHARE_HOOK_CONF"):
-        assert f"vmshare-test-{hostguard.RUN_ID}-" in os.environ[name], name
+ROOTS: list[Path] = []
+
+
+@pytest.mark.parametrize("turn", [1, 2])
+def test_each_test_has_its_own_paths(turn: int) -> None:
+    root = Path(os.environ["VMSHARE_CONFIG"]).parent
+    for name in ("VMSHARE_AUDIT_LOG", "VMSHARE_TUNER_LOCK", "VMSHARE_SPOOL_DIR",
+                 "VMSHARE_SOCKET", "VMSHARE_HOOK_CONF"):
+        assert root in Path(os.environ[name]).parents, name
     for name in hostguard.UNSET_VARS:
         assert name not in os.environ
     from vmshare.config import load_config
     from vmshare.records.audit import audit_path
     from vmshare.tuner.loop import tuner_lock_path
     cfg = load_config()
-    root = Path(os.environ["VMSHARE_CONFIG"]).parent
     for path in (cfg.daemon.spool_dir, cfg.daemon.socket, cfg.daemon.audit_log,
                  cfg.daemon.state_file, cfg.daemon.history_file, audit_path(),
                  tuner_lock_path()):
         assert root in path.parents, path
+    assert root not in ROOTS        # not the previous test's tree
+    ROOTS.append(root)
