@@ -222,7 +222,7 @@ def foreign_testers() -> dict[int, str]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        text = b" ".join(argv).decode(errors="replace").strip()
+        text = " ".join(b" ".join(argv).decode(errors="replace").split())
         exe = os.path.basename(argv[0].decode(errors="replace"))
         if not text or exe.startswith(("qemu", "libvirtd", "virtlogd", "virsh")):
             continue
