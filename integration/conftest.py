@@ -14,17 +14,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from integration.domains import LIBVIRT_URI, destroy_by_uuid
 from vmshare.guest import FillSpec, GuestImage, build_image, domain_xml, wait_ready
 
-LIBVIRT_URI = "qemu:///system"
-IT_DOMAIN_PREFIX = "vmshare-it-"
 SETUP_HINT = "run integration/setup.sh"
-GUEST_LOG_DIR = Path("/var/lib/vmshare/test")     # the guests' serial consoles
 
 
 def kill_process_group(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
@@ -113,7 +110,10 @@ def libvirt_conn(require_root: None) -> Iterator[Any]:
 
 @pytest.fixture
 def transient_domains(libvirt_conn: Any) -> Iterator[Callable[[str], Any]]:
-    """createXML transient domains; every one is destroyed at teardown, even on failure."""
+    """createXML transient domains; every one is destroyed at teardown, even on
+    failure, by the UUID createXML returned (recorded only once it succeeded:
+    a name taken by another run must not make us destroy that run's guest).
+    Name them with integration.domains.domain_name."""
     import libvirt
 
     created: list[Any] = []
@@ -129,6 +129,9 @@ def transient_domains(libvirt_conn: Any) -> Iterator[Callable[[str], Any]]:
         for dom in created:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.destroy()
+            # the object may belong to a connection that died with a libvirtd
+            # restart, or the guest was saved and restored: by UUID, afresh
+            destroy_by_uuid(dom.UUIDString())
         deadline = time.monotonic() + 10
         while any(_active(dom) for dom in created) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -143,40 +146,25 @@ def _active(dom: Any) -> bool:
         return False
 
 
-def destroy_by_name(name: str) -> None:
-    """Destroy a test domain on a fresh connection: the session's libvirt
-    connection dies when libvirtd restarts, a restored guest is a new libvirt
-    object, and the guest must not outlive the test."""
-    subprocess.run(["virsh", "-q", "-c", LIBVIRT_URI, "destroy", name],
-                   capture_output=True, timeout=60, check=False)
-
-
 BootGuests = Callable[..., list[Any]]
 
 
 @pytest.fixture
-def boot_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
-                ) -> Iterator[BootGuests]:
+def boot_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any],
+                tmp_path_factory: pytest.TempPathFactory) -> BootGuests:
     """``boot(names, spec, **domain_xml options)`` starts libvirt guests of the
-    test image, waits until each is ready (240 s) and returns their domains;
-    every one is destroyed by name at teardown (``destroy_by_name``)."""
-    booted: list[str] = []
+    test image (serial consoles in a temporary directory), waits until each is
+    ready (240 s) and returns their domains; each is destroyed by UUID at
+    teardown (``transient_domains``). Give names from ``domain_name``."""
+    consoles = tmp_path_factory.mktemp("consoles")
 
     def boot(names: Sequence[str], spec: FillSpec, **options: Any) -> list[Any]:
-        GUEST_LOG_DIR.mkdir(parents=True, exist_ok=True)
-        domains = []
+        domains = [transient_domains(domain_xml(name, guest_image, spec,
+                                                console_log=consoles / f"{name}.log",
+                                                **options))
+                   for name in names]
         for name in names:
-            log = GUEST_LOG_DIR / f"{name}.log"
-            log.unlink(missing_ok=True)
-            booted.append(name)
-            domains.append(transient_domains(domain_xml(name, guest_image, spec,
-                                                        console_log=log, **options)))
-        for name in names:
-            wait_ready(GUEST_LOG_DIR / f"{name}.log", timeout=240)
+            wait_ready(consoles / f"{name}.log", timeout=240)
         return domains
 
-    try:
-        yield boot
-    finally:
-        for name in booted:
-            destroy_by_name(name)
+    return boot

@@ -3,7 +3,8 @@
 Order matters: the libvirtd restart test runs last in this module.
 
 Test sessions run concurrently on one libvirtd. Domain names therefore carry
-this session's pid, and each daemon manages only this session's domains
+this run's random id (integration.domains), are torn down by UUID, and each
+daemon manages only this run's domains
 (VMSHARE_DAEMON_DOMAINS): with shared names, another session's fixture
 destroyed and re-created "our" domain (a new QEMU, merge on again), and a
 daemon managing every domain turned other sessions' guests back to its own
@@ -12,7 +13,6 @@ default. Both showed up as a second True->False audit record for one VM.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -37,47 +37,48 @@ from integration.daemon_helpers import (
     wait_for,
     write_config,
 )
+from integration.domains import IT_DOMAIN_PREFIX, destroy_by_uuid
 from integration.ksm_fixtures import kernel_ksm
+from tests.hostguard import RUN_ID
 from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
 from vmshare.ksm.sysfs import KsmSysfs
 
 __all__ = ["kernel_ksm"]
 pytestmark = pytest.mark.integration
 
-P = f"vmshare-it-dmn{os.getpid()}-"
+P = f"{IT_DOMAIN_PREFIX}dmn{RUN_ID}-"
 MINE = (f"{P}*",)
-LOGDIR = Path("/var/lib/vmshare/test")
 REGRESSION = Path(__file__).resolve().parent.parent / "tests" / "data" / "bad_inputs"
 
 
 @pytest.fixture
-def domains(libvirt_conn: Any, guest_image: GuestImage) -> Iterator[Any]:
-    """start(name, spec, **xml options); every domain destroyed (and its save file
-    removed) at teardown."""
-    import libvirt
-    names: list[str] = []
-    LOGDIR.mkdir(parents=True, exist_ok=True)
+def consoles(tmp_path: Path) -> Path:
+    """The guests' serial console logs."""
+    path = tmp_path / "consoles"
+    path.mkdir()
+    return path
 
-    def conn() -> Any:
-        # A fresh connection: libvirtd may have been restarted by the test.
-        return libvirt.open("qemu:///system")
+
+@pytest.fixture
+def domains(libvirt_conn: Any, guest_image: GuestImage, consoles: Path) -> Iterator[Any]:
+    """start(name, spec, **xml options); every domain destroyed at teardown, by
+    the UUID createXML returned (the name may be reused by a restore)."""
+    import libvirt
+    uuids: list[str] = []
 
     def start(name: str, spec: FillSpec | None = None, **kw: Any) -> Any:
-        log = LOGDIR / f"{name}.log"
-        log.unlink(missing_ok=True)
-        names.append(name)
-        with contextlib.suppress(libvirt.libvirtError):   # left by a crashed run of ours
-            conn().lookupByName(name).destroy()
-        return conn().createXML(domain_xml(
+        # A fresh connection: libvirtd may have been restarted by the test.
+        dom = libvirt.open("qemu:///system").createXML(domain_xml(
             name, guest_image, spec or FillSpec(), memory_mib=kw.pop("memory_mib", 192),
-            console_log=log, **kw), 0)
+            console_log=consoles / f"{name}.log", **kw), 0)
+        uuids.append(dom.UUIDString())
+        return dom
 
     try:
         yield start
     finally:
-        for name in names:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn().lookupByName(name).destroy()
+        for uuid in uuids:
+            destroy_by_uuid(uuid)
 
 
 @pytest.fixture
@@ -131,8 +132,8 @@ def test_policy_on_start_and_sigkill_restart(domains: Any, daemon_dir: Path) -> 
 
 
 def test_save_restore_reapplies_and_tracks_remerge(domains: Any, daemon_dir: Path,
-                                                   libvirt_conn: Any,
-                                                   kernel_ksm: KsmSysfs) -> None:
+                                                   libvirt_conn: Any, kernel_ksm: KsmSysfs,
+                                                   consoles: Path) -> None:
     import libvirt
     spec = FillSpec(identical_mib=64, seed=7)
     cfg = write_config(daemon_dir, {f"{P}sr-off": "off"})
@@ -144,7 +145,7 @@ def test_save_restore_reapplies_and_tracks_remerge(domains: Any, daemon_dir: Pat
         dom_b = domains(f"{P}sr-b", spec)
         dom_c = domains(f"{P}sr-off")
         for n in ("sr-a", "sr-b"):
-            wait_ready(LOGDIR / f"{P}{n}.log", timeout=120)
+            wait_ready(consoles / f"{P}{n}.log", timeout=120)
         wait_for(lambda: all_merge(f"{P}sr-off", False), 20, "policy off not applied")
         kernel_ksm.set("run", 1)
 
@@ -194,7 +195,7 @@ def test_save_restore_reapplies_and_tracks_remerge(domains: Any, daemon_dir: Pat
             path.unlink(missing_ok=True)
 
 
-def test_memory_hotplug_gets_policy(domains: Any, daemon_dir: Path) -> None:
+def test_memory_hotplug_gets_policy(domains: Any, daemon_dir: Path, consoles: Path) -> None:
     import libvirt
     cfg = write_config(daemon_dir, {f"{P}hp": "off"})
     d = DaemonProc(cfg, daemon_dir / "daemon.log", domains=MINE)
@@ -202,7 +203,7 @@ def test_memory_hotplug_gets_policy(domains: Any, daemon_dir: Path) -> None:
         d.wait_log("running: qemu:///system")
         dom = domains(f"{P}hp", hotplug_slots=1)
         wait_for(lambda: all_merge(f"{P}hp", False), 20, "policy off not applied")
-        wait_ready(LOGDIR / f"{P}hp.log", timeout=120)
+        wait_ready(consoles / f"{P}hp.log", timeout=120)
         dimm = ("<memory model='dimm'><target><size unit='MiB'>128</size>"
                 "<node>0</node></target></memory>")
         t0 = time.monotonic()

@@ -13,12 +13,13 @@ add to the kernel's counters that concurrent KSM tests read.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from integration.domains import domain_name
 from integration.ksm_fixtures import MemProc, memprocs, start_memproc
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import VmshareError
@@ -82,7 +83,7 @@ def test_mremap_gives_a_new_generation(memprocs: list[MemProc]) -> None:
 
 
 # ------------------------------------------------------------------ save / restore
-NAMES = ("vmshare-it-eng-inval-a", "vmshare-it-eng-inval-b")
+NAMES = (domain_name("eng-inval-a"), domain_name("eng-inval-b"))
 SPEC = FillSpec(identical_mib=48, unique_mib=16, zero_mib=8, seed=33)
 
 
@@ -109,13 +110,13 @@ def converge_passes(scanner: LiveScanner, limit: int = 6) -> ScanPass:
     return p
 
 
-def test_save_restore_gives_a_new_generation(guests: tuple[str, ...], libvirt_conn: Any
-                                             ) -> None:
+def test_save_restore_gives_a_new_generation(guests: tuple[str, ...], libvirt_conn: Any,
+                                             tmp_path: Path) -> None:
     from vmshare.hypervisor import connect
 
     a, b = guests
     hv: Any = connect("qemu:///system")
-    save_dir = ensure_dump_dir("/var/lib/vmshare/test-save")
+    save_dir = ensure_dump_dir(tmp_path / "save")
     save_path = save_dir / f"{a}.save"
     try:
         for n in guests:
@@ -155,8 +156,6 @@ def test_save_restore_gives_a_new_generation(guests: tuple[str, ...], libvirt_co
         assert inc[a].ksm_pages == pytest.approx(fr[a].ksm_pages, rel=0.01)
         assert inc[a].shares_with[b] == pytest.approx(fr[a].shares_with[b], rel=0.01)
     finally:
-        save_path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(save_dir)
+        save_path.unlink(missing_ok=True)      # guest memory: not left for pytest's tmp
         with contextlib.suppress(VmshareError):
             hv.close()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from integration.domains import domain_name
 from integration.ksm_fixtures import MemProc, converge, kernel_ksm, memprocs, start_memproc
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import VmshareError
@@ -204,7 +205,7 @@ def test_reading_live_memory_leaves_ksm_pages_merged(kernel_ksm: KsmSysfs,
 
 
 # ------------------------------------------------------------------ real guests
-GUEST_NAMES = ("vmshare-it-eng-diff-a", "vmshare-it-eng-diff-b")
+GUEST_NAMES = (domain_name("eng-diff-a"), domain_name("eng-diff-b"))
 GUEST_SPEC = FillSpec(identical_mib=64, unique_mib=24, zero_mib=16, volatile_mib=4, seed=21)
 GUEST_MIB = 224
 

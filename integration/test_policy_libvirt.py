@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from integration.domains import domain_name
 from vmshare.cli.main import main
-from vmshare.guest import FillSpec, GuestImage, domain_xml, wait_ready
+from vmshare.guest import FillSpec
 from vmshare.hypervisor.metadata import NAMESPACE, adopted_element
 
 pytestmark = pytest.mark.integration
 
 URI = "qemu:///system"
-SUFFIX = f"{os.getpid()}"
-LOGDIR = Path("/var/lib/vmshare/test")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -41,7 +39,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def persistent_domain(libvirt_conn: Any) -> Iterator[Any]:
     import libvirt
-    name = f"vmshare-it-pol-def-{SUFFIX}"
+    name = domain_name("pol-def")
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
            "<os><type arch='x86_64'>hvm</type></os></domain>")
     dom = libvirt_conn.defineXML(xml)
@@ -98,19 +96,12 @@ def test_policy_set_show_round_trip_persistent(persistent_domain: Any, env: Path
 
 
 @pytest.fixture
-def two_guests(guest_image: GuestImage, transient_domains: Any) -> tuple[str, str]:
-    LOGDIR.mkdir(parents=True, exist_ok=True)
-    names = (f"vmshare-it-pol-a-{SUFFIX}", f"vmshare-it-pol-b-{SUFFIX}")
-    spec = FillSpec(identical_mib=16, unique_mib=8, seed=5)
-    for name in names:
-        log = LOGDIR / f"{name}.log"
-        log.unlink(missing_ok=True)
-        # written adopted: QEMU starts with mem-merge=off, nothing mergeable, so two
-        # trust groups can be told apart by their RAM backends alone
-        transient_domains(domain_xml(name, guest_image, spec, memory_mib=192, console_log=log,
-                                     nosharepages=True, metadata_xml=adopted_element()))
-    for name in names:
-        wait_ready(LOGDIR / f"{name}.log", timeout=240)
+def two_guests(boot_guests: Any) -> tuple[str, str]:
+    names = (domain_name("pol-a"), domain_name("pol-b"))
+    # written adopted: QEMU starts with mem-merge=off, nothing mergeable, so two
+    # trust groups can be told apart by their RAM backends alone
+    boot_guests(names, FillSpec(identical_mib=16, unique_mib=8, seed=5), memory_mib=192,
+                nosharepages=True, metadata_xml=adopted_element())
     return names
 
 

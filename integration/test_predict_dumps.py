@@ -24,6 +24,7 @@ from typing import Any, Self
 
 import pytest
 
+from integration.domains import domain_name
 from tests.dump_corpus import malformed_corpus, write_corpus
 from vmshare.engine import EngineConfig
 from vmshare.guest import FillSpec
@@ -37,10 +38,9 @@ from vmshare.sources.secure import dump_file, ensure_dump_dir, paused_guard
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-NAME = "vmshare-it-eng-dump"
+NAME = domain_name("eng-dump")
 SPEC = FillSpec(identical_mib=16, unique_mib=16, zero_mib=8, seed=44)
 MEMORY_MIB = 192
-DUMP_DIR = Path("/var/lib/vmshare/test-dumps")
 
 
 class RamRange:
@@ -89,7 +89,8 @@ def counters(p: Prediction) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize("use_zero_pages", [False, True], ids=["zero-off", "zero-on"])
-def test_dumps_predict_like_the_paused_live_guest(guest: Any, use_zero_pages: bool) -> None:
+def test_dumps_predict_like_the_paused_live_guest(guest: Any, use_zero_pages: bool,
+                                                  tmp_path: Path) -> None:
     import libvirt
 
     from vmshare.hypervisor import connect
@@ -99,9 +100,9 @@ def test_dumps_predict_like_the_paused_live_guest(guest: Any, use_zero_pages: bo
     for b in hv.ram_backends(ref):      # keep it out of concurrent kernel KSM tests
         hv.set_merge(ref, b.id, False)
     config = EngineConfig(use_zero_pages=use_zero_pages)
-    ensure_dump_dir(DUMP_DIR)
+    dump_dir = ensure_dump_dir(tmp_path / "dumps")
     try:
-        with dump_file(DUMP_DIR, "elf") as elf, dump_file(DUMP_DIR, "kdump") as kd:
+        with dump_file(dump_dir, "elf") as elf, dump_file(dump_dir, "kdump") as kd:
             with paused_guard(guest.suspend, guest.resume, was_running=True):
                 assert guest.state()[0] == libvirt.VIR_DOMAIN_PAUSED
                 guest.coreDumpWithFormat(str(elf.path), libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
@@ -116,7 +117,7 @@ def test_dumps_predict_like_the_paused_live_guest(guest: Any, use_zero_pages: bo
             assert guest.state()[0] == libvirt.VIR_DOMAIN_RUNNING
             for f in (elf, kd):
                 assert os.stat(f.path).st_mode & 0o777 == 0o600
-            assert os.stat(DUMP_DIR).st_mode & 0o777 == 0o700
+            assert os.stat(dump_dir).st_mode & 0o777 == 0o700
             from_elf = predict([ram_dump_target(elf.path, "guest")], config)
             from_kdump = predict([ram_dump_target(kd.path, "guest")], config)
         assert not elf.path.exists() and not kd.path.exists()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from integration.domains import domain_name
 from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli.main import main
 from vmshare.engine import EngineConfig, KsmEngine
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.integration
 MIB = 2**20
 MEMORY_MIB = 256
 SPEC = FillSpec(identical_mib=96, unique_mib=24, zero_mib=0, seed=31)
-GUESTS = {"vmshare-it-privfile": "file", "vmshare-it-privmemfd": "memfd"}
+GUESTS = {domain_name("privfile"): "file", domain_name("privmemfd"): "memfd"}
 
 
 @pytest.fixture

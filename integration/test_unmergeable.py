@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from integration.conftest import GUEST_LOG_DIR
 from integration.daemon_helpers import DaemonProc, wait_for
 from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli.main import main
@@ -107,10 +106,12 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 Define = Callable[..., list[Any]]
 define_prefix = [""]     # the current test's domain name prefix (for a daemon's scope)
+consoles = [Path()]      # the current test's serial console directory (temporary)
 
 
 @pytest.fixture
-def persistent_guests(guest_image: GuestImage, libvirt_conn: Any) -> Iterator[Define]:
+def persistent_guests(guest_image: GuestImage, libvirt_conn: Any,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Define]:
     """``define(count, nosharepages=False)``: persistent domains with a VGA device
     and unique names, defined but not started; all destroyed and undefined at
     teardown, by name on fresh connections (another session's test may have
@@ -118,14 +119,13 @@ def persistent_guests(guest_image: GuestImage, libvirt_conn: Any) -> Iterator[De
     suffix = secrets.token_hex(3)
     made: list[str] = []
     define_prefix[0] = f"vmshare-it-unm-{suffix}-"
+    consoles[0] = tmp_path_factory.mktemp("consoles")
 
     def define(count: int, *, nosharepages: bool = False, tag: str = "g") -> list[Any]:
-        GUEST_LOG_DIR.mkdir(parents=True, exist_ok=True)
         doms = []
         for i in range(count):
             name = f"{define_prefix[0]}{tag}{i}"
-            log = GUEST_LOG_DIR / f"{name}.log"
-            log.unlink(missing_ok=True)
+            log = consoles[0] / f"{name}.log"
             xml = domain_xml(name, guest_image, SPEC, memory_mib=MEMORY_MIB, console_log=log,
                              nosharepages=nosharepages)
             dom = libvirt_conn.defineXML(xml.replace("<devices>", f"<devices>{VGA}", 1))
@@ -146,7 +146,7 @@ def start(doms: list[Any]) -> None:
     for dom in doms:
         dom.create()
     for dom in doms:
-        wait_ready(GUEST_LOG_DIR / f"{dom.name()}.log", timeout=240)
+        wait_ready(consoles[0] / f"{dom.name()}.log", timeout=240)
 
 
 def adopt(capsys: pytest.CaptureFixture[str], doms: list[Any]) -> None:

@@ -7,7 +7,6 @@ the identical region, and `disable` really unmerges one guest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from integration.domains import destroy_by_uuid, domain_name
 from integration.ksm_fixtures import converge, kernel_ksm
 from vmshare.cli.main import main
 from vmshare.guest import FillSpec, GuestImage, domain_xml, qemu_argv, wait_ready
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 MIB = 2**20
 MEMORY_MIB = 384
 SPEC = FillSpec(identical_mib=224, unique_mib=32, zero_mib=0, seed=11)
-NAMES = ("vmshare-it-ksm-a", "vmshare-it-ksm-b")
+NAMES = (domain_name("ksm-a"), domain_name("ksm-b"))
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -50,28 +50,27 @@ def status(capsys: pytest.CaptureFixture[str], *names: str,
 @pytest.fixture(scope="module")
 def two_guests(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[tuple[str, str]]:
-    """Two running libvirt guests with the same identical region."""
+    """Two running libvirt guests with the same identical region; destroyed by the
+    UUID createXML gave (module scope: transient_domains is per test)."""
     image: GuestImage = request.getfixturevalue("guest_image")
     conn = request.getfixturevalue("libvirt_conn")
-    logdir = Path("/var/lib/vmshare/test")
-    logdir.mkdir(parents=True, exist_ok=True)
-    doms = []
+    logdir = tmp_path_factory.mktemp("consoles")
+    uuids = []
     try:
         for name in NAMES:
-            log = logdir / f"{name}.log"
-            log.unlink(missing_ok=True)
             # adopted (<nosharepages/>: QEMU mem-merge=off), so that disable
             # can make the whole QEMU unmergeable
-            doms.append(conn.createXML(domain_xml(name, image, SPEC, memory_mib=MEMORY_MIB,
-                                                  console_log=log, nosharepages=True,
-                                                  metadata_xml=adopted_element()), 0))
+            dom = conn.createXML(domain_xml(name, image, SPEC, memory_mib=MEMORY_MIB,
+                                            console_log=logdir / f"{name}.log",
+                                            nosharepages=True,
+                                            metadata_xml=adopted_element()), 0)
+            uuids.append(dom.UUIDString())
         for name in NAMES:
             wait_ready(logdir / f"{name}.log", timeout=180)
         yield NAMES
     finally:
-        for dom in doms:
-            with contextlib.suppress(Exception):
-                dom.destroy()
+        for uuid in uuids:
+            destroy_by_uuid(uuid)
 
 
 def by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -111,6 +110,12 @@ def test_enable_merge_attribution_and_disable(two_guests: tuple[str, str],
     code, out, err = run_cli(capsys, "disable", b)
     assert code == 0, err
     assert "merge on -> off (verified)" in out
+    # recorded in this test's own audit log (conftest's VMSHARE_AUDIT_LOG), not the host's
+    audit = Path(os.environ["VMSHARE_AUDIT_LOG"])
+    assert not audit.is_relative_to("/var/log")
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["vm"], r["before"], r["after"]) for r in records][-1] == (b, True, False)
+    assert {r["vm"] for r in records} <= {a, b}
     after = by_name(status(capsys, a, b))
     assert after[b]["backends"][0]["mg"] is False
     assert after[b]["backends"][0]["merge"] is False
@@ -128,7 +133,7 @@ def test_plain_qemu_over_qmp(guest_image: GuestImage, kernel_ksm: KsmSysfs,
     for i in range(2):
         sock, log = tmp_path / f"q{i}.qmp", tmp_path / f"q{i}.log"
         argv = qemu_argv(guest_image, spec, memory_mib=256, qmp_socket=sock,
-                         console_log=log, name=f"vmshare-it-qmp-{i}")
+                         console_log=log, name=domain_name(f"qmp-{i}"))
         if i == 0:   # mem-merge=off: nothing mergeable until vmshare enables the RAM
             argv[argv.index("-machine") + 1] += ",mem-merge=off"   # (q1: QEMU's default)
         qemu_launcher(argv)
@@ -136,9 +141,9 @@ def test_plain_qemu_over_qmp(guest_image: GuestImage, kernel_ksm: KsmSysfs,
         logs.append(log)
     for log in logs:
         wait_ready(log, timeout=180)
-    code, out, err = run_cli(capsys, "--qmp", str(socks[0]), "disable", "vmshare-it-qmp-0")
+    code, out, err = run_cli(capsys, "--qmp", str(socks[0]), "disable", domain_name("qmp-0"))
     assert code == 0, err
-    code, out, err = run_cli(capsys, "--qmp", str(socks[0]), "enable", "vmshare-it-qmp-0")
+    code, out, err = run_cli(capsys, "--qmp", str(socks[0]), "enable", domain_name("qmp-0"))
     assert code == 0, err
     assert "merge off -> on (verified)" in out
     converge(kernel_ksm, timeout=240)
@@ -187,7 +192,7 @@ def test_bad_input_is_one_line_and_changes_nothing(kernel_ksm: KsmSysfs, tmp_pat
     assert_one_line_error(vmshare("ksm", "set", "pages_to_scan=123", preexec=drop_root),
                           "permission denied")
     # A domain that exists but is not running.
-    name = "vmshare-it-stopped"
+    name = domain_name("stopped")
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
            "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")
     dom = libvirt_conn.defineXML(xml)

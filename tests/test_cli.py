@@ -79,6 +79,9 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeHyperviso
     monkeypatch.setenv("VMSHARE_SYSFS_ROOT", str(sysfs))
     monkeypatch.setenv("VMSHARE_PROC_ROOT", str(fake.root))
     monkeypatch.setenv("VMSHARE_TUNER_LOCK", str(tmp_path / "tuner.lock"))
+    # enable/disable audit and obey the config: never the host's own
+    monkeypatch.setenv("VMSHARE_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.setenv("VMSHARE_CONFIG", str(tmp_path / "vmshare.toml"))
     monkeypatch.setattr("vmshare.hypervisor.connect", lambda *a, **k: hv)
     return hv, fake
 
