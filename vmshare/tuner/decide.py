@@ -18,8 +18,8 @@ cost, convergence, churn, memory pressure). One step per mode:
   burst finds nothing to merge (``churn_cooldown``), so volatile memory
   cannot make ksmd run away;
 * stopped (``while_idle``): resume when MemAvailable is no longer ample,
-  when it dropped by a share of MemTotal since the stop (new guests), or
-  after ``probe_seconds``.
+  when it dropped by a share of MemTotal since the stop (new guests), after
+  ``probe_seconds``, or when KSM's counters went back (someone else reset it).
 
 The CPU budget (``plan_knobs``): with the cost of a page measured,
 pages_to_scan is chosen so that pages_to_scan * cost / (sleep +
