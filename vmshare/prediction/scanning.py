@@ -312,11 +312,11 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     Reading (a system call that releases the GIL) runs in a helper thread
     (``_read_sources``) ahead of the engine's hashing (``_feed``), one bounded
     queue apart. Live process memory is read straight into the arena, or with
-    ``reread`` (planning.plan_scan) into a few reused buffers, the engine reading again
-    at the end the pages it compares; other sources' runs are copied into the
-    arena. Raises what the sources raise (DumpError, ProcessGone,
-    AccessDenied, ProcfsError); the engine is then left mid-scan and must be
-    discarded.
+    ``reread`` (vmshare.prediction.planning.plan_scan) into a few reused
+    buffers, the engine reading again at the end the pages it compares; other
+    sources' runs are copied into the arena. Raises what the sources raise
+    (DumpError, ProcessGone, AccessDenied, ProcfsError); the engine is then
+    left mid-scan and must be discarded.
     """
     t0 = time.perf_counter()
     arena = arena if arena is not None else ScanArena()
