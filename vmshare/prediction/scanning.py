@@ -8,10 +8,10 @@ provides those buffers (reused by the next scan; live memory is read straight
 into them). Where that would not fit in available memory
 (vmshare.prediction.planning chooses before anything is read), live memory
 goes through a few reused buffers (``ReadRing``) and the engine re-reads at
-the end only the pages to compare (``live_fetch``). With soft-dirty tracking
-(``ScanArena(soft_dirty=True)`` on a kernel that tracks it) live sources keep
-their copies between scans and re-read only the pages written since
-(``vmshare.sources.live.SoftDirtyMirror``).
+the end only the pages to compare (``live_fetch``).
+With soft-dirty tracking (``ScanArena(soft_dirty=True)`` on a kernel that
+tracks it) live sources keep their copies between scans and re-read only the
+pages written since (``vmshare.sources.live.SoftDirtyMirror``).
 """
 
 from __future__ import annotations
