@@ -22,14 +22,14 @@ from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import DumpError, MemoryRefused, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.prediction.predict import LiveScanner, dump_target, pid_target, predict
-from vmshare.prediction.scanning import (
+from vmshare.prediction.planning import (
     ENGINE_BYTES_PER_PAGE,
     LIVE_BUFFER_BYTES,
-    ScanArena,
     ScanPlan,
     plan_scan,
 )
+from vmshare.prediction.predict import LiveScanner, dump_target, pid_target, predict
+from vmshare.prediction.scanning import ScanArena
 from vmshare.present.progress import ProgressBar
 from vmshare.sources import LiveProcessSource
 from vmshare.sources.visible import zero_rows

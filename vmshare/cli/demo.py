@@ -20,12 +20,12 @@ from vmshare.cli import argtypes
 from vmshare.cli.context import Context, out
 from vmshare.control.merge import Controller
 from vmshare.errors import AccessDenied, KsmUnavailable, UsageError, VmshareError
-from vmshare.guest import FillSpec, build_image, domain_xml, wait_ready
+from vmshare.guest import FillSpec, GuestImage, build_image, domain_xml, wait_ready
 from vmshare.hypervisor.libvirt import LibvirtHypervisor
 from vmshare.ksm.procfs import ProcFs
-from vmshare.ksm.sysfs import KsmSysfs
+from vmshare.ksm.sysfs import KnobSnapshot, KsmSysfs
 from vmshare.model import PAGE_SIZE, VmRef
-from vmshare.observe.host import Observer
+from vmshare.observe.host import HostView, Observer
 from vmshare.present import text as report
 
 DEMO_PREFIX = "vmshare-demo-"
@@ -55,8 +55,10 @@ def _check(opts: DemoOptions) -> None:
 
 def run_demo(opts: DemoOptions, *, out: Callable[[str], None],
              sysfs: KsmSysfs | None = None, procfs: ProcFs | None = None) -> int:
-    """Run the demo; returns the exit code. Raises VmshareError on failure,
-    after cleaning up whatever it started."""
+    """Run the demo: build the image, boot, make mergeable, run KSM and wait,
+    print, clean up. Returns the exit code. Raises VmshareError on failure
+    (UsageError, AccessDenied, KsmUnavailable, GuestError, HypervisorError,
+    KnobError among them), after cleaning up whatever it started."""
     _check(opts)
     sysfs = sysfs or KsmSysfs()
     procfs = procfs or ProcFs()
@@ -67,74 +69,101 @@ def run_demo(opts: DemoOptions, *, out: Callable[[str], None],
     started: list[VmRef] = []
     snapshot = sysfs.snapshot()
     try:
-        t0 = time.monotonic()
-        out("Building the guest image (Debian cloud kernel + busybox initramfs)...")
-        image = build_image()
-        out(f"  kernel {image.kernel}\n  initrd {image.initrd}  ({time.monotonic() - t0:.1f} s)")
-        DEMO_DIR.mkdir(parents=True, exist_ok=True)
-        spec = FillSpec(identical_mib=opts.identical_mib, unique_mib=opts.unique_mib,
-                        zero_mib=opts.zero_mib, seed=1)
-        for old in hv.list_vms():
-            if old.name.startswith(DEMO_PREFIX) and old.running:
-                raise UsageError(f"{old.name} is already running (a previous demo with "
-                                 f"--keep?): 'virsh destroy {old.name}' first")
-        out(f"Booting {opts.guests} TCG guests of {opts.memory_mib} MiB: each writes "
-            f"{opts.identical_mib} MiB identical to the others, {opts.unique_mib} MiB of its "
-            f"own and {opts.zero_mib} MiB of zeros...")
-        logs = []
-        for i in range(opts.guests):
-            name = f"{DEMO_PREFIX}{i + 1}"
-            log_path = DEMO_DIR / f"{name}.console.log"
-            log_path.unlink(missing_ok=True)
-            xml = domain_xml(name, image, spec, memory_mib=opts.memory_mib,
-                             console_log=log_path)
-            started.append(hv.create_transient(xml))
-            logs.append(log_path)
-        for ref, log_path in zip(started, logs, strict=True):
-            wait_ready(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
-            out(f"  {ref.name}: ready")
+        image = _build(out)
+        _boot(hv, image, opts, started, out)
         observer = Observer(hv, sysfs, procfs)
-        ctl = Controller(hv, procfs, observer)
-        for ref in started:
-            for change in ctl.set_merge(ref.name, True):
-                out(f"  {change.vm}/{change.backend}: mergeable (verified: QEMU merge=on, "
-                    "kernel mg flag set)")
-        for name, value in DEMO_KNOBS.items():
-            sysfs.set(name, value)
-        sysfs.set("run", 1)
-        out(f"Kernel KSM running (pages_to_scan={DEMO_KNOBS['pages_to_scan']}, "
-            f"sleep_millisecs={DEMO_KNOBS['sleep_millisecs']}); waiting for pages to merge...")
+        _make_mergeable(Controller(hv, procfs, observer), started, out)
+        _run_ksm(sysfs, out)
         _wait_merged(sysfs, opts, out)
-        host = observer.host([r.name for r in started])
-        out("")
-        out(report.host_summary(host))
-        out("")
-        out(report.status_table(host))
-        out("")
-        out(report.matrix(host))
-        expected = opts.identical_mib * (opts.guests - 1) / opts.guests
-        out("")
-        out(f"Expected from the content alone: each guest saves about {expected:.1f} MiB of "
-            f"its identical region ((n-1)/n of {opts.identical_mib} MiB), plus its share "
-            "of identical kernel pages and of the merged zero pages.")
+        _show(observer.host([r.name for r in started]), opts, out)
         return 0
     finally:
-        try:
-            sysfs.restore(snapshot)
-        except VmshareError as exc:
-            out(f"warning: could not restore KSM knobs: {exc}")
-        if not opts.keep:
-            for ref in started:
-                try:
-                    hv.destroy(ref)
-                except VmshareError as exc:
-                    out(f"warning: could not destroy {ref.name}: {exc}")
-            if started:
-                out(f"Guests destroyed; KSM knobs restored (run={snapshot.values.get('run')}).")
-        elif started:
-            out("Guests left running (--keep): " + ", ".join(r.name for r in started)
-                + "; KSM knobs restored.")
-        hv.close()
+        _clean_up(hv, sysfs, snapshot, started, opts.keep, out)
+
+
+def _build(out: Callable[[str], None]) -> GuestImage:
+    t0 = time.monotonic()
+    out("Building the guest image (Debian cloud kernel + busybox initramfs)...")
+    image = build_image()
+    out(f"  kernel {image.kernel}\n  initrd {image.initrd}  ({time.monotonic() - t0:.1f} s)")
+    return image
+
+
+def _boot(hv: LibvirtHypervisor, image: GuestImage, opts: DemoOptions, started: list[VmRef],
+          out: Callable[[str], None]) -> None:
+    """Boot the demo guests and wait until each is ready; each one is added to
+    ``started`` as soon as it exists, so that a failure part-way cleans it up."""
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    spec = FillSpec(identical_mib=opts.identical_mib, unique_mib=opts.unique_mib,
+                    zero_mib=opts.zero_mib, seed=1)
+    for old in hv.list_vms():
+        if old.name.startswith(DEMO_PREFIX) and old.running:
+            raise UsageError(f"{old.name} is already running (a previous demo with "
+                             f"--keep?): 'virsh destroy {old.name}' first")
+    out(f"Booting {opts.guests} TCG guests of {opts.memory_mib} MiB: each writes "
+        f"{opts.identical_mib} MiB identical to the others, {opts.unique_mib} MiB of its "
+        f"own and {opts.zero_mib} MiB of zeros...")
+    logs = []
+    for i in range(opts.guests):
+        name = f"{DEMO_PREFIX}{i + 1}"
+        log_path = DEMO_DIR / f"{name}.console.log"
+        log_path.unlink(missing_ok=True)
+        xml = domain_xml(name, image, spec, memory_mib=opts.memory_mib, console_log=log_path)
+        started.append(hv.create_transient(xml))
+        logs.append(log_path)
+    for ref, log_path in zip(started, logs, strict=True):
+        wait_ready(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
+        out(f"  {ref.name}: ready")
+
+
+def _make_mergeable(ctl: Controller, started: list[VmRef], out: Callable[[str], None]) -> None:
+    for ref in started:
+        for change in ctl.set_merge(ref.name, True):
+            out(f"  {change.vm}/{change.backend}: mergeable (verified: QEMU merge=on, "
+                "kernel mg flag set)")
+
+
+def _run_ksm(sysfs: KsmSysfs, out: Callable[[str], None]) -> None:
+    for name, value in DEMO_KNOBS.items():
+        sysfs.set(name, value)
+    sysfs.set("run", 1)
+    out(f"Kernel KSM running (pages_to_scan={DEMO_KNOBS['pages_to_scan']}, "
+        f"sleep_millisecs={DEMO_KNOBS['sleep_millisecs']}); waiting for pages to merge...")
+
+
+def _show(host: HostView, opts: DemoOptions, out: Callable[[str], None]) -> None:
+    """The per-VM savings, the sharing matrix, and what the content alone predicts."""
+    for text in (report.host_summary(host), report.status_table(host), report.matrix(host)):
+        out("")
+        out(text)
+    expected = opts.identical_mib * (opts.guests - 1) / opts.guests
+    out("")
+    out(f"Expected from the content alone: each guest saves about {expected:.1f} MiB of "
+        f"its identical region ((n-1)/n of {opts.identical_mib} MiB), plus its share "
+        "of identical kernel pages and of the merged zero pages.")
+
+
+def _clean_up(hv: LibvirtHypervisor, sysfs: KsmSysfs, snapshot: KnobSnapshot,
+              started: list[VmRef], keep: bool, out: Callable[[str], None]) -> None:
+    """Restore every KSM knob, destroy the guests (unless ``keep``), close the
+    connection. A failure here is a warning: the demo's own error (if any) is
+    the one to report."""
+    try:
+        sysfs.restore(snapshot)
+    except VmshareError as exc:
+        out(f"warning: could not restore KSM knobs: {exc}")
+    if not keep:
+        for ref in started:
+            try:
+                hv.destroy(ref)
+            except VmshareError as exc:
+                out(f"warning: could not destroy {ref.name}: {exc}")
+        if started:
+            out(f"Guests destroyed; KSM knobs restored (run={snapshot.values.get('run')}).")
+    elif started:
+        out("Guests left running (--keep): " + ", ".join(r.name for r in started)
+            + "; KSM knobs restored.")
+    hv.close()
 
 
 def _wait_merged(sysfs: KsmSysfs, opts: DemoOptions, out: Callable[[str], None]) -> None:

@@ -36,9 +36,10 @@ Representation (not the kernel's rbtrees): per-page state lives in numpy arrays
 node a count, a chain id and a 128-bit fingerprint (24 bytes a node). A scan is
 vectorised per region and per checksum bucket (``vmshare.engine.merge``); only
 groups that meet an existing stable node, lose a member in the same scan, or
-hold a checksum collision are simulated page by page. The work done once per
-page (xxh3 hashing, memcmp, the zero test) is in a small C extension,
-``vmshare.engine._pages``, with the GIL released; Python decides everything.
+hold a checksum collision are simulated page by page (``vmshare.engine.slowpath``).
+The work done once per page (xxh3 hashing, memcmp, the zero test) is in a small
+C extension, ``vmshare.engine._pages``, with the GIL released; Python decides
+everything.
 
 Trust and verification (what is compared with what):
 
@@ -87,9 +88,9 @@ from vmshare.engine.core import (
     KsmCounters,
     KsmEngine,
     ScanResult,
-    SourceSavings,
     default_hasher,
 )
+from vmshare.engine.results import SourceSavings
 
 __all__ = [
     "EngineConfig",

@@ -1,20 +1,22 @@
 """KsmEngine: scan bookkeeping, per-page state arrays and the counters.
 
-The merge decisions themselves (content groups simulated in scan order) are in
-``vmshare.engine.merge``; the algorithm overview is in ``vmshare.engine``.
+The merge decisions themselves are in ``vmshare.engine.merge`` (vectorised) and
+``vmshare.engine.slowpath`` (groups simulated page by page); per-source figures
+read after a scan in ``vmshare.engine.results``; the algorithm overview is in
+``vmshare.engine``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from fractions import Fraction
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from vmshare.engine import _pages, merge
+from vmshare.engine import _pages, merge, results
+from vmshare.engine.results import SourceSavings
 from vmshare.engine.state import (
     HAS_CK,
     SEEN,
@@ -27,7 +29,6 @@ from vmshare.engine.state import (
     RegionState,
     RunRef,
     release_freed_memory,
-    run_starts,
 )
 from vmshare.errors import UsageError
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
@@ -80,25 +81,6 @@ class KsmCounters:
 
 
 assert all(f.name in COUNTER_MEANINGS for f in fields(KsmCounters))
-
-
-@dataclass(frozen=True)
-class SourceSavings:
-    """Per-source figures; ``saved`` uses the fair-share rule of ``vmshare status``.
-
-    Each stable page mapped k times credits each of its mappings (k-1)/k of a
-    page, so ``saved`` summed over all sources is exactly pages_sharing.
-    """
-
-    pages_seen: int          # pages fed in the last scan
-    ksm_pages: int           # pages mapped to a stable node
-    saved: Fraction          # exact fair share, in pages
-    zero_pages: int          # pages mapped to the zero page by use_zero_pages
-    unshared_pages: int      # pages in the unstable tree
-
-    @property
-    def saved_pages(self) -> float:
-        return float(self.saved)
 
 
 @dataclass(frozen=True)
@@ -361,58 +343,12 @@ class KsmEngine:
 
     def per_source(self) -> dict[str, SourceSavings]:
         """Per-source figures of the last completed scan (fair share, see SourceSavings)."""
-        counts = self.nodes.count_array()
-        acc: dict[str, list[int]] = {}
-        saved: dict[str, Fraction] = {}
-        for rs in self._order:
-            fl = rs.flags
-            a = acc.setdefault(rs.source, [0, 0, 0, 0])
-            a[0] += int(np.count_nonzero(fl & SEEN))
-            members = rs.node[rs.node >= 0]
-            a[1] += int(members.size)
-            a[2] += int(np.count_nonzero(fl & ZERO))
-            a[3] += int(np.count_nonzero(fl & UNSTABLE))
-            s = saved.get(rs.source, Fraction(0))
-            if members.size:
-                ks, nk = np.unique(counts[members], return_counts=True)
-                for k, m in zip(ks.tolist(), nk.tolist(), strict=True):
-                    s += Fraction(m * (k - 1), k)
-            saved[rs.source] = s
-        return {src: SourceSavings(a[0], a[1], saved[src], a[2], a[3])
-                for src, a in acc.items()}
+        return results.per_source(self._order, self.nodes)
 
     def shares_with(self) -> dict[str, dict[str, int]]:
-        """Pages of each source mapped to a stable page that another source maps too.
-
-        ``shares_with()[a][b]`` = for every stable node mapped by both a and b, the
-        number of a's pages mapped to it (summed). The same rule ``vmshare status``
-        applies to kernel PFNs: a's pages on a KSM PFN count toward [a][b] when b
-        maps that PFN too. Not symmetric when a source maps a node several times.
-        """
-        sources = sorted({rs.source for rs in self._order})
-        sid = {s: i for i, s in enumerate(sources)}
-        keys = [rs.node[rs.node >= 0].astype(np.int64) * len(sources) + sid[rs.source]
-                for rs in self._order]
-        out: dict[str, dict[str, int]] = {s: {} for s in sources}
-        if not keys:
-            return out
-        allk = np.concatenate(keys)
-        if allk.size == 0:
-            return out
-        uk, cnt = np.unique(allk, return_counts=True)
-        node, src = np.divmod(uk, len(sources))
-        starts = run_starts(node)
-        ends = np.append(starts[1:], node.size)
-        for s0, e0 in zip(starts.tolist(), ends.tolist(), strict=True):
-            if e0 - s0 < 2:
-                continue
-            group = list(zip(src[s0:e0].tolist(), cnt[s0:e0].tolist(), strict=True))
-            for a, ca in group:
-                row = out[sources[a]]
-                for b, _ in group:
-                    if b != a:
-                        row[sources[b]] = row.get(sources[b], 0) + ca
-        return out
+        """Pages of each source mapped to a stable page that another source maps
+        too (``vmshare.engine.results.shares_with``)."""
+        return results.shares_with(self._order)
 
     # -- internals -----------------------------------------------------------------
 

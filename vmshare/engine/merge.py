@@ -13,8 +13,8 @@ form (the kernel fills a new dup up to max_page_sharing, then starts another by
 pairing two unstable pages; a lone last page stays unstable). Groups that meet a
 stable node, have a member leaving one of those nodes, or hold different contents
 under one checksum (a collision) are simulated page by page in scan order (slow
-path; contents separated by byte comparison). Contents never interact, so this
-is the kernel's sequential result.
+path, ``vmshare.engine.slowpath``; contents separated by byte comparison).
+Contents never interact, so this is the kernel's sequential result.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from vmshare.engine.slowpath import SlowPath
 from vmshare.engine.state import (
     I32,
     I64,
@@ -38,14 +39,11 @@ from vmshare.engine.state import (
     PageAtlas,
     RegionState,
     RunRef,
-    fingerprint_bytes,
     release_freed_memory,
     run_starts,
 )
-from vmshare.model import PAGE_SIZE
 
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
-_ZERO_PAGE = bytes(PAGE_SIZE)
 _CHUNK = 1 << 13      # pages per vectorised step: bounds temporaries
 _BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
 
@@ -304,128 +302,15 @@ class _Scan:
             rs.node[li] = node_of[m]
             rs.flags[li] = (rs.flags[li] & np.uint8(~ARRIVAL & 0xFF)) | flags_or[m]
 
-    # -- slow path ------------------------------------------------------------------
+    # -- slow path (vmshare.engine.slowpath) ----------------------------------------
 
     def _slow_groups(self) -> None:
-        nodes = self.nodes
         lp = np.concatenate(self.leave_pos) if self.leave_pos else np.zeros(0, np.int64)
         ln = np.concatenate(self.leave_node) if self.leave_node else np.zeros(0, np.int32)
-        pending: list[tuple[int, int, bytes]] = []     # new nodes: count, chain, bytes
-        results: list[tuple[I64, I32, npt.NDArray[np.uint8]]] = []
-        for hv, apos in self.slow:
-            lo = np.searchsorted(self.live_ck, np.uint64(hv), side="left")
-            hi = np.searchsorted(self.live_ck, np.uint64(hv), side="right")
-            gnodes = sorted(self.live_ids[lo:hi].tolist())
-            results.append(self._simulate(apos, gnodes, lp, ln, pending))
-        if pending:
-            counts = np.array([p[0] for p in pending], dtype=np.int64)
-            chains = np.array([p[1] for p in pending], dtype=np.int64)
-            fps = fingerprint_bytes(b"".join(p[2] for p in pending))
-            nodes.add(counts, chains, fps)
-        for apos, node_of, flags_or in results:
+        path = SlowPath(self.nodes, self.atlas, self.node_rep, self.live_ck, self.live_ids,
+                        self.mps, self.uzp, self.verify)
+        for apos, node_of, flags_or in path.run(self.slow, lp, ln):
             self._write_back(apos, node_of, flags_or)
-
-    def _simulate(self, apos: I64, gnodes: list[int], lp: I64, ln: I32,
-                  pending: list[tuple[int, int, bytes]]
-                  ) -> tuple[I64, I32, npt.NDArray[np.uint8]]:
-        """One checksum group in scan order, contents separated by bytes."""
-        nodes = self.nodes
-        atlas = self.atlas
-        mps = self.mps
-        arr = apos.tolist()
-        # one read for the group's pages and its nodes' representatives
-        atlas.load(np.concatenate([apos, self.node_rep[np.array(gnodes, dtype=np.int64)]]))
-        data = [atlas.page(p) for p in arr]
-        ndata = [atlas.page(int(self.node_rep[nd])) for nd in gnodes]
-        joinable = set(gnodes)
-        if not self.verify and gnodes:   # the kept page must still be the node's content
-            fps = atlas.fingerprints(self.node_rep[np.array(gnodes, dtype=np.int64)])
-            okfp = (fps == nodes.fp[np.array(gnodes, dtype=np.int64)]).all(axis=1)
-            joinable = {nd for nd, ok in zip(gnodes, okfp.tolist(), strict=True) if ok}
-        contents: list[bytes] = []
-
-        def cls(b: bytes) -> int:
-            for i, c in enumerate(contents):
-                if c == b:
-                    return i
-            contents.append(b)
-            return len(contents) - 1
-
-        acls = [cls(b) for b in data]
-        ncls = [cls(b) for b in ndata]
-        gset = np.array(gnodes, dtype=np.int32)
-        lm = np.isin(ln, gset) if gnodes else np.zeros(ln.size, np.bool_)
-        leaves = list(zip(lp[lm].tolist(), ln[lm].tolist(), strict=True))
-        count: dict[int, int] = {nd: int(nodes.count[nd]) for nd in gnodes}
-        for _, nd in leaves:
-            count[nd] += 1
-        base = nodes.n
-        node_of = [-1] * len(arr)
-        flags_or = [0] * len(arr)
-        for c, content in enumerate(contents):
-            dups = [nd for nd, k in zip(gnodes, ncls, strict=True) if k == c]
-            mine = [i for i, k in enumerate(acls) if k == c]
-            ev = sorted([(p, 0, nd) for p, nd in leaves if nd in dups] +
-                        [(arr[i], 1, i) for i in mine])
-            if self.uzp and content == _ZERO_PAGE:
-                for _, kind, x in ev:
-                    if kind == 0:
-                        count[x] -= 1
-                    else:
-                        flags_or[x] = ZERO | ZERO_NEW
-                continue
-            unstable = -1
-            for _, kind, x in ev:
-                if kind == 0:
-                    count[x] -= 1
-                    continue
-                best, best_count = -1, -1
-                for d in dups:                   # fullest dup with room; ties: oldest
-                    cd = count[d]
-                    if best_count < cd < mps and d in joinable:
-                        best, best_count = d, cd
-                if best >= 0:
-                    count[best] += 1
-                    node_of[x] = best
-                elif unstable < 0:
-                    unstable = x
-                else:
-                    d = base + len(pending)
-                    chain = -1
-                    if dups:
-                        first = dups[0]
-                        chain = self._chain_of(first, pending, base)
-                    pending.append((2, chain, content))
-                    count[d] = 2
-                    joinable.add(d)
-                    dups.append(d)
-                    node_of[unstable] = node_of[x] = d
-                    unstable = -1
-            if unstable >= 0:
-                flags_or[unstable] = UNSTABLE
-        for nd, k in count.items():
-            if nd < base:
-                nodes.count[nd] = k
-            else:
-                p = pending[nd - base]
-                pending[nd - base] = (k, p[1], p[2])
-        return (apos, np.asarray(node_of, dtype=np.int32),
-                np.asarray(flags_or, dtype=np.uint8))
-
-    def _chain_of(self, first: int, pending: list[tuple[int, int, bytes]],
-                  base: int) -> int:
-        """The chain of dup ``first``, creating one if it is a plain stable node."""
-        if first < base:
-            ch = int(self.nodes.chain[first])
-            if ch < 0:
-                ch = self.nodes.new_chain()
-                self.nodes.chain[first] = ch
-            return ch
-        k, ch, content = pending[first - base]
-        if ch < 0:
-            ch = self.nodes.new_chain()
-            pending[first - base] = (k, ch, content)
-        return ch
 
 
 def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,

@@ -1,9 +1,10 @@
 """Prediction: what kernel KSM would save if the given memory were mergeable.
 
-Builds page sources for libvirt/QEMU domains (their eligible RAM backends,
-read live from /proc/<pid>/mem), guest memory dumps (``open_dump``) and any
-process's private anonymous memory, drives the userspace engine over them
-and returns the figures with the kernel's counter names. Nothing here prints.
+Drives the userspace engine over targets (vmshare.prediction.targets: page
+sources for libvirt/QEMU domains' eligible RAM backends, read live from
+/proc/<pid>/mem, guest memory dumps and any process's private anonymous
+memory; re-exported here, the names callers use) and returns the figures
+with the kernel's counter names. Nothing here prints.
 
 Each scan re-opens every live source, so a mapping that moved, a guest that
 was restored into a new QEMU process (new pid) or a resized backend arrives
@@ -11,7 +12,8 @@ with a new ``Region.generation`` and the engine drops what it knew of the old
 one. ``LiveScanner`` keeps one engine across passes (``vmshare scan``);
 ``predict`` runs a fresh engine until its counters stop changing.
 
-One scan, its buffers and the memory check before it: ``vmshare.prediction.scanning``.
+One scan and its buffers: ``vmshare.prediction.scanning``; the memory check before
+it: ``vmshare.prediction.planning``.
 A scan holds the resident memory it scanned (the engine's contract). Soft-dirty
 tracking (where the kernel has it) is the default of ``predict`` and
 ``run_until_converged`` and opt-in for ``LiveScanner``: live sources then
@@ -21,157 +23,35 @@ re-read only pages written since the previous scan.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
 
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
-from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
-from vmshare.ksm.procfs import ProcFs
-from vmshare.model import PAGE_SIZE, VmRef
-from vmshare.prediction.scanning import ScanArena, ScanStats, plan_scan, scan_sources
-from vmshare.sources import (
-    LiveProcessSource,
-    PageSource,
-    RawImageSource,
-    open_dump,
-    private_anonymous_vmas,
+from vmshare.errors import UsageError
+from vmshare.model import PAGE_SIZE
+from vmshare.prediction.planning import plan_scan
+from vmshare.prediction.scanning import ScanArena, ScanStats, scan_sources
+from vmshare.prediction.targets import (
+    Target,
+    check_unique,
+    close_all,
+    domain_target,
+    dump_target,
+    open_all,
+    pid_target,
+    trust_groups,
 )
-from vmshare.sources.visible import KernelVisiblePages
+
+__all__ = ["DEFAULT_MAX_SCANS", "GroupPrediction", "LiveScanner", "Prediction", "ProgressFn",
+           "ScanPass", "SourcePrediction", "Target", "check_unique", "domain_target",
+           "dump_target", "pid_target", "predict", "run_until_converged", "trust_groups"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SCANS = 5
 #: progress(fraction of the whole job, label)
 ProgressFn = Callable[[float, str], None]
-
-
-# ------------------------------------------------------------------ targets
-@dataclass
-class Target:
-    """One named thing to scan: ``open()`` gives a fresh page source per scan
-    (None when it has nothing eligible right now), named ``name``."""
-
-    name: str
-    kind: str                                   # "domain" | "dump" | "pid"
-    open: Callable[[], PageSource | None]
-    group: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def dump_target(path: str, *, raw: bool = False) -> Target:
-    """A dump file; opened (and validated) once now so a bad file fails early.
-
-    ELF cores and kdump files are recognised by content; with ``raw`` the file
-    is a plain RAM image (pmemsave). A file that is neither, without ``raw``,
-    is an error rather than silently read as raw memory.
-    Raises DumpError (missing, unreadable or malformed dump).
-    """
-    def opener() -> PageSource:
-        if raw:
-            return RawImageSource(path, path)
-        return open_dump(path, path, raw_ok=False)
-
-    opener().close()
-    return Target(path, "dump", opener)
-
-
-def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
-    """Private anonymous memory of process ``pid`` (its mappings re-read every scan).
-
-    Raises UsageError for a non-positive pid, ProcessGone, AccessDenied.
-    """
-    if pid <= 0:
-        raise UsageError(f"not a process id: {pid}")
-    pf = procfs or ProcFs()
-    name = f"pid:{pid}"
-
-    def opener() -> PageSource:
-        vmas = private_anonymous_vmas(pid, pf)
-        return KernelVisiblePages(LiveProcessSource(pid, vmas, name=name, procfs=pf), pf)
-
-    try:
-        opener().close()      # fail now on a dead pid or EPERM
-    except ProcessGone as exc:
-        raise ProcessGone(f"no running process with pid {pid}") from exc
-    return Target(name, "pid", opener)
-
-
-def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = None, *,
-                  thp_split: bool = True) -> Target:
-    """A running domain's eligible RAM backends, read live from its QEMU process.
-
-    ``thp_split=False`` feeds the all-zero pages inside THPs too (see
-    KernelVisiblePages): the guest's content exactly as a dump holds it.
-
-    Ineligible backends (shared, file, memfd, hugetlb, nosharepages) and
-    confidential guests are skipped with a note. Raises DomainNotFound,
-    DomainNotRunning, HypervisorError, ProcessGone, AccessDenied.
-    """
-    pf = procfs or ProcFs()
-    ref: VmRef = hv.lookup(ident)
-    target = Target(ref.name, "domain", lambda: None)
-
-    def opener() -> PageSource | None:
-        facts = hv.facts(ref)
-        if facts.pid is None:
-            raise DomainNotRunning(f"domain {ref.name} is not running")
-        target.notes.clear()
-        if facts.launch_security:
-            target.notes.append(f"{ref.name}: skipped: confidential guest (launchSecurity); "
-                                "its memory is encrypted and never read")
-            return None
-        vmas, ids = [], {}
-        for view in observer.backends(facts.ref, facts):
-            bid = view.backend.id
-            if view.ineligible_reason is not None:
-                target.notes.append(f"{ref.name}: backend {bid} skipped: "
-                                    f"{view.ineligible_reason}")
-            elif view.vma is None:
-                target.notes.append(f"{ref.name}: backend {bid} skipped: its mapping was "
-                                    f"not found in QEMU process {facts.pid}")
-            else:
-                vmas.append(view.vma)
-                ids[view.vma.start] = bid
-        if not vmas:
-            target.notes.append(f"{ref.name}: no eligible RAM backend; nothing scanned")
-            return None
-        return KernelVisiblePages(
-            LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf), pf,
-            thp_split=thp_split)
-
-    target.open = opener
-    first = opener()           # fail now on a stopped domain or EPERM
-    if first is not None:
-        first.close()
-    return target
-
-
-def check_unique(targets: Sequence[Target]) -> None:
-    seen: set[str] = set()
-    for t in targets:
-        if t.name in seen:
-            raise UsageError(f"{t.name} is listed twice")
-        seen.add(t.name)
-
-
-def _open_all(targets: Sequence[Target]) -> list[PageSource]:
-    opened: list[PageSource] = []
-    try:
-        for t in targets:
-            src = t.open()
-            if src is not None:
-                opened.append(src)
-    except BaseException:
-        _close_all(opened)
-        raise
-    return opened
-
-
-def _close_all(sources: Iterable[PageSource]) -> None:
-    for s in sources:
-        s.close()
 
 
 # ------------------------------------------------------------------ results
@@ -254,7 +134,7 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
     ``vmshare.sources.live``: one extra write fault per page in the guest, and
     a write racing the clear of the dirty bits is seen only when repeated).
     ``low_memory``: keep no copy of live memory even where it would fit
-    (``vmshare.prediction.scanning.plan_scan``).
+    (``vmshare.prediction.planning.plan_scan``).
     """
     limit = scans if scans is not None else max_scans
     if limit < 1:
@@ -267,14 +147,14 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
         def step(frac: float, i: int = i) -> None:
             if progress is not None:
                 progress((i - 1 + frac) / limit, f"scan {i}/{limit}")
-        sources = _open_all(targets)
+        sources = open_all(targets)
         try:
             plan = plan_scan(sources, arena, low_memory=low_memory)
             arena.reserve(plan.arena_bytes)
             stats = scan_sources(engine, sources, progress=step, arena=arena,
                                  reread=plan.reread)
         finally:
-            _close_all(sources)
+            close_all(sources)
         state = engine.counters().merge_state()
         # settled: a further scan of unchanged memory would repeat this state, so
         # it is not run (the answer is the same; see KsmEngine.settled)
@@ -330,34 +210,6 @@ def predict(targets: Sequence[Target], config: EngineConfig, *,
     return Prediction(config, tuple(results), tuple(notes))
 
 
-# ------------------------------------------------------------------ trust groups
-def trust_groups(hv: Any, targets: Sequence[Target], config: Any) -> tuple[dict[str, str],
-                                                                          list[str]]:
-    """Each target's trust group: domains by vmshare.policy.rules (domain metadata,
-    then the config's ``[vm."NAME"]`` table, then the host default); dumps and
-    processes have no policy and fall in the host's default group (noted).
-
-    Raises PolicyError for malformed domain metadata, HypervisorError.
-    """
-    from vmshare.policy.rules import effective
-    from vmshare.policy.sources import vm_policy
-
-    host = config.host
-    groups: dict[str, str] = {}
-    notes: list[str] = []
-    for t in targets:
-        if t.kind == "domain":
-            ref = hv.lookup(t.name)
-            facts = hv.facts(ref)
-            groups[t.name] = effective(facts, vm_policy(hv, ref), host).group
-        else:
-            table = host.vms.get(t.name)
-            groups[t.name] = table.group if table and table.group else host.default_group
-            notes.append(f"{t.name}: a {t.kind} has no domain policy; trust group "
-                         f"{groups[t.name]!r}")
-    return groups, notes
-
-
 # ------------------------------------------------------------------ live scanning
 @dataclass(frozen=True)
 class ScanPass:
@@ -395,12 +247,12 @@ class LiveScanner:
     def scan(self, progress: Callable[[float], None] | None = None) -> ScanPass:
         """One full pass. Raises what the sources raise; the engine is then
         replaced by a fresh one (what it knew is no longer trustworthy)."""
-        sources = _open_all(self.targets)
+        sources = open_all(self.targets)
         try:
             plan = plan_scan(sources, self.arena, low_memory=self.low_memory)
             self.arena.reserve(plan.arena_bytes)
         except BaseException:
-            _close_all(sources)
+            close_all(sources)
             raise                         # nothing was read: the engine stays valid
         try:
             stats = scan_sources(self.engine, sources, progress=progress,
@@ -410,7 +262,7 @@ class LiveScanner:
             self.arena = ScanArena(soft_dirty=self.soft_dirty)   # its copies may be stale
             raise
         finally:
-            _close_all(sources)
+            close_all(sources)
         self.passes += 1
         group = _group_result(self.engine, self.targets, None, self.passes, False, stats)
         notes = tuple(n for t in self.targets for n in t.notes)

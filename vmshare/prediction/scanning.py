@@ -1,12 +1,14 @@
-"""One full engine scan over page sources, and the memory it needs.
+"""One full engine scan over page sources, and its buffers.
 
-``scan_sources`` reads the sources in a helper thread (system calls release
-the GIL) one bounded queue ahead of the engine's hashing. The engine keeps
-references to fed bytes until ``end_scan``, so every page read is held until
-the scan ends: ``ScanArena`` provides those buffers (reused by the next scan;
-live memory is read straight into them), and ``plan_scan`` chooses before
-anything is read between keeping every page and, where that would not fit in
-available memory, re-reading at the end only the pages to compare, or refuses.
+``scan_sources`` reads the sources in a helper thread (``_read_sources``;
+system calls release the GIL) one bounded queue (``_Handoff``) ahead of the
+engine's hashing (``_feed``). The engine keeps references to fed bytes until
+``end_scan``, so every page read is held until the scan ends: ``ScanArena``
+provides those buffers (reused by the next scan; live memory is read straight
+into them). Where that would not fit in available memory
+(vmshare.prediction.planning chooses before anything is read), live memory
+goes through a few reused buffers (``ReadRing``) and the engine re-reads at
+the end only the pages to compare (``live_fetch``).
 With soft-dirty tracking (``ScanArena(soft_dirty=True)`` on a kernel that
 tracks it) live sources keep their copies between scans and re-read only the
 pages written since (``vmshare.sources.softdirty.SoftDirtyMirror``).
@@ -24,10 +26,7 @@ from typing import Any
 import numpy as np
 
 from vmshare.engine import KsmEngine
-from vmshare.engine.state import FETCH_PAGES
-from vmshare.errors import MemoryRefused
-from vmshare.ksm.procfs import ProcFs, headroom
-from vmshare.model import PAGE_SIZE, PageRun
+from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.sources import DEFAULT_CHUNK_PAGES, LiveProcessSource, PageSource
 from vmshare.sources.live import LivePageRun, TrackedPageRun
 from vmshare.sources.softdirty import SoftDirtyMirror, anon_buffer, soft_dirty_supported
@@ -35,12 +34,8 @@ from vmshare.sources.visible import KernelVisiblePages, zero_rows
 
 _DONE = object()
 _QUEUE_RUNS = 4
-#: engine state and scan temporaries per page of every region scanned (measured
-#: peak 22-23 bytes: benchmarks/engine_memory.py), with room to spare
-ENGINE_BYTES_PER_PAGE = 32
-#: live memory not kept: the read ring, and a batch of pages read again
+#: read buffers of a scan that keeps no copy of live memory (ReadRing)
 RING_CHUNKS = 6
-LIVE_BUFFER_BYTES = RING_CHUNKS * DEFAULT_CHUNK_PAGES * PAGE_SIZE + FETCH_PAGES * PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -213,60 +208,95 @@ def live_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int]
     return fetch
 
 
-@dataclass(frozen=True)
-class ScanPlan:
-    """How a scan holds pages: ``arena_bytes`` of copies (``ScanArena.reserve``),
-    and ``reread``: live pages are not kept, the engine reads again at the end
-    the pages it compares (slower, in bounded memory)."""
+def _layout(sources: Sequence[PageSource]
+            ) -> tuple[dict[str, list[Region]], dict[tuple[str, str], int], int]:
+    """Each source's regions, the scan-wide position of each region's first page
+    (keyed by source name and region key) in scan order, and the pages in all."""
+    regions = {s.name: s.regions() for s in sources}
+    base: dict[tuple[str, str], int] = {}
+    total = 0
+    for name, regs in regions.items():
+        for r in regs:
+            base[(name, r.key)] = total
+            total += r.size // PAGE_SIZE
+    return regions, base, total
 
-    arena_bytes: int
-    reread: bool
+
+class _Handoff:
+    """The bounded queue from the reader thread to the engine. Once the scan
+    stops (done or failed), ``put`` gives up instead of blocking forever."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_RUNS)
+        self.stop = threading.Event()
+
+    def put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> PageRun | None:
+        """The next run; None once the reader is done. Raises what the reader raised."""
+        item = self._q.get()
+        if item is _DONE:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, PageRun)
+        return item
 
 
-def plan_scan(sources: Sequence[PageSource], arena: ScanArena,
-              procfs: ProcFs | None = None, *, low_memory: bool = False) -> ScanPlan:
-    """Choose how a scan holds its pages from the memory available, or refuse.
+def _read_sources(sources: Sequence[PageSource], arena: ScanArena, ring: ReadRing | None,
+                  handoff: _Handoff) -> None:
+    """The reader thread: every source's runs in order, then _DONE, or what failed.
 
-    Keeping a copy of every page read is fastest: the resident pages of live
-    sources (read from pagemap now), every page a dump's regions span, plus
-    the engine's per-page state; what the arena (or a soft-dirty mirror)
-    already holds is reused. When that does not fit in MemAvailable, keeping
-    the larger of 256 MiB and 5% of RAM free (vmshare.ksm.procfs.headroom),
-    live memory is read into a few reused buffers instead and the pages to
-    compare are read again in bounded batches (``LIVE_BUFFER_BYTES``); dumps
-    are always copied. ``low_memory`` asks for that way even when copies
-    would fit. Raises MemoryRefused naming the figures when even that does
-    not fit, ProcfsError.
+    Live process memory is read straight into the ring (reread) or the arena
+    (or comes from the soft-dirty mirror); other sources' runs are copied
+    into the arena, as they reuse their read buffer.
     """
-    spans = [sum(r.size for r in s.regions()) for s in sources]
-    engine_bytes = sum(spans) // PAGE_SIZE * ENGINE_BYTES_PER_PAGE
-    dumps = live = 0
-    has_live = False
-    for s, span in zip(sources, spans, strict=True):
-        if isinstance(s, (LiveProcessSource, KernelVisiblePages)):
-            has_live = True
-            if arena.nbytes < sum(spans):    # else already held, whatever is resident
-                live += s.resident_bytes()
-            else:
-                live += span
-        else:
-            dumps += span
-    pf = procfs or ProcFs()
-    room = headroom(pf, max(0, dumps + live - arena.nbytes) + engine_bytes)
-    can_reread = has_live and arena.mirror is None
-    if room.ok and not (low_memory and can_reread):
-        return ScanPlan(dumps + (live if arena.mirror is None else 0), reread=False)
-    if can_reread:
-        room = headroom(pf, max(0, dumps - arena.nbytes) + LIVE_BUFFER_BYTES + engine_bytes)
-        if room.ok:
-            return ScanPlan(dumps, reread=True)
-    mib = 2**20
-    raise MemoryRefused(
-        f"scanning {', '.join(s.name for s in sources)} needs about "
-        f"{room.need_bytes // mib:,} MiB (of {(dumps + live) // mib:,} MiB of pages read) but "
-        f"{room.available_bytes // mib:,} MiB is available (MemAvailable) and "
-        f"{room.margin_bytes // mib:,} MiB must stay free; scan fewer at once (trust groups "
-        "are scanned one after another) or free memory")
+    try:
+        for s in sources:
+            live = s.inner if isinstance(s, KernelVisiblePages) else s
+            direct = isinstance(live, LiveProcessSource)
+            if isinstance(live, LiveProcessSource):
+                live.mirror = arena.mirror
+                live.read_into = ring.take if ring is not None else arena.take
+            for run in s.runs():
+                if direct or isinstance(run, TrackedPageRun):
+                    item: PageRun = run      # ring, arena or mirror bytes
+                    if ring is not None:
+                        ring.hold(item.data)
+                else:
+                    item = PageRun(s.name, run.region, run.first_page, arena.copy(run.data))
+                if not handoff.put(item):
+                    return
+            if ring is not None:
+                ring.done_reading()
+        handoff.put(_DONE)
+    except BaseException as exc:   # handed to the scanning thread
+        handoff.put(exc)
+
+
+def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing | None,
+          zero: dict[str, int]) -> bool:
+    """Feed one run to the engine and count its zero pages into ``zero``.
+    Returns whether it came from the read ring (the engine then keeps no
+    reference, and reads the pages it compares again at end_scan)."""
+    from_ring = ring is not None and isinstance(item, LivePageRun) \
+        and not isinstance(item, TrackedPageRun)
+    engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None,
+                retain=not from_ring)
+    counted = item.zero_pages if isinstance(item, LivePageRun) else None
+    zero[item.source] += counted if counted is not None else \
+        zero_rows(item.data).size         # here: the reader is the bottleneck
+    if from_ring:
+        assert ring is not None
+        ring.release(item.data)
+    return from_ring
 
 
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
@@ -275,95 +305,37 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     """One full engine scan over ``sources`` (scan order: as given).
 
     Reading (a system call that releases the GIL) runs in a helper thread
-    ahead of the engine's hashing, one bounded queue apart. Live process
-    memory is read straight into the arena, or with ``reread`` (plan_scan)
-    into a few reused buffers, the engine reading again at the end the pages
-    it compares; other sources' runs are copied into the arena. Raises what the
-    sources raise (DumpError, ProcessGone, AccessDenied, ProcfsError); the
-    engine is then left mid-scan and must be discarded.
+    (``_read_sources``) ahead of the engine's hashing (``_feed``), one bounded
+    queue apart. Live process memory is read straight into the arena, or with
+    ``reread`` (vmshare.prediction.planning.plan_scan) into a few reused
+    buffers, the engine reading again at the end the pages it compares; other
+    sources' runs are copied into the arena. Raises what the sources raise
+    (DumpError, ProcessGone, AccessDenied, ProcfsError); the engine is then
+    left mid-scan and must be discarded.
     """
     t0 = time.perf_counter()
     arena = arena if arena is not None else ScanArena()
     arena.reset()
-    regions = {s.name: s.regions() for s in sources}
-    base: dict[tuple[str, str], int] = {}
-    total = 0
-    for name, regs in regions.items():
-        for r in regs:
-            base[(name, r.key)] = total
-            total += r.size // PAGE_SIZE
-    zero: dict[str, int] = {s.name: 0 for s in sources}
-    q: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_RUNS)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    # reread: live memory is not kept but read into a few reused buffers, and
-    # the engine reads again, at the end, the pages it compares (plan_scan).
+    regions, base, total = _layout(sources)
     ring = ReadRing(DEFAULT_CHUNK_PAGES * PAGE_SIZE) \
         if reread and arena.mirror is None else None
-
-    def reader() -> None:
-        try:
-            for s in sources:
-                live = s.inner if isinstance(s, KernelVisiblePages) else s
-                direct = isinstance(live, LiveProcessSource)
-                if isinstance(live, LiveProcessSource):
-                    live.mirror = arena.mirror
-                    live.read_into = ring.take if ring is not None else arena.take
-                for run in s.runs():
-                    if direct or isinstance(run, TrackedPageRun):
-                        item: PageRun = run      # ring, arena or mirror bytes
-                        if ring is not None:
-                            ring.hold(item.data)
-                    else:
-                        item = PageRun(s.name, run.region, run.first_page,
-                                       arena.copy(run.data))
-                    if not put(item):
-                        return
-                if ring is not None:
-                    ring.done_reading()
-            put(_DONE)
-        except BaseException as exc:   # handed to the scanning thread
-            put(exc)
-
+    handoff = _Handoff()
+    zero: dict[str, int] = {s.name: 0 for s in sources}
     fed = 0
     live_fed = False
     engine.begin_scan(regions)
-    thread = threading.Thread(target=reader, name="vmshare-scan-reader", daemon=True)
+    thread = threading.Thread(target=_read_sources, args=(sources, arena, ring, handoff),
+                              name="vmshare-scan-reader", daemon=True)
     thread.start()
     try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, PageRun)
-            from_ring = ring is not None and isinstance(item, LivePageRun) \
-                and not isinstance(item, TrackedPageRun)
-            engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None,
-                        retain=not from_ring)
-            counted = item.zero_pages if isinstance(item, LivePageRun) else None
-            zero[item.source] += counted if counted is not None else \
-                zero_rows(item.data).size         # here: the reader is the bottleneck
-            if from_ring:
-                assert ring is not None
-                ring.release(item.data)
-                live_fed = True
+        while (item := handoff.get()) is not None:
+            live_fed |= _feed(engine, item, ring, zero)
             fed += item.npages
             if progress is not None and total:
                 progress((base[(item.source, item.region)] + item.first_page + item.npages)
                          / total)
     finally:
-        stop.set()
+        handoff.stop.set()
         if ring is not None:
             ring.close()
         thread.join()
