@@ -98,6 +98,30 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
     ``check_kpf_ksm``.
     """
     names = list(vms)
+    pfns, owner, resident = _candidates(vms, names)
+    # One sort serves every look-up: unique PFNs in order, and each mapping's index.
+    unique, inverse = np.unique(pfns, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if unforked_zero_pfn is None:
+        if anon_flags is not None and len(unique):
+            check_kpf_ksm(anon_flags())
+        flags = kpageflags(unique)
+        ksm_unique = _bit(flags, _KPF_KSM) & ~_bit(flags, 24)
+    else:
+        ksm_unique = unique != np.uint64(unforked_zero_pfn)
+    counts_unique = np.ones(len(unique), dtype=np.float64)
+    counts_unique[ksm_unique] = kpagecount(unique[ksm_unique]).astype(np.float64)
+    counts_unique[counts_unique < 1] = 1   # unmapped since we read pagemap: saves nothing
+    share_unique = (counts_unique - 1.0) / counts_unique
+    is_ksm = ksm_unique[inverse]
+    return _figures(names, resident, owner[is_ksm], inverse[is_ksm], share_unique,
+                    len(unique))
+
+
+def _candidates(vms: Mapping[str, U64], names: Sequence[str]
+                ) -> tuple[U64, npt.NDArray[np.int32], dict[str, int]]:
+    """The PFNs that may be KSM pages, the index of the VM mapping each, and each
+    VM's resident pages. Raises AccessDenied when PFNs are hidden."""
     all_pfns: list[U64] = []
     all_owner: list[npt.NDArray[np.int32]] = []
     resident: dict[str, int] = {}
@@ -115,33 +139,22 @@ def attribute(vms: Mapping[str, U64], kpageflags: PfnLookup, kpagecount: PfnLook
         chosen = pfns[candidate]
         all_pfns.append(chosen)
         all_owner.append(np.full(len(chosen), index, dtype=np.int32))
-
     pfns = np.concatenate(all_pfns) if all_pfns else np.zeros(0, dtype=np.uint64)
     owner = np.concatenate(all_owner) if all_owner else np.zeros(0, dtype=np.int32)
-    # One sort serves every look-up: unique PFNs in order, and each mapping's index.
-    unique, inverse = np.unique(pfns, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if unforked_zero_pfn is None:
-        if anon_flags is not None and len(unique):
-            check_kpf_ksm(anon_flags())
-        flags = kpageflags(unique)
-        ksm_unique = _bit(flags, _KPF_KSM) & ~_bit(flags, 24)
-    else:
-        ksm_unique = unique != np.uint64(unforked_zero_pfn)
-    counts_unique = np.ones(len(unique), dtype=np.float64)
-    counts_unique[ksm_unique] = kpagecount(unique[ksm_unique]).astype(np.float64)
-    counts_unique[counts_unique < 1] = 1   # unmapped since we read pagemap: saves nothing
-    share_unique = (counts_unique - 1.0) / counts_unique
+    return pfns, owner, resident
 
-    is_ksm = ksm_unique[inverse]
-    owner, inverse = owner[is_ksm], inverse[is_ksm]
+
+def _figures(names: Sequence[str], resident: Mapping[str, int],
+             owner: npt.NDArray[np.int32], inverse: npt.NDArray[np.intp],
+             share_unique: npt.NDArray[np.float64], n_unique: int) -> Attribution:
+    """Per-VM figures and which VMs share which KSM pages, from each KSM mapping's
+    VM (``owner``), its unique page (``inverse``) and each unique page's share."""
     share = share_unique[inverse]
     saved = np.bincount(owner, weights=share, minlength=len(names))
     ksm_pages = np.bincount(owner, minlength=len(names))
     # present[v, u]: VM v maps unique KSM page u at least once.
-    present = np.zeros((len(names), len(unique)), dtype=bool)
+    present = np.zeros((len(names), n_unique), dtype=bool)
     present[owner, inverse] = True
-
     per_vm: dict[str, PageFigures] = {}
     shares: dict[str, dict[str, int]] = {name: {} for name in names}
     for a, name_a in enumerate(names):
