@@ -54,6 +54,8 @@ def environment_for(root: Path) -> dict[str, str | None]:
         "VMSHARE_CONFIG": str(config),
         "VMSHARE_AUDIT_LOG": str(root / "audit.jsonl"),
         "VMSHARE_TUNER_LOCK": str(run / "tuner.lock"),
+        "VMSHARE_CONTROL_LOCK": str(run / "control.lock"),
+        "VMSHARE_DEMO_DIR": str(root / "demo"),
         # read by the hook script (hooks/vmshare-qemu-hook)
         "VMSHARE_SPOOL_DIR": str(run / "spool"),
         "VMSHARE_SOCKET": str(run / "wakeup.sock"),

@@ -1,10 +1,13 @@
 """`vmshare demo`: the main job on a built-in example.
 
-Builds the guest image, boots small TCG guests under libvirt whose memory
-holds a known mix (identical across guests, unique, zero-filled), makes them
+Builds the guest image, boots small TCG guests under libvirt, makes them
 mergeable, runs kernel KSM with fast settings while showing progress, prints
 the exact per-VM savings and the sharing matrix, then restores every KSM knob
-and destroys the guests (unless --keep).
+and destroys the guests (unless --keep). ``--guest busybox`` (the default)
+boots guests whose memory holds a known mix (identical across guests, unique,
+zero-filled); ``--guest debian`` boots real Debian 12 guests (systemd, udev,
+journald, ...) built from Debian's own packages. The guests are written
+adopted (vmshare's ``<nosharepages/>``): only the RAM vmshare enables merges.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from vmshare.cli.context import Context, out
 from vmshare.control.merge import Controller
 from vmshare.errors import AccessDenied, KsmUnavailable, UsageError, VmshareError
 from vmshare.guest import FillSpec, GuestImage, build_image, domain_xml, wait_ready
+from vmshare.guest.debian import (
+    DebianImage,
+    build_debian_image,
+    debian_domain_xml,
+    make_overlay,
+    wait_debian_ready,
+)
 from vmshare.hypervisor.libvirt import LibvirtHypervisor
+from vmshare.hypervisor.metadata import adopted_element
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KnobSnapshot, KsmSysfs
 from vmshare.model import PAGE_SIZE, VmRef
@@ -30,14 +41,19 @@ from vmshare.present import text as report
 
 DEMO_PREFIX = "vmshare-demo-"
 DEMO_DIR = Path("/var/lib/vmshare/demo")
+DEMO_DIR_ENV = "VMSHARE_DEMO_DIR"      # another directory for consoles and overlays
 # Fast scanning for the demo only; every knob is restored afterwards.
 DEMO_KNOBS = {"pages_to_scan": 20000, "sleep_millisecs": 20}
+GUESTS = ("busybox", "debian")
+#: each guest's RAM when --memory is not given
+DEFAULT_MEMORY_MIB = {"busybox": 256, "debian": 512}
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     guests: int = 3
     memory_mib: int = 256
+    guest: str = "busybox"           # or "debian"
     identical_mib: int = 96
     unique_mib: int = 32
     zero_mib: int = 16
@@ -49,6 +65,10 @@ class DemoOptions:
 def _check(opts: DemoOptions) -> None:
     if not 2 <= opts.guests <= 8:
         raise UsageError("--guests must be between 2 and 8")
+    if opts.guest not in GUESTS:
+        raise UsageError(f"--guest must be one of {', '.join(GUESTS)}, not {opts.guest!r}")
+    if opts.guest == "debian" and opts.memory_mib < 256:
+        raise UsageError("a Debian guest needs --memory 256 or more")
     if os.geteuid() != 0:
         raise AccessDenied("the demo boots guests and drives kernel KSM: run it as root")
 
@@ -69,8 +89,10 @@ def run_demo(opts: DemoOptions, *, out: Callable[[str], None],
     started: list[VmRef] = []
     snapshot = sysfs.snapshot()
     try:
-        image = _build(out)
-        _boot(hv, image, opts, started, out)
+        if opts.guest == "debian":
+            _boot_debian(hv, _build_debian(out), opts, started, out)
+        else:
+            _boot(hv, _build(out), opts, started, out)
         observer = Observer(hv, sysfs, procfs)
         _make_mergeable(Controller(hv, procfs, observer), started, out)
         _run_ksm(sysfs, out)
@@ -93,27 +115,70 @@ def _boot(hv: LibvirtHypervisor, image: GuestImage, opts: DemoOptions, started: 
           out: Callable[[str], None]) -> None:
     """Boot the demo guests and wait until each is ready; each one is added to
     ``started`` as soon as it exists, so that a failure part-way cleans it up."""
-    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    demo_dir = _demo_dir()
     spec = FillSpec(identical_mib=opts.identical_mib, unique_mib=opts.unique_mib,
                     zero_mib=opts.zero_mib, seed=1)
-    for old in hv.list_vms():
-        if old.name.startswith(DEMO_PREFIX) and old.running:
-            raise UsageError(f"{old.name} is already running (a previous demo with "
-                             f"--keep?): 'virsh destroy {old.name}' first")
+    _refuse_running(hv)
     out(f"Booting {opts.guests} TCG guests of {opts.memory_mib} MiB: each writes "
         f"{opts.identical_mib} MiB identical to the others, {opts.unique_mib} MiB of its "
         f"own and {opts.zero_mib} MiB of zeros...")
     logs = []
     for i in range(opts.guests):
         name = f"{DEMO_PREFIX}{i + 1}"
-        log_path = DEMO_DIR / f"{name}.console.log"
+        log_path = demo_dir / f"{name}.console.log"
         log_path.unlink(missing_ok=True)
-        xml = domain_xml(name, image, spec, memory_mib=opts.memory_mib, console_log=log_path)
+        xml = domain_xml(name, image, spec, memory_mib=opts.memory_mib, console_log=log_path,
+                         nosharepages=True, metadata_xml=adopted_element())
         started.append(hv.create_transient(xml))
         logs.append(log_path)
     for ref, log_path in zip(started, logs, strict=True):
         wait_ready(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
         out(f"  {ref.name}: ready")
+
+
+def _build_debian(out: Callable[[str], None]) -> DebianImage:
+    t0 = time.monotonic()
+    out("Building the Debian 12 guest (mmdebstrap from this host's apt mirror; cached)...")
+    image = build_debian_image()
+    out(f"  root disk {image.root}\n  kernel {image.kernel}  ({time.monotonic() - t0:.1f} s)")
+    return image
+
+
+def _boot_debian(hv: LibvirtHypervisor, image: DebianImage, opts: DemoOptions,
+                 started: list[VmRef], out: Callable[[str], None]) -> None:
+    """Boot Debian guests on qcow2 overlays of one root disk; as ``_boot``."""
+    demo_dir = _demo_dir()
+    _refuse_running(hv)
+    out(f"Booting {opts.guests} Debian 12 guests of {opts.memory_mib} MiB under TCG "
+        "(systemd, udev, journald, dbus, cron, rsyslog)...")
+    t0 = time.monotonic()
+    logs = []
+    for i in range(opts.guests):
+        name = f"{DEMO_PREFIX}{i + 1}"
+        log_path = demo_dir / f"{name}.console.log"
+        log_path.unlink(missing_ok=True)
+        overlay = make_overlay(image, demo_dir / f"{name}.qcow2")
+        started.append(hv.create_transient(debian_domain_xml(
+            name, image, overlay, memory_mib=opts.memory_mib, console_log=log_path,
+            nosharepages=True, metadata_xml=adopted_element())))
+        logs.append(log_path)
+    for ref, log_path in zip(started, logs, strict=True):
+        wait_debian_ready(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
+        out(f"  {ref.name}: multi-user ({time.monotonic() - t0:.0f} s)")
+
+
+def _demo_dir() -> Path:
+    """Where the guests' consoles and overlays go ($VMSHARE_DEMO_DIR or DEMO_DIR)."""
+    path = Path(os.environ.get(DEMO_DIR_ENV) or DEMO_DIR)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _refuse_running(hv: LibvirtHypervisor) -> None:
+    for old in hv.list_vms():
+        if old.name.startswith(DEMO_PREFIX) and old.running:
+            raise UsageError(f"{old.name} is already running (a previous demo with "
+                             f"--keep?): 'virsh destroy {old.name}' first")
 
 
 def _make_mergeable(ctl: Controller, started: list[VmRef], out: Callable[[str], None]) -> None:
@@ -136,6 +201,11 @@ def _show(host: HostView, opts: DemoOptions, out: Callable[[str], None]) -> None
     for text in (report.host_summary(host), report.status_table(host), report.matrix(host)):
         out("")
         out(text)
+    if opts.guest == "debian":
+        out("")
+        out("What real guests share: their kernels' and systemd's pages, page cache of "
+            "the same files, zeroed memory.")
+        return
     expected = opts.identical_mib * (opts.guests - 1) / opts.guests
     out("")
     out(f"Expected from the content alone: each guest saves about {expected:.1f} MiB of "
@@ -158,6 +228,9 @@ def _clean_up(hv: LibvirtHypervisor, sysfs: KsmSysfs, snapshot: KnobSnapshot,
                 hv.destroy(ref)
             except VmshareError as exc:
                 out(f"warning: could not destroy {ref.name}: {exc}")
+                continue
+            # a destroyed guest's overlay holds nothing anyone needs
+            (_demo_dir() / f"{ref.name}.qcow2").unlink(missing_ok=True)
         if started:
             out(f"Guests destroyed; KSM knobs restored (run={snapshot.values.get('run')}).")
     elif started:
@@ -188,7 +261,9 @@ def _wait_merged(sysfs: KsmSysfs, opts: DemoOptions, out: Callable[[str], None])
 
 def cmd_demo(ctx: Context) -> int:
     a = ctx.args
-    opts = DemoOptions(guests=a.guests, memory_mib=a.memory, identical_mib=a.identical,
+    memory = a.memory if a.memory is not None else DEFAULT_MEMORY_MIB[a.guest]
+    opts = DemoOptions(guests=a.guests, memory_mib=memory, guest=a.guest,
+                       identical_mib=a.identical,
                        unique_mib=a.unique, zero_mib=a.zero, keep=a.keep,
                        timeout=a.timeout, uri=a.connect or "qemu:///system")
     return run_demo(opts, out=out)
@@ -199,14 +274,20 @@ def register(sub: Any) -> None:
     s = sub.add_parser("demo", help="boot small guests, merge them, show per-VM savings")
     s.add_argument("--guests", type=int, default=3,
                    help="how many guests, 2 to 8 (default %(default)s)")
-    s.add_argument("--memory", type=int, default=256, metavar="MiB",
-                   help="each guest's RAM (default %(default)s)")
+    s.add_argument("--guest", choices=GUESTS, default="busybox",
+                   help="busybox: guests filling memory with a known mix; debian: real "
+                        "Debian 12 guests built from Debian's packages (default "
+                        "%(default)s)")
+    s.add_argument("--memory", type=int, default=None, metavar="MiB",
+                   help="each guest's RAM (default 256, or 512 with --guest debian)")
     s.add_argument("--identical", type=int, default=96, metavar="MiB",
-                   help="memory each guest fills the same as the others (default %(default)s)")
+                   help="busybox: memory each guest fills the same as the others "
+                        "(default %(default)s)")
     s.add_argument("--unique", type=int, default=32, metavar="MiB",
-                   help="memory each guest fills with its own bytes (default %(default)s)")
+                   help="busybox: memory each guest fills with its own bytes "
+                        "(default %(default)s)")
     s.add_argument("--zero", type=int, default=16, metavar="MiB",
-                   help="memory each guest fills with zeros (default %(default)s)")
+                   help="busybox: memory each guest fills with zeros (default %(default)s)")
     s.add_argument("--timeout", type=argtypes.seconds(), default=300.0, metavar="SECONDS",
                    help="seconds to wait for each guest to boot, and for KSM to merge "
                         "(default %(default)g)")

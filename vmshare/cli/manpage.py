@@ -157,6 +157,8 @@ ENVIRONMENT: tuple[Para, ...] = (
     (DOMAINS_ENV, "Comma-separated name globs: the daemon manages only these domains "
      "(as --domain); the others still count for trust groups."),
     (TUNER_LOCK_ENV, f"The tuner lock, instead of {TUNER_LOCK}."),
+    ("VMSHARE_DEMO_DIR", "Where vmshare demo keeps its guests' consoles and overlays, "
+     "instead of /var/lib/vmshare/demo."),
     (CONTROL_LOCK_ENV, f"The host's control lock, instead of {CONTROL_LOCK}."),
     ("VMSHARE_SYSFS_ROOT", "The KSM sysfs directory, instead of /sys/kernel/mm/ksm "
      "(for tests)."),
