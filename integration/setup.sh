@@ -29,7 +29,8 @@ die() { echo "setup: ERROR: $*" >&2; exit 1; }
 # The Debian package: build, lint, and the throwaway root it is installed into
 # (integration/build_deb.sh, integration/test_package.py).
 PACKAGING_PACKAGES=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all-dev
-                    python3-setuptools python3-libvirt python3-numpy python3-xxhash lintian
+                    python3-setuptools python3-libvirt python3-numpy python3-xxhash
+                    python3-prometheus-client lintian
                     mmdebstrap util-linux)
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (installs packages, starts libvirtd)"
