@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.ksmtree import make_sysfs
-from vmshare.cli.metrics import serve, write_textfile
+from vmshare.cli.metrics import write_textfile
 from vmshare.config import Config
 from vmshare.daemon.exporter import SnapshotSource
+from vmshare.daemon.metrics_http import serve
 from vmshare.errors import HypervisorError, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
@@ -142,3 +143,38 @@ def test_collector_is_a_prometheus_client_collector() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap()))
     assert b"vmshare_ksm_full_scans_total 1.0" in generate_latest(registry)
+
+
+def test_the_daemons_own_figures_are_counters_by_kind() -> None:
+    from vmshare.present.metrics import DaemonFigures
+    text = exposition(snap(daemon=DaemonFigures({"spool_entry": 3, "datagram": 1},
+                                                {"periodic": 2})))
+    lines = text.splitlines()
+    assert 'vmshare_daemon_bad_inputs_total{kind="spool_entry"} 3.0' in lines
+    assert 'vmshare_daemon_bad_inputs_total{kind="datagram"} 1.0' in lines
+    assert 'vmshare_daemon_task_deaths_total{task="periodic"} 2.0' in lines
+    assert "vmshare_daemon_bad_inputs" not in exposition(snap())
+
+
+def test_a_snapshot_measured_where_it_was_taken_keeps_its_figures() -> None:
+    r = Refresher(lambda: snap(duration=2.0, cpu_seconds=0.5), interval=1.0, cpu_budget=0.1)
+    assert r.refresh() == 5.0           # 0.5 s of CPU at 10% of a core
+    latest = r.latest()
+    assert latest is not None and latest.duration == 2.0 and latest.cpu_seconds == 0.5
+
+
+def test_every_daemon_setting_is_a_config_key(tmp_path: Path) -> None:
+    from dataclasses import fields
+
+    from vmshare.config import DaemonSettings, load_config
+    from vmshare.errors import PolicyError
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[daemon]\nmetrics_listen = "127.0.0.1:9731"\nmetrics_interval = 5\n')
+    assert load_config(cfg).daemon.metrics_listen == "127.0.0.1:9731"
+    assert {f.name for f in fields(DaemonSettings)} >= {"metrics_listen", "metrics_cpu_budget"}
+    cfg.write_text("[daemon]\nmetrics_intervall = 5\n")
+    with pytest.raises(PolicyError, match="did you mean metrics_interval"):
+        load_config(cfg)
+    cfg.write_text("[daemon]\nmetrics_cpu_budget = 0\n")
+    with pytest.raises(PolicyError, match="metrics_cpu_budget must be"):
+        load_config(cfg)

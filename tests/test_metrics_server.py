@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.cli.metrics import MetricsServer, parse_listen, serve
+from vmshare.daemon.metrics_http import MetricsServer, parse_listen, serve
 from vmshare.errors import HypervisorError, UsageError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import os
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +111,9 @@ class DaemonSettings:
     tune: bool = False                         # run the KSM tuner (vmshare.tuner.decide) too
     tune_interval: float = 5.0                 # seconds between the tuner's decisions
     tune_cpu_budget: float = TunerPolicy.cpu_budget_pct   # ksmd CPU budget, % of one core
+    metrics_listen: str = ""                   # HOST:PORT to serve /metrics; "": off
+    metrics_interval: float = 30.0             # seconds between metrics snapshots
+    metrics_cpu_budget: float = 1.0            # snapshot CPU, % of one core
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,10 @@ class Config:
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
 
 
-_HOST_KEYS = {"enabled", "default_merge", "default_group"}
-_DAEMON_KEYS = {"spool_dir", "socket", "audit_log", "state_file", "qmp_sockets",
-                "reconnect_max_seconds", "history_file", "history_interval", "tune",
-                "tune_interval", "tune_cpu_budget"}
-_VM_KEYS = {"merge", "group", "force"}
+# The known keys are the settings types' fields: no second list to keep in step.
+_HOST_KEYS = {f.name for f in fields(HostPolicy)} - {"vms"}
+_DAEMON_KEYS = {f.name for f in fields(DaemonSettings)}
+_VM_KEYS = {f.name for f in fields(VmPolicy)}
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
@@ -219,6 +221,8 @@ _DAEMON_NUMBERS: dict[str, tuple[float, float, bool, str]] = {
     "reconnect_max_seconds": (0.0, 3600.0, False, "seconds in (0, 3600]"),
     "tune_interval": (0.0, 3600.0, False, "seconds in (0, 3600]"),
     "tune_cpu_budget": (0.0, 100.0, False, "a percentage of one core in (0, 100]"),
+    "metrics_interval": (0.0, 86400.0, False, "seconds in (0, 86400]"),
+    "metrics_cpu_budget": (0.0, 100.0, False, "a percentage of one core in (0, 100]"),
 }
 
 
@@ -294,6 +298,11 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         tune=_typed(origin, "daemon", "tune", d.get("tune", defaults.tune), bool),
         tune_interval=_number(origin, d, "tune_interval", defaults.tune_interval),
         tune_cpu_budget=_number(origin, d, "tune_cpu_budget", defaults.tune_cpu_budget),
+        metrics_listen=_typed(origin, "daemon", "metrics_listen",
+                              d.get("metrics_listen", defaults.metrics_listen), str),
+        metrics_interval=_number(origin, d, "metrics_interval", defaults.metrics_interval),
+        metrics_cpu_budget=_number(origin, d, "metrics_cpu_budget",
+                                   defaults.metrics_cpu_budget),
     )
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,

@@ -25,17 +25,12 @@ from typing import Any, TypeVar
 
 from vmshare.config import Config
 from vmshare.daemon import spool, wakeup
+from vmshare.daemon.exporter import run_exporter
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.rejects import Rejects
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.supervisor import Supervisor
-from vmshare.daemon.triggers import (
-    QMP_EVENTS,
-    HookSequence,
-    Trigger,
-    TriggerSink,
-    backoff_delays,
-)
+from vmshare.daemon.triggers import QMP_EVENTS, HookSequence, Trigger, TriggerSink, backoff_delays
 from vmshare.daemon.tuning import run_tuner
 from vmshare.errors import DeadlineExceeded, HypervisorError, VmshareError
 from vmshare.records.schema import printable
@@ -339,6 +334,8 @@ class Daemon:
         }
         if self.opts.tune if self.opts.tune is not None else self.settings.tune:
             jobs["tuner"] = lambda: run_tuner(self, stop)
+        if self.settings.metrics_listen:
+            jobs["metrics"] = lambda: run_exporter(self, stop)
         if watcher is not None:
             jobs["qmp-watch"] = lambda: watcher.run(stop)
         else:

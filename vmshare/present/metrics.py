@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -48,6 +48,9 @@ EXPORT_MEANINGS = {
     "snapshot_duration_seconds": "wall-clock seconds the last collection took",
     "snapshot_cpu_seconds": "CPU seconds the last collection cost this process",
     "scrape_errors": "parts of the last collection that failed (the rest is still served)",
+    "daemon_bad_inputs": "input the daemon refused and set aside (spool entries, datagrams), "
+                         "by kind",
+    "daemon_task_deaths": "times a daemon background task died and was restarted, by task",
 }
 
 
@@ -55,6 +58,14 @@ EXPORT_MEANINGS = {
 class VmPolicyFacts:
     trust_group: str
     merge: bool
+
+
+@dataclass(frozen=True)
+class DaemonFigures:
+    """What only a running daemon knows: refused input by kind, task deaths by task."""
+
+    bad_inputs: Mapping[str, int] = field(default_factory=dict)
+    task_deaths: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class Snapshot:
     ksmd_cpu_seconds: float | None = None
     policy: Mapping[str, VmPolicyFacts] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    daemon: DaemonFigures | None = None
 
 
 def _gauge(name: str, meaning: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
@@ -92,6 +104,8 @@ class SnapshotCollector:
             yield errors
             return
         yield from self._snapshot_families(snap)
+        if snap.daemon is not None:
+            yield from self._daemon_families(snap.daemon)
         if snap.host is not None:
             yield from self._host_families(snap, snap.host)
             yield from self._vm_families(snap, snap.host)
@@ -112,6 +126,15 @@ class SnapshotCollector:
                                       EXPORT_MEANINGS["ksmd_cpu_seconds"])
             cpu.add_metric([], snap.ksmd_cpu_seconds)
             yield cpu
+
+    def _daemon_families(self, figures: DaemonFigures) -> Iterator[Metric]:
+        for name, label, values in (("daemon_bad_inputs", "kind", figures.bad_inputs),
+                                    ("daemon_task_deaths", "task", figures.task_deaths)):
+            fam = CounterMetricFamily(f"vmshare_{name}", EXPORT_MEANINGS[name],
+                                      labels=[label])
+            for key, count in sorted(values.items()):
+                fam.add_metric([key], count)
+            yield fam
 
     def _host_families(self, snap: Snapshot, host: HostView) -> Iterator[Metric]:
         available = _gauge("ksm_available", EXPORT_MEANINGS["ksm_available"])
@@ -224,9 +247,10 @@ class Refresher:
                           type(exc).__name__, exc)
             log.debug("detail", exc_info=True)
             return self.interval
-        cpu = time.thread_time() - cpu0
-        wall = time.monotonic() - t0
-        snap = Snapshot(**{**snap.__dict__, "duration": wall, "cpu_seconds": cpu})
+        if snap.duration == 0.0:     # measured here unless ``take`` measured itself
+            snap = replace(snap, duration=time.monotonic() - t0,
+                           cpu_seconds=time.thread_time() - cpu0)
+        cpu = snap.cpu_seconds
         with self._lock:
             self._latest = snap
         return max(self.interval, cpu / self.cpu_budget)
