@@ -39,6 +39,7 @@ from integration.debian_guests import (
     DebianGuests,
     booted_debian_guests,
     independent_saved_pages,
+    ksm_pfns,
     mergeable_ranges,
     virsh,
 )
@@ -246,3 +247,70 @@ def test_tuner_benchmark_produces_its_table(guests: DebianGuests) -> None:
     assert "advisor_target_scan_time=" in rows["advisor-matched"]
     assert "machine: " in r.stdout and "kernel " in r.stdout
     print(r.stdout)
+
+
+def _cross_group_frames(guests: DebianGuests, groups: dict[str, str]) -> set[int]:
+    """KSM frames mapped by guests of two different trust groups (pagemap and
+    kpageflags over every mapping of each QEMU, independent of vmshare)."""
+    frames = {name: ksm_pfns(guests.pid(name)) for name in guests.names}
+    crossed: set[int] = set()
+    for a in guests.names:
+        for b in guests.names:
+            if groups[a] < groups[b]:
+                crossed |= frames[a] & frames[b]
+    return crossed
+
+
+def test_trust_groups_share_no_frame_across_a_group_change_and_a_restart(
+        guests: DebianGuests, tmp_path: Path) -> None:
+    """Guests 1 and 2 in trust group red, guest 3 in blue, under the daemon (no
+    force): after the kernel converges no KSM frame is mapped by both groups;
+    guest 3 moved to red at run time then merges with them; after a daemon
+    restart with guest 3 back in blue, the groups are apart again."""
+    one, two, three = guests.names
+    groups = {one: "red", two: "red", three: "blue"}
+
+    def config(assignment: dict[str, str]) -> Path:
+        path = write_config(tmp_path, {n: "on" for n in guests.names})
+        text = path.read_text()
+        for name, group in assignment.items():
+            text = text.replace(f'[vm."{name}"]\nmerge = "on"\n',
+                                f'[vm."{name}"]\nmerge = "on"\ngroup = "{group}"\n')
+        path.write_text(text)
+        return path
+
+    with ksm_session(require_root_ksm()) as sysfs:
+        d = DaemonProc(config(groups), tmp_path / "groups.log", domains=tuple(guests.names))
+        try:
+            d.wait_log("reconciled", timeout=60)
+            # red merges, blue is kept unmergeable (the first group to ask wins)
+            wait_for(lambda: all_merge(one, True) and all_merge(three, False), 30,
+                     lambda: d.text()[-3000:])
+            converge(sysfs, timeout=300)
+            assert not _cross_group_frames(guests, groups)
+            assert ksm_pfns(guests.pid(one)) & ksm_pfns(guests.pid(two)), \
+                "red's guests shared nothing: the check would be vacuous"
+        finally:
+            d.kill(signal.SIGTERM)
+        # guest 3 joins red at run time: its policy in the domain's own metadata
+        env = {**os.environ, "VMSHARE_CONFIG": str(tmp_path / "vmshare.toml"),
+               "VMSHARE_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+        r = subprocess.run([sys.executable, "-m", "vmshare", "policy", "set", three,
+                            "--group", "red", "--apply"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert all_merge(three, True)
+        converge(sysfs, timeout=300)
+        assert ksm_pfns(guests.pid(three)) & ksm_pfns(guests.pid(one))
+        # back to blue, then the daemon restarted: it must part the groups again
+        r = subprocess.run([sys.executable, "-m", "vmshare", "policy", "set", three,
+                            "--group", "blue"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        d = DaemonProc(config(groups), tmp_path / "groups2.log", domains=tuple(guests.names))
+        try:
+            wait_for(lambda: all_merge(three, False), 60, lambda: d.text()[-3000:])
+            converge(sysfs, timeout=300)
+            assert not _cross_group_frames(guests, groups)
+        finally:
+            d.kill(signal.SIGTERM)
