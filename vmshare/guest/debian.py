@@ -24,13 +24,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmshare.errors import ImageBuildError, UsageError
 from vmshare.guest.builder import find_kernel
+from vmshare.guest.launch import wait_console
 
 SUITE = "bookworm"
 PACKAGES = ("systemd-sysv", "udev", "dbus", "cron", "rsyslog", "procps")
@@ -283,16 +283,6 @@ def debian_domain_xml(name: str, image: DebianImage, overlay: Path, *, console_l
     return ET.tostring(domain, encoding="unicode")
 
 
-def _qemu_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def wait_debian_ready(console_log: Path, timeout: float = 180.0, *, pid: int | None = None,
                       poll: float = 0.25) -> float:
     """Wait for the guest's ready line; return the guest's uptime it reported.
@@ -301,27 +291,6 @@ def wait_debian_ready(console_log: Path, timeout: float = 180.0, *, pid: int | N
     GuestBootFailed (kernel panic, emergency mode, QEMU gone) or
     GuestBootTimeout, each with the console's last lines.
     """
-    from vmshare.guest.launch import GuestBootFailed, GuestBootTimeout
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            text = console_log.read_text(errors="replace")
-        except FileNotFoundError:
-            text = ""
-        except OSError as exc:
-            raise GuestBootFailed(f"cannot read console log {console_log}: {exc}") from exc
-        ready = READY.search(text)
-        if ready:
-            return float(ready.group(1))
-        tail = "\n".join(text.rstrip().splitlines()[-20:]) or "(empty)"
-        fatal = FATAL.search(text)
-        if fatal:
-            raise GuestBootFailed(f"Debian guest failed ({fatal.group(0).strip()}); "
-                                  f"console {console_log} ends with:\n{tail}")
-        if pid is not None and not _qemu_alive(pid):
-            raise GuestBootFailed(f"QEMU (pid {pid}) exited before the Debian guest was "
-                                  f"ready; console {console_log} ends with:\n{tail}")
-        if time.monotonic() >= deadline:
-            raise GuestBootTimeout(f"Debian guest not ready after {timeout:.0f} s; console "
-                                   f"{console_log} ends with:\n{tail}")
-        time.sleep(poll)
+    found = wait_console(console_log, READY, FATAL, timeout=timeout, pid=pid, poll=poll,
+                         what="Debian guest")
+    return float(found.group(1))

@@ -251,8 +251,20 @@ def wait_ready(console_log: Path, timeout: float = 120.0, *, pid: int | None = N
     GuestBootFailed on a kernel panic, a fill error or a dead QEMU, and
     GuestBootTimeout after ``timeout`` seconds; both carry the log's tail.
     """
+    return wait_console(console_log, _READY, _FATAL, timeout=timeout, pid=pid,
+                        poll=poll).group(0).strip()
+
+
+def wait_console(console_log: Path, ready: re.Pattern[str], fatal: re.Pattern[str], *,
+                 timeout: float, pid: int | None = None, poll: float = 0.1,
+                 what: str = "guest") -> re.Match[str]:
+    """Poll a serial console file until ``ready`` matches; return the match.
+
+    Raises GuestBootFailed when ``fatal`` matches, the log cannot be read, or
+    QEMU ``pid`` exits first; GuestBootTimeout after ``timeout`` seconds. Both
+    carry the console's last lines.
+    """
     deadline = time.monotonic() + timeout
-    text = ""
     while True:
         try:
             text = console_log.read_text(errors="replace")
@@ -260,17 +272,17 @@ def wait_ready(console_log: Path, timeout: float = 120.0, *, pid: int | None = N
             text = ""
         except OSError as exc:
             raise GuestBootFailed(f"cannot read console log {console_log}: {exc}") from exc
-        ready = _READY.search(text)
-        if ready:
-            return ready.group(0).strip()
-        fatal = _FATAL.search(text)
-        if fatal:
-            raise GuestBootFailed(f"guest failed ({fatal.group(0).strip()}); console "
+        found = ready.search(text)
+        if found:
+            return found
+        failed = fatal.search(text)
+        if failed:
+            raise GuestBootFailed(f"{what} failed ({failed.group(0).strip()}); console "
                                   f"{console_log} ends with:\n{_tail(text)}")
         if pid is not None and not _alive(pid):
-            raise GuestBootFailed(f"QEMU (pid {pid}) exited before the guest was ready; "
+            raise GuestBootFailed(f"QEMU (pid {pid}) exited before the {what} was ready; "
                                   f"console {console_log} ends with:\n{_tail(text)}")
         if time.monotonic() >= deadline:
-            raise GuestBootTimeout(f"guest not ready after {timeout:.0f} s; console "
+            raise GuestBootTimeout(f"{what} not ready after {timeout:.0f} s; console "
                                    f"{console_log} ends with:\n{_tail(text) or '(empty)'}")
         time.sleep(poll)
