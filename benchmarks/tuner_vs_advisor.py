@@ -60,7 +60,8 @@ KSMTUNED_CONF = Path("/etc/ksmtuned.conf")
 RUNS = ("vmshare", "advisor-matched", "advisor-default", "ksmtuned")
 TARGET = 0.97
 KERNEL_DEFAULTS: dict[str, int | str] = {"advisor_mode": "none", "smart_scan": 1,
-                                         "pages_to_scan": 100, "sleep_millisecs": 20}
+                                         "pages_to_scan": 100, "sleep_millisecs": 20,
+                                         "advisor_target_scan_time": 200}
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pytest
 from tests.fakes.hypervisor import FakeHypervisor, FakeVm
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
 from vmshare.cli import main as cli
-from vmshare.model import RamBackend, VmRef
+from vmshare.model import RamBackend, VmFacts, VmRef
 
 GOLDEN = Path(__file__).parent / "golden"
 BASE = 0x7F0000000000
@@ -440,3 +440,22 @@ def test_vram_left_mergeable_is_shown_and_disable_fails_naming_the_fix(
     assert "warning: web-2: not fully unmergeable: 16,384 KiB" in out
     code, out, _ = run(capsys, "status", "--json", "web-2")
     assert json.loads(out)["vms"][0]["other_mergeable_bytes"] == 16 * 2**20
+
+
+def test_list_leaves_out_a_domain_that_vanishes_while_listing(
+        host: tuple[FakeHypervisor, FakeProc], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmshare.errors import DomainNotFound
+    hv = host[0]
+    real = hv.facts
+
+    def facts(ref: VmRef) -> VmFacts:
+        if ref.name == "web-2":
+            raise DomainNotFound("no domain web-2")
+        return real(ref)
+
+    monkeypatch.setattr(hv, "facts", facts)
+    code, out, err = run(capsys, "list", "--json")
+    assert code == 0, err
+    names = [v["name"] for v in json.loads(out)["vms"]]
+    assert "web-2" not in names and {"web-1", "db-secret", "idle"} <= set(names)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vmshare.cli.context import Context, emit_json, out
+from vmshare.errors import DomainNotFound, DomainNotRunning, ProcessGone
 
 
 def cmd_list(ctx: Context) -> int:
@@ -14,12 +15,15 @@ def cmd_list(ctx: Context) -> int:
     rows: list[list[str]] = []
     data: list[dict[str, Any]] = []
     for ref in ctx.hv.list_vms():
-        facts = ctx.hv.facts(ref)
-        if facts.pid is None:
+        try:
+            facts = ctx.hv.facts(ref)
+            maps = obs.mappings(ref, facts) if facts.pid is not None else None
+        except (DomainNotFound, DomainNotRunning, ProcessGone):
+            continue      # it went away while we listed: it is no longer on the host
+        if facts.pid is None or maps is None:
             rows.append([ref.name, "shut off", "-", "", "", "", "", ""])
             data.append({"name": ref.name, "uuid": ref.uuid, "running": False, "backends": []})
             continue
-        maps = obs.mappings(ref, facts)
         views = maps.backends
         entry: dict[str, Any] = {"name": ref.name, "uuid": ref.uuid, "running": True,
                                  "pid": facts.pid, "backends": [],
