@@ -17,8 +17,8 @@ DAEMON_DEADLINE=30
 PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           busybox-static linux-image-cloud-amd64 cpio python3-venv python3-dev gcc libc6-dev
           libxxhash-dev procps man-db bash-completion zsh)
-# the fleet tests: a real Prometheus (and promtool) from Debian's package
-FLEET_PACKAGES=(prometheus)
+# the fleet tests: a real Prometheus (and promtool); the real logrotate for the audit log
+FLEET_PACKAGES=(prometheus logrotate)
 # the real Debian guest (vmshare/guest/debian.py): a root made from Debian's packages
 GUEST_PACKAGES=(mmdebstrap qemu-utils e2fsprogs)
 PACKAGES+=("${FLEET_PACKAGES[@]}" "${GUEST_PACKAGES[@]}")
