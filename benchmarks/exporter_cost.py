@@ -28,7 +28,6 @@ from integration.ksm_fixtures import MemProc, converge, ksm_session, start_mempr
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.observe.attribution import attribute
-from vmshare.present.metrics import Refresher
 
 INTERVAL = 30.0      # the exporter's default snapshot interval, seconds
 BUDGET = 0.01        # its default CPU budget: 1% of one core
@@ -84,8 +83,7 @@ def main() -> int:
     per_gib = sum(s * c for s, _, c in rows) / sum(s * s for s, _, _ in rows)
     cpu_256 = per_gib * 256
     unbudgeted = cpu_256 / INTERVAL
-    wait = Refresher(lambda: None, interval=INTERVAL, cpu_budget=BUDGET)  # type: ignore[arg-type, return-value]
-    effective = max(wait.interval, cpu_256 / wait.cpu_budget)
+    effective = max(INTERVAL, cpu_256 / BUDGET)    # the Refresher's rule
     print(f"\nfitted: {per_gib * 1e3:.1f} ms CPU per GiB of guest RAM")
     print(f"256 GiB: {cpu_256:.2f} s CPU per snapshot; every {INTERVAL:g} s that would be "
           f"{unbudgeted:.1%} of one core; with the {BUDGET:.0%} budget a snapshot is taken "

@@ -178,3 +178,18 @@ def test_every_daemon_setting_is_a_config_key(tmp_path: Path) -> None:
     cfg.write_text("[daemon]\nmetrics_cpu_budget = 0\n")
     with pytest.raises(PolicyError, match="metrics_cpu_budget must be"):
         load_config(cfg)
+
+
+def test_a_vm_mergeable_only_outside_its_ram_backends_counts_as_mergeable() -> None:
+    from vmshare.model import Vma, VmFacts
+    from vmshare.observe.host import VmView
+    ref = VmRef("web-1", "11111111-1111-1111-1111-111111111111", 1, True)
+    rom = Vma(0x7F0000000000, 0x7F0000040000, "rw-p", 0, "")
+    host = HostView(counters={"pages_sharing": 0}, knobs={}, vms=(
+        VmView(facts=VmFacts(ref=ref, pid=100), other_mergeable=(rom,)),
+        VmView(facts=VmFacts(ref=VmRef("web-2", "2" * 32, 2, True), pid=200))))
+    lines = exposition(Snapshot(host=host, taken_at=1000.0), clock=lambda: 1000.0).splitlines()
+    assert ('vmshare_vm_mergeable{domain="web-1",trust_group="",'
+            'uuid="11111111-1111-1111-1111-111111111111"} 1.0') in lines
+    assert any(line.startswith('vmshare_vm_mergeable{domain="web-2"') and line.endswith(" 0.0")
+               for line in lines)

@@ -114,7 +114,7 @@ def fleet_rules() -> dict[str, bytes]:
         "time() - timestamp": vector((a, 3), (b, 900)),
         "vmshare_ksm_available": vector((a, 1), (b, 1)),
         "vmshare_ksm_knob_run": vector((a, 1), (b, 0)),
-        "vmshare_ksm_pages_sharing": vector((a, 262144), (b, 0)),
+        "vmshare_ksm_saved_bytes": vector((a, 262144 * 4096), (b, 0)),
         "rate(vmshare_ksmd_cpu_seconds_total": vector((a, 0.05), (b, 0.5)),
         "vmshare_vm_mergeable": vector(({**b, "domain": "db-2"}, 0)),
         "vmshare_vm_saved_bytes": vector(({**a, "domain": "web-1", "trust_group": "red"}, 6e8),
@@ -163,7 +163,7 @@ def test_an_empty_prometheus_says_no_exporter_was_found() -> None:
 
 
 def test_fleet_history_sums_hosts_per_step() -> None:
-    c, _ = client({"pages_sharing": matrix(({"instance": "a"}, [(100, 1.0), (200, 3.0)]),
+    c, _ = client({"vmshare_ksm_saved_bytes": matrix(({"instance": "a"}, [(100, 1.0), (200, 3.0)]),
                                           ({"instance": "b"}, [(100, 2.0)]))})
     h = fleet_history(c, 3600, now=1000.0, points=60)
     assert h.step == 60 and h.start == 1000.0 - 3600
@@ -188,7 +188,7 @@ def test_cli_fleet_status_text_and_json(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_cli_history(capsys: pytest.CaptureFixture[str]) -> None:
-    prom = ScriptedPrometheus({"pages_sharing": matrix(({"instance": "a"}, [(1, 4096.0),
+    prom = ScriptedPrometheus({"vmshare_ksm_saved_bytes": matrix(({"instance": "a"}, [(1, 4096.0),
                                                                            (2, 8192.0)]))})
     with serve(prom.answer) as url:
         assert main(["fleet", "history", "--prometheus", url, "--since", "2h"]) == 0

@@ -62,16 +62,17 @@ class SnapshotSource:
                        cpu_seconds=time.thread_time() - cpu0)
 
     def __call__(self) -> Snapshot:
-        self.hv = self.hv_of()
-        self.observer = Observer(self.hv, self.sysfs, self.procfs)
+        # the daemon's connection may have been replaced since the last snapshot
+        hv = self.hv_of()
+        observer = Observer(hv, self.sysfs, self.procfs)
         errors: list[str] = []
-        host = self._host(errors)
+        host = self._host(hv, observer, errors)
         policy: dict[str, VmPolicyFacts] = {}
         if host.vms:
             try:
-                everyone = self.hv.list_vms()
+                everyone = hv.list_vms()
                 refs = [v.facts.ref for v in host.vms if v.facts.pid is not None]
-                for view in survey(self.hv, self.config, refs, observer=self.observer,
+                for view in survey(hv, self.config, refs, observer=observer,
                                    others=everyone):
                     policy[view.ref.name] = VmPolicyFacts(view.decision.group,
                                                           view.decision.merge)
@@ -94,18 +95,18 @@ class SnapshotSource:
                         ksmd_cpu_seconds=ksmd, policy=policy, errors=tuple(errors),
                         daemon=self.daemon_figures() if self.daemon_figures else None)
 
-    def _names(self) -> list[str] | None:
+    def _names(self, hv: Hypervisor) -> list[str] | None:
         if not self.scope:
             return None
-        return [r.name for r in self.hv.list_vms()
+        return [r.name for r in hv.list_vms()
                 if any(fnmatch.fnmatchcase(r.name, g) for g in self.scope)]
 
-    def _host(self, errors: list[str]) -> HostView:
+    def _host(self, hv: Hypervisor, observer: Observer, errors: list[str]) -> HostView:
         try:
-            names = self._names()
+            names = self._names(hv)
             if names == []:
                 return self._kernel_only(errors)
-            return self.observer.host(names)
+            return observer.host(names)
         except VmshareError as exc:
             errors.append(f"VMs: {exc}")
             return self._kernel_only(errors)

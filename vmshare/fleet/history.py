@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from vmshare.errors import UsageError
 from vmshare.fleet.status import DEFAULT_JOB, selector
-from vmshare.model import PAGE_SIZE
 from vmshare.promapi.client import PromClient
 
 MAX_SPAN = 400 * 86400.0
@@ -46,7 +45,7 @@ def fleet_history(client: PromClient, since: float, *, job: str = DEFAULT_JOB,
     step = max(1.0, round(since / max(1, points)))
     sel = selector(job, trust_group, instance)
     if trust_group is None:
-        expr = f"sum by (instance) (vmshare_ksm_pages_sharing{sel}) * {PAGE_SIZE}"
+        expr = f"sum by (instance) (vmshare_ksm_saved_bytes{sel})"
     else:
         expr = f"sum by (instance) (vmshare_vm_saved_bytes{sel})"
     series = client.query_range(expr, start, end, step)

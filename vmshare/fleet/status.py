@@ -2,7 +2,7 @@
 saves, what ksmd costs it, and which hosts need a look.
 
 A host is a Prometheus ``instance`` of the vmshare scrape job. The figures are
-the exporter's (``vmshare metrics``): vmshare_ksm_pages_sharing (the kernel's
+the exporter's (``vmshare metrics``): vmshare_ksm_saved_bytes (the kernel's
 counter: pages saved), vmshare_vm_saved_bytes (each VM's fair share of it),
 vmshare_ksmd_cpu_seconds_total (ksmd's CPU time), vmshare_ksm_knob_run,
 vmshare_ksm_available, vmshare_vm_mergeable and vmshare_vm_policy_merge (the
@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vmshare.errors import UsageError
-from vmshare.model import PAGE_SIZE
 from vmshare.promapi.client import PromClient, Sample
 
 GIB = 1 << 30
@@ -102,7 +101,7 @@ def fleet_status(client: PromClient, *, job: str = DEFAULT_JOB,
     up = _by_instance(client.query(f"up{job_sel}"))
     available = _by_instance(client.query(f"vmshare_ksm_available{job_sel}"))
     run = _by_instance(client.query(f"vmshare_ksm_knob_run{job_sel}"))
-    sharing = _by_instance(client.query(f"vmshare_ksm_pages_sharing{job_sel}"))
+    saved = _by_instance(client.query(f"vmshare_ksm_saved_bytes{job_sel}"))
     age = _by_instance(client.query(f"time() - timestamp(vmshare_ksm_available{job_sel})"))
     cores = _by_instance(client.query(f"rate(vmshare_ksmd_cpu_seconds_total{job_sel}[5m])"))
     vms = client.query(f"vmshare_vm_saved_bytes{vm_sel}")
@@ -113,8 +112,8 @@ def fleet_status(client: PromClient, *, job: str = DEFAULT_JOB,
     for inst, row in hosts.items():
         row.age_seconds = age.get(inst)
         row.ksmd_cores = cores.get(inst)
-        row.ksm = _ksm_state(available.get(inst), run.get(inst), sharing.get(inst))
-        row.saved_bytes = (sharing.get(inst, 0.0) * PAGE_SIZE if trust_group is None else 0.0)
+        row.ksm = _ksm_state(available.get(inst), run.get(inst), saved.get(inst))
+        row.saved_bytes = saved.get(inst, 0.0) if trust_group is None else 0.0
     rows = [VmRow(s.labels.get("instance", ""), s.labels.get("domain", "?"),
                   s.labels.get("trust_group", ""), s.value) for s in vms]
     for r in rows:
@@ -136,14 +135,14 @@ def fleet_status(client: PromClient, *, job: str = DEFAULT_JOB,
                        sum(h.saved_bytes for h in ordered), len(rows), prices, notes)
 
 
-def _ksm_state(available: float | None, run: float | None, sharing: float | None) -> str:
+def _ksm_state(available: float | None, run: float | None, saved: float | None) -> str:
     if available is None:
         return "unknown"
     if available < 1:
         return "unavailable"
     if run is not None and run >= 1:
         return "running"
-    return "paused" if sharing else "off"
+    return "paused" if saved else "off"
 
 
 def _flags(row: HostRow, stale_after: float, prices: Prices) -> list[str]:

@@ -179,7 +179,8 @@ class SnapshotCollector:
             "process_profit_bytes": (VM_FIGURE_MEANINGS["process_profit_bytes"],
                                      lambda v: v.ksm_stat.ksm_process_profit),
             "mergeable": (EXPORT_MEANINGS["vm_mergeable"],
-                          lambda v: 1 if any(b.mg_flag for b in v.backends) else 0),
+                          lambda v: 1 if v.other_mergeable
+                          or any(b.mg_flag for b in v.backends) else 0),
         }
         fams = {k: _gauge(f"vm_{k}", meaning, VM_LABELS) for k, (meaning, _) in figures.items()}
         policy = _gauge("vm_policy_merge", EXPORT_MEANINGS["vm_policy_merge"], VM_LABELS)
