@@ -111,31 +111,6 @@ def _build(out: Callable[[str], None]) -> GuestImage:
     return image
 
 
-def _boot(hv: LibvirtHypervisor, image: GuestImage, opts: DemoOptions, started: list[VmRef],
-          out: Callable[[str], None]) -> None:
-    """Boot the demo guests and wait until each is ready; each one is added to
-    ``started`` as soon as it exists, so that a failure part-way cleans it up."""
-    demo_dir = _demo_dir()
-    spec = FillSpec(identical_mib=opts.identical_mib, unique_mib=opts.unique_mib,
-                    zero_mib=opts.zero_mib, seed=1)
-    _refuse_running(hv)
-    out(f"Booting {opts.guests} TCG guests of {opts.memory_mib} MiB: each writes "
-        f"{opts.identical_mib} MiB identical to the others, {opts.unique_mib} MiB of its "
-        f"own and {opts.zero_mib} MiB of zeros...")
-    logs = []
-    for i in range(opts.guests):
-        name = f"{DEMO_PREFIX}{i + 1}"
-        log_path = demo_dir / f"{name}.console.log"
-        log_path.unlink(missing_ok=True)
-        xml = domain_xml(name, image, spec, memory_mib=opts.memory_mib, console_log=log_path,
-                         nosharepages=True, metadata_xml=adopted_element())
-        started.append(hv.create_transient(xml))
-        logs.append(log_path)
-    for ref, log_path in zip(started, logs, strict=True):
-        wait_ready(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
-        out(f"  {ref.name}: ready")
-
-
 def _build_debian(out: Callable[[str], None]) -> DebianImage:
     t0 = time.monotonic()
     out("Building the Debian 12 guest (mmdebstrap from this host's apt mirror; cached)...")
@@ -144,27 +119,56 @@ def _build_debian(out: Callable[[str], None]) -> DebianImage:
     return image
 
 
+def _boot(hv: LibvirtHypervisor, image: GuestImage, opts: DemoOptions, started: list[VmRef],
+          out: Callable[[str], None]) -> None:
+    """Boot the busybox demo guests, each filling its RAM as ``opts`` says."""
+    spec = FillSpec(identical_mib=opts.identical_mib, unique_mib=opts.unique_mib,
+                    zero_mib=opts.zero_mib, seed=1)
+    out(f"Booting {opts.guests} TCG guests of {opts.memory_mib} MiB: each writes "
+        f"{opts.identical_mib} MiB identical to the others, {opts.unique_mib} MiB of its "
+        f"own and {opts.zero_mib} MiB of zeros...")
+
+    def xml(name: str, log_path: Path, _demo_dir: Path) -> str:
+        return domain_xml(name, image, spec, memory_mib=opts.memory_mib, console_log=log_path,
+                          nosharepages=True, metadata_xml=adopted_element())
+
+    _boot_each(hv, opts, started, xml, wait_ready, "ready", out)
+
+
 def _boot_debian(hv: LibvirtHypervisor, image: DebianImage, opts: DemoOptions,
                  started: list[VmRef], out: Callable[[str], None]) -> None:
-    """Boot Debian guests on qcow2 overlays of one root disk; as ``_boot``."""
-    demo_dir = _demo_dir()
-    _refuse_running(hv)
+    """Boot Debian guests on qcow2 overlays of one root disk."""
     out(f"Booting {opts.guests} Debian 12 guests of {opts.memory_mib} MiB under TCG "
         "(systemd, udev, journald, dbus, cron, rsyslog)...")
+
+    def xml(name: str, log_path: Path, demo_dir: Path) -> str:
+        overlay = make_overlay(image, demo_dir / f"{name}.qcow2")
+        return debian_domain_xml(name, image, overlay, memory_mib=opts.memory_mib,
+                                 console_log=log_path, nosharepages=True,
+                                 metadata_xml=adopted_element())
+
+    _boot_each(hv, opts, started, xml, wait_debian_ready, "multi-user", out)
+
+
+def _boot_each(hv: LibvirtHypervisor, opts: DemoOptions, started: list[VmRef],
+               make_xml: Callable[[str, Path, Path], str], wait: Callable[..., object],
+               ready_word: str, out: Callable[[str], None]) -> None:
+    """Create every demo guest, then wait for each console to say it is ready.
+    Each guest is added to ``started`` as soon as it exists, so that a failure
+    part-way cleans it up."""
+    demo_dir = _demo_dir()
+    _refuse_running(hv)
     t0 = time.monotonic()
     logs = []
     for i in range(opts.guests):
         name = f"{DEMO_PREFIX}{i + 1}"
         log_path = demo_dir / f"{name}.console.log"
         log_path.unlink(missing_ok=True)
-        overlay = make_overlay(image, demo_dir / f"{name}.qcow2")
-        started.append(hv.create_transient(debian_domain_xml(
-            name, image, overlay, memory_mib=opts.memory_mib, console_log=log_path,
-            nosharepages=True, metadata_xml=adopted_element())))
+        started.append(hv.create_transient(make_xml(name, log_path, demo_dir)))
         logs.append(log_path)
     for ref, log_path in zip(started, logs, strict=True):
-        wait_debian_ready(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
-        out(f"  {ref.name}: multi-user ({time.monotonic() - t0:.0f} s)")
+        wait(log_path, timeout=opts.timeout, pid=hv.facts(ref).pid)
+        out(f"  {ref.name}: {ready_word} ({time.monotonic() - t0:.0f} s)")
 
 
 def _demo_dir() -> Path:

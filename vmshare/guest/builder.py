@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import os
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from vmshare.errors import ImageBuildError
 from vmshare.guest.cpio import CpioEntry, write_newc
+from vmshare.guest.staging import prepare_cache, staged
 
 DEFAULT_CACHE_DIR = Path("/var/cache/vmshare/guest")
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -180,21 +180,16 @@ def build_image(cache_dir: Path = DEFAULT_CACHE_DIR, *, boot_dir: Path = Path("/
         _file_digest(busybox_path), _file_digest(kernel), kernel.name,
     )).encode()).hexdigest()[:24]
 
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(cache_dir, 0o700)
-    except OSError as exc:
-        raise ImageBuildError(f"cannot create image cache {cache_dir}: {exc}") from exc
+    prepare_cache(cache_dir)
     final = cache_dir / key
     image = GuestImage(kernel=final / KERNEL_NAME, initrd=final / INITRD_NAME)
     if image.kernel.is_file() and image.initrd.is_file():
         return image
 
-    try:
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".build-{key}-"))
-    except OSError as exc:
-        raise ImageBuildError(f"cannot write to image cache {cache_dir}: {exc}") from exc
-    try:
+    # Another builder may win the race; its image is identical by construction.
+    with staged(cache_dir, final, f".build-{key}-",
+                lambda: image.kernel.is_file() and image.initrd.is_file(),
+                "the guest image") as staging:
         fill_bin = staging / "fill"
         compile_fill(fill_c, fill_bin, cc)
         archive = write_newc(initramfs_entries(
@@ -203,15 +198,4 @@ def build_image(cache_dir: Path = DEFAULT_CACHE_DIR, *, boot_dir: Path = Path("/
         _atomic_write(staging, INITRD_NAME, gzip.compress(archive, compresslevel=6, mtime=0))
         _atomic_write(staging, KERNEL_NAME, kernel.read_bytes())
         os.chmod(staging, 0o755)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            # Another builder won the race; its image is identical by construction.
-            if not (image.kernel.is_file() and image.initrd.is_file()):
-                raise
-    except OSError as exc:
-        raise ImageBuildError(f"writing the guest image to {final} failed: {exc}") from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return image

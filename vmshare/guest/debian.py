@@ -19,11 +19,9 @@ only when the same inputs would build it again.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 from vmshare.errors import ImageBuildError, UsageError
 from vmshare.guest.builder import find_kernel
 from vmshare.guest.launch import wait_console
+from vmshare.guest.staging import prepare_cache, staged
 
 SUITE = "bookworm"
 PACKAGES = ("systemd-sysv", "udev", "dbus", "cron", "rsyslog", "procps")
@@ -178,13 +177,9 @@ def build_debian_image(cache_dir: Path = DEFAULT_CACHE_DIR, *,
         return image
     mmdebstrap = _tool("mmdebstrap", "mmdebstrap")
     mkfs = _tool("mkfs.ext4", "e2fsprogs")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(cache_dir, 0o700)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))
-    except OSError as exc:
-        raise ImageBuildError(f"cannot write to image cache {cache_dir}: {exc}") from exc
-    try:
+    prepare_cache(cache_dir)
+    with staged(cache_dir, final, ".build-", image.root.is_file,
+                "the Debian image") as staging:
         tree = staging / "tree"
         _run([mmdebstrap, "--variant=minbase", "--mode=root", "--quiet",
               f"--include={','.join(PACKAGES)}", SUITE, str(tree), mirror],
@@ -193,16 +188,6 @@ def build_debian_image(cache_dir: Path = DEFAULT_CACHE_DIR, *,
         _run([mkfs, "-q", "-F", "-L", "vmshare-root", "-d", str(tree),
               str(staging / "root.img"), f"{ROOT_SIZE_MIB}M"], "mkfs.ext4 -d")
         shutil.rmtree(tree)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not image.root.is_file():   # a concurrent builder did not win either
-                raise
-    except OSError as exc:
-        raise ImageBuildError(f"writing the Debian image to {final} failed: {exc}") from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return image
 
 
