@@ -56,6 +56,12 @@ class Stop(Exception):
     pass
 
 
+def print_decision(obs: Observation, decision: Decision, changes: Changes | None, *,
+                   json_out: bool) -> None:
+    print(decision_json(obs, decision, changes) if json_out
+          else decision_line(obs, decision, changes), flush=True)
+
+
 def cmd_tune(ctx: Any) -> int:
     a = ctx.args
     try:
@@ -94,9 +100,20 @@ def cmd_tune(ctx: Any) -> int:
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         with contextlib.nullcontext() if a.dry_run else tuner_lock():
-            tuner.start()
             steps = 0
-            while True:
+            if a.once:      # one measured decision, after one interval
+                tuner.start()
+            else:           # scan at the budget at once, not after an idle interval
+                try:
+                    with acting("start"):
+                        first = tuner.start(act_now=True)
+                except ControlBusy as exc:
+                    warn(f"{exc}; this step is skipped")
+                    tuner.start()
+                else:
+                    print_decision(*first, json_out=a.json)
+                    steps += 1
+            while not (a.steps and steps >= a.steps):
                 time.sleep(a.interval)
                 try:
                     with acting("step"):
@@ -104,10 +121,9 @@ def cmd_tune(ctx: Any) -> int:
                 except ControlBusy as exc:
                     warn(f"{exc}; this step is skipped")
                     continue
-                print(decision_json(obs, decision, changes) if a.json
-                      else decision_line(obs, decision, changes), flush=True)
+                print_decision(obs, decision, changes, json_out=a.json)
                 steps += 1
-                if a.once or (a.steps and steps >= a.steps):
+                if a.once:
                     break
     except (Stop, KeyboardInterrupt):
         pass

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from vmshare.config import DaemonSettings
-from vmshare.control.lock import control_lock
+from vmshare.control.lock import ControlBusy, control_lock
 from vmshare.daemon.reconcile import Reconciler
 from vmshare.errors import UsageError, VmshareError
 
@@ -63,7 +63,14 @@ async def run_tuner(daemon: TunerSeat, stop: asyncio.Event) -> None:
                              "advisor_mode=none) to let the daemon tune") from exc
         held.enter_context(tuner_lock())
         tuner = Tuner(rc.sysfs, rc.procfs, policy, audit)
-        tuner.start()
+        # Scan at the budget at once (the first step measures the real cost);
+        # if a command holds the control lock, the first step acts instead.
+        try:
+            with control_lock("vmshare daemon: tuner start"):
+                tuner.start(act_now=True)
+        except ControlBusy as exc:
+            log.info("KSM tuner: %s; acting from the first step", exc)
+            tuner.start()
         return tuner
 
     with held:

@@ -191,9 +191,8 @@ def check_advisor(sysfs: KsmSysfs, take_over: bool, dry_run: bool,
 class Tuner:
     """Collect, decide, act, one ``step`` at a time (the caller owns the pace).
 
-    ``start`` takes the first observation (no decision can be made from one);
-    each ``step`` observes again, decides and, unless ``dry_run``, acts.
-    Raises what Collector and act raise.
+    ``start`` takes the first observation; each ``step`` observes again,
+    decides and, unless ``dry_run``, acts. Raises what Collector and act raise.
     """
 
     def __init__(self, sysfs: KsmSysfs, procfs: ProcFs, policy: TunerPolicy,
@@ -206,8 +205,21 @@ class Tuner:
         self.collector = Collector(sysfs, procfs, clock)
         self.state = TunerState()
 
-    def start(self) -> None:
-        self.state = decide(self.state, self.collector.observe(), self.policy)[1]
+    def start(self, *, act_now: bool = False) -> tuple[Observation, Decision, Changes | None]:
+        """The first observation and the decision it gives.
+
+        One observation shows no cost and no convergence, so a tuner starts
+        in merge mode and its first decision is to scan at the budget with
+        the assumed cost per page. With ``act_now`` (a tuner that keeps
+        running) it is put in force at once, rather than after an interval
+        of doing nothing; the next step measures the real cost and backs off
+        if the assumption was over budget. Without it (``--once``: one
+        measured decision) nothing is written.
+        """
+        obs = self.collector.observe()
+        decision, self.state = decide(self.state, obs, self.policy)
+        changes = act(self.sysfs, decision, self.audit) if act_now and not self.dry_run else None
+        return obs, decision, changes
 
     def step(self) -> tuple[Observation, Decision, Changes | None]:
         """One decision: (observation, decision, changes made; None in a dry run)."""
