@@ -27,7 +27,8 @@ def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
         lines += [f'[vm."{name}"]', f'merge = "{merge}"'] + (["force = true"] if force else [])
     lines += ["[daemon]", f'spool_dir = "{tmp}/spool"', f'socket = "{tmp}/run/wake.sock"',
               f'audit_log = "{tmp}/audit.jsonl"', f'state_file = "{tmp}/state.json"',
-              f'history_file = "{tmp}/history.jsonl"', "history_interval = 1.0",
+              f'history_file = "{tmp}/history.jsonl"', f'history_db = "{tmp}/history.sqlite"',
+              "history_interval = 1.0",
               "reconnect_max_seconds = 2.0"]
     if qmp_globs:
         lines.append("qmp_sockets = [" + ", ".join(f'"{g}"' for g in qmp_globs) + "]")

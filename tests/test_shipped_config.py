@@ -16,7 +16,7 @@ from vmshare.config import DaemonSettings, HostPolicy, load_config
 SHIPPED = Path(__file__).resolve().parents[1] / "contrib" / "vmshare.toml"
 # "# [section]" and "# key = value" at the start of a line; prose and the
 # indented [vm."NAME"] example do not match
-SETTING_LINE = re.compile(r"^# (\[[a-z]+\]|[a-z_]+ = .*)$")
+SETTING_LINE = re.compile(r"^# (\[[a-z]+\]|[a-z][a-z0-9_]* = .*)$")
 
 
 def uncommented(text: str) -> str:
