@@ -160,6 +160,17 @@ class HistoryDb:
             raise _mapped(self.path, doing, exc) from exc
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read transaction: every query inside sees the same committed state
+        (a fold or a drop committed between two of them would tear a sample)."""
+        with self._errors("read"):
+            self.conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.conn.execute("COMMIT")
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._errors("write"):
             self.conn.execute("BEGIN IMMEDIATE")
@@ -310,9 +321,15 @@ class HistoryDb:
         """Samples newer than ``since`` at ``resolution`` ("raw", "5m", "1h"),
         oldest first. Raises HistoryCorrupt, HistoryError."""
         with self._errors("read"):
-            if resolution == "raw":
-                return self._raw(since)
-            return self._aggregates(RESOLUTIONS[resolution], since)
+            if self.conn.in_transaction:
+                return self._samples(resolution, since)
+            with self.snapshot():
+                return self._samples(resolution, since)
+
+    def _samples(self, resolution: str, since: float) -> list[dict[str, Any]]:
+        if resolution == "raw":
+            return self._raw(since)
+        return self._aggregates(RESOLUTIONS[resolution], since)
 
     def _raw(self, since: float) -> list[dict[str, Any]]:
         by_time: dict[float, dict[str, Any]] = {}

@@ -78,6 +78,12 @@ def answer(db: HistoryDb, since: float, *, resolution: str = "auto", raw_step: f
     """Samples newer than ``since`` (0: all) at ``resolution`` ("auto" or one of
     RESOLUTIONS). Raises HistoryCorrupt, HistoryError."""
     now = time.time() if now is None else now
+    with db.snapshot():
+        return _answer(db, since, resolution, raw_step, now)
+
+
+def _answer(db: HistoryDb, since: float, resolution: str, raw_step: float,
+            now: float) -> Answer:
     chosen, starts = choose(db, since, now, raw_step, resolution)
     first = starts[chosen]
     lacks = ""
