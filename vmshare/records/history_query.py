@@ -92,7 +92,7 @@ def _answer(db: HistoryDb, since: float, resolution: str, raw_step: float,
         lacks = f"no {LABELS[chosen]} are kept; try --resolution auto"
     elif since and first is not None and first > since + (RESOLUTIONS[chosen] or raw_step):
         earliest = min(known)
-        if earliest < first - (RESOLUTIONS[chosen] or raw_step):
+        if earliest < first - max(raw_step, *RESOLUTIONS.values()):   # not just a bucket's start
             lacks = (f"{LABELS[chosen]} start {_when(first, now)}; older history is kept "
                      "coarser (--resolution 5m or 1h, or auto)")
         else:
