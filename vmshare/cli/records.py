@@ -62,7 +62,8 @@ def cmd_history(ctx: Context) -> int:
         warn(ans.lacks)
     if a.json:
         emit_json(ans.to_json() if ans is not None else
-                  {"file": str(path), "resolution": None, "samples": [], "lacks": note})
+                  {"file": str(path), "resolution": None, "samples": [], "lacks": note},
+                  compact=True)
         return 0
     samples = [] if ans is None else ans.samples
     if ans is None or not samples:
