@@ -3,6 +3,7 @@ recorded them, and the self-contained HTML report."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ def _history(config: str | None, since: float, resolution: str = "auto",
     except FileNotFoundError:
         note = f"no history in {d.history_db} (the daemon records it every " \
                "[daemon] history_interval seconds)"
-        if d.history_file.exists():
+        if os.path.lexists(d.history_file):       # False, not an error, when unreadable
             note += f"; it imports {d.history_file} when it starts"
         return d.history_db, None, note
     except HistoryCorrupt as exc:

@@ -63,7 +63,7 @@ def _mapped(path: Path, doing: str, exc: sqlite3.Error) -> HistoryError | Access
     if code in CORRUPT_CODES:
         return HistoryCorrupt(f"history database {path} is damaged ({exc})")
     if code in (sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY) or (
-            code == sqlite3.SQLITE_CANTOPEN and path.exists() and not os.access(path, os.R_OK)):
+            code == sqlite3.SQLITE_CANTOPEN and not os.access(path, os.R_OK)):
         return AccessDenied(f"cannot {doing} {path}: permission denied")
     return HistoryError(f"cannot {doing} history database {path}: {exc}")
 
@@ -121,8 +121,14 @@ class HistoryDb:
         """Open read-only (never creating the file). Raises FileNotFoundError,
         HistoryCorrupt, HistoryTooNew, HistoryError, AccessDenied."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(str(path))
+        try:
+            os.stat(path)      # FileNotFoundError passes: no history yet
+        except PermissionError as exc:
+            raise AccessDenied(f"cannot read {path}: permission denied") from exc
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise HistoryError(f"cannot read {path}: {exc.strerror}") from exc
         db = cls(path, cls._connect(path, "ro"), writable=False)
         try:
             with db._errors("read"):
