@@ -144,6 +144,18 @@ def test_raw_samples_stay_until_folded(tmp_path: Path) -> None:
     assert len(hours) == 24 and all(h["n"] == 6 for h in hours)
 
 
+def test_a_stray_old_sample_costs_no_step_per_empty_hour(tmp_path: Path) -> None:
+    db = filled(tmp_path / "h.sqlite", NOW - DAY, NOW, step=300.0)
+    db.append(sample(1.0, 1))                   # 1970: a clock that was not yet set
+    calls = 1
+    while db.maintain(NOW, Retention(), budget_s=0.0):
+        calls += 1
+    # folding a day in hours (24 + 288 / 12) and the 1970 sample, then dropping it
+    assert calls < 60, calls
+    assert db.starts()["raw"] == pytest.approx(NOW - DAY, abs=300)
+    assert db._first_agg(3600) == pytest.approx(NOW - DAY, abs=3600)
+
+
 # ------------------------------------------------------------------ answers
 
 

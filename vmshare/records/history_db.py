@@ -258,47 +258,55 @@ class HistoryDb:
         return False
 
     def _steps(self, now: float, keep: Retention, chunk_s: float) -> Iterator[Any]:
-        first = self._first_raw()
+        """Each step is one transaction's work. A generator: each bound is read
+        after the step before has committed, and empty spans are skipped (one
+        stray old sample must not mean a step per empty hour since)."""
         for res in hs.RESOLUTIONS:
             complete = float(int(now // res) * res)
-            done = complete if first is None else max(self.folded(res),
-                                                      float(int(first // res) * res))
+            done = self.folded(res)
             while done < complete:
-                upto = min(complete, done + max(res, int(chunk_s // res) * res))
+                nxt = self._first_raw(done)
+                a = complete if nxt is None else max(done, float(int(nxt // res) * res))
+                b = min(complete, a + max(res, int(chunk_s // res) * res))
 
-                def fold(conn: sqlite3.Connection, res: int = res, a: float = done,
-                         b: float = upto) -> None:
-                    hs.insert_aggregates(conn, res, a, b)
-                    self.set_meta(conn, f"folded:{res}", repr(float(b)))
+                def fold(conn: sqlite3.Connection, res: int = res, a: float = a,
+                         b: float = b) -> None:
+                    if a < b:
+                        hs.insert_aggregates(conn, res, a, b)
+                    self.set_meta(conn, f"folded:{res}", repr(b))
                 yield fold
-                done = upto
+                done = b
         raw_until = min([now - keep.raw, *[self.folded(r) for r in hs.RESOLUTIONS]])
-        yield from self._drops("host_raw", "time", raw_until, first, chunk_s)
-        yield from self._drops("vm_raw", "time", raw_until, first, chunk_s)
+        yield from self._drops(("host_raw", "vm_raw"), "time", raw_until, chunk_s, "")
         for res, kept in ((300, keep.five_min), (3600, keep.hourly)):
-            oldest = self._first_agg(res)
-            yield from self._drops("host_agg", "bucket", now - kept, oldest, chunk_s * 24,
-                                   res=res)
-            yield from self._drops("vm_agg", "bucket", now - kept, oldest, chunk_s * 24,
-                                   res=res)
+            yield from self._drops(("host_agg", "vm_agg"), "bucket", now - kept, chunk_s * 24,
+                                   f" AND res = {res:d}")
 
-    def _drops(self, table: str, col: str, until: float, oldest: float | None,
-               chunk_s: float, res: int | None = None) -> Iterator[Any]:
-        if oldest is None:
-            return
-        where = "" if res is None else f" AND res = {res:d}"
-        t = oldest
-        while t < until:
-            t = min(until, t + chunk_s)
+    def _drops(self, tables: tuple[str, str], col: str, until: float, chunk_s: float,
+               where: str) -> Iterator[Any]:
+        """Delete rows older than ``until`` from the host table and its VM table,
+        ``chunk_s`` of them per step, starting from the oldest row left."""
+        host = tables[0]
+        while True:
+            with self._errors("read"):
+                oldest = self.conn.execute(f"SELECT min({col}) FROM {host} WHERE 1{where}"
+                                           ).fetchone()[0]
+            if oldest is None or oldest >= until:
+                return
+            b = min(until, oldest + chunk_s)
 
-            def drop(conn: sqlite3.Connection, b: float = t) -> None:
-                conn.execute(f"DELETE FROM {table} WHERE {col} < ?{where}", (b,))
+            def drop(conn: sqlite3.Connection, b: float = b) -> None:
+                for table in tables:
+                    conn.execute(f"DELETE FROM {table} WHERE {col} < ?{where}", (b,))
             yield drop
 
-    def _first_raw(self) -> float | None:
+    def _first_raw(self, after: float = 0.0) -> float | None:
+        """The first raw sample at or after ``after``."""
         with self._errors("read"):
-            row = self.conn.execute("SELECT min(time) FROM host_raw").fetchone()
+            row = self.conn.execute("SELECT min(time) FROM host_raw WHERE time >= ?",
+                                    (after,)).fetchone()
         return None if row[0] is None else float(row[0])
+
 
     def _first_agg(self, res: int) -> float | None:
         with self._errors("read"):
