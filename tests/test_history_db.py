@@ -334,3 +334,13 @@ def test_a_reader_process_reads_while_a_writer_process_writes(tmp_path: Path) ->
     assert reader.returncode == 0, reader.stderr
     reads, ordered = reader.stdout.split()
     assert int(reads) >= 2 and ordered == "True"
+
+
+def test_a_sample_sqlite_cannot_hold_is_refused_whole(tmp_path: Path) -> None:
+    db = HistoryDb.open_writer(tmp_path / "h.sqlite")
+    with pytest.raises(HistoryError, match="cannot store a sample"):
+        db.append_many([sample(10.0, 1), {"time": 20.0, "host": {"pages_sharing": 2**64},
+                                          "vms": {"new-vm": {"saved_bytes": 1}}}])
+    assert db.count_raw(0.0) == 0                  # the batch rolled back whole
+    db.append(sample(30.0, 1, vms=3))              # and the VM ids were forgotten with it
+    assert sorted(db.samples("raw", 0.0)[0]["vms"]) == ["vm0", "vm1", "vm2"]

@@ -184,6 +184,7 @@ class HistoryDb:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
+                self._vm_ids.clear()        # ids of VM rows the rollback took back
                 raise
             self.conn.execute("COMMIT")
 
@@ -201,17 +202,21 @@ class HistoryDb:
         vm_sql = (f"INSERT OR IGNORE INTO vm_raw (time, vm, {', '.join(hs.VM_GAUGES)}) "
                   f"VALUES ({', '.join('?' * (2 + len(hs.VM_GAUGES)))})")
         added = 0
-        with self._transaction() as conn:
-            for s in samples:
-                t = float(s["time"])
-                host = s.get("host", {})
-                cur = conn.execute(host_sql, (t, *[host.get(f) for f in hs.HOST_FIELDS]))
-                if cur.rowcount != 1:
-                    continue
-                added += 1
-                conn.executemany(vm_sql, [
-                    (t, self._vm_id(name), *[fig.get(f) for f in hs.VM_GAUGES])
-                    for name, fig in s.get("vms", {}).items()])
+        try:
+            with self._transaction() as conn:
+                for s in samples:
+                    t = float(s["time"])
+                    host = s.get("host", {})
+                    cur = conn.execute(host_sql, (t, *[host.get(f) for f in hs.HOST_FIELDS]))
+                    if cur.rowcount != 1:
+                        continue
+                    added += 1
+                    conn.executemany(vm_sql, [
+                        (t, self._vm_id(name), *[fig.get(f) for f in hs.VM_GAUGES])
+                        for name, fig in s.get("vms", {}).items()])
+        except (OverflowError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # a figure past 64 bits or of the wrong type: the whole batch is refused
+            raise HistoryError(f"cannot store a sample in {self.path}: {exc!r}") from exc
         return added
 
     def _vm_id(self, name: str) -> int:
