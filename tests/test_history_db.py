@@ -344,3 +344,23 @@ def test_a_sample_sqlite_cannot_hold_is_refused_whole(tmp_path: Path) -> None:
     assert db.count_raw(0.0) == 0                  # the batch rolled back whole
     db.append(sample(30.0, 1, vms=3))              # and the VM ids were forgotten with it
     assert sorted(db.samples("raw", 0.0)[0]["vms"]) == ["vm0", "vm1", "vm2"]
+
+
+def test_a_database_it_cannot_open_is_retried_later_not_every_sample(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite"
+    HistoryDb.open_writer(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 9")        # a newer vmshare's
+    conn.close()
+    clock = [NOW]
+    keeper = HistoryKeeper(path, None, Retention(), AuditLog(tmp_path / "a.jsonl"),
+                           clock=lambda: clock[0])
+    with pytest.raises(HistoryError, match="newer than this vmshare's 2; trying again in 300 s"):
+        keeper.record(sample(NOW, 1))
+    clock[0] += 60
+    keeper.record(sample(clock[0], 2))            # within the wait: dropped, no error
+    assert keeper.dropped == 1 and not list(tmp_path.glob("h.sqlite.corrupt-*"))
+    clock[0] += 300
+    with pytest.raises(HistoryError, match="schema version 9"):
+        keeper.record(sample(clock[0], 3))        # tried again, still newer: left alone
+    assert not list(tmp_path.glob("h.sqlite.corrupt-*"))

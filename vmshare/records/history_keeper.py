@@ -13,7 +13,8 @@ A damaged database (not a database, or a malformed page found by the check
 at open or by any later statement) is renamed aside as
 ``<name>.corrupt-YYYYmmddTHHMMSS`` (with its -wal and -shm), logged and
 audited, and a new one is started; the daemon keeps running. A database
-written by a newer vmshare is left alone: history is off until it is dealt with.
+written by a newer vmshare (or one that cannot be opened) is left alone and
+tried again REOPEN_AFTER_S later: history is off until it is dealt with.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vmshare.records.history_db import HistoryCorrupt, HistoryDb, Retention
 log = logging.getLogger("vmshare.history")
 IMPORT_BATCH = 500              # samples per transaction
 MAINTAIN_EVERY_S = 300.0        # between retention runs once caught up
+REOPEN_AFTER_S = 300.0          # a database that cannot be opened is tried again after
 SIDECARS = ("-wal", "-shm")
 
 
@@ -135,14 +137,21 @@ class HistoryKeeper:
         self.clock = clock
         self.db: HistoryDb | None = None
         self._next_maintain = 0.0
+        self._reopen_at = 0.0
+        self.dropped = 0                # samples not recorded while waiting to reopen
 
     def record(self, sample: dict[str, Any]) -> None:
         """Store one sample and run retention when due. A damaged database is
         moved aside and replaced (then the sample goes to the new one).
 
         Raises HistoryError or AccessDenied for what cannot be recovered here
-        (the caller logs it and tries again at the next sample).
+        (the caller logs it). A database that cannot be opened (a newer schema,
+        permissions) is tried again only REOPEN_AFTER_S later, so the log gets
+        a line per attempt, not per sample; the samples in between are dropped.
         """
+        if self.db is None and self.clock() < self._reopen_at:
+            self.dropped += 1
+            return
         try:
             self._record(sample)
         except HistoryCorrupt as exc:
@@ -159,7 +168,13 @@ class HistoryKeeper:
 
     def _open(self) -> HistoryDb:
         if self.db is None:
-            db = HistoryDb.open_writer(self.path)
+            try:
+                db = HistoryDb.open_writer(self.path)
+            except HistoryCorrupt:
+                raise
+            except VmshareError as exc:
+                self._reopen_at = self.clock() + REOPEN_AFTER_S
+                raise HistoryError(f"{exc}; trying again in {REOPEN_AFTER_S:g} s") from exc
             try:
                 if self.legacy is not None:
                     import_legacy(db, self.legacy, self.clock())
