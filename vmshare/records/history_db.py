@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,13 +355,13 @@ class HistoryDb:
         cur = self.conn.execute(f"SELECT time, {', '.join(hs.HOST_FIELDS)} FROM host_raw "
                                 "WHERE time > ? ORDER BY time", (since,))
         for t, *values in cur:
-            by_time[t] = {"time": t, "host": _present(hs.HOST_FIELDS, values), "vms": {}}
+            by_time[t] = {"time": t, "host": hs.present(hs.HOST_FIELDS, values), "vms": {}}
         figures = ", ".join("r." + f for f in hs.VM_GAUGES)
         cur = self.conn.execute(f"SELECT r.time, v.name, {figures} FROM vm_raw r "
                                 "JOIN vm v ON v.id = r.vm WHERE r.time > ?", (since,))
         for t, name, *values in cur:
             if t in by_time:
-                by_time[t]["vms"][name] = _present(hs.VM_GAUGES, values)
+                by_time[t]["vms"][name] = hs.present(hs.VM_GAUGES, values)
         return list(by_time.values())
 
     def _aggregates(self, res: int, since: float) -> list[dict[str, Any]]:
@@ -373,35 +373,13 @@ class HistoryDb:
         for sql, args in ((hs.stored_host_aggs(), stored), (hs.host_agg_select(), live)):
             for bucket, n, *cols in self.conn.execute(sql, args):
                 by_bucket[bucket] = {"time": float(bucket), "span": res, "n": n,
-                                     **_aggregate(hs.HOST_GAUGES, hs.HOST_COUNTERS, n, cols),
+                                     **hs.aggregate_row(hs.HOST_GAUGES, hs.HOST_COUNTERS, n, cols),
                                      "vms": {}, "vms_min": {}, "vms_max": {}}
         for sql, args in ((hs.stored_vm_aggs(), stored), (hs.vm_agg_select(True), live)):
             for bucket, n, name, *cols in self.conn.execute(sql, args):
                 rec = by_bucket.get(bucket)
                 if rec is not None:
-                    agg = _aggregate(hs.VM_GAUGES, (), n, cols)
+                    agg = hs.aggregate_row(hs.VM_GAUGES, (), n, cols)
                     for part in ("", "_min", "_max"):
                         rec["vms" + part][name] = agg["host" + part]
         return list(by_bucket.values())
-
-
-def _present(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
-    return {n: v for n, v in zip(names, values, strict=True) if v is not None}
-
-
-def _aggregate(gauges: Sequence[str], counters: Sequence[str], n: int,
-               cols: Sequence[Any]) -> dict[str, dict[str, int]]:
-    """Mean (rounded to a whole page or byte), min and max of each gauge, the
-    last value of each counter, from one aggregate row's columns."""
-    mean: dict[str, int] = {}
-    low: dict[str, int] = {}
-    high: dict[str, int] = {}
-    n_per = len(gauges)
-    for i, g in enumerate(gauges):
-        total, lo, hi = cols[3 * i: 3 * i + 3]
-        if total is not None:
-            mean[g], low[g], high[g] = round(total / n), lo, hi
-    for j, c in enumerate(counters):
-        if cols[3 * n_per + j] is not None:
-            mean[c] = cols[3 * n_per + j]
-    return {"host": mean, "host_min": low, "host_max": high}

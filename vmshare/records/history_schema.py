@@ -20,7 +20,8 @@ for a counter (the host's full_scans, which only grows) the last value.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Frozen as of version 2: a new field is a new migration.
 HOST_GAUGES = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
@@ -153,3 +154,26 @@ def stored_vm_aggs() -> str:
     cols = ", ".join("g." + c for c in VM_AGG_COLS)
     return (f"SELECT g.bucket, g.n, v.name, {cols} FROM vm_agg g JOIN vm v ON v.id = g.vm "
             "WHERE g.res = :res AND g.bucket >= :a AND g.bucket < :b ORDER BY g.bucket")
+
+
+# ---------------------------------------------------------------- rows to samples
+def present(names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    return {n: v for n, v in zip(names, values, strict=True) if v is not None}
+
+
+def aggregate_row(gauges: Sequence[str], counters: Sequence[str], n: int,
+               cols: Sequence[Any]) -> dict[str, dict[str, int]]:
+    """Mean (rounded to a whole page or byte), min and max of each gauge, the
+    last value of each counter, from one aggregate row's columns."""
+    mean: dict[str, int] = {}
+    low: dict[str, int] = {}
+    high: dict[str, int] = {}
+    n_per = len(gauges)
+    for i, g in enumerate(gauges):
+        total, lo, hi = cols[3 * i: 3 * i + 3]
+        if total is not None:
+            mean[g], low[g], high[g] = round(total / n), lo, hi
+    for j, c in enumerate(counters):
+        if cols[3 * n_per + j] is not None:
+            mean[c] = cols[3 * n_per + j]
+    return {"host": mean, "host_min": low, "host_max": high}
