@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli import run
+from tests.test_cli import host, run  # noqa: F401 - host is a fixture
 from vmshare.records import history_schema as hs
 from vmshare.records.audit import AuditLog
 from vmshare.records.history_db import (
@@ -364,3 +364,18 @@ def test_a_database_it_cannot_open_is_retried_later_not_every_sample(tmp_path: P
     with pytest.raises(HistoryError, match="schema version 9"):
         keeper.record(sample(clock[0], 3))        # tried again, still newer: left alone
     assert not list(tmp_path.glob("h.sqlite.corrupt-*"))
+
+
+def test_report_charts_the_history_and_says_what_it_lacks(
+        host: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    import time
+    now = time.time()
+    filled(tmp_path / "h.sqlite", now - 2 * DAY, now, step=600.0).close()
+    cfg = tmp_path / "vmshare.toml"
+    cfg.write_text(f'[daemon]\nhistory_db = "{tmp_path}/h.sqlite"\n')
+    target = tmp_path / "r.html"
+    code, _, err = run(capsys, "report", "--html", str(target), "--since", "30d",
+                       "--config", str(cfg))
+    assert code == 0 and "history starts" in err and "(2.0 days ago)" in err
+    page = target.read_text()
+    assert "<polyline" in page and "No history yet" not in page

@@ -107,6 +107,8 @@ def cmd_report(ctx: Context) -> int:
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from exc
     _, ans, _ = _history(a.config, since)
+    if ans is not None and ans.lacks:
+        warn(ans.lacks)
     page = report_html.render(host, [] if ans is None else ans.samples,
                               hostname=socket.gethostname()).encode("utf-8")
     target = Path(a.html)
