@@ -90,57 +90,102 @@ def horvitz_thompson(x: Any, rate: float, exact: float = 0.0) -> Estimate:
     return Estimate(value + exact, math.sqrt(var), exact, int(np.count_nonzero(xs)))
 
 
-def combine(hashes: list[npt.NDArray[np.uint64]], counts: list[I64]
-            ) -> tuple[npt.NDArray[np.uint64], I64, I64]:
-    """Contents of several samples: (content ids, total pages per content, and
-    for each input row its content's index), the ids sorted."""
-    if not hashes:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    allh = np.concatenate(hashes)
-    allc = np.concatenate(counts).astype(np.int64)
-    ids, where = np.unique(allh, return_inverse=True)
-    total = np.zeros(ids.size, np.int64)
-    np.add.at(total, where, allc)
-    return ids, total, where.astype(np.int64)
+@dataclass(frozen=True)
+class Member:
+    """One VM's sample: ``values``/``counts`` for the contents it sampled (values
+    under the threshold), ``heavy_values``/``heavy_counts`` for contents it
+    counted exactly whatever their value (its most repeated ones), all-zero pages."""
+
+    values: npt.NDArray[np.uint64]
+    counts: Any
+    heavy_values: npt.NDArray[np.uint64]
+    heavy_counts: Any
+    zero_pages: int
 
 
-def group_sharing(counts: list[I64], hashes: list[npt.NDArray[np.uint64]],
-                  zero_pages: list[int], rate: float, max_page_sharing: int,
+@dataclass(frozen=True)
+class Contents:
+    """Several members' contents aligned: ``ids`` sorted; per content ``heavy``
+    (pages counted exactly) and ``full`` (heavy plus sampled pages: the true
+    count for a sampled content, the heavy part otherwise)."""
+
+    ids: npt.NDArray[np.uint64]
+    heavy: I64
+    full: I64
+    zero_pages: int
+
+
+def contents(members: list[Member]) -> Contents:
+    parts = [m.values for m in members] + [m.heavy_values for m in members]
+    if not members or not sum(p.size for p in parts):
+        z = np.zeros(0, np.int64)
+        return Contents(np.zeros(0, np.uint64), z, z, sum(m.zero_pages for m in members))
+    ids = np.unique(np.concatenate(parts))
+    heavy = np.zeros(ids.size, np.int64)
+    full = np.zeros(ids.size, np.int64)
+    for m in members:
+        np.add.at(heavy, np.searchsorted(ids, m.heavy_values), m.heavy_counts.astype(np.int64))
+        np.add.at(full, np.searchsorted(ids, m.values), m.counts.astype(np.int64))
+    return Contents(ids, heavy, full + heavy, sum(m.zero_pages for m in members))
+
+
+def lookup(c: Contents, ids: npt.NDArray[np.uint64]) -> tuple[I64, I64]:
+    """(heavy, full) counts of ``ids`` in ``c`` (0 where absent)."""
+    if not c.ids.size:
+        z = np.zeros(ids.size, np.int64)
+        return z, z
+    pos = np.minimum(np.searchsorted(c.ids, ids), c.ids.size - 1)
+    found = c.ids[pos] == ids
+    return np.where(found, c.heavy[pos], 0), np.where(found, c.full[pos], 0)
+
+
+def _zero_saving(zero: int, m: int, use_zero_pages: bool) -> float:
+    return 0.0 if use_zero_pages else float(sharing(zero, m))
+
+
+def group_sharing(members: list[Member], rate: float, max_page_sharing: int,
                   use_zero_pages: bool) -> tuple[Estimate, list[Estimate]]:
-    """pages_sharing of one trust group and each member's fair share of it, from
-    the members' samples (same key, same rate) and their exact zero-page counts.
-    With use_zero_pages all-zero pages map the zero page and save nothing here."""
-    _, total, where = combine(hashes, counts)
-    f = sharing(total, max_page_sharing).astype(np.float64)
-    ztotal = sum(zero_pages)
-    zsave = 0.0 if use_zero_pages else float(sharing(ztotal, max_page_sharing))
-    whole = horvitz_thompson(f, rate, zsave)
-    per: list[Estimate] = []
-    start = 0
-    share = np.divide(f, total, out=np.zeros_like(f), where=total > 0)
-    for c, z in zip(counts, zero_pages, strict=True):
-        idx = where[start:start + c.size]
-        start += c.size
-        zpart = zsave * z / ztotal if ztotal else 0.0
-        per.append(horvitz_thompson(c.astype(np.float64) * share[idx], rate, zpart))
+    """pages_sharing of one trust group and each member's fair share of it.
+
+    Exact part: what the heavy counts and zero pages give alone; the rest,
+    f(full) - f(heavy) per content, is non-zero only for sampled contents and
+    is estimated (Horvitz-Thompson), so a content on many pages adds no
+    variance. With use_zero_pages all-zero pages save nothing here."""
+    m = max_page_sharing
+    c = contents(members)
+    f_full = sharing(c.full, m).astype(np.float64)
+    f_heavy = sharing(c.heavy, m).astype(np.float64)
+    zsave = _zero_saving(c.zero_pages, m, use_zero_pages)
+    whole = horvitz_thompson(f_full - f_heavy, rate, float(f_heavy.sum()) + zsave)
+    share_full = np.divide(f_full, c.full, out=np.zeros_like(f_full), where=c.full > 0)
+    share_heavy = np.divide(f_heavy, c.heavy, out=np.zeros_like(f_heavy), where=c.heavy > 0)
+    per = []
+    for mem in members:
+        hi = np.searchsorted(c.ids, mem.heavy_values)
+        si = np.searchsorted(c.ids, mem.values)
+        hv = mem.heavy_counts.astype(np.float64)
+        exact = float((hv * share_heavy[hi]).sum())
+        delta = np.concatenate([hv * (share_full[hi] - share_heavy[hi]),
+                                mem.counts.astype(np.float64) * share_full[si]])
+        zpart = zsave * mem.zero_pages / c.zero_pages if c.zero_pages else 0.0
+        per.append(horvitz_thompson(delta, rate, exact + zpart))
     return whole, per
 
 
-def extra_sharing(host: tuple[npt.NDArray[np.uint64], I64], vm: tuple[npt.NDArray[np.uint64], I64],
-                  host_zero: int, vm_zero: int, rate: float, max_page_sharing: int,
+def _gain(h: Any, v: Any, m: int) -> Any:
+    return sharing(h + v, m) - sharing(h, m) - sharing(v, m)
+
+
+def extra_sharing(host: Contents, vm: Contents, rate: float, max_page_sharing: int,
                   use_zero_pages: bool) -> Estimate:
     """Pages a VM would add to pages_sharing by joining a host's group, beyond
-    what it shares with itself alone: sum_c f(h_c + v_c) - f(h_c) - f(v_c)."""
-    hh, hc = host
-    vh, vc = vm
-    pos = np.searchsorted(hh, vh)
-    pos_ok = np.minimum(pos, max(hh.size - 1, 0))
-    found = (pos < hh.size) & (hh[pos_ok] == vh) if hh.size else np.zeros(vh.size, bool)
-    h = np.where(found, hc[pos_ok] if hh.size else 0, 0).astype(np.int64)
-    v = vc.astype(np.int64)
+    what it shares with itself alone: sum_c f(h_c + v_c) - f(h_c) - f(v_c);
+    exact over heavy counts, sampled for the rest (as group_sharing)."""
     m = max_page_sharing
-    d = (sharing(h + v, m) - sharing(h, m) - sharing(v, m)).astype(np.float64)
+    h_heavy, h_full = lookup(host, vm.ids)
+    exact_part = _gain(h_heavy, vm.heavy, m).astype(np.float64)
+    delta = _gain(h_full, vm.full, m).astype(np.float64) - exact_part
     z = 0.0
     if not use_zero_pages:
-        z = float(sharing(host_zero + vm_zero, m) - sharing(host_zero, m) - sharing(vm_zero, m))
-    return horvitz_thompson(d, rate, z)
+        z = float(_gain(host.zero_pages, vm.zero_pages, m))
+    return horvitz_thompson(delta, rate, float(exact_part.sum()) + z)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmshare.engine import EngineConfig
-from vmshare.engine.sampled import Estimate, group_sharing
+from vmshare.engine.sampled import Estimate, Member, group_sharing
 from vmshare.errors import UsageError
 from vmshare.prediction.sketch import DEFAULT_MAX_ENTRIES, DEFAULT_RATE, sketch_targets
 from vmshare.prediction.targets import Target, check_unique
@@ -49,6 +49,10 @@ class SketchEstimate:
         return out
 
 
+def member(v: VmSketch) -> Member:
+    return Member(v.values, v.counts, v.heavy_values, v.heavy_counts, v.zero_pages)
+
+
 def estimate_sketch(sk: Sketch, config: EngineConfig, *, by_group: bool) -> SketchEstimate:
     """Estimates from one sketch (its VMs in one group each, or all together)."""
     buckets: dict[str | None, list[VmSketch]] = {}
@@ -56,13 +60,12 @@ def estimate_sketch(sk: Sketch, config: EngineConfig, *, by_group: bool) -> Sket
         buckets.setdefault(v.group if by_group else None, []).append(v)
     groups = []
     for group, members in sorted(buckets.items(), key=lambda kv: kv[0] or ""):
-        whole, per = group_sharing([v.counts for v in members], [v.values for v in members],
-                                   [v.zero_pages for v in members], sk.rate,
+        whole, per = group_sharing([member(v) for v in members], sk.rate,
                                    config.max_page_sharing, config.use_zero_pages)
         groups.append(GroupEstimate(group, whole, tuple(
             VmEstimate(v.name, v.pages, v.zero_pages, e)
             for v, e in zip(members, per, strict=True))))
-    size = sum(12 * v.values.size for v in sk.vms)
+    size = sum(v.nbytes() for v in sk.vms)
     return SketchEstimate(config, sk.rate, tuple(groups), size)
 
 

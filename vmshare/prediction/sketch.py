@@ -8,8 +8,11 @@ value is under the threshold (rate x 2**64), so a content is sampled in every
 VM or in none, with probability equal to the rate and independently of other
 contents (SipHash is a keyed pseudo-random function); without the key nobody
 can tell which content a value stands for, nor choose contents that will be
-sampled. All-zero pages are counted apart, exactly. The sample keeps, per
-value, the content's page count in this VM.
+sampled. All-zero pages are counted apart, exactly, and so is each content on
+``HEAVY_MIN`` or more of the VM's pages (its *heavy* contents, sampled or not:
+a few contents repeated thousands of times would otherwise carry most of the
+sharing and make the estimate lumpy; vmshare.engine.sampled). The sample keeps,
+per value, the content's page count in this VM.
 
 Bounded size: a VM's sample keeps at most ``max_entries`` values; when more
 contents fall under the threshold, the sample keeps the smallest values and
@@ -25,6 +28,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -34,11 +38,11 @@ from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE
 from vmshare.prediction.targets import Target
 from vmshare.records.sketchfile import (
-    FULL,
     Sketch,
     SketchKey,
     VmSketch,
     rate_threshold,
+    restrict,
 )
 from vmshare.sources import LiveProcessSource, PageSource
 from vmshare.sources.base import FileSource
@@ -50,6 +54,11 @@ U64 = npt.NDArray[np.uint64]
 DEFAULT_RATE = 1 / 16
 #: at most this many samples per VM (12 MiB): the rate drops above 16 GiB
 DEFAULT_MAX_ENTRIES = 1 << 20
+#: a content on this many of a VM's pages is counted exactly (heavy): the
+#: sample's variance then comes only from contents on fewer pages
+HEAVY_MIN = 8
+#: at most this many heavy contents per VM (the most repeated)
+HEAVY_CAP = 1 << 16
 
 _C = (0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573)
 _ZERO = np.zeros(2, np.uint64)
@@ -91,42 +100,35 @@ def siphash24(key: SketchKey, lo: U64, hi: U64) -> U64:
     return v[0] ^ v[1] ^ v[2] ^ v[3]
 
 
-class _Sampler:
-    """Accumulates one VM's sampled values, keeping at most ``cap`` distinct."""
-
-    def __init__(self, threshold: int, cap: int) -> None:
-        self.threshold = threshold
-        self.cap = cap
-        self.parts: list[U64] = []
-        self.held = 0
-        self.values = np.zeros(0, np.uint64)
-        self.counts = np.zeros(0, np.int64)
-
-    def add(self, sample: U64) -> None:
-        keep = sample[sample < np.uint64(self.threshold)]
-        self.parts.append(keep)
-        self.held += keep.size
-        if self.held > 4 * self.cap:
-            self.compact()
-
-    def compact(self) -> None:
-        allv = np.concatenate([self.values, *self.parts])
-        allc = np.concatenate([self.counts, np.ones(self.held, np.int64)])
-        self.values, where = np.unique(allv, return_inverse=True)
-        self.counts = np.zeros(self.values.size, np.int64)
-        np.add.at(self.counts, where, allc)
-        self.parts, self.held = [], 0
-        if self.values.size > self.cap:
-            self.threshold = int(self.values[self.cap])
-            self.values = self.values[:self.cap]
-            self.counts = self.counts[:self.cap]
+def sample(values: U64, threshold: int, cap: int, heavy_min: int = HEAVY_MIN,
+           heavy_cap: int = HEAVY_CAP) -> tuple[VmSketch, int]:
+    """A VM's sample from its pages' sample values (zero pages already taken out):
+    its heavy contents (>= ``heavy_min`` pages, the ``heavy_cap`` most repeated)
+    counted exactly, and the other contents under the threshold, at most ``cap``
+    of them (the threshold then drops: see the module docstring). Returns the
+    sketch (no name) and the threshold its sample obeys."""
+    uniq, counts = np.unique(values, return_counts=True)
+    heavy = np.zeros(uniq.size, bool)
+    many = np.flatnonzero(counts >= heavy_min)
+    if many.size > heavy_cap:
+        many = many[np.argsort(-counts[many], kind="stable")[:heavy_cap]]
+    heavy[many] = True
+    keep = ~heavy & (uniq < np.uint64(threshold))
+    sv, sc = uniq[keep], counts[keep]
+    if sv.size > cap:
+        threshold = int(sv[cap])
+        sv, sc = sv[:cap], sc[:cap]
+    vm = VmSketch("", None, 0, 0, 0, sv, sc.astype(np.uint32), uniq[heavy],
+                  counts[heavy].astype(np.uint32))
+    return vm, threshold
 
 
 def sketch_pages(source: PageSource, key: SketchKey, threshold: int,
                  cap: int = DEFAULT_MAX_ENTRIES) -> tuple[VmSketch, int]:
     """Sample one source's pages; returns its sketch (named as the source, no
-    group, ``started`` unset) and the threshold its sample obeys."""
-    sampler = _Sampler(threshold, cap)
+    group, ``started`` unset) and the threshold its sample obeys. Holds 8 bytes
+    per page read until the end (to find the heavy contents)."""
+    parts: list[U64] = []
     pages = zeros = 0
     for run in source.runs():
         n = len(run.data) // PAGE_SIZE
@@ -139,11 +141,10 @@ def sketch_pages(source: PageSource, key: SketchKey, threshold: int,
         zeros += nz
         if nz:
             lo, hi = lo[~zero], hi[~zero]
-        sampler.add(siphash24(key, np.ascontiguousarray(lo), np.ascontiguousarray(hi)))
-    sampler.compact()
-    vm = VmSketch(source.name, None, 0, pages, zeros, sampler.values.astype(np.uint64),
-                  sampler.counts.astype(np.uint32))
-    return vm, sampler.threshold
+        parts.append(siphash24(key, np.ascontiguousarray(lo), np.ascontiguousarray(hi)))
+    allv = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    vm, thr = sample(allv, threshold, cap)
+    return replace(vm, name=source.name, pages=pages, zero_pages=zeros), thr
 
 
 def started_at(source: PageSource, procfs: ProcFs | None = None) -> int:
@@ -179,11 +180,9 @@ def sketch_targets(targets: Sequence[Target], key: SketchKey, *, host: str,
         finally:
             src.close()
         low = min(low, thr)
-        vms.append(VmSketch(t.name, (groups or {}).get(t.name, t.group), started, vm.pages,
-                            vm.zero_pages, vm.values, vm.counts))
+        vms.append(replace(vm, name=t.name, group=(groups or {}).get(t.name, t.group),
+                           started=started))
     if progress is not None:
         progress(1.0, "done")
-    cut = np.uint64(min(low, FULL - 1))
-    vms = [VmSketch(v.name, v.group, v.started, v.pages, v.zero_pages, v.values[v.values < cut],
-                    v.counts[v.values < cut]) for v in vms]
-    return Sketch(host, key.key_id, threshold, low, int(time.time()), tuple(vms))
+    return Sketch(host, key.key_id, threshold, low, int(time.time()),
+                  tuple(restrict(v, low) for v in vms))

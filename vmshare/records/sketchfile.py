@@ -22,8 +22,11 @@ File format, version 1 (little-endian; README "Sketch file format"):
     empty: none), started (u64 Unix seconds: when the VM's QEMU started, or the
     dump was written), pages read (u64), all-zero pages (u64), entries (u32),
     the sample values (u64 each, strictly increasing, all under the effective
-    threshold), and each one's page count in this VM (u32 each, >= 1);
-    last, 32 bytes of SHA-256 over everything before them.
+    threshold), and each one's page count in this VM (u32 each, >= 1); then
+    heavy entries (u32), their values (u64, strictly increasing, any value) and
+    counts (u32, >= 1): the VM's most repeated contents, counted whether sampled
+    or not (never also among its samples); last, 32 bytes of SHA-256 over
+    everything before them.
 
 The key never enters a file, only its id. Sketches tell which VMs hold equal
 content (the side channel KSM itself has), so they are written 0600 into a
@@ -90,6 +93,12 @@ class VmSketch:
     zero_pages: int                   # all-zero pages among them (counted apart)
     values: U64 = field(repr=False)   # sample values, strictly increasing
     counts: npt.NDArray[np.uint32] = field(repr=False)
+    heavy_values: U64 = field(repr=False, default_factory=lambda: np.zeros(0, np.uint64))
+    heavy_counts: npt.NDArray[np.uint32] = field(
+        repr=False, default_factory=lambda: np.zeros(0, np.uint32))
+
+    def nbytes(self) -> int:
+        return 12 * (self.values.size + self.heavy_values.size)
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,10 @@ def encode(sk: Sketch) -> bytes:
     for v in sk.vms:
         parts += [_text(v.name), _text(v.group or ""),
                   _VM_FIXED.pack(v.started, v.pages, v.zero_pages, v.values.size),
-                  v.values.astype("<u8").tobytes(), v.counts.astype("<u4").tobytes()]
+                  v.values.astype("<u8").tobytes(), v.counts.astype("<u4").tobytes(),
+                  struct.pack("<I", v.heavy_values.size),
+                  v.heavy_values.astype("<u8").tobytes(),
+                  v.heavy_counts.astype("<u4").tobytes()]
     body = b"".join(parts)
     return body + hashlib.sha256(body).digest()
 
@@ -234,7 +246,10 @@ def _read_vm(r: _Reader, i: int) -> VmSketch:
     started, pages, zero, n = _VM_FIXED.unpack(r.take(_VM_FIXED.size, f"VM {i} figures"))
     values = np.frombuffer(r.take(8 * n, f"VM {i} samples"), "<u8").astype(np.uint64)
     counts = np.frombuffer(r.take(4 * n, f"VM {i} counts"), "<u4").astype(np.uint32)
-    return VmSketch(name, group, started, pages, zero, values, counts)
+    (nh,) = struct.unpack("<I", r.take(4, f"VM {i} heavy entries"))
+    hv = np.frombuffer(r.take(8 * nh, f"VM {i} heavy values"), "<u8").astype(np.uint64)
+    hc = np.frombuffer(r.take(4 * nh, f"VM {i} heavy counts"), "<u4").astype(np.uint32)
+    return VmSketch(name, group, started, pages, zero, values, counts, hv, hc)
 
 
 def _check_vm(v: VmSketch, eff: int, label: str) -> None:
@@ -242,7 +257,14 @@ def _check_vm(v: VmSketch, eff: int, label: str) -> None:
     if n and (np.any(v.values[1:] <= v.values[:-1]) or int(v.values[-1]) >= eff):
         raise SketchError(f"{label}: corrupt: VM {v.name!r}'s samples are not increasing "
                           "values under the threshold")
-    if np.any(v.counts == 0) or int(v.counts.sum(dtype=np.uint64)) + v.zero_pages > v.pages:
+    h = v.heavy_values
+    if h.size and np.any(h[1:] <= h[:-1]):
+        raise SketchError(f"{label}: corrupt: VM {v.name!r}'s heavy values are not increasing")
+    if np.intersect1d(h, v.values).size:
+        raise SketchError(f"{label}: corrupt: VM {v.name!r} has contents both sampled and "
+                          "heavy")
+    held = int(v.counts.sum(dtype=np.uint64)) + int(v.heavy_counts.sum(dtype=np.uint64))
+    if np.any(v.counts == 0) or np.any(v.heavy_counts == 0) or held + v.zero_pages > v.pages:
         raise SketchError(f"{label}: corrupt: VM {v.name!r}'s counts exceed its pages")
 
 
