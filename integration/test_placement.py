@@ -25,8 +25,11 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import BootGuests
+from integration.ksm_fixtures import converge, kernel_ksm  # noqa: F401 - fixture
 from integration.prometheus_fixture import Prometheus, exporters, prometheus
 from vmshare.guest import FillSpec
+from vmshare.hypervisor.metadata import adopted_element
+from vmshare.ksm.sysfs import KsmSysfs
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -57,9 +60,12 @@ def fleet(boot_guests: BootGuests, tmp_path: Path) -> Iterator[Fleet]:
     name = f"vmshare-it-place-{tag}-"
     hosts = {"host-a": [name + "a1"], "host-b": [name + "b1", name + "b2"]}
     new = name + "x"
-    boot_guests([name + "a1", new], KIND_A, memory_mib=128)
-    boot_guests([name + "b1"], HALF_A, memory_mib=128)
-    boot_guests([name + "b2"], KIND_B, memory_mib=128)
+    # adopted (<nosharepages/> and vmshare's metadata): nothing mergeable until
+    # `vmshare enable` turns a RAM backend on
+    opts = {"memory_mib": 128, "nosharepages": True, "metadata_xml": adopted_element()}
+    boot_guests([name + "a1", new], KIND_A, **opts)
+    boot_guests([name + "b1"], HALF_A, **opts)
+    boot_guests([name + "b2"], KIND_B, **opts)
     config = tmp_path / "vmshare.toml"
     config.write_text(f'[sketch]\nkey_file = "{tmp_path}/sketch.key"\n'
                       f'dir = "{tmp_path}/sketches"\n')
@@ -74,7 +80,8 @@ def fleet(boot_guests: BootGuests, tmp_path: Path) -> Iterator[Fleet]:
         yield prom, hosts, new, env, tmp_path / "sketches"
 
 
-def test_place_ranks_hosts_as_the_exact_engine_does(fleet: Fleet) -> None:
+def test_place_ranks_hosts_as_the_exact_engine_does_and_kernel_ksm_confirms(
+        fleet: Fleet, kernel_ksm: KsmSysfs) -> None:  # noqa: F811 - fixture
     prom, hosts, new, env, sketches = fleet
     for host, names in hosts.items():
         r = cli("sketch", *names, "--host", host, "--rate", RATE, env=env)
@@ -95,3 +102,16 @@ def test_place_ranks_hosts_as_the_exact_engine_does(fleet: Fleet) -> None:
     text = cli("place", new, "--prometheus", prom.url, env=env)
     assert text.returncode == 0 and "EXTRA SAVING" in text.stdout, text.stderr
     print(text.stdout)
+    # The move, as kernel KSM on the first host would see it: only that host's
+    # guests and the new one mergeable (one machine plays both hosts, and KSM
+    # is machine-wide), ksmd run until pages_sharing stops changing.
+    best = ranked[0]["host"]
+    for name in [*hosts[best], new]:
+        r = cli("enable", name, env=env)
+        assert r.returncode == 0, r.stderr
+    measured = converge(kernel_ksm, timeout=240)["pages_sharing"]
+    predicted = exact_sharing(hosts[best], env) + alone + ranked[0]["extra_saving"]["pages"]
+    print(f"kernel KSM after the move: pages_sharing {measured:,}, predicted {predicted:,} "
+          f"(extra: measured {measured - predicted + ranked[0]['extra_saving']['pages']:,}, "
+          f"predicted {ranked[0]['extra_saving']['pages']:,})")
+    assert abs(measured - predicted) <= 0.05 * predicted
