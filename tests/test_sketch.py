@@ -82,7 +82,8 @@ def test_siphash_matches_the_reference_and_its_published_vector() -> None:
 
 
 def small_sketch(tmp_path: Path, rate: float = 0.25, key: SketchKey = KEY) -> Sketch:
-    ids = content_ids(np.random.default_rng(3), [(300, 1), (200, 2), (50, 5)], zero=40)
+    ids = content_ids(np.random.default_rng(3), [(300, 1), (200, 2), (50, 5), (5, 40)],
+                      zero=40)
     paths = write_vms(tmp_path, ids, 2)
     targets = [dump_target(str(p), raw=True) for p in paths]
     return sketch_targets(targets, key, host="h1", rate=rate, groups={
@@ -92,11 +93,14 @@ def small_sketch(tmp_path: Path, rate: float = 0.25, key: SketchKey = KEY) -> Sk
 def test_sampling_is_by_content_zero_pages_apart(tmp_path: Path) -> None:
     sk = small_sketch(tmp_path, rate=1.0)
     total = sum(v.pages for v in sk.vms)
-    assert total == 300 + 400 + 250 + 40
+    assert total == 300 + 400 + 250 + 200 + 40
     assert sum(v.zero_pages for v in sk.vms) == 40
-    allv = np.concatenate([v.values for v in sk.vms])
-    assert np.unique(allv).size == 550            # every nonzero content, once per content
-    assert sum(int(v.counts.sum()) for v in sk.vms) == 950
+    allv = np.concatenate([v.values for v in sk.vms] + [v.heavy_values for v in sk.vms])
+    assert np.unique(allv).size == 555            # every nonzero content, once per content
+    assert sum(int(v.counts.sum()) + int(v.heavy_counts.sum()) for v in sk.vms) == 1150
+    # the 5 contents on 40 pages (about 20 per VM) are counted exactly in each VM
+    assert sum(v.heavy_values.size for v in sk.vms) == 10
+    assert all(int(c) >= 8 for v in sk.vms for c in v.heavy_counts)
     assert [v.group for v in sk.vms] == ["g1", "g2"]
     low = small_sketch(tmp_path, rate=0.25)       # a subset: thresholds nest
     for a, b in zip(low.vms, sk.vms, strict=True):
@@ -122,6 +126,8 @@ def test_round_trip_and_merge(tmp_path: Path) -> None:
         assert (a.name, a.group, a.pages, a.zero_pages) == (b.name, b.group, b.pages,
                                                              b.zero_pages)
         assert a.values.tolist() == b.values.tolist() and a.counts.tolist() == b.counts.tolist()
+        assert a.heavy_values.tolist() == b.heavy_values.tolist()
+        assert a.heavy_counts.tolist() == b.heavy_counts.tolist() and a.heavy_values.size
     one = Sketch("a", sk.key_id, sk.threshold, sk.effective, 0, sk.vms[:1])
     two = Sketch("b", sk.key_id, sk.threshold, sk.effective // 2, 0, sk.vms[1:])
     host = merge("host", [one, two])
@@ -172,6 +178,10 @@ def test_bad_content_under_a_good_checksum_is_refused(tmp_path: Path) -> None:
                     np.zeros_like(v.counts))
     with pytest.raises(SketchError, match="counts"):
         decode(resealed(sk, vms=(zero,)), "f")
+    both = VmSketch(v.name, v.group, 0, v.pages, v.zero_pages, v.values, v.counts,
+                    v.values[:1].copy(), v.counts[:1].copy())
+    with pytest.raises(SketchError, match="both sampled and heavy"):
+        decode(resealed(sk, vms=(both,)), "f")
     with pytest.raises(SketchError, match="effective threshold"):
         decode(resealed(sk, effective=sk.threshold + 1), "f")
 

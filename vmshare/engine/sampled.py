@@ -117,16 +117,18 @@ class Contents:
 
 def contents(members: list[Member]) -> Contents:
     parts = [m.values for m in members] + [m.heavy_values for m in members]
+    zero = sum(m.zero_pages for m in members)
     if not members or not sum(p.size for p in parts):
         z = np.zeros(0, np.int64)
-        return Contents(np.zeros(0, np.uint64), z, z, sum(m.zero_pages for m in members))
-    ids = np.unique(np.concatenate(parts))
-    heavy = np.zeros(ids.size, np.int64)
-    full = np.zeros(ids.size, np.int64)
-    for m in members:
-        np.add.at(heavy, np.searchsorted(ids, m.heavy_values), m.heavy_counts.astype(np.int64))
-        np.add.at(full, np.searchsorted(ids, m.values), m.counts.astype(np.int64))
-    return Contents(ids, heavy, full + heavy, sum(m.zero_pages for m in members))
+        return Contents(np.zeros(0, np.uint64), z, z, zero)
+    allv = np.concatenate(parts)
+    ids, where = np.unique(allv, return_inverse=True)
+    n_sampled = sum(m.values.size for m in members)
+    weights = np.concatenate([m.counts for m in members] + [m.heavy_counts for m in members])
+    full = np.bincount(where, weights=weights.astype(np.float64), minlength=ids.size)
+    heavy = np.bincount(where[n_sampled:], weights=weights[n_sampled:].astype(np.float64),
+                        minlength=ids.size)
+    return Contents(ids, heavy.astype(np.int64), full.astype(np.int64), zero)
 
 
 def lookup(c: Contents, ids: npt.NDArray[np.uint64]) -> tuple[I64, I64]:

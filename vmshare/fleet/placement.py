@@ -98,10 +98,18 @@ def _group(vms: Iterable[VmSketch], group: str | None, threshold: int, skip: str
     return contents([_member(v, threshold) for v in vms if v.group == group and v.name != skip])
 
 
-def extra_on(vm: VmSketch, vm_threshold: int, host: Sketch, config: EngineConfig) -> Estimate:
-    """The extra saving (pages) ``vm`` would have on ``host`` (without itself)."""
+def extra_on(vm: VmSketch, vm_threshold: int, host: Sketch, config: EngineConfig,
+             cache: dict[tuple[str, str | None, int], Contents] | None = None) -> Estimate:
+    """The extra saving (pages) ``vm`` would have on ``host`` (without itself).
+    ``cache`` keeps each host group's contents for the VMs not on that host."""
     thr = min(vm_threshold, host.effective)
-    hc = _group(host.vms, vm.group, thr, vm.name)
+    if cache is None or any(v.name == vm.name for v in host.vms):
+        hc = _group(host.vms, vm.group, thr, vm.name)
+    else:
+        key = (host.host, vm.group, thr)
+        if key not in cache:
+            cache[key] = _group(host.vms, vm.group, thr, "")
+        hc = cache[key]
     vc = contents([_member(vm, thr)])
     return extra_sharing(hc, vc, thr / 2**64, config.max_page_sharing, config.use_zero_pages)
 
@@ -129,8 +137,10 @@ def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineCon
               top: int = 5) -> list[Move]:
     """The few moves that gain most (each VM moved at most once, each target's
     headroom spent as moves land on it), best first; only moves whose whole
-    95% interval is a gain."""
+    95% interval is a gain. Every VM is tried on every host: O(VMs x hosts)
+    comparisons, each host group's contents built once."""
     moves: list[Move] = []
+    cache: dict[tuple[str, str | None, int], Contents] = {}
     for src in hosts:
         for vm in src.vms:
             here = extra_on(vm, src.effective, src, config)
@@ -138,7 +148,7 @@ def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineCon
             for dst in hosts:
                 if dst.host == src.host or room.get(dst.host, 0.0) < need:
                     continue
-                there = extra_on(vm, src.effective, dst, config)
+                there = extra_on(vm, src.effective, dst, config, cache)
                 gain = Estimate(there.value - here.value, math.hypot(there.stderr, here.stderr))
                 if gain.value - 1.96 * gain.stderr > 0:
                     moves.append(Move(vm.name, src.host, dst.host, gain, need,

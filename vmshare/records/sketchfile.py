@@ -260,7 +260,7 @@ def _check_vm(v: VmSketch, eff: int, label: str) -> None:
     h = v.heavy_values
     if h.size and np.any(h[1:] <= h[:-1]):
         raise SketchError(f"{label}: corrupt: VM {v.name!r}'s heavy values are not increasing")
-    if np.intersect1d(h, v.values).size:
+    if h.size and v.values.size and np.isin(h, v.values, assume_unique=True).any():
         raise SketchError(f"{label}: corrupt: VM {v.name!r} has contents both sampled and "
                           "heavy")
     held = int(v.counts.sum(dtype=np.uint64)) + int(v.heavy_counts.sum(dtype=np.uint64))
