@@ -16,8 +16,8 @@ from tests.sketch_mixes import generated_target
 from vmshare.cli.main import main
 from vmshare.engine import EngineConfig
 from vmshare.engine.sampled import sharing
-from vmshare.errors import UsageError
-from vmshare.fleet.placement import rank, rebalance
+from vmshare.errors import SketchError, UsageError
+from vmshare.fleet.placement import check_fresh, rank, rebalance
 from vmshare.prediction.sketch import sketch_targets
 from vmshare.records.sketchfile import Sketch, SketchKey, write_sketch
 
@@ -99,6 +99,18 @@ def test_rebalance_moves_a_vm_to_its_kind(fleet: dict) -> None:
     assert (best.vm, best.target) in {("b1", "h3"), ("a1", "h2")}
     assert best.gain.low > 0
     assert len({m.vm for m in moves}) == len(moves)
+
+
+def test_a_sketch_older_than_the_vms_restart_is_refused(fleet: dict) -> None:
+    import dataclasses
+    sk = fleet["h1"][0]
+    vm = dataclasses.replace(sk.vms[0], started=1_700_000_000)
+    old = dataclasses.replace(sk, vms=(dataclasses.replace(sk.vms[0], started=1_600_000_000),))
+    check_fresh(vm, [(Path("h1.sketch"), sk)])          # started unknown there: no check
+    check_fresh(vm, [(Path("h1.sketch"), dataclasses.replace(
+        sk, vms=(dataclasses.replace(sk.vms[0], started=1_700_000_000),)))])
+    with pytest.raises(SketchError, match=r"h1\.sketch: stale: .* restarted"):
+        check_fresh(vm, [(Path("h1.sketch"), old)])
 
 
 # ---------------------------------------------------------------- the command

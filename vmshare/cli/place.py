@@ -72,6 +72,7 @@ def cmd_place(ctx: Context) -> int:
     if not a.vm:
         raise UsageError("give a VM (a running domain or a sketch file) or --rebalance")
     vm, thr = _vm_sketch(ctx, key, sketches[0].nominal_rate)
+    placement.check_fresh(vm, hosts)
     ranked = placement.rank(vm, thr, sketches, room, config)
     _print_rank(a, vm, ranked)
     return 0

@@ -15,6 +15,7 @@ vmshare_host_memory_available_bytes; a VM fits where its resident pages fit.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,24 @@ def load_sketches(paths: Sequence[str | Path], key_id: bytes) -> list[tuple[Path
         dup = sorted({h for h in hosts if hosts.count(h) > 1})[0]
         raise SketchError(f"host {dup!r} has more than one sketch in {', '.join(map(str, paths))}")
     return sketches
+
+
+def check_fresh(vm: VmSketch, hosts: Sequence[tuple[Path, Sketch]]) -> None:
+    """Refuse a host sketch that describes ``vm`` (by name) as started before it
+    really was: the VM restarted since, its memory in the sketch is gone.
+    ``vm.started`` 0 (unknown) checks nothing. Raises SketchError."""
+    if not vm.started:
+        return
+    for path, sk in hosts:
+        for v in sk.vms:
+            if v.name == vm.name and v.started and v.started < vm.started:
+                raise SketchError(f"{path}: stale: it holds {vm.name} as started at "
+                                  f"{_when(v.started)}, but {vm.name} was restarted at "
+                                  f"{_when(vm.started)}; sketch host {sk.host!r} again")
+
+
+def _when(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def headroom(client: PromClient) -> dict[str, float]:
