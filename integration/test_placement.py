@@ -99,6 +99,14 @@ def test_place_ranks_hosts_as_the_exact_engine_does_and_kernel_ksm_confirms(
         got = h["extra_saving"]["pages"]
         assert abs(got - exact[h["host"]]) <= 0.05 * exact[h["host"]], (h, exact)
         assert h["fits"] and h["headroom_bytes"] > 0
+    # the estimate on the same live guests, against the exact engine: one trial,
+    # so within 3.3 standard errors (a correct interval fails that 1 time in 1,000)
+    everyone = [*hosts["host-a"], *hosts["host-b"], new]
+    est = cli("predict", "--estimate", "--rate", RATE, "--json", *everyone, env=env)
+    assert est.returncode == 0, est.stderr
+    total = json.loads(est.stdout)["totals"]["pages_sharing"]
+    truth = exact_sharing(everyone, env)
+    assert abs(total["pages"] - truth) <= 3.3 * total["stderr"] + 0.005 * truth, (total, truth)
     text = cli("place", new, "--prometheus", prom.url, env=env)
     assert text.returncode == 0 and "EXTRA SAVING" in text.stdout, text.stderr
     print(text.stdout)
