@@ -4,6 +4,7 @@ rules for where sketches may be kept."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -230,3 +231,70 @@ def test_key_file_rules(tmp_path: Path) -> None:
     with pytest.raises(SketchError, match="cannot open"):
         load_key(tmp_path / "missing.key")
     assert SketchKey.from_secret(b"a" * 16).key_id != SketchKey.from_secret(b"b" * 16).key_id
+
+
+# ---------------------------------------------------------------- the commands
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from vmshare.cli.main import main
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_sketch_command_writes_shows_and_merges(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    ids = content_ids(np.random.default_rng(8), [(400, 1), (100, 2)], zero=10)
+    a, b = write_vms(tmp_path, ids, 2)
+    key = tmp_path / "key"
+    key.write_bytes(b"c" * 32)
+    os.chmod(key, 0o600)
+    d = tmp_path / "sk"
+    common = ["--key-file", str(key), "--config", str(tmp_path / "none.toml")]
+    (tmp_path / "none.toml").write_text("")
+    code, out, err = run_cli(capsys, "sketch", "--raw", str(a), "--host", "ha", "--out",
+                             str(d / "a.sketch"), "--rate", "1/2", *common)
+    assert code == 0, err
+    assert out.startswith(f"wrote {d / 'a.sketch'}: host 'ha', 1 VM(s)") and "rate 1/2" in out
+    code, out, err = run_cli(capsys, "sketch", "--raw", str(b), "--host", "hb", "--out",
+                             str(d / "b.sketch"), "--rate", "0.5", *common)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "sketch", "--merge", str(d / "a.sketch"),
+                             str(d / "b.sketch"), "--host", "h", "--out", str(d / "h.sketch"),
+                             "--json", *common)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["host"] == "h" and [v["name"] for v in doc["vms"]] == [str(a), str(b)]
+    assert doc["vms"][0]["trust_group"] == "default"
+    code, out, err = run_cli(capsys, "sketch", "--show", str(d / "h.sketch"), *common)
+    assert code == 0 and "2 VM(s)" in out, err
+    # one line for each refusal, nothing written
+    code, out, err = run_cli(capsys, "sketch", "--raw", str(b), "--out", str(d / "c.sketch"),
+                             "--rate", "1/4", *common)
+    assert code == 0
+    code, _, err = run_cli(capsys, "sketch", "--merge", str(d / "a.sketch"),
+                           str(d / "c.sketch"), "--out", str(d / "x.sketch"), *common)
+    assert code == 1 and "different rates" in err and len(err.splitlines()) == 1
+    assert not (d / "x.sketch").exists()
+    os.chmod(key, 0o640)
+    code, _, err = run_cli(capsys, "sketch", "--show", str(d / "h.sketch"), *common)
+    assert code == 1 and "chmod 600" in err and len(err.splitlines()) == 1
+    os.chmod(key, 0o600)
+    (d / "bad.sketch").write_bytes((d / "h.sketch").read_bytes()[:-5])
+    code, _, err = run_cli(capsys, "sketch", "--show", str(d / "bad.sketch"), *common)
+    assert code == 1 and "truncated" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:
+        run_cli(capsys, "sketch", "--rate", "2", "--raw", str(a), *common)
+    assert exc.value.code == 2 and "(0, 1]" in capsys.readouterr().err
+
+
+def test_predict_estimate_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = content_ids(np.random.default_rng(8), [(400, 1), (100, 2)], zero=10)
+    (a,) = write_vms(tmp_path, ids, 1)
+    code, out, err = run_cli(capsys, "predict", "--estimate", "--rate", "1", "--raw", str(a),
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["totals"]["pages_sharing"]["pages"] == 100 + 9   # pairs + zeros
+    code, _, err = run_cli(capsys, "predict", "--rate", "1/2", "--raw", str(a))
+    assert code == 2 and "add --estimate" in err
+    code, _, err = run_cli(capsys, "predict", "--estimate", "--scans", "2", "--raw", str(a))
+    assert code == 2 and "--scans" in err

@@ -81,6 +81,10 @@ def cmd_predict(ctx: Any) -> int:
     from vmshare.prediction import predict as pr
     a = ctx.args
     config = _config(a)
+    if a.estimate and (a.scans is not None or a.low_memory):
+        raise UsageError("--scans and --low-memory are for the exact engine, not --estimate")
+    if a.rate is not None and not a.estimate:
+        raise UsageError("--rate is the sampling rate of --estimate: add --estimate")
     targets, groups, notes = targets_of(ctx)
     if a.estimate:
         from vmshare.cli.estimate import print_estimate
