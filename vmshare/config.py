@@ -123,16 +123,25 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class SketchSettings:
+    """Content sketches (vmshare sketch, place): the fleet key and where they are kept."""
+    key_file: Path = Path("/etc/vmshare/sketch.key")   # the fleet secret, 0600
+    dir: Path = Path("/var/lib/vmshare/sketches")      # 0700, root's
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     host: HostPolicy = field(default_factory=HostPolicy)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    sketch: SketchSettings = field(default_factory=SketchSettings)
 
 
 # The known keys are the settings types' fields: no second list to keep in step.
 _HOST_KEYS = {f.name for f in fields(HostPolicy)} - {"vms"}
 _DAEMON_KEYS = {f.name for f in fields(DaemonSettings)}
 _VM_KEYS = {f.name for f in fields(VmPolicy)}
+_SKETCH_KEYS = {f.name for f in fields(SketchSettings)}
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
@@ -243,11 +252,12 @@ def _number(origin: Path, table: dict[str, Any], key: str, default: float) -> fl
     return value
 
 
-def _path(origin: Path, table: dict[str, Any], key: str, default: Path) -> Path:
+def _path(origin: Path, table: dict[str, Any], key: str, default: Path,
+          section: str = "daemon") -> Path:
     """An absolute path without NUL: an empty string would mean the current directory."""
-    text: str = _typed(origin, "daemon", key, table.get(key, str(default)), str)
+    text: str = _typed(origin, section, key, table.get(key, str(default)), str)
     if not text.startswith("/") or "\0" in text:
-        raise PolicyError(f"{origin}: [daemon] {key} must be an absolute path, not {text!r}")
+        raise PolicyError(f"{origin}: [{section}] {key} must be an absolute path, not {text!r}")
     return Path(text)
 
 
@@ -262,12 +272,12 @@ def _check_retention(origin: Path, d: DaemonSettings) -> None:
 
 
 def parse_config(doc: dict[str, Any], origin: Path) -> Config:
-    sections = {"host", "daemon", "vm"}
+    sections = {"host", "daemon", "vm", "sketch"}
     unknown = sorted(set(doc) - sections)
     if unknown:
         raise PolicyError(f"{origin}: unknown section(s) "
                           f"{', '.join(_with_hint(k, sections) for k in unknown)} "
-                          "(known: host, daemon, vm)")
+                          "(known: host, daemon, vm, sketch)")
     host_t = _check_keys("host", doc.get("host", {}), _HOST_KEYS, origin)
     enabled = _typed(origin, "host", "enabled", host_t.get("enabled", True), bool)
     default_merge = _typed(origin, "host", "default_merge",
@@ -329,7 +339,11 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
                                    defaults.metrics_cpu_budget),
     )
     _check_retention(origin, daemon)
+    k = _check_keys("sketch", doc.get("sketch", {}), _SKETCH_KEYS, origin)
+    sk = SketchSettings()
+    sketch = SketchSettings(key_file=_path(origin, k, "key_file", sk.key_file, "sketch"),
+                            dir=_path(origin, k, "dir", sk.dir, "sketch"))
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,
                                   default_group=default_group, vms=vms),
-                  daemon=daemon)
+                  daemon=daemon, sketch=sketch)
