@@ -180,6 +180,9 @@ def measure(url: str, fleet: list[Host], end: int, args: argparse.Namespace,
     say("fleet status, first lines:")
     for line in outputs["status"].splitlines()[:6]:
         say(f"  {line}")
+    say("fleet top, first lines:")
+    for line in outputs["top"].splitlines()[:4]:
+        say(f"  {line}")
     _, text = timed(["fleet", "status", *common, "--at", str(end), "--json"], 1)
     want = expected(fleet, end, 10)
     wrong = check_status(json.loads(text), want)
