@@ -42,16 +42,18 @@ def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
 class DaemonProc:
     """The daemon as a subprocess. ``domains``: name globs it may manage
     (VMSHARE_DAEMON_DOMAINS); test sessions share one libvirtd, and a daemon
-    managing every domain would change other sessions' guests."""
+    managing every domain would change other sessions' guests. ``env``: more
+    environment (e.g. NOTIFY_SOCKET)."""
 
     def __init__(self, config: Path, log: Path, *extra: str,
-                 domains: tuple[str, ...] = ()) -> None:
+                 domains: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.log = log
         self.fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ)
+        more, env = env or {}, dict(os.environ)
         env.pop("VMSHARE_DAEMON_DOMAINS", None)
         if domains:
             env["VMSHARE_DAEMON_DOMAINS"] = ",".join(domains)
+        env.update(more)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmshare", "--debug", "daemon", "--config", str(config),
              "--observe-interval", "1", "--resync-interval", "5", *extra],
