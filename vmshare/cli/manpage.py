@@ -122,7 +122,10 @@ DAEMON: tuple[Para, ...] = (
     "5-minute and hourly aggregates. With --tune (or [daemon] tune = true) it also "
     "runs the KSM tuner.",
     "SIGTERM and SIGINT stop it cleanly; SIGHUP is ignored (restart it to re-read the "
-    "config). On hosts without libvirt, [daemon] qmp_sockets or --qmp-glob names the QEMU "
+    "config). Under systemd (Type=notify, $NOTIFY_SOCKET) it sends READY=1 once it serves, "
+    "STATUS= lines for systemctl status, WATCHDOG=1 while its event loop and worker "
+    "thread make progress (WatchdogSec=) and STOPPING=1 as it stops. On hosts without "
+    "libvirt, [daemon] qmp_sockets or --qmp-glob names the QEMU "
     "QMP sockets to watch.",
 )
 

@@ -45,6 +45,7 @@ class Liveness:
     last_reconcile: float | None = None  # wall clock (time.time)
     on_ready: Callable[[], object] | None = None
     ready: bool = field(default=False)
+    status_sent: str = ""               # the STATUS= text the manager last got
 
     def timed(self, fn: Callable[[], T]) -> Callable[[], T]:
         """``fn`` wrapped to record, in the worker thread, when it starts and ends."""
@@ -96,7 +97,7 @@ async def keep_alive(notifier: Notifier, live: Liveness, status: Callable[[], st
     limit = notifier.watchdog / 2 if notifier.watchdog else None
     period = min(limit, STATUS_EVERY) if limit else STATUS_EVERY
     loop = asyncio.get_running_loop()
-    shown, warned = "", False
+    warned = False
     tick = loop.time()
     while not stop.is_set():
         stuck = live.stalled(limit) if limit else None
@@ -110,9 +111,9 @@ async def keep_alive(notifier: Notifier, live: Liveness, status: Callable[[], st
             if not warned:
                 log.warning("%s; systemd will restart the daemon unless it finishes", text)
                 warned = True
-        if text != shown:
+        if text != live.status_sent:
             notifier.status(text)
-            shown = text
+            live.status_sent = text
         tick = max(tick + period, loop.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), tick - loop.time())

@@ -77,7 +77,7 @@ async def _main(opts: DaemonOptions) -> int:
         loop.add_signal_handler(sig, stop_for, signal.Signals(sig).name)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored; restart the "
                                                             "daemon to re-read its config"))
-    daemon.live.on_ready = lambda: notifier.ready(daemon_status(daemon))
+    daemon.live.on_ready = lambda: _ready(notifier, daemon)
     alive = asyncio.ensure_future(_keep_alive(notifier, daemon, stop))
     try:
         return await daemon.run(stop)
@@ -88,6 +88,11 @@ async def _main(opts: DaemonOptions) -> int:
         await asyncio.gather(alive, return_exceptions=True)
         notifier.close()
         log.info("stopped; outcomes: %s", daemon.stats.outcomes or "none")
+
+
+def _ready(notifier: Notifier, daemon: Daemon) -> None:
+    daemon.live.status_sent = daemon_status(daemon)
+    notifier.ready(daemon.live.status_sent)
 
 
 async def _keep_alive(notifier: Notifier, daemon: Daemon, stop: asyncio.Event) -> None:
@@ -126,8 +131,8 @@ def daemon_status(daemon: Daemon) -> str:
     ksm run=1", or what the daemon waits for."""
     if not daemon.connected.is_set():
         target = ", ".join(daemon.qmp_globs) or daemon.opts.uri
-        return f"connecting to {target}" if daemon.reconciler is None \
-            else f"connection to {target} lost; reconnecting"
+        return f"connection to {target} lost; reconnecting" if daemon.live.ready \
+            else f"starting: connecting to {target}"
     try:
         run: object = daemon.rc.sysfs.read_knob("run")
     except (VmshareError, OSError):
