@@ -141,6 +141,25 @@ def test_ready_after_the_socket_watchdog_status_and_stopping(tmp_path: Path) -> 
             d.kill()
 
 
+def test_a_notify_socket_that_fails_costs_one_line(tmp_path: Path) -> None:
+    """$NOTIFY_SOCKET naming nothing (the manager gone): the daemon serves and stops
+    as usual, and warns once, not at every ping."""
+    cfg = write_config(tmp_path, {}, qmp_globs=(f"{tmp_path}/none-*.qmp",))
+    d = DaemonProc(cfg, tmp_path / "daemon.log", env={
+        "NOTIFY_SOCKET": str(tmp_path / "gone.sock"), "WATCHDOG_USEC": "400000"})
+    try:
+        d.wait_log("running: ", 60)
+        time.sleep(2)                               # about ten pings, all failing
+        assert d.proc.poll() is None
+        assert stop(d) == 0
+        tries = [ln for ln in d.text().splitlines() if "cannot notify the service" in ln]
+        assert len(tries) >= 4                      # it kept trying (DEBUG: --debug)
+        assert [ln for ln in tries if " WARNING " in ln] == tries[:1], tries
+        assert "stopped; outcomes" in d.text()
+    finally:
+        d.kill()
+
+
 def paused_qemu(qemu_launcher: Callable[[list[str]], Any], sock: Path) -> None:
     """A QEMU whose RAM is not mergeable (mem-merge=off), stopped before its first
     instruction (-S): a VM for the daemon to act on, with no guest to boot."""

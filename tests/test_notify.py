@@ -181,3 +181,36 @@ def test_timed_steps_and_the_summary() -> None:
     live.mark_ready()
     live.mark_ready()
     assert len(calls) == 1
+
+
+def test_the_status_line_of_a_daemon(tmp_path: Path) -> None:
+    from tests.fakes.hypervisor import FakeHypervisor
+    from tests.ksmtree import make_sysfs
+    from vmshare.config import Config, DaemonSettings
+    from vmshare.daemon.reconcile import Reconciler
+    from vmshare.daemon.runner import Daemon, DaemonOptions
+    from vmshare.daemon.service import daemon_status
+    from vmshare.daemon.state import StateStore
+    from vmshare.ksm.procfs import ProcFs
+    from vmshare.ksm.sysfs import KsmSysfs
+
+    config = Config(path=None, daemon=DaemonSettings(history_file=tmp_path / "h.jsonl"))
+    d = Daemon(DaemonOptions(config=config, uri="qemu:///system"))
+    assert daemon_status(d) == "starting: connecting to qemu:///system"
+    sysfs = KsmSysfs(make_sysfs(tmp_path / "ksm"))
+    d.reconciler = Reconciler(FakeHypervisor([]), config,
+                              state=StateStore(tmp_path / "state.json"),
+                              audit_path=tmp_path / "audit.jsonl",
+                              procfs=ProcFs(tmp_path), sysfs=sysfs)
+    d.connected.set()
+    assert daemon_status(d) == "starting: no reconcile yet, ksm run=0"
+    d.live.reconciled([Outcome("a", "changed")])
+    (tmp_path / "ksm" / "run").write_text("1\n")
+    assert daemon_status(d).startswith("watching 1 domain, last reconcile ")
+    assert daemon_status(d).endswith(" (1 changed), ksm run=1")
+    (tmp_path / "ksm" / "run").unlink()
+    assert daemon_status(d).endswith(", ksm run=?")
+    d.live.mark_ready()
+    d.connected.clear()
+    assert daemon_status(d) == "connection to qemu:///system lost; reconnecting"
+    d.pool.shutdown()
