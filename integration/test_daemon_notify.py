@@ -160,19 +160,43 @@ def test_a_notify_socket_that_fails_costs_one_line(tmp_path: Path) -> None:
         d.kill()
 
 
-def paused_qemu(qemu_launcher: Callable[[list[str]], Any], sock: Path) -> None:
+def paused_qemu(qemu_launcher: Callable[[list[str]], Any], sock_dir: Path, name: str) -> None:
     """A QEMU whose RAM is not mergeable (mem-merge=off), stopped before its first
     instruction (-S): a VM for the daemon to act on, with no guest to boot."""
     from vmshare.guest.launch import QEMU_BINARY
-    qemu_launcher([QEMU_BINARY, "-S", "-name", NAME, "-accel", "tcg",
+    qemu_launcher([QEMU_BINARY, "-S", "-name", name, "-accel", "tcg",
                    "-machine", "pc,mem-merge=off", "-m", "64", "-nodefaults",
                    "-no-user-config", "-display", "none",
-                   "-qmp", f"unix:{sock},server=on,wait=off"])
+                   "-qmp", f"unix:{sock_dir / name}.qmp,server=on,wait=off"])
+
+
+@contextlib.contextmanager
+def audit_lock_held(audit: Path) -> Iterator[None]:
+    """Another process holding the audit log's flock and never letting go: the
+    daemon's next audited change waits on it without a deadline."""
+    fd = os.open(audit, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def wait_stalled(ln: Listener, d: DaemonProc, after: float) -> Message:
+    found: Message = wait_for(
+        lambda: next((m for m in ln.having("STATUS", after)
+                      if "not feeding the watchdog" in m.fields["STATUS"]), None), 30,
+        lambda: f"no stall STATUS: {ln.messages[-5:]}\n{d.text()[-2000:]}")
+    return found
 
 
 def test_a_wedged_worker_stops_the_watchdog(tmp_path: Path,
                                             qemu_launcher: Callable[[list[str]], Any]) -> None:
-    cfg = write_config(tmp_path, {NAME: "on"}, qmp_globs=(f"{tmp_path}/*.qmp",))
+    """Wedged, the pings stop at half the timeout; unwedged, they resume; wedged
+    again and sent systemd's WatchdogSignal (SIGABRT), the daemon dies with every
+    thread's traceback in its log, the stuck flock among them."""
+    names = [f"{NAME}-a", f"{NAME}-b"]
+    cfg = write_config(tmp_path, dict.fromkeys(names, "on"), qmp_globs=(f"{tmp_path}/*.qmp",))
     audit = tmp_path / "audit.jsonl"
     notify = tmp_path / "notify.sock"
     env = {"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "2000000",
@@ -182,14 +206,9 @@ def test_a_wedged_worker_stops_the_watchdog(tmp_path: Path,
         try:
             ready = ln.wait("READY", 60)
             ln.wait("WATCHDOG", 5, after=ready.at + 1.5)
-            fd = os.open(audit, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)      # a writer that never lets go
-                paused_qemu(qemu_launcher, tmp_path / f"{NAME}.qmp")
-                stuck = wait_for(lambda: next((m for m in ln.having("STATUS") if "not feeding "
-                                               "the watchdog" in m.fields["STATUS"]), None),
-                                 30, lambda: f"no stall STATUS: {ln.messages[-5:]}\n"
-                                             f"{d.text()[-2000:]}")
+            with audit_lock_held(audit):
+                paused_qemu(qemu_launcher, tmp_path, names[0])
+                stuck = wait_stalled(ln, d, ready.at)
                 time.sleep(4)                       # two timeouts' worth
                 assert not ln.having("WATCHDOG", after=stuck.at - 0.01)
                 last = ln.having("WATCHDOG")[-1]
@@ -197,13 +216,17 @@ def test_a_wedged_worker_stops_the_watchdog(tmp_path: Path,
                 assert d.proc.poll() is None          # alive: systemd would kill it now
                 assert "not feeding the watchdog" in d.text()
                 freed = time.monotonic()
-            finally:
-                os.close(fd)                        # the writer lets go
             ln.wait("WATCHDOG", 10, after=freed)
-            wait_for(lambda: [r for r in audit_lines(audit) if r.get("vm") == NAME], 30,
-                     lambda: f"no audit record for {NAME}:\n{d.text()[-2000:]}")
+            wait_for(lambda: [r for r in audit_lines(audit) if r.get("vm") == names[0]], 30,
+                     lambda: f"no audit record for {names[0]}:\n{d.text()[-2000:]}")
             wait_for(lambda: "watching 1 domain," in ln.having("STATUS")[-1].fields["STATUS"],
                      30, lambda: f"STATUS: {ln.messages[-3:]}")
-            assert stop(d) == 0
+            with audit_lock_held(audit):
+                paused_qemu(qemu_launcher, tmp_path, names[1])
+                wait_stalled(ln, d, time.monotonic())
+                d.proc.send_signal(signal.SIGABRT)  # what systemd sends when it expires
+                assert d.proc.wait(timeout=30) == -signal.SIGABRT
+            log = d.text()
+            assert "most recent call first" in log and "append_line" in log, log[-3000:]
         finally:
             d.kill()

@@ -14,6 +14,8 @@ tests and cron.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import logging
 import signal
 import sys
@@ -103,6 +105,16 @@ async def _keep_alive(notifier: Notifier, daemon: Daemon, stop: asyncio.Event) -
                       "watchdog timeout passes")
 
 
+def _traceback_on_abort() -> None:
+    """SIGABRT (systemd's WatchdogSignal= default) prints every thread's Python
+    traceback to stderr before the process dies, so the journal shows where a
+    stuck step was stuck. Left alone when something (pytest) already set it up."""
+    if faulthandler.is_enabled():
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):   # no real stderr fd
+        faulthandler.enable(sys.stderr, all_threads=True)
+
+
 def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
                qmp_globs: tuple[str, ...] = (), observe_interval: float = 10.0,
                resync_interval: float = 60.0, deadline: float = 10.0,
@@ -114,6 +126,7 @@ def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
     with --once) are one ERROR line and exit status 1.
     """
     setup_logging(level)
+    _traceback_on_abort()
     opts = DaemonOptions(config=config, once=once, uri=uri or "qemu:///system",
                          qmp_globs=qmp_globs, observe_interval=observe_interval,
                          resync_interval=resync_interval, deadline=deadline,
