@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,3 +159,20 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def systemd_verify(unit: str, tmp: Path, command: Path | None = None) -> str:
+    """`systemd-analyze verify` on the unit text ``unit`` with its ExecStart= command
+    replaced by ``command`` (default: this checkout's), which verify needs to
+    exist; "" when it is clean, else its exit status and output (it exits 0 for
+    lines it ignores, so any output is a finding)."""
+    command = command or Path(sys.executable).parent / "vmshare"
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: run integration/setup.sh (Debian's systemd)"
+    assert command.is_file(), f"{command} is missing"
+    copy = tmp / "vmshare.service"
+    copy.write_text(re.sub(r"^ExecStart=\S+ ", f"ExecStart={command} ", unit, flags=re.M))
+    r = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True,
+                       timeout=120)
+    out = r.stdout + r.stderr
+    return f"exit {r.returncode}\n{out}" if r.returncode or out else ""

@@ -12,32 +12,16 @@ key it ignores, so any output is a failure too.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from integration.daemon_helpers import systemd_verify
 from vmshare.control.lock import DEFAULT_WAIT
 from vmshare.hypervisor.base import DEFAULT_DEADLINE
 
 pytestmark = pytest.mark.integration
 UNIT = Path(__file__).resolve().parent.parent / "contrib" / "vmshare.service"
-COMMAND = Path(sys.executable).parent / "vmshare"
-
-
-def verify(text: str, tmp: Path) -> str:
-    """`systemd-analyze verify` on ``text`` with this checkout's command; its output."""
-    tool = shutil.which("systemd-analyze")
-    assert tool, "systemd-analyze is missing: run integration/setup.sh (Debian's systemd)"
-    assert COMMAND.is_file(), f"{COMMAND} is missing: run integration/setup.sh"
-    copy = tmp / "vmshare.service"
-    copy.write_text(re.sub(r"^ExecStart=\S+ ", f"ExecStart={COMMAND} ", text, flags=re.M))
-    r = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True,
-                       timeout=120)
-    return f"exit {r.returncode}\n{r.stdout}{r.stderr}" if r.returncode or r.stdout \
-        or r.stderr else ""
 
 
 def settings(text: str) -> dict[str, str]:
@@ -45,7 +29,7 @@ def settings(text: str) -> dict[str, str]:
 
 
 def test_the_shipped_unit_verifies(tmp_path: Path) -> None:
-    assert verify(UNIT.read_text(), tmp_path) == ""
+    assert systemd_verify(UNIT.read_text(), tmp_path) == ""
 
 
 @pytest.mark.parametrize(("line", "broken"), [
@@ -56,7 +40,7 @@ def test_the_shipped_unit_verifies(tmp_path: Path) -> None:
 def test_verify_catches_a_broken_line(tmp_path: Path, line: str, broken: str) -> None:
     text = UNIT.read_text()
     assert re.search(rf"^{re.escape(line)}$", text, re.M), line
-    out = verify(text.replace(line, broken), tmp_path)
+    out = systemd_verify(text.replace(line, broken), tmp_path)
     assert broken.split("=")[1] in out or broken.split("=")[0] in out, out
 
 
