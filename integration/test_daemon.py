@@ -293,10 +293,15 @@ def test_a_long_run_of_poison_never_stops_the_daemon(domains: Any, daemon_dir: P
                  60, lambda: f"poison left in the spool\n{d.text()[-3000:]}")
         assert d.proc.poll() is None, d.text()[-3000:]
         # then a real event, through the spool and libvirt, for a policy-off VM
-        (spool_dir / f"{time.time_ns()}-1-{'f' * 16}.json").write_text(json.dumps(
+        # written and renamed into place as the hook does: a half-written entry
+        # read by the draining daemon would be refused as poison
+        entry, temp = (spool_dir / f"{time.time_ns()}-1-{'f' * 16}.json",
+                       spool_dir / f".tmp-1-{'f' * 16}")
+        temp.write_text(json.dumps(
             {"v": 1, "domain": f"{P}psn", "uuid": None, "operation": "started",
              "sub_operation": "begin", "extra": "-", "time": time.time(),
              "seq": time.monotonic_ns(), "boot_id": "", "pid": 1, "xml": "unparsed"}))
+        temp.rename(entry)
         domains(f"{P}psn")
         wait_for(lambda: all_merge(f"{P}psn", False), 30,
                  lambda: f"policy not applied after the poison: {backends(P + 'psn')}\n"
