@@ -51,10 +51,6 @@ def _compare(sysfs: KsmSysfs, procs: list[MemProc], size_mib: int, per: int) -> 
     t0 = time.perf_counter()
     scans, converged, _ = run_until_converged(engine, targets, max_scans=8)
     t_engine = time.perf_counter() - t0
-    low = KsmEngine(EngineConfig())
-    t0 = time.perf_counter()
-    low_scans, _, _ = run_until_converged(low, targets, max_scans=8, low_memory=True)
-    t_low = time.perf_counter() - t0
     t0 = time.perf_counter()      # from run=1 until pages_sharing holds over a full scan
     kc = converge(sysfs, timeout=300, min_scans=2)
     t_kernel = time.perf_counter() - t0
@@ -62,13 +58,10 @@ def _compare(sysfs: KsmSysfs, procs: list[MemProc], size_mib: int, per: int) -> 
     print(f"content: {size_mib} MiB in 4 processes (1/2 identical, 1/4 unique, 1/4 zero)")
     print(f"engine: {t_engine:.2f} s, {scans} scans (converged={converged}), "
           f"pages_sharing={ec.pages_sharing:,} pages_shared={ec.pages_shared:,}")
-    print(f"engine, --low-memory (no copy kept; pages to compare read again): "
-          f"{t_low:.2f} s, {low_scans} scans, pages_sharing={low.counters().pages_sharing:,}")
     print(f"ksmd:   {t_kernel:.2f} s, {kc['full_scans']} full scans, "
           f"pages_sharing={kc['pages_sharing']:,} pages_shared={kc['pages_shared']:,}")
     print(f"engine speed-up over ksmd: {t_kernel / t_engine:.2f}x, aim >= 2x "
-          f"(same answer: {ec.pages_sharing == kc['pages_sharing']}); "
-          f"low-memory: {t_kernel / t_low:.2f}x")
+          f"(same answer: {ec.pages_sharing == kc['pages_sharing']})")
 
 
 if __name__ == "__main__":

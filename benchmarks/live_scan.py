@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from integration.ksm_fixtures import start_memproc
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.prediction.scanning import ScanArena, scan_sources
+from vmshare.prediction.scanning import scan_sources
 from vmshare.sources import LiveProcessSource
 
 
@@ -31,17 +31,16 @@ def main() -> int:
         vma = Vma(p.address, p.address + p.pages * PAGE_SIZE, "rw-p", 0, "")
         src = LiveProcessSource(p.pid, [vma], name="proc")
         plain, scan_first, scan_inc = [], [], []
-        arena = ScanArena(soft_dirty=True)   # full reads without kernel soft-dirty
         for _ in range(repeats):
             t = time.perf_counter()
             n = sum(r.npages for r in src.runs())
             plain.append(time.perf_counter() - t)
             engine = KsmEngine(EngineConfig())
             t = time.perf_counter()
-            scan_sources(engine, [src], arena=arena)
+            scan_sources(engine, [src])
             scan_first.append(time.perf_counter() - t)
             t = time.perf_counter()
-            scan_sources(engine, [src], arena=arena)      # incremental: merges happen
+            scan_sources(engine, [src])      # incremental: merges happen
             scan_inc.append(time.perf_counter() - t)
         src.close()
         gib = n * PAGE_SIZE / 2**30

@@ -203,7 +203,7 @@ class NodeTable:
 #: fetch(positions) -> the bytes of those pages, in order (KsmEngine.end_scan)
 Fetch = Callable[[I64], memoryview]
 #: pages asked of a fetch at once: bounds the memory re-read pages take
-FETCH_PAGES = 1 << 14
+FETCH_PAGES = 1 << 12
 
 
 class PageAtlas:

@@ -28,10 +28,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, FileSource, check_chunk_pages
+from vmshare.sources.base import (
+    DEFAULT_CHUNK_PAGES,
+    FileSource,
+    check_chunk_pages,
+    check_into,
+    page_ranges,
+)
 from vmshare.sources.codecs import (
     CODEC_NAMES,
     DUMP_DH_COMPRESSED_INCOMPLETE,
@@ -284,16 +291,14 @@ class KdumpSource(FileSource):
         check_chunk_pages(chunk_pages)
         self._check_open()
         bs = self.block_size
-        out = bytearray(chunk_pages * bs)
-        outv = memoryview(out)
-        scratch = bytearray(bs)
-        scratchv = memoryview(scratch)
+        take = self.run_buffer(chunk_pages)
+        scratchv = memoryview(bytearray(bs))
         descbuf = bytearray(_DESC_BATCH * PAGE_DESC.itemsize)
         shared: dict[int, bytes] = {}      # QEMU's shared zero page, read once
         codecs: dict[int, Decompressor] = {}
         for run, region in zip(self._pfn_runs, self._regions, strict=True):
-            filled = 0
-            first_in_buf = 0
+            filled = first_in_buf = 0
+            outv: memoryview | None = None
             for batch0 in range(0, run.npages, _DESC_BATCH):
                 count = min(_DESC_BATCH, run.npages - batch0)
                 dv = memoryview(descbuf)[:count * PAGE_DESC.itemsize]
@@ -304,17 +309,40 @@ class KdumpSource(FileSource):
                 sizes = descs["size"].tolist()
                 flags = descs["flags"].tolist()
                 for k in range(count):
-                    pfn = run.first_pfn + batch0 + k
-                    self._load_page(pfn, offs[k], sizes[k], flags[k],
+                    if outv is None:
+                        outv = take(min(chunk_pages, run.npages - first_in_buf) * bs)
+                    self._load_page(run.first_pfn + batch0 + k, offs[k], sizes[k], flags[k],
                                     outv[filled * bs:(filled + 1) * bs], scratchv,
                                     shared, codecs)
                     filled += 1
-                    if filled == chunk_pages:
-                        yield PageRun(self.name, region.key, first_in_buf, outv[:filled * bs])
+                    if filled * bs == len(outv):
+                        yield PageRun(self.name, region.key, first_in_buf, outv)
                         first_in_buf += filled
-                        filled = 0
-            if filled:
-                yield PageRun(self.name, region.key, first_in_buf, outv[:filled * bs])
+                        filled, outv = 0, None
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        """Pages ``pages`` of ``region`` again, decompressed (PageSource.read_pages);
+        the descriptors of consecutive pages in one read. Raises DumpError as
+        ``runs`` does."""
+        self._check_open()
+        check_into(into, pages)
+        k = next((i for i, r in enumerate(self._regions) if r.key == region), None)
+        if k is None:
+            raise DumpError(f"{self.path}: no region {region!r}")
+        run, bs = self._pfn_runs[k], self.block_size
+        scratchv = memoryview(bytearray(bs))
+        shared: dict[int, bytes] = {}
+        codecs: dict[int, Decompressor] = {}
+        for at, page, n in page_ranges(pages):
+            dv = memoryview(bytearray(n * PAGE_DESC.itemsize))
+            self.layout.read(dv, self.desc_offset + (run.first_desc + page) *
+                             PAGE_DESC.itemsize, "page descriptors")
+            descs = np.frombuffer(dv, dtype=PAGE_DESC)
+            for j, (off, size, flags) in enumerate(zip(descs["offset"].tolist(),
+                                                       descs["size"].tolist(),
+                                                       descs["flags"].tolist(), strict=True)):
+                self._load_page(run.first_pfn + page + j, off, size, flags,
+                                into[(at + j) * bs:(at + j + 1) * bs], scratchv, shared, codecs)
 
     def _load_page(self, pfn: int, offset: int, size: int, flags: int, dest: memoryview,
                    scratch: memoryview, shared: dict[int, bytes],

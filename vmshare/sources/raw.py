@@ -5,8 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
+import numpy.typing as npt
+
+from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, FileSource, check_chunk_pages, pages_for
+from vmshare.sources.base import (
+    DEFAULT_CHUNK_PAGES,
+    FileSource,
+    check_chunk_pages,
+    check_into,
+    page_ranges,
+    pages_for,
+)
 
 
 class RawImageSource(FileSource):
@@ -32,17 +43,28 @@ class RawImageSource(FileSource):
         return [Region(self.key, pages_for(self.file_size) * PAGE_SIZE, self.file_generation)]
 
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
-        """Stream the whole file; ``data`` lives in one buffer reused between yields."""
+        """Stream the whole file; ``data`` lives in one buffer reused between
+        yields (or where ``read_into`` says)."""
         check_chunk_pages(chunk_pages)
         self._check_open()
-        buf = bytearray(chunk_pages * PAGE_SIZE)
-        view = memoryview(buf)
+        take = self.run_buffer(chunk_pages)
         done = 0
         while done < self.file_size:
-            n = min(len(buf), self.file_size - done)
-            npages = pages_for(n)
-            self.pread_exact(view[:n], done, "raw image")
-            if n % PAGE_SIZE:
-                view[n:npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE - n)
-            yield PageRun(self.name, self.key, done // PAGE_SIZE, view[:npages * PAGE_SIZE])
+            n = min(chunk_pages * PAGE_SIZE, self.file_size - done)
+            view = take(pages_for(n) * PAGE_SIZE)
+            self.read_stored(view, done, n, "raw image")
+            yield PageRun(self.name, self.key, done // PAGE_SIZE, view)
             done += n
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        """Pages ``pages`` of the image again (PageSource.read_pages); DumpError
+        if the file shrank."""
+        self._check_open()
+        check_into(into, pages)
+        if region != self.key:
+            raise DumpError(f"{self.path}: no region {region!r}")
+        for at, first, n in page_ranges(pages):
+            off = first * PAGE_SIZE
+            dest = into[at * PAGE_SIZE:(at + n) * PAGE_SIZE]
+            self.read_stored(dest, off, max(0, min(len(dest), self.file_size - off)),
+                             "raw image")

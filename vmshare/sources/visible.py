@@ -17,8 +17,8 @@ import numpy.typing as npt
 
 from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES
-from vmshare.sources.live import LivePageRun, LiveProcessSource, TrackedPageRun
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, ReadInto
+from vmshare.sources.live import LivePageRun, LiveProcessSource
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 
@@ -66,6 +66,14 @@ class KernelVisiblePages:
         self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
         self.thp_zero_pages = 0
 
+    @property
+    def read_into(self) -> ReadInto | None:
+        return self.inner.read_into
+
+    @read_into.setter
+    def read_into(self, value: ReadInto | None) -> None:
+        self.inner.read_into = value
+
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
@@ -94,13 +102,8 @@ class KernelVisiblePages:
                             np.flatnonzero(edges == -1).tolist(), strict=True):
                 first, data = run.first_page + a, run.data[a * PAGE_SIZE:b * PAGE_SIZE]
                 nzero = int(np.searchsorted(kept_zero, b) - np.searchsorted(kept_zero, a))
-                if isinstance(run, TrackedPageRun):
-                    yield TrackedPageRun(run.source, run.region, first, data,
-                                         run.pagemap[a:b], run.unchanged[a:b],
-                                         zero_pages=nzero)
-                else:
-                    yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b],
-                                      zero_pages=nzero)
+                yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b],
+                                  zero_pages=nzero)
 
     def resident_bytes(self) -> int:
         return self.inner.resident_bytes()
