@@ -36,7 +36,7 @@ from vmshare.model import PageRun, Region
 from vmshare.observe.host import Observer
 from vmshare.prediction.predict import Prediction, Target, domain_target, predict
 from vmshare.sources import PageSource, open_dump
-from vmshare.sources.base import ReadInto
+from vmshare.sources.base import WHOLE, Part, ReadInto
 from vmshare.sources.secure import dump_file, ensure_dump_dir, paused_guard
 
 pytestmark = pytest.mark.integration
@@ -65,8 +65,8 @@ class RamRange:
     def read_into(self, value: ReadInto | None) -> None:
         self.inner.read_into = value
 
-    def runs(self, chunk_pages: int = 4096) -> Iterator[PageRun]:
-        return (r for r in self.inner.runs(chunk_pages) if r.region in self.keys)
+    def runs(self, chunk_pages: int = 4096, part: Part = WHOLE) -> Iterator[PageRun]:
+        return (r for r in self.inner.runs(chunk_pages, part) if r.region in self.keys)
 
     def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
         self.inner.read_pages(region, pages, into)

@@ -214,8 +214,8 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     region = Region("pc.ram", 4 * 4096, "g")
     inner = SimpleNamespace(
         name="vm", regions=lambda: [region],
-        runs=lambda chunk_pages=4096: iter([LivePageRun("vm", "pc.ram", 0, memoryview(data),
-                                                        entries)]),
+        runs=lambda chunk_pages=4096, part=(0, 1): iter(
+            [LivePageRun("vm", "pc.ram", 0, memoryview(data), entries)]),
         close=lambda: None)
     src = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
     fed = [(r.first_page, r.npages, r.pagemap.tolist(), r.zero_pages) for r in src.runs()]

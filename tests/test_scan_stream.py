@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.dump_corpus import ElfSpec, KdumpSpec, Seg, build_elf, build_kdump
 from tests.engine_reference import ReferenceKsm
@@ -163,3 +165,48 @@ def test_the_buffer_bounds_are_checked(tmp_path: Path) -> None:
         scan_sources(KsmEngine(), [src], buffer_bytes=MIN_BUFFER_BYTES - 1)
     with open_dump(path, "d") as src, pytest.raises(UsageError, match="verify mode"):
         scan_sources(KsmEngine(verify_merged=True), [src])
+
+
+@st.composite
+def page_mixes(draw: st.DrawFn) -> tuple[int, bool, list[list[bytes]]]:
+    """Scans of one dump: pages from a small alphabet, zero and unique pages,
+    some rewritten between scans."""
+    n = draw(st.integers(1, 120))
+    alphabet = [Z] + [t.to_bytes(8, "little") * (PAGE_SIZE // 8) for t in range(1, 6)]
+    unique = st.integers(100, 10**6).map(lambda t: t.to_bytes(8, "little") * (PAGE_SIZE // 8))
+    page = st.one_of(st.sampled_from(alphabet), unique)
+    pages = [draw(page) for _ in range(n)]
+    scans = []
+    for _ in range(draw(st.integers(1, 4))):
+        scans.append(list(pages))
+        for _ in range(draw(st.integers(0, 5))):
+            pages[draw(st.integers(0, n - 1))] = draw(page)
+    return draw(st.integers(2, 5)), draw(st.booleans()), scans
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(page_mixes())
+def test_several_readers_give_the_single_reader_and_reference_counters(
+        tmp_path: Path, h: tuple[int, bool, list[list[bytes]]]) -> None:
+    """The page range split over 1, 2 and 4 reader threads (16-page chunks,
+    interleaved), the pages to compare read again by as many: every scan's
+    counters equal the naive reference's."""
+    mps, uzp, scans = h
+    cfg = EngineConfig(max_page_sharing=mps, use_zero_pages=uzp)
+    engines = {w: KsmEngine(cfg) for w in (1, 2, 4)}
+    ref = ReferenceKsm(max_page_sharing=mps, use_zero_pages=uzp, hasher=xxh)
+    path = tmp_path / "mix.raw"
+    path.write_bytes(b"".join(scans[0]))
+    first = os.stat(path)
+    for pages in scans:
+        with open(path, "r+b") as f:           # rewritten in place, same generation:
+            f.write(b"".join(pages))           # the engine keeps what it knew
+        os.utime(path, ns=(first.st_atime_ns, first.st_mtime_ns))
+        with open_dump(path, "d") as src:
+            regions = src.regions()
+        want = ref.scan({"d": regions}, {("d", "gpa@0x0", i): b for i, b in enumerate(pages)})
+        for w, engine in engines.items():
+            with open_dump(path, "d") as src:
+                scan_sources(engine, [src], buffer_bytes=MIN_BUFFER_BYTES, workers=w)
+            assert as_dict(engine.counters()) == want, f"{w} readers"

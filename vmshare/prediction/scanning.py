@@ -21,11 +21,14 @@ else grows with the guest.
 
 from __future__ import annotations
 
+import itertools
 import mmap
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,7 @@ from vmshare.engine import KsmEngine
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.sources import PageSource
+from vmshare.sources.base import Part
 from vmshare.sources.live import LivePageRun
 from vmshare.sources.visible import zero_rows
 
@@ -80,9 +84,10 @@ class ScanStats:
 class ReadRing:
     """``chunks`` populated read buffers of ``chunk_bytes``, reused all scan long.
 
-    The reader takes a chunk per run (``take``); each item queued from it adds
-    a hold (``hold``) and the consumer drops it after feeding (``release``).
-    A chunk is free again once its reader has moved on and no item holds it.
+    Each reader thread takes a chunk per read (``take``); each item queued
+    from it adds a hold (``hold``) and the consumer drops it after feeding
+    (``release``). A chunk is free again once the thread that read it has
+    moved on (its next ``take`` or ``done_reading``) and no item holds it.
     """
 
     def __init__(self, chunk_bytes: int, chunks: int = RING_CHUNKS) -> None:
@@ -92,7 +97,7 @@ class ReadRing:
         self._holds: list[int] = []
         self._free: list[int] = []
         self._by_obj: dict[int, int] = {}
-        self._reading: int | None = None
+        self._reading: dict[int, int] = {}      # reader thread -> the chunk it fills
         self._closed = False
         self._cond = threading.Condition()
 
@@ -105,9 +110,10 @@ class ReadRing:
     def take(self, n: int) -> memoryview:
         if n > self.chunk_bytes:
             raise ValueError(f"a run of {n} bytes does not fit a {self.chunk_bytes}-byte chunk")
+        me = threading.get_ident()
         with self._cond:
-            if self._reading is not None:
-                self._drop(self._reading)         # the reader has moved on
+            if me in self._reading:
+                self._drop(self._reading.pop(me))     # the reader has moved on
             while not self._free and len(self._bufs) >= self.limit:
                 if self._closed:
                     raise RuntimeError("scan ended while reading")
@@ -120,7 +126,7 @@ class ReadRing:
                 self._holds.append(0)
                 self._by_obj[id(self._bufs[k])] = k
             self._holds[k] = 1
-            self._reading = k
+            self._reading[me] = k
             return memoryview(self._bufs[k])[:n]
 
     def _chunk(self, data: memoryview) -> int | None:
@@ -140,14 +146,12 @@ class ReadRing:
 
     def done_reading(self) -> None:
         with self._cond:
-            if self._reading is not None:
-                self._drop(self._reading)
-                self._reading = None
+            k = self._reading.pop(threading.get_ident(), None)
+            if k is not None:
+                self._drop(k)
 
     def _drop(self, k: int) -> None:
         self._holds[k] -= 1
-        if k == self._reading and self._holds[k] == 0:
-            self._reading = None
         if self._holds[k] == 0:
             self._free.append(k)
             self._cond.notify_all()
@@ -157,21 +161,20 @@ class ReadRing:
         return len(self._bufs) * self.chunk_bytes
 
 
-def source_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int]
+def source_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int],
+                 pool: tuple[ThreadPoolExecutor, int] | None = None
                  ) -> Callable[[npt.NDArray[np.int64]], memoryview]:
     """A fetch for KsmEngine.end_scan: ascending global positions -> those pages
     read again now from their sources (``read_pages``), into one buffer reused
-    by every call (the engine is done with a batch when it asks for the next)."""
+    by every call (the engine is done with a batch when it asks for the next).
+    With a ``pool`` (an executor and its workers) the batch is cut into one
+    slice per worker, read at once."""
     by_name = {s.name: s for s in sources}
     spans = sorted((start, name, key) for (name, key), start in base.items())
     starts = np.array([sp[0] for sp in spans], dtype=np.int64)
     held: list[memoryview] = [memoryview(bytearray(0))]
 
-    def fetch(pos: npt.NDArray[np.int64]) -> memoryview:
-        n = pos.size * PAGE_SIZE
-        if len(held[0]) < n:
-            held[0] = memoryview(bytearray(n))
-        out = held[0][:n]
+    def read(pos: npt.NDArray[np.int64], out: memoryview) -> None:
         which = np.searchsorted(starts, pos, side="right") - 1
         cut = np.flatnonzero(np.diff(which, prepend=np.int64(-1)) != 0)   # pos ascending
         ends = np.append(cut[1:], pos.size)
@@ -179,6 +182,20 @@ def source_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int]
             start, name, key = spans[int(which[a])]
             by_name[name].read_pages(key, pos[a:b] - start,
                                      out[a * PAGE_SIZE:b * PAGE_SIZE])
+
+    def fetch(pos: npt.NDArray[np.int64]) -> memoryview:
+        n = pos.size * PAGE_SIZE
+        if len(held[0]) < n:
+            held[0] = memoryview(bytearray(n))
+        out = held[0][:n]
+        if pool is None or pool[1] < 2 or pos.size < 64:
+            read(pos, out)
+            return out
+        cuts = np.linspace(0, pos.size, pool[1] + 1).astype(np.int64).tolist()
+        jobs = [pool[0].submit(read, pos[a:b], out[a * PAGE_SIZE:b * PAGE_SIZE])
+                for a, b in itertools.pairwise(cuts) if b > a]
+        for job in jobs:
+            job.result()
         return out
 
     return fetch
@@ -223,14 +240,14 @@ class _Handoff:
         return item
 
 
-def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Handoff) -> None:
-    """The reader thread: every source's runs in order, read straight into the
-    ring, then _DONE, or what failed."""
+def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Handoff,
+                  part: Part) -> None:
+    """A reader thread: its share ``part`` of every source's runs, read straight
+    into the ring, then _DONE, or what failed."""
     try:
         chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
-            s.read_into = ring.take
-            for run in s.runs(chunk_pages):
+            for run in s.runs(chunk_pages, part):
                 ring.hold(run.data)
                 if not handoff.put(run):
                     return
@@ -238,6 +255,11 @@ def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Hando
         handoff.put(_DONE)
     except BaseException as exc:   # handed to the scanning thread
         handoff.put(exc)
+
+
+def default_workers() -> int:
+    """Reader threads (and threads reading pages again): one per core, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing, zero: dict[str, int]) -> None:
@@ -253,9 +275,12 @@ def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing, zero: dict[str, int]
 
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                  progress: Callable[[float], None] | None = None,
-                 buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> ScanStats:
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 workers: int | None = None) -> ScanStats:
     """One full engine scan over ``sources`` (scan order: as given), reading
-    through a ring of ``buffer_bytes`` (see the module docstring).
+    through a ring of ``buffer_bytes`` (see the module docstring) with
+    ``workers`` reader threads (default: default_workers()), each reading
+    every n-th chunk of each source, and as many reading pages again.
 
     Raises UsageError for a buffer below MIN_BUFFER_BYTES or an engine in
     verify mode (it needs every merged page kept), and what the sources raise
@@ -267,29 +292,41 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     if engine.verify_merged:
         raise UsageError("an engine in verify mode keeps every merged page: "
                          "feed it runs directly")
+    n = workers if workers is not None else default_workers()
+    if not 1 <= n <= RING_CHUNKS // 2:
+        raise UsageError(f"workers must be 1 to {RING_CHUNKS // 2}, not {n}")
     t0 = time.perf_counter()
     regions, base, total = _layout(sources)
     ring = ReadRing(buffer_bytes // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
-    fed = 0
+    for s in sources:
+        s.read_into = ring.take
     engine.begin_scan(regions)
-    thread = threading.Thread(target=_read_sources, args=(sources, ring, handoff),
-                              name="vmshare-scan-reader", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
+                                name=f"vmshare-scan-reader-{k}", daemon=True)
+               for k in range(n)]
+    for t in threads:
+        t.start()
+    fed = done = 0
     try:
-        while (item := handoff.get()) is not None:
+        while done < n:
+            item = handoff.get()
+            if item is None:
+                done += 1
+                continue
             _feed(engine, item, ring, zero)
             fed += item.npages
             if progress is not None and total:
-                progress((base[(item.source, item.region)] + item.first_page + item.npages)
-                         / total)
+                progress(fed / total)
     except BaseException:
         engine.abort_scan()
         raise
     finally:
         handoff.stop.set()
         ring.close()
-        thread.join()
-    engine.end_scan(source_fetch(sources, base))
+        for t in threads:
+            t.join()
+    with ThreadPoolExecutor(n, thread_name_prefix="vmshare-scan-fetch") as pool:
+        engine.end_scan(source_fetch(sources, base, (pool, n)))
     return ScanStats(fed, time.perf_counter() - t0, zero)

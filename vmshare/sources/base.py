@@ -35,6 +35,9 @@ from vmshare.model import PAGE_SIZE, PageRun, Region
 DEFAULT_CHUNK_PAGES = 4096
 #: where a source reads each run: a writable view of the size asked for
 ReadInto = Callable[[int], memoryview]
+#: (k, n): the k-th of n interleaved shares of a source's chunks (runs)
+Part = tuple[int, int]
+WHOLE: Part = (0, 1)
 
 
 @runtime_checkable
@@ -49,8 +52,13 @@ class PageSource(Protocol):
         """The regions runs are keyed by, in address order."""
         ...
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
-        """Stream present pages; holes are skipped. ``data`` may be reused between yields."""
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
+        """Stream present pages; holes are skipped. ``data`` may be reused between
+        yields. ``part=(k, n)``: only the k-th of n interleaved shares of the
+        chunks (a source that cannot split gives everything to k=0), so n
+        readers can read one source at once; the shares are disjoint and
+        cover every page."""
         ...
 
     def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
@@ -119,6 +127,18 @@ def _check_dump_type(path: str, mode: int) -> None:
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         raise DumpError(f"{path}: is {file_type(mode)}, not a dump: give a regular file "
                         "or a block device")
+
+
+def check_part(part: Part) -> Part:
+    k, n = part
+    if not (isinstance(k, int) and isinstance(n, int) and 0 <= k < n):
+        raise ValueError(f"part must be (k, n) with 0 <= k < n, not {part!r}")
+    return part
+
+
+def mine(index: int, part: Part) -> bool:
+    """Is chunk ``index`` in share ``part``?"""
+    return index % part[1] == part[0]
 
 
 def check_chunk_pages(chunk_pages: int) -> int:

@@ -26,9 +26,13 @@ from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.sources.base import (
     DEFAULT_CHUNK_PAGES,
+    WHOLE,
     FileSource,
+    Part,
     check_chunk_pages,
     check_into,
+    check_part,
+    mine,
     page_ranges,
     pages_for,
 )
@@ -207,7 +211,8 @@ class ElfCoreSource(FileSource):
     def regions(self) -> list[Region]:
         return [r.region for r in self._regions]
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
         """Stream the stored pages of every PT_LOAD, in guest-physical order.
 
         The yielded ``data`` lives in one buffer reused for the next run. A
@@ -215,18 +220,22 @@ class ElfCoreSource(FileSource):
         Raises DumpError if the file shrank since it was validated.
         """
         check_chunk_pages(chunk_pages)
+        check_part(part)
         self._check_open()
         take = self.run_buffer(chunk_pages)
+        step = chunk_pages * PAGE_SIZE
+        index = 0
         for reg in self._regions:
             for seg in reg.segments:
                 first = (seg.paddr - reg.start) // PAGE_SIZE
-                done = 0
-                while done < seg.filesz:
-                    n = min(chunk_pages * PAGE_SIZE, seg.filesz - done)
+                for done in range(0, seg.filesz, step):
+                    index += 1
+                    if not mine(index, part):
+                        continue
+                    n = min(step, seg.filesz - done)
                     view = take(pages_for(n) * PAGE_SIZE)
                     self.read_stored(view, seg.offset + done, n, f"PT_LOAD segment {seg.index}")
                     yield PageRun(self.name, reg.region.key, first + done // PAGE_SIZE, view)
-                    done += n
 
     def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
         """Stored pages ``pages`` of ``region`` again (PageSource.read_pages);

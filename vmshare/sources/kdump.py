@@ -19,6 +19,8 @@ Regions: one per contiguous run of pfns present in the 2nd bitmap, keyed
 "gpa@0x<first byte>" like the ELF reader's, so dumps of one guest in either
 format line up. Pages not in the 2nd bitmap are holes.
 """
+# size: a few lines over 400: the format's validation, streaming and reading
+# pages again (read_pages) share one per-page loader and its error messages.
 
 from __future__ import annotations
 
@@ -34,9 +36,12 @@ from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.sources.base import (
     DEFAULT_CHUNK_PAGES,
+    WHOLE,
     FileSource,
+    Part,
     check_chunk_pages,
     check_into,
+    check_part,
     page_ranges,
 )
 from vmshare.sources.codecs import (
@@ -282,16 +287,17 @@ class KdumpSource(FileSource):
     def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
-        """Stream every dumped page, in pfn order, decompressing as needed.
-
-        The yielded ``data`` lives in one buffer reused for the next run.
-        Raises DumpError naming the pfn for a bad page descriptor or page data.
-        """
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
+        """Stream every dumped page, in pfn order, decompressing as needed, into
+        one buffer reused for the next run (or ``read_into``'s); one reader (a
+        part other than the first gets nothing). Raises DumpError naming the
+        pfn for a bad page descriptor or page data."""
         check_chunk_pages(chunk_pages)
+        if check_part(part)[0]:
+            return
         self._check_open()
-        bs = self.block_size
-        take = self.run_buffer(chunk_pages)
+        bs, take = self.block_size, self.run_buffer(chunk_pages)
         scratchv = memoryview(bytearray(bs))
         descbuf = bytearray(_DESC_BATCH * PAGE_DESC.itemsize)
         shared: dict[int, bytes] = {}      # QEMU's shared zero page, read once
@@ -322,27 +328,24 @@ class KdumpSource(FileSource):
 
     def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
         """Pages ``pages`` of ``region`` again, decompressed (PageSource.read_pages);
-        the descriptors of consecutive pages in one read. Raises DumpError as
-        ``runs`` does."""
+        the descriptors of consecutive pages in one read. Raises as ``runs``."""
         self._check_open()
         check_into(into, pages)
         k = next((i for i, r in enumerate(self._regions) if r.key == region), None)
         if k is None:
             raise DumpError(f"{self.path}: no region {region!r}")
-        run, bs = self._pfn_runs[k], self.block_size
-        scratchv = memoryview(bytearray(bs))
+        run, bs, scratch = self._pfn_runs[k], self.block_size, memoryview(bytearray(PAGE_SIZE))
         shared: dict[int, bytes] = {}
         codecs: dict[int, Decompressor] = {}
         for at, page, n in page_ranges(pages):
             dv = memoryview(bytearray(n * PAGE_DESC.itemsize))
             self.layout.read(dv, self.desc_offset + (run.first_desc + page) *
                              PAGE_DESC.itemsize, "page descriptors")
-            descs = np.frombuffer(dv, dtype=PAGE_DESC)
-            for j, (off, size, flags) in enumerate(zip(descs["offset"].tolist(),
-                                                       descs["size"].tolist(),
-                                                       descs["flags"].tolist(), strict=True)):
+            d = np.frombuffer(dv, dtype=PAGE_DESC)
+            for j, (off, size, flags) in enumerate(zip(*(d[f].tolist() for f in (
+                    "offset", "size", "flags")), strict=True)):
                 self._load_page(run.first_pfn + page + j, off, size, flags,
-                                into[(at + j) * bs:(at + j + 1) * bs], scratchv, shared, codecs)
+                                into[(at + j) * bs:(at + j + 1) * bs], scratch, shared, codecs)
 
     def _load_page(self, pfn: int, offset: int, size: int, flags: int, dest: memoryview,
                    scratch: memoryview, shared: dict[int, bytes],

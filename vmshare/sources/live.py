@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -48,10 +49,14 @@ from vmshare.ksm.procfs import PM_FILE_BIT, PM_PRESENT_BIT, ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
 from vmshare.sources.base import (
     DEFAULT_CHUNK_PAGES,
+    WHOLE,
     Closing,
+    Part,
     ReadInto,
     check_chunk_pages,
     check_into,
+    check_part,
+    mine,
     page_ranges,
 )
 
@@ -165,10 +170,19 @@ class LiveProcessSource(Closing):
         except AccessDenied:
             return False
 
+    def _alive_soon(self) -> bool:
+        """Still alive 50 ms from now? A process being killed has released its
+        memory (reads end early) a moment before it shows as exited."""
+        for _ in range(10):
+            if not self._alive():
+                return False
+            time.sleep(0.005)
+        return True
+
     def _read_failed(self, what: str, addr: int, exc: OSError | None) -> VmshareError:
         if exc is not None and exc.errno in _DENIED:
             return _access_denied(self.pid, what)
-        if (exc is not None and exc.errno in _GONE) or not self._alive():
+        if (exc is not None and exc.errno in _GONE) or not self._alive_soon():
             return ProcessGone(f"process {self.pid} is gone (reading {what} at {addr:#x})")
         reason = exc.strerror if exc is not None else "end of file"
         return ProcfsError(f"process {self.pid}: {what} at {addr:#x} is no longer readable "
@@ -194,7 +208,8 @@ class LiveProcessSource(Closing):
     def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[LivePageRun]:
         """Stream resident pages, ``chunk_pages`` at most per run (16 MiB by default).
 
         The yielded ``data`` and ``pagemap`` live in buffers reused for later
@@ -203,14 +218,21 @@ class LiveProcessSource(Closing):
         ``pagemap`` is a copy: both outlive the iteration.
         """
         check_chunk_pages(chunk_pages)
+        check_part(part)
         if self._closed:
             raise ProcfsError(f"live source for process {self.pid} is closed")
-        buf = bytearray(chunk_pages * PAGE_SIZE)
-        view = memoryview(buf)
+        take = self.read_into
+        if take is None:
+            whole = memoryview(bytearray(chunk_pages * PAGE_SIZE))
+            take = lambda n: whole[:n]          # noqa: E731
         pm_buf = bytearray(chunk_pages * 8)
         pm_view = memoryview(pm_buf)
+        index = 0
         for vma, region in zip(self.vmas, self._regions, strict=True):
             for addr in range(vma.start, vma.end, chunk_pages * PAGE_SIZE):
+                index += 1
+                if not mine(index, part):
+                    continue
                 npages = min(chunk_pages, (vma.end - addr) // PAGE_SIZE)
                 self._pread_full(self._pagemap_fd, pm_view[:npages * 8],
                                  addr // PAGE_SIZE * 8, "pagemap")
@@ -220,9 +242,10 @@ class LiveProcessSource(Closing):
                 starts = np.nonzero(edges == 1)[0].tolist()
                 stops = np.nonzero(edges == -1)[0].tolist()
                 first_page = (addr - vma.start) // PAGE_SIZE
-                for s, e in zip(starts, stops, strict=True):
-                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE] if self.read_into is None \
-                        else self.read_into((e - s) * PAGE_SIZE)
+                view = take(stops[-1] * PAGE_SIZE) if stops else None
+                for s, e in zip(starts, stops, strict=True):   # one buffer, runs in place
+                    assert view is not None
+                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE]
                     self._pread_full(self._mem_fd, chunk, addr + s * PAGE_SIZE, "memory")
                     pm = entries[s:e] if self.read_into is None else entries[s:e].copy()
                     yield LivePageRun(self.name, region.key, first_page + s, chunk, pm)

@@ -12,9 +12,13 @@ from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.sources.base import (
     DEFAULT_CHUNK_PAGES,
+    WHOLE,
     FileSource,
+    Part,
     check_chunk_pages,
     check_into,
+    check_part,
+    mine,
     page_ranges,
     pages_for,
 )
@@ -42,19 +46,22 @@ class RawImageSource(FileSource):
             return []
         return [Region(self.key, pages_for(self.file_size) * PAGE_SIZE, self.file_generation)]
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
         """Stream the whole file; ``data`` lives in one buffer reused between
         yields (or where ``read_into`` says)."""
         check_chunk_pages(chunk_pages)
+        check_part(part)
         self._check_open()
         take = self.run_buffer(chunk_pages)
-        done = 0
-        while done < self.file_size:
-            n = min(chunk_pages * PAGE_SIZE, self.file_size - done)
+        step = chunk_pages * PAGE_SIZE
+        for index, done in enumerate(range(0, self.file_size, step)):
+            if not mine(index, part):
+                continue
+            n = min(step, self.file_size - done)
             view = take(pages_for(n) * PAGE_SIZE)
             self.read_stored(view, done, n, "raw image")
             yield PageRun(self.name, self.key, done // PAGE_SIZE, view)
-            done += n
 
     def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
         """Pages ``pages`` of the image again (PageSource.read_pages); DumpError

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, ReadInto
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, WHOLE, Part, ReadInto
 from vmshare.sources.live import LivePageRun, LiveProcessSource
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -64,7 +64,7 @@ class KernelVisiblePages:
         self.name = inner.name
         self.procfs = procfs
         self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
-        self.thp_zero_pages = 0
+        self._thp_zero: dict[int, int] = {}
 
     @property
     def read_into(self) -> ReadInto | None:
@@ -77,9 +77,17 @@ class KernelVisiblePages:
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
-        self.thp_zero_pages = 0
-        for run in self.inner.runs(chunk_pages):
+    @property
+    def thp_zero_pages(self) -> int:
+        """THP zero subpages seen by the last scan (all its parts)."""
+        return sum(self._thp_zero.values())
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[LivePageRun]:
+        if part[0] == 0:
+            self._thp_zero.clear()
+        self._thp_zero[part[0]] = 0
+        for run in self.inner.runs(chunk_pages, part):
             zero = zero_rows(run.data)
             if zero.size == 0:
                 yield replace(run, zero_pages=0)
@@ -89,7 +97,7 @@ class KernelVisiblePages:
             thp_zero = ((flags & np.uint64(1 << KPF_THP)) != 0) & ~on_zero_page
             if not self.thp_split:
                 thp_zero[:] = False
-            self.thp_zero_pages += int(thp_zero.sum())
+            self._thp_zero[part[0]] += int(thp_zero.sum())
             dropped = on_zero_page | thp_zero
             if not dropped.any():
                 yield replace(run, zero_pages=int(zero.size))
