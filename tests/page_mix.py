@@ -14,6 +14,8 @@ import ctypes, mmap, sys
 import numpy as np
 n = int(sys.argv[1])
 m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+if sys.argv[3] == "1":
+    m.madvise(mmap.MADV_MERGEABLE)       # kernel KSM may merge it (benchmarks)
 a = np.frombuffer(m, dtype=np.uint64).reshape(n, 512)
 rng = np.random.default_rng(int(sys.argv[2]))
 for lo in range(0, n, 1 << 16):          # in slices: the child's temporaries stay small
@@ -28,9 +30,11 @@ sys.stdin.read()
 
 
 @contextmanager
-def mix_process(pages: int, seed: int = 1) -> Iterator[tuple[int, int]]:
-    """A child process holding ``pages`` pages of the mix; yields (pid, address)."""
-    with mapping_process(MIX_CHILD, str(pages), str(seed)) as (proc, addr):
+def mix_process(pages: int, seed: int = 1, *, mergeable: bool = False
+                ) -> Iterator[tuple[int, int]]:
+    """A child process holding ``pages`` pages of the mix (madvised MERGEABLE
+    with ``mergeable``); yields (pid, address)."""
+    with mapping_process(MIX_CHILD, str(pages), str(seed), str(int(mergeable))) as (proc, addr):
         yield proc.pid, addr
 
 

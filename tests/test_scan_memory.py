@@ -1,5 +1,5 @@
 """Peak memory of a whole prediction over 1 GiB of a live process, measured
-(ru_maxrss of a fresh subprocess, not a timing): the read buffer, one batch of
+(the peak RSS, VmHWM = ru_maxrss, of a fresh subprocess; not a timing): the read buffer, one batch of
 pages read again, 16 bytes a page and a fixed allowance, whatever the size."""
 
 from __future__ import annotations
@@ -23,15 +23,24 @@ ALLOWANCE = 24 * 2**20
 BYTES_PER_PAGE = 16
 
 SCANNER = r"""
-import json, resource, sys
+import json, sys
 from vmshare.engine import EngineConfig
 from vmshare.ksm.procfs import ProcFs
 from vmshare.prediction.predict import pid_target, predict
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
 target = pid_target(int(sys.argv[1]), ProcFs())
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# the peak RSS a child inherits from its parent's memory map at fork (it
+# survives exec) is reset, so the peak is this process's own
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
 result = predict([target], EngineConfig())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "peak": peak, "sharing": result.totals()["pages_sharing"],
+print(json.dumps({"base": base, "peak": status("VmHWM"),
+                  "sharing": result.totals()["pages_sharing"],
                   "pages": result.groups[0].sources[0].pages}))
 """
 

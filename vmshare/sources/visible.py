@@ -64,7 +64,8 @@ class KernelVisiblePages:
         self.name = inner.name
         self.procfs = procfs
         self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
-        self._thp_zero: dict[int, int] = {}
+        self._thp_zero: dict[Part, int] = {}
+        self._parts = 1
 
     @property
     def read_into(self) -> ReadInto | None:
@@ -80,13 +81,12 @@ class KernelVisiblePages:
     @property
     def thp_zero_pages(self) -> int:
         """THP zero subpages seen by the last scan (all its parts)."""
-        return sum(self._thp_zero.values())
+        return sum(v for (_, n), v in self._thp_zero.items() if n == self._parts)
 
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
              ) -> Iterator[LivePageRun]:
-        if part[0] == 0:
-            self._thp_zero.clear()
-        self._thp_zero[part[0]] = 0
+        self._parts = part[1]              # each share counts its own (readers run at once)
+        self._thp_zero[part] = 0
         for run in self.inner.runs(chunk_pages, part):
             zero = zero_rows(run.data)
             if zero.size == 0:
@@ -97,7 +97,7 @@ class KernelVisiblePages:
             thp_zero = ((flags & np.uint64(1 << KPF_THP)) != 0) & ~on_zero_page
             if not self.thp_split:
                 thp_zero[:] = False
-            self._thp_zero[part[0]] += int(thp_zero.sum())
+            self._thp_zero[part] += int(thp_zero.sum())
             dropped = on_zero_page | thp_zero
             if not dropped.any():
                 yield replace(run, zero_pages=int(zero.size))
