@@ -1,6 +1,7 @@
 """Peak memory of a whole prediction over 1 GiB of a live process, measured
-(the peak RSS, VmHWM = ru_maxrss, of a fresh subprocess; not a timing): the read buffer, one batch of
-pages read again, 16 bytes a page and a fixed allowance, whatever the size."""
+(the peak RSS, VmHWM = ru_maxrss, of a fresh subprocess; not a timing): the
+read buffer, one batch of pages read again, 16 bytes a page and a fixed
+allowance, whatever the size."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from vmshare.errors import DumpError, ProcessGone
 from vmshare.model import PAGE_SIZE, Region, Vma
 from vmshare.prediction.scanning import MIN_BUFFER_BYTES, scan_sources
 from vmshare.sources import LiveProcessSource, PageSource, open_dump
+from vmshare.sources.base import pread_pages
 
 Z = bytes(PAGE_SIZE)
 
@@ -210,3 +212,36 @@ def test_several_readers_give_the_single_reader_and_reference_counters(
             with open_dump(path, "d") as src:
                 scan_sources(engine, [src], buffer_bytes=MIN_BUFFER_BYTES, workers=w)
             assert as_dict(engine.counters()) == want, f"{w} readers"
+
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sets(st.integers(0, 309), min_size=1, max_size=120))
+def test_pread_pages_reads_each_page_and_hands_failures_to_the_slow_path(
+        tmp_path: Path, wanted: set[int]) -> None:
+    """Scattered pages of a 300-page file read in C; a stretch reaching past the
+    end (pages 300-309) fails there and goes to the slow path, whose answer
+    (here: zeros) is kept."""
+    path = tmp_path / "f"
+    if not path.exists():
+        path.write_bytes(b"".join(i.to_bytes(8, "little") * (PAGE_SIZE // 8)
+                                  for i in range(300)))
+    pages = np.array(sorted(wanted), dtype=np.int64)
+    into = memoryview(bytearray(pages.size * PAGE_SIZE))
+    slow: list[int] = []
+
+    def fallback(view: memoryview, offset: int) -> None:
+        slow.append(offset // PAGE_SIZE)
+        view[:] = bytes(len(view))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pread_pages(fd, 0, pages, into, fallback)
+    finally:
+        os.close(fd)
+    got = np.frombuffer(into, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)[:, 0]
+    beyond = [int(p) for p in pages if p >= 300]
+    assert got.tolist() == [0 if p in beyond or any(
+        s <= p and all(q in wanted for q in range(s, p + 1)) and s in slow for s in slow)
+        else p for p in pages.tolist()]
+    assert bool(slow) == bool(beyond)

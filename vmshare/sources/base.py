@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
+from vmshare.sources._readpages import pread_ranges
 
 #: Default number of pages per yielded run (16 MiB), the size of the reused buffer.
 DEFAULT_CHUNK_PAGES = 4096
@@ -255,6 +256,28 @@ def page_ranges(pages: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
     cut = np.flatnonzero(np.diff(pages, prepend=pages[:1] - 2) != 1)
     counts = np.diff(np.append(cut, pages.size))
     return list(zip(cut.tolist(), pages[cut].tolist(), counts.tolist(), strict=True))
+
+
+def pread_pages(fd: int, page0: int, pages: npt.NDArray[np.int64], into: memoryview,
+                slow: Callable[[memoryview, int], None]) -> None:
+    """Fill ``into`` with pages ``pages`` (ascending) of ``fd``, page p at file
+    offset ``page0 + p * PAGE_SIZE``: each stretch of consecutive pages in one
+    pread, all of them in C without the GIL (``_readpages.pread_ranges``). A
+    stretch that fails there is read again by ``slow(view, offset)``, which
+    raises the source's own error (or, if the failure passed, reads it)."""
+    if not pages.size:
+        return
+    cut = np.flatnonzero(np.diff(pages, prepend=pages[:1] - 2) != 1)
+    counts = np.diff(np.append(cut, pages.size))
+    offsets = page0 + pages[cut] * PAGE_SIZE
+    sizes = counts * PAGE_SIZE
+    at = (cut * PAGE_SIZE).tolist()
+    i = 0
+    while i < cut.size:
+        i = pread_ranges(fd, offsets, sizes, into[at[i]:], i)
+        if i < cut.size:
+            slow(into[at[i]:at[i] + int(sizes[i])], int(offsets[i]))
+            i += 1
 
 
 def check_into(into: memoryview, pages: npt.NDArray[np.int64]) -> None:

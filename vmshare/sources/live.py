@@ -57,7 +57,7 @@ from vmshare.sources.base import (
     check_into,
     check_part,
     mine,
-    page_ranges,
+    pread_pages,
 )
 
 PM_PRESENT = np.uint64(1 << PM_PRESENT_BIT)
@@ -261,10 +261,8 @@ class LiveProcessSource(Closing):
         if k is None:
             raise ProcfsError(f"process {self.pid} has no region {region!r}")
         check_into(into, pages)
-        start = self.vmas[k].start
-        for at, page, n in page_ranges(pages):
-            self._pread_full(self._mem_fd, into[at * PAGE_SIZE:(at + n) * PAGE_SIZE],
-                             start + page * PAGE_SIZE, "memory")
+        pread_pages(self._mem_fd, self.vmas[k].start, pages, into,
+                    lambda view, addr: self._pread_full(self._mem_fd, view, addr, "memory"))
 
     def _pagemap(self, vma: Vma) -> U64:
         """The pagemap entries of every page of ``vma`` (8 bytes a page)."""

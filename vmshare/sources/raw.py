@@ -19,8 +19,8 @@ from vmshare.sources.base import (
     check_into,
     check_part,
     mine,
-    page_ranges,
     pages_for,
+    pread_pages,
 )
 
 
@@ -70,8 +70,5 @@ class RawImageSource(FileSource):
         check_into(into, pages)
         if region != self.key:
             raise DumpError(f"{self.path}: no region {region!r}")
-        for at, first, n in page_ranges(pages):
-            off = first * PAGE_SIZE
-            dest = into[at * PAGE_SIZE:(at + n) * PAGE_SIZE]
-            self.read_stored(dest, off, max(0, min(len(dest), self.file_size - off)),
-                             "raw image")
+        pread_pages(self._fd, 0, pages, into, lambda view, off: self.read_stored(
+            view, off, max(0, min(len(view), self.file_size - off)), "raw image"))
