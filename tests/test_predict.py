@@ -224,6 +224,14 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     dumplike = KernelVisiblePages(inner, ProcFs(tmp_path), thp_split=False)  # type: ignore[arg-type]
     assert [(r.first_page, r.npages, r.zero_pages) for r in dumplike.runs()] == [(1, 3, 2)]
     assert dumplike.thp_zero_pages == 0
+    # two readers' shares, the second started first and the first finishing last
+    # (a share clearing the others' counts failed this way on real guests)
+    both = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
+    second = both.runs(part=(1, 2))
+    next(second)
+    first = list(both.runs(part=(0, 2)))
+    list(second)
+    assert len(first) == 1 and both.thp_zero_pages == 2       # each share saw page 1
 
 
 RESIDENT_CHILD = """
