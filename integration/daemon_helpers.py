@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +29,8 @@ def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
         lines += [f'[vm."{name}"]', f'merge = "{merge}"'] + (["force = true"] if force else [])
     lines += ["[daemon]", f'spool_dir = "{tmp}/spool"', f'socket = "{tmp}/run/wake.sock"',
               f'audit_log = "{tmp}/audit.jsonl"', f'state_file = "{tmp}/state.json"',
-              f'history_file = "{tmp}/history.jsonl"', "history_interval = 1.0",
+              f'history_file = "{tmp}/history.jsonl"', f'history_db = "{tmp}/history.sqlite"',
+              "history_interval = 1.0",
               "reconnect_max_seconds = 2.0"]
     if qmp_globs:
         lines.append("qmp_sockets = [" + ", ".join(f'"{g}"' for g in qmp_globs) + "]")
@@ -41,16 +44,18 @@ def write_config(tmp: Path, vms: dict[str, str], *, default_merge: str = "on",
 class DaemonProc:
     """The daemon as a subprocess. ``domains``: name globs it may manage
     (VMSHARE_DAEMON_DOMAINS); test sessions share one libvirtd, and a daemon
-    managing every domain would change other sessions' guests."""
+    managing every domain would change other sessions' guests. ``env``: more
+    environment (e.g. NOTIFY_SOCKET)."""
 
     def __init__(self, config: Path, log: Path, *extra: str,
-                 domains: tuple[str, ...] = ()) -> None:
+                 domains: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.log = log
         self.fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ)
+        more, env = env or {}, dict(os.environ)
         env.pop("VMSHARE_DAEMON_DOMAINS", None)
         if domains:
             env["VMSHARE_DAEMON_DOMAINS"] = ",".join(domains)
+        env.update(more)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vmshare", "--debug", "daemon", "--config", str(config),
              "--observe-interval", "1", "--resync-interval", "5", *extra],
@@ -154,3 +159,20 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def systemd_verify(unit: str, tmp: Path, command: Path | None = None) -> str:
+    """`systemd-analyze verify` on the unit text ``unit`` with its ExecStart= command
+    replaced by ``command`` (default: this checkout's), which verify needs to
+    exist; "" when it is clean, else its exit status and output (it exits 0 for
+    lines it ignores, so any output is a finding)."""
+    command = command or Path(sys.executable).parent / "vmshare"
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: run integration/setup.sh (Debian's systemd)"
+    assert command.is_file(), f"{command} is missing"
+    copy = tmp / "vmshare.service"
+    copy.write_text(re.sub(r"^ExecStart=\S+ ", f"ExecStart={command} ", unit, flags=re.M))
+    r = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True,
+                       timeout=120)
+    out = r.stdout + r.stderr
+    return f"exit {r.returncode}\n{out}" if r.returncode or out else ""

@@ -89,6 +89,20 @@ class Prometheus:
         result: list[dict[str, Any]] = doc["data"]["result"]
         return result
 
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        """Until /-/ready answers 200 (the TSDB is loaded); the process must live."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited with {self.proc.returncode}")
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus not ready after {timeout:.0f} s")
+            time.sleep(0.2)
+
     def wait_for(self, expr: str, want: int, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Until ``expr`` returns at least ``want`` series."""
         deadline = time.monotonic() + timeout
@@ -104,37 +118,56 @@ class Prometheus:
             time.sleep(0.5)
 
 
-@contextlib.contextmanager
-def prometheus(targets: Sequence[Exporter]) -> Iterator[Prometheus]:
+def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (Debian's package; integration/setup.sh "
                     "installs it)")
-    with tempfile.TemporaryDirectory(prefix="vmshare-prom-") as tmp:
-        port = free_port()
-        static = [{"targets": [e.url.split("/")[2]], "labels": {"instance": e.instance}}
-                  for e in targets]
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(RULES)],
-                  "scrape_configs": [{"job_name": "vmshare", "scrape_timeout": "1s",
-                                      "static_configs": static}]}
-        cfg = Path(tmp) / "prometheus.yml"
-        cfg.write_text(json.dumps(config))        # YAML is a superset of JSON
-        log = open(Path(tmp) / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        prom = Prometheus(f"http://127.0.0.1:{port}", proc)
+    return binary
+
+
+@contextlib.contextmanager
+def run_prometheus(config: Mapping[str, Any], storage: Path,
+                   *flags: str) -> Iterator[Prometheus]:
+    """Debian's prometheus on a free loopback port with ``config``, its TSDB in
+    ``storage`` (a directory the caller owns and removes), yielded once it is
+    ready (its blocks loaded); stopped, with its whole process group, after."""
+    binary = prometheus_binary()
+    port = free_port()
+    storage.mkdir(parents=True, exist_ok=True)
+    cfg = storage.parent / f"{storage.name}.yml"
+    cfg.write_text(json.dumps(config))        # YAML is a superset of JSON
+    log = open(storage.parent / f"{storage.name}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={storage}",
+         f"--web.listen-address=127.0.0.1:{port}", *flags],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    prom = Prometheus(f"http://127.0.0.1:{port}", proc)
+    try:
+        prom.wait_ready()
+        yield prom
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            prom.wait_for('up{job="vmshare"} == 1', len(targets))
-            yield prom
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def prometheus(targets: Sequence[Exporter]) -> Iterator[Prometheus]:
+    """Scraping ``targets`` every second as job vmshare, the shipped rules loaded."""
+    static = [{"targets": [e.url.split("/")[2]], "labels": {"instance": e.instance}}
+              for e in targets]
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(RULES)],
+              "scrape_configs": [{"job_name": "vmshare", "scrape_timeout": "1s",
+                                  "static_configs": static}]}
+    with tempfile.TemporaryDirectory(prefix="vmshare-prom-") as tmp, \
+            run_prometheus(config, Path(tmp) / "data",
+                           "--storage.tsdb.retention.time=1h") as prom:
+        prom.wait_for('up{job="vmshare"} == 1', len(targets))
+        yield prom

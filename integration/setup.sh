@@ -21,7 +21,10 @@ PACKAGES=(qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev pkg-
 FLEET_PACKAGES=(prometheus logrotate)
 # the real Debian guest (vmshare/guest/debian.py): a root made from Debian's packages
 GUEST_PACKAGES=(mmdebstrap qemu-utils e2fsprogs)
-PACKAGES+=("${FLEET_PACKAGES[@]}" "${GUEST_PACKAGES[@]}")
+# `systemd-analyze verify` on the unit (integration/test_unit_file.py); the
+# machine needs no systemd as PID 1 for it
+UNIT_PACKAGES=(systemd)
+PACKAGES+=("${FLEET_PACKAGES[@]}" "${GUEST_PACKAGES[@]}" "${UNIT_PACKAGES[@]}")
 
 say() { echo "setup: $*"; }
 die() { echo "setup: ERROR: $*" >&2; exit 1; }

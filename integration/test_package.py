@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from integration.daemon_helpers import systemd_verify
+
 # a cold run makes the root with mmdebstrap inside the first test's time
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -174,6 +176,14 @@ def test_package_holds_every_part(installed: Installed) -> None:
     assert installed.conffiles == CONFFILES
     unit = (installed.chroot.root / "lib/systemd/system/vmshare.service").read_text()
     assert re.search(r"^ExecStart=/usr/bin/vmshare daemon ", unit, re.M), unit
+
+
+def test_installed_unit_verifies(installed: Installed, tmp_path: Path) -> None:
+    """The unit as the package installs it (its ExecStart= the package's command),
+    through the host's `systemd-analyze verify`."""
+    root = installed.chroot.root
+    unit = (root / "lib/systemd/system/vmshare.service").read_text()
+    assert systemd_verify(unit, tmp_path, root / "usr/bin/vmshare") == ""
 
 
 def test_version(installed: Installed) -> None:

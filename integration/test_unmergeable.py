@@ -292,7 +292,8 @@ def test_under_the_daemon_policy_off_and_other_groups_have_no_mergeable_mapping(
     env.write_text(env.read_text() + tables + "[daemon]\n" + "".join(
         f'{key} = "{tmp_path}/{value}"\n' for key, value in (
             ("spool_dir", "spool"), ("socket", "run/wake.sock"), ("audit_log", "audit.jsonl"),
-            ("state_file", "state.json"), ("history_file", "history.jsonl"))))
+            ("state_file", "state.json"), ("history_file", "history.jsonl"),
+            ("history_db", "history.sqlite"))))
     adopt(capsys, [*group_a, group_b, off])
     daemon = DaemonProc(env, tmp_path / "daemon.log", domains=(f"{define_prefix[0]}*",))
     try:

@@ -197,7 +197,8 @@ def mutated(draw: st.DrawFn, fmt: str) -> bytes:
 
 
 TOML_KEYS = ["spool_dir", "socket", "audit_log", "state_file", "history_file",
-             "history_interval", "reconnect_max_seconds", "tune", "tune_interval",
+             "history_interval", "history_db", "history_raw_days", "history_5min_days",
+             "history_hourly_days", "reconnect_max_seconds", "tune", "tune_interval",
              "tune_cpu_budget", "qmp_sockets", "spool", "enabled", "default_merge",
              "default_group", "merge", "group", "force"]
 TOML_VALUES = ["nan", "inf", "-inf", "-5", "0", "1e308", "1" * 30, '""', '"/x"', '"rel"',

@@ -49,7 +49,8 @@ def environment_for(root: Path) -> dict[str, str | None]:
         "[daemon]\n"
         f'spool_dir = "{run}/spool"\nsocket = "{run}/wakeup.sock"\n'
         f'audit_log = "{root}/audit.jsonl"\nstate_file = "{root}/state.json"\n'
-        f'history_file = "{root}/history.jsonl"\n')
+        f'history_file = "{root}/history.jsonl"\n'
+        f'history_db = "{root}/history.sqlite"\n')
     return {
         "VMSHARE_CONFIG": str(config),
         "VMSHARE_AUDIT_LOG": str(root / "audit.jsonl"),

@@ -305,12 +305,12 @@ def test_metrics_listen_bad_address(host: object, capsys: pytest.CaptureFixture[
 
 def test_history_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from vmshare.records.history import HistoryStore
+    from vmshare.records.history_db import HistoryDb
     cfg = tmp_path / "vmshare.toml"
-    cfg.write_text(f'[daemon]\nhistory_file = "{tmp_path}/h.jsonl"\n')
+    cfg.write_text(f'[daemon]\nhistory_db = "{tmp_path}/h.sqlite"\n')
     code, out, _ = run(capsys, "history", "--config", str(cfg))
     assert code == 0 and out.startswith("no history in")
-    store = HistoryStore(tmp_path / "h.jsonl")
+    store = HistoryDb.open_writer(tmp_path / "h.sqlite")
     for i in range(30):
         store.append({"time": 1_700_000_000.0 + 60 * i,
                       "host": {"pages_sharing": 256 * i},
@@ -318,7 +318,7 @@ def test_history_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, out, _ = run(capsys, "history", "--config", str(cfg), "--rows", "5")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("30 samples over 0.5 h")
+    assert lines[0] == f"30 samples over 0.5 h from {tmp_path}/h.sqlite (raw samples)"
     assert "now 29.0 MiB, min 0.0 KiB, max 29.0 MiB" in lines[1]
     assert "now 14.5 MiB" in lines[2] and "web-1" in lines[2]
     assert lines[-1].split()[-4:] == ["29.0", "MiB", "14.5", "MiB"]   # the last sample
@@ -328,22 +328,11 @@ def test_history_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     code, _, err = run(capsys, "history", "--since", "soon", "--config", str(cfg))
     assert code == 2 and "--since" in err
     code, out, _ = run(capsys, "history", "--json", "--config", str(cfg))
-    assert len(json.loads(out)["samples"]) == 30
-
-
-def test_history_rotates_and_skips_torn_lines(tmp_path: Path) -> None:
-    from vmshare.records.history import HistoryStore
-    store = HistoryStore(tmp_path / "h.jsonl", max_bytes=400)
-    for i in range(20):
-        store.append({"time": float(i + 1), "host": {}, "vms": {}})
-    assert (tmp_path / "h.jsonl.1").exists()
-    assert (tmp_path / "h.jsonl").stat().st_size <= 400
-    with open(tmp_path / "h.jsonl", "ab") as f:
-        f.write(b'{"time": 99, "ho')
-    store.append({"time": 100.0, "host": {}, "vms": {}})
-    times = [s["time"] for s in store.read()]
-    assert times == sorted(times) and times[-1] == 100.0 and 99 not in times
-    assert [s["time"] for s in store.read(since=19.5)] == [20.0, 100.0]
+    doc = json.loads(out)
+    assert len(doc["samples"]) == 30 and doc["resolution"] == "raw" and doc["lacks"] is None
+    code, out, _ = run(capsys, "history", "--json", "--resolution", "5m", "--config", str(cfg))
+    doc = json.loads(out)
+    assert doc["resolution_seconds"] == 300 and sum(s["n"] for s in doc["samples"]) == 30
 
 
 def test_html_report(host: tuple[FakeHypervisor, FakeProc], tmp_path: Path,
@@ -354,7 +343,7 @@ def test_html_report(host: tuple[FakeHypervisor, FakeProc], tmp_path: Path,
     hv.vms["web-1"].ref = VmRef('<script>alert(1)</script>', hv.vms["web-1"].ref.uuid, 1, True)
     hv.vms['<script>alert(1)</script>'] = hv.vms.pop("web-1")
     cfg = tmp_path / "vmshare.toml"
-    cfg.write_text(f'[daemon]\nhistory_file = "{tmp_path}/h.jsonl"\n')
+    cfg.write_text(f'[daemon]\nhistory_db = "{tmp_path}/h.sqlite"\n')
     target = tmp_path / "report.html"
     code, out, err = run(capsys, "report", "--html", str(target), "--config", str(cfg))
     assert code == 0, err

@@ -56,7 +56,8 @@ def _daemon(tmp_path: Path, **opts: object) -> Daemon:
     settings = DaemonSettings(spool_dir=tmp_path / "spool", socket=tmp_path / "run" / "w.sock",
                               audit_log=tmp_path / "audit.jsonl",
                               state_file=tmp_path / "state.json",
-                              history_file=tmp_path / "h.jsonl")
+                              history_file=tmp_path / "h.jsonl",
+                              history_db=tmp_path / "h.sqlite")
     return Daemon(DaemonOptions(config=Config(path=None, daemon=settings), **opts))  # type: ignore[arg-type]
 
 

@@ -117,9 +117,12 @@ def fleet_rules() -> dict[str, bytes]:
         "vmshare_ksm_saved_bytes": vector((a, 262144 * 4096), (b, 0)),
         "rate(vmshare_ksmd_cpu_seconds_total": vector((a, 0.05), (b, 0.5)),
         "vmshare_vm_mergeable": vector(({**b, "domain": "db-2"}, 0)),
-        "vmshare_vm_saved_bytes": vector(({**a, "domain": "web-1", "trust_group": "red"}, 6e8),
-                                         ({**a, "domain": "web-2", "trust_group": "red"}, 4e8),
-                                         ({**b, "domain": "db-2", "trust_group": "blue"}, 0)),
+        "count by (instance) (vmshare_vm_saved_bytes": vector((a, 2), (b, 1)),
+        "sum by (instance) (vmshare_vm_saved_bytes": vector((a, 1e9), (b, 0)),
+        "topk(1,": vector(({**a, "domain": "web-1", "trust_group": "red"}, 6e8)),
+        "topk(": vector(({**a, "domain": "web-2", "trust_group": "red"}, 4e8),
+                        ({**a, "domain": "web-1", "trust_group": "red"}, 6e8),
+                        ({**b, "domain": "db-2", "trust_group": "blue"}, 0)),
     }
 
 
@@ -139,6 +142,25 @@ def test_fleet_status_judges_each_host() -> None:
     assert [v.domain for v in st.top] == ["web-1", "web-2"]
     assert st.total_saved_bytes == 262144 * 4096
     assert all('job="vmshare"' in q["query"] for q in prom.asked)
+    # the server aggregates: no query asks for every VM's series
+    vm_queries = [q["query"] for q in prom.asked if "vmshare_vm_saved_bytes" in q["query"]]
+    assert vm_queries and all(q.startswith(("count by", "topk(2,")) for q in vm_queries)
+
+
+def test_at_evaluates_every_query_then() -> None:
+    c, prom = client(fleet_rules())
+    fleet_status(c, at=1_800_000_000.5)
+    assert prom.asked and all(q.get("time") == "1800000000.500" for q in prom.asked)
+    fleet_status(c)
+    assert "time" not in prom.asked[-1]
+
+
+def test_age_counts_the_exporters_own_snapshot_age() -> None:
+    c, prom = client(fleet_rules())
+    fleet_status(c)
+    age = [q["query"] for q in prom.asked if "timestamp(" in q["query"]]
+    assert age == ['time() - timestamp(vmshare_snapshot_age_seconds{job="vmshare"}) '
+                   '+ vmshare_snapshot_age_seconds{job="vmshare"}']
 
 
 def test_a_trust_group_scopes_the_vm_figures() -> None:
@@ -185,6 +207,25 @@ def test_cli_fleet_status_text_and_json(capsys: pytest.CaptureFixture[str]) -> N
     assert "exporter down" in text and "web-1" in text and "web-2" not in text
     assert doc["hosts"][0]["instance"] == "a:9731"
     assert doc["hosts"][2]["flags"] == ["exporter down"]
+
+
+def test_cli_fleet_top_and_at(capsys: pytest.CaptureFixture[str]) -> None:
+    prom = ScriptedPrometheus(fleet_rules())
+    with serve(prom.answer) as url:
+        assert main(["fleet", "top", "--prometheus", url, "--top", "3",
+                     "--at", "2026-12-06T12:00:00Z"]) == 0
+        text = capsys.readouterr().out
+        assert main(["fleet", "top", "--prometheus", url, "--top", "1", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert main(["fleet", "top", "--prometheus", url, "--at", "yesterday"]) == 2
+        err = capsys.readouterr().err
+    lines = text.splitlines()
+    assert lines[0].startswith("TOP SHARER") and [ln.split()[0] for ln in lines[1:]] == [
+        "web-1", "web-2", "db-2"]
+    assert prom.asked[0]["query"] == 'topk(3, vmshare_vm_saved_bytes{job="vmshare"})'
+    assert prom.asked[0]["time"] == "1796558400.000"
+    assert [v["domain"] for v in doc] == ["web-1"]
+    assert "--at wants Unix seconds or an ISO 8601 time" in err and err.count("\n") == 1
 
 
 def test_cli_history(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.snapshots import big_host
 from vmshare.daemon.metrics_http import MetricsServer, parse_listen, serve
 from vmshare.errors import HypervisorError, UsageError
+from vmshare.present.metrics import exposition
 
 REPO = Path(__file__).resolve().parent.parent
 BODY = "vmshare_ksm_available 1\n"
@@ -135,6 +137,45 @@ def test_idle_and_half_sent_clients_do_not_block_scrapes(
     assert closed_within(half, 8) < 6
     idle.close()
     half.close()
+
+
+def test_fifty_scrapes_at_once_beside_a_silent_client_all_get_the_whole_exposition(
+        running: Callable[..., MetricsServer]) -> None:
+    """The issue's bar, at the server's default limits: 50 concurrent scrapes of a
+    200-VM host while one client holds a connection and says nothing. A burst
+    shares renderings (each scrape gets a body rendered after it arrived)."""
+    snapshot = big_host(200)
+    body = exposition(snapshot, clock=lambda: snapshot.taken_at)   # tens of ms each
+    renders = []
+
+    def collect() -> str:
+        renders.append(time.monotonic())
+        return exposition(snapshot, clock=lambda: snapshot.taken_at)
+
+    server = running(collect, io_timeout=1.0, request_deadline=2.0)   # default max_clients
+    silent = connect(server)
+    time.sleep(0.1)
+    gate = threading.Barrier(50)
+
+    def one(_: int) -> tuple[int, str]:
+        gate.wait()
+        return scrape(server, timeout=20)
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    assert [status for status, _ in results] == [200] * 50
+    assert all(text == body for _, text in results)
+    assert len(renders) < 25, f"{len(renders)} renderings for 50 scrapes arriving together"
+    assert closed_within(silent, 5) < 2.5        # and the silent one is cut off after all
+    silent.close()
+
+
+def test_a_scrape_never_gets_a_body_rendered_before_it_arrived(
+        running: Callable[..., MetricsServer]) -> None:
+    count = iter(range(1000))
+    server = running(lambda: f"vmshare_scrape_errors {next(count)}\n")
+    assert [scrape(server)[1] for _ in range(3)] == [f"vmshare_scrape_errors {i}\n"
+                                                     for i in range(3)]
 
 
 def test_a_trickling_client_is_cut_at_the_request_deadline(

@@ -92,7 +92,8 @@ class Host:
     def config(self) -> Config:
         return Config(path=None, host=HostPolicy(enabled=self.enabled, default_merge="on",
                                                  vms=dict(self.policies)),
-                      daemon=DaemonSettings(history_file=self.tmp / "history.jsonl"))
+                      daemon=DaemonSettings(history_file=self.tmp / "history.jsonl",
+                                            history_db=self.tmp / "history.sqlite"))
 
     def reconciler(self) -> Reconciler:
         """A fresh Reconciler, as a daemon (re)start makes one: state read from disk."""
@@ -462,7 +463,7 @@ def test_scope_foreign_vms_are_never_touched_but_count_for_trust_groups(host: Ho
 
 
 def test_observe_records_history_at_its_interval(host: Host) -> None:
-    from vmshare.records.history import HistoryStore
+    from vmshare.records.history_db import HistoryDb
     host.add_vm("a", 11, merge=True)
     host.add_vm("b", 12, merge=True)
     rc = host.reconciler()
@@ -471,7 +472,7 @@ def test_observe_records_history_at_its_interval(host: Host) -> None:
     rc.observe()
     host.clock[0] += 60
     rc.observe()
-    samples = list(HistoryStore(host.tmp / "history.jsonl").read())
+    samples = HistoryDb.open_reader(host.tmp / "history.sqlite").samples("raw", 0.0)
     assert [s["time"] for s in samples] == [1000.0, 1070.0]
     # Each VM maps 8 KSM pages shared with the other (k=2): half a page each.
     assert samples[-1]["vms"]["a"]["saved_bytes"] == SHARED * 4096 // 2

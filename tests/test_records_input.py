@@ -13,14 +13,15 @@ import pytest
 from tests.test_cli import host, run  # noqa: F401 - host is a fixture
 from vmshare.cli.context import emit_json
 from vmshare.records.audit import AuditLog, AuditRecord
-from vmshare.records.history import HistoryStore
+from vmshare.records.history_db import HistoryDb
+from vmshare.records.history_keeper import import_legacy
 
 
 @pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
 def test_report_html_refuses_a_device(host: object, tmp_path: Path,  # noqa: F811
                                       capsys: pytest.CaptureFixture[str], device: str) -> None:
     cfg = tmp_path / "vmshare.toml"
-    cfg.write_text(f'[daemon]\nhistory_file = "{tmp_path}/h.jsonl"\n')
+    cfg.write_text(f'[daemon]\nhistory_db = "{tmp_path}/h.sqlite"\n')
     before = os.lstat(device)
     code, out, err = run(capsys, "report", "--html", device, "--config", str(cfg))
     assert (code, out) == (2, "")
@@ -31,13 +32,15 @@ def test_report_html_refuses_a_device(host: object, tmp_path: Path,  # noqa: F81
         (before.st_rdev, before.st_mode)
 
 
-def _history(tmp_path: Path) -> tuple[Path, HistoryStore]:
+def _history(tmp_path: Path) -> tuple[Path, Path]:
+    """A config naming a database and a JSON-lines history of three samples."""
     cfg = tmp_path / "vmshare.toml"
-    cfg.write_text(f'[daemon]\nhistory_file = "{tmp_path}/h.jsonl"\n')
-    store = HistoryStore(tmp_path / "h.jsonl")
-    for t in (1.0, 2.0, 3.0):
-        store.append({"time": t, "host": {"pages_sharing": int(t)}, "vms": {}})
-    return cfg, store
+    cfg.write_text(f'[daemon]\nhistory_db = "{tmp_path}/h.sqlite"\n'
+                   f'history_file = "{tmp_path}/h.jsonl"\n')
+    legacy = tmp_path / "h.jsonl"
+    legacy.write_bytes(b"".join(b'{"time": %d, "host": {"pages_sharing": %d}, "vms": {}}\n'
+                                % (t, t) for t in (1, 2, 3)))
+    return cfg, legacy
 
 
 @pytest.mark.parametrize("rows", ["0", "-3", "10001"])
@@ -49,24 +52,31 @@ def test_history_rows_out_of_range_refused(tmp_path: Path, capsys: pytest.Captur
     assert err == f"vmshare: error: --rows must be between 1 and 10000, not {rows}\n"
 
 
-def test_history_counts_bad_lines_and_prints_strict_json(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg, store = _history(tmp_path)
-    with open(store.path, "ab") as f:
+def test_history_import_counts_bad_lines_and_prints_strict_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg, legacy = _history(tmp_path)
+    code, out, _ = run(capsys, "history", "--config", str(cfg))
+    assert code == 0 and out.endswith(f"; it imports {legacy} when it starts\n")
+    with open(legacy, "ab") as f:
         f.write(b'{"time": 1e999, "host": {}}\n')                   # overflows to inf
         f.write(b'{"time": NaN}\n')
         f.write(b'{"time": 4, "host": {"pages_sharing": ' + b"9" * 5000 + b"}}\n")
         f.write(b"[" * 100_000 + b"\n")
         f.write(b'{"time": 5, "vms": {"a": {"saved_bytes": "lots"}}}\n')
         f.write(b'{"time": 6, "host": {"pages_sharing": 6}')       # torn
+    db = HistoryDb.open_writer(tmp_path / "h.sqlite")
+    with caplog.at_level("INFO", logger="vmshare.history"):
+        assert import_legacy(db, legacy, now=10.0) == 3
+    assert f"imported the JSON-lines history {legacy} into {db.path} (6 lines skipped)" \
+        in caplog.text
+    assert not legacy.exists() and (tmp_path / "h.jsonl.imported").exists()
     code, out, err = run(capsys, "history", "--json", "--config", str(cfg))
-    assert code == 0
-    assert err.startswith(f"vmshare: warning: skipped 6 unreadable line(s) in {store.path} "
-                          f"(first: {store.path}:4: ")
+    assert code == 0 and err == ""
     assert "Infinity" not in out and "NaN" not in out
     assert [s["time"] for s in json.loads(out)["samples"]] == [1.0, 2.0, 3.0]
     code, out, err = run(capsys, "history", "--rows", "1", "--config", str(cfg))
-    assert code == 0 and "skipped 6" in err and "3 samples" in out
+    assert code == 0 and "3 samples" in out
 
 
 def test_emit_json_never_prints_non_finite(capsys: pytest.CaptureFixture[str]) -> None:

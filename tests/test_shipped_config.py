@@ -11,12 +11,12 @@ import dataclasses
 import re
 from pathlib import Path
 
-from vmshare.config import DaemonSettings, HostPolicy, load_config
+from vmshare.config import DaemonSettings, HostPolicy, SketchSettings, load_config
 
 SHIPPED = Path(__file__).resolve().parents[1] / "contrib" / "vmshare.toml"
 # "# [section]" and "# key = value" at the start of a line; prose and the
 # indented [vm."NAME"] example do not match
-SETTING_LINE = re.compile(r"^# (\[[a-z]+\]|[a-z_]+ = .*)$")
+SETTING_LINE = re.compile(r"^# (\[[a-z]+\]|[a-z][a-z0-9_]* = .*)$")
 
 
 def uncommented(text: str) -> str:
@@ -35,10 +35,12 @@ def test_every_setting_is_shown_with_its_default(tmp_path: Path) -> None:
     active.write_text(uncommented(SHIPPED.read_text()))
     cfg = load_config(active)
     assert cfg.host == HostPolicy() and cfg.daemon == DaemonSettings()
+    assert cfg.sketch == SketchSettings()
     shown = {m.group(1).split(" = ")[0]
              for line in SHIPPED.read_text().splitlines() if (m := SETTING_LINE.match(line))}
     wanted = ({f.name for f in dataclasses.fields(DaemonSettings)}
-              | {f.name for f in dataclasses.fields(HostPolicy)} - {"vms"})
+              | {f.name for f in dataclasses.fields(HostPolicy)} - {"vms"}
+              | {f.name for f in dataclasses.fields(SketchSettings)})
     assert wanted - shown == set(), "settings missing from contrib/vmshare.toml"
 
 

@@ -7,6 +7,7 @@ types and bad values are errors naming the file, the key and the problem.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import os
 import stat
@@ -106,8 +107,13 @@ class DaemonSettings:
     state_file: Path = Path("/var/lib/vmshare/state.json")
     qmp_sockets: tuple[str, ...] = ()          # globs, for hosts without libvirt
     reconnect_max_seconds: float = 30.0
-    history_file: Path = Path("/var/lib/vmshare/history.jsonl")
+    history_db: Path = Path("/var/lib/vmshare/history.sqlite")
     history_interval: float = 60.0             # seconds between samples; 0: none
+    history_raw_days: float = 7.0              # raw samples kept this long
+    history_5min_days: float = 90.0            # 5-minute aggregates kept this long
+    history_hourly_days: float = 730.0         # hourly aggregates kept this long
+    # The JSON-lines history of earlier versions: imported into history_db once.
+    history_file: Path = Path("/var/lib/vmshare/history.jsonl")
     tune: bool = False                         # run the KSM tuner (vmshare.tuner.decide) too
     tune_interval: float = 5.0                 # seconds between the tuner's decisions
     tune_cpu_budget: float = TunerPolicy.cpu_budget_pct   # ksmd CPU budget, % of one core
@@ -117,16 +123,25 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class SketchSettings:
+    """Content sketches (vmshare sketch, place): the fleet key and where they are kept."""
+    key_file: Path = Path("/etc/vmshare/sketch.key")   # the fleet secret, 0600
+    dir: Path = Path("/var/lib/vmshare/sketches")      # 0700, root's
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None
     host: HostPolicy = field(default_factory=HostPolicy)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    sketch: SketchSettings = field(default_factory=SketchSettings)
 
 
 # The known keys are the settings types' fields: no second list to keep in step.
 _HOST_KEYS = {f.name for f in fields(HostPolicy)} - {"vms"}
 _DAEMON_KEYS = {f.name for f in fields(DaemonSettings)}
 _VM_KEYS = {f.name for f in fields(VmPolicy)}
+_SKETCH_KEYS = {f.name for f in fields(SketchSettings)}
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
@@ -218,6 +233,9 @@ def _typed(origin: Path, where: str, key: str, value: Any, kind: type) -> Any:
 # Every number is finite: TOML has nan and inf literals.
 _DAEMON_NUMBERS: dict[str, tuple[float, float, bool, str]] = {
     "history_interval": (0.0, 86400.0, True, "0 (no history) or seconds up to 86400"),
+    "history_raw_days": (0.0, 366.0, False, "days in (0, 366]"),
+    "history_5min_days": (0.0, 3660.0, False, "days in (0, 3660]"),
+    "history_hourly_days": (0.0, 36600.0, False, "days in (0, 36600]"),
     "reconnect_max_seconds": (0.0, 3600.0, False, "seconds in (0, 3600]"),
     "tune_interval": (0.0, 3600.0, False, "seconds in (0, 3600]"),
     "tune_cpu_budget": (0.0, 100.0, False, "a percentage of one core in (0, 100]"),
@@ -234,21 +252,32 @@ def _number(origin: Path, table: dict[str, Any], key: str, default: float) -> fl
     return value
 
 
-def _path(origin: Path, table: dict[str, Any], key: str, default: Path) -> Path:
+def _path(origin: Path, table: dict[str, Any], key: str, default: Path,
+          section: str = "daemon") -> Path:
     """An absolute path without NUL: an empty string would mean the current directory."""
-    text: str = _typed(origin, "daemon", key, table.get(key, str(default)), str)
+    text: str = _typed(origin, section, key, table.get(key, str(default)), str)
     if not text.startswith("/") or "\0" in text:
-        raise PolicyError(f"{origin}: [daemon] {key} must be an absolute path, not {text!r}")
+        raise PolicyError(f"{origin}: [{section}] {key} must be an absolute path, not {text!r}")
     return Path(text)
 
 
+def _check_retention(origin: Path, d: DaemonSettings) -> None:
+    """Each coarser resolution is kept at least as long as the finer one."""
+    steps = (("history_raw_days", d.history_raw_days), ("history_5min_days", d.history_5min_days),
+             ("history_hourly_days", d.history_hourly_days))
+    for (fine, fine_days), (coarse, coarse_days) in itertools.pairwise(steps):
+        if coarse_days < fine_days:
+            raise PolicyError(f"{origin}: [daemon] {coarse} must be at least {fine} "
+                              f"({fine_days:g}), not {coarse_days:g}")
+
+
 def parse_config(doc: dict[str, Any], origin: Path) -> Config:
-    sections = {"host", "daemon", "vm"}
+    sections = {"host", "daemon", "vm", "sketch"}
     unknown = sorted(set(doc) - sections)
     if unknown:
         raise PolicyError(f"{origin}: unknown section(s) "
                           f"{', '.join(_with_hint(k, sections) for k in unknown)} "
-                          "(known: host, daemon, vm)")
+                          "(known: host, daemon, vm, sketch)")
     host_t = _check_keys("host", doc.get("host", {}), _HOST_KEYS, origin)
     enabled = _typed(origin, "host", "enabled", host_t.get("enabled", True), bool)
     default_merge = _typed(origin, "host", "default_merge",
@@ -292,7 +321,12 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         state_file=_path(origin, d, "state_file", defaults.state_file),
         qmp_sockets=tuple(globs),
         history_file=_path(origin, d, "history_file", defaults.history_file),
+        history_db=_path(origin, d, "history_db", defaults.history_db),
         history_interval=_number(origin, d, "history_interval", defaults.history_interval),
+        history_raw_days=_number(origin, d, "history_raw_days", defaults.history_raw_days),
+        history_5min_days=_number(origin, d, "history_5min_days", defaults.history_5min_days),
+        history_hourly_days=_number(origin, d, "history_hourly_days",
+                                    defaults.history_hourly_days),
         reconnect_max_seconds=_number(origin, d, "reconnect_max_seconds",
                                       defaults.reconnect_max_seconds),
         tune=_typed(origin, "daemon", "tune", d.get("tune", defaults.tune), bool),
@@ -304,7 +338,12 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
         metrics_cpu_budget=_number(origin, d, "metrics_cpu_budget",
                                    defaults.metrics_cpu_budget),
     )
+    _check_retention(origin, daemon)
+    k = _check_keys("sketch", doc.get("sketch", {}), _SKETCH_KEYS, origin)
+    sk = SketchSettings()
+    sketch = SketchSettings(key_file=_path(origin, k, "key_file", sk.key_file, "sketch"),
+                            dir=_path(origin, k, "dir", sk.dir, "sketch"))
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,
                                   default_group=default_group, vms=vms),
-                  daemon=daemon)
+                  daemon=daemon, sketch=sketch)

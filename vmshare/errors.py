@@ -94,3 +94,8 @@ class ImageBuildError(VmshareError):
 class PrometheusError(VmshareError):
     """The Prometheus HTTP API is unreachable, too slow, or answered something
     that is not a Prometheus API reply (or an error reply)."""
+
+
+class SketchError(VmshareError):
+    """A content sketch file or its key is unusable: wrong magic or version, corrupt,
+    truncated, made with another key or rate, stale, or unsafe to keep or read."""

@@ -46,10 +46,14 @@ def out(text: str = "") -> None:
     print(text, flush=True)
 
 
-def emit_json(obj: object) -> None:
-    """Print ``obj`` as strict JSON. Raises ValueError for a NaN or infinity (a bug
-    upstream: outside numbers are checked finite where they are read)."""
-    print(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False), flush=True)
+def emit_json(obj: object, *, compact: bool = False) -> None:
+    """Print ``obj`` as strict JSON, indented or (``compact``, for documents of
+    megabytes: json's C encoder runs only without indent) on one line. Raises
+    ValueError for a NaN or infinity (a bug upstream: outside numbers are
+    checked finite where they are read)."""
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False) if compact else \
+        json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    print(text, flush=True)
 
 
 def warn(text: str) -> None:

@@ -3,6 +3,7 @@ back from Prometheus (or Thanos, Mimir, VictoriaMetrics) through its HTTP API.""
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from vmshare.cli.context import Context, emit_json, out
 from vmshare.errors import UsageError
 from vmshare.fleet.history import FleetHistory, fleet_history
-from vmshare.fleet.status import DEFAULT_JOB, FleetStatus, Prices, fleet_status
+from vmshare.fleet.status import DEFAULT_JOB, FleetStatus, Prices, VmRow, fleet_status, top_sharers
 from vmshare.present.text import mib, table
 from vmshare.promapi.client import DEFAULT_TIMEOUT, PromClient
 from vmshare.records.history import parse_duration, sparkline
@@ -27,6 +28,26 @@ def _price(text: str) -> float:
         raise UsageError(f"not a price: {text!r}") from exc
     if not (math.isfinite(value) and value >= 0):
         raise UsageError(f"a price must be finite and >= 0, not {text!r}")
+    return value
+
+
+def _at(text: str | None) -> float | None:
+    """--at: Unix seconds or an ISO 8601 time (2026-12-06T12:00:00Z; no zone: UTC)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = datetime.datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise UsageError(f"--at wants Unix seconds or an ISO 8601 time, not {text!r}") \
+                from exc
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        value = when.timestamp()
+    if not (math.isfinite(value) and 0 < value < 1e11):
+        raise UsageError(f"--at {text!r} is not a time Prometheus can query")
     return value
 
 
@@ -54,7 +75,7 @@ def cmd_fleet_status(ctx: Context) -> int:
     if a.top < 0:
         raise UsageError(f"--top must be 0 or more, not {a.top}")
     st = fleet_status(_client(ctx), job=a.job, trust_group=a.trust_group,
-                      stale_after=a.stale, top=a.top,
+                      stale_after=a.stale, top=a.top, at=_at(a.at),
                       prices=Prices(_price(a.cpu_price), _price(a.gib_price)))
     if a.json:
         emit_json(status_json(st))
@@ -70,11 +91,31 @@ def cmd_fleet_status(ctx: Context) -> int:
               right=(3, 4, 5)))
     if st.top:
         out("")
-        out(table(["TOP SHARER", "HOST", "TRUST GROUP", "SAVED"],
-                  [[v.domain, v.instance, v.trust_group or "-", mib(v.saved_bytes)]
-                   for v in st.top], right=(3,)))
+        out(_top_table(st.top))
     for note in st.notes:
         out(f"note: {note}")
+    return 0
+
+
+def _top_table(rows: list[VmRow]) -> str:
+    return table(["TOP SHARER", "HOST", "TRUST GROUP", "SAVED"],
+                 [[v.domain, v.instance, v.trust_group or "-", mib(v.saved_bytes)]
+                  for v in rows], right=(3,))
+
+
+def cmd_fleet_top(ctx: Context) -> int:
+    a = ctx.args
+    if a.top < 1:
+        raise UsageError(f"--top must be 1 or more, not {a.top}")
+    rows = top_sharers(_client(ctx), a.top, job=a.job, trust_group=a.trust_group, at=_at(a.at))
+    if a.json:
+        emit_json([{"instance": v.instance, "domain": v.domain, "trust_group": v.trust_group,
+                    "saved_bytes": round(v.saved_bytes)} for v in rows])
+        return 0
+    if not rows:
+        out("no VM figures in Prometheus (is it scraping `vmshare metrics`? see --job)")
+        return 0
+    out(_top_table(rows))
     return 0
 
 
@@ -122,7 +163,7 @@ def _common(p: Any) -> None:
 
 
 def register(sub: Any) -> None:
-    s = sub.add_parser("fleet", help="many hosts' savings, from Prometheus: status|history")
+    s = sub.add_parser("fleet", help="many hosts' savings, from Prometheus: status|top|history")
     fsub = s.add_subparsers(dest="fleet_cmd", metavar="ACTION", required=True)
     p = fsub.add_parser("status", help="per host and per VM savings, top sharers, hosts "
                         "to look at")
@@ -135,7 +176,16 @@ def register(sub: Any) -> None:
                    help="price of one core-second of ksmd CPU (default %(default)s)")
     p.add_argument("--gib-price", default="0.005", metavar="PRICE",
                    help="price of one GiB of memory for an hour (default %(default)s)")
+    p.add_argument("--at", metavar="TIME",
+                   help="as of this time: Unix seconds or ISO 8601 (default: now)")
     p.set_defaults(func=cmd_fleet_status)
+    p = fsub.add_parser("top", help="the VMs that save most, fleet-wide (one query)")
+    _common(p)
+    p.add_argument("--top", type=int, default=10, metavar="N",
+                   help="how many (default %(default)s)")
+    p.add_argument("--at", metavar="TIME",
+                   help="as of this time: Unix seconds or ISO 8601 (default: now)")
+    p.set_defaults(func=cmd_fleet_top)
     p = fsub.add_parser("history", help="saved bytes over time, per host and fleet-wide")
     _common(p)
     p.add_argument("--since", default="24h", metavar="DURATION",

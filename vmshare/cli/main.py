@@ -25,9 +25,11 @@ from vmshare.cli import (
     hook,
     ksm,
     metrics,
+    place,
     policy,
     predict,
     records,
+    sketch,
     tune,
     vms,
 )
@@ -42,7 +44,8 @@ log = logging.getLogger("vmshare")
 #: `tune` takes the lock around each step itself (it runs for hours).
 ACTS = frozenset({"enable", "disable", "policy set", "ksm start", "ksm stop", "ksm unmerge",
                   "ksm set"})
-GROUPS = (vms, ksm, policy, records, demo, hook, predict, metrics, fleet, daemon, tune)
+GROUPS = (vms, ksm, policy, records, demo, hook, predict, sketch, metrics, fleet, place,
+          daemon, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,11 +117,15 @@ DAEMON: tuple[Para, ...] = (
     "daemon killed between acting and logging completes the audit record exactly once. "
     "Every --observe-interval it records each VM's KSM pages, from which vmshare remerge "
     "and vmshare status show how far a VM has merged again after a restore, migration, "
-    "reset or hotplug; every [daemon] history_interval it appends a savings sample for "
-    "vmshare history and vmshare report. With --tune (or [daemon] tune = true) it also "
+    "reset or hotplug; every [daemon] history_interval it adds a savings sample to the "
+    "history database for vmshare history and vmshare report, and folds old samples into "
+    "5-minute and hourly aggregates. With --tune (or [daemon] tune = true) it also "
     "runs the KSM tuner.",
     "SIGTERM and SIGINT stop it cleanly; SIGHUP is ignored (restart it to re-read the "
-    "config). On hosts without libvirt, [daemon] qmp_sockets or --qmp-glob names the QEMU "
+    "config). Under systemd (Type=notify, $NOTIFY_SOCKET) it sends READY=1 once it serves, "
+    "STATUS= lines for systemctl status, WATCHDOG=1 while its event loop and worker "
+    "thread make progress (WatchdogSec=) and STOPPING=1 as it stops. On hosts without "
+    "libvirt, [daemon] qmp_sockets or --qmp-glob names the QEMU "
     "QMP sockets to watch.",
 )
 
@@ -138,7 +142,10 @@ def _files() -> tuple[Para, ...]:
         (str(d.audit_log), "The audit log, one JSON record per line."),
         (str(d.state_file), "The daemon's state: last observed KSM pages, re-merge "
          "records, actions in flight."),
-        (str(d.history_file), "Savings samples recorded by the daemon."),
+        (str(d.history_db), "Savings samples recorded by the daemon (SQLite, WAL mode): "
+         "raw samples, 5-minute and hourly aggregates."),
+        (str(d.history_file), "The JSON-lines history of earlier versions, imported into "
+         "the database at the daemon's first start and renamed <file>.imported."),
         (str(d.spool_dir), "The hook's spool: one entry per libvirt hook call."),
         (str(d.socket), "The daemon's wake-up socket (datagrams from the hook)."),
         (str(TUNER_LOCK), "The tuner lock, holding the pid of the one vmshare tuner that "

@@ -55,13 +55,13 @@ def _counters_dict(c: KsmCounters) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- predict
-def cmd_predict(ctx: Any) -> int:
-    from vmshare.cli.context import emit_json, out
+def targets_of(ctx: Any) -> tuple[list[Any], dict[str, str] | None, list[str]]:
+    """The command's domains, --dump, --raw and --pid as targets, and with
+    --trust-groups (or ``always_groups``) each one's trust group and notes."""
     from vmshare.prediction import predict as pr
     a = ctx.args
-    config = _config(a)
     if not (a.domains or a.dump or a.raw or a.pid):
-        raise UsageError("nothing to predict: give domains, --dump FILE or --pid PID")
+        raise UsageError(f"nothing to {a.command}: give domains, --dump FILE or --pid PID")
     targets: list[pr.Target] = []
     observer = ctx.observer() if a.domains else None
     for name in a.domains:
@@ -79,6 +79,22 @@ def cmd_predict(ctx: Any) -> int:
         from vmshare.config import load_config
         groups, notes = pr.trust_groups(ctx.hv if a.domains else None, targets,
                                         load_config(a.config))
+    return targets, groups, notes
+
+
+def cmd_predict(ctx: Any) -> int:
+    from vmshare.cli.context import emit_json, out
+    from vmshare.prediction import predict as pr
+    a = ctx.args
+    config = _config(a)
+    if a.estimate and (a.scans is not None or a.low_memory):
+        raise UsageError("--scans and --low-memory are for the exact engine, not --estimate")
+    if a.rate is not None and not a.estimate:
+        raise UsageError("--rate is the sampling rate of --estimate: add --estimate")
+    targets, groups, notes = targets_of(ctx)
+    if a.estimate:
+        from vmshare.cli.estimate import print_estimate
+        return print_estimate(ctx, targets, groups, notes, config)
     with _progress(a) as bar:
         result = pr.predict(targets, config, groups=groups, scans=a.scans,
                             progress=bar.update, buffer_bytes=a.buffer_mib * 2**20)
@@ -206,9 +222,8 @@ def cmd_scan(ctx: Any) -> int:
 
 
 # ---------------------------------------------------------------- parser
-def register(sub: Any) -> None:
-    s = sub.add_parser("predict", help="what kernel KSM would save for these domains, dumps "
-                       "or processes (userspace engine, changes nothing)")
+def target_options(s: argparse.ArgumentParser) -> None:
+    """DOMAIN..., --dump, --raw, --pid: what ``targets_of`` reads (predict, sketch)."""
     s.add_argument("domains", nargs="*", metavar="DOMAIN", help="running domains (live RAM)")
     s.add_argument("--dump", action="append", default=[], metavar="FILE",
                    help="a guest memory dump (ELF core or kdump); repeatable")
@@ -217,6 +232,12 @@ def register(sub: Any) -> None:
     s.add_argument("--pid", action="append", default=[], type=argtypes.bounded_int(1, PID_MAX),
                    metavar="PID",
                    help="a process's private anonymous memory; repeatable")
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("predict", help="what kernel KSM would save for these domains, dumps "
+                       "or processes (userspace engine, changes nothing)")
+    target_options(s)
     s.add_argument("--trust-groups", action="store_true",
                    help="share only within trust groups (one engine per group)")
     s.add_argument("--config", metavar="FILE", help="host config for trust groups "
@@ -224,6 +245,12 @@ def register(sub: Any) -> None:
     s.add_argument("--scans", type=argtypes.bounded_int(1, 1000), metavar="N",
                    help="run exactly N scans (default: until the counters stop changing, "
                    "at most 5)")
+    s.add_argument("--estimate", action="store_true",
+                   help="estimate from a content sample (one read of each page, no "
+                        "engine run), with 95%% intervals")
+    s.add_argument("--rate", type=argtypes.rate, default=None, metavar="R",
+                   help="with --estimate: the sampling rate, e.g. 1/16 or 0.0625 "
+                        "(default 1/16)")
     _engine_options(s)
     s.set_defaults(func=cmd_predict)
 

@@ -3,47 +3,81 @@ recorded them, and the self-contained HTML report."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli.context import Context, emit_json, out, warn
 from vmshare.errors import UsageError
+from vmshare.records.history import AUTO_MAX_SAMPLES, RESOLUTION_CHOICES
+
+if TYPE_CHECKING:
+    from vmshare.records.history_query import Answer
 
 MAX_ROWS = 10_000
+
+
+def _history(config: str | None, since: float, resolution: str = "auto",
+             ) -> tuple[Path, Answer | None, str]:
+    """The history database's answer for ``since`` (None: no database yet), and
+    the note to print when there is none. Raises VmshareError (one line)."""
+    from vmshare.config import load_config
+    from vmshare.records.history_db import HistoryCorrupt, HistoryDb
+    from vmshare.records.history_query import answer
+    d = load_config(config).daemon
+    try:
+        db = HistoryDb.open_reader(d.history_db)
+    except FileNotFoundError:
+        note = f"no history in {d.history_db} (the daemon records it every " \
+               "[daemon] history_interval seconds)"
+        if os.path.lexists(d.history_file):       # False, not an error, when unreadable
+            note += f"; it imports {d.history_file} when it starts"
+        return d.history_db, None, note
+    except HistoryCorrupt as exc:
+        raise HistoryCorrupt(f"{exc}: the daemon moves it aside and starts a new one at "
+                             "its next sample") from exc
+    try:
+        return d.history_db, answer(db, since, resolution=resolution,
+                                    raw_step=d.history_interval or 60.0), ""
+    except HistoryCorrupt as exc:
+        raise HistoryCorrupt(f"{exc}: the daemon moves it aside and starts a new one at "
+                             "its next sample") from exc
+    finally:
+        db.close()
 
 
 def cmd_history(ctx: Context) -> int:
     import time
 
-    from vmshare.config import load_config
     from vmshare.present.text import mib, table
     from vmshare.records import history
     a = ctx.args
     if not 1 <= a.rows <= MAX_ROWS:
         raise UsageError(f"--rows must be between 1 and {MAX_ROWS}, not {a.rows}")
-    store = history.HistoryStore(load_config(a.config).daemon.history_file)
     try:
         since = time.time() - history.parse_duration(a.since) if a.since else 0.0
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from exc
-    samples = list(store.read(since))
-    if store.skipped:
-        warn(f"skipped {store.skipped} unreadable line(s) in {store.path} (first: "
-             f"{store.first_problem})")
+    path, ans, note = _history(a.config, since, a.resolution)
+    if ans is not None and ans.lacks:
+        warn(ans.lacks)
     if a.json:
-        emit_json({"file": str(store.path), "samples": samples})
+        emit_json(ans.to_json() if ans is not None else
+                  {"file": str(path), "resolution": None, "samples": [], "lacks": note},
+                  compact=True)
         return 0
-    if not samples:
-        out(f"no history in {store.path} (the daemon records it every "
-            "[daemon] history_interval seconds)")
+    samples = [] if ans is None else ans.samples
+    if ans is None or not samples:
+        out(note or f"no history in {path} since {a.since}")
         return 0
     names = sorted({n for s in samples for n in s.get("vms", {})})
     if a.domain:
         if a.domain not in names:
-            raise UsageError(f"no history for {a.domain!r} in {store.path}")
+            raise UsageError(f"no history for {a.domain!r} in {path}")
         names = [a.domain]
     span = samples[-1]["time"] - samples[0]["time"]
-    out(f"{len(samples)} samples over {span / 3600:.1f} h from {store.path}")
+    out(f"{len(samples)} samples over {span / 3600:.1f} h from {path} ({ans.label}"
+        f"{'' if ans.resolution == 'raw' else ': means'})")
     for label, vm in [("host", None), *[(n, n) for n in names[:8]]]:
         s = history.summary(samples, vm)
         out(f"  {label:<20} {history.sparkline(history.downsample(s['series'], 40))}  "
@@ -64,7 +98,6 @@ def cmd_report(ctx: Context) -> int:
     import socket
     import time
 
-    from vmshare.config import load_config
     from vmshare.present import html as report_html
     from vmshare.records import history
     a = ctx.args
@@ -73,8 +106,10 @@ def cmd_report(ctx: Context) -> int:
         since = time.time() - history.parse_duration(a.since)
     except ValueError as exc:
         raise UsageError(f"--since: {exc}") from exc
-    store = history.HistoryStore(load_config(a.config).daemon.history_file)
-    page = report_html.render(host, list(store.read(since)),
+    _, ans, _ = _history(a.config, since)
+    if ans is not None and ans.lacks:
+        warn(ans.lacks)
+    page = report_html.render(host, [] if ans is None else ans.samples,
                               hostname=socket.gethostname()).encode("utf-8")
     target = Path(a.html)
     # Operator data: 0600, written whole or not at all; a device or FIFO is
@@ -97,7 +132,12 @@ def register(sub: Any) -> None:
     s.add_argument("--rows", type=int, default=20,
                    help=f"table rows, 1 to {MAX_ROWS} (default 20)")
     s.add_argument("--config", metavar="PATH", help="host config naming the history file")
-    s.add_argument("--json", action="store_true", help="every sample, as recorded")
+    s.add_argument("--resolution", choices=RESOLUTION_CHOICES, default="auto",
+                   help="raw samples, 5-minute or hourly aggregates (default: auto, the "
+                        "finest that holds the window in at most "
+                        f"{AUTO_MAX_SAMPLES:,} samples)")
+    s.add_argument("--json", action="store_true",
+                   help="every sample at the resolution used, and what the history lacks")
     s.set_defaults(func=cmd_history)
 
     s = sub.add_parser("report", help="a self-contained HTML report (charts, matrix, history)")

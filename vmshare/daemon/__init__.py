@@ -21,8 +21,11 @@ Modules:
 * ``runner``: the asyncio main loop tying them together, with ``supervisor``
   (background tasks restarted, never silently dead) and ``tuning`` (the KSM
   tuner's seat in the daemon);
-* ``service``: the entry point (logging, signals), the only module here that
-  writes to the terminal.
+* ``notify`` (systemd's notify protocol, spoken directly) and ``liveness``
+  (READY, the watchdog that stops when the loop or the worker is stuck, and
+  the STATUS line);
+* ``service``: the entry point (logging, signals, the notify messages), the
+  only module here that writes to the terminal.
 
 May import control, policy, tuner, observe, records, present, the adapters,
 config, model and errors; only ``vmshare.cli`` imports it.

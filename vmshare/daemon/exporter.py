@@ -89,9 +89,15 @@ class SnapshotSource:
             tuner = tuner_holder()
         except VmshareError as exc:
             errors.append(f"tuner lock: {exc}")
+        available: float | None = None
+        try:
+            available = float(self.procfs.meminfo()["MemAvailable"])
+        except (VmshareError, KeyError) as exc:
+            errors.append(f"meminfo: {exc}")
         for problem in errors:
             log.warning("metrics: %s", problem)
         return Snapshot(host=host, taken_at=time.time(), tuner_pid=tuner,
+                        memory_available=available,
                         ksmd_cpu_seconds=ksmd, policy=policy, errors=tuple(errors),
                         daemon=self.daemon_figures() if self.daemon_figures else None)
 

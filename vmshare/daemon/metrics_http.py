@@ -5,7 +5,10 @@ bounded, so one client can never hold up the others: a thread per
 connection, at most MAX_CLIENTS connections at once (the next is answered
 503 and closed), each socket read or write limited to IO_TIMEOUT seconds, the
 whole request (line and headers) to REQUEST_DEADLINE, and one rendering at a
-time. prometheus_client's own ``start_http_server`` is not used: its server
+time, shared: a scrape that waited while another rendered takes that body when
+the rendering began after the scrape arrived (it is then as fresh as one of its
+own), so a burst of scrapes costs a rendering or two, not one each.
+prometheus_client's own ``start_http_server`` is not used: its server
 starts an unbounded thread per connection with no socket timeout, so one
 silent client per thread could pile up without end. What is served is
 prometheus_client's exposition of vmshare's Collector (vmshare.present.metrics).
@@ -27,7 +30,9 @@ from vmshare.present.metrics import CONTENT_TYPE
 
 log = logging.getLogger("vmshare.present.metrics")
 DEFAULT_LISTEN = "127.0.0.1:9731"
-MAX_CLIENTS = 32            # connections served at once; Prometheus needs one or two
+# connections served at once: Prometheus needs one or two, an HA pair and a
+# federation a few more; the bar is 50 scrapes at once beside a stuck client
+MAX_CLIENTS = 64
 IO_TIMEOUT = 5.0            # seconds any one read or write of a connection may take
 REQUEST_DEADLINE = 10.0     # seconds from accept to a complete request line and headers
 COLLECT_WAIT = 30.0         # seconds a scrape waits for another's collection, then 503
@@ -84,6 +89,9 @@ class MetricsServer(ThreadingHTTPServer):
         self.address_family = family
         self.collect = collect
         self.collect_lock = threading.Lock()  # the adapters are not re-entrant
+        # the last body and when its rendering began (monotonic); under collect_lock
+        self.last_body: tuple[bytes, float] | None = None
+        self.max_clients = max_clients
         self.io_timeout = io_timeout
         self.request_deadline = request_deadline
         self._slots = threading.BoundedSemaphore(max_clients)
@@ -101,7 +109,7 @@ class MetricsServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             log.warning("%s: refused, %d scrapes already open", client_address[0],
-                        MAX_CLIENTS)
+                        self.max_clients)
             with contextlib.suppress(OSError):
                 request.settimeout(0.2)
                 request.sendall(_BUSY)
@@ -178,10 +186,16 @@ def _handler_class(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _collect(self) -> bytes | None:
+            asked = time.monotonic()
             if not server.collect_lock.acquire(timeout=COLLECT_WAIT):
                 return None
             try:
-                return server.collect().encode()
+                if server.last_body is not None and server.last_body[1] >= asked:
+                    return server.last_body[0]     # rendered since this scrape arrived
+                began = time.monotonic()
+                body = server.collect().encode()
+                server.last_body = (body, began)
+                return body
             finally:
                 server.collect_lock.release()
 

@@ -59,7 +59,7 @@ from vmshare.model import VmRef
 from vmshare.observe.host import Observer, history_sample, not_unmergeable_warning
 from vmshare.policy.sources import PolicyView, exposed_vms, mergeable_groups, survey
 from vmshare.records.audit import AuditLog
-from vmshare.records.history import HistoryStore
+from vmshare.records.history_keeper import HistoryKeeper, retention
 
 log = logging.getLogger("vmshare.daemon")
 VM_LOG = logging.getLogger("vmshare.daemon.vm")
@@ -114,7 +114,9 @@ class Reconciler:
         # (the warning is worth one line per process, not one per reconcile).
         self._exposed_warned: dict[str, int | None] = {}
         settings = config.daemon
-        self.history = HistoryStore(settings.history_file) \
+        self.history = HistoryKeeper(
+            settings.history_db, settings.history_file, retention(settings),
+            AuditLog(audit_path, actor="daemon"), clock=clock) \
             if settings.history_interval > 0 else None
         self._next_sample = 0.0
         self.hv = hv
@@ -241,7 +243,7 @@ class Reconciler:
         if self.history is not None and now >= self._next_sample:
             self._next_sample = now + self.config.daemon.history_interval
             try:
-                self.history.append(history_sample(host, now))
+                self.history.record(history_sample(host, now))
             except VmshareError as exc:
                 log.warning("history not recorded: %s", exc)
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from vmshare.config import Config
 from vmshare.daemon import spool, wakeup
 from vmshare.daemon.exporter import run_exporter
+from vmshare.daemon.liveness import Liveness
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.rejects import Rejects
 from vmshare.daemon.state import StateStore
@@ -87,11 +88,12 @@ class Daemon:
         # vmshare_daemon_bad_inputs_total; logged at a bounded rate.
         self.rejects = Rejects(logging.getLogger("vmshare.daemon.spool"))
         self.supervisor = Supervisor()
+        self.live = Liveness()   # READY, the watchdog and STATUS (service.py sends them)
 
     # -- plumbing ------------------------------------------------------------------
 
     async def work(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.live.timed(fn))
 
     def deliver(self, trigger: Trigger) -> None:
         self.queue.put_nowait(trigger)
@@ -171,9 +173,8 @@ class Daemon:
             self._check_connection()
             return []
         self.stats.add(outcomes)
-        changed = [o for o in outcomes if o.status == "changed"]
-        log.info("reconciled %d running VM(s) (%s): %d changed", len(outcomes), event,
-                 len(changed))
+        changed = self.live.reconciled(outcomes)
+        log.info("reconciled %d running VM(s) (%s): %d changed", len(outcomes), event, changed)
         return outcomes
 
     async def observe(self) -> None:
@@ -343,6 +344,7 @@ class Daemon:
         tasks = [asyncio.ensure_future(self.supervisor.run(name, job, stop))
                  for name, job in jobs.items()]
         log.info("running: %s", ", ".join(self.qmp_globs) if watcher else self.opts.uri)
+        self.live.mark_ready()   # the wake-up socket is bound, the spool drained
         await stop.wait()
         for task in tasks:
             task.cancel()

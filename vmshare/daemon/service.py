@@ -1,21 +1,28 @@
 """The daemon's edge: logging, signals, asyncio.run, exit status.
 
-``vmshare daemon`` runs in the foreground (systemd's Type=simple, or a
+``vmshare daemon`` runs in the foreground (systemd's Type=notify, or a
 supervisor of the operator's choice) and logs to stderr, one line per
 record, with the VM's logger name (``vmshare.daemon.vm.NAME``) on each line.
-SIGTERM and SIGINT stop it cleanly; SIGHUP is ignored (re-read the config
-by restarting it). ``--once`` reconciles every running VM once and exits,
-for tests and cron.
+Under systemd (``$NOTIFY_SOCKET``) it sends READY=1 once it serves, STATUS=
+lines, WATCHDOG=1 while its loop and worker live (vmshare.daemon.liveness)
+and STOPPING=1 as it stops. SIGTERM and SIGINT stop it cleanly; SIGHUP is
+ignored (re-read the config by restarting it), so it never sends
+RELOADING=1. ``--once`` reconciles every running VM once and exits, for
+tests and cron.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import logging
 import signal
 import sys
 
 from vmshare.config import Config
+from vmshare.daemon.liveness import keep_alive
+from vmshare.daemon.notify import Notifier
 from vmshare.daemon.runner import Daemon, DaemonOptions
 from vmshare.errors import VmshareError
 from vmshare.records.schema import printable
@@ -58,15 +65,54 @@ def setup_logging(level: int) -> None:
 async def _main(opts: DaemonOptions) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    notifier = Notifier.from_env()
+    daemon = Daemon(opts)
+    stopping: list[str] = []
+
+    def stop_for(why: str) -> None:
+        if not stopping:       # STOPPING=1 once, as soon as the daemon knows
+            stopping.append(why)
+            notifier.stopping(f"stopping: {why}")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_for, signal.Signals(sig).name)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored; restart the "
                                                             "daemon to re-read its config"))
-    daemon = Daemon(opts)
+    daemon.live.on_ready = lambda: _ready(notifier, daemon)
+    alive = asyncio.ensure_future(_keep_alive(notifier, daemon, stop))
     try:
         return await daemon.run(stop)
     finally:
+        stop_for(f"the {daemon.supervisor.failed} task kept dying" if daemon.supervisor.failed
+                 else "exiting")
+        alive.cancel()
+        await asyncio.gather(alive, return_exceptions=True)
+        notifier.close()
         log.info("stopped; outcomes: %s", daemon.stats.outcomes or "none")
+
+
+def _ready(notifier: Notifier, daemon: Daemon) -> None:
+    daemon.live.status_sent = daemon_status(daemon)
+    notifier.ready(daemon.live.status_sent)
+
+
+async def _keep_alive(notifier: Notifier, daemon: Daemon, stop: asyncio.Event) -> None:
+    try:
+        await keep_alive(notifier, daemon.live, lambda: daemon_status(daemon), stop)
+    except Exception:   # a bug: no more pings, so systemd's watchdog restarts the daemon
+        log.exception("the watchdog task died; systemd restarts the daemon when the "
+                      "watchdog timeout passes")
+
+
+def _traceback_on_abort() -> None:
+    """SIGABRT (systemd's WatchdogSignal= default) prints every thread's Python
+    traceback to stderr before the process dies, so the journal shows where a
+    stuck step was stuck. Left alone when something (pytest) already set it up."""
+    if faulthandler.is_enabled():
+        return
+    with contextlib.suppress(AttributeError, ValueError, OSError):   # no real stderr fd
+        faulthandler.enable(sys.stderr, all_threads=True)
 
 
 def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
@@ -80,6 +126,7 @@ def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
     with --once) are one ERROR line and exit status 1.
     """
     setup_logging(level)
+    _traceback_on_abort()
     opts = DaemonOptions(config=config, once=once, uri=uri or "qemu:///system",
                          qmp_globs=qmp_globs, observe_interval=observe_interval,
                          resync_interval=resync_interval, deadline=deadline,
@@ -90,3 +137,17 @@ def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
         log.error("%s", exc)
         log.debug("detail", exc_info=True)
         return exc.exit_code
+
+
+def daemon_status(daemon: Daemon) -> str:
+    """The STATUS= line: "watching 3 domains, last reconcile 12:01:05 (0 changed),
+    ksm run=1", or what the daemon waits for."""
+    if not daemon.connected.is_set():
+        target = ", ".join(daemon.qmp_globs) or daemon.opts.uri
+        return f"connection to {target} lost; reconnecting" if daemon.live.ready \
+            else f"starting: connecting to {target}"
+    try:
+        run: object = daemon.rc.sysfs.read_knob("run")
+    except (VmshareError, OSError):
+        run = "?"
+    return f"{daemon.live.summary()}, ksm run={run}"

@@ -7,12 +7,17 @@ counter: pages saved), vmshare_vm_saved_bytes (each VM's fair share of it),
 vmshare_ksmd_cpu_seconds_total (ksmd's CPU time), vmshare_ksm_knob_run,
 vmshare_ksm_available, vmshare_vm_mergeable and vmshare_vm_policy_merge (the
 merge state and what policy wants), vmshare_snapshot_age_seconds.
+
+Every figure is aggregated by the server (``count by``, ``sum by``, ``topk``),
+and the instant queries run concurrently: what comes back is a few samples per
+host, however many VMs the fleet has (``benchmarks/fleet_scale.py``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vmshare.errors import UsageError
@@ -91,37 +96,69 @@ def _by_instance(samples: Iterable[Sample]) -> dict[str, float]:
     return out
 
 
+def top_sharers(client: PromClient, n: int, *, job: str = DEFAULT_JOB,
+                trust_group: str | None = None, at: float | None = None) -> list[VmRow]:
+    """The ``n`` VMs that save most, biggest first: one ``topk`` query, so the
+    server ranks the fleet and only ``n`` series come back. Raises PrometheusError."""
+    if n <= 0:
+        return []
+    samples = client.query(f"topk({n}, vmshare_vm_saved_bytes{selector(job, trust_group)})",
+                           at)
+    rows = [VmRow(s.labels.get("instance", ""), s.labels.get("domain", "?"),
+                  s.labels.get("trust_group", ""), s.value) for s in samples]
+    return sorted(rows, key=lambda r: (-r.saved_bytes, r.instance, r.domain))[:n]
+
+
+def _queries(job: str, trust_group: str | None) -> dict[str, str]:
+    """Everything status needs, each aggregated by the server to one value per
+    host (or only the VMs to name): a thousand hosts of forty VMs come back as
+    a few thousand samples, not forty thousand."""
+    job_sel, vm_sel = selector(job), selector(job, trust_group)
+    return {
+        "up": f"up{job_sel}",
+        "available": f"vmshare_ksm_available{job_sel}",
+        "run": f"vmshare_ksm_knob_run{job_sel}",
+        "saved": f"vmshare_ksm_saved_bytes{job_sel}",
+        # how old the figures are: since Prometheus last scraped them, plus how
+        # old the exporter's snapshot already was then (a stuck refresher shows)
+        "age": f"time() - timestamp(vmshare_snapshot_age_seconds{job_sel}) "
+               f"+ vmshare_snapshot_age_seconds{job_sel}",
+        "cores": f"rate(vmshare_ksmd_cpu_seconds_total{job_sel}[5m])",
+        "vms": f"count by (instance) (vmshare_vm_saved_bytes{vm_sel})",
+        "group_saved": f"sum by (instance) (vmshare_vm_saved_bytes{vm_sel})",
+        "drift": f"vmshare_vm_mergeable{vm_sel} != on(instance, domain) "
+                 f"vmshare_vm_policy_merge{vm_sel}",
+    }
+
+
 def fleet_status(client: PromClient, *, job: str = DEFAULT_JOB,
                  trust_group: str | None = None, stale_after: float = 300.0,
-                 prices: Prices | None = None, top: int = 10) -> FleetStatus:
-    """Collect and judge the fleet. Raises PrometheusError, UsageError."""
+                 prices: Prices | None = None, top: int = 10,
+                 at: float | None = None) -> FleetStatus:
+    """Collect and judge the fleet as of ``at`` (Unix time; None: now). The
+    queries run concurrently, each with the client's timeout.
+    Raises PrometheusError, UsageError."""
     prices = prices or Prices()
-    job_sel = selector(job)
-    vm_sel = selector(job, trust_group)
-    up = _by_instance(client.query(f"up{job_sel}"))
-    available = _by_instance(client.query(f"vmshare_ksm_available{job_sel}"))
-    run = _by_instance(client.query(f"vmshare_ksm_knob_run{job_sel}"))
-    saved = _by_instance(client.query(f"vmshare_ksm_saved_bytes{job_sel}"))
-    age = _by_instance(client.query(f"time() - timestamp(vmshare_ksm_available{job_sel})"))
-    cores = _by_instance(client.query(f"rate(vmshare_ksmd_cpu_seconds_total{job_sel}[5m])"))
-    vms = client.query(f"vmshare_vm_saved_bytes{vm_sel}")
-    drift = client.query(f"vmshare_vm_mergeable{vm_sel} != on(instance, domain) "
-                         f"vmshare_vm_policy_merge{vm_sel}")
-    instances = sorted(set(up) | set(available))
-    hosts = {i: HostRow(i, up=None if i not in up else up[i] >= 1) for i in instances}
+    queries = _queries(job, trust_group)
+    if trust_group is None:
+        del queries["group_saved"]
+    with ThreadPoolExecutor(max_workers=len(queries) + 1) as pool:
+        futures = {k: pool.submit(client.query, q, at) for k, q in queries.items()}
+        topped = pool.submit(top_sharers, client, top, job=job, trust_group=trust_group, at=at)
+        got = {k: f.result() for k, f in futures.items()}
+        top_rows = topped.result()
+    per = {k: _by_instance(v) for k, v in got.items() if k != "drift"}
+    instances = sorted(set(per["up"]) | set(per["available"]) | set(per["vms"]))
+    hosts = {i: HostRow(i, up=None if i not in per["up"] else per["up"][i] >= 1)
+             for i in instances}
     for inst, row in hosts.items():
-        row.age_seconds = age.get(inst)
-        row.ksmd_cores = cores.get(inst)
-        row.ksm = _ksm_state(available.get(inst), run.get(inst), saved.get(inst))
-        row.saved_bytes = saved.get(inst, 0.0) if trust_group is None else 0.0
-    rows = [VmRow(s.labels.get("instance", ""), s.labels.get("domain", "?"),
-                  s.labels.get("trust_group", ""), s.value) for s in vms]
-    for r in rows:
-        host = hosts.setdefault(r.instance, HostRow(r.instance))
-        host.vm_count += 1
-        if trust_group is not None:
-            host.saved_bytes += r.saved_bytes
-    for s in drift:
+        row.age_seconds = per["age"].get(inst)
+        row.ksmd_cores = per["cores"].get(inst)
+        row.ksm = _ksm_state(per["available"].get(inst), per["run"].get(inst),
+                             per["saved"].get(inst))
+        row.vm_count = round(per["vms"].get(inst, 0))
+        row.saved_bytes = per["saved" if trust_group is None else "group_saved"].get(inst, 0.0)
+    for s in got["drift"]:
         host = hosts.setdefault(s.labels.get("instance", ""), HostRow(s.labels.get("instance", "")))
         host.drifted.append(s.labels.get("domain", "?"))
     for row in hosts.values():
@@ -131,8 +168,8 @@ def fleet_status(client: PromClient, *, job: str = DEFAULT_JOB,
     if not hosts:
         notes.append(f"no vmshare exporter found: no series with job={job!r} "
                      "(is Prometheus scraping `vmshare metrics`? see --job)")
-    return FleetStatus(ordered, sorted(rows, key=lambda r: -r.saved_bytes)[:top],
-                       sum(h.saved_bytes for h in ordered), len(rows), prices, notes)
+    return FleetStatus(ordered, top_rows, sum(h.saved_bytes for h in ordered),
+                       sum(h.vm_count for h in ordered), prices, notes)
 
 
 def _ksm_state(available: float | None, run: float | None, saved: float | None) -> str:

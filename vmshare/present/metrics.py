@@ -45,6 +45,8 @@ EXPORT_MEANINGS = {
     "vm_policy_merge": "1 if the VM's policy decision is to merge its RAM, 0 if not",
     "other_saved_bytes": "pages_sharing not attributed to a listed VM, in bytes",
     "snapshot_age_seconds": "seconds since the figures served were collected",
+    "host_memory_available_bytes": "MemAvailable of /proc/meminfo: memory this host can "
+                                   "still give without swapping (vmshare place's headroom)",
     "snapshot_duration_seconds": "wall-clock seconds the last collection took",
     "snapshot_cpu_seconds": "CPU seconds the last collection cost this process",
     "scrape_errors": "parts of the last collection that failed (the rest is still served)",
@@ -82,6 +84,7 @@ class Snapshot:
     policy: Mapping[str, VmPolicyFacts] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     daemon: DaemonFigures | None = None
+    memory_available: float | None = None   # MemAvailable, bytes (vmshare place's headroom)
 
 
 def _gauge(name: str, meaning: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
@@ -118,6 +121,11 @@ class SnapshotCollector:
             g = _gauge(name, EXPORT_MEANINGS[name])
             g.add_metric([], value)
             yield g
+        if snap.memory_available is not None:
+            mem = _gauge("host_memory_available_bytes",
+                         EXPORT_MEANINGS["host_memory_available_bytes"])
+            mem.add_metric([], snap.memory_available)
+            yield mem
         tuner = _gauge("ksm_tuner_running", EXPORT_MEANINGS["ksm_tuner_running"])
         tuner.add_metric([], 0 if snap.tuner_pid is None else 1)
         yield tuner

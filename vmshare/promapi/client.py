@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -100,6 +101,7 @@ class PromClient:
     """Queries one Prometheus-compatible API at ``url`` (e.g. http://prom:9090).
 
     ``dropped`` counts the non-finite sample values left out of all replies.
+    One client may be used from several threads at once (fleet status does).
     """
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
@@ -113,6 +115,7 @@ class PromClient:
         self.timeout = timeout
         self.transport: Transport = transport or UrllibTransport()
         self.dropped = 0
+        self._dropped_lock = threading.Lock()
 
     def query(self, expr: str, at: float | None = None) -> list[Sample]:
         """An instant query. Raises PrometheusError."""
@@ -192,6 +195,7 @@ class PromClient:
             raise PrometheusError(f"{self.url}: malformed sample {str(pair)[:80]}")
         value = _finite(pair[1])
         if value is None or not math.isfinite(float(pair[0])):
-            self.dropped += 1
+            with self._dropped_lock:
+                self.dropped += 1
             return None
         return float(pair[0]), value

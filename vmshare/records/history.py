@@ -1,22 +1,19 @@
 """Savings history: periodic samples of the host's KSM counters and each VM's
-figures, as JSON lines, written by the daemon and read by `vmshare history`.
+figures. The daemon keeps them in an SQLite database (history_db); this module
+holds the sample format, the reader of the JSON-lines files earlier versions
+wrote (imported once, history_import), and the helpers that present samples.
 
-A sample is small (a few hundred bytes per VM); the file is rotated to
-``<file>.1`` when it passes ``max_bytes``, so at most twice that is kept.
-Appends go through audit.append_line, as the audit log's do (one write()
-under an exclusive lock); a torn last line from a crash is skipped by the reader.
+A sample: ``{"time": t, "host": {counter: int}, "vms": {name: {figure: int}}}``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vmshare.errors import AccessDenied
 from vmshare.model import PAGE_SIZE
-from vmshare.records.audit import append_line
 from vmshare.records.schema import RecordError, decode, get_int, get_map, get_number, printable
 
 HOST_FIELDS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
@@ -24,67 +21,57 @@ HOST_FIELDS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatil
 VM_FIELDS = ("saved_bytes", "ksm_pages", "ram_bytes", "zero_pages")
 SPARK = "▁▂▃▄▅▆▇█"
 T = TypeVar("T")
+#: --resolution: auto, raw samples, 5-minute or hourly aggregates (history_db.RESOLUTIONS)
+RESOLUTION_CHOICES = ("auto", "raw", "5m", "1h")
+#: auto: the finest resolution that holds the window in at most this many samples
+AUTO_MAX_SAMPLES = 1500
 
 
 class HistoryError(RecordError):
     """The history file cannot be written or read."""
 
 
-class HistoryStore:
-    """Append-only JSON-lines history with one rotation. Errors: HistoryError,
+class LegacyHistory:
+    """The JSON-lines history of vmshare before the database (``<file>`` and its
+    one rotation ``<file>.1``), read once by the import. Errors: HistoryError,
     AccessDenied."""
 
-    def __init__(self, path: Path, max_bytes: int = 16 * 2**20) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.max_bytes = max_bytes
         self.skipped = 0
         self.first_problem = ""
 
-    def append(self, record: dict[str, Any]) -> None:
-        try:
-            text = json.dumps(record, separators=(",", ":"), sort_keys=True, allow_nan=False)
-        except ValueError as exc:
-            raise HistoryError(f"cannot write {self.path}: {exc}") from exc
-        line = (text + "\n").encode()
-        try:
-            append_line(self.path, line, rotate_over=self.max_bytes)
-        except PermissionError as exc:
-            raise AccessDenied(f"cannot write {self.path}: permission denied") from exc
-        except OSError as exc:
-            raise HistoryError(f"cannot write {self.path}: {exc.strerror}") from exc
+    def files(self) -> list[Path]:
+        """The rotation first (it is older), then the file."""
+        return [self.path.with_name(self.path.name + ".1"), self.path]
 
-    def read(self, since: float = 0.0) -> Iterator[dict[str, Any]]:
-        """Samples newer than ``since``, oldest first, from the rotated file too.
+    def read(self, path: Path) -> Iterator[dict[str, Any]]:
+        """The valid samples of ``path`` (one of :meth:`files`), in file order.
 
         A line that is not a valid sample (a torn line from a crash, a
         hand edit) is skipped and counted in ``self.skipped``, with the first
         problem in ``self.first_problem``. Raises AccessDenied or HistoryError
         (a file that cannot be read).
         """
-        self.skipped = 0
-        self.first_problem = ""
-        for path in (self.path.with_name(self.path.name + ".1"), self.path):
-            try:
-                f = open(path, "rb")  # noqa: SIM115 - closed by the with below
-            except FileNotFoundError:
-                continue
-            except PermissionError as exc:
-                raise AccessDenied(f"cannot read {path}: permission denied") from exc
-            except OSError as exc:
-                raise HistoryError(f"cannot read {path}: {exc.strerror}") from exc
-            with f:
-                for number, raw in enumerate(f, 1):
-                    try:
-                        rec = parse_sample(raw, f"{path}:{number}")
-                    except HistoryError as exc:
-                        self.skipped += 1
-                        self.first_problem = self.first_problem or str(exc)
-                        continue
-                    if rec["time"] > since:
-                        yield rec
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            return
+        except PermissionError as exc:
+            raise AccessDenied(f"cannot read {path}: permission denied") from exc
+        except OSError as exc:
+            raise HistoryError(f"cannot read {path}: {exc.strerror}") from exc
+        with f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    yield parse_sample(raw, f"{path}:{number}")
+                except HistoryError as exc:
+                    self.skipped += 1
+                    self.first_problem = self.first_problem or str(exc)
 
 
 MAX_LINE_BYTES = 1 << 20
+INT64_MAX = 2**63 - 1       # what an SQLite INTEGER holds
 
 
 def parse_sample(raw: bytes, what: str) -> dict[str, Any]:
@@ -99,13 +86,16 @@ def parse_sample(raw: bytes, what: str) -> dict[str, Any]:
     get_number(rec, "time", HistoryError, what)
     host = get_map(rec, "host", HistoryError, what, required=False)
     for key in host:
-        get_int(host, key, HistoryError, f"{what}: host", minimum=0)
+        # general_profit is the kernel's signed estimate; every other counter is >= 0
+        get_int(host, key, HistoryError, f"{what}: host", maximum=INT64_MAX,
+                minimum=-INT64_MAX if key == "general_profit" else 0)
     vms = get_map(rec, "vms", HistoryError, what, required=False)
     for name in vms:
         vm = get_map(vms, name, HistoryError, f"{what}: vms")
         for key in VM_FIELDS:
             if key in vm:
-                get_int(vm, key, HistoryError, f"{what}: vms.{printable(name, 60)}", minimum=0)
+                get_int(vm, key, HistoryError, f"{what}: vms.{printable(name, 60)}", minimum=0,
+                        maximum=INT64_MAX)
     return rec
 
 

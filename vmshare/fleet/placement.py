@@ -1,0 +1,191 @@
+"""Sharing-aware placement: which host a VM would share most with, from content
+sketches (vmshare.records.sketchfile), and which moves across the fleet would
+gain most (``rebalance``).
+
+A host's *extra saving* for a VM is what kernel KSM there would add to
+pages_sharing by taking it, beyond what the VM shares with itself alone,
+counting only the host's VMs of the VM's trust group (vmshare.engine.sampled:
+sum over contents of f(h + v) - f(h) - f(v), estimated with a 95% interval).
+For the host the VM is on now, the figure is what it gains there from the
+others. Memory headroom comes from Prometheus: node_exporter's
+node_memory_MemAvailable_bytes, else the vmshare exporter's
+vmshare_host_memory_available_bytes; a VM fits where its resident pages fit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmshare.engine import EngineConfig
+from vmshare.engine.sampled import Contents, Estimate, Member, contents, extra_sharing
+from vmshare.errors import PrometheusError, SketchError, UsageError
+from vmshare.model import PAGE_SIZE
+from vmshare.promapi.client import PromClient
+from vmshare.records.sketchfile import Sketch, VmSketch, check_compatible, read_sketch, restrict
+
+HEADROOM_QUERIES = ("node_memory_MemAvailable_bytes", "vmshare_host_memory_available_bytes")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    host: str
+    extra: Estimate                # pages
+    headroom_bytes: float | None   # None: no figure in Prometheus
+    need_bytes: int
+    peers: int                     # the host's VMs in the VM's trust group
+    current: bool                  # the VM runs there now
+
+    @property
+    def fits(self) -> bool:
+        return self.current or (self.headroom_bytes is not None
+                                and self.headroom_bytes >= self.need_bytes)
+
+
+@dataclass(frozen=True)
+class Move:
+    vm: str
+    source: str
+    target: str
+    gain: Estimate                 # pages: extra there minus extra where it is
+    need_bytes: int
+    target_headroom_bytes: float
+
+
+def load_sketches(paths: Sequence[str | Path], key_id: bytes) -> list[tuple[Path, Sketch]]:
+    """Every host sketch in the given files and directories (``*.sketch``), all
+    of ``key_id`` and one rate. Raises SketchError (none found, a bad file)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.sketch")))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SketchError(f"{p}: no such sketch file or directory")
+    if not files:
+        raise SketchError(f"no host sketches (*.sketch) in {', '.join(map(str, paths))}")
+    sketches = [(f, read_sketch(f, key_id=key_id)) for f in files]
+    check_compatible([s for _, s in sketches], key_id, [str(f) for f, _ in sketches])
+    hosts = [s.host for _, s in sketches]
+    if len(set(hosts)) != len(hosts):
+        dup = sorted({h for h in hosts if hosts.count(h) > 1})[0]
+        raise SketchError(f"host {dup!r} has more than one sketch in {', '.join(map(str, paths))}")
+    return sketches
+
+
+def check_fresh(vm: VmSketch, hosts: Sequence[tuple[Path, Sketch]]) -> None:
+    """Refuse a host sketch that describes ``vm`` (by name) as started before it
+    really was: the VM restarted since, its memory in the sketch is gone.
+    ``vm.started`` 0 (unknown) checks nothing. Raises SketchError."""
+    if not vm.started:
+        return
+    for path, sk in hosts:
+        for v in sk.vms:
+            if v.name == vm.name and v.started and v.started < vm.started:
+                raise SketchError(f"{path}: stale: it holds {vm.name} as started at "
+                                  f"{_when(v.started)}, but {vm.name} was restarted at "
+                                  f"{_when(vm.started)}; sketch host {sk.host!r} again")
+
+
+def _when(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def headroom(client: PromClient) -> dict[str, float]:
+    """MemAvailable per host name (an instance label without its port), from
+    node_exporter, else the vmshare exporter. Raises PrometheusError."""
+    out: dict[str, float] = {}
+    for expr in reversed(HEADROOM_QUERIES):      # node_exporter's figure wins
+        for s in client.query(expr):
+            inst = s.labels.get("instance", "")
+            if math.isfinite(s.value):
+                out[inst] = s.value
+                out[inst.rsplit(":", 1)[0]] = s.value
+    return out
+
+
+def _member(v: VmSketch, threshold: int) -> Member:
+    r = restrict(v, threshold)
+    return Member(r.values, r.counts, r.heavy_values, r.heavy_counts, r.zero_pages)
+
+
+def _group(vms: Iterable[VmSketch], group: str | None, threshold: int, skip: str) -> Contents:
+    return contents([_member(v, threshold) for v in vms if v.group == group and v.name != skip])
+
+
+def extra_on(vm: VmSketch, vm_threshold: int, host: Sketch, config: EngineConfig,
+             cache: dict[tuple[str, str | None, int], Contents] | None = None) -> Estimate:
+    """The extra saving (pages) ``vm`` would have on ``host`` (without itself).
+    ``cache`` keeps each host group's contents for the VMs not on that host."""
+    thr = min(vm_threshold, host.effective)
+    if cache is None or any(v.name == vm.name for v in host.vms):
+        hc = _group(host.vms, vm.group, thr, vm.name)
+    else:
+        key = (host.host, vm.group, thr)
+        if key not in cache:
+            cache[key] = _group(host.vms, vm.group, thr, "")
+        hc = cache[key]
+    vc = contents([_member(vm, thr)])
+    return extra_sharing(hc, vc, thr / 2**64, config.max_page_sharing, config.use_zero_pages)
+
+
+def rank(vm: VmSketch, vm_threshold: int, hosts: Sequence[Sketch], room: dict[str, float],
+         config: EngineConfig) -> list[Candidate]:
+    """Hosts for ``vm``, best first: those it fits on, by extra saving then
+    headroom; then the rest. Raises UsageError when it fits on none."""
+    need = vm.pages * PAGE_SIZE
+    out = []
+    for h in hosts:
+        peers = sum(1 for v in h.vms if v.group == vm.group and v.name != vm.name)
+        out.append(Candidate(h.host, extra_on(vm, vm_threshold, h, config), room.get(h.host),
+                             need, peers, any(v.name == vm.name for v in h.vms)))
+    out.sort(key=lambda c: (not c.fits, -c.extra.value, -(c.headroom_bytes or 0.0), c.host))
+    if out and not any(c.fits for c in out):
+        known = [c.headroom_bytes for c in out if c.headroom_bytes is not None]
+        most = f"{max(known) / 2**20:,.0f} MiB" if known else "none known"
+        raise UsageError(f"{vm.name} needs {need / 2**20:,.0f} MiB, more than any host's "
+                         f"memory headroom (largest: {most}); no placement")
+    return out
+
+
+def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineConfig,
+              top: int = 5) -> list[Move]:
+    """The few moves that gain most (each VM moved at most once, each target's
+    headroom spent as moves land on it), best first; only moves whose whole
+    95% interval is a gain. Every VM is tried on every host: O(VMs x hosts)
+    comparisons, each host group's contents built once."""
+    moves: list[Move] = []
+    cache: dict[tuple[str, str | None, int], Contents] = {}
+    for src in hosts:
+        for vm in src.vms:
+            here = extra_on(vm, src.effective, src, config)
+            need = vm.pages * PAGE_SIZE
+            for dst in hosts:
+                if dst.host == src.host or room.get(dst.host, 0.0) < need:
+                    continue
+                there = extra_on(vm, src.effective, dst, config, cache)
+                gain = Estimate(there.value - here.value, math.hypot(there.stderr, here.stderr))
+                if gain.value - 1.96 * gain.stderr > 0:
+                    moves.append(Move(vm.name, src.host, dst.host, gain, need,
+                                      room[dst.host]))
+    moves.sort(key=lambda m: -m.gain.value)
+    chosen: list[Move] = []
+    left = dict(room)
+    for m in moves:
+        if len(chosen) >= top or any(c.vm == m.vm for c in chosen):
+            continue
+        if left.get(m.target, 0.0) >= m.need_bytes:
+            left[m.target] -= m.need_bytes
+            chosen.append(m)
+    return chosen
+
+
+def check_prometheus_has_hosts(room: dict[str, float], url: str) -> None:
+    if not room:
+        raise PrometheusError(f"{url}: no node_memory_MemAvailable_bytes nor "
+                              "vmshare_host_memory_available_bytes series: no host headroom "
+                              "known")
