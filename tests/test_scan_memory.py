@@ -22,7 +22,7 @@ PAGES = 2**30 // PAGE_SIZE
 #: thread stacks, numpy temporaries of bounded batches, malloc slack, code
 #: pages faulted in (measured 68 MiB beyond the imports in all, of a 76 MiB
 #: budget with 24 MiB here; benchmarks/engine_scaling.py measures the per-page
-#: part alone: 31-35 B/page); a copy of the guest would add 1 GiB
+#: part alone: 31-40 B/page); a copy of the guest would add 1 GiB
 ALLOWANCE = 32 * 2**20
 BYTES_PER_PAGE = 16
 
