@@ -34,6 +34,8 @@ def best(fn: object, repeats: int) -> float:
 
 
 def main() -> int:
+    from benchmarks.common import machine
+    print(machine())
     size_mib = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 7
     pages = size_mib * 256

@@ -64,6 +64,8 @@ def one_size(size_gib: float, procfs: ProcFs) -> tuple[float, float]:
 
 
 def main() -> int:
+    from benchmarks.common import machine
+    print(machine())
     sizes = [float(a) for a in sys.argv[1:]] or [1.0, 4.0, 16.0]
     if os.geteuid() != 0:
         raise SystemExit("run as root: kernel KSM knobs, kpagecount")

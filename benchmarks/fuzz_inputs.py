@@ -56,6 +56,8 @@ def fuzz(fmt: str, examples: int) -> tuple[int, str | None]:
 
 
 def main() -> int:
+    from benchmarks.common import machine
+    print(machine())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=5000, help="inputs per format")
     parser.add_argument("--format", action="append", choices=sorted(FORMATS))

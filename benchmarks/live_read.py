@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.sources import LiveProcessSource, RawImageSource
@@ -44,6 +45,9 @@ def best_of(repeats: int, fn: Callable[[], int]) -> tuple[float, int]:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.common import machine
+    print(machine())
     mib = int(sys.argv[1]) if len(sys.argv) > 1 else 512
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     size = mib << 20

@@ -256,6 +256,8 @@ def print_table(results: list[Result], window: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import machine
+    print(machine())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--short", action="store_true", help="smoke run: one boot, two runs")
     p.add_argument("--guests", type=int, default=3)

@@ -204,6 +204,8 @@ def run_vmshare(name: str, extra: list[str], sysfs: KsmSysfs, clock: KsmdClock, 
 
 
 def main() -> int:
+    from benchmarks.common import machine
+    print(machine())
     args = sys.argv[1:]
     procs = int(args[0]) if len(args) > 0 else 4
     size_mib = int(args[1]) if len(args) > 1 else 256

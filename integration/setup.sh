@@ -63,9 +63,10 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 # the install is redone when the build inputs change or the C extension is missing
 want=$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/vmshare/engine/_pages.c" \
-       | sha256sum | cut -d' ' -f1)
+       "$REPO/vmshare/sources/_readpages.c" | sha256sum | cut -d' ' -f1)
 have=$(cat "$STAMP" 2>/dev/null || true)
-if [[ $want != "$have" ]] || ! compgen -G "$REPO/vmshare/engine/_pages.*.so" >/dev/null; then
+if [[ $want != "$have" ]] || ! compgen -G "$REPO/vmshare/engine/_pages.*.so" >/dev/null \
+        || ! compgen -G "$REPO/vmshare/sources/_readpages.*.so" >/dev/null; then
     say "pip install -e $REPO[test]"
     log=$(mktemp)
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$REPO[test]" \

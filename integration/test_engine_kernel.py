@@ -16,6 +16,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.observe.host import Observer
 from vmshare.prediction.predict import Target, domain_target, run_until_converged
-from vmshare.prediction.scanning import ScanArena, scan_sources
+from vmshare.prediction.scanning import scan_sources
 from vmshare.sources import LiveProcessSource
 
 __all__ = ["kernel_ksm", "memprocs"]
@@ -155,24 +156,31 @@ def test_engine_equals_kernel_default_knobs(kernel_ksm: KsmSysfs,
     assert pick(engine) == pick(kernel)
 
 
-def test_reading_pages_again_gives_the_kept_answer(memprocs: list[MemProc]) -> None:
-    """The low-memory way (live pages not kept, the ones to compare read again
-    at the end of each scan) against keeping every page: the same answer,
-    with nothing copied into the arena."""
+def test_streaming_scan_gives_the_answer_of_keeping_every_page(
+        memprocs: list[MemProc]) -> None:
+    """The scan keeps no page (a 2 MiB read buffer, the pages to compare read
+    again at the end of each scan) against an engine fed copies of every page
+    it keeps until end_scan: the same answer."""
     for i in range(3):
         memprocs.append(start_memproc(identical=3000, unique=700, zero=300 + i, seed=12,
                                       madvise=False))
     answers = []
-    for reread in (False, True):
-        engine, arena = KsmEngine(EngineConfig(max_page_sharing=16)), ScanArena()
+    for stream in (False, True):
+        engine = KsmEngine(EngineConfig(max_page_sharing=16))
         for _ in range(2):
             sources = [memproc_source(p, f"p{i}") for i, p in enumerate(memprocs)]
             try:
-                scan_sources(engine, sources, arena=arena, reread=reread)
+                if stream:
+                    scan_sources(engine, sources, buffer_bytes=2 * 2**20)
+                else:
+                    engine.begin_scan({s.name: s.regions() for s in sources})
+                    for s in sources:
+                        for run in s.runs():
+                            engine.feed(replace(run, data=memoryview(bytearray(run.data))))
+                    engine.end_scan()
             finally:
                 for src in sources:
                     src.close()
-        assert (arena.buffer_bytes == 0) == reread
         answers.append((engine.counters().merge_state(), engine.per_source(),
                         engine.shares_with()))
     assert answers[0] == answers[1]
@@ -236,9 +244,6 @@ def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,
         require_alone(pids)
         engine = KsmEngine(EngineConfig())
         scans, _, _ = run_until_converged(engine, targets, max_scans=6)
-        # the low-memory way: no copy kept, the pages to compare read again
-        low = KsmEngine(EngineConfig())
-        run_until_converged(low, targets, max_scans=6, low_memory=True)
         kernel_after = kernel_ksm.counters()
     finally:
         with contextlib.suppress(VmshareError):
@@ -250,4 +255,3 @@ def test_engine_close_to_kernel_on_running_guests(kernel_ksm: KsmSysfs,
     assert ours == pytest.approx(theirs, rel=0.02), (
         f"engine pages_sharing {ours} vs kernel {kernel['pages_sharing']} / "
         f"{kernel_after['pages_sharing']} after {scans} engine scans")
-    assert low.counters().pages_sharing == pytest.approx(theirs, rel=0.02)

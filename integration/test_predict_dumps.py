@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from integration.domains import domain_name
@@ -34,6 +36,7 @@ from vmshare.model import PageRun, Region
 from vmshare.observe.host import Observer
 from vmshare.prediction.predict import Prediction, Target, domain_target, predict
 from vmshare.sources import PageSource, open_dump
+from vmshare.sources.base import WHOLE, Part, ReadInto
 from vmshare.sources.secure import dump_file, ensure_dump_dir, paused_guard
 
 pytestmark = pytest.mark.integration
@@ -54,8 +57,19 @@ class RamRange:
     def regions(self) -> list[Region]:
         return [r for r in self.inner.regions() if r.key in self.keys]
 
-    def runs(self, chunk_pages: int = 4096) -> Iterator[PageRun]:
-        return (r for r in self.inner.runs(chunk_pages) if r.region in self.keys)
+    @property
+    def read_into(self) -> ReadInto | None:
+        return self.inner.read_into
+
+    @read_into.setter
+    def read_into(self, value: ReadInto | None) -> None:
+        self.inner.read_into = value
+
+    def runs(self, chunk_pages: int = 4096, part: Part = WHOLE) -> Iterator[PageRun]:
+        return (r for r in self.inner.runs(chunk_pages, part) if r.region in self.keys)
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        self.inner.read_pages(region, pages, into)
 
     def close(self) -> None:
         self.inner.close()

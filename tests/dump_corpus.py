@@ -312,11 +312,11 @@ def write_corpus(directory: Path) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def mapping_process(script: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Run ``script`` in a child Python that maps memory and prints its address
-    (hex) on the first line; yields (process, address), killed afterwards.
-    The live-source tests read that process's memory."""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+def mapping_process(script: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run ``script`` (with ``args``) in a child Python that maps memory and prints
+    its address (hex) on the first line; yields (process, address), killed
+    afterwards. The live-source tests read that process's memory."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -1,11 +1,10 @@
-"""Incremental rescans: the engine's ``unchanged`` masks and the live source's
-soft-dirty mirror (vmshare.sources.softdirty.SoftDirtyMirror)."""
+"""Incremental rescans (the engine's ``unchanged`` masks), and a live page
+rewritten by a real process between its hash and its comparison."""
 
 from __future__ import annotations
 
 import os
 import random
-import struct
 import subprocess
 from collections.abc import Iterator
 
@@ -16,8 +15,8 @@ from tests.dump_corpus import mapping_process
 from tests.test_engine import Z, pg
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
-from vmshare.sources.live import LiveProcessSource, TrackedPageRun
-from vmshare.sources.softdirty import SoftDirtyMirror
+from vmshare.prediction.scanning import source_fetch
+from vmshare.sources.live import LiveProcessSource
 
 
 def scan(e: KsmEngine, world: dict[str, list[bytes]], prev: dict[str, list[bytes]] | None,
@@ -72,8 +71,8 @@ def test_unchanged_mask_of_wrong_length_is_refused() -> None:
 CHILD = r"""
 import mmap, sys, struct, ctypes
 m = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for i in range(16):
-    m[i * 4096:(i + 1) * 4096] = struct.pack("<QQ", 0xFEED, i) * 256
+for i in range(16):      # pages 0-7 identical, 8-15 unique
+    m[i * 4096:(i + 1) * 4096] = struct.pack("<QQ", 0xFEED, max(i, 7)) * 256
 print(hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
 for line in sys.stdin:
     i, v = map(int, line.split())
@@ -88,40 +87,31 @@ def writer() -> Iterator[tuple[subprocess.Popen[str], int]]:
         yield pa
 
 
-def collect(src: LiveProcessSource) -> tuple[dict[int, bytes], dict[int, bool]]:
-    data, unchanged = {}, {}
-    for run in src.runs(4):
-        assert isinstance(run, TrackedPageRun) and run.pagemap.shape == (run.npages,)
-        for k in range(run.npages):
-            data[run.first_page + k] = bytes(run.data[k * PAGE_SIZE:(k + 1) * PAGE_SIZE])
-            unchanged[run.first_page + k] = bool(run.unchanged[k])
-    return data, unchanged
+def rewrite(proc: subprocess.Popen[str], page: int, value: int) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"{page} {value}\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "ok"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="reading another process's memory needs root")
-def test_soft_dirty_mirror_rereads_only_written_pages(
+def test_a_page_rewritten_between_hash_and_comparison_is_compared_by_its_new_bytes(
         writer: tuple[subprocess.Popen[str], int]) -> None:
+    """Scan 2 hashes the process's pages (none kept), then the helper rewrites
+    page 3 before the engine reads the pages it compares again: page 3 is
+    compared by its new bytes, never merges with the other seven of pages
+    0-7 (its checksum still says it equals them), and those seven merge."""
     proc, addr = writer
-    assert proc.stdin is not None and proc.stdout is not None
     vma = Vma(addr, addr + 16 * PAGE_SIZE, "rw-p", 0, "")
-    mirror = SoftDirtyMirror()
-
-    def one_scan() -> tuple[dict[int, bytes], dict[int, bool]]:
-        with LiveProcessSource(proc.pid, [vma], mirror=mirror) as src:
-            return collect(src)
-
-    data, unchanged = one_scan()
-    if not mirror.supported:
-        pytest.skip("kernel without CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 never set")
-    expect = {i: struct.pack("<QQ", 0xFEED, i) * 256 for i in range(16)}
-    assert data == expect and not any(unchanged.values())
-    assert mirror.pages_read == 16
-    data, unchanged = one_scan()
-    assert data == expect and all(unchanged.values()) and mirror.pages_read == 0
-    proc.stdin.write("5 12345\n")
-    proc.stdin.flush()
-    assert proc.stdout.readline().strip() == "ok"
-    data, unchanged = one_scan()
-    expect[5] = struct.pack("<Q", 12345) + expect[5][8:]
-    assert data == expect
-    assert [i for i, u in unchanged.items() if not u] == [5] and mirror.pages_read == 1
+    engine = KsmEngine()
+    for scan_no in range(2):
+        with LiveProcessSource(proc.pid, [vma], "p") as src:
+            engine.begin_scan({"p": src.regions()})
+            for run in src.runs(4):
+                engine.feed(run, retain=False)
+            if scan_no == 1:           # hashed, not yet compared
+                rewrite(proc, 3, 0xBAD)
+            c = engine.end_scan(source_fetch([src], {("p", src.regions()[0].key): 0}))
+    counters = c.counters
+    assert (counters.pages_shared, counters.pages_sharing) == (1, 6)
+    assert counters.pages_unshared + counters.pages_volatile == 9

@@ -19,17 +19,10 @@ from tests.dump_corpus import (
     page,
 )
 from vmshare.engine import EngineConfig, KsmEngine
-from vmshare.errors import DumpError, MemoryRefused, ProcessGone, UsageError
+from vmshare.errors import DumpError, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, Vma
-from vmshare.prediction.planning import (
-    ENGINE_BYTES_PER_PAGE,
-    LIVE_BUFFER_BYTES,
-    ScanPlan,
-    plan_scan,
-)
 from vmshare.prediction.predict import LiveScanner, dump_target, pid_target, predict
-from vmshare.prediction.scanning import ScanArena
 from vmshare.present.progress import ProgressBar
 from vmshare.sources import LiveProcessSource
 from vmshare.sources.visible import zero_rows
@@ -120,29 +113,6 @@ def test_zero_rows() -> None:
     assert zero_rows(memoryview(bytearray(page(1)))).tolist() == []
 
 
-def test_arena_packs_and_reuses() -> None:
-    arena = ScanArena(chunk_bytes=4 * PAGE_SIZE)
-    views = [arena.copy(memoryview(page(i) * 1)) for i in range(6)]
-    assert [bytes(v) for v in views] == [page(i) for i in range(6)]
-    assert arena.nbytes == 8 * PAGE_SIZE
-    arena.reset()
-    arena.copy(memoryview(page(9) * 3))
-    assert arena.nbytes == 8 * PAGE_SIZE         # no new buffer for the next scan
-
-
-def test_arena_reserve_maps_what_is_missing_at_once() -> None:
-    arena = ScanArena(chunk_bytes=4 * PAGE_SIZE)
-    arena.copy(memoryview(page(1)))
-    arena.reserve(10 * PAGE_SIZE)                # 4 held: 6 missing, rounded to 8
-    assert arena.nbytes == 12 * PAGE_SIZE
-    arena.reserve(12 * PAGE_SIZE)
-    assert arena.nbytes == 12 * PAGE_SIZE
-    arena.reset()
-    views = [arena.copy(memoryview(page(i) * 3)) for i in range(4)]   # 12 pages packed
-    assert [bytes(v) for v in views] == [page(i) * 3 for i in range(4)]
-    assert arena.nbytes == 16 * PAGE_SIZE        # the 3-page runs left 1 + 2 pages unused
-
-
 CHILD = """
 import mmap, sys
 m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -226,7 +196,6 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     import numpy as np
 
     from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
-    from vmshare.ksm.procfs import ProcFs
     from vmshare.model import Region
     from vmshare.sources.live import LivePageRun
     from vmshare.sources.visible import KernelVisiblePages
@@ -245,8 +214,8 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     region = Region("pc.ram", 4 * 4096, "g")
     inner = SimpleNamespace(
         name="vm", regions=lambda: [region],
-        runs=lambda chunk_pages=4096: iter([LivePageRun("vm", "pc.ram", 0, memoryview(data),
-                                                        entries)]),
+        runs=lambda chunk_pages=4096, part=(0, 1): iter(
+            [LivePageRun("vm", "pc.ram", 0, memoryview(data), entries)]),
         close=lambda: None)
     src = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
     fed = [(r.first_page, r.npages, r.pagemap.tolist(), r.zero_pages) for r in src.runs()]
@@ -255,72 +224,14 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     dumplike = KernelVisiblePages(inner, ProcFs(tmp_path), thp_split=False)  # type: ignore[arg-type]
     assert [(r.first_page, r.npages, r.zero_pages) for r in dumplike.runs()] == [(1, 3, 2)]
     assert dumplike.thp_zero_pages == 0
-
-
-def fake_meminfo(tmp_path: Path, available_kib: int, total_kib: int = 4_000_000) -> ProcFs:
-    root = tmp_path / "proc"
-    root.mkdir(exist_ok=True)
-    (root / "meminfo").write_text(f"MemTotal: {total_kib} kB\nMemAvailable: {available_kib} kB\n")
-    return ProcFs(root)
-
-
-def test_scan_plan_keeps_pages_when_they_fit_and_refuses_when_nothing_does(
-        tmp_path: Path) -> None:
-    a = write_elf(tmp_path / "a.elf", [page(i) for i in range(256)])    # 1 MiB of pages
-    sources = [dump_target(a).open()]
-    try:
-        arena = ScanArena()
-        margin_kib = 256 * 1024                 # 256 MiB: more than 5% of 4 GB
-        need = 256 * PAGE_SIZE + 256 * ENGINE_BYTES_PER_PAGE
-        fits = fake_meminfo(tmp_path, margin_kib + -(-need // 1024))
-        assert plan_scan(sources, arena, fits) == ScanPlan(256 * PAGE_SIZE, reread=False)
-        tight = fake_meminfo(tmp_path, margin_kib + need // 1024 - 8)
-        # a dump has no second way: it is copied or not scanned
-        with pytest.raises(MemoryRefused, match=rf"scanning {a} needs about 1 MiB \(of 1 "
-                           r"MiB of pages read\) but 257 MiB is available \(MemAvailable\) "
-                           r"and 256 MiB must stay free"):
-            plan_scan(sources, arena, tight)
-        arena.take(2 * 2**20)               # copies an earlier scan left: reused
-        assert plan_scan(sources, arena, tight) == ScanPlan(256 * PAGE_SIZE, reread=False)
-    finally:
-        for s in sources:
-            s.close()
-
-
-BIG_CHILD = """
-import ctypes, mmap, sys
-n = int(sys.argv[1])
-m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for i in range(n):
-    m[i * 4096] = 1
-print("ready", hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
-sys.stdin.read()
-"""
-
-
-def test_scan_plan_reads_live_pages_again_when_copies_would_not_fit(tmp_path: Path) -> None:
-    pages = LIVE_BUFFER_BYTES // PAGE_SIZE * 3 // 2        # copies cost more than buffers
-    child = subprocess.Popen([sys.executable, "-c", BIG_CHILD, str(pages)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None
-        start = int(child.stdout.readline().split()[1], 16)
-        vma = Vma(start, start + pages * PAGE_SIZE, "rw-p", 0, "")
-        with LiveProcessSource(child.pid, [vma]) as src:
-            margin_kib = 256 * 1024
-            engine_kib = pages * ENGINE_BYTES_PER_PAGE // 1024
-            copies_kib = pages * PAGE_SIZE // 1024 + engine_kib
-            low_kib = LIVE_BUFFER_BYTES // 1024 + engine_kib
-            plan = plan_scan([src], ScanArena(), fake_meminfo(tmp_path, margin_kib + copies_kib))
-            assert plan == ScanPlan(pages * PAGE_SIZE, reread=False)
-            plan = plan_scan([src], ScanArena(), fake_meminfo(tmp_path, margin_kib + low_kib))
-            assert plan == ScanPlan(0, reread=True)
-            with pytest.raises(MemoryRefused, match=rf"needs about \d+ MiB \(of "
-                                                    rf"{pages * PAGE_SIZE // 2**20} MiB"):
-                plan_scan([src], ScanArena(), fake_meminfo(tmp_path, margin_kib + low_kib - 8))
-    finally:
-        child.kill()
-        child.wait()
+    # two readers' shares, the second started first and the first finishing last
+    # (a share clearing the others' counts failed this way on real guests)
+    both = KernelVisiblePages(inner, ProcFs(tmp_path))  # type: ignore[arg-type]
+    second = both.runs(part=(1, 2))
+    next(second)
+    first = list(both.runs(part=(0, 2)))
+    list(second)
+    assert len(first) == 1 and both.thp_zero_pages == 2       # each share saw page 1
 
 
 RESIDENT_CHILD = """

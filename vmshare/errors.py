@@ -75,10 +75,6 @@ class UnmergeRefused(VmshareError):
     """Unmerging would need more memory than is available (OOM risk)."""
 
 
-class MemoryRefused(VmshareError):
-    """A scan would hold more page copies than the host has memory available."""
-
-
 class PolicyError(VmshareError):
     """A policy file or per-domain policy is invalid, or policy forbids the action."""
 

@@ -29,10 +29,16 @@ def _engine_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--use-zero-pages", action="store_true",
                    help="assume use_zero_pages=1 (zero pages map the zero page)")
     s.add_argument("--json", action="store_true", help="JSON output, no progress bar")
+    s.add_argument("--buffer-mib", type=argtypes.bounded_int(1, 4096), default=32,
+                   metavar="MIB",
+                   help="the bounded buffer every source is read through, whatever the "
+                        "guest's size (default 32)")
     s.add_argument("--low-memory", action="store_true",
-                   help="keep no copy of guest memory: read again, at the end of each "
-                        "scan, only the pages to compare (slower; chosen anyway when "
-                        "copies would not fit in MemAvailable)")
+                   help="deprecated, no effect: every scan keeps no copy of guest memory")
+
+
+LOW_MEMORY_NOTE = ("--low-memory is deprecated and has no effect: every scan reads through "
+                   "a bounded buffer (--buffer-mib) and keeps no copy of guest memory")
 
 
 def _config(a: argparse.Namespace) -> EngineConfig:
@@ -91,8 +97,8 @@ def cmd_predict(ctx: Any) -> int:
         return print_estimate(ctx, targets, groups, notes, config)
     with _progress(a) as bar:
         result = pr.predict(targets, config, groups=groups, scans=a.scans,
-                            progress=bar.update, low_memory=a.low_memory)
-    all_notes = [*notes, *result.notes]
+                            progress=bar.update, buffer_bytes=a.buffer_mib * 2**20)
+    all_notes = [*notes, *result.notes, *([LOW_MEMORY_NOTE] if a.low_memory else [])]
     if a.json:
         emit_json(prediction_json(result, all_notes))
     else:
@@ -175,7 +181,10 @@ def cmd_scan(ctx: Any) -> int:
     a = ctx.args
     observer = ctx.observer()
     scanner = pr.LiveScanner([pr.domain_target(ctx.hv, observer, n, ctx.procfs)
-                              for n in a.domains], _config(a), low_memory=a.low_memory)
+                              for n in a.domains], _config(a),
+                             buffer_bytes=a.buffer_mib * 2**20)
+    if a.low_memory and not a.json:
+        out(f"note: {LOW_MEMORY_NOTE}")
     headers = ["PASS", "SECONDS", "PAGES", "SHARED", "SHARING", "UNSHARED", "VOLATILE",
                "ZERO", "CHAINS", "DUPS", "SAVED"]
     widths = [max(len(h), w) for h, w in

@@ -76,8 +76,8 @@ then, as ksmd compares a page when it reaches it. Verify mode needs every
 merged page each scan, so it takes retained runs only.
 
 Incremental feeds: ``feed(run, unchanged)`` takes a per-page mask from a source
-that knows which pages were not written since the previous scan (the kernel's
-soft-dirty bits, ``vmshare.sources.softdirty.SoftDirtyMirror``). Those pages keep the
+that knows which pages were not written since the previous scan (such as the
+kernel's soft-dirty bits; no source gives one today). Those pages keep the
 checksum recorded then instead of being hashed again; their bytes must still
 be in the run, since any new merge is byte-compared as above. This matches
 the kernel's own rule that a merged page stays merged until it is written.

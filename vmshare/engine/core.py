@@ -270,6 +270,9 @@ class KsmEngine:
             quiet = merge.run_scan(self._order, self._runs, self.nodes, self.config,
                                    self.zero_hash, self.verify_merged,
                                    fetch if self._unretained else None)
+        except BaseException:
+            self.abort_scan()            # a fetch failed (the source went away)
+            raise
         finally:
             self._runs = []
             self._unretained = 0
@@ -299,6 +302,21 @@ class KsmEngine:
             ksm_zero_pages=zero, stable_node_chains=chains, stable_node_dups=dups)
         self._settled = settled
         return ScanResult(self._counters, fed)
+
+    def abort_scan(self) -> None:
+        """Give up the open scan (a source failed): what the engine knew of every
+        region is dropped, as if unmapped (the scan left it half updated);
+        ``counters()`` stays the last completed scan's; the next scan starts
+        from nothing but the cumulative counters."""
+        for rs in self._regions.values():
+            self._drop_region(rs)
+        self._regions = {}
+        self._order = []
+        self._runs = []
+        self._unretained = 0
+        self._in_scan = False
+        self._settled = False
+        self.nodes = NodeTable()
 
     @property
     def settled(self) -> bool:

@@ -42,15 +42,18 @@ def per_source(order: list[RegionState], nodes: NodeTable) -> dict[str, SourceSa
         fl = rs.flags
         a = acc.setdefault(rs.source, [0, 0, 0, 0])
         a[0] += int(np.count_nonzero(fl & SEEN))
-        members = rs.node[rs.node >= 0]
-        a[1] += int(members.size)
+        # this region's pages per node (per node, not per page: no sort of pages)
+        mine = np.bincount(rs.node[rs.node >= 0], minlength=counts.size) \
+            if counts.size else np.zeros(0, dtype=np.int64)
+        a[1] += int(mine.sum())
         a[2] += int(np.count_nonzero(fl & ZERO))
         a[3] += int(np.count_nonzero(fl & UNSTABLE))
         s = saved.get(rs.source, Fraction(0))
-        if members.size:
-            ks, nk = np.unique(counts[members], return_counts=True)
-            for k, m in zip(ks.tolist(), nk.tolist(), strict=True):
-                s += Fraction(m * (k - 1), k)
+        used = np.flatnonzero(mine)
+        if used.size:     # m pages on k-way nodes save m * (k - 1) / k
+            per_k = np.bincount(counts[used], weights=mine[used]).astype(np.int64)
+            for k in np.flatnonzero(per_k).tolist():
+                s += Fraction(int(per_k[k]) * (k - 1), k)
         saved[rs.source] = s
     return {src: SourceSavings(a[0], a[1], saved[src], a[2], a[3])
             for src, a in acc.items()}
@@ -64,6 +67,8 @@ def shares_with(order: list[RegionState]) -> dict[str, dict[str, int]]:
     maps that PFN too. Not symmetric when a source maps a node several times.
     """
     sources = sorted({rs.source for rs in order})
+    if len(sources) < 2:               # nothing to share with
+        return {s: {} for s in sources}
     sid = {s: i for i, s in enumerate(sources)}
     keys = [rs.node[rs.node >= 0].astype(np.int64) * len(sources) + sid[rs.source]
             for rs in order]

@@ -203,7 +203,7 @@ class NodeTable:
 #: fetch(positions) -> the bytes of those pages, in order (KsmEngine.end_scan)
 Fetch = Callable[[I64], memoryview]
 #: pages asked of a fetch at once: bounds the memory re-read pages take
-FETCH_PAGES = 1 << 14
+FETCH_PAGES = 1 << 12
 
 
 class PageAtlas:
@@ -243,15 +243,16 @@ class PageAtlas:
         if len(data) != need.size * PAGE_SIZE:
             raise UsageError(f"fetch returned {len(data)} bytes for {need.size} pages")
         cut = run_starts(need - np.arange(need.size))   # consecutive stretches
-        ends = np.append(cut[1:], need.size)
-        bufs = list(self._held)
-        starts = self._starts.tolist()
-        for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
-            bufs.append(data[a * PAGE_SIZE:b * PAGE_SIZE])
-            starts.append(int(need[a]))
-        order = sorted(range(len(starts)), key=starts.__getitem__)
+        ends = np.append(cut[1:], need.size) * PAGE_SIZE
+        fetched = [data[a:b] for a, b in zip((cut * PAGE_SIZE).tolist(), ends.tolist(),
+                                             strict=True)]
+        firsts = need[cut].tolist()
         self._set.close()
-        self._set = PageSet([bufs[k] for k in order], [starts[k] for k in order])
+        if self._held:            # held runs and fetched stretches, by position
+            bufs, starts = [*self._held, *fetched], [*self._starts.tolist(), *firsts]
+            order = sorted(range(len(starts)), key=starts.__getitem__)
+            fetched, firsts = [bufs[k] for k in order], [starts[k] for k in order]
+        self._set = PageSet(fetched, firsts)
         self._batch_pos = need
 
     def _each(self, pos: I64, out: npt.NDArray[Any],

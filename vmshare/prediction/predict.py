@@ -12,12 +12,9 @@ with a new ``Region.generation`` and the engine drops what it knew of the old
 one. ``LiveScanner`` keeps one engine across passes (``vmshare scan``);
 ``predict`` runs a fresh engine until its counters stop changing.
 
-One scan and its buffers: ``vmshare.prediction.scanning``; the memory check before
-it: ``vmshare.prediction.planning``.
-A scan holds the resident memory it scanned (the engine's contract). Soft-dirty
-tracking (where the kernel has it) is the default of ``predict`` and
-``run_until_converged`` and opt-in for ``LiveScanner``: live sources then
-re-read only pages written since the previous scan.
+One scan and its bounded read buffer: ``vmshare.prediction.scanning``
+(memory: the buffer plus the engine's 13 bytes a page, whatever the size of
+the guest).
 """
 
 from __future__ import annotations
@@ -30,8 +27,12 @@ from fractions import Fraction
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE
-from vmshare.prediction.planning import plan_scan
-from vmshare.prediction.scanning import ScanArena, ScanStats, scan_sources
+from vmshare.prediction.scanning import (
+    DEFAULT_BUFFER_BYTES,
+    ScanStats,
+    check_buffer_bytes,
+    scan_sources,
+)
 from vmshare.prediction.targets import (
     Target,
     check_unique,
@@ -120,39 +121,31 @@ def _group_result(engine: KsmEngine, targets: Sequence[Target], group: str | Non
 def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                         scans: int | None = None, max_scans: int = DEFAULT_MAX_SCANS,
                         progress: Callable[[float, str], None] | None = None,
-                        soft_dirty: bool = True, settle: bool = True,
-                        low_memory: bool = False) -> tuple[int, bool, ScanStats | None]:
+                        settle: bool = True, buffer_bytes: int = DEFAULT_BUFFER_BYTES
+                        ) -> tuple[int, bool, ScanStats | None]:
     """Scan until the merge state repeats or (with ``settle``, the default) the
     engine has settled: a further scan of unchanged memory would repeat its
     state (``KsmEngine.settled``), so that confirmation scan is not run and the
     answer is the same. Or exactly ``scans`` times.
 
     Returns (scans run, converged, stats of the last scan). Every scan sees
-    the memory anew: a live guest may have changed in between. With
-    ``soft_dirty`` (default) live processes are rescanned incrementally: only
-    pages written since the previous scan are read and hashed again (see
-    ``vmshare.sources.live``: one extra write fault per page in the guest, and
-    a write racing the clear of the dirty bits is seen only when repeated).
-    ``low_memory``: keep no copy of live memory even where it would fit
-    (``vmshare.prediction.planning.plan_scan``).
+    the memory anew: a live guest may have changed in between.
+    ``buffer_bytes``: the read ring (vmshare.prediction.scanning).
     """
     limit = scans if scans is not None else max_scans
     if limit < 1:
         raise UsageError(f"the number of scans must be >= 1, not {limit}")
+    check_buffer_bytes(buffer_bytes)
     previous: tuple[int, ...] | None = None
     stats: ScanStats | None = None
     converged = False
-    arena = ScanArena(soft_dirty=soft_dirty)
     for i in range(1, limit + 1):
         def step(frac: float, i: int = i) -> None:
             if progress is not None:
                 progress((i - 1 + frac) / limit, f"scan {i}/{limit}")
         sources = open_all(targets)
         try:
-            plan = plan_scan(sources, arena, low_memory=low_memory)
-            arena.reserve(plan.arena_bytes)
-            stats = scan_sources(engine, sources, progress=step, arena=arena,
-                                 reread=plan.reread)
+            stats = scan_sources(engine, sources, progress=step, buffer_bytes=buffer_bytes)
         finally:
             close_all(sources)
         state = engine.counters().merge_state()
@@ -168,14 +161,13 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
 def predict(targets: Sequence[Target], config: EngineConfig, *,
             groups: dict[str, str] | None = None, scans: int | None = None,
             max_scans: int = DEFAULT_MAX_SCANS,
-            progress: ProgressFn | None = None, soft_dirty: bool = True,
-            settle: bool = True, low_memory: bool = False) -> Prediction:
+            progress: ProgressFn | None = None, settle: bool = True,
+            buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> Prediction:
     """Run the engine over ``targets`` until it converges; one engine per trust group.
 
-    ``soft_dirty``: incremental rescans of live processes (run_until_converged).
     ``settle``: stop at a settled scan, without the confirmation scan
     (run_until_converged); the answer is the same, one scan sooner.
-    ``low_memory``: keep no copy of live memory (run_until_converged).
+    ``buffer_bytes``: the read ring of each scan (vmshare.prediction.scanning).
 
     ``groups`` maps target names to trust groups (None: one engine for all).
     Raises UsageError (no targets, a name twice, bad scan count) and what the
@@ -201,8 +193,8 @@ def predict(targets: Sequence[Target], config: EngineConfig, *,
                 progress((gi + frac) / n, prefix + label)
         done, converged, stats = run_until_converged(engine, members, scans=scans,
                                                      max_scans=max_scans, progress=step,
-                                                     soft_dirty=soft_dirty, settle=settle,
-                                                     low_memory=low_memory)
+                                                     settle=settle,
+                                                     buffer_bytes=buffer_bytes)
         results.append(_group_result(engine, members, group, done, converged, stats))
     notes: list[str] = []
     for t in targets:
@@ -226,22 +218,18 @@ class LiveScanner:
     Each pass re-resolves every domain (pid, backends, mappings), so a moved
     mapping or a restored guest is a new region generation and the engine
     forgets the old one; unchanged pages keep their checksums and merges, so
-    rescans behave as the kernel's incremental scans do. ``soft_dirty`` (off
-    by default for this long-running use: it costs the guests a write fault
-    per page after every pass) reads only pages written since the last pass.
+    rescans behave as the kernel's incremental scans do.
     """
 
     def __init__(self, targets: Sequence[Target], config: EngineConfig, *,
-                 soft_dirty: bool = False, low_memory: bool = False) -> None:
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
         if not targets:
             raise UsageError("nothing to scan: give at least one domain")
         check_unique(targets)
         self.targets = list(targets)
         self.config = config
-        self.soft_dirty = soft_dirty
-        self.low_memory = low_memory
+        self.buffer_bytes = check_buffer_bytes(buffer_bytes)
         self.engine = KsmEngine(config)
-        self.arena = ScanArena(soft_dirty=soft_dirty)
         self.passes = 0
 
     def scan(self, progress: Callable[[float], None] | None = None) -> ScanPass:
@@ -249,17 +237,10 @@ class LiveScanner:
         replaced by a fresh one (what it knew is no longer trustworthy)."""
         sources = open_all(self.targets)
         try:
-            plan = plan_scan(sources, self.arena, low_memory=self.low_memory)
-            self.arena.reserve(plan.arena_bytes)
-        except BaseException:
-            close_all(sources)
-            raise                         # nothing was read: the engine stays valid
-        try:
             stats = scan_sources(self.engine, sources, progress=progress,
-                                 arena=self.arena, reread=plan.reread)
+                                 buffer_bytes=self.buffer_bytes)
         except BaseException:
             self.engine = KsmEngine(self.config)
-            self.arena = ScanArena(soft_dirty=self.soft_dirty)   # its copies may be stale
             raise
         finally:
             close_all(sources)

@@ -1,41 +1,77 @@
-"""One full engine scan over page sources, and its buffers.
+"""One full engine scan over page sources, through one bounded read buffer.
 
-``scan_sources`` reads the sources in a helper thread (``_read_sources``;
-system calls release the GIL) one bounded queue (``_Handoff``) ahead of the
-engine's hashing (``_feed``). The engine keeps references to fed bytes until
-``end_scan``, so every page read is held until the scan ends: ``ScanArena``
-provides those buffers (reused by the next scan; live memory is read straight
-into them). Where that would not fit in available memory
-(vmshare.prediction.planning chooses before anything is read), live memory
-goes through a few reused buffers (``ReadRing``) and the engine re-reads at
-the end only the pages to compare (``live_fetch``).
-With soft-dirty tracking (``ScanArena(soft_dirty=True)`` on a kernel that
-tracks it) live sources keep their copies between scans and re-read only the
-pages written since (``vmshare.sources.softdirty.SoftDirtyMirror``).
+Every source (live ``/proc/<pid>/mem``, ELF, kdump and raw dumps) is read
+into a ring of a few reused buffers (``ReadRing``: ``buffer_bytes`` in all,
+whatever the size of the guest) by a helper thread (``_read_sources``; its
+system calls release the GIL) one bounded queue ahead of the engine's
+hashing (``_feed``; the C hash releases the GIL as well), so reading and
+hashing overlap. The engine keeps no reference to what it was fed
+(``retain=False``): only per-page metadata survives a run. At ``end_scan``
+the engine asks for the pages it must compare byte for byte, in position
+order and in bounded batches, and ``source_fetch`` reads them again from
+their sources (``PageSource.read_pages``: each stretch of consecutive pages
+in one system call) into one reused batch buffer. A page written since it
+was hashed is compared by its new bytes, as ksmd compares a page when it
+reaches it.
+
+Memory: the ring, one batch of at most ``FETCH_PAGES`` pages and the
+engine's per-page state (13 bytes a page; vmshare.engine.state); nothing
+else grows with the guest.
 """
 
 from __future__ import annotations
 
+import itertools
+import mmap
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from vmshare.engine import KsmEngine
+from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE, PageRun, Region
-from vmshare.sources import DEFAULT_CHUNK_PAGES, LiveProcessSource, PageSource
-from vmshare.sources.live import LivePageRun, TrackedPageRun
-from vmshare.sources.softdirty import SoftDirtyMirror, anon_buffer, soft_dirty_supported
-from vmshare.sources.visible import KernelVisiblePages, zero_rows
+from vmshare.sources import PageSource
+from vmshare.sources.base import Part
+from vmshare.sources.live import LivePageRun
+from vmshare.sources.visible import zero_rows
 
 _DONE = object()
-_QUEUE_RUNS = 4
-#: read buffers of a scan that keeps no copy of live memory (ReadRing)
-RING_CHUNKS = 6
+#: the read ring's default size in all (the ``--buffer-mib`` setting)
+DEFAULT_BUFFER_BYTES = 32 * 2**20
+#: buffers the ring is cut into: the reader fills one while the engine hashes
+#: another and the rest wait in the queue between them
+RING_CHUNKS = 8
+#: the smallest ring the scan accepts
+MIN_BUFFER_BYTES = RING_CHUNKS * 16 * PAGE_SIZE
+
+
+def anon_buffer(nbytes: int, *, populate: bool = True) -> mmap.mmap:
+    """A private anonymous buffer, populated at once (MAP_POPULATE: one kernel loop
+    instead of a fault per page) when it will be written in full.
+
+    Not MADV_HUGEPAGE: with the usual THP defrag setting ("madvise") a huge page
+    fault may compact memory synchronously, measured at 0.9-1.9 s for 1 GiB on
+    a busy host against 0.29 s populated with small pages.
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, max(nbytes, PAGE_SIZE), flags=flags)
+
+
+def check_buffer_bytes(nbytes: int) -> int:
+    if nbytes < MIN_BUFFER_BYTES:
+        raise UsageError(f"the read buffer must be at least {MIN_BUFFER_BYTES // 1024} KiB, "
+                         f"not {nbytes // 1024} KiB")
+    return nbytes
 
 
 @dataclass(frozen=True)
@@ -45,76 +81,13 @@ class ScanStats:
     zero_content: dict[str, int]     # pages whose bytes were all zero, per source
 
 
-class ScanArena:
-    """Buffers for one scan's page copies, reused by the next scan.
-
-    The engine keeps references to fed bytes until ``end_scan`` and sources
-    reuse their read buffer, so each run is copied; copying into buffers that
-    were already faulted in by the previous scan costs a memcpy, not a page
-    fault per page. Runs are packed, so many small runs do not waste chunks.
-    """
-
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_PAGES * PAGE_SIZE, *,
-                 soft_dirty: bool = False) -> None:
-        self.chunk_bytes = chunk_bytes
-        self._buffers: list[Any] = []
-        #: with soft_dirty (on a kernel that tracks it), live process sources keep
-        #: their pages here between scans and read only what was written since
-        #: (vmshare.sources.live); without tracking a mirror would save nothing
-        self.mirror: SoftDirtyMirror | None = \
-            SoftDirtyMirror() if soft_dirty and soft_dirty_supported() else None
-        self._index = 0
-        self._used = 0
-
-    def reset(self) -> None:
-        """Start a new scan: the previous scan's end_scan has released its views."""
-        self._index = 0
-        self._used = 0
-
-    def reserve(self, nbytes: int) -> None:
-        """Room for ``nbytes`` of copies, populated now in one mapping (one kernel
-        loop, before reading starts) rather than chunk by chunk while reading."""
-        have = self.buffer_bytes
-        if nbytes > have:
-            self._buffers.append(anon_buffer(-(-(nbytes - have) // self.chunk_bytes)
-                                             * self.chunk_bytes))
-
-    def take(self, n: int) -> memoryview:
-        """A writable view of ``n`` bytes, valid until the next ``reset``."""
-        if n > self.chunk_bytes:
-            return memoryview(bytearray(n))
-        while self._index < len(self._buffers) and \
-                self._used + n > len(self._buffers[self._index]):
-            self._index += 1
-            self._used = 0
-        if self._index == len(self._buffers):
-            self._buffers.append(anon_buffer(self.chunk_bytes))   # populated: no faults
-        view = memoryview(self._buffers[self._index])[self._used:self._used + n]
-        self._used += n
-        return view
-
-    @property
-    def buffer_bytes(self) -> int:
-        return sum(len(b) for b in self._buffers)
-
-    def copy(self, data: memoryview) -> memoryview:
-        view = self.take(len(data))
-        view[:] = data
-        return view
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of page copies held: the arena's buffers and the mirror's pages."""
-        return self.buffer_bytes + (self.mirror.held_bytes if self.mirror is not None else 0)
-
-
 class ReadRing:
-    """A few populated read buffers, reused while a scan reads live memory it
-    does not keep (the engine re-reads what it compares at the end).
+    """``chunks`` populated read buffers of ``chunk_bytes``, reused all scan long.
 
-    The reader takes a chunk per run (``take``); each item queued from it adds
-    a hold (``hold``) and the consumer drops it after feeding (``release``).
-    A chunk is free again once its reader has moved on and no item holds it.
+    Each reader thread takes a chunk per read (``take``); each item queued
+    from it adds a hold (``hold``) and the consumer drops it after feeding
+    (``release``). A chunk is free again once the thread that read it has
+    moved on (its next ``take`` or ``done_reading``) and no item holds it.
     """
 
     def __init__(self, chunk_bytes: int, chunks: int = RING_CHUNKS) -> None:
@@ -124,7 +97,7 @@ class ReadRing:
         self._holds: list[int] = []
         self._free: list[int] = []
         self._by_obj: dict[int, int] = {}
-        self._reading: int | None = None
+        self._reading: dict[int, int] = {}      # reader thread -> the chunk it fills
         self._closed = False
         self._cond = threading.Condition()
 
@@ -136,10 +109,11 @@ class ReadRing:
 
     def take(self, n: int) -> memoryview:
         if n > self.chunk_bytes:
-            return memoryview(bytearray(n))
+            raise ValueError(f"a run of {n} bytes does not fit a {self.chunk_bytes}-byte chunk")
+        me = threading.get_ident()
         with self._cond:
-            if self._reading is not None:
-                self._drop(self._reading)         # the reader has moved on
+            if me in self._reading:
+                self._drop(self._reading.pop(me))     # the reader has moved on
             while not self._free and len(self._bufs) >= self.limit:
                 if self._closed:
                     raise RuntimeError("scan ended while reading")
@@ -152,7 +126,7 @@ class ReadRing:
                 self._holds.append(0)
                 self._by_obj[id(self._bufs[k])] = k
             self._holds[k] = 1
-            self._reading = k
+            self._reading[me] = k
             return memoryview(self._bufs[k])[:n]
 
     def _chunk(self, data: memoryview) -> int | None:
@@ -172,37 +146,56 @@ class ReadRing:
 
     def done_reading(self) -> None:
         with self._cond:
-            if self._reading is not None:
-                self._drop(self._reading)
-                self._reading = None
+            k = self._reading.pop(threading.get_ident(), None)
+            if k is not None:
+                self._drop(k)
 
     def _drop(self, k: int) -> None:
         self._holds[k] -= 1
-        if k == self._reading and self._holds[k] == 0:
-            self._reading = None
         if self._holds[k] == 0:
             self._free.append(k)
             self._cond.notify_all()
 
+    @property
+    def nbytes(self) -> int:
+        return len(self._bufs) * self.chunk_bytes
 
-def live_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int]
-               ) -> Callable[[Any], memoryview]:
-    """A fetch for KsmEngine.end_scan: global positions of live sources' pages
-    -> those pages read again now (``LiveProcessSource.read_pages``)."""
-    spans = sorted((start, s, key) for s in sources
-                   if isinstance(s, (LiveProcessSource, KernelVisiblePages))
-                   for (name, key), start in base.items() if name == s.name)
+
+def source_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int],
+                 pool: tuple[ThreadPoolExecutor, int] | None = None
+                 ) -> Callable[[npt.NDArray[np.int64]], memoryview]:
+    """A fetch for KsmEngine.end_scan: ascending global positions -> those pages
+    read again now from their sources (``read_pages``), into one buffer reused
+    by every call (the engine is done with a batch when it asks for the next).
+    With a ``pool`` (an executor and its workers) the batch is cut into one
+    slice per worker, read at once."""
+    by_name = {s.name: s for s in sources}
+    spans = sorted((start, name, key) for (name, key), start in base.items())
     starts = np.array([sp[0] for sp in spans], dtype=np.int64)
+    held: list[memoryview] = [memoryview(bytearray(0))]
 
-    def fetch(pos: Any) -> memoryview:
+    def read(pos: npt.NDArray[np.int64], out: memoryview) -> None:
         which = np.searchsorted(starts, pos, side="right") - 1
-        out = memoryview(bytearray(pos.size * PAGE_SIZE))
-        done = 0
-        for w in np.unique(which).tolist():      # ascending: the order of pos
-            start, src, key = spans[w]
-            local = pos[which == w] - start
-            src.read_pages(key, local, out[done:done + local.size * PAGE_SIZE])
-            done += local.size * PAGE_SIZE
+        cut = np.flatnonzero(np.diff(which, prepend=np.int64(-1)) != 0)   # pos ascending
+        ends = np.append(cut[1:], pos.size)
+        for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
+            start, name, key = spans[int(which[a])]
+            by_name[name].read_pages(key, pos[a:b] - start,
+                                     out[a * PAGE_SIZE:b * PAGE_SIZE])
+
+    def fetch(pos: npt.NDArray[np.int64]) -> memoryview:
+        n = pos.size * PAGE_SIZE
+        if len(held[0]) < n:
+            held[0] = memoryview(bytearray(n))
+        out = held[0][:n]
+        if pool is None or pool[1] < 2 or pos.size < 64:
+            read(pos, out)
+            return out
+        cuts = np.linspace(0, pos.size, pool[1] + 1).astype(np.int64).tolist()
+        jobs = [pool[0].submit(read, pos[a:b], out[a * PAGE_SIZE:b * PAGE_SIZE])
+                for a, b in itertools.pairwise(cuts) if b > a]
+        for job in jobs:
+            job.result()
         return out
 
     return fetch
@@ -223,21 +216,18 @@ def _layout(sources: Sequence[PageSource]
 
 
 class _Handoff:
-    """The bounded queue from the reader thread to the engine. Once the scan
-    stops (done or failed), ``put`` gives up instead of blocking forever."""
+    """The queue from the reader thread to the engine (bounded by the ring).
+    Once the scan stops (done or failed), ``put`` gives up instead of blocking."""
 
     def __init__(self) -> None:
-        self._q: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_RUNS)
+        self._q: queue.Queue[object] = queue.Queue()
         self.stop = threading.Event()
 
     def put(self, item: object) -> bool:
-        while not self.stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        if self.stop.is_set():
+            return False
+        self._q.put(item)
+        return True
 
     def get(self) -> PageRun | None:
         """The next run; None once the reader is done. Raises what the reader raised."""
@@ -250,94 +240,98 @@ class _Handoff:
         return item
 
 
-def _read_sources(sources: Sequence[PageSource], arena: ScanArena, ring: ReadRing | None,
-                  handoff: _Handoff) -> None:
-    """The reader thread: every source's runs in order, then _DONE, or what failed.
-
-    Live process memory is read straight into the ring (reread) or the arena
-    (or comes from the soft-dirty mirror); other sources' runs are copied
-    into the arena, as they reuse their read buffer.
-    """
+def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Handoff,
+                  part: Part) -> None:
+    """A reader thread: its share ``part`` of every source's runs, read straight
+    into the ring, then _DONE, or what failed."""
     try:
+        chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
-            live = s.inner if isinstance(s, KernelVisiblePages) else s
-            direct = isinstance(live, LiveProcessSource)
-            if isinstance(live, LiveProcessSource):
-                live.mirror = arena.mirror
-                live.read_into = ring.take if ring is not None else arena.take
-            for run in s.runs():
-                if direct or isinstance(run, TrackedPageRun):
-                    item: PageRun = run      # ring, arena or mirror bytes
-                    if ring is not None:
-                        ring.hold(item.data)
-                else:
-                    item = PageRun(s.name, run.region, run.first_page, arena.copy(run.data))
-                if not handoff.put(item):
+            for run in s.runs(chunk_pages, part):
+                ring.hold(run.data)
+                if not handoff.put(run):
                     return
-            if ring is not None:
-                ring.done_reading()
+            ring.done_reading()
         handoff.put(_DONE)
     except BaseException as exc:   # handed to the scanning thread
         handoff.put(exc)
 
 
-def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing | None,
-          zero: dict[str, int]) -> bool:
-    """Feed one run to the engine and count its zero pages into ``zero``.
-    Returns whether it came from the read ring (the engine then keeps no
-    reference, and reads the pages it compares again at end_scan)."""
-    from_ring = ring is not None and isinstance(item, LivePageRun) \
-        and not isinstance(item, TrackedPageRun)
-    engine.feed(item, item.unchanged if isinstance(item, TrackedPageRun) else None,
-                retain=not from_ring)
-    counted = item.zero_pages if isinstance(item, LivePageRun) else None
-    zero[item.source] += counted if counted is not None else \
-        zero_rows(item.data).size         # here: the reader is the bottleneck
-    if from_ring:
-        assert ring is not None
+def default_workers() -> int:
+    """Reader threads (and threads reading pages again): one per idle core (the
+    cores this process may run on less the 1-minute load average), 1 to 4.
+    A reader on a core that other work keeps busy only adds memory: measured
+    on 2 cores at load 3-5, two readers were no faster than one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, min(4, cores - int(os.getloadavg()[0])))
+
+
+def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing, zero: dict[str, int]) -> None:
+    """Hash one run (the engine keeps no reference), count its zero pages into
+    ``zero`` and hand its chunk back to the ring."""
+    try:
+        engine.feed(item, retain=False)
+        counted = item.zero_pages if isinstance(item, LivePageRun) else None
+        zero[item.source] += counted if counted is not None else zero_rows(item.data).size
+    finally:
         ring.release(item.data)
-    return from_ring
 
 
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                  progress: Callable[[float], None] | None = None,
-                 arena: ScanArena | None = None, reread: bool = False) -> ScanStats:
-    """One full engine scan over ``sources`` (scan order: as given).
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 workers: int | None = None) -> ScanStats:
+    """One full engine scan over ``sources`` (scan order: as given), reading
+    through a ring of ``buffer_bytes`` (see the module docstring) with
+    ``workers`` reader threads (default: default_workers()), each reading
+    every n-th chunk of each source, and as many reading pages again.
 
-    Reading (a system call that releases the GIL) runs in a helper thread
-    (``_read_sources``) ahead of the engine's hashing (``_feed``), one bounded
-    queue apart. Live process memory is read straight into the arena, or with
-    ``reread`` (vmshare.prediction.planning.plan_scan) into a few reused
-    buffers, the engine reading again at the end the pages it compares; other
-    sources' runs are copied into the arena. Raises what the sources raise
-    (DumpError, ProcessGone, AccessDenied, ProcfsError); the engine is then
-    left mid-scan and must be discarded.
+    Raises UsageError for a buffer below MIN_BUFFER_BYTES or an engine in
+    verify mode (it needs every merged page kept), and what the sources raise
+    (DumpError, ProcessGone, AccessDenied, ProcfsError), reading or reading
+    again at the end; the engine is then left with the counters of its last
+    completed scan and must be discarded.
     """
+    check_buffer_bytes(buffer_bytes)
+    if engine.verify_merged:
+        raise UsageError("an engine in verify mode keeps every merged page: "
+                         "feed it runs directly")
+    n = workers if workers is not None else default_workers()
+    if not 1 <= n <= RING_CHUNKS // 2:
+        raise UsageError(f"workers must be 1 to {RING_CHUNKS // 2}, not {n}")
     t0 = time.perf_counter()
-    arena = arena if arena is not None else ScanArena()
-    arena.reset()
     regions, base, total = _layout(sources)
-    ring = ReadRing(DEFAULT_CHUNK_PAGES * PAGE_SIZE) \
-        if reread and arena.mirror is None else None
+    ring = ReadRing(buffer_bytes // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
-    fed = 0
-    live_fed = False
+    for s in sources:
+        s.read_into = ring.take
     engine.begin_scan(regions)
-    thread = threading.Thread(target=_read_sources, args=(sources, arena, ring, handoff),
-                              name="vmshare-scan-reader", daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
+                                name=f"vmshare-scan-reader-{k}", daemon=True)
+               for k in range(n)]
+    for t in threads:
+        t.start()
+    fed = done = 0
     try:
-        while (item := handoff.get()) is not None:
-            live_fed |= _feed(engine, item, ring, zero)
+        while done < n:
+            item = handoff.get()
+            if item is None:
+                done += 1
+                continue
+            _feed(engine, item, ring, zero)
             fed += item.npages
             if progress is not None and total:
-                progress((base[(item.source, item.region)] + item.first_page + item.npages)
-                         / total)
+                progress(fed / total)
+    except BaseException:
+        engine.abort_scan()
+        raise
     finally:
         handoff.stop.set()
-        if ring is not None:
-            ring.close()
-        thread.join()
-    engine.end_scan(live_fetch(sources, base) if live_fed else None)
+        ring.close()
+        for t in threads:
+            t.join()
+    with ThreadPoolExecutor(n, thread_name_prefix="vmshare-scan-fetch") as pool:
+        engine.end_scan(source_fetch(sources, base, (pool, n)))
     return ScanStats(fed, time.perf_counter() - t0, zero)

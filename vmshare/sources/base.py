@@ -6,7 +6,14 @@ validation only: no hashing, no merge logic (that is the engine's job).
 
 Buffer reuse: ``runs()`` yields runs whose ``data`` memoryview points into a
 buffer the source reuses for the next run. A consumer that needs the bytes
-after advancing the iterator must copy them (``bytes(run.data)``).
+after advancing the iterator must copy them (``bytes(run.data)``), or set the
+source's ``read_into`` (a function giving a writable view of the size asked
+for): each run is then read straight into the view it returns.
+
+Reading again: ``read_pages(region, pages, into)`` reads given pages of a
+region (ascending page indices) once more, consecutive ones in one system
+call each: the scan compares pages it did not keep this way
+(vmshare.prediction.scanning).
 """
 
 from __future__ import annotations
@@ -14,15 +21,24 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
+from vmshare.sources._readpages import pread_ranges
 
 #: Default number of pages per yielded run (16 MiB), the size of the reused buffer.
 DEFAULT_CHUNK_PAGES = 4096
+#: where a source reads each run: a writable view of the size asked for
+ReadInto = Callable[[int], memoryview]
+#: (k, n): the k-th of n interleaved shares of a source's chunks (runs)
+Part = tuple[int, int]
+WHOLE: Part = (0, 1)
 
 
 @runtime_checkable
@@ -30,13 +46,25 @@ class PageSource(Protocol):
     """Something that yields pages: a dump file, a raw image, a live process."""
 
     name: str
+    #: where ``runs`` reads each run (None: one buffer the source reuses)
+    read_into: ReadInto | None
 
     def regions(self) -> list[Region]:
         """The regions runs are keyed by, in address order."""
         ...
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
-        """Stream present pages; holes are skipped. ``data`` may be reused between yields."""
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
+        """Stream present pages; holes are skipped. ``data`` may be reused between
+        yields. ``part=(k, n)``: only the k-th of n interleaved shares of the
+        chunks (a source that cannot split gives everything to k=0), so n
+        readers can read one source at once; the shares are disjoint and
+        cover every page."""
+        ...
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        """Read pages ``pages`` (ascending indices, each yielded by ``runs``) of
+        ``region`` again, now, into ``into`` in that order."""
         ...
 
     def close(self) -> None:
@@ -102,6 +130,18 @@ def _check_dump_type(path: str, mode: int) -> None:
                         "or a block device")
 
 
+def check_part(part: Part) -> Part:
+    k, n = part
+    if not (isinstance(k, int) and isinstance(n, int) and 0 <= k < n):
+        raise ValueError(f"part must be (k, n) with 0 <= k < n, not {part!r}")
+    return part
+
+
+def mine(index: int, part: Part) -> bool:
+    """Is chunk ``index`` in share ``part``?"""
+    return index % part[1] == part[0]
+
+
 def check_chunk_pages(chunk_pages: int) -> int:
     if not isinstance(chunk_pages, int) or chunk_pages < 1:
         raise ValueError(f"chunk_pages must be a positive int, not {chunk_pages!r}")
@@ -141,6 +181,7 @@ class FileSource(Closing):
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         self.path = os.fspath(path)
         self.name = name if name is not None else self.path
+        self.read_into: ReadInto | None = None
         self._fd, st, self.file_size = open_dump_file(self.path)
         # Region.generation for every region of this file: a new dump written
         # under the same name is a different file (inode, mtime, size).
@@ -166,6 +207,21 @@ class FileSource(Closing):
                                 f"offset {offset + done:#x}")
             done += n
 
+    def run_buffer(self, chunk_pages: int) -> Callable[[int], memoryview]:
+        """Where ``runs`` reads each run of up to ``chunk_pages`` pages:
+        ``read_into`` when set, else one buffer reused for every run."""
+        if self.read_into is not None:
+            return self.read_into
+        view = memoryview(bytearray(chunk_pages * PAGE_SIZE))
+        return lambda n: view[:n]
+
+    def read_stored(self, into: memoryview, offset: int, stored: int, what: str) -> None:
+        """Fill ``into`` from ``offset``: ``stored`` bytes of the file (at most
+        len(into)), the rest zero (a dump's last partial page)."""
+        self.pread_exact(into[:stored], offset, what)
+        if stored < len(into):
+            into[stored:] = bytes(len(into) - stored)
+
     def read_bytes(self, offset: int, size: int, what: str) -> bytes:
         """Read a small, already bounds-checked structure."""
         buf = bytearray(size)
@@ -190,3 +246,40 @@ class FileSource(Closing):
 def pages_for(nbytes: int) -> int:
     """Pages needed to cover ``nbytes`` (a partial last page counts as one)."""
     return (nbytes + PAGE_SIZE - 1) // PAGE_SIZE
+
+
+def page_ranges(pages: npt.NDArray[np.int64]) -> list[tuple[int, int, int]]:
+    """Stretches of consecutive page indices in ``pages`` (ascending):
+    (index into ``pages`` of the first, its page, pages in the stretch)."""
+    if not pages.size:
+        return []
+    cut = np.flatnonzero(np.diff(pages, prepend=pages[:1] - 2) != 1)
+    counts = np.diff(np.append(cut, pages.size))
+    return list(zip(cut.tolist(), pages[cut].tolist(), counts.tolist(), strict=True))
+
+
+def pread_pages(fd: int, page0: int, pages: npt.NDArray[np.int64], into: memoryview,
+                slow: Callable[[memoryview, int], None]) -> None:
+    """Fill ``into`` with pages ``pages`` (ascending) of ``fd``, page p at file
+    offset ``page0 + p * PAGE_SIZE``: each stretch of consecutive pages in one
+    pread, all of them in C without the GIL (``_readpages.pread_ranges``). A
+    stretch that fails there is read again by ``slow(view, offset)``, which
+    raises the source's own error (or, if the failure passed, reads it)."""
+    if not pages.size:
+        return
+    cut = np.flatnonzero(np.diff(pages, prepend=pages[:1] - 2) != 1)
+    counts = np.diff(np.append(cut, pages.size))
+    offsets = page0 + pages[cut] * PAGE_SIZE
+    sizes = counts * PAGE_SIZE
+    at = (cut * PAGE_SIZE).tolist()
+    i = 0
+    while i < cut.size:
+        i = pread_ranges(fd, offsets, sizes, into[at[i]:], i)
+        if i < cut.size:
+            slow(into[at[i]:at[i] + int(sizes[i])], int(offsets[i]))
+            i += 1
+
+
+def check_into(into: memoryview, pages: npt.NDArray[np.int64]) -> None:
+    if len(into) != pages.size * PAGE_SIZE:
+        raise ValueError(f"{len(into)} bytes for {pages.size} pages")

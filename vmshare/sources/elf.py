@@ -19,9 +19,23 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, FileSource, check_chunk_pages, pages_for
+from vmshare.sources.base import (
+    DEFAULT_CHUNK_PAGES,
+    WHOLE,
+    FileSource,
+    Part,
+    check_chunk_pages,
+    check_into,
+    check_part,
+    mine,
+    page_ranges,
+    pages_for,
+)
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
@@ -197,7 +211,8 @@ class ElfCoreSource(FileSource):
     def regions(self) -> list[Region]:
         return [r.region for r in self._regions]
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
         """Stream the stored pages of every PT_LOAD, in guest-physical order.
 
         The yielded ``data`` lives in one buffer reused for the next run. A
@@ -205,20 +220,43 @@ class ElfCoreSource(FileSource):
         Raises DumpError if the file shrank since it was validated.
         """
         check_chunk_pages(chunk_pages)
+        check_part(part)
         self._check_open()
-        buf = bytearray(chunk_pages * PAGE_SIZE)
-        view = memoryview(buf)
+        take = self.run_buffer(chunk_pages)
+        step = chunk_pages * PAGE_SIZE
+        index = 0
         for reg in self._regions:
             for seg in reg.segments:
                 first = (seg.paddr - reg.start) // PAGE_SIZE
-                done = 0
-                while done < seg.filesz:
-                    n = min(len(buf), seg.filesz - done)
-                    npages = pages_for(n)
-                    self.pread_exact(view[:n], seg.offset + done,
-                                     f"PT_LOAD segment {seg.index}")
-                    if n % PAGE_SIZE:
-                        view[n:npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE - n)
-                    yield PageRun(self.name, reg.region.key, first + done // PAGE_SIZE,
-                                  view[:npages * PAGE_SIZE])
-                    done += n
+                for done in range(0, seg.filesz, step):
+                    index += 1
+                    if not mine(index, part):
+                        continue
+                    n = min(step, seg.filesz - done)
+                    view = take(pages_for(n) * PAGE_SIZE)
+                    self.read_stored(view, seg.offset + done, n, f"PT_LOAD segment {seg.index}")
+                    yield PageRun(self.name, reg.region.key, first + done // PAGE_SIZE, view)
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        """Stored pages ``pages`` of ``region`` again (PageSource.read_pages);
+        DumpError if the file shrank or a page is not stored."""
+        self._check_open()
+        check_into(into, pages)
+        reg = next((r for r in self._regions if r.region.key == region), None)
+        if reg is None:
+            raise DumpError(f"{self.path}: no region {region!r}")
+        firsts = np.array([(s.paddr - reg.start) // PAGE_SIZE for s in reg.segments],
+                          dtype=np.int64)
+        which = np.searchsorted(firsts, pages, side="right") - 1
+        for w in np.unique(which).tolist():            # ascending, as pages
+            seg = reg.segments[max(w, 0)]
+            sel = np.flatnonzero(which == w)
+            for at, page, n in page_ranges(pages[sel] - firsts[max(w, 0)]):
+                at = int(sel[at])
+                dest = into[at * PAGE_SIZE:(at + n) * PAGE_SIZE]
+                stored = min(len(dest), seg.filesz - page * PAGE_SIZE)
+                if w < 0 or stored <= n * PAGE_SIZE - PAGE_SIZE:
+                    raise DumpError(f"{self.path}: a page of {region} asked for is not "
+                                    "stored in the dump")
+                self.read_stored(dest, seg.offset + page * PAGE_SIZE, stored,
+                                 f"PT_LOAD segment {seg.index}")

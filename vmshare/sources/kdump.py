@@ -19,6 +19,8 @@ Regions: one per contiguous run of pfns present in the 2nd bitmap, keyed
 "gpa@0x<first byte>" like the ELF reader's, so dumps of one guest in either
 format line up. Pages not in the 2nd bitmap are holes.
 """
+# size: a few lines over 400: the format's validation, streaming and reading
+# pages again (read_pages) share one per-page loader and its error messages.
 
 from __future__ import annotations
 
@@ -28,10 +30,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, FileSource, check_chunk_pages
+from vmshare.sources.base import (
+    DEFAULT_CHUNK_PAGES,
+    WHOLE,
+    FileSource,
+    Part,
+    check_chunk_pages,
+    check_into,
+    check_part,
+    page_ranges,
+)
 from vmshare.sources.codecs import (
     CODEC_NAMES,
     DUMP_DH_COMPRESSED_INCOMPLETE,
@@ -275,25 +287,24 @@ class KdumpSource(FileSource):
     def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
-        """Stream every dumped page, in pfn order, decompressing as needed.
-
-        The yielded ``data`` lives in one buffer reused for the next run.
-        Raises DumpError naming the pfn for a bad page descriptor or page data.
-        """
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
+        """Stream every dumped page, in pfn order, decompressing as needed, into
+        one buffer reused for the next run (or ``read_into``'s); one reader (a
+        part other than the first gets nothing). Raises DumpError naming the
+        pfn for a bad page descriptor or page data."""
         check_chunk_pages(chunk_pages)
+        if check_part(part)[0]:
+            return
         self._check_open()
-        bs = self.block_size
-        out = bytearray(chunk_pages * bs)
-        outv = memoryview(out)
-        scratch = bytearray(bs)
-        scratchv = memoryview(scratch)
+        bs, take = self.block_size, self.run_buffer(chunk_pages)
+        scratchv = memoryview(bytearray(bs))
         descbuf = bytearray(_DESC_BATCH * PAGE_DESC.itemsize)
         shared: dict[int, bytes] = {}      # QEMU's shared zero page, read once
         codecs: dict[int, Decompressor] = {}
         for run, region in zip(self._pfn_runs, self._regions, strict=True):
-            filled = 0
-            first_in_buf = 0
+            filled = first_in_buf = 0
+            outv: memoryview | None = None
             for batch0 in range(0, run.npages, _DESC_BATCH):
                 count = min(_DESC_BATCH, run.npages - batch0)
                 dv = memoryview(descbuf)[:count * PAGE_DESC.itemsize]
@@ -304,17 +315,37 @@ class KdumpSource(FileSource):
                 sizes = descs["size"].tolist()
                 flags = descs["flags"].tolist()
                 for k in range(count):
-                    pfn = run.first_pfn + batch0 + k
-                    self._load_page(pfn, offs[k], sizes[k], flags[k],
+                    if outv is None:
+                        outv = take(min(chunk_pages, run.npages - first_in_buf) * bs)
+                    self._load_page(run.first_pfn + batch0 + k, offs[k], sizes[k], flags[k],
                                     outv[filled * bs:(filled + 1) * bs], scratchv,
                                     shared, codecs)
                     filled += 1
-                    if filled == chunk_pages:
-                        yield PageRun(self.name, region.key, first_in_buf, outv[:filled * bs])
+                    if filled * bs == len(outv):
+                        yield PageRun(self.name, region.key, first_in_buf, outv)
                         first_in_buf += filled
-                        filled = 0
-            if filled:
-                yield PageRun(self.name, region.key, first_in_buf, outv[:filled * bs])
+                        filled, outv = 0, None
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        """Pages ``pages`` of ``region`` again, decompressed (PageSource.read_pages);
+        the descriptors of consecutive pages in one read. Raises as ``runs``."""
+        self._check_open()
+        check_into(into, pages)
+        k = next((i for i, r in enumerate(self._regions) if r.key == region), None)
+        if k is None:
+            raise DumpError(f"{self.path}: no region {region!r}")
+        run, bs, scratch = self._pfn_runs[k], self.block_size, memoryview(bytearray(PAGE_SIZE))
+        shared: dict[int, bytes] = {}
+        codecs: dict[int, Decompressor] = {}
+        for at, page, n in page_ranges(pages):
+            dv = memoryview(bytearray(n * PAGE_DESC.itemsize))
+            self.layout.read(dv, self.desc_offset + (run.first_desc + page) *
+                             PAGE_DESC.itemsize, "page descriptors")
+            d = np.frombuffer(dv, dtype=PAGE_DESC)
+            for j, (off, size, flags) in enumerate(zip(*(d[f].tolist() for f in (
+                    "offset", "size", "flags")), strict=True)):
+                self._load_page(run.first_pfn + page + j, off, size, flags,
+                                into[(at + j) * bs:(at + j + 1) * bs], scratch, shared, codecs)
 
     def _load_page(self, pfn: int, offset: int, size: int, flags: int, dest: memoryview,
                    scratch: memoryview, shared: dict[int, bytes],

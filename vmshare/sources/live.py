@@ -28,16 +28,17 @@ merged pages of a process, all of their PFNs changed and its smaps_rollup
 /proc/<pid>/mem takes plain references (FOLL_GET) and changed none. A tool
 that must not cost the host memory reads /proc/<pid>/mem.
 
-Incremental rescans (opt-in): with a ``SoftDirtyMirror`` (sources/softdirty.py)
-only the pages written since the previous scan are read again; the others
-come from the mirror's copy as ``TrackedPageRun`` with ``unchanged`` set.
+Where runs are read: one buffer reused for every run, or with ``read_into``
+set the view it gives for each run (the scan's read ring). ``read_pages``
+reads given pages again, each stretch of consecutive pages in one read.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +47,18 @@ import numpy.typing as npt
 from vmshare.errors import AccessDenied, ProcessGone, ProcfsError, VmshareError
 from vmshare.ksm.procfs import PM_FILE_BIT, PM_PRESENT_BIT, ProcFs
 from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, Closing, check_chunk_pages
-from vmshare.sources.softdirty import PM_SOFT_DIRTY, SoftDirtyMirror
+from vmshare.sources.base import (
+    DEFAULT_CHUNK_PAGES,
+    WHOLE,
+    Closing,
+    Part,
+    ReadInto,
+    check_chunk_pages,
+    check_into,
+    check_part,
+    mine,
+    pread_pages,
+)
 
 PM_PRESENT = np.uint64(1 << PM_PRESENT_BIT)
 PM_FILE = np.uint64(1 << PM_FILE_BIT)
@@ -94,15 +105,6 @@ class LivePageRun(PageRun):
     zero_pages: int | None = field(default=None, kw_only=True)
 
 
-@dataclass(frozen=True)
-class TrackedPageRun(LivePageRun):
-    """A run from a soft-dirty tracked source: ``unchanged[i]`` is True when page
-    i was not written since the previous scan of the same mirror (its bytes in
-    ``data`` are the ones yielded then)."""
-
-    unchanged: npt.NDArray[np.bool_]
-
-
 class LiveProcessSource(Closing):
     """Resident pages of the given mappings of process ``pid``.
 
@@ -119,13 +121,11 @@ class LiveProcessSource(Closing):
 
     def __init__(self, pid: int, vmas: Sequence[Vma], name: str | None = None, *,
                  backend_ids: Mapping[int, str] | None = None,
-                 procfs: ProcFs | None = None,
-                 mirror: SoftDirtyMirror | None = None) -> None:
+                 procfs: ProcFs | None = None) -> None:
         self.pid = pid
-        self.mirror = mirror
         #: where each run is read (a writable view of the size asked for, valid
         #: beyond the next yield), else one buffer reused for every run
-        self.read_into: Callable[[int], memoryview] | None = None
+        self.read_into: ReadInto | None = None
         self.name = name if name is not None else f"pid:{pid}"
         self._procfs = procfs or ProcFs()
         self.vmas = sorted(vmas, key=lambda v: v.start)
@@ -170,10 +170,19 @@ class LiveProcessSource(Closing):
         except AccessDenied:
             return False
 
+    def _alive_soon(self) -> bool:
+        """Still alive 50 ms from now? A process being killed has released its
+        memory (reads end early) a moment before it shows as exited."""
+        for _ in range(10):
+            if not self._alive():
+                return False
+            time.sleep(0.005)
+        return True
+
     def _read_failed(self, what: str, addr: int, exc: OSError | None) -> VmshareError:
         if exc is not None and exc.errno in _DENIED:
             return _access_denied(self.pid, what)
-        if (exc is not None and exc.errno in _GONE) or not self._alive():
+        if (exc is not None and exc.errno in _GONE) or not self._alive_soon():
             return ProcessGone(f"process {self.pid} is gone (reading {what} at {addr:#x})")
         reason = exc.strerror if exc is not None else "end of file"
         return ProcfsError(f"process {self.pid}: {what} at {addr:#x} is no longer readable "
@@ -199,7 +208,8 @@ class LiveProcessSource(Closing):
     def regions(self) -> list[Region]:
         return list(self._regions)
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[LivePageRun]:
         """Stream resident pages, ``chunk_pages`` at most per run (16 MiB by default).
 
         The yielded ``data`` and ``pagemap`` live in buffers reused for later
@@ -208,17 +218,21 @@ class LiveProcessSource(Closing):
         ``pagemap`` is a copy: both outlive the iteration.
         """
         check_chunk_pages(chunk_pages)
+        check_part(part)
         if self._closed:
             raise ProcfsError(f"live source for process {self.pid} is closed")
-        if self.mirror is not None:
-            yield from self._tracked_runs(self.mirror, chunk_pages)
-            return
-        buf = bytearray(chunk_pages * PAGE_SIZE)
-        view = memoryview(buf)
+        take = self.read_into
+        if take is None:
+            whole = memoryview(bytearray(chunk_pages * PAGE_SIZE))
+            take = lambda n: whole[:n]          # noqa: E731
         pm_buf = bytearray(chunk_pages * 8)
         pm_view = memoryview(pm_buf)
+        index = 0
         for vma, region in zip(self.vmas, self._regions, strict=True):
             for addr in range(vma.start, vma.end, chunk_pages * PAGE_SIZE):
+                index += 1
+                if not mine(index, part):
+                    continue
                 npages = min(chunk_pages, (vma.end - addr) // PAGE_SIZE)
                 self._pread_full(self._pagemap_fd, pm_view[:npages * 8],
                                  addr // PAGE_SIZE * 8, "pagemap")
@@ -228,9 +242,10 @@ class LiveProcessSource(Closing):
                 starts = np.nonzero(edges == 1)[0].tolist()
                 stops = np.nonzero(edges == -1)[0].tolist()
                 first_page = (addr - vma.start) // PAGE_SIZE
-                for s, e in zip(starts, stops, strict=True):
-                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE] if self.read_into is None \
-                        else self.read_into((e - s) * PAGE_SIZE)
+                view = take(stops[-1] * PAGE_SIZE) if stops else None
+                for s, e in zip(starts, stops, strict=True):   # one buffer, runs in place
+                    assert view is not None
+                    chunk = view[s * PAGE_SIZE:e * PAGE_SIZE]
                     self._pread_full(self._mem_fd, chunk, addr + s * PAGE_SIZE, "memory")
                     pm = entries[s:e] if self.read_into is None else entries[s:e].copy()
                     yield LivePageRun(self.name, region.key, first_page + s, chunk, pm)
@@ -245,14 +260,9 @@ class LiveProcessSource(Closing):
         k = next((i for i, r in enumerate(self._regions) if r.key == region), None)
         if k is None:
             raise ProcfsError(f"process {self.pid} has no region {region!r}")
-        if len(into) != pages.size * PAGE_SIZE:
-            raise ValueError(f"{len(into)} bytes for {pages.size} pages")
-        start = self.vmas[k].start
-        cut = np.flatnonzero(np.diff(pages, prepend=np.int64(-2)) != 1)
-        ends = np.append(cut[1:], pages.size)
-        for a, b in zip(cut.tolist(), ends.tolist(), strict=True):
-            self._pread_full(self._mem_fd, into[a * PAGE_SIZE:b * PAGE_SIZE],
-                             start + int(pages[a]) * PAGE_SIZE, "memory")
+        check_into(into, pages)
+        pread_pages(self._mem_fd, self.vmas[k].start, pages, into,
+                    lambda view, addr: self._pread_full(self._mem_fd, view, addr, "memory"))
 
     def _pagemap(self, vma: Vma) -> U64:
         """The pagemap entries of every page of ``vma`` (8 bytes a page)."""
@@ -260,66 +270,6 @@ class LiveProcessSource(Closing):
         self._pread_full(self._pagemap_fd, memoryview(out.data).cast("B"),
                          vma.start // PAGE_SIZE * 8, "pagemap")
         return out
-
-    def _clear_soft_dirty(self) -> bool:
-        """False without CONFIG_MEM_SOFT_DIRTY (or another refusal than EPERM)."""
-        try:
-            return self._procfs.clear_soft_dirty(self.pid)
-        except AccessDenied as exc:
-            raise _access_denied(self.pid, "clear_refs") from exc
-        except ProcfsError:
-            return False
-
-    def _tracked_runs(self, mirror: SoftDirtyMirror, chunk_pages: int
-                      ) -> Iterator[TrackedPageRun]:
-        """runs() through ``mirror``: read only pages written since the last scan."""
-        used: set[tuple[str, str]] = set()
-        copies = [mirror.copy_for(r, used) for r in self._regions]
-        mirror.prune(f"{self.pid}:", used)
-        mirror.pages_read = mirror.pages_reused = 0
-        done = False
-        try:
-            # every region's dirty bits first, then the clear: keeps the window short
-            entries = [self._pagemap(v) for v in self.vmas]
-            tracked = mirror.supported and self._clear_soft_dirty()
-            if not tracked:
-                mirror.supported = False
-            for vma, region, cp, pm in zip(self.vmas, self._regions, copies, entries,
-                                           strict=True):
-                present = scannable(pm, vma)
-                clean = present & ((pm & PM_SOFT_DIRTY) == 0) & cp.valid if tracked else \
-                    np.zeros(pm.size, dtype=np.bool_)
-                cp.valid[:] = False          # until read (or found clean) below
-                view = memoryview(cp.buf)
-                for p0 in range(0, pm.size, chunk_pages):
-                    p1 = min(pm.size, p0 + chunk_pages)
-                    pres = present[p0:p1].astype(np.int8)
-                    edges = np.diff(pres, prepend=np.int8(0), append=np.int8(0))
-                    for s, e in zip(np.flatnonzero(edges == 1).tolist(),
-                                    np.flatnonzero(edges == -1).tolist(), strict=True):
-                        a, b = p0 + s, p0 + e
-                        reuse = clean[a:b].copy()
-                        self._read_dirty(view, vma.start, a, reuse)
-                        cp.valid[a:b] = tracked
-                        n_re = int(np.count_nonzero(reuse))
-                        mirror.pages_reused += n_re
-                        mirror.pages_read += (b - a) - n_re
-                        yield TrackedPageRun(self.name, region.key, a,
-                                             view[a * PAGE_SIZE:b * PAGE_SIZE],
-                                             pagemap=pm[a:b], unchanged=reuse)
-            done = True
-        finally:
-            if not done:                  # the copies no longer match what was cleared
-                mirror.forget(used)
-
-    def _read_dirty(self, view: memoryview, start: int, first: int,
-                    reuse: npt.NDArray[np.bool_]) -> None:
-        """Read pages first.. of the run whose ``reuse`` is False into ``view``."""
-        edges = np.diff((~reuse).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-        for s, e in zip(np.flatnonzero(edges == 1).tolist(),
-                        np.flatnonzero(edges == -1).tolist(), strict=True):
-            a, b = (first + s) * PAGE_SIZE, (first + e) * PAGE_SIZE
-            self._pread_full(self._mem_fd, view[a:b], start + a, "memory")
 
     def close(self) -> None:
         if not self._closed:

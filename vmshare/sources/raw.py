@@ -5,8 +5,23 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
+import numpy.typing as npt
+
+from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES, FileSource, check_chunk_pages, pages_for
+from vmshare.sources.base import (
+    DEFAULT_CHUNK_PAGES,
+    WHOLE,
+    FileSource,
+    Part,
+    check_chunk_pages,
+    check_into,
+    check_part,
+    mine,
+    pages_for,
+    pread_pages,
+)
 
 
 class RawImageSource(FileSource):
@@ -31,18 +46,29 @@ class RawImageSource(FileSource):
             return []
         return [Region(self.key, pages_for(self.file_size) * PAGE_SIZE, self.file_generation)]
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[PageRun]:
-        """Stream the whole file; ``data`` lives in one buffer reused between yields."""
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
+        """Stream the whole file; ``data`` lives in one buffer reused between
+        yields (or where ``read_into`` says)."""
         check_chunk_pages(chunk_pages)
+        check_part(part)
         self._check_open()
-        buf = bytearray(chunk_pages * PAGE_SIZE)
-        view = memoryview(buf)
-        done = 0
-        while done < self.file_size:
-            n = min(len(buf), self.file_size - done)
-            npages = pages_for(n)
-            self.pread_exact(view[:n], done, "raw image")
-            if n % PAGE_SIZE:
-                view[n:npages * PAGE_SIZE] = bytes(npages * PAGE_SIZE - n)
-            yield PageRun(self.name, self.key, done // PAGE_SIZE, view[:npages * PAGE_SIZE])
-            done += n
+        take = self.run_buffer(chunk_pages)
+        step = chunk_pages * PAGE_SIZE
+        for index, done in enumerate(range(0, self.file_size, step)):
+            if not mine(index, part):
+                continue
+            n = min(step, self.file_size - done)
+            view = take(pages_for(n) * PAGE_SIZE)
+            self.read_stored(view, done, n, "raw image")
+            yield PageRun(self.name, self.key, done // PAGE_SIZE, view)
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        """Pages ``pages`` of the image again (PageSource.read_pages); DumpError
+        if the file shrank."""
+        self._check_open()
+        check_into(into, pages)
+        if region != self.key:
+            raise DumpError(f"{self.path}: no region {region!r}")
+        pread_pages(self._fd, 0, pages, into, lambda view, off: self.read_stored(
+            view, off, max(0, min(len(view), self.file_size - off)), "raw image"))

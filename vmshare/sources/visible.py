@@ -17,8 +17,8 @@ import numpy.typing as npt
 
 from vmshare.ksm.procfs import KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, Region
-from vmshare.sources.base import DEFAULT_CHUNK_PAGES
-from vmshare.sources.live import LivePageRun, LiveProcessSource, TrackedPageRun
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, WHOLE, Part, ReadInto
+from vmshare.sources.live import LivePageRun, LiveProcessSource
 
 _WORDS_PER_PAGE = PAGE_SIZE // 8
 
@@ -64,14 +64,30 @@ class KernelVisiblePages:
         self.name = inner.name
         self.procfs = procfs
         self.thp_split = thp_split       # False: keep THP zero subpages (dump-like view)
-        self.thp_zero_pages = 0
+        self._thp_zero: dict[Part, int] = {}
+        self._parts = 1
+
+    @property
+    def read_into(self) -> ReadInto | None:
+        return self.inner.read_into
+
+    @read_into.setter
+    def read_into(self, value: ReadInto | None) -> None:
+        self.inner.read_into = value
 
     def regions(self) -> list[Region]:
         return self.inner.regions()
 
-    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES) -> Iterator[LivePageRun]:
-        self.thp_zero_pages = 0
-        for run in self.inner.runs(chunk_pages):
+    @property
+    def thp_zero_pages(self) -> int:
+        """THP zero subpages seen by the last scan (all its parts)."""
+        return sum(v for (_, n), v in self._thp_zero.items() if n == self._parts)
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[LivePageRun]:
+        self._parts = part[1]              # each share counts its own (readers run at once)
+        self._thp_zero[part] = 0
+        for run in self.inner.runs(chunk_pages, part):
             zero = zero_rows(run.data)
             if zero.size == 0:
                 yield replace(run, zero_pages=0)
@@ -81,7 +97,7 @@ class KernelVisiblePages:
             thp_zero = ((flags & np.uint64(1 << KPF_THP)) != 0) & ~on_zero_page
             if not self.thp_split:
                 thp_zero[:] = False
-            self.thp_zero_pages += int(thp_zero.sum())
+            self._thp_zero[part] += int(thp_zero.sum())
             dropped = on_zero_page | thp_zero
             if not dropped.any():
                 yield replace(run, zero_pages=int(zero.size))
@@ -94,13 +110,8 @@ class KernelVisiblePages:
                             np.flatnonzero(edges == -1).tolist(), strict=True):
                 first, data = run.first_page + a, run.data[a * PAGE_SIZE:b * PAGE_SIZE]
                 nzero = int(np.searchsorted(kept_zero, b) - np.searchsorted(kept_zero, a))
-                if isinstance(run, TrackedPageRun):
-                    yield TrackedPageRun(run.source, run.region, first, data,
-                                         run.pagemap[a:b], run.unchanged[a:b],
-                                         zero_pages=nzero)
-                else:
-                    yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b],
-                                      zero_pages=nzero)
+                yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b],
+                                  zero_pages=nzero)
 
     def resident_bytes(self) -> int:
         return self.inner.resident_bytes()
