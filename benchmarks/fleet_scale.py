@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine  # noqa: E402
 from benchmarks.fleet_synth import (  # noqa: E402
     HOST_SERIES,
     VM_SERIES,
@@ -49,7 +50,6 @@ from benchmarks.fleet_synth import (  # noqa: E402
     make_fleet,
     write_window,
 )
-from benchmarks.machine import describe  # noqa: E402
 from integration.prometheus_fixture import run_prometheus  # noqa: E402
 
 WINDOW = 7200          # promtool cuts 2 h blocks aligned to the epoch: one file each
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     end = int(time.time()) // args.interval * args.interval
     fleet = make_fleet(args.hosts, args.vms)
     series = args.hosts * (HOST_SERIES + VM_SERIES * args.vms)
-    say(describe())
+    say(machine())
     say(f"fleet: {args.hosts} hosts x {args.vms} VMs, {args.hours:g} h at {args.interval} s "
         f"ending {time.strftime('%H:%M:%S', time.localtime(end))} (END={end}); "
         f"{series:,} series")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import machine
 from vmshare.records.history_db import HistoryDb, Retention
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,16 +44,6 @@ COMMANDS = (
     ("history", "--since", "6h", "--json"),
     ("history", "--since", "30d", "--json", "--resolution", "5m"),
 )
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, kernel {platform.release()}, "
-            f"Python {platform.python_version()}, SQLite {__import__('sqlite3').sqlite_version}, "
-            f"{time.strftime('%Y-%m-%d')}")
 
 
 class Host:
@@ -112,7 +104,8 @@ def main() -> int:
     days, vms, interval = (float(sys.argv[1]) if len(sys.argv) > 1 else 90.0,
                            int(sys.argv[2]) if len(sys.argv) > 2 else 50,
                            float(sys.argv[3]) if len(sys.argv) > 3 else 30.0)
-    print(f"machine: {machine()}")
+    print(f"{machine()}; Python {platform.python_version()}, "
+          f"SQLite {sqlite3.sqlite_version}")
     print(f"{vms} VMs, a sample every {interval:g} s, {days:g} days, default retention "
           "(raw 7 d, 5-minute 90 d, hourly 730 d)")
     with tempfile.TemporaryDirectory(prefix="vmshare-histbench-") as tmp:

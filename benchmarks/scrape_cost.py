@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.machine import describe
+from benchmarks.common import machine
 from tests.fakes.snapshots import big_host
 from vmshare.daemon.metrics_http import IO_TIMEOUT, MAX_CLIENTS, MetricsServer, serve
 from vmshare.present.metrics import Refresher, exposition
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scrapes", type=int, default=50)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)      # the refusals are counted below, not logged
-    print(describe())
+    print(machine())
     snapshot = big_host(args.vms)
     refresher = Refresher(lambda: snapshot, interval=3600)
     refresher.start()

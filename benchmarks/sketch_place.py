@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import machine
 from tests.sketch_mixes import exact_sharing, guest_mix, write_vms
 from vmshare.engine import EngineConfig
 from vmshare.fleet.placement import load_sketches, rank
@@ -46,18 +46,6 @@ from vmshare.records.sketchfile import (
 )
 
 KEY = SketchKey.from_secret(b"benchmark key, not a secret....")
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}"
 
 
 def estimate_vs_exact(tmp: Path, mib: int) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import machine
 from integration.debian_guests import DebianGuests, booted_debian_guests, mergeable_ranges
 from integration.ksm_fixtures import ksm_session
 from vmshare.guest.debian import build_debian_image
@@ -220,15 +220,6 @@ def one_run(name: str, guests: DebianGuests, sysfs: KsmSysfs, clock: KsmdClock,
     return result
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in
-                  Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, kernel {platform.release()}, "
-            f"{time.strftime('%Y-%m-%d')}")
-
-
 def print_table(results: list[Result], window: float) -> None:
     def cell(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -256,8 +247,6 @@ def print_table(results: list[Result], window: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import machine
-    print(machine())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--short", action="store_true", help="smoke run: one boot, two runs")
     p.add_argument("--guests", type=int, default=3)
@@ -279,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     sysfs.require()
     if "advisor_mode" not in sysfs.knobs():
         raise SystemExit("this kernel has no scan-time advisor (Linux 6.8+)")
-    print(f"machine: {machine()}")
+    print(machine())
     print(f"guests: {a.guests} Debian 12 x {a.memory} MiB, fresh boot per run"
           + (" (short: one boot)" if a.short else "") + f"; limit {a.limit:g} s")
     results: list[Result] = []
