@@ -113,7 +113,10 @@ def escaped_log_records() -> Iterator[None]:
     plain = logging.getLogRecordFactory()
 
     def factory(*a: Any, **k: Any) -> logging.LogRecord:
-        from vmshare.present.text import visible  # on the first record, not at start-up
+        # imported at the first record, not at start-up: a command that logs
+        # nothing (predict --json) never loads present.text (no vmshare module
+        # logs while it is imported, so this import cannot meet itself)
+        from vmshare.present.text import visible
         record = plain(*a, **k)
         try:
             message = record.getMessage()
