@@ -35,6 +35,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("tuner_vs_ksmtuned", ["benchmarks/tuner_vs_ksmtuned.py"]),
     ("exporter_cost", ["benchmarks/exporter_cost.py"]),
     ("fuzz_inputs", ["benchmarks/fuzz_inputs.py"]),
+    ("cli_startup", ["benchmarks/cli_startup.py"]),
 ]
 QUICK = {"engine_throughput", "engine_scaling", "engine_vs_ksmd", "live_scan", "live_read"}
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from vmshare.cli import demo
+from vmshare.cli import demorun as demo
 from vmshare.errors import HypervisorError, UsageError
 from vmshare.guest import GuestImage
 from vmshare.ksm.sysfs import KnobSnapshot

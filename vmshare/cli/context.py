@@ -4,16 +4,18 @@ only writers to stdout (``out``, ``emit_json``) and stderr (``warn``)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vmshare.hypervisor.base import Hypervisor
-from vmshare.ksm.procfs import PROC_ROOT, ProcFs
-from vmshare.ksm.sysfs import DEFAULT_ROOT, KsmSysfs
-from vmshare.observe.host import Observer
-from vmshare.present.text import visible
+if TYPE_CHECKING:       # imported where used: start-up pays only for the command run
+    from vmshare.hypervisor.base import Hypervisor
+    from vmshare.ksm.procfs import ProcFs
+    from vmshare.ksm.sysfs import KsmSysfs
+    from vmshare.observe.host import Observer
 
 EXIT_INTERNAL = 70
 
@@ -23,9 +25,17 @@ class Context:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.sysfs = KsmSysfs(Path(os.environ.get("VMSHARE_SYSFS_ROOT", str(DEFAULT_ROOT))))
-        self.procfs = ProcFs(os.environ.get("VMSHARE_PROC_ROOT", PROC_ROOT))
         self._hv: Hypervisor | None = None
+
+    @functools.cached_property
+    def sysfs(self) -> KsmSysfs:
+        from vmshare.ksm.sysfs import DEFAULT_ROOT, KsmSysfs
+        return KsmSysfs(Path(os.environ.get("VMSHARE_SYSFS_ROOT", str(DEFAULT_ROOT))))
+
+    @functools.cached_property
+    def procfs(self) -> ProcFs:
+        from vmshare.ksm.procfs import PROC_ROOT, ProcFs
+        return ProcFs(os.environ.get("VMSHARE_PROC_ROOT", PROC_ROOT))
 
     @property
     def hv(self) -> Hypervisor:
@@ -35,6 +45,7 @@ class Context:
         return self._hv
 
     def observer(self) -> Observer:
+        from vmshare.observe.host import Observer
         return Observer(self.hv, self.sysfs, self.procfs)
 
     def close(self) -> None:
@@ -58,4 +69,5 @@ def emit_json(obj: object, *, compact: bool = False) -> None:
 
 def warn(text: str) -> None:
     """One warning line on stderr; domain names in it are shown escaped."""
+    from vmshare.present.text import visible
     print(f"vmshare: warning: {visible(text)}", file=sys.stderr, flush=True)

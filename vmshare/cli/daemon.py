@@ -10,10 +10,10 @@ import logging
 from typing import Any
 
 from vmshare.cli import argtypes
-from vmshare.config import load_config
 
 
 def cmd_daemon(ctx: Any) -> int:
+    from vmshare.config import load_config
     from vmshare.daemon.service import run_daemon
     a = ctx.args
     config = load_config(a.config)
@@ -28,6 +28,7 @@ def cmd_daemon(ctx: Any) -> int:
 def cmd_remerge(ctx: Any) -> int:
     """Re-merge progress of running VMs: status's figures joined with the daemon's state."""
     from vmshare.cli.context import emit_json, out
+    from vmshare.config import load_config
     from vmshare.observe import remerge
     from vmshare.present import text as report
     config = load_config(ctx.args.config)

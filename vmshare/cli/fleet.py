@@ -6,18 +6,21 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli.context import Context, emit_json, out
+from vmshare.cli.shown import FLEET_JOB as DEFAULT_JOB
+from vmshare.cli.shown import PROM_TIMEOUT as DEFAULT_TIMEOUT
 from vmshare.errors import UsageError
-from vmshare.fleet.history import FleetHistory, fleet_history
-from vmshare.fleet.status import DEFAULT_JOB, FleetStatus, Prices, VmRow, fleet_status, top_sharers
-from vmshare.present.text import mib, table
-from vmshare.promapi.client import DEFAULT_TIMEOUT, PromClient
-from vmshare.records.history import parse_duration, sparkline
+
+if TYPE_CHECKING:
+    from vmshare.fleet.history import FleetHistory
+    from vmshare.fleet.status import FleetStatus, VmRow
+    from vmshare.promapi.client import PromClient
 
 
 def _client(ctx: Context) -> PromClient:
+    from vmshare.promapi.client import PromClient
     return PromClient(ctx.args.prometheus, timeout=ctx.args.timeout)
 
 
@@ -71,6 +74,8 @@ def status_json(st: FleetStatus) -> dict[str, Any]:
 
 
 def cmd_fleet_status(ctx: Context) -> int:
+    from vmshare.fleet.status import Prices, fleet_status
+    from vmshare.present.text import mib, table
     a = ctx.args
     if a.top < 0:
         raise UsageError(f"--top must be 0 or more, not {a.top}")
@@ -98,12 +103,14 @@ def cmd_fleet_status(ctx: Context) -> int:
 
 
 def _top_table(rows: list[VmRow]) -> str:
+    from vmshare.present.text import mib, table
     return table(["TOP SHARER", "HOST", "TRUST GROUP", "SAVED"],
                  [[v.domain, v.instance, v.trust_group or "-", mib(v.saved_bytes)]
                   for v in rows], right=(3,))
 
 
 def cmd_fleet_top(ctx: Context) -> int:
+    from vmshare.fleet.status import top_sharers
     a = ctx.args
     if a.top < 1:
         raise UsageError(f"--top must be 1 or more, not {a.top}")
@@ -126,6 +133,9 @@ def history_json(h: FleetHistory) -> dict[str, Any]:
 
 
 def cmd_fleet_history(ctx: Context) -> int:
+    from vmshare.fleet.history import fleet_history
+    from vmshare.present.text import mib
+    from vmshare.records.history import parse_duration, sparkline
     a = ctx.args
     try:
         since = parse_duration(a.since)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli.context import Context, emit_json, out
-from vmshare.hook import install as hookinstall
+from vmshare.cli.shown import HOOKS_DIR
+
+if TYPE_CHECKING:
+    from vmshare.hook import install as hookinstall
 
 
 def _when(epoch: float | None) -> str:
@@ -39,6 +42,7 @@ def print_status(st: hookinstall.HookStatus) -> None:
 
 
 def cmd_hook(ctx: Context) -> int:
+    from vmshare.hook import install as hookinstall
     a = ctx.args
     hooks_dir = Path(a.hooks_dir)
     if a.hook_cmd == "status":
@@ -79,8 +83,8 @@ def register(sub: Any) -> None:
                        ("uninstall", "remove qemu.d/vmshare if vmshare installed it"),
                        ("status", "is the hook installed, and has libvirtd loaded it?")):
         h = hsub.add_parser(name, help=text)
-        h.add_argument("--hooks-dir", default=str(hookinstall.HOOKS_DIR), metavar="DIR",
-                       help=f"libvirt's hooks directory (default {hookinstall.HOOKS_DIR})")
+        h.add_argument("--hooks-dir", default=HOOKS_DIR, metavar="DIR",
+                       help=f"libvirt's hooks directory (default {HOOKS_DIR})")
         if name == "install":
             h.add_argument("--restart-libvirtd", action="store_true",
                            help="restart libvirtd afterwards so it loads the hook")

@@ -6,11 +6,11 @@ from typing import Any
 
 from vmshare.cli.context import Context, emit_json, out
 from vmshare.errors import UsageError
-from vmshare.ksm.sysfs import KNOBS
 
 
 def cmd_ksm(ctx: Context) -> int:
     from vmshare.control import knobs as control
+    from vmshare.ksm.sysfs import KNOBS
     from vmshare.present import text as report
     a = ctx.args
     sysfs = ctx.sysfs

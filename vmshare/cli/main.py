@@ -5,6 +5,11 @@ Modelled on virsh: ``-c/--connect URI`` picks the libvirt connection
 A user mistake prints one line ``vmshare: error: ...`` and exits non-zero;
 tracebacks appear only with --debug. Each command group lives in its own
 module with ``register(sub)``; they are listed in GROUPS, in help order.
+
+Start-up pays only for the command that runs: every module imported here,
+and every ``register``, imports nothing heavier than argparse (the parser's
+constants that live in heavy packages are copied in ``cli.shown``); each
+command imports what it needs when it runs (tests/test_cli_startup.py).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from vmshare.cli import (
 from vmshare.cli.context import EXIT_INTERNAL, Context
 from vmshare.control.lock import DEFAULT_WAIT, control_lock
 from vmshare.errors import VmshareError
-from vmshare.present.text import visible
 
 log = logging.getLogger("vmshare")
 
@@ -109,6 +113,10 @@ def escaped_log_records() -> Iterator[None]:
     plain = logging.getLogRecordFactory()
 
     def factory(*a: Any, **k: Any) -> logging.LogRecord:
+        # imported at the first record, not at start-up: a command that logs
+        # nothing (predict --json) never loads present.text (no vmshare module
+        # logs while it is imported, so this import cannot meet itself)
+        from vmshare.present.text import visible
         record = plain(*a, **k)
         try:
             message = record.getMessage()
@@ -146,6 +154,7 @@ def run(func: Callable[[Context], int], args: argparse.Namespace) -> int:
         with (control_lock(what, wait=args.lock_wait) if what else contextlib.nullcontext()):
             return func(ctx)
     except VmshareError as exc:
+        from vmshare.present.text import visible
         log.debug("error detail", exc_info=True)
         print(f"vmshare: error: {visible(str(exc))}", file=sys.stderr)
         return exc.exit_code
@@ -157,6 +166,7 @@ def run(func: Callable[[Context], int], args: argparse.Namespace) -> int:
     except Exception as exc:   # a bug: one line, traceback only with --debug
         if args.debug:
             raise
+        from vmshare.present.text import visible
         print(f"vmshare: internal error: {type(exc).__name__}: {visible(str(exc))} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL

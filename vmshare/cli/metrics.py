@@ -7,19 +7,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli import argtypes
-from vmshare.daemon.exporter import SnapshotSource
-from vmshare.daemon.metrics_http import DEFAULT_LISTEN, serve
+from vmshare.cli.shown import METRICS_LISTEN as DEFAULT_LISTEN
 from vmshare.errors import UsageError
-from vmshare.present.metrics import Refresher, exposition
+
+if TYPE_CHECKING:
+    from vmshare.daemon.exporter import SnapshotSource
 
 
 def _source(ctx: Any) -> SnapshotSource:
     from vmshare.config import load_config
+    from vmshare.daemon.exporter import SnapshotSource
     config = load_config(ctx.args.config)
     return SnapshotSource(ctx.hv, ctx.sysfs, ctx.procfs, config, scope=ctx.args.domain)
 
@@ -28,6 +29,7 @@ def write_textfile(directory: Path, text: str) -> Path:
     """node_exporter's textfile collector convention: DIR/vmshare.prom written to a
     temporary name in DIR and renamed, so node_exporter never reads half a file.
     Raises UsageError when DIR is not a directory or cannot be written."""
+    import tempfile
     if not directory.is_dir():
         raise UsageError(f"--textfile {directory}: not a directory")
     target = directory / "vmshare.prom"
@@ -47,6 +49,8 @@ def write_textfile(directory: Path, text: str) -> Path:
 
 
 def cmd_metrics(ctx: Any) -> int:
+    from vmshare.daemon.metrics_http import serve
+    from vmshare.present.metrics import Refresher, exposition
     a = ctx.args
     source = _source(ctx)
     if a.listen is None:

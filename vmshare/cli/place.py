@@ -5,20 +5,23 @@ the moves across the fleet that would gain most (an edge module)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli.context import Context, emit_json, out
-from vmshare.engine.sampled import Estimate
 from vmshare.errors import SketchError, UsageError
-from vmshare.model import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from vmshare.engine.sampled import Estimate
 
 
 def _mib(pages_or_bytes: float, pages: bool = True) -> str:
+    from vmshare.model import PAGE_SIZE
     b = pages_or_bytes * PAGE_SIZE if pages else pages_or_bytes
     return f"{b / 2**20:,.1f} MiB"
 
 
 def _est(e: Estimate) -> dict[str, int]:
+    from vmshare.model import PAGE_SIZE
     return {"bytes": round(e.value * PAGE_SIZE), "low_bytes": round(e.low * PAGE_SIZE),
             "high_bytes": round(e.high * PAGE_SIZE), "pages": round(e.value)}
 
@@ -79,6 +82,7 @@ def cmd_place(ctx: Context) -> int:
 
 
 def _print_rank(a: Any, vm: Any, ranked: list[Any]) -> None:
+    from vmshare.model import PAGE_SIZE
     if a.json:
         emit_json({"vm": vm.name, "trust_group": vm.group, "need_bytes": vm.pages * PAGE_SIZE,
                    "interval": 0.95,
@@ -120,7 +124,7 @@ def _print_moves(a: Any, moves: list[Any], nhosts: int) -> None:
 
 def register(sub: Any) -> None:
     from vmshare.cli import argtypes
-    from vmshare.promapi.client import DEFAULT_TIMEOUT
+    from vmshare.cli.shown import PROM_TIMEOUT as DEFAULT_TIMEOUT
     s = sub.add_parser("place", help="rank hosts for a VM by the sharing it would gain there "
                        "and their memory headroom (content sketches, Prometheus)")
     s.add_argument("vm", nargs="?", metavar="DOMAIN|SKETCH",

@@ -8,22 +8,23 @@ the host default. Every change made here is recorded in the audit log.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli.context import Context, emit_json, out
-from vmshare.config import MERGE_SETTINGS, Config, VmPolicy, config_path, load_config
-from vmshare.control.adopt import adopt, describe
-from vmshare.control.merge import MergeResult
+from vmshare.cli.shown import MERGE_SETTINGS
 from vmshare.errors import HypervisorError, PolicyError, UsageError
-from vmshare.hypervisor.base import PolicyStore
-from vmshare.model import VmRef
-from vmshare.policy.rules import Decision
-from vmshare.policy.sources import PolicyView, survey
-from vmshare.records.audit import AUDIT_ENV, AuditLog, AuditRecord
+
+if TYPE_CHECKING:       # imported where used: start-up pays only for the command run
+    from vmshare.config import Config, VmPolicy
+    from vmshare.control.merge import MergeResult
+    from vmshare.hypervisor.base import PolicyStore
+    from vmshare.model import VmRef
+    from vmshare.policy.rules import Decision
+    from vmshare.policy.sources import PolicyView
+    from vmshare.records.audit import AuditLog, AuditRecord
 
 
 def warn(text: str) -> None:
@@ -36,6 +37,7 @@ def load(ctx: Context, *, lenient: bool = False) -> Config:
     ``lenient`` (disable): a broken config is a warning and the defaults
     apply, so that turning sharing off is never blocked by a typo.
     """
+    from vmshare.config import Config, load_config
     try:
         return load_config(getattr(ctx.args, "config", None))
     except PolicyError as exc:
@@ -47,6 +49,7 @@ def load(ctx: Context, *, lenient: bool = False) -> Config:
 
 def audit_log(cfg: Config) -> AuditLog:
     """VMSHARE_AUDIT_LOG if set, else the config's [daemon] audit_log."""
+    from vmshare.records.audit import AUDIT_ENV, AuditLog
     return AuditLog(None if os.environ.get(AUDIT_ENV) else cfg.daemon.audit_log, actor="cli")
 
 
@@ -62,6 +65,7 @@ def policy_text(p: VmPolicy | None) -> str:
 
 
 def policy_json(p: VmPolicy | None) -> dict[str, Any] | None:
+    import dataclasses
     return None if p is None else dataclasses.asdict(p)
 
 
@@ -124,6 +128,8 @@ def _decision_text(v: PolicyView) -> str:
 
 
 def cmd_policy_show(ctx: Context) -> int:
+    from vmshare.config import config_path
+    from vmshare.policy.sources import survey
     from vmshare.present.text import table
     cfg = load(ctx)
     hv = ctx.hv
@@ -176,6 +182,10 @@ def _write_policy(hv: PolicyStore, ref: VmRef, policy: VmPolicy) -> str:
 
 
 def cmd_policy_set(ctx: Context) -> int:
+    from vmshare.config import VmPolicy
+    from vmshare.control.adopt import adopt, describe
+    from vmshare.hypervisor.base import PolicyStore
+    from vmshare.policy.sources import survey
     a = ctx.args
     if a.merge is None and a.group is None and a.force is None:
         raise UsageError("nothing to set: give --merge, --group and/or --force/--no-force")
@@ -218,6 +228,9 @@ def cmd_policy_set(ctx: Context) -> int:
 
 # ---------------------------------------------------------------- policy adopt
 def cmd_policy_adopt(ctx: Context) -> int:
+    import dataclasses
+
+    from vmshare.control.adopt import adopt, describe
     a = ctx.args
     if bool(a.domains) == bool(a.all):
         raise UsageError("name the domains to adopt, or give --all (not both)")
@@ -245,12 +258,14 @@ def _short(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, dict):
+        from vmshare.config import VmPolicy
         return policy_text(VmPolicy(**value)) if set(value) == {"merge", "group", "force"} \
             else str(value)
     return "-" if value is None else str(value)
 
 
 def cmd_log(ctx: Context) -> int:
+    import dataclasses
     a = ctx.args
     if a.tail is not None and a.tail < 0:
         raise UsageError(f"--tail must be 0 or more, not {a.tail}")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli import argtypes
-from vmshare.engine import EngineConfig, KsmCounters
 from vmshare.errors import UsageError
-from vmshare.model import PAGE_SIZE
+
+if TYPE_CHECKING:       # imported where used: start-up pays only for the command run
+    from vmshare.engine import EngineConfig, KsmCounters
 
 #: the kernel's PID_MAX_LIMIT on 64-bit: no process id is larger
 PID_MAX = 4_194_304
@@ -42,6 +43,7 @@ LOW_MEMORY_NOTE = ("--low-memory is deprecated and has no effect: every scan rea
 
 
 def _config(a: argparse.Namespace) -> EngineConfig:
+    from vmshare.engine import EngineConfig
     return EngineConfig(max_page_sharing=a.max_page_sharing, use_zero_pages=a.use_zero_pages)
 
 
@@ -107,6 +109,7 @@ def cmd_predict(ctx: Any) -> int:
 
 
 def _source_json(s: Any) -> dict[str, Any]:
+    from vmshare.model import PAGE_SIZE
     return {"name": s.name, "kind": s.kind, "pages": s.pages, "ksm_pages": s.ksm_pages,
             "saved_bytes": s.saved_bytes, "saved_pages": round(float(s.saved), 3),
             "zero_pages": s.zero_pages, "zero_content_pages": s.zero_content_pages,
@@ -115,6 +118,7 @@ def _source_json(s: Any) -> dict[str, Any]:
 
 
 def prediction_json(result: Any, notes: list[str]) -> dict[str, Any]:
+    from vmshare.model import PAGE_SIZE
     totals = result.totals()
     return {
         "config": {"max_page_sharing": result.config.max_page_sharing,
@@ -135,6 +139,7 @@ def _counters_line(c: dict[str, int]) -> str:
 
 
 def prediction_text(result: Any, notes: list[str]) -> str:
+    from vmshare.model import PAGE_SIZE
     from vmshare.present.text import mib, table
     cfg = result.config
     lines = [f"Prediction by the userspace KSM engine (max_page_sharing={cfg.max_page_sharing}, "
@@ -176,6 +181,7 @@ def prediction_text(result: Any, notes: list[str]) -> str:
 # ---------------------------------------------------------------- scan
 def cmd_scan(ctx: Any) -> int:
     from vmshare.cli.context import emit_json, out
+    from vmshare.model import PAGE_SIZE
     from vmshare.prediction import predict as pr
     from vmshare.present.text import mib
     a = ctx.args

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmshare.cli.context import Context, emit_json, out, warn
+from vmshare.cli.shown import HISTORY_AUTO_MAX_SAMPLES as AUTO_MAX_SAMPLES
+from vmshare.cli.shown import HISTORY_RESOLUTIONS as RESOLUTION_CHOICES
 from vmshare.errors import UsageError
-from vmshare.records.history import AUTO_MAX_SAMPLES, RESOLUTION_CHOICES
 
 if TYPE_CHECKING:
     from vmshare.records.history_query import Answer

@@ -3,14 +3,12 @@ sketches; a sketch file shown (an edge module)."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from vmshare.cli import argtypes
 from vmshare.cli.context import Context, emit_json, out
-from vmshare.cli.estimate import rate_text
 from vmshare.errors import UsageError
 
 
@@ -21,6 +19,7 @@ def _sketch_settings(a: Any) -> Any:
 
 # ---------------------------------------------------------------- sketch
 def sketch_summary(path: Path | None, sk: Any) -> str:
+    from vmshare.cli.estimate import rate_text
     from vmshare.records.sketchfile import HASH_NAMES
     entries = sum(v.values.size + v.heavy_values.size for v in sk.vms)
     where = f"{path}: " if path else ""
@@ -46,6 +45,7 @@ def cmd_sketch(ctx: Context) -> int:
         sk = sf.read_sketch(Path(a.show), key_id=key.key_id)
         _print(a, Path(a.show), sk, wrote=False)
         return 0
+    import socket
     host = a.host or socket.gethostname()
     if a.merge:
         if a.domains or a.dump or a.raw or a.pid:
@@ -87,7 +87,7 @@ def _print(a: Any, path: Path, sk: Any, *, wrote: bool) -> None:
 
 def register(sub: Any) -> None:
     from vmshare.cli.predict import target_options
-    from vmshare.prediction.sketch import DEFAULT_MAX_ENTRIES
+    from vmshare.cli.shown import SKETCH_MAX_ENTRIES as DEFAULT_MAX_ENTRIES
     s = sub.add_parser("sketch", help="a content sketch of domains, dumps or processes for "
                        "`vmshare place` (a keyed sample of page contents)")
     target_options(s)

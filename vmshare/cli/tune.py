@@ -13,20 +13,20 @@ import json
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmshare.cli import argtypes
 from vmshare.cli.context import warn
-from vmshare.config import TunerPolicy
+from vmshare.cli.shown import TUNE_AMPLE_AVAILABLE, TUNE_CPU_BUDGET_PCT, TUNE_TIGHT_AVAILABLE
 from vmshare.control.lock import ControlBusy, control_lock
 from vmshare.errors import UsageError
-from vmshare.ksm.sysfs import KsmSysfs
-from vmshare.records.audit import AuditLog
-from vmshare.tuner.decide import Decision, Observation
-from vmshare.tuner.loop import OWNED_KNOBS, Changes, Tuner, check_advisor, tuner_lock
+
+if TYPE_CHECKING:       # imported where used: start-up pays only for the command run
+    from vmshare.ksm.sysfs import KsmSysfs
+    from vmshare.tuner.decide import Decision, Observation
+    from vmshare.tuner.loop import Changes
 
 
 def decision_line(obs: Observation, d: Decision,
@@ -42,6 +42,7 @@ def decision_line(obs: Observation, d: Decision,
 
 def decision_json(obs: Observation, d: Decision,
                   changes: Changes | None) -> str:
+    from dataclasses import asdict
     doc: dict[str, Any] = {"time": time.time(), "mode": d.mode, "knobs": d.knobs(),
                            "reason": d.reason, "cpu_pct": d.cpu_pct,
                            "gain_per_scan": d.gain_per_scan,
@@ -63,6 +64,9 @@ def print_decision(obs: Observation, decision: Decision, changes: Changes | None
 
 
 def cmd_tune(ctx: Any) -> int:
+    from vmshare.config import TunerPolicy
+    from vmshare.records.audit import AuditLog
+    from vmshare.tuner.loop import OWNED_KNOBS, Tuner, check_advisor, tuner_lock
     a = ctx.args
     try:
         policy = TunerPolicy(cpu_budget_pct=a.cpu_budget, tight_available=a.tight / 100.0,
@@ -146,13 +150,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                    help="seconds between observations, greater than 0 and at most "
                         f"{argtypes.MAX_SECONDS:g} (default 5)")
     s.add_argument("--cpu-budget", type=argtypes.finite_float(0, 100, lo_open=True),
-                   default=TunerPolicy.cpu_budget_pct, metavar="PCT",
+                   default=TUNE_CPU_BUDGET_PCT, metavar="PCT",
                    help="ksmd CPU budget, percent of one core (default %(default)g)")
-    s.add_argument("--tight", type=argtypes.PERCENT, default=TunerPolicy.tight_available * 100,
+    s.add_argument("--tight", type=argtypes.PERCENT, default=TUNE_TIGHT_AVAILABLE * 100,
                    metavar="PCT",
                    help="memory is tight below this MemAvailable %% of RAM (default "
                         "%(default)g)")
-    s.add_argument("--ample", type=argtypes.PERCENT, default=TunerPolicy.ample_available * 100,
+    s.add_argument("--ample", type=argtypes.PERCENT, default=TUNE_AMPLE_AVAILABLE * 100,
                    metavar="PCT",
                    help="memory is ample at or above this MemAvailable %% of RAM (default "
                         "%(default)g): converged KSM is stopped")
