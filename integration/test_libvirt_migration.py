@@ -38,7 +38,7 @@ from integration.debian_guests import (
     mergeable_ranges,
     virsh,
 )
-from integration.second_host import SecondHost, second_libvirtd
+from integration.second_host import SecondHost
 from vmshare.hypervisor.metadata import NAMESPACE
 
 pytestmark = pytest.mark.integration
@@ -55,12 +55,6 @@ def guests() -> Iterator[DebianGuests]:
         pytest.skip("needs root (a second libvirtd in its own mount namespace)")
     with booted_debian_guests(2, memory_mib=MEMORY_MIB) as booted:
         yield booted
-
-
-@pytest.fixture(scope="module")
-def host2() -> Iterator[SecondHost]:
-    with second_libvirtd() as host:
-        yield host
 
 
 def _cli(env: dict[str, str], *args: str, host: SecondHost | None = None) -> str:
@@ -151,7 +145,8 @@ def _sources_gone(sources: dict[str, int], still_there: Callable[[str], bool]) -
 
 
 def test_live_migration_to_a_second_host_and_back_keeps_policy(
-        guests: DebianGuests, host2: SecondHost, tmp_path: Path) -> None:
+        guests: DebianGuests, second_host: SecondHost, tmp_path: Path) -> None:
+    host2 = second_host
     on, off = guests.names
     env = {**os.environ, "VMSHARE_CONFIG": str(_config(tmp_path, own_hook=False)),
            "VMSHARE_AUDIT_LOG": str(tmp_path / "cli-audit.jsonl")}
