@@ -159,7 +159,7 @@ def test_live_migration_to_a_second_host_and_back_keeps_policy(
     env2 = {**os.environ, "VMSHARE_CONFIG": str(_config(there, own_hook=True)),
             "VMSHARE_AUDIT_LOG": str(there / "audit.jsonl")}
     d2 = DaemonProc(Path(env2["VMSHARE_CONFIG"]), there / "daemon.log",
-                    domains=tuple(guests.names), wrap=tuple(host2.nsenter([])[:-1]))
+                    domains=tuple(guests.names), wrap=tuple(host2.nsenter([])))
     try:
         d2.wait_log("reconciled", timeout=60)
         seconds, done = _migrate_both(LIBVIRT_URI, host2.uri, guests.names,
