@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from integration.domains import LIBVIRT_URI, destroy_by_uuid
+from integration.second_host import SecondHost, second_libvirtd
 from vmshare.guest import FillSpec, GuestImage, build_image, domain_xml, wait_ready
 
 SETUP_HINT = "run integration/setup.sh"
@@ -168,3 +169,13 @@ def boot_guests(guest_image: GuestImage, transient_domains: Callable[[str], Any]
         return domains
 
     return boot
+
+
+@pytest.fixture(scope="session")
+def second_host(require_root: None) -> Iterator[SecondHost]:
+    """A second libvirt host on this machine (integration/second_host.py): its own
+    libvirtd, virtlogd, host UUID and mount namespace, vmshare's hook in its qemu.d."""
+    if shutil.which("libvirtd") is None or shutil.which("unshare") is None:
+        pytest.skip(f"libvirtd or unshare is not installed ({SETUP_HINT})")
+    with second_libvirtd() as host:
+        yield host

@@ -45,10 +45,12 @@ class DaemonProc:
     """The daemon as a subprocess. ``domains``: name globs it may manage
     (VMSHARE_DAEMON_DOMAINS); test sessions share one libvirtd, and a daemon
     managing every domain would change other sessions' guests. ``env``: more
-    environment (e.g. NOTIFY_SOCKET)."""
+    environment (e.g. NOTIFY_SOCKET). ``wrap``: a command prefix (e.g. nsenter
+    into a second host's namespace)."""
 
     def __init__(self, config: Path, log: Path, *extra: str,
-                 domains: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+                 domains: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 wrap: tuple[str, ...] = ()) -> None:
         self.log = log
         self.fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
         more, env = env or {}, dict(os.environ)
@@ -57,7 +59,7 @@ class DaemonProc:
             env["VMSHARE_DAEMON_DOMAINS"] = ",".join(domains)
         env.update(more)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmshare", "--debug", "daemon", "--config", str(config),
+            [*wrap, sys.executable, "-m", "vmshare", "--debug", "daemon", "--config", str(config),
              "--observe-interval", "1", "--resync-interval", "5", *extra],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.fh, stderr=self.fh,
             start_new_session=True)

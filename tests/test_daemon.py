@@ -38,6 +38,35 @@ def test_event_mapping() -> None:
     assert t.device_added_trigger("vm", None, "dimm0").resets == "hotplug"
 
 
+def _through_libvirt(events: list[tuple[str, object, object]]) -> list[t.Trigger]:
+    """What the libvirt adapter's events become, in order (the daemon acts on the
+    first; the audit record names the reset that trigger carries)."""
+    out: list[t.Trigger] = []
+    sink = t.TriggerSink(out.append, lambda _reason: None)
+    for kind, a, b in events:
+        if kind == "qmp":
+            sink.qmp_event("vm", "u", str(a), dict(b))  # type: ignore[call-overload]
+        else:
+            sink.lifecycle("vm", "u", int(a), int(b))  # type: ignore[call-overload]
+    return out
+
+
+def test_a_restore_through_libvirt_is_named_restore_not_migrate_in() -> None:
+    # the order libvirtd 9.0 delivers them in on `virsh restore`: QEMU's MIGRATION
+    # (a restore is an incoming migration from a file), then libvirt's own event
+    restore = _through_libvirt([("qmp", "MIGRATION", {"status": "completed"}),
+                                ("life", t.EV_STARTED, t.STARTED_RESTORED),
+                                ("qmp", "RESUME", {}),
+                                ("life", t.EV_RESUMED, t.RESUMED_UNPAUSED)])
+    assert [x.resets for x in restore if x.resets] == ["restore"]
+    assert restore[0].resets == "restore"
+    incoming = _through_libvirt([("life", t.EV_STARTED, t.STARTED_MIGRATED),
+                                 ("qmp", "MIGRATION", {"status": "completed"}),
+                                 ("life", t.EV_RESUMED, t.RESUMED_MIGRATED)])
+    assert [x.resets for x in incoming] == ["migrate-in", "migrate-in"]
+    assert "MIGRATION" not in t.QMP_EVENTS
+
+
 def test_hook_sequence_of_a_restore() -> None:
     seq = t.HookSequence()
     calls = [("stopped", "end"), ("release", "end"), ("restore", "begin"),

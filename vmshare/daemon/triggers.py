@@ -37,8 +37,12 @@ _STARTED_RESETS = {STARTED_MIGRATED: "migrate-in", STARTED_RESTORED: "restore",
                    STARTED_FROM_SNAPSHOT: "restore"}
 _RESUMED_RESETS = {RESUMED_MIGRATED: "migrate-in", RESUMED_FROM_SNAPSHOT: "restore"}
 
-# QMP events the daemon subscribes to (libvirt pass-through or plain QEMU).
-QMP_EVENTS: tuple[str, ...] = ("RESET", "MIGRATION", "MEMORY_DEVICE_SIZE_CHANGE",
+# QMP events the daemon subscribes to through libvirt's pass-through. Not
+# MIGRATION: QEMU sends it for a restore as well (a restore is an incoming
+# migration from a file) and it comes before libvirt's own lifecycle event,
+# which says which of the two it was (STARTED_MIGRATED or STARTED_RESTORED).
+# Plain QEMU (qmp_watch) has no such event and uses MIGRATION.
+QMP_EVENTS: tuple[str, ...] = ("RESET", "MEMORY_DEVICE_SIZE_CHANGE",
                                "DEVICE_DELETED", "BALLOON_CHANGE", "RESUME")
 
 
@@ -148,6 +152,8 @@ class TriggerSink:
 
     def qmp_event(self, name: str, uuid: str | None, event: str,
                   data: dict[str, Any]) -> None:
+        if event not in QMP_EVENTS:
+            return      # MIGRATION: libvirt's lifecycle event names it (see QMP_EVENTS)
         trigger = qmp_trigger(name, uuid, event, data)
         if trigger is not None:
             self.deliver(trigger)
