@@ -109,6 +109,12 @@ force = true
     ("[daemon]\nstate_file = \"state.json\"\n", "[daemon] state_file must be an absolute"),
     ("[daemon]\nsocket = \"/run/a\\u0000b\"\n", "[daemon] socket must be an absolute path"),
     ("[daemon]\nqmp_sockets = [\"\"]\n", "[daemon] qmp_sockets must be a list"),
+    ("[sketch]\ninterval = -1\n", "[sketch] interval must be 0 (no sketches) or seconds"),
+    ("[sketch]\ninterval = nan\n", "[sketch] interval must be 0 (no sketches)"),
+    ("[sketch]\ninterval = 1e9\n", "seconds up to 604800, not 1000000000.0"),
+    ("[sketch]\ninterval = \"60\"\n", "[sketch] interval must be a float"),
+    ("[sketch]\ncpu_budget = 0\n", "[sketch] cpu_budget must be a percentage of one core"),
+    ("[sketch]\ncpu_budget = 101\n", "[sketch] cpu_budget must be a percentage"),
     ("[daemon]\nhistory_raw_days = 0\n", "[daemon] history_raw_days must be days in (0, 366]"),
     ("[daemon]\nhistory_5min_days = nan\n", "[daemon] history_5min_days must be days in"),
     ("[daemon]\nhistory_hourly_days = 1e9\n", "[daemon] history_hourly_days must be days"),
@@ -157,3 +163,10 @@ def test_fifo_and_endless_files_are_refused_at_once(tmp_path: Path) -> None:
     big.write_bytes(b"#" * (2 << 20))
     with pytest.raises(PolicyError, match="larger than 1048576 bytes"):
         load_config(big)
+
+
+def test_sketch_interval_and_budget(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[sketch]\ninterval = 300\ncpu_budget = 2.5\n"))
+    assert (cfg.sketch.interval, cfg.sketch.cpu_budget) == (300.0, 2.5)
+    off = load_config(write(tmp_path, "[sketch]\ndir = \"/x\"\n"))
+    assert (off.sketch.interval, off.sketch.cpu_budget) == (0.0, 5.0)

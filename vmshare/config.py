@@ -127,6 +127,8 @@ class SketchSettings:
     """Content sketches (vmshare sketch, place): the fleet key and where they are kept."""
     key_file: Path = Path("/etc/vmshare/sketch.key")   # the fleet secret, 0600
     dir: Path = Path("/var/lib/vmshare/sketches")      # 0700, root's
+    interval: float = 0.0        # the daemon re-sketches each VM this often (s); 0: never
+    cpu_budget: float = 5.0      # the daemon's sketching CPU, % of one core
 
 
 @dataclass(frozen=True)
@@ -242,13 +244,20 @@ _DAEMON_NUMBERS: dict[str, tuple[float, float, bool, str]] = {
     "metrics_interval": (0.0, 86400.0, False, "seconds in (0, 86400]"),
     "metrics_cpu_budget": (0.0, 100.0, False, "a percentage of one core in (0, 100]"),
 }
+# [sketch] numbers, the same way
+_SKETCH_NUMBERS: dict[str, tuple[float, float, bool, str]] = {
+    "interval": (0.0, 7 * 86400.0, True, "0 (no sketches) or seconds up to 604800"),
+    "cpu_budget": (0.0, 100.0, False, "a percentage of one core in (0, 100]"),
+}
 
 
-def _number(origin: Path, table: dict[str, Any], key: str, default: float) -> float:
-    value: float = _typed(origin, "daemon", key, table.get(key, default), float)
-    low, high, low_ok, rule = _DAEMON_NUMBERS[key]
+def _number(origin: Path, table: dict[str, Any], key: str, default: float,
+            section: str = "daemon") -> float:
+    value: float = _typed(origin, section, key, table.get(key, default), float)
+    rules = _DAEMON_NUMBERS if section == "daemon" else _SKETCH_NUMBERS
+    low, high, low_ok, rule = rules[key]
     if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
-        raise PolicyError(f"{origin}: [daemon] {key} must be {rule}, not {value!r}")
+        raise PolicyError(f"{origin}: [{section}] {key} must be {rule}, not {value!r}")
     return value
 
 
@@ -342,7 +351,10 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
     k = _check_keys("sketch", doc.get("sketch", {}), _SKETCH_KEYS, origin)
     sk = SketchSettings()
     sketch = SketchSettings(key_file=_path(origin, k, "key_file", sk.key_file, "sketch"),
-                            dir=_path(origin, k, "dir", sk.dir, "sketch"))
+                            dir=_path(origin, k, "dir", sk.dir, "sketch"),
+                            interval=_number(origin, k, "interval", sk.interval, "sketch"),
+                            cpu_budget=_number(origin, k, "cpu_budget", sk.cpu_budget,
+                                               "sketch"))
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,
                                   default_group=default_group, vms=vms),

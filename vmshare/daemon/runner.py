@@ -5,9 +5,9 @@ queue; one consumer hands them, in order and de-duplicated, to the
 Reconciler in a single worker thread (the adapters block, each call with a
 deadline). Periodically the daemon observes every VM (the KSM pages that a
 later reset is measured against) and reconciles everything (a safety net
-for anything missed). When libvirtd goes away it reconnects with
-exponential backoff up to ``[daemon] reconnect_max_seconds`` and then
-reconciles everything, since events were lost meanwhile.
+for anything missed). When libvirtd goes away it reconnects with exponential
+backoff up to ``[daemon] reconnect_max_seconds`` and then reconciles everything
+(events were lost meanwhile). ``[sketch] interval``: vmshare.daemon.sketcher.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from vmshare.daemon.exporter import run_exporter
 from vmshare.daemon.liveness import Liveness
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.rejects import Rejects
+from vmshare.daemon.sketcher import run_sketcher
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.supervisor import Supervisor
 from vmshare.daemon.triggers import QMP_EVENTS, HookSequence, Trigger, TriggerSink, backoff_delays
@@ -39,9 +40,8 @@ from vmshare.records.schema import printable
 log = logging.getLogger("vmshare.daemon")
 T = TypeVar("T")
 EXIT_TASK_DIED = 70          # EX_SOFTWARE: a background task kept dying (a bug)
-# Comma-separated name globs: the daemon manages only these domains (default:
-# all). For hosts shared with other managers, and for tests that share one
-# libvirtd with concurrent test sessions.
+# Comma-separated name globs: the daemon manages only these domains (default: all). For hosts
+# shared with other managers, and for tests that share one libvirtd with concurrent sessions.
 DOMAINS_ENV = "VMSHARE_DAEMON_DOMAINS"
 
 
@@ -84,8 +84,7 @@ class Daemon:
         self.lost = asyncio.Event()
         self.connected = asyncio.Event()
         self.scope = domain_scope(self.domains)
-        # Refused input by kind (spool_entry, datagram, spool_dropped): the metrics'
-        # vmshare_daemon_bad_inputs_total; logged at a bounded rate.
+        # Refused input by kind, logged at a bounded rate: vmshare_daemon_bad_inputs_total
         self.rejects = Rejects(logging.getLogger("vmshare.daemon.spool"))
         self.supervisor = Supervisor()
         self.live = Liveness()   # READY, the watchdog and STATUS (service.py sends them)
@@ -337,6 +336,8 @@ class Daemon:
             jobs["tuner"] = lambda: run_tuner(self, stop)
         if self.settings.metrics_listen:
             jobs["metrics"] = lambda: run_exporter(self, stop)
+        if self.opts.config.sketch.interval > 0:
+            jobs["sketcher"] = lambda: run_sketcher(self, stop)
         if watcher is not None:
             jobs["qmp-watch"] = lambda: watcher.run(stop)
         else:

@@ -147,13 +147,18 @@ def sketch_pages(source: PageSource, key: SketchKey, threshold: int,
     return replace(vm, name=source.name, pages=pages, zero_pages=zeros), thr
 
 
+def process_started(pid: int, procfs: ProcFs | None = None) -> int:
+    """When process ``pid`` started, Unix seconds (to within a second: the boot
+    time comes from /proc/uptime). Raises ProcessGone, ProcfsError."""
+    pf = procfs or ProcFs()
+    return int(pf.boot_time() + pf.start_time(pid) / os.sysconf("SC_CLK_TCK"))
+
+
 def started_at(source: PageSource, procfs: ProcFs | None = None) -> int:
     """When what the source reads began: the process's start (live), the dump's mtime."""
     inner = source.inner if isinstance(source, KernelVisiblePages) else source
     if isinstance(inner, LiveProcessSource):
-        pf = procfs or ProcFs()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return int(pf.boot_time() + pf.start_time(inner.pid) / ticks)
+        return process_started(inner.pid, procfs)
     if isinstance(inner, FileSource):
         return int(os.stat(inner.path).st_mtime)
     return 0

@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, VM_FIGURE_MEANINGS
 from vmshare.observe.host import HostView, VmView
+from vmshare.present.pacing import PacedThread, budget_pause
 
 log = logging.getLogger("vmshare.present.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -237,8 +238,8 @@ class Refresher:
         self.failures = 0
         self._latest: Snapshot | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._pacer = PacedThread(self.refresh, name="vmshare-metrics-refresh",
+                                  on_error=interval)
 
     def latest(self) -> Snapshot | None:
         with self._lock:
@@ -262,21 +263,10 @@ class Refresher:
         cpu = snap.cpu_seconds
         with self._lock:
             self._latest = snap
-        return max(self.interval, cpu / self.cpu_budget)
+        return budget_pause(cpu, self.cpu_budget, self.interval)
 
     def start(self) -> None:
-        wait = self.refresh()           # the first scrape already has figures
-
-        def loop() -> None:
-            delay = wait
-            while not self._stop.wait(delay):
-                delay = self.refresh()
-
-        self._thread = threading.Thread(target=loop, name="vmshare-metrics-refresh",
-                                        daemon=True)
-        self._thread.start()
+        self._pacer.start(self.refresh())   # the first scrape already has figures
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._pacer.stop()
