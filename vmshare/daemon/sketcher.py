@@ -24,6 +24,7 @@ back), and the daemon goes on; the host sketch keeps its last good contents.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import time
@@ -33,7 +34,13 @@ from typing import Any, Protocol, TypeVar
 
 from vmshare.config import Config, SketchSettings
 from vmshare.daemon.reconcile import Reconciler
-from vmshare.errors import DomainNotFound, DomainNotRunning, ProcessGone, VmshareError
+from vmshare.errors import (
+    DeadlineExceeded,
+    DomainNotFound,
+    DomainNotRunning,
+    ProcessGone,
+    VmshareError,
+)
 from vmshare.model import PAGE_SIZE
 from vmshare.observe.host import Observer
 from vmshare.prediction.sketch import (
@@ -331,7 +338,12 @@ async def run_sketcher(seat: SketcherSeat, stop: asyncio.Event) -> None:
 
     def in_worker(fn: Callable[[], T]) -> tuple[T, float]:
         future = asyncio.run_coroutine_threadsafe(seat.work(measured(fn)), loop)
-        return future.result(timeout=WORK_TIMEOUT)
+        try:
+            return future.result(timeout=WORK_TIMEOUT)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise DeadlineExceeded(f"the daemon's worker did not take the sketcher's step "
+                                   f"within {WORK_TIMEOUT:g} s") from exc
 
     def observer() -> Observer:     # the connection may have been replaced meanwhile
         return Observer(seat.rc.hv, seat.rc.sysfs, seat.rc.procfs)
