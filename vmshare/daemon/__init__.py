@@ -18,6 +18,7 @@ Modules:
 * ``rejects``: refused input, counted and logged at a bounded rate;
 * ``keyed_audit``: audit records with ids, written at most once per action;
 * ``exporter``: the metrics snapshot (vmshare metrics and the daemon);
+* ``sketcher``: this host's content sketch kept fresh (``[sketch] interval``);
 * ``runner``: the asyncio main loop tying them together, with ``supervisor``
   (background tasks restarted, never silently dead) and ``tuning`` (the KSM
   tuner's seat in the daemon);
