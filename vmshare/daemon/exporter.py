@@ -172,7 +172,7 @@ async def run_exporter(seat: ExporterSeat, stop: asyncio.Event) -> None:
         return future.result(timeout=TAKE_TIMEOUT)
 
     refresher = Refresher(take, interval=settings.metrics_interval,
-                          cpu_budget=settings.metrics_cpu_budget / 100.0)
+                          cpu_budget=settings.metrics_cpu_budget / 100.0, take_measures=True)
     server = serve(settings.metrics_listen, lambda: exposition(refresher.latest()))
     thread = threading.Thread(target=server.serve_forever, name="vmshare-metrics-http",
                               daemon=True)
