@@ -199,3 +199,4 @@ def test_a_vm_mergeable_only_outside_its_ram_backends_counts_as_mergeable() -> N
             'uuid="11111111-1111-1111-1111-111111111111"} 1.0') in lines
     assert any(line.startswith('vmshare_vm_mergeable{domain="web-2"') and line.endswith(" 0.0")
                for line in lines)
+

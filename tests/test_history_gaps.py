@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import host, run  # noqa: F401 - host is a fixture
+from tests.test_cli import run
 from tests.test_history_db import DAY, NOW, filled, sample
 from vmshare.records.history_db import HistoryDb, Retention
 from vmshare.records.history_query import answer, find_gaps

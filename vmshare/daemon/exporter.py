@@ -64,7 +64,7 @@ class SnapshotSource:
     def __call__(self) -> Snapshot:
         # the daemon's connection may have been replaced since the last snapshot
         hv = self.hv_of()
-        observer = Observer(hv, self.sysfs, self.procfs)
+        observer = Observer(hv, self.sysfs, self.procfs, one_snapshot=True)
         errors: list[str] = []
         host = self._host(hv, observer, errors)
         policy: dict[str, VmPolicyFacts] = {}
