@@ -2,7 +2,7 @@
 content sketch instead of the engine's exact run, with a 95% interval.
 
 The estimator and its variance: vmshare.engine.sampled (Horvitz-Thompson over
-contents sampled independently with probability p). A trust group's figure
+groups of contents sampled independently with probability p). A trust group's figure
 uses only its members' samples, as the engine runs one tree per group.
 """
 
@@ -50,7 +50,8 @@ class SketchEstimate:
 
 
 def member(v: VmSketch) -> Member:
-    return Member(v.values, v.counts, v.heavy_values, v.heavy_counts, v.zero_pages)
+    return Member(v.values, v.counts, v.heavy_values, v.heavy_counts, v.zero_pages,
+                  v.decisions)
 
 
 def estimate_sketch(sk: Sketch, config: EngineConfig, *, by_group: bool) -> SketchEstimate:
