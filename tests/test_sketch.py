@@ -20,7 +20,7 @@ import xxhash
 
 from tests.dump_corpus import build_elf, valid_elf_spec
 from tests.sketch_mixes import content_ids, write_vms
-from vmshare.engine._pages import FP_OFFSETS, fp_values, id_values, siphash24
+from vmshare.engine._pages import FP_OFFSETS, fp_values, id_values, repeated, siphash24
 from vmshare.errors import DumpError, SketchError
 from vmshare.model import PAGE_SIZE, PageRun
 from vmshare.prediction import sketch as sketch_module
@@ -421,3 +421,23 @@ def test_predict_estimate_options(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "add --estimate" in err
     code, _, err = run_cli(capsys, "predict", "--estimate", "--scans", "2", "--raw", str(a))
     assert code == 2 and "--scans" in err
+
+
+def test_repeated_counts_like_numpy() -> None:
+    rng = np.random.default_rng(6)
+    for n in (0, 1, 7, 8, 100, 5000):
+        values = rng.integers(0, max(1, n // 6), n).astype(np.uint64) << np.uint64(32)
+        out = np.empty(n, np.uint8)
+        repeated(values, 8, out)
+        _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        assert out.astype(bool).tolist() == (counts[inverse.reshape(-1)] >= 8).tolist()
+
+
+def test_threads_give_the_sketch_one_thread_gives(tmp_path: Path) -> None:
+    ids = content_ids(np.random.default_rng(9), [(500, 1), (200, 2), (20, 9)], zero=20)
+    targets = [dump_target(str(p), raw=True) for p in write_vms(tmp_path, ids, 3)]
+    one = sketch_targets(targets, KEY, host="h", rate=0.25, workers=1)
+    three = sketch_targets(targets, KEY, host="h", rate=0.25, workers=3)
+    assert [v.name for v in one.vms] == [v.name for v in three.vms] == [t.name for t in targets]
+    for a, b in zip(one.vms, three.vms, strict=True):
+        same_sketch(a, b)

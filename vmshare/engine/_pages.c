@@ -23,6 +23,7 @@
  *                                xxh3_128 of its fingerprint: the 64-byte cache
  *                                lines at FP_OFFSETS (128 of its 4096 bytes);
  *                                sparse[i] = 1 when they are all zero
+ *   repeated(values, min, out)   which values occur min or more times (a hash count)
  *   id_values(data, idx, k0, k1, out)
  *                                SipHash-2-4 under (k0, k1) of the xxh3_128 of
  *                                page idx[i] (low word, then high, little-endian)
@@ -803,6 +804,54 @@ id_values(PyObject *self, PyObject *args)
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
+/* repeated(values, min, out): out[i] = 1 when values[i] occurs min or more times
+ * in values (an open-addressing count, O(n); values are keyed hashes, so their
+ * high bits index the table well). */
+static PyObject *
+repeated(PyObject *self, PyObject *args)
+{
+    Py_buffer vals, out;
+    Py_ssize_t least;
+    if (!PyArg_ParseTuple(args, "y*nw*:repeated", &vals, &least, &out))
+        return NULL;
+    Py_ssize_t n = vals.len / 8;
+    int ok = check_out(&vals, n, 8, "repeated values") == 0 &&
+             check_out(&out, n, 1, "repeated") == 0;
+    int bits = 4;
+    while (ok && ((Py_ssize_t)1 << bits) < 2 * n)
+        bits++;
+    size_t size = (size_t)1 << bits;
+    uint64_t *keys = ok ? PyMem_RawMalloc(size * sizeof(uint64_t)) : NULL;
+    uint32_t *counts = ok ? PyMem_RawCalloc(size, sizeof(uint32_t)) : NULL;
+    if (ok && (!keys || !counts)) {
+        PyErr_NoMemory();
+        ok = 0;
+    }
+    if (ok) {
+        const uint64_t *v = vals.buf;
+        unsigned char *o = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (int pass = 0; pass < 2; pass++)
+            for (Py_ssize_t i = 0; i < n; i++) {
+                size_t h = (size_t)((v[i] * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+                while (counts[h] && keys[h] != v[i])
+                    h = (h + 1) & (size - 1);
+                if (pass == 0) {
+                    keys[h] = v[i];
+                    counts[h]++;
+                } else {
+                    o[i] = counts[h] >= (uint64_t)least;
+                }
+            }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(keys);
+    PyMem_RawFree(counts);
+    PyBuffer_Release(&vals);
+    PyBuffer_Release(&out);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"hash64", hash64, METH_VARARGS,
      "hash64(data, out): out[i] = xxh3_64 of page i of data (out: uint64 per page)."},
@@ -816,6 +865,9 @@ static PyMethodDef module_methods[] = {
      "fp_values(data, k0, k1, out, sparse): out[i] = SipHash-2-4 of the xxh3_128 of page\n"
      "i's fingerprint (the 64-byte lines at FP_OFFSETS), sparse[i] = it is all zero\n"
      "(out: uint64, sparse: uint8)."},
+    {"repeated", repeated, METH_VARARGS,
+     "repeated(values, min, out): out[i] = values[i] (uint64) occurs min or more times\n"
+     "(out: uint8)."},
     {"id_values", id_values, METH_VARARGS,
      "id_values(data, idx, k0, k1, out): out[i] = SipHash-2-4 of the xxh3_128 of page\n"
      "idx[i] (idx: int64, out: uint64)."},

@@ -48,15 +48,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
-from vmshare.engine._pages import fp_values, id_values
+from vmshare.engine._pages import fp_values, id_values, repeated
 from vmshare.errors import DumpError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.model import PAGE_SIZE, PageRun
+from vmshare.prediction.scanning import default_workers
 from vmshare.prediction.targets import Target
 from vmshare.records.sketchfile import (
     DECISION_MASK,
@@ -95,17 +97,19 @@ def zero_identity(key: SketchKey) -> int:
 class PageValues:
     """A VM's pages as the sample needs them: ``pages`` read; for the pages whose
     identity was computed, their decision value (high 32 bits), identity, and
-    the size of their group in the VM (pages with that decision value)."""
+    whether their group is exact (on ``HEAVY_MIN`` or more of the VM's pages)."""
 
     pages: int
     decision: U64
     identity: U64
-    group_pages: I64
+    exact: npt.NDArray[np.bool_]
 
 
-def _group_pages(decision: U64) -> I64:
-    _, inverse, counts = np.unique(decision, return_inverse=True, return_counts=True)
-    return counts[inverse.reshape(-1)].astype(np.int64)
+def _exact_groups(decision: U64, heavy_min: int) -> npt.NDArray[np.bool_]:
+    """Which pages have a decision value that ``heavy_min`` or more pages have."""
+    out = np.empty(decision.size, np.uint8)
+    repeated(np.ascontiguousarray(decision), heavy_min, out)
+    return out.view(np.bool_)
 
 
 def _identities(runs: list[PageRun], starts: I64, pages: I64, key: SketchKey) -> U64:
@@ -140,14 +144,15 @@ def mapped_values(runs: list[PageRun], key: SketchKey, threshold: int,
     where_sparse = np.flatnonzero(sparse).astype(np.int64)
     dec[where_sparse] = _identities(runs, starts, where_sparse, key)
     dec &= np.uint64(DECISION_MASK)
-    group = _group_pages(dec)
-    need = sparse | (dec < np.uint64(threshold)) | (group >= heavy_min)
+    exact = _exact_groups(dec, heavy_min)
+    need = sparse | (dec < np.uint64(threshold)) | exact
     where = np.flatnonzero(need).astype(np.int64)
     ident = _identities(runs, starts, where, key)
-    return PageValues(dec.size, dec[where], ident, group[where])
+    return PageValues(dec.size, dec[where], ident, exact[where])
 
 
-def streamed_values(source: PageSource, key: SketchKey) -> PageValues:
+def streamed_values(source: PageSource, key: SketchKey, heavy_min: int = HEAVY_MIN
+                    ) -> PageValues:
     """Values of every page of a source read as a stream (16 bytes a page kept)."""
     decs, idents, sparses = [], [], []
     for run in source.runs():
@@ -159,23 +164,22 @@ def streamed_values(source: PageSource, key: SketchKey) -> PageValues:
         sparses.append(sparse)
     if not decs:
         z = np.zeros(0, np.uint64)
-        return PageValues(0, z, z, np.zeros(0, np.int64))
+        return PageValues(0, z, z, np.zeros(0, bool))
     dec, ident, sparse = np.concatenate(decs), np.concatenate(idents), np.concatenate(sparses)
     dec = np.where(sparse, ident, dec) & np.uint64(DECISION_MASK)
-    return PageValues(dec.size, dec, ident, _group_pages(dec))
+    return PageValues(dec.size, dec, ident, _exact_groups(dec, heavy_min))
 
 
-def sample(pv: PageValues, threshold: int, cap: int, zero_id: int, heavy_min: int = HEAVY_MIN,
+def sample(pv: PageValues, threshold: int, cap: int, zero_id: int,
            heavy_cap: int = HEAVY_CAP) -> tuple[VmSketch, int]:
     """A VM's sample from its page values: all-zero pages counted, the contents of
-    its exact groups (>= ``heavy_min`` pages; the ``heavy_cap`` most repeated)
-    counted exactly, and the contents of the other groups under the threshold,
-    at most ``cap`` of them (the threshold then drops: see the module
-    docstring). Returns the sketch (no name) and the threshold it obeys."""
+    its exact groups (the ``heavy_cap`` most repeated) counted exactly, and the
+    contents of the other groups under the threshold, at most ``cap`` of them
+    (the threshold then drops: see the module docstring). Returns the sketch
+    (no name) and the threshold it obeys."""
     zero = pv.identity == np.uint64(zero_id)
     keep = ~zero
-    dec, ident, group = pv.decision[keep], pv.identity[keep], pv.group_pages[keep]
-    exact = group >= heavy_min
+    dec, ident, exact = pv.decision[keep], pv.identity[keep], pv.exact[keep]
     hv, hc = np.unique(ident[exact], return_counts=True)
     light = ~exact & (dec < np.uint64(threshold))
     if hv.size > heavy_cap:
@@ -234,27 +238,38 @@ def started_at(source: PageSource, procfs: ProcFs | None = None) -> int:
 def sketch_targets(targets: Sequence[Target], key: SketchKey, *, host: str,
                    rate: float = DEFAULT_RATE, max_entries: int = DEFAULT_MAX_ENTRIES,
                    groups: dict[str, str] | None = None, procfs: ProcFs | None = None,
-                   progress: Callable[[float, str], None] | None = None) -> Sketch:
+                   progress: Callable[[float, str], None] | None = None,
+                   workers: int | None = None) -> Sketch:
     """One sketch of ``targets`` (a host's sketch: one entry per target, with its
-    trust group from ``groups``). Raises what the sources raise, SketchError."""
+    trust group from ``groups``). The sources are opened here, one after the
+    other, and read by ``workers`` threads at once (default: one per idle core,
+    as the exact scan's readers; the loops run without the GIL). Raises what
+    the sources raise, SketchError."""
     threshold = rate_threshold(rate)
-    vms: list[VmSketch] = []
-    low = threshold
-    for i, t in enumerate(targets):
-        if progress is not None:
-            progress(i / max(1, len(targets)), f"sketching {t.name}")
-        src = t.open()
-        if src is None:
-            continue
-        try:
-            vm, thr = sketch_pages(src, key, threshold, max_entries)
-            started = started_at(src, procfs)
-        finally:
+    opened: list[tuple[Target, PageSource]] = []
+    try:
+        for t in targets:
+            src = t.open()
+            if src is not None:
+                opened.append((t, src))
+
+        def one(item: tuple[Target, PageSource]) -> tuple[VmSketch, int, int]:
+            vm, thr = sketch_pages(item[1], key, threshold, max_entries)
+            return vm, thr, started_at(item[1], procfs)
+
+        n = max(1, min(len(opened), workers or default_workers()))
+        done: list[tuple[VmSketch, int, int]] = []
+        with ThreadPoolExecutor(n, thread_name_prefix="vmshare-sketch") as pool:
+            for i, result in enumerate(pool.map(one, opened)):
+                if progress is not None:
+                    progress(i / max(1, len(opened)), f"sketched {opened[i][0].name}")
+                done.append(result)
+    finally:
+        for _, src in opened:
             src.close()
-        low = min(low, thr)
-        vms.append(replace(vm, name=t.name, group=(groups or {}).get(t.name, t.group),
-                           started=started))
     if progress is not None:
         progress(1.0, "done")
-    return Sketch(host, key.key_id, threshold, low, int(time.time()),
-                  tuple(restrict(v, low) for v in vms))
+    low = min([threshold] + [thr for _, thr, _ in done])
+    vms = [replace(restrict(vm, low), name=t.name, group=(groups or {}).get(t.name, t.group),
+                   started=started) for (t, _), (vm, _, started) in zip(opened, done, strict=True)]
+    return Sketch(host, key.key_id, threshold, low, int(time.time()), tuple(vms))
