@@ -101,14 +101,14 @@ def test_page_values_match_the_reference() -> None:
     k = KEY.k0.to_bytes(8, "little") + KEY.k1.to_bytes(8, "little")
     dec, sp = np.empty(5, np.uint64), np.empty(5, np.uint8)
     fp_values(pages, KEY.k0, KEY.k1, dec, sp)
-    ident = np.empty(3, np.uint64)
-    id_values(pages, np.array([4, 0, 2]), KEY.k0, KEY.k1, ident)
+    ident = np.empty(4, np.uint64)
+    id_values(pages, np.array([4, 0, 2, 1]), KEY.k0, KEY.k1, ident)
     for i in range(5):
         page = bytes(pages[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
         lines = b"".join(page[o:o + 64] for o in FP_OFFSETS)
         want = siphash_ref(k, xxhash.xxh3_128_intdigest(lines).to_bytes(16, "little"))
         assert int(dec[i]) == want and bool(sp[i]) == (lines == bytes(len(lines)))
-    for got, i in zip(ident.tolist(), (4, 0, 2), strict=True):
+    for got, i in zip(ident.tolist(), (4, 0, 2, 1), strict=True):   # 1: all zero
         page = bytes(pages[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
         assert got == siphash_ref(k, xxhash.xxh3_128_intdigest(page).to_bytes(16, "little"))
     assert sp.tolist() == [0, 1, 1, 0, 0]

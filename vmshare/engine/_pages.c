@@ -686,6 +686,7 @@ typedef struct {
     const unsigned char *src;
     const int64_t *idx;            /* the pages to read (id_values), NULL: every page */
     uint64_t k0, k1;
+    uint64_t zero_id;              /* the value of an all-zero page (id_values) */
     unsigned char *out, *sparse;
 } sketch_job;
 
@@ -711,14 +712,32 @@ fp_step(const sketch_job *j, Py_ssize_t i, Py_ssize_t n)
     j->sparse[i] = any == 0;
 }
 
+/* all zero? (stops at the first 256 bytes that are not: most pages at once) */
+static inline int
+page_is_zero(const unsigned char *p)
+{
+    for (int b = 0; b < PAGE; b += 256) {
+        uint64_t any = 0;
+        for (int w = 0; w < 256; w += 8)
+            any |= load64(p + b + w);
+        if (any)
+            return 0;
+    }
+    return 1;
+}
+
 static inline void
 id_step(const sketch_job *j, Py_ssize_t i, Py_ssize_t n)
 {
     if (i + 1 < n)
         __builtin_prefetch(j->src + j->idx[i + 1] * PAGE);
-    unsigned char h[16];
-    store128(h, j->src + j->idx[i] * PAGE);
-    uint64_t v = sip24(j->k0, j->k1, h, 16);
+    const unsigned char *page = j->src + j->idx[i] * PAGE;
+    uint64_t v = j->zero_id;          /* an all-zero page: its value, known */
+    if (!page_is_zero(page)) {
+        unsigned char h[16];
+        store128(h, page);
+        v = sip24(j->k0, j->k1, h, 16);
+    }
     memcpy(j->out + i * 8, &v, 8);
 }
 
@@ -794,6 +813,10 @@ id_values(PyObject *self, PyObject *args)
             ok = 0;
         }
     if (ok) {
+        static const unsigned char zero[PAGE];
+        unsigned char h[16];
+        store128(h, zero);
+        j.zero_id = sip24(j.k0, j.k1, h, 16);
         j.src = data.buf;
         j.out = out.buf;
         ok = guarded_loop(&j, n, "id_values") == 0;

@@ -142,13 +142,15 @@ def mapped_values(runs: list[PageRun], key: SketchKey, threshold: int,
     sizes = [len(r.data) // PAGE_SIZE for r in runs]
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
     where_sparse = np.flatnonzero(sparse).astype(np.int64)
-    dec[where_sparse] = _identities(runs, starts, where_sparse, key)
+    ident = np.zeros(dec.size, np.uint64)
+    ident[where_sparse] = dec[where_sparse] = _identities(runs, starts, where_sparse, key)
     dec &= np.uint64(DECISION_MASK)
     exact = _exact_groups(dec, heavy_min)
-    need = sparse | (dec < np.uint64(threshold)) | exact
-    where = np.flatnonzero(need).astype(np.int64)
-    ident = _identities(runs, starts, where, key)
-    return PageValues(dec.size, dec[where], ident, exact[where])
+    rest = ~sparse & ((dec < np.uint64(threshold)) | exact)
+    at = np.flatnonzero(rest).astype(np.int64)
+    ident[at] = _identities(runs, starts, at, key)
+    where = np.flatnonzero(rest | sparse)
+    return PageValues(dec.size, dec[where], ident[where], exact[where])
 
 
 def streamed_values(source: PageSource, key: SketchKey, heavy_min: int = HEAVY_MIN
