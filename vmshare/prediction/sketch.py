@@ -262,7 +262,8 @@ def sketch_targets(targets: Sequence[Target], key: SketchKey, *, host: str,
         n = max(1, min(len(opened), workers or default_workers()))
         done: list[tuple[VmSketch, int, int]] = []
         with ThreadPoolExecutor(n, thread_name_prefix="vmshare-sketch") as pool:
-            for i, result in enumerate(pool.map(one, opened)):
+            results = pool.map(one, opened) if n > 1 else map(one, opened)
+            for i, result in enumerate(results):
                 if progress is not None:
                     progress(i / max(1, len(opened)), f"sketched {opened[i][0].name}")
                 done.append(result)
