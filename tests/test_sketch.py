@@ -35,6 +35,7 @@ from vmshare.records.sketchfile import (
     encode,
     load_key,
     merge,
+    rate_threshold,
     read_sketch,
     restrict,
     write_sketch,
@@ -441,3 +442,11 @@ def test_threads_give_the_sketch_one_thread_gives(tmp_path: Path) -> None:
     assert [v.name for v in one.vms] == [v.name for v in three.vms] == [t.name for t in targets]
     for a, b in zip(one.vms, three.vms, strict=True):
         same_sketch(a, b)
+
+
+def test_thresholds_are_multiples_of_two_to_the_32() -> None:
+    assert rate_threshold(1 / 16) == 2**60 and rate_threshold(1.0) == FULL - 1
+    assert rate_threshold(1 / 3) % 2**32 == 0
+    assert 0 < 1 / 3 - rate_threshold(1 / 3) / FULL < 2**-32
+    with pytest.raises(SketchError, match="below the smallest"):
+        rate_threshold(2**-40)
