@@ -36,7 +36,7 @@ def test_a_stopped_daemon_leaves_a_gap_in_raw_and_in_aggregates(tmp_path: Path) 
     a, b = five.gaps[0]
     assert before[-1] - 300 <= a <= before[-1] and after[0] <= b <= after[0] + 300
     assert answer(db, NOW - DAY / 2, raw_step=60.0, now=NOW).gaps == []
-    note = raw.gaps_note(NOW)
+    note = raw.gaps_note()
     assert note.startswith("no samples for 14.0 h from ") and "not recording" in note
 
 

@@ -31,6 +31,7 @@ class Answer:
     lacks: str = ""                       # "" when the answer covers the window
     samples: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[tuple[float, float]] = field(default_factory=list)   # (last before, next)
+    now: float = 0.0                      # when it was answered (a gap up to now ends there)
 
     @property
     def label(self) -> str:
@@ -44,10 +45,11 @@ class Answer:
                 "gaps": [{"from": a, "to": b, "seconds": round(b - a, 3)} for a, b in self.gaps],
                 "samples": self.samples}
 
-    def gaps_note(self, now: float) -> str:
+    def gaps_note(self) -> str:
         """One line on the gaps ("" without any): the longest, and how many."""
         if not self.gaps:
             return ""
+        now = self.now
         a, b = max(self.gaps, key=lambda g: g[1] - g[0])
         longest = (f"{_span(b - a)} from {_when(a, now)} to "
                    f"{'now' if b >= now else time.strftime('%Y-%m-%d %H:%M', time.localtime(b))}")
@@ -143,5 +145,5 @@ def _answer(db: HistoryDb, since: float, resolution: str, raw_step: float,
     # the bucket being filled, the last complete one, and the wait for the next fold
     slack = 2 * step + MAINTAIN_EVERY_S if RESOLUTIONS[chosen] else 0.0
     return Answer(path=db.path, resolution=chosen, since=since, starts=first, lacks=lacks,
-                  samples=samples,
+                  samples=samples, now=now,
                   gaps=find_gaps([r["time"] for r in samples], step, now, slack))
