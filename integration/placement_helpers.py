@@ -31,20 +31,29 @@ def exact_sharing(names: Sequence[str], env: dict[str, str], *options: str) -> i
 
 
 def exact_extra(hosts: Mapping[str, Sequence[str]], new: str, env: dict[str, str],
-                *options: str) -> tuple[int, dict[str, int]]:
-    """The new VM's sharing alone, and per host what taking it adds beyond that."""
-    alone = exact_sharing([new], env, *options)
-    return alone, {h: exact_sharing([*names, new], env, *options)
-                   - exact_sharing(names, env, *options) - alone
+                *options: str, dumps: Mapping[str, Path] | None = None
+                ) -> tuple[int, dict[str, int]]:
+    """The new VM's sharing alone, and per host what taking it adds beyond that
+    (each VM read live, or from ``dumps[name]`` when given)."""
+    def sources(names: Sequence[str]) -> list[str]:
+        if dumps is None:
+            return list(names)
+        return [arg for name in names for arg in ("--dump", str(dumps[name]))]
+
+    alone = exact_sharing(sources([new]), env, *options)
+    return alone, {h: exact_sharing(sources([*names, new]), env, *options)
+                   - exact_sharing(sources(names), env, *options) - alone
                    for h, names in hosts.items()}
 
 
 @contextlib.contextmanager
-def placement_fleet(scopes: Mapping[str, Sequence[str]], tmp_path: Path
+def placement_fleet(scopes: Mapping[str, Sequence[str]], tmp_path: Path,
+                    wrap: Mapping[str, Sequence[str]] | None = None
                     ) -> Iterator[tuple[Prometheus, dict[str, str], Path]]:
-    """One exporter per host (``scopes``: host -> domain globs) and Prometheus
-    scraping them; yields Prometheus, the CLI's environment (its own config,
-    sketch key and audit log) and the sketch directory."""
+    """One exporter per host (``scopes``: host -> domain globs; ``wrap``: host ->
+    what runs its exporter elsewhere) and Prometheus scraping them; yields
+    Prometheus, the CLI's environment (its own config, sketch key and audit
+    log) and the sketch directory."""
     config = tmp_path / "vmshare.toml"
     config.write_text(f'[sketch]\nkey_file = "{tmp_path}/sketch.key"\n'
                       f'dir = "{tmp_path}/sketches"\n')
@@ -53,6 +62,6 @@ def placement_fleet(scopes: Mapping[str, Sequence[str]], tmp_path: Path
     os.chmod(key, 0o600)
     env = {**os.environ, "VMSHARE_CONFIG": str(config),
            "VMSHARE_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
-    with exporters(scopes, config, env) as running, prometheus(running) as prom:
+    with exporters(scopes, config, env, wrap) as running, prometheus(running) as prom:
         prom.wait_for('vmshare_host_memory_available_bytes{job="vmshare"}', len(scopes))
         yield prom, env, tmp_path / "sketches"
