@@ -110,7 +110,7 @@ def fleet(tmp_path: Path, second_host: SecondHost) -> Iterator[Fleet]:
 def dump_all(fleet: Fleet) -> dict[str, Path]:
     """A memory-only ELF dump of every guest, by the libvirtd it runs on."""
     dumps = {}
-    for name in [*fleet.guests.names]:
+    for name in fleet.guests.names:
         path = fleet.guests.directory / f"{name}.core"
         on_b = name in fleet.hosts["host-b"]
         args = ("dump", "--memory-only", "--format", "elf", name, str(path))
@@ -148,6 +148,7 @@ def test_place_on_debian_guests_and_a_live_migration_confirms_it(
     started = time.monotonic()
     for host, names in hosts.items():
         run_on(fleet, host, "sketch", *names, "--host", host, "--rate", RATE)
+        assert (fleet.sketches / f"{host}.sketch").stat().st_mode & 0o777 == 0o600
     r = cli("place", new, "--prometheus", fleet.prom.url, *ZERO, "--json", env=env)
     assert r.returncode == 0, r.stderr
     ranked = json.loads(r.stdout)["hosts"]
