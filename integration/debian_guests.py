@@ -22,6 +22,7 @@ import numpy as np
 
 from vmshare.guest.debian import (
     DebianImage,
+    GuestFill,
     build_debian_image,
     debian_domain_xml,
     make_overlay,
@@ -56,9 +57,13 @@ def virsh(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str
 
 @contextlib.contextmanager
 def booted_debian_guests(count: int, *, memory_mib: int = 512, video: bool = False,
-                         timeout: float = 240.0) -> Iterator[DebianGuests]:
+                         timeout: float = 240.0, fills: Sequence[GuestFill | None] = (),
+                         ) -> Iterator[DebianGuests]:
     """``count`` Debian guests booted together (transient libvirt domains on
-    qcow2 overlays of one root disk), ready on their serial consoles."""
+    qcow2 overlays of one root disk), ready on their serial consoles; guest i
+    writes ``fills[i]``'s pages first (none beyond the list or for None)."""
+    assert len(fills) <= count, (fills, count)
+    fill_of = [*fills, *[None] * (count - len(fills))]
     image = build_debian_image()
     tag = secrets.token_hex(3)
     names: list[str] = []
@@ -74,14 +79,18 @@ def booted_debian_guests(count: int, *, memory_mib: int = 512, video: bool = Fal
                 # vmshare turns the RAM backend on, VRAM and ROMs never
                 xml = debian_domain_xml(name, image, overlay, memory_mib=memory_mib,
                                         console_log=directory / f"{name}.log", video=video,
-                                        nosharepages=True, metadata_xml=adopted_element())
+                                        nosharepages=True, metadata_xml=adopted_element(),
+                                        fill=fill_of[i])
                 result = virsh_create(xml, directory / f"{name}.xml")
                 assert result.returncode == 0, f"virsh create {name}: {result.stderr}"
                 names.append(name)
             guests = DebianGuests(names, directory, image, 0.0)
-            for name in names:
-                wait_debian_ready(directory / f"{name}.log", timeout=timeout,
-                                  pid=guests.pid(name))
+            for name, fill in zip(names, fill_of, strict=True):
+                log = directory / f"{name}.log"
+                wait_debian_ready(log, timeout=timeout, pid=guests.pid(name))
+                if fill is not None:      # the ready unit runs after the fill's
+                    assert fill.marker in log.read_text(errors="replace"), \
+                        f"{name}: no {fill.marker!r} on its console before ready"
             guests.boot_seconds = time.monotonic() - start
             yield guests
         finally:

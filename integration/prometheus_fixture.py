@@ -52,14 +52,16 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 
 
 @contextlib.contextmanager
-def exporters(scopes: Mapping[str, Sequence[str]], config: Path,
-              env: Mapping[str, str]) -> Iterator[list[Exporter]]:
-    """One `vmshare metrics --listen` per instance name, scoped to its domain globs."""
+def exporters(scopes: Mapping[str, Sequence[str]], config: Path, env: Mapping[str, str],
+              wrap: Mapping[str, Sequence[str]] | None = None) -> Iterator[list[Exporter]]:
+    """One `vmshare metrics --listen` per instance name, scoped to its domain globs;
+    ``wrap[instance]`` is put before its command (e.g. nsenter into another host)."""
     started: list[Exporter] = []
     try:
         for instance, globs in scopes.items():
-            argv = [sys.executable, "-m", "vmshare", "metrics", "--listen", "127.0.0.1:0",
-                    "--interval", "1", "--cpu-budget", "50", "--config", str(config)]
+            argv = [*(wrap or {}).get(instance, ()), sys.executable, "-m", "vmshare",
+                    "metrics", "--listen", "127.0.0.1:0", "--interval", "1", "--cpu-budget", "50",
+                    "--config", str(config)]
             for g in globs:
                 argv += ["--domain", g]
             proc = subprocess.Popen(argv, cwd=REPO, env=dict(env), stdout=subprocess.PIPE,

@@ -23,7 +23,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from integration.debian_guests import (
     mergeable_ranges,
     virsh,
 )
-from integration.second_host import SecondHost
+from integration.second_host import SecondHost, migrate_live
 from vmshare.hypervisor.metadata import NAMESPACE
 
 pytestmark = pytest.mark.integration
@@ -77,20 +76,6 @@ def _config(tmp: Path, *, own_hook: bool) -> Path:
 def _backends(env: dict[str, str], name: str, host: SecondHost | None) -> list[dict[str, Any]]:
     doc = json.loads(_cli(env, "list", "--json", host=host))
     return [b for d in doc["vms"] if d["name"] == name for b in d.get("backends", [])]
-
-
-def _migrate(name: str, src: str, dst: str, sock: Path) -> tuple[float, float]:
-    """``virsh migrate --live`` (managed by the client, QEMU's stream over a unix
-    socket: both daemons are on this machine; ``--unsafe``: the disks are on one
-    file system, which libvirt cannot tell is shared); returns its seconds and
-    the wall-clock time it returned."""
-    sock.unlink(missing_ok=True)
-    t0 = time.monotonic()
-    r = subprocess.run(["virsh", "-q", "-c", src, "migrate", "--live", "--unsafe", name, dst,
-                        f"unix://{sock}"], capture_output=True, text=True, timeout=300,
-                       check=False)
-    assert r.returncode == 0, f"migrate {name} {src} -> {dst}: {r.stderr}"
-    return time.monotonic() - t0, time.time()
 
 
 def _policy_held(on: str, off: str, pid_on: int, pid_off: int, env: dict[str, str],
@@ -132,9 +117,9 @@ def _migrate_both(src: str, dst: str, names: list[str], sock: Path,
                   on_pid: Callable[[], int]) -> tuple[list[float], float]:
     """Migrate ``on`` then ``off``; wait for ``on``'s RAM to be mergeable on the
     destination. Returns the migrations' seconds and when ``on``'s returned."""
-    on_seconds, on_done = _migrate(names[0], src, dst, sock)
+    on_seconds, on_done = migrate_live(names[0], src, dst, sock)
     wait_for(lambda: mergeable_ranges(on_pid()), 30, "policy on not applied after migrate-in")
-    off_seconds, _ = _migrate(names[1], src, dst, sock)
+    off_seconds, _ = migrate_live(names[1], src, dst, sock)
     return [on_seconds, off_seconds], on_done
 
 

@@ -15,10 +15,7 @@ in tests/test_estimate.py).
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,29 +23,17 @@ import pytest
 
 from integration.conftest import BootGuests
 from integration.ksm_fixtures import converge, kernel_ksm  # noqa: F401 - fixture
-from integration.prometheus_fixture import Prometheus, exporters, prometheus
+from integration.placement_helpers import cli, exact_extra, exact_sharing, placement_fleet
+from integration.prometheus_fixture import Prometheus
 from vmshare.guest import FillSpec
 from vmshare.hypervisor.metadata import adopted_element
 from vmshare.ksm.sysfs import KsmSysfs
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parent.parent
 KIND_A = FillSpec(identical_mib=40, unique_mib=4, zero_mib=4, seed=31)
 HALF_A = FillSpec(identical_mib=20, unique_mib=24, zero_mib=4, seed=31)
 KIND_B = FillSpec(identical_mib=40, unique_mib=4, zero_mib=4, seed=32)
 RATE = "1/4"
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmshare", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def exact_sharing(names: list[str], env: dict[str, str]) -> int:
-    r = cli("predict", "--json", *names, env=env)
-    assert r.returncode == 0, r.stderr
-    total: int = json.loads(r.stdout)["totals"]["pages_sharing"]
-    return total
 
 
 Fleet = tuple[Prometheus, dict[str, list[str]], str, dict[str, str], Path]
@@ -66,18 +51,9 @@ def fleet(boot_guests: BootGuests, tmp_path: Path) -> Iterator[Fleet]:
     boot_guests([name + "a1", new], KIND_A, **opts)
     boot_guests([name + "b1"], HALF_A, **opts)
     boot_guests([name + "b2"], KIND_B, **opts)
-    config = tmp_path / "vmshare.toml"
-    config.write_text(f'[sketch]\nkey_file = "{tmp_path}/sketch.key"\n'
-                      f'dir = "{tmp_path}/sketches"\n')
-    key = tmp_path / "sketch.key"
-    key.write_bytes(os.urandom(32))
-    os.chmod(key, 0o600)
-    env = {**os.environ, "VMSHARE_CONFIG": str(config),
-           "VMSHARE_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
     scopes = {h: [f"{name}{h[-1]}*"] for h in hosts}
-    with exporters(scopes, config, env) as running, prometheus(running) as prom:
-        prom.wait_for('vmshare_host_memory_available_bytes{job="vmshare"}', 2)
-        yield prom, hosts, new, env, tmp_path / "sketches"
+    with placement_fleet(scopes, tmp_path) as (prom, env, sketches):
+        yield prom, hosts, new, env, sketches
 
 
 def test_place_ranks_hosts_as_the_exact_engine_does_and_kernel_ksm_confirms(
@@ -90,9 +66,7 @@ def test_place_ranks_hosts_as_the_exact_engine_does_and_kernel_ksm_confirms(
     r = cli("place", new, "--prometheus", prom.url, "--json", env=env)
     assert r.returncode == 0, r.stderr
     ranked = json.loads(r.stdout)["hosts"]
-    alone = exact_sharing([new], env)
-    exact = {h: exact_sharing([*names, new], env) - exact_sharing(names, env) - alone
-             for h, names in hosts.items()}
+    alone, exact = exact_extra(hosts, new, env)
     assert [h["host"] for h in ranked] == sorted(exact, key=lambda h: -exact[h]), \
         (ranked, exact)
     for h in ranked:

@@ -76,6 +76,28 @@ def test_domain_xml_boots_the_overlay_under_tcg(tmp_path: Path) -> None:
     assert plain.find("memoryBacking/nosharepages") is not None
 
 
+def test_domain_xml_asks_the_guest_for_its_fill(tmp_path: Path) -> None:
+    fill = debian.GuestFill(seed=41, mib=128)
+    dom = ET.fromstring(debian_domain_xml("d", IMAGE, tmp_path / "o", console_log=tmp_path / "l",
+                                          memory_mib=256, fill=fill))
+    cmdline = (dom.findtext("os/cmdline") or "").split()
+    assert cmdline[-1] == "vmshare.fill=41:128" and "root=/dev/vda" in cmdline
+    assert fill.marker == "vmshare-guest: filled 41:128"
+    # the unit that reads it is in the image, ordered before the ready line
+    assert "ExecStart=/bin/sh /usr/local/lib/vmshare-fill" in debian._FILES[
+        "etc/systemd/system/vmshare-fill.service"]
+    assert "vmshare-fill.service" in debian._READY_UNIT
+
+
+@pytest.mark.parametrize(("fill", "memory_mib"), [((1, 0), 512), ((1, 257), 512),
+                                                  ((-1, 8), 512), ((1, 129), 256)])
+def test_domain_xml_refuses_a_fill_that_cannot_fit(tmp_path: Path, fill: tuple[int, int],
+                                                   memory_mib: int) -> None:
+    with pytest.raises(UsageError, match="half the guest's RAM"):
+        debian_domain_xml("d", IMAGE, tmp_path / "o", console_log=tmp_path / "l",
+                          memory_mib=memory_mib, fill=debian.GuestFill(*fill))
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"name": ""}, "name must not be empty"),
     ({"memory_mib": 128}, "at least 256 MiB"),

@@ -11,6 +11,14 @@ libvirt TCG. A oneshot unit ordered after multi-user.target prints
 ``vmshare-guest: ready`` on the serial console, which ``wait_debian_ready``
 waits for.
 
+Guests of different content: ``vmshare.fill=SEED:MIB`` on the kernel command
+line (``debian_domain_xml(fill=GuestFill(...))``) makes a oneshot unit, before
+the ready line, write MIB MiB of pages derived from SEED into a file on a
+tmpfs of its own (page i is SHA-256 of ``SEED:i`` repeated, made by the
+image's perl): guests of one seed hold the same pages, of two seeds none in
+common, and a smaller MIB holds the first pages of the larger one's. It
+prints ``vmshare-guest: filled SEED:MIB`` when done.
+
 Images live in a cache keyed by every input (suite, mirror, packages, the
 customisation below and its version, the kernel): a cached image is reused
 only when the same inputs would build it again.
@@ -32,7 +40,8 @@ from vmshare.guest.launch import wait_console
 from vmshare.guest.staging import prepare_cache, staged
 
 SUITE = "bookworm"
-PACKAGES = ("systemd-sysv", "udev", "dbus", "cron", "rsyslog", "procps")
+# perl (Digest::SHA) writes the fill pages
+PACKAGES = ("systemd-sysv", "udev", "dbus", "cron", "rsyslog", "procps", "perl")
 DEFAULT_CACHE_DIR = Path("/var/cache/vmshare/debian")
 ROOT_SIZE_MIB = 1024
 READY_TEXT = "vmshare-guest: ready"
@@ -41,18 +50,58 @@ READY = re.compile(r"vmshare-guest: ready uptime=([0-9.]+)")
 FATAL = re.compile(r"Kernel panic[^\n]*|Give root password for maintenance|"
                    r"You are in emergency mode|Failed to mount /sysroot")
 # Bump when the customisation changes (the key covers everything else).
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
 BUILD_TIMEOUT_S = 900.0
-CMDLINE = "console=ttyS0 root=/dev/vda rw quiet panic=-1"
+# no_timer_check: a TCG vCPU starved by a loaded host fails the IO-APIC timer
+# check and panics ("IO-APIC + timer doesn't work"; seen here at load 4.5)
+CMDLINE = "console=ttyS0 root=/dev/vda rw quiet panic=-1 no_timer_check"
+
+FILLED_TEXT = "vmshare-guest: filled"
+FILL_PATH = "/run/vmshare-fill/pages"
 
 _READY_UNIT = f"""\
 [Unit]
 Description=Tell the host (serial console) that this vmshare test guest is up
-After=multi-user.target
+After=multi-user.target vmshare-fill.service
 
 [Service]
 Type=oneshot
 ExecStart=/bin/sh -c 'echo "{READY_TEXT} uptime=$(cut -d" " -f1 /proc/uptime)" > /dev/ttyS0'
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# SEED and MIB are digits (checked here and by the host); page i of the file is
+# SHA-256("SEED:i") repeated 128 times: distinct pages, the same for one seed.
+_FILL_SCRIPT = f"""\
+#!/bin/sh
+set -eu
+arg=$(tr ' ' '\\n' < /proc/cmdline | sed -n 's/^vmshare[.]fill=//p' | tail -n 1)
+seed=${{arg%%:*}}
+mib=${{arg#*:}}
+case "$seed:$mib" in
+  *[!0-9:]*|:*|*:|*:*:*) echo "vmshare-guest: fill refused: $arg" > /dev/ttyS0; exit 1 ;;
+esac
+dir=$(dirname {FILL_PATH})
+mkdir -p "$dir"
+mount -t tmpfs -o size=$((mib + 1))m,mode=0700 vmshare-fill "$dir"
+perl -MDigest::SHA=sha256 -e 'my ($s, $n) = @ARGV; binmode STDOUT;
+  print sha256("$s:$_") x 128 for 0 .. $n * 256 - 1' "$seed" "$mib" > {FILL_PATH}
+echo "{FILLED_TEXT} $seed:$mib" > /dev/ttyS0
+"""
+
+_FILL_UNIT = """\
+[Unit]
+Description=Fill a tmpfs file with the pages vmshare.fill=SEED:MIB names (test content)
+ConditionKernelCommandLine=vmshare.fill
+After=local-fs.target
+Before=vmshare-ready.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh /usr/local/lib/vmshare-fill
 
 [Install]
 WantedBy=multi-user.target
@@ -64,11 +113,33 @@ _FILES = {
     "etc/hosts": "127.0.0.1 localhost\n127.0.1.1 vmshare-guest\n",
     "etc/fstab": "/dev/vda / ext4 defaults,errors=remount-ro 0 1\n",
     "etc/systemd/system/vmshare-ready.service": _READY_UNIT,
+    "etc/systemd/system/vmshare-fill.service": _FILL_UNIT,
+    "usr/local/lib/vmshare-fill": _FILL_SCRIPT,
 }
 _LINKS = {
     "etc/systemd/system/multi-user.target.wants/vmshare-ready.service":
         "/etc/systemd/system/vmshare-ready.service",
+    "etc/systemd/system/multi-user.target.wants/vmshare-fill.service":
+        "/etc/systemd/system/vmshare-fill.service",
 }
+
+
+@dataclass(frozen=True)
+class GuestFill:
+    """``mib`` MiB of pages derived from ``seed``, written by the guest at boot."""
+
+    seed: int
+    mib: int
+
+    @property
+    def argument(self) -> str:
+        """The kernel command-line parameter that asks for it."""
+        return f"vmshare.fill={self.seed}:{self.mib}"
+
+    @property
+    def marker(self) -> str:
+        """The console line the guest prints when the file is written."""
+        return f"{FILLED_TEXT} {self.seed}:{self.mib}"
 
 
 @dataclass(frozen=True)
@@ -216,16 +287,22 @@ def _sub(parent: ET.Element, tag: str, text: str | int | None = None,
 
 def debian_domain_xml(name: str, image: DebianImage, overlay: Path, *, console_log: Path,
                       memory_mib: int = 512, vcpus: int = 1, video: bool = False,
-                      metadata_xml: str | None = None, nosharepages: bool = False) -> str:
+                      metadata_xml: str | None = None, nosharepages: bool = False,
+                      fill: GuestFill | None = None) -> str:
     """libvirt XML for a TCG Debian guest on ``overlay``, serial console to a file.
 
-    ``video`` adds a VGA device (its VRAM and ROM are QEMU RAM blocks too).
-    Raises UsageError for an empty name, too little memory or bad metadata XML.
+    ``video`` adds a VGA device (its VRAM and ROM are QEMU RAM blocks too);
+    ``fill`` asks the guest to write those pages at boot (at most half its RAM).
+    Raises UsageError for an empty name, too little memory, a bad fill or bad
+    metadata XML.
     """
     if not name:
         raise UsageError("the domain name must not be empty")
     if memory_mib < 256:
         raise UsageError(f"a Debian guest needs at least 256 MiB, not {memory_mib}")
+    if fill is not None and (fill.seed < 0 or not 0 < fill.mib <= memory_mib // 2):
+        raise UsageError(f"fill {fill.seed}:{fill.mib}: the seed must be 0 or more and "
+                         f"the size 1 to {memory_mib // 2} MiB (half the guest's RAM)")
     domain = ET.Element("domain", type="qemu")
     _sub(domain, "name", name)
     if metadata_xml is not None:
@@ -242,7 +319,7 @@ def debian_domain_xml(name: str, image: DebianImage, overlay: Path, *, console_l
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
     _sub(os_el, "kernel", str(image.kernel))
     _sub(os_el, "initrd", str(image.initrd))
-    _sub(os_el, "cmdline", CMDLINE)
+    _sub(os_el, "cmdline", CMDLINE if fill is None else f"{CMDLINE} {fill.argument}")
     _sub(_sub(domain, "features"), "acpi")
     _sub(domain, "clock", offset="utc")
     _sub(domain, "on_poweroff", "destroy")
