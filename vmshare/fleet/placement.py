@@ -23,6 +23,7 @@ from pathlib import Path
 from vmshare.engine import EngineConfig
 from vmshare.engine.sampled import Contents, Estimate, Member, contents, extra_sharing
 from vmshare.errors import PrometheusError, SketchError, UsageError
+from vmshare.fleet.sketch_fetch import SketchFetcher, is_url
 from vmshare.model import PAGE_SIZE
 from vmshare.promapi.client import PromClient
 from vmshare.records.sketchfile import Sketch, VmSketch, check_compatible, read_sketch, restrict
@@ -55,29 +56,40 @@ class Move:
     target_headroom_bytes: float
 
 
-def load_sketches(paths: Sequence[str | Path], key_id: bytes) -> list[tuple[Path, Sketch]]:
-    """Every host sketch in the given files and directories (``*.sketch``), all
-    of ``key_id`` and one rate. Raises SketchError (none found, a bad file)."""
+def load_sketches(sources: Sequence[str | Path], key_id: bytes,
+                  fetcher: SketchFetcher | None = None) -> list[tuple[Path | str, Sketch]]:
+    """Every host sketch in the given files, directories (``*.sketch``) and
+    http(s) URLs (through ``fetcher``), all of ``key_id`` and one rate.
+    Raises SketchError (none found, a bad file or answer), UsageError (a URL
+    without a fetcher)."""
     files: list[Path] = []
-    for p in map(Path, paths):
+    urls = [s for s in sources if is_url(s)]
+    for p in (Path(s) for s in sources if not is_url(s)):
         if p.is_dir():
             files.extend(sorted(p.glob("*.sketch")))
         elif p.exists():
             files.append(p)
         else:
             raise SketchError(f"{p}: no such sketch file or directory")
-    if not files:
-        raise SketchError(f"no host sketches (*.sketch) in {', '.join(map(str, paths))}")
-    sketches = [(f, read_sketch(f, key_id=key_id)) for f in files]
+    shown = ", ".join(map(str, sources))
+    if not files and not urls:
+        raise SketchError(f"no host sketches (*.sketch) in {shown}")
+    if urls and fetcher is None:
+        raise UsageError("--sketches URL needs a token: --sketch-token-file FILE or "
+                         "[sketch] token_file")
+    sketches: list[tuple[Path | str, Sketch]] = [(f, read_sketch(f, key_id=key_id))
+                                                 for f in files]
+    if urls and fetcher is not None:
+        sketches += zip(urls, fetcher.fetch_all([str(u) for u in urls]), strict=True)
     check_compatible([s for _, s in sketches], key_id, [str(f) for f, _ in sketches])
     hosts = [s.host for _, s in sketches]
     if len(set(hosts)) != len(hosts):
         dup = sorted({h for h in hosts if hosts.count(h) > 1})[0]
-        raise SketchError(f"host {dup!r} has more than one sketch in {', '.join(map(str, paths))}")
+        raise SketchError(f"host {dup!r} has more than one sketch in {shown}")
     return sketches
 
 
-def check_fresh(vm: VmSketch, hosts: Sequence[tuple[Path, Sketch]]) -> None:
+def check_fresh(vm: VmSketch, hosts: Sequence[tuple[Path | str, Sketch]]) -> None:
     """Refuse a host sketch that describes ``vm`` (by name) as started before it
     really was: the VM restarted since, its memory in the sketch is gone.
     ``vm.started`` 0 (unknown) checks nothing. Raises SketchError."""
