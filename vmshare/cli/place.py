@@ -81,7 +81,8 @@ def cmd_place(ctx: Context) -> int:
     if a.rebalance:
         if a.vm:
             raise UsageError("--rebalance looks at every VM: give no VM")
-        moves = placement.rebalance(sketches, room, config, a.top)
+        from vmshare.fleet.rebalance import rebalance
+        moves = rebalance(sketches, room, config, a.top)
         _print_moves(a, moves, len(sketches))
         return 0
     if not a.vm:

@@ -1,6 +1,6 @@
 """Sharing-aware placement: which host a VM would share most with, from content
 sketches (vmshare.records.sketchfile), and which moves across the fleet would
-gain most (``rebalance``).
+gain most (vmshare.fleet.rebalance).
 
 A host's *extra saving* for a VM is what kernel KSM there would add to
 pages_sharing by taking it, beyond what the VM shares with itself alone,
@@ -162,38 +162,6 @@ def rank(vm: VmSketch, vm_threshold: int, hosts: Sequence[Sketch], room: dict[st
         raise UsageError(f"{vm.name} needs {need / 2**20:,.0f} MiB, more than any host's "
                          f"memory headroom (largest: {most}); no placement")
     return out
-
-
-def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineConfig,
-              top: int = 5) -> list[Move]:
-    """The few moves that gain most (each VM moved at most once, each target's
-    headroom spent as moves land on it), best first; only moves whose whole
-    95% interval is a gain. Every VM is tried on every host: O(VMs x hosts)
-    comparisons, each host group's contents built once."""
-    moves: list[Move] = []
-    cache: dict[tuple[str, str | None, int], Contents] = {}
-    for src in hosts:
-        for vm in src.vms:
-            here = extra_on(vm, src.effective, src, config)
-            need = vm.pages * PAGE_SIZE
-            for dst in hosts:
-                if dst.host == src.host or room.get(dst.host, 0.0) < need:
-                    continue
-                there = extra_on(vm, src.effective, dst, config, cache)
-                gain = Estimate(there.value - here.value, math.hypot(there.stderr, here.stderr))
-                if gain.value - 1.96 * gain.stderr > 0:
-                    moves.append(Move(vm.name, src.host, dst.host, gain, need,
-                                      room[dst.host]))
-    moves.sort(key=lambda m: -m.gain.value)
-    chosen: list[Move] = []
-    left = dict(room)
-    for m in moves:
-        if len(chosen) >= top or any(c.vm == m.vm for c in chosen):
-            continue
-        if left.get(m.target, 0.0) >= m.need_bytes:
-            left[m.target] -= m.need_bytes
-            chosen.append(m)
-    return chosen
 
 
 def check_prometheus_has_hosts(room: dict[str, float], url: str) -> None:
