@@ -121,8 +121,7 @@ def test_endpoint_settings_are_checked_before_the_daemon_starts(
     assert endpoint_token(config(tmp_path)) is None                     # off by default
     good = private(tmp_path / "token", TOKEN + b"\n")
     assert endpoint_token(config(tmp_path, listen="127.0.0.1:0", token_file=good)) == TOKEN
-    cases = [({"token_file": None}, "token_file is required"),
-             ({"token_file": tmp_path / "none"}, "cannot open the sketch token"),
+    cases = [({"token_file": tmp_path / "none"}, "cannot open the sketch token"),
              ({"token_file": private(tmp_path / "open", TOKEN, 0o644)},
               "readable or owned by others"),
              ({"token_file": private(tmp_path / "short", b"abc")}, "at least 16"),
@@ -215,7 +214,8 @@ def test_place_reads_urls_and_directories_together(
     vmfile = tmp_path / "x" / "x.sketch"
     write_sketch(vmfile, new)
     with serve(prom_answer) as prom:
-        empty = private(tmp_path / "vmshare.toml", b"")        # no [sketch] token_file
+        empty = private(tmp_path / "vmshare.toml",            # a token file not there
+                        f'[sketch]\ntoken_file = "{tmp_path}/none"\n'.encode())
         base = ["place", str(vmfile), "--prometheus", prom, "--key-file", str(key),
                 "--config", str(empty)]
         assert main([*base, "--sketches", str(d), "--sketches", server.url,
@@ -225,7 +225,7 @@ def test_place_reads_urls_and_directories_together(
         wrong = private(tmp_path / "wrong", b"x" * 20)
         other_key = SketchKey.from_secret(b"o" * 32)
         write_sketch(remote / "h2.sketch", replace(h2, key_id=other_key.key_id))
-        for extra, what in (([], "needs a token"),
+        for extra, what in (([], "cannot open the sketch token"),
                             (["--sketch-token-file", str(wrong)], "HTTP 401"),
                             (["--sketch-token-file", str(token)], "made with another key")):
             one_line_error(capsys, [*base, "--sketches", str(d), "--sketches", server.url,

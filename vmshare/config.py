@@ -132,7 +132,7 @@ class SketchSettings:
     rate: float = 1 / 16         # the daemon's sampling rate (prediction.sketch.DEFAULT_RATE)
     max_entries: int = 1 << 20   # samples per VM at most (DEFAULT_MAX_ENTRIES)
     listen: str = ""             # HOST:PORT to serve this host's sketch at /sketch; "": off
-    token_file: Path | None = None   # the bearer token /sketch wants (required with listen)
+    token_file: Path = Path("/etc/vmshare/sketch.token")   # /sketch's bearer token, 0600
 
 
 @dataclass(frozen=True)
@@ -284,10 +284,7 @@ def _sketch_settings(origin: Path, doc: dict[str, Any]) -> SketchSettings:
         raise PolicyError(f"{origin}: [sketch] max_entries must be in [1024, 67108864], "
                           f"not {entries!r}")
     listen = _typed(origin, "sketch", "listen", k.get("listen", sk.listen), str)
-    token = _path(origin, k, "token_file", Path("/"), "sketch") if "token_file" in k else None
-    if listen and token is None:
-        raise PolicyError(f"{origin}: [sketch] listen is set, so token_file is required: a "
-                          "file of root's, mode 0600, holding the token clients must send")
+    token = _path(origin, k, "token_file", sk.token_file, "sketch")
     return SketchSettings(key_file=_path(origin, k, "key_file", sk.key_file, "sketch"),
                           dir=_path(origin, k, "dir", sk.dir, "sketch"),
                           interval=_number(origin, k, "interval", sk.interval, "sketch"),

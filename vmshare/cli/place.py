@@ -52,11 +52,11 @@ def _vm_sketch(ctx: Context, key: Any, rate: float) -> tuple[Any, int]:
 
 
 def _fetcher(a: Any, settings: Any) -> Any:
-    """A SketchFetcher when a --sketches is a URL and a token file is known."""
+    """A SketchFetcher when a --sketches is a URL (its token read now)."""
     from vmshare.fleet.sketch_fetch import SketchFetcher, is_url
     from vmshare.records.sketchfile import load_token
     token_file = a.sketch_token_file or settings.token_file
-    if not any(is_url(s) for s in a.sketches or ()) or token_file is None:
+    if not any(is_url(s) for s in a.sketches or ()):
         return None
     return SketchFetcher(load_token(Path(token_file)), timeout=a.sketch_timeout,
                          cafile=Path(a.sketch_ca_file) if a.sketch_ca_file else None)

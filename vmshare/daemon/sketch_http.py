@@ -141,8 +141,6 @@ def endpoint_token(config: Config) -> bytes | None:
         parse_listen(settings.listen)
     except UsageError as exc:
         raise PolicyError(f"{where} listen: {exc}") from exc
-    if settings.token_file is None:
-        raise PolicyError(f"{where} listen is set, so token_file is required")
     try:
         return load_token(settings.token_file)
     except SketchError as exc:

@@ -75,8 +75,7 @@ def load_sketches(sources: Sequence[str | Path], key_id: bytes,
     if not files and not urls:
         raise SketchError(f"no host sketches (*.sketch) in {shown}")
     if urls and fetcher is None:
-        raise UsageError("--sketches URL needs a token: --sketch-token-file FILE or "
-                         "[sketch] token_file")
+        raise UsageError("--sketches URL needs a token file")
     sketches: list[tuple[Path | str, Sketch]] = [(f, read_sketch(f, key_id=key_id))
                                                  for f in files]
     if urls and fetcher is not None:
