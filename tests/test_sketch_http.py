@@ -231,3 +231,27 @@ def test_place_reads_urls_and_directories_together(
             one_line_error(capsys, [*base, "--sketches", str(d), "--sketches", server.url,
                                     *extra], what)
         assert SECRET not in capsys.readouterr().err.encode()
+
+
+def test_https_verifies_the_certificate_and_takes_a_ca_file(
+        tmp_path: Path, start: Callable[..., SketchServer]) -> None:
+    """A TLS proxy's place: the endpoint wrapped in TLS with a self-signed
+    certificate; refused as untrusted until --sketch-ca-file names it."""
+    import shutil
+    import ssl
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    path = sketch_file(tmp_path)
+    server = start(path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    url = server.url.replace("http:", "https:")
+    with pytest.raises(SketchError, match=f"^{url}: TLS certificate not trusted"):
+        fetcher().fetch(url)
+    assert encode(fetcher(cafile=cert).fetch(url)) == path.read_bytes()
