@@ -125,8 +125,8 @@ class _GroupIndex:
         at, lens = self._entries(ids)
         h = self.heavy[at]
         v = np.repeat(pages.astype(np.int64), lens)
-        m = max_page_sharing
-        gain = sharing(h + v, m) - sharing(h, m) - sharing(v, m)
+        m = max_page_sharing           # f(h + v) - f(h) - f(v), f(n) = n - ceil(n / m)
+        gain = (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
         return np.bincount(self.hosts[at], weights=gain,
                            minlength=self.zero.size).astype(np.float64)
 
