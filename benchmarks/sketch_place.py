@@ -2,8 +2,12 @@
 
 1. `predict --estimate` (default rate 1/16) against the exact `predict` on the
    same 1 GiB (two raw images of 512 MiB, a guest-like page mix, in page
-   cache): both timed in one run, the ratio printed, and the estimate's error
-   against the exact pages_sharing.
+   cache; or the dumps given with --dump): both timed side by side in each of
+   --rounds rounds (the exact run once, the estimate with 3 keys), the ratio
+   printed, the estimate's error against the exact pages_sharing, and where
+   the estimate's time goes: mapping the files (map, populate, unmap),
+   stage 1 (fingerprints of every page), stage 2 (whole pages hashed), the
+   rest (numpy, the estimator, Python).
 2. The sketch's size per GiB of guest memory (the file, as written).
 3. `place` over 1,000 host sketches: each host 8 VMs of 2 GiB (content of one
    of 10 kinds: a shared pool plus the VM's own pages), sketched at rate
@@ -16,7 +20,8 @@
    every host; tests/test_rebalance.py keeps it) side by side on small fleets,
    their answers compared, then the pruned one at the full host count.
 
-Usage: sketch_place.py [--hosts N] [--mib MiB] [--rebalance-only]
+Usage: sketch_place.py [--hosts N] [--mib MiB] [--rounds N] [--dump FILE...]
+                       [--rebalance-only]
 """
 
 from __future__ import annotations
@@ -26,20 +31,25 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine
-from tests.sketch_mixes import exact_sharing, guest_mix, write_vms
+from tests.sketch_mixes import guest_mix, write_vms
 from vmshare.engine import EngineConfig
 from vmshare.fleet.placement import load_sketches, rank
 from vmshare.model import PAGE_SIZE
+from vmshare.prediction import sketch as sketch_module
 from vmshare.prediction.estimate import estimate
 from vmshare.prediction.predict import dump_target, predict
+from vmshare.prediction.scanning import default_workers
 from vmshare.prediction.sketch import sketch_targets
+from vmshare.prediction.targets import Target
 from vmshare.records.sketchfile import (
     FULL,
     Sketch,
@@ -49,36 +59,93 @@ from vmshare.records.sketchfile import (
     rate_threshold,
     write_sketch,
 )
+from vmshare.sources.base import FileSource
 
 KEY = SketchKey.from_secret(b"benchmark key, not a secret....")
 
 
-def estimate_vs_exact(tmp: Path, mib: int) -> None:
+class Phases:
+    """Time spent in the sketch's C loops, by wrapping them where the sketch
+    looks them up."""
+
+    def __init__(self) -> None:
+        self.spent = {"fp_values": 0.0, "id_values": 0.0}
+        self.pages = {"fp_values": 0, "id_values": 0}
+        for name in self.spent:
+            setattr(sketch_module, name, self._timed(name, getattr(sketch_module, name)))
+
+    def _timed(self, name: str, fn: Callable[..., None]) -> Callable[..., None]:
+        def run(*args: Any) -> None:
+            t0 = time.perf_counter()
+            fn(*args)
+            self.spent[name] += time.perf_counter() - t0
+            self.pages[name] += (len(args[0]) // PAGE_SIZE if name == "fp_values"
+                                 else len(args[1]))
+        return run
+
+    def reset(self) -> None:
+        self.spent = dict.fromkeys(self.spent, 0.0)
+        self.pages = dict.fromkeys(self.pages, 0)
+
+
+def mapping_cost(targets: list[Target]) -> float:
+    """Map, populate and unmap every source's file: what reading in place costs
+    before a byte is used."""
+    t0 = time.perf_counter()
+    for t in targets:
+        src = t.open()
+        if isinstance(src, FileSource) and src.stored_extents() is not None:
+            with src.mapped_runs():
+                pass
+        if src is not None:
+            src.close()
+    return time.perf_counter() - t0
+
+
+def estimate_vs_exact(targets: list[Target], label: str, rounds: int) -> None:
+    phases = Phases()
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        exact = predict(targets, EngineConfig()).totals()["pages_sharing"]
+        t_exact = time.perf_counter() - t0
+        runs = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            est = estimate(targets, EngineConfig(),
+                           key=SketchKey.from_secret(b"run %d.%d" % (r, i) * 8))
+            runs.append((time.perf_counter() - t0, est.total()))
+        phases.reset()                    # where the time goes, read by one thread
+        t0 = time.perf_counter()
+        estimate(targets, EngineConfig(), key=KEY, workers=1)
+        t_one = time.perf_counter() - t0
+        t_map = mapping_cost(targets)
+        t_est = min(t for t, _ in runs)
+        print(f"1.{r + 1} {label}: exact predict {t_exact:.2f} s (pages_sharing {exact:,}), "
+              f"estimate at 1/16 {t_est:.3f} s (best of 3, {default_workers()} thread(s)): "
+              f"{t_exact / t_est:.1f}x faster (aim >= 20x)")
+        for t, e in runs:
+            print(f"   estimate {e.value:,.0f} [{e.low:,.0f} .. {e.high:,.0f}] in {t:.3f} s: "
+                  f"error {100 * (e.value - exact) / max(1, exact):+.2f}%")
+        fp, ids = phases.spent["fp_values"], phases.spent["id_values"]
+        print(f"   one thread: {t_one:.3f} s = mapping {t_map:.3f} s + stage 1 {fp:.3f} s "
+              f"({phases.pages['fp_values']:,} pages) + stage 2 {ids:.3f} s "
+              f"({phases.pages['id_values']:,} pages whole) + rest "
+              f"{t_one - t_map - fp - ids:.3f} s")
+
+
+def sketch_size(targets: list[Target], mib: float) -> None:
+    sk = sketch_targets(targets, KEY, host="h")
+    size = len(encode(sk))
+    print(f"2. sketch file of {mib:,.0f} MiB at 1/16: {size:,} bytes = "
+          f"{size / (mib / 1024) / 1024:,.0f} KiB per GiB")
+
+
+def mix_targets(tmp: Path, mib: int) -> list[Target]:
     ids = guest_mix(np.random.default_rng(5), mib * 2**20 // PAGE_SIZE)
     paths = write_vms(tmp, ids, 2)
     for p in paths:                       # into page cache, for both sides alike
         p.read_bytes()
-    targets = [dump_target(str(p), raw=True) for p in paths]
-    want, _ = exact_sharing(np.array_split(ids, 2))
-    t0 = time.perf_counter()
-    exact = predict(targets, EngineConfig()).totals()["pages_sharing"]
-    t_exact = time.perf_counter() - t0
-    runs = []
-    for i in range(3):
-        t0 = time.perf_counter()
-        est = estimate(targets, EngineConfig(), key=SketchKey.from_secret(b"run %d" % i * 8))
-        runs.append((time.perf_counter() - t0, est.total()))
-    t_est = min(t for t, _ in runs)
-    print(f"1. {mib} MiB in 2 raw images: exact predict {t_exact:.2f} s "
-          f"(pages_sharing {exact:,}; formula {want:,}), estimate at 1/16 {t_est:.3f} s "
-          f"(best of 3): {t_exact / t_est:.1f}x faster (aim >= 20x)")
-    for t, e in runs:
-        print(f"   estimate {e.value:,.0f} [{e.low:,.0f} .. {e.high:,.0f}] in {t:.3f} s: "
-              f"error {100 * (e.value - exact) / exact:+.2f}%")
-    sk = sketch_targets(targets, KEY, host="h")
-    size = len(encode(sk))
-    print(f"2. sketch file of {mib} MiB at 1/16: {size:,} bytes = "
-          f"{size / (mib / 1024) / 1024:,.0f} KiB per GiB")
+    return [dump_target(str(p), raw=True) for p in paths]
 
 
 def simulated_host(rng: np.random.Generator, name: str, pools: list[np.ndarray],
@@ -174,6 +241,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=1000)
     ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dump", action="append", default=[],
+                    help="estimate vs exact on these dumps (ELF, kdump or raw) instead")
     ap.add_argument("--rebalance-only", action="store_true")
     a = ap.parse_args()
     print(machine())
@@ -183,7 +253,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vmshare-sketch-bench-", dir="/var/tmp") as t:
         tmp = Path(t)
         os.chmod(tmp, 0o700)
-        estimate_vs_exact(tmp, a.mib)
+        if a.dump:
+            for p in a.dump:
+                Path(p).read_bytes()
+            targets = [dump_target(p) for p in a.dump]
+            mib = sum(os.path.getsize(p) for p in a.dump) / 2**20
+            label = f"{mib:,.0f} MiB in {', '.join(map(os.path.basename, a.dump))}"
+        else:
+            targets, mib = mix_targets(tmp, a.mib), a.mib
+            label = f"{mib} MiB in 2 raw images"
+        estimate_vs_exact(targets, label, a.rounds)
+        sketch_size(targets, mib)
         placement_at_scale(tmp, a.hosts)
     rebalance_at_scale(a.hosts)
 

@@ -97,3 +97,38 @@ def guest_mix(rng: np.random.Generator, pages: int) -> npt.NDArray[np.int64]:
     scale = pages / 1000
     mix = [(max(1, int(n * scale)), k) for n, k in GUEST_MIX] + [(2, 300)]
     return content_ids(rng, mix, zero=int(GUEST_ZERO * scale))
+
+
+def grouped_pages(groups: npt.NDArray[np.int64], ids: npt.NDArray[np.int64]) -> bytes:
+    """Pages whose fingerprint lines hold only ``groups`` (0: all-zero lines, a
+    sparse page) and whose content is told apart by ``ids`` outside them: pages
+    of one group but different ids are different contents sharing a
+    fingerprint (the sketch's worst case)."""
+    words = np.zeros((ids.size, PAGE_SIZE // 8), np.uint64)
+    words[:, 0] = groups.astype(np.uint64)            # in the first fingerprint line
+    words[:, 100] = ids.astype(np.uint64)             # in no fingerprint line
+    return words.tobytes()
+
+
+def adversarial_mix(rng: np.random.Generator, vms: int
+                    ) -> tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.int64]]]:
+    """(groups, ids) per VM: 1,500 fingerprint groups of 4 contents, each content
+    on 1 to 3 pages; 1,500 sparse contents on 2 pages; one group of 300
+    contents on one page each; all spread at random over ``vms`` VMs."""
+    g, i = [], []
+    nid = 1
+    for grp in range(1, 1501):
+        for _ in range(4):
+            copies = int(rng.integers(1, 4))
+            g += [grp] * copies
+            i += [nid] * copies
+            nid += 1
+    for _ in range(1500):
+        g += [0, 0]
+        i += [nid, nid]
+        nid += 1
+    g += [5000] * 300
+    i += list(range(nid, nid + 300))
+    order = rng.permutation(len(g))
+    ga, ia = np.array(g, np.int64)[order], np.array(i, np.int64)[order]
+    return np.array_split(ga, vms), np.array_split(ia, vms)

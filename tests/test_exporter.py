@@ -157,10 +157,16 @@ def test_the_daemons_own_figures_are_counters_by_kind() -> None:
 
 
 def test_a_snapshot_measured_where_it_was_taken_keeps_its_figures() -> None:
-    r = Refresher(lambda: snap(duration=2.0, cpu_seconds=0.5), interval=1.0, cpu_budget=0.1)
+    r = Refresher(lambda: snap(duration=2.0, cpu_seconds=0.5), interval=1.0, cpu_budget=0.1,
+                  take_measures=True)
     assert r.refresh() == 5.0           # 0.5 s of CPU at 10% of a core
     latest = r.latest()
     assert latest is not None and latest.duration == 2.0 and latest.cpu_seconds == 0.5
+    # otherwise the Refresher measures around ``take`` (here: next to nothing)
+    plain = Refresher(lambda: snap(duration=2.0, cpu_seconds=0.5), interval=1.0)
+    plain.refresh()
+    mine = plain.latest()
+    assert mine is not None and mine.duration < 1.0 and mine.cpu_seconds < 0.5
 
 
 def test_every_daemon_setting_is_a_config_key(tmp_path: Path) -> None:
@@ -193,3 +199,4 @@ def test_a_vm_mergeable_only_outside_its_ram_backends_counts_as_mergeable() -> N
             'uuid="11111111-1111-1111-1111-111111111111"} 1.0') in lines
     assert any(line.startswith('vmshare_vm_mergeable{domain="web-2"') and line.endswith(" 0.0")
                for line in lines)
+

@@ -119,11 +119,12 @@ def test_a_saving_estimated_below_zero_where_the_vm_is() -> None:
     is estimated below zero (-7 pages at rate 1/8, max_page_sharing 2), so its
     move gains more than its contents alone promise: 87 pages, ahead of w's 84."""
     thr = rate_threshold(1 / 8)
-    shared = np.arange(1, 11, dtype=np.uint64)
-    c = np.array([20], np.uint64)
+    # values a sample decides on by their top 32 bits: each its own decision here
+    shared = np.arange(1, 11, dtype=np.uint64) << np.uint64(32)
+    c = np.array([20 << 32], np.uint64)
     one = np.ones(10, np.uint32)
     nine = np.array([9], np.uint32)
-    heavy84 = np.arange(1000, 1084, dtype=np.uint64) + np.uint64(thr)   # never sampled
+    heavy84 = np.arange(1000, 1084, dtype=np.uint64) << np.uint64(32)   # sampled nowhere
 
     none = np.zeros(0, np.uint64)
 

@@ -1,21 +1,31 @@
-"""Content sketches: SipHash against its published vector, sampling by content,
-the size cap, the file format (every corruption refused, named), keys and the
-rules for where sketches may be kept."""
+"""Content sketches: SipHash against its published vector, the keyed page values
+against a reference, sampling by content, reading in place (mapped) against
+streaming, a file that shrinks under the mapping, the size cap, the file
+format (every corruption refused, named), keys and the rules for where
+sketches may be kept."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import xxhash
 
+from tests.dump_corpus import build_elf, valid_elf_spec
 from tests.sketch_mixes import content_ids, write_vms
-from vmshare.errors import SketchError
+from vmshare.engine._pages import FP_OFFSETS, fp_values, id_values, repeated, siphash24
+from vmshare.errors import DumpError, SketchError
+from vmshare.model import PAGE_SIZE, PageRun
+from vmshare.prediction import sketch as sketch_module
 from vmshare.prediction.predict import dump_target
-from vmshare.prediction.sketch import siphash24, sketch_targets
+from vmshare.prediction.sketch import sketch_pages, sketch_targets
 from vmshare.records.sketchfile import (
     FULL,
     Sketch,
@@ -25,7 +35,9 @@ from vmshare.records.sketchfile import (
     encode,
     load_key,
     merge,
+    rate_threshold,
     read_sketch,
+    restrict,
     write_sketch,
 )
 
@@ -72,14 +84,119 @@ def siphash_ref(k: bytes, msg: bytes) -> int:
 def test_siphash_matches_the_reference_and_its_published_vector() -> None:
     k = bytes(range(16))
     assert siphash_ref(k, bytes(range(15))) == 0xA129CA6149BE45E5
-    key = SketchKey(int.from_bytes(k[:8], "little"), int.from_bytes(k[8:], "little"), b"x" * 8)
+    k0, k1 = int.from_bytes(k[:8], "little"), int.from_bytes(k[8:], "little")
     rng = np.random.default_rng(1)
-    lo = rng.integers(0, 2**63, 50, dtype=np.int64).astype(np.uint64) * np.uint64(2)
-    hi = rng.integers(0, 2**63, 50, dtype=np.int64).astype(np.uint64)
-    got = siphash24(key, lo, hi)
-    want = [siphash_ref(k, int(a).to_bytes(8, "little") + int(b).to_bytes(8, "little"))
-            for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
-    assert got.tolist() == want
+    for n in (0, 1, 7, 8, 15, 16, 64, 100):
+        msg = rng.bytes(n)
+        assert siphash24(k0, k1, msg) == siphash_ref(k, msg), n
+    assert siphash24(k0, k1, bytes(range(15))) == 0xA129CA6149BE45E5
+
+
+def test_page_values_match_the_reference() -> None:
+    rng = np.random.default_rng(2)
+    pages = bytearray(rng.bytes(5 * PAGE_SIZE))
+    pages[PAGE_SIZE:2 * PAGE_SIZE] = bytes(PAGE_SIZE)                 # all zero
+    sparse = bytearray(PAGE_SIZE)
+    sparse[100] = 1                                                     # outside the lines
+    pages[2 * PAGE_SIZE:3 * PAGE_SIZE] = sparse
+    k = KEY.k0.to_bytes(8, "little") + KEY.k1.to_bytes(8, "little")
+    dec, sp = np.empty(5, np.uint64), np.empty(5, np.uint8)
+    fp_values(pages, KEY.k0, KEY.k1, dec, sp)
+    ident = np.empty(4, np.uint64)
+    id_values(pages, np.array([4, 0, 2, 1]), KEY.k0, KEY.k1, ident)
+    for i in range(5):
+        page = bytes(pages[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+        lines = b"".join(page[o:o + 64] for o in FP_OFFSETS)
+        want = siphash_ref(k, xxhash.xxh3_128_intdigest(lines).to_bytes(16, "little"))
+        assert int(dec[i]) == want and bool(sp[i]) == (lines == bytes(len(lines)))
+    for got, i in zip(ident.tolist(), (4, 0, 2, 1), strict=True):   # 1: all zero
+        page = bytes(pages[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+        assert got == siphash_ref(k, xxhash.xxh3_128_intdigest(page).to_bytes(16, "little"))
+    assert sp.tolist() == [0, 1, 1, 0, 0]
+    with pytest.raises(IndexError, match="outside"):
+        id_values(pages, np.array([5]), KEY.k0, KEY.k1, ident[:1])
+
+
+def test_a_file_that_shrinks_under_the_mapping_is_an_error_not_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "vm.raw"
+    path.write_bytes(np.random.default_rng(3).bytes(64 * PAGE_SIZE))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 64 * PAGE_SIZE, prot=mmap.PROT_READ)
+    os.truncate(path, 10 * PAGE_SIZE)
+    out, sp = np.empty(64, np.uint64), np.empty(64, np.uint8)
+    with pytest.raises(OSError, match="bus error reading page 10") as exc:
+        fp_values(mm, 1, 2, out, sp)
+    assert exc.value.errno == errno.EIO
+    with pytest.raises(OSError, match="page 12"):
+        id_values(mm, np.array([3, 12]), 1, 2, out[:2])
+    fp_values(memoryview(mm)[:10 * PAGE_SIZE], 1, 2, out[:10], sp[:10])   # the rest is fine
+    mm.close()
+    path.write_bytes(bytes(64 * PAGE_SIZE))
+    src = dump_target(str(path), raw=True).open()
+    assert src is not None
+    os.truncate(path, 60 * PAGE_SIZE)
+    with pytest.raises(DumpError, match="shrank since it was opened"):
+        sketch_pages(src, KEY, 1 << 62)
+    path.write_bytes(bytes(64 * PAGE_SIZE))
+    real = sketch_module._fingerprints
+
+    def shrinking(runs: list[PageRun], key: SketchKey) -> object:
+        os.truncate(path, PAGE_SIZE)                       # after the mapping, before reading
+        return real(runs, key)
+
+    monkeypatch.setattr(sketch_module, "_fingerprints", shrinking)
+    with pytest.raises(DumpError, match="shrank while it was read"):
+        sketch_pages(src, KEY, 1 << 62)
+    src.close()
+
+
+def same_sketch(a: VmSketch, b: VmSketch) -> None:
+    assert (a.pages, a.zero_pages) == (b.pages, b.zero_pages)
+    for f in ("values", "counts", "heavy_values", "heavy_counts", "decisions"):
+        assert getattr(a, f).tolist() == getattr(b, f).tolist(), f
+
+
+def test_reading_in_place_gives_what_streaming_gives(tmp_path: Path) -> None:
+    ids = content_ids(np.random.default_rng(5), [(300, 1), (100, 3), (10, 12)], zero=30)
+    (path,) = write_vms(tmp_path, ids, 1)
+    with open(path, "ab") as f:
+        f.write(b"\1" * 100)                                  # a partial last page
+    mapped = dump_target(str(path), raw=True).open()
+    assert mapped is not None and mapped.stored_extents() is not None
+    for thr in (1 << 62, FULL - 1):
+        a, ta = sketch_pages(mapped, KEY, thr)
+        b, tb = sketch_pages(_Stream(path), KEY, thr)
+        same_sketch(a, b)
+        assert ta == tb and a.zero_pages == 30 and a.pages == ids.size + 1
+    mapped.close()
+    # an ELF core: its segments mapped in place, the hole tail not read
+    spec, expect = valid_elf_spec()
+    elf = tmp_path / "vm.elf"
+    elf.write_bytes(build_elf(spec))
+    src = dump_target(str(elf), raw=False).open()
+    assert src is not None
+    with src.mapped_runs() as runs:                              # type: ignore[attr-defined]
+        got = {(r.region, r.first_page + i): bytes(r.data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+               for r in runs for i in range(len(r.data) // PAGE_SIZE)}
+    assert got == expect
+    same_sketch(sketch_pages(src, KEY, FULL - 1)[0], sketch_pages(_Stream(elf), KEY,
+                                                                  FULL - 1)[0])
+    src.close()
+
+
+class _Stream:
+    """A dump read as a stream (as a live source is): not a file source."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.path = path
+
+    def runs(self) -> object:
+        src = dump_target(str(self.path), raw=self.path.suffix == ".raw").open()
+        assert src is not None
+        yield from src.runs(chunk_pages=7)
+        src.close()
 
 
 def small_sketch(tmp_path: Path, rate: float = 0.25, key: SketchKey = KEY) -> Sketch:
@@ -114,9 +231,11 @@ def test_size_cap_lowers_the_rate_and_keeps_the_smallest(tmp_path: Path) -> None
     target = dump_target(str(write_vms(tmp_path, ids, 1)[0]), raw=True)
     full = sketch_targets([target], KEY, host="h", rate=1.0)
     capped = sketch_targets([target], KEY, host="h", rate=1.0, max_entries=100)
-    assert capped.vms[0].values.size == 100
+    assert capped.vms[0].values.size == 100            # each content its own group here
     assert capped.vms[0].values.tolist() == full.vms[0].values[:100].tolist()
-    assert capped.effective == int(full.vms[0].values[100]) and capped.threshold == FULL - 1
+    assert capped.effective == int(full.vms[0].decisions[100]) and capped.threshold == FULL - 1
+    assert capped.effective % 2**32 == 0
+    same_sketch(restrict(full.vms[0], capped.effective), capped.vms[0])
 
 
 def test_round_trip_and_merge(tmp_path: Path) -> None:
@@ -129,11 +248,12 @@ def test_round_trip_and_merge(tmp_path: Path) -> None:
         assert a.values.tolist() == b.values.tolist() and a.counts.tolist() == b.counts.tolist()
         assert a.heavy_values.tolist() == b.heavy_values.tolist()
         assert a.heavy_counts.tolist() == b.heavy_counts.tolist() and a.heavy_values.size
+        assert a.decisions.tolist() == b.decisions.tolist()
     one = Sketch("a", sk.key_id, sk.threshold, sk.effective, 0, sk.vms[:1])
     two = Sketch("b", sk.key_id, sk.threshold, sk.effective // 2, 0, sk.vms[1:])
     host = merge("host", [one, two])
     assert host.effective == sk.effective // 2
-    assert all(int(v.values.max()) < host.effective for v in host.vms)
+    assert all(int(v.decisions.max()) < host.effective for v in host.vms)
     with pytest.raises(SketchError, match="more than one"):
         merge("host", [one, one])
 
@@ -142,7 +262,9 @@ def corrupt_cases(data: bytes) -> dict[str, tuple[bytes, str]]:
     head = struct.calcsize("<8sHHI8sQQQI")
     return {
         "magic": (b"XXSKETCH" + data[8:], "wrong magic"),
-        "version": (data[:8] + struct.pack("<H", 2) + data[10:], "version 2"),
+        "version": (data[:8] + struct.pack("<H", 1) + data[10:],
+                    r"version 1 \(an older vmshare's: make the sketch again\)"),
+        "newer version": (data[:8] + struct.pack("<H", 3) + data[10:], "version 3; this"),
         "algorithm": (data[:10] + struct.pack("<H", 9) + data[12:], "hash algorithm 9"),
         "truncated": (data[:-10], "truncated"),
         "truncated header": (data[:20], "truncated"),
@@ -164,23 +286,25 @@ def test_every_corruption_is_refused_by_name(tmp_path: Path, case: str) -> None:
 
 
 def resealed(sk: Sketch, **changes: object) -> bytes:
-    import dataclasses
     return encode(dataclasses.replace(sk, **changes))  # type: ignore[arg-type]
 
 
 def test_bad_content_under_a_good_checksum_is_refused(tmp_path: Path) -> None:
     sk = small_sketch(tmp_path)
     v = sk.vms[0]
-    unsorted = VmSketch(v.name, v.group, 0, v.pages, v.zero_pages, v.values[::-1].copy(),
-                        v.counts)
+    unsorted = dataclasses.replace(v, values=v.values[::-1].copy(),
+                                   groups=v.decisions[::-1].copy())
     with pytest.raises(SketchError, match="not increasing"):
         decode(resealed(sk, vms=(unsorted,)), "f")
-    zero = VmSketch(v.name, v.group, 0, v.pages, v.zero_pages, v.values,
-                    np.zeros_like(v.counts))
+    same_group = dataclasses.replace(v, values=v.values.copy(), groups=np.zeros_like(v.decisions))
+    same_group.values[:2] = same_group.values[1::-1].copy()     # one group, out of order
+    with pytest.raises(SketchError, match="not increasing"):
+        decode(resealed(sk, vms=(same_group,)), "f")
+    zero = dataclasses.replace(v, counts=np.zeros_like(v.counts))
     with pytest.raises(SketchError, match="counts"):
         decode(resealed(sk, vms=(zero,)), "f")
-    both = VmSketch(v.name, v.group, 0, v.pages, v.zero_pages, v.values, v.counts,
-                    v.values[:1].copy(), v.counts[:1].copy())
+    both = dataclasses.replace(v, heavy_values=v.values[:1].copy(),
+                               heavy_counts=v.counts[:1].copy())
     with pytest.raises(SketchError, match="both sampled and heavy"):
         decode(resealed(sk, vms=(both,)), "f")
     with pytest.raises(SketchError, match="effective threshold"):
@@ -298,3 +422,31 @@ def test_predict_estimate_options(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "add --estimate" in err
     code, _, err = run_cli(capsys, "predict", "--estimate", "--scans", "2", "--raw", str(a))
     assert code == 2 and "--scans" in err
+
+
+def test_repeated_counts_like_numpy() -> None:
+    rng = np.random.default_rng(6)
+    for n in (0, 1, 7, 8, 100, 5000):
+        values = rng.integers(0, max(1, n // 6), n).astype(np.uint64) << np.uint64(32)
+        out = np.empty(n, np.uint8)
+        repeated(values, 8, out)
+        _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        assert out.astype(bool).tolist() == (counts[inverse.reshape(-1)] >= 8).tolist()
+
+
+def test_threads_give_the_sketch_one_thread_gives(tmp_path: Path) -> None:
+    ids = content_ids(np.random.default_rng(9), [(500, 1), (200, 2), (20, 9)], zero=20)
+    targets = [dump_target(str(p), raw=True) for p in write_vms(tmp_path, ids, 3)]
+    one = sketch_targets(targets, KEY, host="h", rate=0.25, workers=1)
+    three = sketch_targets(targets, KEY, host="h", rate=0.25, workers=3)
+    assert [v.name for v in one.vms] == [v.name for v in three.vms] == [t.name for t in targets]
+    for a, b in zip(one.vms, three.vms, strict=True):
+        same_sketch(a, b)
+
+
+def test_thresholds_are_multiples_of_two_to_the_32() -> None:
+    assert rate_threshold(1 / 16) == 2**60 and rate_threshold(1.0) == FULL - 1
+    assert rate_threshold(1 / 3) % 2**32 == 0
+    assert 0 < 1 / 3 - rate_threshold(1 / 3) / FULL < 2**-32
+    with pytest.raises(SketchError, match="below the smallest"):
+        rate_threshold(2**-40)

@@ -65,9 +65,9 @@ def targets_of(ctx: Any) -> tuple[list[Any], dict[str, str] | None, list[str]]:
     if not (a.domains or a.dump or a.raw or a.pid):
         raise UsageError(f"nothing to {a.command}: give domains, --dump FILE or --pid PID")
     targets: list[pr.Target] = []
-    observer = ctx.observer() if a.domains else None
-    for name in a.domains:
-        targets.append(pr.domain_target(ctx.hv, observer, name, ctx.procfs))
+    if a.domains:
+        observer = ctx.observer()
+        targets += [pr.domain_target(ctx.hv, observer, name, ctx.procfs) for name in a.domains]
     for path in a.dump:
         targets.append(pr.dump_target(path))
     for path in a.raw:

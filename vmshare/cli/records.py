@@ -62,6 +62,8 @@ def cmd_history(ctx: Context) -> int:
     path, ans, note = _history(a.config, since, a.resolution)
     if ans is not None and ans.lacks:
         warn(ans.lacks)
+    if ans is not None and ans.gaps:
+        warn(ans.gaps_note())
     if a.json:
         emit_json(ans.to_json() if ans is not None else
                   {"file": str(path), "resolution": None, "samples": [], "lacks": note},
@@ -110,6 +112,8 @@ def cmd_report(ctx: Context) -> int:
     _, ans, _ = _history(a.config, since)
     if ans is not None and ans.lacks:
         warn(ans.lacks)
+    if ans is not None and ans.gaps:
+        warn(ans.gaps_note())
     page = report_html.render(host, [] if ans is None else ans.samples,
                               hostname=socket.gethostname()).encode("utf-8")
     target = Path(a.html)

@@ -20,11 +20,11 @@ def _sketch_settings(a: Any) -> Any:
 # ---------------------------------------------------------------- sketch
 def sketch_summary(path: Path | None, sk: Any) -> str:
     from vmshare.cli.estimate import rate_text
-    from vmshare.records.sketchfile import HASH_NAMES
+    from vmshare.records.sketchfile import HASH_ALGORITHM, HASH_NAMES
     entries = sum(v.values.size + v.heavy_values.size for v in sk.vms)
     where = f"{path}: " if path else ""
     lines = [f"{where}host {sk.host!r}, {len(sk.vms)} VM(s), key id {sk.key_id.hex()}, "
-             f"{HASH_NAMES[1]}, rate {rate_text(sk.nominal_rate)}"
+             f"{HASH_NAMES[HASH_ALGORITHM]}, rate {rate_text(sk.nominal_rate)}"
              + (f" (cut to {rate_text(sk.rate)} by the size cap)" if sk.effective <
                 sk.threshold else "")
              + f", {entries:,} entries, made "

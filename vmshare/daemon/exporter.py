@@ -64,7 +64,7 @@ class SnapshotSource:
     def __call__(self) -> Snapshot:
         # the daemon's connection may have been replaced since the last snapshot
         hv = self.hv_of()
-        observer = Observer(hv, self.sysfs, self.procfs)
+        observer = Observer(hv, self.sysfs, self.procfs, one_snapshot=True)
         errors: list[str] = []
         host = self._host(hv, observer, errors)
         policy: dict[str, VmPolicyFacts] = {}
@@ -172,7 +172,7 @@ async def run_exporter(seat: ExporterSeat, stop: asyncio.Event) -> None:
         return future.result(timeout=TAKE_TIMEOUT)
 
     refresher = Refresher(take, interval=settings.metrics_interval,
-                          cpu_budget=settings.metrics_cpu_budget / 100.0)
+                          cpu_budget=settings.metrics_cpu_budget / 100.0, take_measures=True)
     server = serve(settings.metrics_listen, lambda: exposition(refresher.latest()))
     thread = threading.Thread(target=server.serve_forever, name="vmshare-metrics-http",
                               daemon=True)

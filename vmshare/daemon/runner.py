@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from vmshare.config import Config
 from vmshare.daemon import spool, wakeup
@@ -31,11 +31,16 @@ from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.rejects import Rejects
 from vmshare.daemon.sketch_http import sketch_jobs
 from vmshare.daemon.state import StateStore
-from vmshare.daemon.supervisor import Supervisor
+from vmshare.daemon.supervisor import Supervisor, in_thread
 from vmshare.daemon.triggers import QMP_EVENTS, HookSequence, Trigger, TriggerSink, backoff_delays
 from vmshare.daemon.tuning import run_tuner
-from vmshare.errors import DeadlineExceeded, HypervisorError, VmshareError
+from vmshare.errors import HypervisorError, VmshareError
 from vmshare.records.schema import printable
+
+if TYPE_CHECKING:
+    from vmshare.daemon.qmp_watch import QmpWatcher
+    from vmshare.hypervisor.base import Hypervisor
+    from vmshare.hypervisor.libvirt_events import LibvirtEvents
 
 log = logging.getLogger("vmshare.daemon")
 T = TypeVar("T")
@@ -80,7 +85,7 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.hooks = HookSequence()
         self.stats = Stats()
-        self.events: Any = None          # LibvirtEvents in libvirt mode
+        self.events: LibvirtEvents | None = None     # libvirt mode only
         self.lost = asyncio.Event()
         self.connected = asyncio.Event()
         self.scope = domain_scope(self.domains)
@@ -126,7 +131,7 @@ class Daemon:
         self.lost.clear()
         self.connected.set()
 
-    def _set_hv(self, hv: Any) -> None:
+    def _set_hv(self, hv: Hypervisor) -> None:
         if self.reconciler is None:
             self.reconciler = Reconciler(hv, self.opts.config, state=self.state,
                                          audit_path=self.settings.audit_log,
@@ -280,7 +285,7 @@ class Daemon:
     async def _run(self, stop: asyncio.Event) -> int:
         if self.opts.spool:
             self._check_spool()
-        watcher = None
+        watcher: QmpWatcher | None = None
         if self.qmp_globs:
             from vmshare.daemon.qmp_watch import QmpWatcher
             from vmshare.hypervisor.qmp_fleet import QmpFleet
@@ -323,7 +328,7 @@ class Daemon:
                     self.settings.socket.unlink()
 
     async def _serve(self, stop: asyncio.Event, sock: socket.socket | None,
-                     watcher: Any) -> int:
+                     watcher: QmpWatcher | None) -> int:
         """Run the background tasks, each supervised, until ``stop``. Returns the exit
         status: EXIT_TASK_DIED when one kept dying."""
         if sock is not None:
@@ -389,11 +394,3 @@ class Daemon:
                 await self.reconcile_all("periodic")
             self.rejects.flush()
 
-
-async def in_thread(fn: Callable[[], Any], deadline: float, what: str) -> Any:
-    """Run a blocking call in the default executor with a deadline."""
-    loop = asyncio.get_running_loop()
-    try:
-        return await asyncio.wait_for(loop.run_in_executor(None, fn), deadline)
-    except TimeoutError as exc:
-        raise DeadlineExceeded(f"{what}: no answer within {deadline:g} s") from exc

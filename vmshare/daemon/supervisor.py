@@ -15,6 +15,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from vmshare.errors import DeadlineExceeded
 
 log = logging.getLogger("vmshare.daemon")
 
@@ -56,3 +59,12 @@ class Supervisor:
                     return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.restart_delay)
+
+
+async def in_thread(fn: Callable[[], Any], deadline: float, what: str) -> Any:
+    """Run a blocking call in the default executor with a deadline."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(None, fn), deadline)
+    except TimeoutError as exc:
+        raise DeadlineExceeded(f"{what}: no answer within {deadline:g} s") from exc

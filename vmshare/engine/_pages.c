@@ -15,6 +15,24 @@
  *                                fingerprints it in one read, is_zero(),
  *                                hash128(), page() returns a copy of one page.
  *
+ * and, for content sketches (vmshare/prediction/sketch.py), keyed values:
+ *
+ *   siphash24(k0, k1, data)      SipHash-2-4 of a byte string (tests, reference)
+ *   fp_values(data, k0, k1, out, sparse)
+ *                                per page, SipHash-2-4 under (k0, k1) of the
+ *                                xxh3_128 of its fingerprint: the 64-byte cache
+ *                                lines at FP_OFFSETS (128 of its 4096 bytes);
+ *                                sparse[i] = 1 when they are all zero
+ *   repeated(values, min, out)   which values occur min or more times (a hash count)
+ *   id_values(data, idx, k0, k1, out)
+ *                                SipHash-2-4 under (k0, k1) of the xxh3_128 of
+ *                                page idx[i] (low word, then high, little-endian)
+ *
+ * The buffers given to these two may be a file mapped read-only: a page of a
+ * file that shrank since it was mapped raises SIGBUS when touched, which they
+ * catch (only while their loop runs, only in their thread) and report as
+ * OSError(EIO) naming the page, instead of the process dying.
+ *
  * The hashes are XXH3_64bits / XXH3_128bits with seed 0 (libxxhash 0.8), the
  * same values python-xxhash's xxh3_64_intdigest gives (tests check it). A
  * 128-bit hash is stored as two uint64: low word, then high word.
@@ -27,6 +45,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -530,6 +551,330 @@ static PyTypeObject PageSetType = {
     .tp_methods = pageset_methods,
 };
 
+
+/* ---- content sketches: SipHash-2-4, fingerprints, identities ---------------- */
+
+/* a page's fingerprint: two whole cache lines, its first and the one halfway
+ * (a line costs one memory access whatever is used of it; two far apart tell
+ * apart pages that differ in one part) */
+#define FP_LINES 2
+#define FP_BYTES 64
+static const int FP_OFFSETS[FP_LINES] = {0, 2048};
+/* pages ahead whose fingerprint lines are fetched while one is hashed */
+#define FP_AHEAD 8
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                       \
+    do {                                                               \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);      \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                         \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                         \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);      \
+    } while (0)
+
+static inline uint64_t
+load64(const unsigned char *p)
+{
+    uint64_t x;
+    memcpy(&x, p, 8);              /* little-endian hosts only (x86-64, arm64) */
+    return x;
+}
+
+static uint64_t
+sip24(uint64_t k0, uint64_t k1, const unsigned char *m, size_t len)
+{
+    uint64_t v0 = k0 ^ 0x736F6D6570736575ULL, v1 = k1 ^ 0x646F72616E646F6DULL;
+    uint64_t v2 = k0 ^ 0x6C7967656E657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    size_t full = len & ~(size_t)7;
+    for (size_t i = 0; i < full; i += 8) {
+        uint64_t w = load64(m + i);
+        v3 ^= w;
+        SIPROUND;
+        SIPROUND;
+        v0 ^= w;
+    }
+    uint64_t last = (uint64_t)(len & 0xFF) << 56;
+    for (size_t i = 0; i < (len & 7); i++)
+        last |= (uint64_t)m[full + i] << (8 * i);
+    v3 ^= last;
+    SIPROUND;
+    SIPROUND;
+    v0 ^= last;
+    v2 ^= 0xFF;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* SIGBUS while a guarded loop runs in this thread jumps back to it. */
+static __thread sigjmp_buf *bus_env;
+static struct sigaction bus_prev;
+static int bus_users;              /* guarded calls running; changed with the GIL held */
+
+static void
+on_bus(int sig, siginfo_t *info, void *ctx)
+{
+    if (bus_env)
+        siglongjmp(*bus_env, 1);
+    /* not ours: what was installed before (faulthandler, the default) */
+    if (bus_prev.sa_flags & SA_SIGINFO) {
+        bus_prev.sa_sigaction(sig, info, ctx);
+    } else if (bus_prev.sa_handler != SIG_IGN && bus_prev.sa_handler != SIG_DFL) {
+        bus_prev.sa_handler(sig);
+    } else {
+        signal(SIGBUS, SIG_DFL);
+        raise(SIGBUS);
+    }
+}
+
+static int
+bus_guard_on(void)
+{
+    if (bus_users++ == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_bus;
+        sa.sa_flags = SA_SIGINFO;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &bus_prev) < 0) {
+            bus_users--;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+bus_guard_off(void)
+{
+    if (--bus_users == 0)
+        sigaction(SIGBUS, &bus_prev, NULL);
+}
+
+static void
+set_bus_error(const char *what, Py_ssize_t page)
+{
+    PyObject *msg = PyUnicode_FromFormat("%s: bus error reading page %zd of the buffer (a "
+                                         "mapped file that shrank?)", what, page);
+    if (!msg)
+        return;
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "iO", EIO, msg);
+    Py_DECREF(msg);
+    if (exc) {
+        PyErr_SetObject(PyExc_OSError, exc);
+        Py_DECREF(exc);
+    }
+}
+
+static PyObject *
+siphash24_py(PyObject *self, PyObject *args)
+{
+    unsigned long long k0, k1;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "KKy*:siphash24", &k0, &k1, &data))
+        return NULL;
+    uint64_t h = sip24(k0, k1, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* One page's work in a guarded loop: the i-th result of a job. */
+typedef struct {
+    const unsigned char *src;
+    const int64_t *idx;            /* the pages to read (id_values), NULL: every page */
+    uint64_t k0, k1;
+    uint64_t zero_id;              /* the value of an all-zero page (id_values) */
+    unsigned char *out, *sparse;
+} sketch_job;
+
+static inline void
+fp_step(const sketch_job *j, Py_ssize_t i, Py_ssize_t n)
+{
+    const unsigned char *page = j->src + i * PAGE;
+    if (i + FP_AHEAD < n)
+        for (int l = 0; l < FP_LINES; l++)
+            __builtin_prefetch(page + FP_AHEAD * PAGE + FP_OFFSETS[l]);
+    unsigned char fp[FP_LINES * FP_BYTES], h[16];
+    uint64_t any = 0;
+    for (int l = 0; l < FP_LINES; l++) {
+        memcpy(fp + l * FP_BYTES, page + FP_OFFSETS[l], FP_BYTES);
+        for (int w = 0; w < FP_BYTES / 8; w++)
+            any |= load64(fp + l * FP_BYTES + 8 * w);
+    }
+    XXH128_hash_t x = XXH3_128bits(fp, sizeof fp);
+    memcpy(h, &x.low64, 8);
+    memcpy(h + 8, &x.high64, 8);
+    uint64_t v = sip24(j->k0, j->k1, h, 16);
+    memcpy(j->out + i * 8, &v, 8);
+    j->sparse[i] = any == 0;
+}
+
+/* all zero? (stops at the first 256 bytes that are not: most pages at once) */
+static inline int
+page_is_zero(const unsigned char *p)
+{
+    for (int b = 0; b < PAGE; b += 256) {
+        uint64_t any = 0;
+        for (int w = 0; w < 256; w += 8)
+            any |= load64(p + b + w);
+        if (any)
+            return 0;
+    }
+    return 1;
+}
+
+static inline void
+id_step(const sketch_job *j, Py_ssize_t i, Py_ssize_t n)
+{
+    if (i + 1 < n)
+        __builtin_prefetch(j->src + j->idx[i + 1] * PAGE);
+    const unsigned char *page = j->src + j->idx[i] * PAGE;
+    uint64_t v = j->zero_id;          /* an all-zero page: its value, known */
+    if (!page_is_zero(page)) {
+        unsigned char h[16];
+        store128(h, page);
+        v = sip24(j->k0, j->k1, h, 16);
+    }
+    memcpy(j->out + i * 8, &v, 8);
+}
+
+/* Runs the job's steps 0..n-1 with the GIL released and SIGBUS caught; 0, or -1
+ * with OSError(EIO) naming the page that could not be read. */
+static int
+guarded_loop(const sketch_job *j, Py_ssize_t n, const char *what)
+{
+    if (bus_guard_on() < 0)
+        return -1;
+    volatile Py_ssize_t i = 0;
+    volatile int bus = 0;
+    sigjmp_buf env;
+    Py_BEGIN_ALLOW_THREADS
+    if (sigsetjmp(env, 1) == 0) {
+        bus_env = &env;
+        if (j->idx)
+            for (; i < n; i++)
+                id_step(j, i, n);
+        else
+            for (; i < n; i++)
+                fp_step(j, i, n);
+    } else {
+        bus = 1;
+    }
+    bus_env = NULL;
+    Py_END_ALLOW_THREADS
+    bus_guard_off();
+    if (bus) {
+        set_bus_error(what, j->idx ? j->idx[i] : i);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+fp_values(PyObject *self, PyObject *args)
+{
+    Py_buffer data, out, sparse;
+    sketch_job j = {0};
+    if (!PyArg_ParseTuple(args, "y*KKw*w*:fp_values", &data, &j.k0, &j.k1, &out, &sparse))
+        return NULL;
+    Py_ssize_t n = data.len / PAGE;
+    int ok = check_pages(&data, "fp_values") == 0 && check_out(&out, n, 8, "fp_values") == 0
+             && check_out(&sparse, n, 1, "fp_values sparse") == 0;
+    if (ok) {
+        j.src = data.buf;
+        j.out = out.buf;
+        j.sparse = sparse.buf;
+        ok = guarded_loop(&j, n, "fp_values") == 0;
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&sparse);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
+static PyObject *
+id_values(PyObject *self, PyObject *args)
+{
+    Py_buffer data, idx, out;
+    sketch_job j = {0};
+    if (!PyArg_ParseTuple(args, "y*y*KKw*:id_values", &data, &idx, &j.k0, &j.k1, &out))
+        return NULL;
+    Py_ssize_t n = idx.len / 8, npages = data.len / PAGE;
+    int ok = check_pages(&data, "id_values") == 0 && check_out(&out, n, 8, "id_values") == 0
+             && check_out(&idx, n, 8, "id_values index") == 0;
+    j.idx = idx.buf;
+    for (Py_ssize_t i = 0; ok && i < n; i++)
+        if (j.idx[i] < 0 || j.idx[i] >= npages) {
+            PyErr_Format(PyExc_IndexError, "id_values: index %lld (entry %zd) is outside "
+                         "a buffer of %zd pages", (long long)j.idx[i], i, npages);
+            ok = 0;
+        }
+    if (ok) {
+        static const unsigned char zero[PAGE];
+        unsigned char h[16];
+        store128(h, zero);
+        j.zero_id = sip24(j.k0, j.k1, h, 16);
+        j.src = data.buf;
+        j.out = out.buf;
+        ok = guarded_loop(&j, n, "id_values") == 0;
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&idx);
+    PyBuffer_Release(&out);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
+/* repeated(values, min, out): out[i] = 1 when values[i] occurs min or more times
+ * in values (an open-addressing count, O(n); values are keyed hashes, so their
+ * high bits index the table well). */
+static PyObject *
+repeated(PyObject *self, PyObject *args)
+{
+    Py_buffer vals, out;
+    Py_ssize_t least;
+    if (!PyArg_ParseTuple(args, "y*nw*:repeated", &vals, &least, &out))
+        return NULL;
+    Py_ssize_t n = vals.len / 8;
+    int ok = check_out(&vals, n, 8, "repeated values") == 0 &&
+             check_out(&out, n, 1, "repeated") == 0;
+    int bits = 4;
+    while (ok && ((Py_ssize_t)1 << bits) < 2 * n)
+        bits++;
+    size_t size = (size_t)1 << bits;
+    uint64_t *keys = ok ? PyMem_RawMalloc(size * sizeof(uint64_t)) : NULL;
+    uint32_t *counts = ok ? PyMem_RawCalloc(size, sizeof(uint32_t)) : NULL;
+    if (ok && (!keys || !counts)) {
+        PyErr_NoMemory();
+        ok = 0;
+    }
+    if (ok) {
+        const uint64_t *v = vals.buf;
+        unsigned char *o = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (int pass = 0; pass < 2; pass++)
+            for (Py_ssize_t i = 0; i < n; i++) {
+                size_t h = (size_t)((v[i] * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+                while (counts[h] && keys[h] != v[i])
+                    h = (h + 1) & (size - 1);
+                if (pass == 0) {
+                    keys[h] = v[i];
+                    counts[h]++;
+                } else {
+                    o[i] = counts[h] >= (uint64_t)least;
+                }
+            }
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(keys);
+    PyMem_RawFree(counts);
+    PyBuffer_Release(&vals);
+    PyBuffer_Release(&out);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"hash64", hash64, METH_VARARGS,
      "hash64(data, out): out[i] = xxh3_64 of page i of data (out: uint64 per page)."},
@@ -537,6 +882,18 @@ static PyMethodDef module_methods[] = {
      "hash64_at(data, idx, out): out[i] = xxh3_64 of page idx[i] of data (idx: int64)."},
     {"hash128", hash128, METH_VARARGS,
      "hash128(data, out): xxh3_128 of page i of data into out[2i] (low), out[2i+1] (high)."},
+    {"siphash24", siphash24_py, METH_VARARGS,
+     "siphash24(k0, k1, data) -> int: SipHash-2-4 of data under the key words k0, k1."},
+    {"fp_values", fp_values, METH_VARARGS,
+     "fp_values(data, k0, k1, out, sparse): out[i] = SipHash-2-4 of the xxh3_128 of page\n"
+     "i's fingerprint (the 64-byte lines at FP_OFFSETS), sparse[i] = it is all zero\n"
+     "(out: uint64, sparse: uint8)."},
+    {"repeated", repeated, METH_VARARGS,
+     "repeated(values, min, out): out[i] = values[i] (uint64) occurs min or more times\n"
+     "(out: uint8)."},
+    {"id_values", id_values, METH_VARARGS,
+     "id_values(data, idx, k0, k1, out): out[i] = SipHash-2-4 of the xxh3_128 of page\n"
+     "idx[i] (idx: int64, out: uint64)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -556,6 +913,12 @@ PyInit__pages(void)
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
+    PyObject *offs = Py_BuildValue("(ii)", FP_OFFSETS[0], FP_OFFSETS[1]);
+    if (!offs || PyModule_AddObject(m, "FP_OFFSETS", offs) < 0) {
+        Py_XDECREF(offs);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddIntConstant(m, "PAGE_SIZE", PAGE) < 0 ||
             PyModule_AddObjectRef(m, "PageSet", (PyObject *)&PageSetType) < 0) {
         Py_DECREF(m);

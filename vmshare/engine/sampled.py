@@ -2,9 +2,10 @@
 
 Pure arithmetic on page counts per content (no pages, no I/O): what kernel KSM
 would report once it has converged over memory that does not change, and an
-unbiased estimate of it from a sample in which every distinct content was kept
-with probability ``p``, independently of the others (a keyed hash of the
-content under a threshold: vmshare.prediction.sketch).
+unbiased estimate of it from a sample in which each *group* of contents was
+kept with probability ``p``, independently of the other groups, all of its
+contents together (a keyed hash of a fingerprint the group's pages share,
+under a threshold: vmshare.prediction.sketch).
 
 The exact figure. A content held by ``n`` pages (of one trust group) ends on
 ``ceil(n / M)`` KSM pages, ``M`` being max_page_sharing: one of them is
@@ -16,19 +17,22 @@ pages_shared and the rest pages_sharing, so
 share f(n_c) / n_c of a page (``vmshare status``'s fair share, exact when the
 content fits in one KSM page).
 
-The estimate (Horvitz-Thompson). With indicator I_c of "c was sampled",
-P(I_c = 1) = p, independent over c:
+The estimate (Horvitz-Thompson over groups). With I_g the indicator of "group
+g was sampled", P(I_g = 1) = p, independent over g, and Y_g = sum over the
+contents c of g of x_c:
 
-    S^ = (1/p) sum_c I_c f(n_c)                       E[S^] = S
-    Var(S^) = (1-p)/p * sum_c f(n_c)^2
-    Var^ = (1-p)/p^2 * sum_c I_c f(n_c)^2             E[Var^] = Var(S^)
+    S^ = (1/p) sum_g I_g Y_g                          E[S^] = S
+    Var(S^) = (1-p)/p * sum_g Y_g^2
+    Var^ = (1-p)/p^2 * sum_g I_g Y_g^2                E[Var^] = Var(S^)
 
-and the 95% interval is S^ +- 1.96 sqrt(Var^) (normal approximation: the sum
-has many small independent terms; it fails when a few contents carry most of
-the sharing, which is why all-zero pages, the one content every guest has many
-of, are counted exactly apart). Any per-content quantity estimates the same
-way: a VM's saving (x_c = its pages of c times f(n_c)/n_c) and the extra
-saving of adding a VM to a host (x_c = f(h_c + v_c) - f(h_c) - f(v_c)).
+A sampled group is known whole (every page of it was read), so Y_g is known
+for each sampled g. The 95% interval is S^ +- 1.96 sqrt(Var^) (normal
+approximation: the sum has many small independent terms; it fails when a few
+groups carry most of the sharing, which is why all-zero pages and each VM's
+groups of many pages are counted exactly apart). Any per-content quantity
+estimates the same way: a VM's saving (x_c = its pages of c times
+f(n_c)/n_c) and the extra saving of adding a VM to a host
+(x_c = f(h_c + v_c) - f(h_c) - f(v_c)).
 """
 
 from __future__ import annotations
@@ -79,40 +83,51 @@ class Estimate:
                         self.exact + other.exact, self.samples + other.samples)
 
 
-def horvitz_thompson(x: Any, rate: float, exact: float = 0.0) -> Estimate:
+def horvitz_thompson(x: Any, rate: float, exact: float = 0.0,
+                     groups: npt.NDArray[np.uint64] | None = None) -> Estimate:
     """Estimate sum_c x_c over all contents from the sampled contents' x (see the
-    module docstring), plus ``exact``, a part counted without sampling."""
+    module docstring), plus ``exact``, a part counted without sampling.
+    ``groups``: each x's group (x of one group were sampled together; None:
+    each on its own)."""
     if not 0.0 < rate <= 1.0:
         raise UsageError(f"sampling rate must be in (0, 1], not {rate!r}")
     xs = np.asarray(x, dtype=np.float64)
     value = float(xs.sum()) / rate
-    var = (1.0 - rate) / rate ** 2 * float(np.square(xs).sum())
+    totals: F64 = xs
+    if groups is not None and xs.size:
+        _, inverse = np.unique(groups, return_inverse=True)
+        totals = np.bincount(inverse.reshape(-1), weights=xs).astype(np.float64)
+    var = (1.0 - rate) / rate ** 2 * float(np.square(totals).sum())
     return Estimate(value + exact, math.sqrt(var), exact, int(np.count_nonzero(xs)))
 
 
 @dataclass(frozen=True)
 class Member:
-    """One VM's sample: ``values``/``counts`` for the contents it sampled (values
-    under the threshold), ``heavy_values``/``heavy_counts`` for contents it
-    counted exactly whatever their value (its most repeated ones), all-zero pages."""
+    """One VM's sample: ``values``/``counts`` for the contents it sampled (their
+    group's decision value under the threshold: ``groups``, None when each
+    content is its own group), ``heavy_values``/``heavy_counts`` for contents it
+    counted exactly whatever their group's value, all-zero pages."""
 
     values: npt.NDArray[np.uint64]
     counts: Any
     heavy_values: npt.NDArray[np.uint64]
     heavy_counts: Any
     zero_pages: int
+    groups: npt.NDArray[np.uint64] | None = None
 
 
 @dataclass(frozen=True)
 class Contents:
     """Several members' contents aligned: ``ids`` sorted; per content ``heavy``
-    (pages counted exactly) and ``full`` (heavy plus sampled pages: the true
-    count for a sampled content, the heavy part otherwise)."""
+    (pages counted exactly), ``full`` (heavy plus sampled pages: the true
+    count for a sampled content, the heavy part otherwise) and ``group`` (its
+    group's decision value where it was sampled, else its own id)."""
 
     ids: npt.NDArray[np.uint64]
     heavy: I64
     full: I64
     zero_pages: int
+    group: npt.NDArray[np.uint64]
 
 
 def contents(members: list[Member]) -> Contents:
@@ -120,25 +135,32 @@ def contents(members: list[Member]) -> Contents:
     zero = sum(m.zero_pages for m in members)
     if not members or not sum(p.size for p in parts):
         z = np.zeros(0, np.int64)
-        return Contents(np.zeros(0, np.uint64), z, z, zero)
+        return Contents(np.zeros(0, np.uint64), z, z, zero, np.zeros(0, np.uint64))
     allv = np.concatenate(parts)
     ids, where = np.unique(allv, return_inverse=True)
+    where = where.reshape(-1)
     n_sampled = sum(m.values.size for m in members)
     weights = np.concatenate([m.counts for m in members] + [m.heavy_counts for m in members])
     full = np.bincount(where, weights=weights.astype(np.float64), minlength=ids.size)
     heavy = np.bincount(where[n_sampled:], weights=weights[n_sampled:].astype(np.float64),
                         minlength=ids.size)
-    return Contents(ids, heavy.astype(np.int64), full.astype(np.int64), zero)
+    group = ids.copy()
+    group[where[:n_sampled]] = np.concatenate(
+        [m.values if m.groups is None else m.groups for m in members])
+    return Contents(ids, heavy.astype(np.int64), full.astype(np.int64), zero, group)
 
 
-def lookup(c: Contents, ids: npt.NDArray[np.uint64]) -> tuple[I64, I64]:
-    """(heavy, full) counts of ``ids`` in ``c`` (0 where absent)."""
+def lookup(c: Contents, ids: npt.NDArray[np.uint64]
+           ) -> tuple[I64, I64, npt.NDArray[np.uint64]]:
+    """(heavy, full) counts of ``ids`` in ``c`` (0 where absent) and their groups
+    (their own ids where absent)."""
     if not c.ids.size:
         z = np.zeros(ids.size, np.int64)
-        return z, z
+        return z, z, ids
     pos = np.minimum(np.searchsorted(c.ids, ids), c.ids.size - 1)
     found = c.ids[pos] == ids
-    return np.where(found, c.heavy[pos], 0), np.where(found, c.full[pos], 0)
+    return (np.where(found, c.heavy[pos], 0), np.where(found, c.full[pos], 0),
+            np.where(found, c.group[pos], ids))
 
 
 def _zero_saving(zero: int, m: int, use_zero_pages: bool) -> float:
@@ -158,7 +180,7 @@ def group_sharing(members: list[Member], rate: float, max_page_sharing: int,
     f_full = sharing(c.full, m).astype(np.float64)
     f_heavy = sharing(c.heavy, m).astype(np.float64)
     zsave = _zero_saving(c.zero_pages, m, use_zero_pages)
-    whole = horvitz_thompson(f_full - f_heavy, rate, float(f_heavy.sum()) + zsave)
+    whole = horvitz_thompson(f_full - f_heavy, rate, float(f_heavy.sum()) + zsave, c.group)
     share_full = np.divide(f_full, c.full, out=np.zeros_like(f_full), where=c.full > 0)
     share_heavy = np.divide(f_heavy, c.heavy, out=np.zeros_like(f_heavy), where=c.heavy > 0)
     per = []
@@ -170,7 +192,8 @@ def group_sharing(members: list[Member], rate: float, max_page_sharing: int,
         delta = np.concatenate([hv * (share_full[hi] - share_heavy[hi]),
                                 mem.counts.astype(np.float64) * share_full[si]])
         zpart = zsave * mem.zero_pages / c.zero_pages if c.zero_pages else 0.0
-        per.append(horvitz_thompson(delta, rate, exact + zpart))
+        groups = np.concatenate([c.group[hi], c.group[si]])
+        per.append(horvitz_thompson(delta, rate, exact + zpart, groups))
     return whole, per
 
 
@@ -184,10 +207,11 @@ def extra_sharing(host: Contents, vm: Contents, rate: float, max_page_sharing: i
     what it shares with itself alone: sum_c f(h_c + v_c) - f(h_c) - f(v_c);
     exact over heavy counts, sampled for the rest (as group_sharing)."""
     m = max_page_sharing
-    h_heavy, h_full = lookup(host, vm.ids)
+    h_heavy, h_full, h_group = lookup(host, vm.ids)
     exact_part = _gain(h_heavy, vm.heavy, m).astype(np.float64)
     delta = _gain(h_full, vm.full, m).astype(np.float64) - exact_part
     z = 0.0
     if not use_zero_pages:
         z = float(_gain(host.zero_pages, vm.zero_pages, m))
-    return horvitz_thompson(delta, rate, float(exact_part.sum()) + z)
+    groups = np.where(vm.full > vm.heavy, vm.group, h_group)     # where it was sampled
+    return horvitz_thompson(delta, rate, float(exact_part.sum()) + z, groups)

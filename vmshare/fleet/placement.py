@@ -121,7 +121,8 @@ def headroom(client: PromClient) -> dict[str, float]:
 
 def _member(v: VmSketch, threshold: int) -> Member:
     r = restrict(v, threshold)
-    return Member(r.values, r.counts, r.heavy_values, r.heavy_counts, r.zero_pages)
+    return Member(r.values, r.counts, r.heavy_values, r.heavy_counts, r.zero_pages,
+                  r.decisions)
 
 
 def _group(vms: Iterable[VmSketch], group: str | None, threshold: int, skip: str) -> Contents:

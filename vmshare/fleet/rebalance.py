@@ -11,8 +11,8 @@ What makes it cheap is a bound. A VM's extra saving on a host comes only from
 contents it shares with the host's VMs of its trust group, and each shared
 content adds at most one page (f(h + v) - f(h) - f(v) is 0 or 1 for
 f(n) = n - ceil(n / M)), so the estimate is at most (shared contents that
-some VM samples) / rate + (shared heavy contents nobody samples under the
-threshold: counted exactly), plus at most one page of all-zero pages
+some VM samples) / rate + (shared heavy contents no VM of the group samples:
+counted exactly), plus at most one page of all-zero pages
 (computed exactly). An inverted index (per trust group: each content's
 value to the hosts that hold it) gives each VM, in one pass over the
 fleet's contents, how many of its contents any other host holds, and, when
@@ -76,9 +76,7 @@ class _GroupIndex:
         value_of = np.cumsum(new_value) - 1
         held = np.bincount(value_of, weights=new_pair)[value_of] >= 2   # by another host too
         sampled = np.bincount(value_of, weights=~heavy) > 0
-        threshold = np.array([min(hosts[s].effective, FULL - 1) for s, _ in places],
-                             np.uint64)[owner]
-        wide = ~heavy | (sampled[value_of] & (values < threshold))     # may count 1/rate
+        wide = ~heavy | sampled[value_of]          # may count 1/rate: some VM samples it
         n = len(places)
         self.elsewhere = (np.bincount(owner, weights=held & wide, minlength=n),
                           np.bincount(owner, weights=held & ~wide, minlength=n))
@@ -96,14 +94,12 @@ class _GroupIndex:
             self.zero[s] += v.zero_pages
             self.where.setdefault(v.name, []).append(s)
 
-    def split(self, vm: VmSketch, threshold: int) -> tuple[npt.NDArray[np.uint64],
-                                                           npt.NDArray[np.bool_]]:
+    def split(self, vm: VmSketch) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
         """``vm``'s contents that may count 1/rate (its samples; its heavy ones that
-        a VM samples under ``threshold``), and which of its heavy ones are the
-        rest: never sampled there, so their part of an estimate is exact."""
+        another VM of the group samples), and which of its heavy ones are the
+        rest: sampled nowhere, so their part of an estimate is exact."""
         h = vm.heavy_values
-        wide = self.sampled[np.searchsorted(self.values, h)] & (
-            h < np.uint64(min(threshold, FULL - 1)))
+        wide = self.sampled[np.searchsorted(self.values, h)]
         return np.concatenate([vm.values, h[wide]]), ~wide
 
     def _entries(self, ids: npt.NDArray[np.uint64]) -> tuple[I64, I64]:
@@ -147,7 +143,7 @@ def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.
     """(-bound on the gain, target) of each target ``v`` might gain on, worst first."""
     assert v.here is not None
     vm, src = v.vm, hosts[v.src]
-    wide, exact = index.split(vm, src.effective)
+    wide, exact = index.split(vm)
     shared = index.shared_per_host(wide).astype(np.float64)
     m = config.max_page_sharing
     certain = index.heavy_gain_per_host(vm.heavy_values[exact], vm.heavy_counts[exact], m)

@@ -58,6 +58,39 @@ _registered: asyncio.AbstractEventLoop | None = None
 MARSHAL_TIMEOUT_S = 10.0
 
 
+class LoopMarshal:
+    """Runs libvirt's event-loop callbacks on ``loop``'s thread (libvirtaio is
+    not thread-safe): directly when called there, else marshalled, waiting for
+    the result when libvirt needs one (a handle or timer id).
+
+    Once the loop is closed (the daemon is stopping, and libvirt still closes a
+    connection, or frees one at exit) there is nothing left to watch: an update
+    or removal is a no-op and a new handle or timer is refused (-1, libvirt's
+    failure value), instead of libvirtaio raising "Event loop is closed"."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.owner = threading.get_ident()
+
+    def __call__(self, fn: Callable[..., Any], *args: Any, wait: bool) -> Any:
+        if self.loop.is_closed():
+            return -1 if wait else 0
+        if threading.get_ident() == self.owner:
+            return fn(*args)
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
+        try:
+            self.loop.call_soon_threadsafe(run if wait else lambda: fn(*args))
+        except RuntimeError:             # closed since the check above
+            return -1 if wait else 0
+        return done.result(MARSHAL_TIMEOUT_S) if wait else 0
+
+
 def register_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     """Make ``loop`` libvirt's event loop (once per process, before any connection)."""
     global _registered
@@ -66,24 +99,7 @@ def register_event_loop(loop: asyncio.AbstractEventLoop) -> None:
     if _registered is not None:
         raise HypervisorError("libvirt's event loop is already bound to another asyncio loop")
     impl = libvirtaio.virEventAsyncIOImpl(loop=loop)
-    owner = threading.get_ident()
-
-    def on_loop(fn: Callable[..., Any], *args: Any, wait: bool) -> Any:
-        if threading.get_ident() == owner:
-            return fn(*args)
-        if not wait:
-            loop.call_soon_threadsafe(fn, *args)
-            return 0
-        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                done.set_result(fn(*args))
-            except BaseException as exc:
-                done.set_exception(exc)
-        loop.call_soon_threadsafe(run)
-        return done.result(MARSHAL_TIMEOUT_S)
-
+    on_loop = LoopMarshal(loop)
     libvirt.virEventRegisterImpl(
         lambda fd, ev, cb, op: on_loop(impl._add_handle, fd, ev, cb, op, wait=True),
         lambda watch, ev: on_loop(impl._update_handle, watch, ev, wait=False),

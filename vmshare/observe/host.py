@@ -135,15 +135,30 @@ class Observer:
     a VM that vanishes mid-read is reported with a warning, never with numbers
     from a reused pid."""
 
-    def __init__(self, hv: Hypervisor, sysfs: KsmSysfs, procfs: ProcFs) -> None:
+    def __init__(self, hv: Hypervisor, sysfs: KsmSysfs, procfs: ProcFs, *,
+                 one_snapshot: bool = False) -> None:
         self.hv = hv
         self.sysfs = sysfs
         self.procfs = procfs
         self._zero_pfn: int | None = None
+        # one_snapshot: every reader of this observer sees one reading of each
+        # VM's mappings (the exporter's host view and its policy survey)
+        self._maps: dict[tuple[str, int | None], Mappings] | None = \
+            {} if one_snapshot else None
 
     def mappings(self, vm: VmRef, facts: VmFacts) -> Mappings:
         """The VM's backends with their mapping in the QEMU process, and the
-        process's other mergeable mappings (one read of smaps for both)."""
+        process's other mergeable mappings (one read of smaps for both);
+        read once per VM and process for a ``one_snapshot`` observer."""
+        key = (vm.uuid or vm.name, facts.pid)
+        if self._maps is not None and key in self._maps:
+            return self._maps[key]
+        maps = self._read_mappings(vm, facts)
+        if self._maps is not None:
+            self._maps[key] = maps
+        return maps
+
+    def _read_mappings(self, vm: VmRef, facts: VmFacts) -> Mappings:
         backends = self.hv.ram_backends(vm)
         vmas = self.procfs.smaps(facts.pid) if facts.pid else []
         matched = match_ram_vmas(vmas, backends)

@@ -2,7 +2,7 @@
 content sketch instead of the engine's exact run, with a 95% interval.
 
 The estimator and its variance: vmshare.engine.sampled (Horvitz-Thompson over
-contents sampled independently with probability p). A trust group's figure
+groups of contents sampled independently with probability p). A trust group's figure
 uses only its members' samples, as the engine runs one tree per group.
 """
 
@@ -50,7 +50,8 @@ class SketchEstimate:
 
 
 def member(v: VmSketch) -> Member:
-    return Member(v.values, v.counts, v.heavy_values, v.heavy_counts, v.zero_pages)
+    return Member(v.values, v.counts, v.heavy_values, v.heavy_counts, v.zero_pages,
+                  v.decisions)
 
 
 def estimate_sketch(sk: Sketch, config: EngineConfig, *, by_group: bool) -> SketchEstimate:
@@ -72,14 +73,16 @@ def estimate_sketch(sk: Sketch, config: EngineConfig, *, by_group: bool) -> Sket
 def estimate(targets: Sequence[Target], config: EngineConfig, *,
              groups: dict[str, str] | None = None, rate: float = DEFAULT_RATE,
              key: SketchKey | None = None, max_entries: int = DEFAULT_MAX_ENTRIES,
-             progress: Callable[[float, str], None] | None = None) -> SketchEstimate:
+             progress: Callable[[float, str], None] | None = None,
+             workers: int | None = None) -> SketchEstimate:
     """Sketch ``targets`` (one read of each, under ``key``; default a fresh random
-    key, so repeated runs are independent trials) and estimate. Raises
-    UsageError, SketchError and what the sources raise."""
+    key, so repeated runs are independent trials; ``workers`` threads, see
+    sketch_targets) and estimate. Raises UsageError, SketchError and what the
+    sources raise."""
     if not targets:
         raise UsageError("nothing to predict: give domains, --dump files or --pid processes")
     check_unique(targets)
     k = key or SketchKey.from_secret(os.urandom(32))
     sk = sketch_targets(targets, k, host="", rate=rate, max_entries=max_entries,
-                        groups=groups, progress=progress)
+                        groups=groups, progress=progress, workers=workers)
     return estimate_sketch(sk, config, by_group=groups is not None)

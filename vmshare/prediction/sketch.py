@@ -1,24 +1,44 @@
 """Content sketches: a content-based sample of a VM's pages, made by reading them
 through the page sources (live /proc/<pid>/mem, dumps).
 
-Each page is hashed (xxh3-128, the engine's ``_pages.hash128``) and the 16-byte
-hash is hashed again under the fleet key (SipHash-2-4, ``siphash24``, computed
-here over numpy arrays): the *sample value*. A page is kept when its sample
-value is under the threshold (rate x 2**64), so a content is sampled in every
-VM or in none, with probability equal to the rate and independently of other
-contents (SipHash is a keyed pseudo-random function); without the key nobody
-can tell which content a value stands for, nor choose contents that will be
-sampled. All-zero pages are counted apart, exactly, and so is each content on
-``HEAVY_MIN`` or more of the VM's pages (its *heavy* contents, sampled or not:
-a few contents repeated thousands of times would otherwise carry most of the
-sharing and make the estimate lumpy; vmshare.engine.sampled). The sample keeps,
-per value, the content's page count in this VM.
+Two keyed values per page, both SipHash-2-4 under the fleet key (C loops in
+vmshare.engine._pages):
 
-Bounded size: a VM's sample keeps at most ``max_entries`` values; when more
-contents fall under the threshold, the sample keeps the smallest values and
-the threshold drops to the next one (the sample is then exactly a sample at
-that lower rate: thresholds nest), so a sketch's size does not grow with RAM
-beyond the cap.
+* its *decision value*, from its *fingerprint*: 8 of its 8-byte words, one in
+  each of 8 cache lines spread over the page (``FP_OFFSETS``). Reading those
+  costs a fraction of reading the page. A page whose fingerprint words are
+  all zero (an all-zero page, a sparse one) is decided by its whole content
+  instead: its decision value is its identity. Only the high 32 bits count
+  (thresholds are multiples of 2**32; the file stores 4 bytes per sample).
+* its *identity*: SipHash of the xxh3-128 of the whole page, computed only
+  for the pages that need it.
+
+Equal pages have equal fingerprints, so every copy of a content has the same
+decision value, in every VM: a fingerprint group (the contents sharing one
+decision value) is sampled, everywhere, when its value is under the threshold
+(rate x 2**64), with probability equal to the rate and independently of other
+groups; without the key nobody can tell which content a value stands for,
+nor choose contents that will be sampled. A VM's sample lists, for each
+content of its sampled groups, its identity, its decision value and its page
+count: so only those groups' pages are read whole. Also read whole, and
+counted exactly: pages whose fingerprint words are zero (the all-zero pages
+are counted apart), and every group on ``HEAVY_MIN`` or more of the VM's
+pages (*exact* groups: each content in them is listed with its count,
+sampled or not, the ``HEAVY_CAP`` most repeated at most; a few groups
+repeated thousands of times would otherwise carry most of the sharing and
+make the estimate lumpy). Contents of one group are sampled together, so the
+variance is taken over groups (vmshare.engine.sampled).
+
+Reading: a file source stored plainly (raw, ELF) is read in place, mapped
+(fingerprints of every page, then whole pages only where needed); a live
+process, a kdump file or anything else streams every page once and both
+values are computed for all of them.
+
+Bounded size: a VM's sample keeps at most ``max_entries`` contents; when more
+fall under the threshold, the sample keeps the groups of smallest values and
+the threshold drops to the first group left out (the sample is then exactly
+a sample at that lower rate: thresholds nest), so a sketch's size does not
+grow with RAM beyond the cap.
 
 File format, key and storage rules: vmshare.records.sketchfile.
 """
@@ -28,16 +48,20 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
-from vmshare.engine._pages import hash128
+from vmshare.engine._pages import fp_values, id_values, repeated
+from vmshare.errors import DumpError
 from vmshare.ksm.procfs import ProcFs
-from vmshare.model import PAGE_SIZE
+from vmshare.model import PAGE_SIZE, PageRun
+from vmshare.prediction.scanning import default_workers
 from vmshare.prediction.targets import Target
 from vmshare.records.sketchfile import (
+    DECISION_MASK,
     Sketch,
     SketchKey,
     VmSketch,
@@ -49,102 +73,151 @@ from vmshare.sources.base import FileSource
 from vmshare.sources.visible import KernelVisiblePages
 
 U64 = npt.NDArray[np.uint64]
-#: one content in 16 sampled: 160 KiB of sketch per GiB of distinct content;
-#: estimates within a few % at 1 GiB (README: estimates)
+I64 = npt.NDArray[np.int64]
+#: one fingerprint group in 16 sampled: about 250 KiB of sketch per GiB of
+#: distinct content; estimates within a few % at 1 GiB (README: estimates)
 DEFAULT_RATE = 1 / 16
-#: at most this many samples per VM (12 MiB): the rate drops above 16 GiB
+#: at most this many samples per VM (16 MiB): the rate drops above 16 GiB
 DEFAULT_MAX_ENTRIES = 1 << 20
-#: a content on this many of a VM's pages is counted exactly (heavy): the
-#: sample's variance then comes only from contents on fewer pages
+#: a group on this many of a VM's pages is counted exactly (its contents are
+#: listed whole): the sample's variance then comes only from smaller groups
 HEAVY_MIN = 8
-#: at most this many heavy contents per VM (the most repeated)
+#: at most this many exactly counted contents per VM (the most repeated)
 HEAVY_CAP = 1 << 16
 
-_C = (0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573)
-_ZERO = np.zeros(2, np.uint64)
-hash128(bytes(PAGE_SIZE), _ZERO)
-ZERO_HASH = (int(_ZERO[0]), int(_ZERO[1]))
+
+def zero_identity(key: SketchKey) -> int:
+    """The identity of the all-zero page under ``key``."""
+    out = np.zeros(1, np.uint64)
+    id_values(bytes(PAGE_SIZE), np.zeros(1, np.int64), key.k0, key.k1, out)
+    return int(out[0])
 
 
-def _rotl(x: U64, r: int) -> U64:
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+@dataclass
+class PageValues:
+    """A VM's pages as the sample needs them: ``pages`` read; for the pages whose
+    identity was computed, their decision value (high 32 bits), identity, and
+    whether their group is exact (on ``HEAVY_MIN`` or more of the VM's pages)."""
+
+    pages: int
+    decision: U64
+    identity: U64
+    exact: npt.NDArray[np.bool_]
 
 
-def _rounds(v: list[U64], n: int) -> None:
-    for _ in range(n):
-        v[0] += v[1]
-        v[1] = _rotl(v[1], 13) ^ v[0]
-        v[0] = _rotl(v[0], 32)
-        v[2] += v[3]
-        v[3] = _rotl(v[3], 16) ^ v[2]
-        v[0] += v[3]
-        v[3] = _rotl(v[3], 21) ^ v[0]
-        v[2] += v[1]
-        v[1] = _rotl(v[1], 17) ^ v[2]
-        v[2] = _rotl(v[2], 32)
+def _exact_groups(decision: U64, heavy_min: int) -> npt.NDArray[np.bool_]:
+    """Which pages have a decision value that ``heavy_min`` or more pages have."""
+    out = np.empty(decision.size, np.uint8)
+    repeated(np.ascontiguousarray(decision), heavy_min, out)
+    return out.view(np.bool_)
 
 
-def siphash24(key: SketchKey, lo: U64, hi: U64) -> U64:
-    """SipHash-2-4 under ``key`` of each 16-byte message lo || hi (little-endian
-    words), one result per element."""
-    k = (np.uint64(key.k0), np.uint64(key.k1))
-    n = lo.size
-    v = [np.full(n, np.uint64(_C[i]) ^ k[i % 2], np.uint64) for i in range(4)]
-    with np.errstate(over="ignore"):
-        for m in (lo, hi, np.full(n, np.uint64(16 << 56), np.uint64)):
-            v[3] ^= m
-            _rounds(v, 2)
-            v[0] ^= m
-        v[2] ^= np.uint64(0xFF)
-        _rounds(v, 4)
-    return v[0] ^ v[1] ^ v[2] ^ v[3]
+def _identities(runs: list[PageRun], starts: I64, pages: I64, key: SketchKey) -> U64:
+    """Identities of the pages at global positions ``pages`` (ascending)."""
+    out = np.empty(pages.size, np.uint64)
+    cut = np.searchsorted(pages, starts)
+    for r, run in enumerate(runs):
+        a, b = int(cut[r]), int(cut[r + 1])
+        if b > a:
+            id_values(run.data, pages[a:b] - starts[r], key.k0, key.k1, out[a:b])
+    return out
 
 
-def sample(values: U64, threshold: int, cap: int, heavy_min: int = HEAVY_MIN,
+def _fingerprints(runs: list[PageRun], key: SketchKey) -> tuple[U64, npt.NDArray[np.bool_]]:
+    n = sum(len(r.data) // PAGE_SIZE for r in runs)
+    dec, sparse = np.empty(n, np.uint64), np.empty(n, np.uint8)
+    at = 0
+    for run in runs:
+        k = len(run.data) // PAGE_SIZE
+        fp_values(run.data, key.k0, key.k1, dec[at:at + k], sparse[at:at + k])
+        at += k
+    return dec, sparse.view(np.bool_)
+
+
+def mapped_values(runs: list[PageRun], key: SketchKey, threshold: int,
+                  heavy_min: int = HEAVY_MIN) -> PageValues:
+    """Values of pages that can be read in place (mapped): fingerprints of all,
+    identities of those that need them. Raises OSError (a mapped file shrank)."""
+    dec, sparse = _fingerprints(runs, key)
+    sizes = [len(r.data) // PAGE_SIZE for r in runs]
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+    where_sparse = np.flatnonzero(sparse).astype(np.int64)
+    ident = np.zeros(dec.size, np.uint64)
+    ident[where_sparse] = dec[where_sparse] = _identities(runs, starts, where_sparse, key)
+    dec &= np.uint64(DECISION_MASK)
+    exact = _exact_groups(dec, heavy_min)
+    rest = ~sparse & ((dec < np.uint64(threshold)) | exact)
+    at = np.flatnonzero(rest).astype(np.int64)
+    ident[at] = _identities(runs, starts, at, key)
+    where = np.flatnonzero(rest | sparse)
+    return PageValues(dec.size, dec[where], ident[where], exact[where])
+
+
+def streamed_values(source: PageSource, key: SketchKey, heavy_min: int = HEAVY_MIN
+                    ) -> PageValues:
+    """Values of every page of a source read as a stream (16 bytes a page kept)."""
+    decs, idents, sparses = [], [], []
+    for run in source.runs():
+        dec, sparse = _fingerprints([run], key)
+        ident = np.empty(dec.size, np.uint64)
+        id_values(run.data, np.arange(dec.size, dtype=np.int64), key.k0, key.k1, ident)
+        decs.append(dec)
+        idents.append(ident)
+        sparses.append(sparse)
+    if not decs:
+        z = np.zeros(0, np.uint64)
+        return PageValues(0, z, z, np.zeros(0, bool))
+    dec, ident, sparse = np.concatenate(decs), np.concatenate(idents), np.concatenate(sparses)
+    dec = np.where(sparse, ident, dec) & np.uint64(DECISION_MASK)
+    return PageValues(dec.size, dec, ident, _exact_groups(dec, heavy_min))
+
+
+def sample(pv: PageValues, threshold: int, cap: int, zero_id: int,
            heavy_cap: int = HEAVY_CAP) -> tuple[VmSketch, int]:
-    """A VM's sample from its pages' sample values (zero pages already taken out):
-    its heavy contents (>= ``heavy_min`` pages, the ``heavy_cap`` most repeated)
-    counted exactly, and the other contents under the threshold, at most ``cap``
-    of them (the threshold then drops: see the module docstring). Returns the
-    sketch (no name) and the threshold its sample obeys."""
-    uniq, counts = np.unique(values, return_counts=True)
-    heavy = np.zeros(uniq.size, bool)
-    many = np.flatnonzero(counts >= heavy_min)
-    if many.size > heavy_cap:
-        many = many[np.argsort(-counts[many], kind="stable")[:heavy_cap]]
-    heavy[many] = True
-    keep = ~heavy & (uniq < np.uint64(threshold))
-    sv, sc = uniq[keep], counts[keep]
+    """A VM's sample from its page values: all-zero pages counted, the contents of
+    its exact groups (the ``heavy_cap`` most repeated) counted exactly, and the
+    contents of the other groups under the threshold, at most ``cap`` of them
+    (the threshold then drops: see the module docstring). Returns the sketch
+    (no name) and the threshold it obeys."""
+    zero = pv.identity == np.uint64(zero_id)
+    keep = ~zero
+    dec, ident, exact = pv.decision[keep], pv.identity[keep], pv.exact[keep]
+    hv, hc = np.unique(ident[exact], return_counts=True)
+    light = ~exact & (dec < np.uint64(threshold))
+    if hv.size > heavy_cap:
+        top = np.sort(np.argsort(-hc, kind="stable")[:heavy_cap])
+        light |= exact & ~np.isin(ident, hv[top]) & (dec < np.uint64(threshold))
+        hv, hc = hv[top], hc[top]
+    sv, first, sc = np.unique(ident[light], return_index=True, return_counts=True)
+    sd = dec[light][first]
+    order = np.lexsort((sv, sd))
+    sv, sd, sc = sv[order], sd[order], sc[order]
     if sv.size > cap:
-        threshold = int(sv[cap])
-        sv, sc = sv[:cap], sc[:cap]
-    vm = VmSketch("", None, 0, 0, 0, sv, sc.astype(np.uint32), uniq[heavy],
-                  counts[heavy].astype(np.uint32))
+        threshold = max(int(sd[cap]), 1 << 32)
+        n = int(np.searchsorted(sd, np.uint64(threshold)))
+        sv, sd, sc = sv[:n], sd[:n], sc[:n]
+    vm = VmSketch("", None, 0, pv.pages, int(np.count_nonzero(zero)), sv,
+                  sc.astype(np.uint32), hv, hc.astype(np.uint32), sd)
     return vm, threshold
 
 
 def sketch_pages(source: PageSource, key: SketchKey, threshold: int,
                  cap: int = DEFAULT_MAX_ENTRIES) -> tuple[VmSketch, int]:
     """Sample one source's pages; returns its sketch (named as the source, no
-    group, ``started`` unset) and the threshold its sample obeys. Holds 8 bytes
-    per page read until the end (to find the heavy contents)."""
-    parts: list[U64] = []
-    pages = zeros = 0
-    for run in source.runs():
-        n = len(run.data) // PAGE_SIZE
-        h = np.empty(2 * n, np.uint64)
-        hash128(run.data, h)
-        lo, hi = h[0::2], h[1::2]
-        zero = (lo == np.uint64(ZERO_HASH[0])) & (hi == np.uint64(ZERO_HASH[1]))
-        nz = int(np.count_nonzero(zero))
-        pages += n
-        zeros += nz
-        if nz:
-            lo, hi = lo[~zero], hi[~zero]
-        parts.append(siphash24(key, np.ascontiguousarray(lo), np.ascontiguousarray(hi)))
-    allv = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-    vm, thr = sample(allv, threshold, cap)
-    return replace(vm, name=source.name, pages=pages, zero_pages=zeros), thr
+    group, ``started`` unset) and the threshold its sample obeys. Reads a file
+    stored plainly in place (mapped), anything else as a stream. Raises
+    DumpError and what the source raises."""
+    if isinstance(source, FileSource) and source.stored_extents() is not None:
+        with source.mapped_runs() as runs:
+            try:
+                pv = mapped_values(runs, key, threshold)
+            except OSError as exc:
+                raise DumpError(f"{source.path}: the file shrank while it was read "
+                                f"({exc.strerror})") from exc
+    else:
+        pv = streamed_values(source, key)
+    vm, thr = sample(pv, threshold, cap, zero_identity(key))
+    return replace(vm, name=source.name), thr
 
 
 def process_started(pid: int, procfs: ProcFs | None = None) -> int:
@@ -167,27 +240,39 @@ def started_at(source: PageSource, procfs: ProcFs | None = None) -> int:
 def sketch_targets(targets: Sequence[Target], key: SketchKey, *, host: str,
                    rate: float = DEFAULT_RATE, max_entries: int = DEFAULT_MAX_ENTRIES,
                    groups: dict[str, str] | None = None, procfs: ProcFs | None = None,
-                   progress: Callable[[float, str], None] | None = None) -> Sketch:
+                   progress: Callable[[float, str], None] | None = None,
+                   workers: int | None = None) -> Sketch:
     """One sketch of ``targets`` (a host's sketch: one entry per target, with its
-    trust group from ``groups``). Raises what the sources raise, SketchError."""
+    trust group from ``groups``). The sources are opened here, one after the
+    other, and read by ``workers`` threads at once (default: one per idle core,
+    as the exact scan's readers; the loops run without the GIL). Raises what
+    the sources raise, SketchError."""
     threshold = rate_threshold(rate)
-    vms: list[VmSketch] = []
-    low = threshold
-    for i, t in enumerate(targets):
-        if progress is not None:
-            progress(i / max(1, len(targets)), f"sketching {t.name}")
-        src = t.open()
-        if src is None:
-            continue
-        try:
-            vm, thr = sketch_pages(src, key, threshold, max_entries)
-            started = started_at(src, procfs)
-        finally:
+    opened: list[tuple[Target, PageSource]] = []
+    try:
+        for t in targets:
+            src = t.open()
+            if src is not None:
+                opened.append((t, src))
+
+        def one(item: tuple[Target, PageSource]) -> tuple[VmSketch, int, int]:
+            vm, thr = sketch_pages(item[1], key, threshold, max_entries)
+            return vm, thr, started_at(item[1], procfs)
+
+        n = max(1, min(len(opened), workers or default_workers()))
+        done: list[tuple[VmSketch, int, int]] = []
+        with ThreadPoolExecutor(n, thread_name_prefix="vmshare-sketch") as pool:
+            results = pool.map(one, opened) if n > 1 else map(one, opened)
+            for i, result in enumerate(results):
+                if progress is not None:
+                    progress(i / max(1, len(opened)), f"sketched {opened[i][0].name}")
+                done.append(result)
+    finally:
+        for _, src in opened:
             src.close()
-        low = min(low, thr)
-        vms.append(replace(vm, name=t.name, group=(groups or {}).get(t.name, t.group),
-                           started=started))
     if progress is not None:
         progress(1.0, "done")
-    return Sketch(host, key.key_id, threshold, low, int(time.time()),
-                  tuple(restrict(v, low) for v in vms))
+    low = min([threshold] + [thr for _, thr, _ in done])
+    vms = [replace(restrict(vm, low), name=t.name, group=(groups or {}).get(t.name, t.group),
+                   started=started) for (t, _), (vm, _, started) in zip(opened, done, strict=True)]
+    return Sketch(host, key.key_id, threshold, low, int(time.time()), tuple(vms))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vmshare.errors import DomainNotRunning, ProcessGone, UsageError
 from vmshare.ksm.procfs import ProcFs
@@ -21,6 +21,11 @@ from vmshare.sources import (
     private_anonymous_vmas,
 )
 from vmshare.sources.visible import KernelVisiblePages
+
+if TYPE_CHECKING:
+    from vmshare.config import Config
+    from vmshare.hypervisor.base import Hypervisor
+    from vmshare.observe.host import Observer
 
 
 # ------------------------------------------------------------------ targets
@@ -74,7 +79,7 @@ def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
     return Target(name, "pid", opener)
 
 
-def domain_target(hv: Any, observer: Any, ident: str, procfs: ProcFs | None = None, *,
+def domain_target(hv: Hypervisor, observer: Observer, ident: str, procfs: ProcFs | None = None, *,
                   thp_split: bool = True) -> Target:
     """A running domain's eligible RAM backends, read live from its QEMU process.
 
@@ -154,8 +159,8 @@ def close_all(sources: Iterable[PageSource]) -> None:
 
 
 # ------------------------------------------------------------------ trust groups
-def trust_groups(hv: Any, targets: Sequence[Target], config: Any) -> tuple[dict[str, str],
-                                                                          list[str]]:
+def trust_groups(hv: Hypervisor | None, targets: Sequence[Target], config: Config
+                 ) -> tuple[dict[str, str], list[str]]:
     """Each target's trust group: domains by vmshare.policy.rules (domain metadata,
     then the config's ``[vm."NAME"]`` table, then the host default); dumps and
     processes have no policy and fall in the host's default group (noted).
@@ -170,6 +175,8 @@ def trust_groups(hv: Any, targets: Sequence[Target], config: Any) -> tuple[dict[
     notes: list[str] = []
     for t in targets:
         if t.kind == "domain":
+            if hv is None:
+                raise UsageError(f"{t.name}: a domain's trust group needs a hypervisor")
             ref = hv.lookup(t.name)
             facts = hv.facts(ref)
             groups[t.name] = effective(facts, vm_policy(hv, ref), host).group

@@ -226,15 +226,21 @@ class Refresher:
     A collection that raises is logged once per kind and counted; the previous
     snapshot keeps being served (its age shows it). The thread is a daemon
     thread; ``stop()`` ends it.
+
+    ``take_measures=True``: ``take`` runs the collection in another thread and
+    fills in its snapshot's ``duration`` and ``cpu_seconds`` itself (this
+    thread's CPU would not be the collection's); otherwise they are measured
+    here around ``take``.
     """
 
     def __init__(self, take: Callable[[], Snapshot], *, interval: float = 30.0,
-                 cpu_budget: float = 0.01) -> None:
+                 cpu_budget: float = 0.01, take_measures: bool = False) -> None:
         if not (interval > 0 and 0 < cpu_budget <= 1):
             raise ValueError("interval must be > 0 and cpu_budget in (0, 1]")
         self.take = take
         self.interval = interval
         self.cpu_budget = cpu_budget
+        self.take_measures = take_measures
         self.failures = 0
         self._latest: Snapshot | None = None
         self._lock = threading.Lock()
@@ -257,7 +263,7 @@ class Refresher:
                           type(exc).__name__, exc)
             log.debug("detail", exc_info=True)
             return self.interval
-        if snap.duration == 0.0:     # measured here unless ``take`` measured itself
+        if not self.take_measures:
             snap = replace(snap, duration=time.monotonic() - t0,
                            cpu_seconds=time.thread_time() - cpu0)
         cpu = snap.cpu_seconds

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.errors import AccessDenied
+from vmshare.records.jsonlines import read_lines
 from vmshare.records.schema import RecordError, decode, get_int, get_number, get_opt_str, get_str
 
 DEFAULT_AUDIT_LOG = Path("/var/log/vmshare/audit.jsonl")
@@ -173,21 +174,9 @@ class AuditLog:
         string describing the problem (a torn last line after a crash).
 
         Raises AccessDenied or AuditError (the file cannot be read)."""
-        try:
-            f = open(self.path, "rb")  # noqa: SIM115 - closed below, generator
-        except FileNotFoundError:
-            return
-        except PermissionError as exc:
-            raise AccessDenied(f"cannot read the audit log {self.path}: permission "
-                               "denied") from exc
-        except OSError as exc:
-            raise AuditError(f"cannot read the audit log {self.path}: {exc.strerror}") from exc
-        with f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    yield parse_record(raw, f"{self.path}:{number}")
-                except AuditError as exc:
-                    yield f"{exc} (record skipped)"
+        for item in read_lines(self.path, parse_record, AuditError,
+                               f"the audit log {self.path}"):
+            yield item if isinstance(item, AuditRecord) else f"{item} (record skipped)"
 
     def ids(self) -> set[str]:
         return {r.id for r in self.read() if isinstance(r, AuditRecord) and r.id}

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmshare.errors import AccessDenied
 from vmshare.model import PAGE_SIZE
+from vmshare.records.jsonlines import read_lines
 from vmshare.records.schema import RecordError, decode, get_int, get_map, get_number, printable
 
 HOST_FIELDS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
@@ -53,21 +53,12 @@ class LegacyHistory:
         problem in ``self.first_problem``. Raises AccessDenied or HistoryError
         (a file that cannot be read).
         """
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:
-            return
-        except PermissionError as exc:
-            raise AccessDenied(f"cannot read {path}: permission denied") from exc
-        except OSError as exc:
-            raise HistoryError(f"cannot read {path}: {exc.strerror}") from exc
-        with f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    yield parse_sample(raw, f"{path}:{number}")
-                except HistoryError as exc:
-                    self.skipped += 1
-                    self.first_problem = self.first_problem or str(exc)
+        for item in read_lines(path, parse_sample, HistoryError, str(path)):
+            if isinstance(item, HistoryError):
+                self.skipped += 1
+                self.first_problem = self.first_problem or str(item)
+            else:
+                yield item
 
 
 MAX_LINE_BYTES = 1 << 20

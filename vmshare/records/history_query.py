@@ -9,6 +9,7 @@ few hours, 5-minute aggregates for days, hourly ones for weeks and beyond.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from vmshare.records.history import AUTO_MAX_SAMPLES
 from vmshare.records.history_db import LABELS, RESOLUTIONS, HistoryDb
+from vmshare.records.history_keeper import MAINTAIN_EVERY_S
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class Answer:
     starts: float | None                  # the first sample at this resolution
     lacks: str = ""                       # "" when the answer covers the window
     samples: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[tuple[float, float]] = field(default_factory=list)   # (last before, next)
+    now: float = 0.0                      # when it was answered (a gap up to now ends there)
 
     @property
     def label(self) -> str:
@@ -37,7 +41,46 @@ class Answer:
         return {"file": str(self.path), "resolution": self.resolution,
                 "resolution_seconds": RESOLUTIONS[self.resolution] or None,
                 "since": self.since or None, "starts": self.starts,
-                "lacks": self.lacks or None, "samples": self.samples}
+                "lacks": self.lacks or None,
+                "gaps": [{"from": a, "to": b, "seconds": round(b - a, 3)} for a, b in self.gaps],
+                "samples": self.samples}
+
+    def gaps_note(self) -> str:
+        """One line on the gaps ("" without any): the longest, and how many."""
+        if not self.gaps:
+            return ""
+        now = self.now
+        a, b = max(self.gaps, key=lambda g: g[1] - g[0])
+        longest = (f"{_span(b - a)} from {_when(a, now)} to "
+                   f"{'now' if b >= now else time.strftime('%Y-%m-%d %H:%M', time.localtime(b))}")
+        if len(self.gaps) == 1:
+            return f"no samples for {longest} (vmshare's daemon was not recording)"
+        total = sum(y - x for x, y in self.gaps)
+        return (f"{len(self.gaps)} gaps without samples ({_span(total)} in all; the longest "
+                f"{longest}): vmshare's daemon was not recording")
+
+
+#: consecutive samples further apart than this many steps leave a gap
+GAP_STEPS = 3
+
+
+def find_gaps(times: list[float], step: float, now: float,
+              trailing_slack: float = 0.0) -> list[tuple[float, float]]:
+    """Stretches with no sample: between consecutive ``times`` (ascending) more
+    than GAP_STEPS x ``step`` apart, and from the last one to ``now`` (allowing
+    ``trailing_slack`` more: an aggregate exists only once its bucket is
+    complete and folded)."""
+    limit = GAP_STEPS * step
+    out = [(a, b) for a, b in itertools.pairwise(times) if b - a > limit]
+    if times and now - times[-1] > limit + trailing_slack:
+        out.append((times[-1], now))
+    return out
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def _when(t: float, now: float) -> str:
@@ -97,5 +140,10 @@ def _answer(db: HistoryDb, since: float, resolution: str, raw_step: float,
                      "coarser (--resolution 5m or 1h, or auto)")
         else:
             lacks = f"history starts {_when(first, now)}; showing what there is"
+    samples = db.samples(chosen, since)
+    step = RESOLUTIONS[chosen] or raw_step
+    # the bucket being filled, the last complete one, and the wait for the next fold
+    slack = 2 * step + MAINTAIN_EVERY_S if RESOLUTIONS[chosen] else 0.0
     return Answer(path=db.path, resolution=chosen, since=since, starts=first, lacks=lacks,
-                  samples=db.samples(chosen, since))
+                  samples=samples, now=now,
+                  gaps=find_gaps([r["time"] for r in samples], step, now, slack))

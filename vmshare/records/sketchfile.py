@@ -2,17 +2,20 @@
 its pages' contents with counts), the file format, the fleet key, and the rules
 for where sketches may be kept.
 
-File format, version 1 (little-endian; README "Sketch file format"):
+File format, version 2 (little-endian; README "Sketch file format"):
 
     off  size  field
       0     8  magic b"VMSKETCH"
-      8     2  version = 1
-     10     2  hash algorithm = 1: xxh3-128 of each 4 KiB page, then SipHash-2-4
-               under the fleet key of those 16 bytes (the sample value)
+      8     2  version = 2
+     10     2  hash algorithm = 2: a page's identity is SipHash-2-4 under the
+               fleet key of its xxh3-128 (16 bytes); its decision value is
+               SipHash-2-4 under the key of its fingerprint (8 words at fixed
+               offsets, vmshare.engine._pages.FP_OFFSETS), or its identity when
+               those words are all zero; only the decision's high 32 bits count
      12     4  page size (4096)
      16     8  key id: the first 8 bytes of SHA-256("vmshare-sketch-key-id\\0" + key)
-     24     8  rate threshold: a content is sampled when its sample value < it
-               (the rate asked for is threshold / 2**64)
+     24     8  rate threshold: a content is sampled when its decision value < it
+               (a multiple of 2**32; the rate asked for is threshold / 2**64)
      32     8  effective threshold (<= rate threshold; lower when the size cap
                was reached: the sample is then the contents under it)
      40     8  created, Unix seconds
@@ -21,12 +24,16 @@ File format, version 1 (little-endian; README "Sketch file format"):
     then per VM: name (u16 length, UTF-8), trust group (u16 length, UTF-8;
     empty: none), started (u64 Unix seconds: when the VM's QEMU started, or the
     dump was written), pages read (u64), all-zero pages (u64), entries (u32),
-    the sample values (u64 each, strictly increasing, all under the effective
-    threshold), and each one's page count in this VM (u32 each, >= 1); then
-    heavy entries (u32), their values (u64, strictly increasing, any value) and
-    counts (u32, >= 1): the VM's most repeated contents, counted whether sampled
-    or not (never also among its samples); last, 32 bytes of SHA-256 over
-    everything before them.
+    the sampled contents' decision values (high 32 bits, u32 each, all under the
+    effective threshold), their identities (u64 each; (decision, identity)
+    strictly increasing), and each one's page count in this VM (u32 each, >= 1);
+    then exact entries (u32), their identities (u64, strictly increasing, any
+    decision) and counts (u32, >= 1): the contents of the VM's groups of many
+    pages, counted whether sampled or not (never also among its samples);
+    last, 32 bytes of SHA-256 over everything before them.
+
+Version 1 (one value per page, the identity, which decided the sampling too)
+is refused with an error naming it: make such sketches again.
 
 The key never enters a file, only its id. Sketches tell which VMs hold equal
 content (the side channel KSM itself has), so they are written 0600 into a
@@ -54,14 +61,17 @@ from vmshare.model import PAGE_SIZE
 from vmshare.records.atomic import AtomicWriteError, write_atomic
 
 MAGIC = b"VMSKETCH"
-VERSION = 1
-HASH_ALGORITHM = 1
-HASH_NAMES = {1: "xxh3-128+siphash-2-4"}
+VERSION = 2
+HASH_ALGORITHM = 2
+HASH_NAMES = {2: "xxh3-128+siphash-2-4, 2-line fingerprints"}
 _HEAD = struct.Struct("<8sHHI8sQQQI")
 _VM_FIXED = struct.Struct("<QQQI")
 _SUM = 32
 FULL = 1 << 64
 MIN_KEY_BYTES = 16
+#: the bits of a decision value that count (thresholds are multiples of 2**32)
+DECISION_MASK = 0xFFFF_FFFF_0000_0000
+STEP = 1 << 32
 U64 = npt.NDArray[np.uint64]
 
 
@@ -96,9 +106,20 @@ class VmSketch:
     heavy_values: U64 = field(repr=False, default_factory=lambda: np.zeros(0, np.uint64))
     heavy_counts: npt.NDArray[np.uint32] = field(
         repr=False, default_factory=lambda: np.zeros(0, np.uint32))
+    #: each sample's decision value (multiples of 2**32); None: the values
+    #: themselves decided (a sketch made up from values alone)
+    groups: U64 | None = field(repr=False, default=None)
+
+    @property
+    def decisions(self) -> U64:
+        """Each sample's decision value (what the threshold is compared with;
+        samples of one value were sampled together)."""
+        if self.groups is not None:
+            return self.groups
+        return self.values & np.uint64(DECISION_MASK)
 
     def nbytes(self) -> int:
-        return 12 * (self.values.size + self.heavy_values.size)
+        return 16 * self.values.size + 12 * self.heavy_values.size
 
 
 @dataclass(frozen=True)
@@ -122,17 +143,24 @@ class Sketch:
 
 
 def rate_threshold(rate: float) -> int:
-    """The threshold for a sampling rate in (0, 1]."""
+    """The threshold for a sampling rate in (0, 1]: rate x 2**64 rounded down to a
+    multiple of 2**32 (1 samples everything: FULL - 1 is above every decision)."""
     if not 0.0 < rate <= 1.0:
         raise SketchError(f"sampling rate must be in (0, 1], not {rate!r}")
-    return min(FULL - 1, int(rate * FULL))
+    if rate == 1.0:
+        return FULL - 1
+    thr = int(rate * FULL) & DECISION_MASK
+    if not thr:
+        raise SketchError(f"sampling rate {rate!r} is below the smallest, 2**-32")
+    return thr
 
 
 def restrict(vm: VmSketch, threshold: int) -> VmSketch:
     """The same VM's sample at a lower threshold: exactly what sampling at that
     threshold would have kept (thresholds nest)."""
-    keep = vm.values < np.uint64(min(threshold, FULL - 1))
-    return replace(vm, values=vm.values[keep], counts=vm.counts[keep])
+    dec = vm.decisions
+    keep = dec < np.uint64(min(threshold, FULL - 1))
+    return replace(vm, values=vm.values[keep], counts=vm.counts[keep], groups=dec[keep])
 
 
 def merge(host: str, sketches: list[Sketch]) -> Sketch:
@@ -182,6 +210,7 @@ def encode(sk: Sketch) -> bytes:
     for v in sk.vms:
         parts += [_text(v.name), _text(v.group or ""),
                   _VM_FIXED.pack(v.started, v.pages, v.zero_pages, v.values.size),
+                  (v.decisions >> np.uint64(32)).astype("<u4").tobytes(),
                   v.values.astype("<u8").tobytes(), v.counts.astype("<u4").tobytes(),
                   struct.pack("<I", v.heavy_values.size),
                   v.heavy_values.astype("<u8").tobytes(),
@@ -218,8 +247,9 @@ def decode(data: bytes, label: str) -> Sketch:
     _, version, alg, page, key_id, thr, eff, created, nvm = _HEAD.unpack(
         r.take(_HEAD.size, "header"))
     if version != VERSION:
-        raise SketchError(f"{label}: sketch format version {version}; this vmshare reads "
-                          f"version {VERSION} only")
+        again = " (an older vmshare's: make the sketch again)" if version < VERSION else ""
+        raise SketchError(f"{label}: sketch format version {version}{again}; this vmshare "
+                          f"reads version {VERSION} only")
     if alg not in HASH_NAMES:
         raise SketchError(f"{label}: unknown hash algorithm {alg}")
     host = r.text("host name")
@@ -244,17 +274,20 @@ def _read_vm(r: _Reader, i: int) -> VmSketch:
     name = r.text(f"VM {i} name")
     group = r.text(f"VM {i} trust group") or None
     started, pages, zero, n = _VM_FIXED.unpack(r.take(_VM_FIXED.size, f"VM {i} figures"))
+    dec = np.frombuffer(r.take(4 * n, f"VM {i} decisions"), "<u4").astype(np.uint64)
     values = np.frombuffer(r.take(8 * n, f"VM {i} samples"), "<u8").astype(np.uint64)
     counts = np.frombuffer(r.take(4 * n, f"VM {i} counts"), "<u4").astype(np.uint32)
     (nh,) = struct.unpack("<I", r.take(4, f"VM {i} heavy entries"))
     hv = np.frombuffer(r.take(8 * nh, f"VM {i} heavy values"), "<u8").astype(np.uint64)
     hc = np.frombuffer(r.take(4 * nh, f"VM {i} heavy counts"), "<u4").astype(np.uint32)
-    return VmSketch(name, group, started, pages, zero, values, counts, hv, hc)
+    return VmSketch(name, group, started, pages, zero, values, counts, hv, hc,
+                    dec << np.uint64(32))
 
 
 def _check_vm(v: VmSketch, eff: int, label: str) -> None:
-    n = v.values.size
-    if n and (np.any(v.values[1:] <= v.values[:-1]) or int(v.values[-1]) >= eff):
+    d, x = v.decisions, v.values
+    if d.size and (np.any((d[1:] < d[:-1]) | ((d[1:] == d[:-1]) & (x[1:] <= x[:-1])))
+                   or int(d[-1]) >= eff):
         raise SketchError(f"{label}: corrupt: VM {v.name!r}'s samples are not increasing "
                           "values under the threshold")
     h = v.heavy_values

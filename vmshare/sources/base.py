@@ -14,14 +14,24 @@ Reading again: ``read_pages(region, pages, into)`` reads given pages of a
 region (ascending page indices) once more, consecutive ones in one system
 call each: the scan compares pages it did not keep this way
 (vmshare.prediction.scanning).
+
+Reading in place: a file source whose pages are stored plainly (raw, ELF)
+lists where they lie (``stored_extents``), and ``mapped_runs()`` gives them
+as runs over the file mapped read-only, nothing copied: a content sketch
+reads a few words of every page and whole pages only for some
+(vmshare.prediction.sketch). Touching a mapped page of a file that shrank
+since raises SIGBUS: such runs go only to the C loops that catch it
+(vmshare.engine._pages).
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -227,6 +237,61 @@ class FileSource(Closing):
         buf = bytearray(size)
         self.pread_exact(memoryview(buf), offset, what)
         return bytes(buf)
+
+    # -- reading in place ----------------------------------------------------
+    def stored_extents(self) -> list[tuple[str, int, int, int]] | None:
+        """Where the pages lie in the file: (region key, first page, file offset,
+        bytes stored) per stretch stored plainly, or None when they are not
+        (compressed)."""
+        return None
+
+    @contextmanager
+    def mapped_runs(self) -> Iterator[list[PageRun]]:
+        """The pages of ``stored_extents`` as runs whose ``data`` is the file
+        mapped read-only (a stretch's partial last page is read and zero-filled
+        apart); valid inside the ``with`` only. Raises DumpError (not stored
+        plainly, cannot map)."""
+        self._check_open()
+        extents = self.stored_extents()
+        if extents is None:
+            raise DumpError(f"{self.path}: pages are not stored plainly; cannot map them")
+        mm = None
+        views: list[memoryview] = []
+        try:
+            if self.file_size:
+                try:
+                    if os.fstat(self._fd).st_size < self.file_size and stat.S_ISREG(
+                            os.fstat(self._fd).st_mode):
+                        raise DumpError(f"{self.path}: the file shrank since it was opened")
+                    # populated at once: one call instead of a fault per 64 KiB
+                    mm = mmap.mmap(self._fd, self.file_size, prot=mmap.PROT_READ,
+                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+                except (OSError, ValueError) as exc:
+                    raise DumpError(f"{self.path}: cannot map the dump: {exc}") from exc
+                views.append(memoryview(mm))
+            yield [run for ext in extents for run in self._extent_runs(views, ext)]
+        finally:
+            for v in reversed(views):
+                v.release()
+            if mm is not None:
+                mm.close()
+
+    def _extent_runs(self, views: list[memoryview], ext: tuple[str, int, int, int]
+                     ) -> list[PageRun]:
+        key, first, offset, stored = ext
+        whole = stored // PAGE_SIZE * PAGE_SIZE
+        if offset < 0 or offset + stored > self.file_size:
+            raise DumpError(f"{self.path}: pages at offset {offset:#x} (+{stored:#x}) are "
+                            "past the end of the file")
+        out = []
+        if whole:
+            views.append(views[0][offset:offset + whole])
+            out.append(PageRun(self.name, key, first, views[-1]))
+        if stored > whole:
+            tail = memoryview(bytearray(PAGE_SIZE))
+            self.read_stored(tail, offset + whole, stored - whole, "last page")
+            out.append(PageRun(self.name, key, first + whole // PAGE_SIZE, tail))
+        return out
 
     # -- lifetime ----------------------------------------------------------
     def _fail_closed(self) -> None:

@@ -211,6 +211,10 @@ class ElfCoreSource(FileSource):
     def regions(self) -> list[Region]:
         return [r.region for r in self._regions]
 
+    def stored_extents(self) -> list[tuple[str, int, int, int]]:
+        return [(reg.region.key, (seg.paddr - reg.start) // PAGE_SIZE, seg.offset, seg.filesz)
+                for reg in self._regions for seg in reg.segments if seg.filesz]
+
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
              ) -> Iterator[PageRun]:
         """Stream the stored pages of every PT_LOAD, in guest-physical order.

@@ -46,6 +46,9 @@ class RawImageSource(FileSource):
             return []
         return [Region(self.key, pages_for(self.file_size) * PAGE_SIZE, self.file_generation)]
 
+    def stored_extents(self) -> list[tuple[str, int, int, int]]:
+        return [(self.key, 0, 0, self.file_size)] if self.file_size else []
+
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
              ) -> Iterator[PageRun]:
         """Stream the whole file; ``data`` lives in one buffer reused between
