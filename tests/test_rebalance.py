@@ -147,3 +147,27 @@ def test_a_saving_estimated_below_zero_where_the_vm_is() -> None:
     got = rebalance(hosts, room, config, 1)
     assert got == exhaustive(hosts, room, config, 1)
     assert [(m.vm, m.target, m.gain.value) for m in got] == [("x", "h1", 87)]
+
+
+def test_a_vm_name_on_the_target_too_is_left_out_of_its_heavy_pages() -> None:
+    """x's namesake on h1 is left out there (as extra_on does), so h1's heavy
+    pages of x's 20 contents are y's one each: odd with x's one, each adds a
+    page at max_page_sharing 2 (counting the namesake, two: none)."""
+    heavy = np.arange(1, 21, dtype=np.uint64) << np.uint64(40)
+    other = np.arange(100, 110, dtype=np.uint64) << np.uint64(40)
+    none = np.zeros(0, np.uint64)
+
+    def vm(name: str, values: np.ndarray) -> VmSketch:
+        return VmSketch(name, "g", 0, 50, 0, none, none.astype(np.uint32), values,
+                        np.ones(values.size, np.uint32))
+
+    thr = rate_threshold(1 / 8)
+    hosts = [Sketch("h0", b"k" * 8, thr, thr, 0, (vm("x", heavy),)),
+             Sketch("h1", b"k" * 8, thr, thr, 0, (vm("x", heavy), vm("y", heavy))),
+             Sketch("h2", b"k" * 8, thr, thr, 0, (vm("w", other),)),
+             Sketch("h3", b"k" * 8, thr, thr, 0, (vm("r", other),))]
+    room = {h.host: 1e12 for h in hosts}
+    config = EngineConfig(max_page_sharing=2)
+    got = rebalance(hosts, room, config, 1)
+    assert got == exhaustive(hosts, room, config, 1)
+    assert [(m.vm, m.source, m.target, m.gain.value) for m in got] == [("x", "h0", "h1", 20)]
