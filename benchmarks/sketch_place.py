@@ -15,7 +15,13 @@
    the values under the threshold among its contents); the time to read,
    check and rank them all and the bytes read.
 
+4. `place --rebalance` over the same kind of fleet: the pruned search
+   (vmshare.fleet.rebalance) and the exhaustive one it replaced (every VM on
+   every host; tests/test_rebalance.py keeps it) side by side on small fleets,
+   their answers compared, then the pruned one at the full host count.
+
 Usage: sketch_place.py [--hosts N] [--mib MiB] [--rounds N] [--dump FILE...]
+                       [--rebalance-only]
 """
 
 from __future__ import annotations
@@ -180,6 +186,57 @@ def placement_at_scale(tmp: Path, hosts: int) -> None:
           f"+{ranked[0].extra.value * PAGE_SIZE / 2**20:,.0f} MiB")
 
 
+def with_heavy(rng: np.random.Generator, fleet: list[Sketch]) -> list[Sketch]:
+    """The fleet with heavy contents too (counted exactly, as real sketches have:
+    contents on 8+ pages of a VM): 500 common to every VM, 1,500 per kind of
+    VM (its pool's first value tells the kind), any 64-bit value."""
+    from dataclasses import replace
+    common = rng.integers(0, FULL - 1, 500, dtype=np.uint64)
+    kinds: dict[int, np.ndarray] = {}
+    out = []
+    for h in fleet:
+        vms = []
+        for v in h.vms:
+            kind = kinds.setdefault(int(v.values[0]), rng.integers(0, FULL - 1, 1500,
+                                                                   dtype=np.uint64))
+            heavy = np.setdiff1d(np.union1d(common, kind), v.values)
+            vms.append(replace(v, heavy_values=heavy, heavy_counts=rng.integers(
+                8, 100, heavy.size).astype(np.uint32)))
+        out.append(replace(h, vms=tuple(vms)))
+    return out
+
+
+def rebalance_at_scale(hosts: int) -> None:
+    from tests.test_rebalance import exhaustive
+    from vmshare.fleet.rebalance import rebalance
+    rng = np.random.default_rng(9)
+    threshold = rate_threshold(1 / 1024)
+    vm_pages = 2 * 2**30 // PAGE_SIZE
+    pools = [rng.integers(0, threshold, int(vm_pages * 0.4 * threshold / FULL),
+                          dtype=np.uint64) for _ in range(10)]
+    plain = [simulated_host(rng, f"host{h:04d}", pools, threshold, vm_pages)
+             for h in range(hosts)]
+    for label, fleet in (("sampled contents only", plain),
+                         ("and 2,000 heavy contents per VM", with_heavy(rng, plain))):
+        room = {s.host: 64e9 for s in fleet}
+        print(f"4. place --rebalance, {label}:")
+        for n in (25, 50):
+            t0 = time.perf_counter()
+            want = exhaustive(fleet[:n], room, EngineConfig())
+            t_all = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            got = rebalance(fleet[:n], room, EngineConfig())
+            t_new = time.perf_counter() - t0
+            print(f"   {n} hosts ({8 * n} VMs): all pairs {t_all:.2f} s, pruned {t_new:.3f} s "
+                  f"({t_all / t_new:.0f}x); same answer: {got == want}")
+        t0 = time.perf_counter()
+        moves = rebalance(fleet, room, EngineConfig())
+        t_new = time.perf_counter() - t0
+        print(f"   {hosts:,} hosts ({8 * hosts:,} VMs x 2 GiB, rate 1/1024): pruned "
+              f"{t_new:.2f} s; best move {moves[0].vm} -> {moves[0].target} "
+              f"+{moves[0].gain.value * PAGE_SIZE / 2**20:,.0f} MiB, {len(moves)} moves")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=1000)
@@ -187,8 +244,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dump", action="append", default=[],
                     help="estimate vs exact on these dumps (ELF, kdump or raw) instead")
+    ap.add_argument("--rebalance-only", action="store_true")
     a = ap.parse_args()
     print(machine())
+    if a.rebalance_only:
+        rebalance_at_scale(a.hosts)
+        return
     with tempfile.TemporaryDirectory(prefix="vmshare-sketch-bench-", dir="/var/tmp") as t:
         tmp = Path(t)
         os.chmod(tmp, 0o700)
@@ -204,6 +265,7 @@ def main() -> None:
         estimate_vs_exact(targets, label, a.rounds)
         sketch_size(targets, mib)
         placement_at_scale(tmp, a.hosts)
+    rebalance_at_scale(a.hosts)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,18 @@ force = true
     ("[sketch]\ninterval = \"60\"\n", "[sketch] interval must be a float"),
     ("[sketch]\ncpu_budget = 0\n", "[sketch] cpu_budget must be a percentage of one core"),
     ("[sketch]\ncpu_budget = 101\n", "[sketch] cpu_budget must be a percentage"),
+    ("[sketch]\nrate = \"1/0\"\n", "[sketch] rate: not a rate: '1/0' (e.g. 1/16"),
+    ("[sketch]\nrate = \"x\"\n", "[sketch] rate: not a rate: 'x'"),
+    ("[sketch]\nrate = 2\n", "[sketch] rate: a rate must be in (0, 1], not 2"),
+    ("[sketch]\nrate = \"-1/16\"\n", "[sketch] rate: a rate must be in (0, 1]"),
+    ("[sketch]\nrate = nan\n", "[sketch] rate: a rate must be in (0, 1], not nan"),
+    ("[sketch]\nrate = true\n", "[sketch] rate: not a rate: True"),
+    ("[sketch]\nmax_entries = 100\n", "[sketch] max_entries must be in [1024, 67108864], not 100"),
+    ("[sketch]\nmax_entries = 1e6\n", "[sketch] max_entries must be a int, not 1000000.0"),
+    ("[sketch]\nmax_entries = 134217728\n", "[sketch] max_entries must be in [1024,"),
+    ("[sketch]\nlisten = 9732\n", "[sketch] listen must be a str"),
+    ("[sketch]\nlisten = \":1\"\ntoken_file = \"token\"\n",
+     "[sketch] token_file must be an absolute path, not 'token'"),
     ("[daemon]\nhistory_raw_days = 0\n", "[daemon] history_raw_days must be days in (0, 366]"),
     ("[daemon]\nhistory_5min_days = nan\n", "[daemon] history_5min_days must be days in"),
     ("[daemon]\nhistory_hourly_days = 1e9\n", "[daemon] history_hourly_days must be days"),
@@ -170,3 +182,18 @@ def test_sketch_interval_and_budget(tmp_path: Path) -> None:
     assert (cfg.sketch.interval, cfg.sketch.cpu_budget) == (300.0, 2.5)
     off = load_config(write(tmp_path, "[sketch]\ndir = \"/x\"\n"))
     assert (off.sketch.interval, off.sketch.cpu_budget) == (0.0, 5.0)
+
+
+def test_sketch_rate_cap_and_endpoint(tmp_path: Path) -> None:
+    from vmshare.prediction.sketch import DEFAULT_MAX_ENTRIES, DEFAULT_RATE
+    defaults = load_config(write(tmp_path, ""))
+    assert (defaults.sketch.rate, defaults.sketch.max_entries) == (DEFAULT_RATE,
+                                                                    DEFAULT_MAX_ENTRIES)
+    assert defaults.sketch.listen == ""                                # off
+    cfg = load_config(write(tmp_path, '[sketch]\nrate = "1/32"\nmax_entries = 4096\n'
+                                      'listen = "127.0.0.1:9732"\ntoken_file = "/etc/t"\n'))
+    assert (cfg.sketch.rate, cfg.sketch.max_entries) == (1 / 32, 4096)
+    assert (cfg.sketch.listen, cfg.sketch.token_file) == ("127.0.0.1:9732", Path("/etc/t"))
+    for text, rate in (("0.125", 0.125), ("1", 1.0)):
+        assert load_config(write(tmp_path, f'[sketch]\nrate = "{text}"\n')).sketch.rate == rate
+    assert load_config(write(tmp_path, "[sketch]\nrate = 0.25\n")).sketch.rate == 0.25

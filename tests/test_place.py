@@ -17,7 +17,8 @@ from vmshare.cli.main import main
 from vmshare.engine import EngineConfig
 from vmshare.engine.sampled import sharing
 from vmshare.errors import SketchError, UsageError
-from vmshare.fleet.placement import check_fresh, rank, rebalance
+from vmshare.fleet.placement import check_fresh, rank
+from vmshare.fleet.rebalance import rebalance
 from vmshare.prediction.sketch import sketch_targets
 from vmshare.records.sketchfile import Sketch, SketchKey, write_sketch
 

@@ -254,3 +254,25 @@ def test_paced_thread_survives_a_failing_step() -> None:
     assert pacer.alive() and pacer.errors == 1
     pacer.stop()
     assert not pacer.alive()
+
+
+def test_rate_and_cap_come_from_the_settings(host: Host) -> None:
+    from dataclasses import replace
+
+    from vmshare.records.sketchfile import rate_threshold
+    host.add("a", 101, pages=4096, seed=7)    # random pages: ~4,000 distinct contents
+    wide = Sketcher(replace(settings(host.tmp), rate=1.0, max_entries=1 << 20), host="h1",
+                    running=host.running, opener=host.opener, clock=lambda: host.now,
+                    cpu_clock=lambda: 0.0)
+    wide.step()
+    full = read_sketch(wide.path, key_id=KEY_ID)
+    assert full.threshold == rate_threshold(1.0) == full.effective
+    distinct = full.vms[0].values.size + full.vms[0].heavy_values.size
+    assert distinct > 2048
+    capped = Sketcher(replace(settings(host.tmp), rate=1 / 2, max_entries=1024), host="h1",
+                      running=host.running, opener=host.opener, clock=lambda: host.now,
+                      cpu_clock=lambda: 0.0)
+    capped.step()
+    sk = read_sketch(capped.path, key_id=KEY_ID)
+    assert sk.threshold == rate_threshold(1 / 2)
+    assert sk.vms[0].values.size <= 1024 and sk.effective < sk.threshold   # the cap cut it

@@ -129,6 +129,10 @@ class SketchSettings:
     dir: Path = Path("/var/lib/vmshare/sketches")      # 0700, root's
     interval: float = 0.0        # the daemon re-sketches each VM this often (s); 0: never
     cpu_budget: float = 5.0      # the daemon's sketching CPU, % of one core
+    rate: float = 1 / 16         # the daemon's sampling rate (prediction.sketch.DEFAULT_RATE)
+    max_entries: int = 1 << 20   # samples per VM at most (DEFAULT_MAX_ENTRIES)
+    listen: str = ""             # HOST:PORT to serve this host's sketch at /sketch; "": off
+    token_file: Path = Path("/etc/vmshare/sketch.token")   # /sketch's bearer token, 0600
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,43 @@ _SKETCH_NUMBERS: dict[str, tuple[float, float, bool, str]] = {
 }
 
 
+def parse_rate(value: object) -> float:
+    """A sampling rate in (0, 1]: a number, "0.0625" or "1/16". Raises ValueError."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        if isinstance(value, str) and "/" in value:
+            num, den = value.split("/", 1)
+            rate = float(num) / float(den)
+        else:
+            rate = float(value)
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ValueError(f"not a rate: {value!r} (e.g. 1/16 or 0.0625)") from exc
+    if not (math.isfinite(rate) and 0 < rate <= 1):
+        raise ValueError(f"a rate must be in (0, 1], not {value!r}")
+    return rate
+
+
+def _sketch_settings(origin: Path, doc: dict[str, Any]) -> SketchSettings:
+    k = _check_keys("sketch", doc.get("sketch", {}), _SKETCH_KEYS, origin)
+    sk = SketchSettings()
+    try:
+        rate = parse_rate(k.get("rate", sk.rate))
+    except ValueError as exc:
+        raise PolicyError(f"{origin}: [sketch] rate: {exc}") from exc
+    entries = _typed(origin, "sketch", "max_entries", k.get("max_entries", sk.max_entries), int)
+    if not 1 << 10 <= entries <= 1 << 26:     # 12 KiB to 768 MiB of samples per VM
+        raise PolicyError(f"{origin}: [sketch] max_entries must be in [1024, 67108864], "
+                          f"not {entries!r}")
+    listen = _typed(origin, "sketch", "listen", k.get("listen", sk.listen), str)
+    token = _path(origin, k, "token_file", sk.token_file, "sketch")
+    return SketchSettings(key_file=_path(origin, k, "key_file", sk.key_file, "sketch"),
+                          dir=_path(origin, k, "dir", sk.dir, "sketch"),
+                          interval=_number(origin, k, "interval", sk.interval, "sketch"),
+                          cpu_budget=_number(origin, k, "cpu_budget", sk.cpu_budget, "sketch"),
+                          rate=rate, max_entries=entries, listen=listen, token_file=token)
+
+
 def _number(origin: Path, table: dict[str, Any], key: str, default: float,
             section: str = "daemon") -> float:
     value: float = _typed(origin, section, key, table.get(key, default), float)
@@ -348,13 +389,7 @@ def parse_config(doc: dict[str, Any], origin: Path) -> Config:
                                    defaults.metrics_cpu_budget),
     )
     _check_retention(origin, daemon)
-    k = _check_keys("sketch", doc.get("sketch", {}), _SKETCH_KEYS, origin)
-    sk = SketchSettings()
-    sketch = SketchSettings(key_file=_path(origin, k, "key_file", sk.key_file, "sketch"),
-                            dir=_path(origin, k, "dir", sk.dir, "sketch"),
-                            interval=_number(origin, k, "interval", sk.interval, "sketch"),
-                            cpu_budget=_number(origin, k, "cpu_budget", sk.cpu_budget,
-                                               "sketch"))
+    sketch = _sketch_settings(origin, doc)
     return Config(path=origin,
                   host=HostPolicy(enabled=enabled, default_merge=default_merge,
                                   default_group=default_group, vms=vms),

@@ -90,14 +90,8 @@ POSITIVE_COUNT = bounded_int(1, 1_000_000)
 
 def rate(text: str) -> float:
     """A sampling rate in (0, 1], as a decimal or a fraction 1/N."""
+    from vmshare.config import parse_rate
     try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (e.g. 1/16 or 0.0625)") from exc
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"a rate must be in (0, 1], not {text!r}")
-    return value
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

@@ -51,6 +51,17 @@ def _vm_sketch(ctx: Context, key: Any, rate: float) -> tuple[Any, int]:
     return sk.vms[0], sk.effective
 
 
+def _fetcher(a: Any, settings: Any) -> Any:
+    """A SketchFetcher when a --sketches is a URL (its token read now)."""
+    from vmshare.fleet.sketch_fetch import SketchFetcher, is_url
+    from vmshare.records.sketchfile import load_token
+    token_file = a.sketch_token_file or settings.token_file
+    if not any(is_url(s) for s in a.sketches or ()):
+        return None
+    return SketchFetcher(load_token(Path(token_file)), timeout=a.sketch_timeout,
+                         cafile=Path(a.sketch_ca_file) if a.sketch_ca_file else None)
+
+
 def cmd_place(ctx: Context) -> int:
     from vmshare.config import load_config
     from vmshare.engine import EngineConfig
@@ -60,7 +71,8 @@ def cmd_place(ctx: Context) -> int:
     a = ctx.args
     settings = load_config(a.config).sketch
     key = load_key(Path(a.key_file) if a.key_file else settings.key_file)
-    hosts = placement.load_sketches(a.sketches or [settings.dir], key.key_id)
+    hosts = placement.load_sketches(a.sketches or [settings.dir], key.key_id,
+                                    _fetcher(a, settings))
     client = PromClient(a.prometheus, timeout=a.timeout)
     room = placement.headroom(client)
     placement.check_prometheus_has_hosts(room, a.prometheus)
@@ -69,7 +81,8 @@ def cmd_place(ctx: Context) -> int:
     if a.rebalance:
         if a.vm:
             raise UsageError("--rebalance looks at every VM: give no VM")
-        moves = placement.rebalance(sketches, room, config, a.top)
+        from vmshare.fleet.rebalance import rebalance
+        moves = rebalance(sketches, room, config, a.top)
         _print_moves(a, moves, len(sketches))
         return 0
     if not a.vm:
@@ -131,9 +144,18 @@ def register(sub: Any) -> None:
                    help="a running domain (sketched now) or a one-VM sketch file")
     s.add_argument("--prometheus", required=True, metavar="URL",
                    help="Prometheus-compatible API base URL, for each host's MemAvailable")
-    s.add_argument("--sketches", action="append", metavar="DIR|FILE",
-                   help="host sketches (*.sketch in a directory); repeatable (default: "
-                        "the [sketch] dir)")
+    s.add_argument("--sketches", action="append", metavar="DIR|FILE|URL",
+                   help="host sketches (*.sketch in a directory, or a daemon's "
+                        "http[s]://HOST:PORT/sketch); repeatable (default: the [sketch] dir)")
+    s.add_argument("--sketch-token-file", metavar="FILE",
+                   help="the sketch endpoints' bearer token, 0600 (default: [sketch] "
+                        "token_file)")
+    s.add_argument("--sketch-ca-file", metavar="FILE",
+                   help="CA certificates to trust for https sketch URLs (besides the "
+                        "system's)")
+    s.add_argument("--sketch-timeout", type=argtypes.seconds(), default=30.0,
+                   metavar="SECONDS", help="per sketch URL, the whole transfer "
+                   "(default %(default)s)")
     s.add_argument("--rebalance", action="store_true",
                    help="propose the few migrations across the fleet that gain most")
     s.add_argument("--top", type=argtypes.bounded_int(1, 1000), default=5, metavar="N",

@@ -61,12 +61,12 @@ def cmd_sketch(ctx: Context) -> int:
 
 def _sketch_now(ctx: Context, key: Any, host: str) -> Any:
     from vmshare.cli.predict import _progress, targets_of
-    from vmshare.prediction.sketch import DEFAULT_RATE, sketch_targets
+    from vmshare.prediction.sketch import sketch_targets
     a = ctx.args
     a.trust_groups = True                  # a sketch always records trust groups
     targets, groups, _ = targets_of(ctx)
     with _progress(a) as bar:
-        return sketch_targets(targets, key, host=host, rate=a.rate or DEFAULT_RATE,
+        return sketch_targets(targets, key, host=host, rate=a.rate or _sketch_settings(a).rate,
                               max_entries=a.max_entries, groups=groups, procfs=ctx.procfs,
                               progress=bar.update)
 
@@ -99,8 +99,8 @@ def register(sub: Any) -> None:
                    help="merge these sketch files into one host sketch instead")
     s.add_argument("--show", metavar="SKETCH", help="check and describe a sketch file")
     s.add_argument("--rate", type=argtypes.rate, default=None, metavar="R",
-                   help="sampling rate, e.g. 1/16 (default 1/16; every sketch compared "
-                        "must use the same)")
+                   help="sampling rate, e.g. 1/16 (default: [sketch] rate, 1/16; every "
+                        "sketch compared must use the same)")
     s.add_argument("--max-entries", type=argtypes.bounded_int(1, 1 << 28),
                    default=DEFAULT_MAX_ENTRIES, metavar="N",
                    help="at most N samples per VM; above it the rate drops "

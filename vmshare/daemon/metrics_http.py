@@ -67,8 +67,9 @@ def parse_listen(text: str) -> tuple[str, int, socket.AddressFamily]:
     return str(address[0]), int(port), socket.AddressFamily(family)
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """A threaded HTTP server whose connections are counted and timed.
+class BoundedServer(ThreadingHTTPServer):
+    """A threaded HTTP server whose connections are counted and timed; what it
+    serves is its handler's (``handler(server)`` makes the handler class).
 
     ``service_actions`` (run by ``serve_forever`` every poll interval) shuts
     the socket of any connection still without a whole request after
@@ -81,30 +82,27 @@ class MetricsServer(ThreadingHTTPServer):
     # which then wait a second for the client's retransmit.
     request_queue_size = 128
     block_on_close = False
+    served_path = "/"
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
-                 collect: Callable[[], str], *, max_clients: int = MAX_CLIENTS,
-                 io_timeout: float = IO_TIMEOUT,
+                 handler: Callable[[Any], type[BaseHTTPRequestHandler]], *,
+                 max_clients: int = MAX_CLIENTS, io_timeout: float = IO_TIMEOUT,
                  request_deadline: float = REQUEST_DEADLINE) -> None:
         self.address_family = family
-        self.collect = collect
-        self.collect_lock = threading.Lock()  # the adapters are not re-entrant
-        # the last body and when its rendering began (monotonic); under collect_lock
-        self.last_body: tuple[bytes, float] | None = None
         self.max_clients = max_clients
         self.io_timeout = io_timeout
         self.request_deadline = request_deadline
         self._slots = threading.BoundedSemaphore(max_clients)
         self._pending: dict[socket.socket, float] = {}
         self._pending_lock = threading.Lock()
-        super().__init__(address, _handler_class(self))
+        super().__init__(address, handler(self))
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else str(host)
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/metrics"
+        return f"http://{shown}:{port}{self.served_path}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -150,8 +148,22 @@ class MetricsServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A bug in a handler thread: one line, never a traceback on the terminal.
-        log.error("%s: internal error while serving /metrics", client_address[0])
+        log.error("%s: internal error while serving %s", client_address[0], self.served_path)
         log.debug("detail", exc_info=True)
+
+
+class MetricsServer(BoundedServer):
+    """The bounded server answering /metrics with ``collect()``'s text."""
+
+    served_path = "/metrics"
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily,
+                 collect: Callable[[], str], **bounds: Any) -> None:
+        self.collect = collect
+        self.collect_lock = threading.Lock()  # the adapters are not re-entrant
+        # the last body and when its rendering began (monotonic); under collect_lock
+        self.last_body: tuple[bytes, float] | None = None
+        super().__init__(address, family, _handler_class, **bounds)
 
 
 def _handler_class(server: MetricsServer) -> type[BaseHTTPRequestHandler]:

@@ -7,7 +7,7 @@ deadline). Periodically the daemon observes every VM (the KSM pages that a
 later reset is measured against) and reconciles everything (a safety net
 for anything missed). When libvirtd goes away it reconnects with exponential
 backoff up to ``[daemon] reconnect_max_seconds`` and then reconciles everything
-(events were lost meanwhile). ``[sketch] interval``: vmshare.daemon.sketcher.
+(events were lost meanwhile). Sketches: vmshare.daemon.sketcher and .sketch_http.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from vmshare.daemon.exporter import run_exporter
 from vmshare.daemon.liveness import Liveness
 from vmshare.daemon.reconcile import Outcome, Reconciler, Stats
 from vmshare.daemon.rejects import Rejects
-from vmshare.daemon.sketcher import run_sketcher
+from vmshare.daemon.sketch_http import sketch_jobs
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.supervisor import Supervisor, in_thread
 from vmshare.daemon.triggers import QMP_EVENTS, HookSequence, Trigger, TriggerSink, backoff_delays
@@ -341,8 +341,7 @@ class Daemon:
             jobs["tuner"] = lambda: run_tuner(self, stop)
         if self.settings.metrics_listen:
             jobs["metrics"] = lambda: run_exporter(self, stop)
-        if self.opts.config.sketch.interval > 0:
-            jobs["sketcher"] = lambda: run_sketcher(self, stop)
+        jobs.update(sketch_jobs(self, stop))
         if watcher is not None:
             jobs["qmp-watch"] = lambda: watcher.run(stop)
         else:

@@ -24,6 +24,7 @@ from vmshare.config import Config
 from vmshare.daemon.liveness import keep_alive
 from vmshare.daemon.notify import Notifier
 from vmshare.daemon.runner import Daemon, DaemonOptions
+from vmshare.daemon.sketch_http import endpoint_token
 from vmshare.errors import VmshareError
 from vmshare.records.schema import printable
 
@@ -122,7 +123,8 @@ def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
                level: int = logging.INFO) -> int:
     """Run the daemon until a signal (or once). Returns the exit status.
 
-    Errors that stop the daemon (config, socket in use, libvirt unreachable
+    Errors that stop the daemon (config, e.g. ``[sketch] listen`` without a
+    private token file; socket in use, libvirt unreachable
     with --once) are one ERROR line and exit status 1.
     """
     setup_logging(level)
@@ -132,6 +134,7 @@ def run_daemon(config: Config, *, once: bool = False, uri: str | None = None,
                          resync_interval=resync_interval, deadline=deadline,
                          domains=domains, tune=tune)
     try:
+        endpoint_token(config)      # a bad [sketch] listen or token stops the start
         return asyncio.run(_main(opts))
     except VmshareError as exc:
         log.error("%s", exc)

@@ -14,7 +14,8 @@ or left the scope leaves the host sketch at the next look (at most
 ``RECHECK`` seconds, or ``interval`` when shorter). After each step the thread
 waits long enough to keep its CPU (and the worker's share of the step) within
 ``[sketch] cpu_budget`` percent of one core (vmshare.present.pacing), so a
-large VM is refreshed less often than asked rather than over budget.
+large VM is refreshed less often than asked rather than over budget. Samples
+are taken at ``[sketch] rate``, at most ``max_entries`` per VM.
 
 A missing or unsafe key, an unwritable directory, a VM that cannot be read:
 one log line per distinct problem (again only after it was fixed and came
@@ -43,12 +44,7 @@ from vmshare.errors import (
 )
 from vmshare.model import PAGE_SIZE
 from vmshare.observe.host import Observer
-from vmshare.prediction.sketch import (
-    DEFAULT_MAX_ENTRIES,
-    DEFAULT_RATE,
-    process_started,
-    sketch_pages,
-)
+from vmshare.prediction.sketch import process_started, sketch_pages
 from vmshare.prediction.targets import domain_target, trust_groups
 from vmshare.present.pacing import PacedThread, budget_pause
 from vmshare.records.schema import printable
@@ -105,8 +101,7 @@ class Sketcher:
                  running: Callable[[], tuple[list[Running], float]],
                  opener: Callable[[Running], tuple[Opened, float]],
                  clock: Callable[[], float] = time.monotonic,
-                 cpu_clock: Callable[[], float] = time.thread_time,
-                 rate: float = DEFAULT_RATE, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
         if not settings.interval > 0:
             raise ValueError("the sketcher needs [sketch] interval > 0")
         self.settings = settings
@@ -116,8 +111,8 @@ class Sketcher:
         self.opener = opener
         self.clock = clock
         self.cpu_clock = cpu_clock
-        self.threshold = rate_threshold(rate)
-        self.max_entries = max_entries
+        self.threshold = rate_threshold(settings.rate)
+        self.max_entries = settings.max_entries
         self.budget = settings.cpu_budget / 100.0
         self.recheck = min(RECHECK, settings.interval)
         self.key: SketchKey | None = None
@@ -357,8 +352,9 @@ async def run_sketcher(seat: SketcherSeat, stop: asyncio.Event) -> None:
     sketcher = Sketcher(settings, host=socket.gethostname(), running=running, opener=opener)
     pacer = PacedThread(sketcher.step, name="vmshare-sketcher", on_error=sketcher.recheck)
     pacer.start()
-    log.info("keeping %s fresh: each VM re-sketched every %g s, within %g%% of a core",
-             sketcher.path, settings.interval, settings.cpu_budget)
+    log.info("keeping %s fresh: each VM re-sketched every %g s at rate %.6g (at most %d "
+             "samples), within %g%% of a core", sketcher.path, settings.interval,
+             settings.rate, settings.max_entries, settings.cpu_budget)
     try:
         await stop.wait()
     finally:

@@ -1,6 +1,6 @@
 """Sharing-aware placement: which host a VM would share most with, from content
 sketches (vmshare.records.sketchfile), and which moves across the fleet would
-gain most (``rebalance``).
+gain most (vmshare.fleet.rebalance).
 
 A host's *extra saving* for a VM is what kernel KSM there would add to
 pages_sharing by taking it, beyond what the VM shares with itself alone,
@@ -23,6 +23,7 @@ from pathlib import Path
 from vmshare.engine import EngineConfig
 from vmshare.engine.sampled import Contents, Estimate, Member, contents, extra_sharing
 from vmshare.errors import PrometheusError, SketchError, UsageError
+from vmshare.fleet.sketch_fetch import SketchFetcher, is_url
 from vmshare.model import PAGE_SIZE
 from vmshare.promapi.client import PromClient
 from vmshare.records.sketchfile import Sketch, VmSketch, check_compatible, read_sketch, restrict
@@ -55,29 +56,39 @@ class Move:
     target_headroom_bytes: float
 
 
-def load_sketches(paths: Sequence[str | Path], key_id: bytes) -> list[tuple[Path, Sketch]]:
-    """Every host sketch in the given files and directories (``*.sketch``), all
-    of ``key_id`` and one rate. Raises SketchError (none found, a bad file)."""
+def load_sketches(sources: Sequence[str | Path], key_id: bytes,
+                  fetcher: SketchFetcher | None = None) -> list[tuple[Path | str, Sketch]]:
+    """Every host sketch in the given files, directories (``*.sketch``) and
+    http(s) URLs (through ``fetcher``), all of ``key_id`` and one rate.
+    Raises SketchError (none found, a bad file or answer), UsageError (a URL
+    without a fetcher)."""
     files: list[Path] = []
-    for p in map(Path, paths):
+    urls = [s for s in sources if is_url(s)]
+    for p in (Path(s) for s in sources if not is_url(s)):
         if p.is_dir():
             files.extend(sorted(p.glob("*.sketch")))
         elif p.exists():
             files.append(p)
         else:
             raise SketchError(f"{p}: no such sketch file or directory")
-    if not files:
-        raise SketchError(f"no host sketches (*.sketch) in {', '.join(map(str, paths))}")
-    sketches = [(f, read_sketch(f, key_id=key_id)) for f in files]
+    shown = ", ".join(map(str, sources))
+    if not files and not urls:
+        raise SketchError(f"no host sketches (*.sketch) in {shown}")
+    if urls and fetcher is None:
+        raise UsageError("--sketches URL needs a token file")
+    sketches: list[tuple[Path | str, Sketch]] = [(f, read_sketch(f, key_id=key_id))
+                                                 for f in files]
+    if urls and fetcher is not None:
+        sketches += zip(urls, fetcher.fetch_all([str(u) for u in urls]), strict=True)
     check_compatible([s for _, s in sketches], key_id, [str(f) for f, _ in sketches])
     hosts = [s.host for _, s in sketches]
     if len(set(hosts)) != len(hosts):
         dup = sorted({h for h in hosts if hosts.count(h) > 1})[0]
-        raise SketchError(f"host {dup!r} has more than one sketch in {', '.join(map(str, paths))}")
+        raise SketchError(f"host {dup!r} has more than one sketch in {shown}")
     return sketches
 
 
-def check_fresh(vm: VmSketch, hosts: Sequence[tuple[Path, Sketch]]) -> None:
+def check_fresh(vm: VmSketch, hosts: Sequence[tuple[Path | str, Sketch]]) -> None:
     """Refuse a host sketch that describes ``vm`` (by name) as started before it
     really was: the VM restarted since, its memory in the sketch is gone.
     ``vm.started`` 0 (unknown) checks nothing. Raises SketchError."""
@@ -151,38 +162,6 @@ def rank(vm: VmSketch, vm_threshold: int, hosts: Sequence[Sketch], room: dict[st
         raise UsageError(f"{vm.name} needs {need / 2**20:,.0f} MiB, more than any host's "
                          f"memory headroom (largest: {most}); no placement")
     return out
-
-
-def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineConfig,
-              top: int = 5) -> list[Move]:
-    """The few moves that gain most (each VM moved at most once, each target's
-    headroom spent as moves land on it), best first; only moves whose whole
-    95% interval is a gain. Every VM is tried on every host: O(VMs x hosts)
-    comparisons, each host group's contents built once."""
-    moves: list[Move] = []
-    cache: dict[tuple[str, str | None, int], Contents] = {}
-    for src in hosts:
-        for vm in src.vms:
-            here = extra_on(vm, src.effective, src, config)
-            need = vm.pages * PAGE_SIZE
-            for dst in hosts:
-                if dst.host == src.host or room.get(dst.host, 0.0) < need:
-                    continue
-                there = extra_on(vm, src.effective, dst, config, cache)
-                gain = Estimate(there.value - here.value, math.hypot(there.stderr, here.stderr))
-                if gain.value - 1.96 * gain.stderr > 0:
-                    moves.append(Move(vm.name, src.host, dst.host, gain, need,
-                                      room[dst.host]))
-    moves.sort(key=lambda m: -m.gain.value)
-    chosen: list[Move] = []
-    left = dict(room)
-    for m in moves:
-        if len(chosen) >= top or any(c.vm == m.vm for c in chosen):
-            continue
-        if left.get(m.target, 0.0) >= m.need_bytes:
-            left[m.target] -= m.need_bytes
-            chosen.append(m)
-    return chosen
 
 
 def check_prometheus_has_hosts(room: dict[str, float], url: str) -> None:

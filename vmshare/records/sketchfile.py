@@ -345,24 +345,43 @@ def read_sketch(path: Path, *, key_id: bytes | None = None) -> Sketch:
     return sk
 
 
-def load_key(path: Path) -> SketchKey:
-    """The fleet's sketch key from a file that only its owner (root) may read.
-    Raises SketchError (missing, readable by others, too short)."""
+def _read_private(path: Path, what: str, hint: str) -> bytes:
+    """The first 4 KiB of a regular file only its owner (root or this user) may
+    read, stripped. Raises SketchError naming ``what`` (missing, others' too)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise SketchError(f"{path}: cannot open the sketch key: {exc.strerror} "
-                          "(set [sketch] key_file; make one with "
-                          "head -c 32 /dev/urandom)") from exc
+        raise SketchError(f"{path}: cannot open the {what}: {exc.strerror} ({hint})") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise SketchError(f"{path}: the sketch key must be a regular file")
+            raise SketchError(f"{path}: the {what} must be a regular file")
         if st.st_mode & 0o077 or st.st_uid not in (0, os.geteuid()):
-            raise SketchError(f"{path}: the sketch key is readable or owned by others "
+            raise SketchError(f"{path}: the {what} is readable or owned by others "
                               f"(mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}); "
                               "chmod 600 it")
-        secret = os.read(fd, 4096)
+        return os.read(fd, 4096).strip()
+    except OSError as exc:
+        raise SketchError(f"{path}: cannot read the {what}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    return SketchKey.from_secret(secret.strip())
+
+
+def load_key(path: Path) -> SketchKey:
+    """The fleet's sketch key from a file that only its owner (root) may read.
+    Raises SketchError (missing, readable by others, too short)."""
+    return SketchKey.from_secret(_read_private(
+        path, "sketch key", "set [sketch] key_file; make one with head -c 32 /dev/urandom"))
+
+
+def load_token(path: Path) -> bytes:
+    """The bearer token of the sketch endpoint (``[sketch] token_file``), from a
+    file only its owner (root) may read: printable ASCII, at least MIN_KEY_BYTES
+    long. Raises SketchError naming what is wrong (never the token)."""
+    token = _read_private(path, "sketch token", "set [sketch] token_file; make one with "
+                          "head -c 24 /dev/urandom | base64")
+    if len(token) < MIN_KEY_BYTES or not all(33 <= b < 127 for b in token):
+        raise SketchError(f"{path}: the sketch token must be at least {MIN_KEY_BYTES} "
+                          "printable ASCII characters without spaces (e.g. "
+                          "head -c 24 /dev/urandom | base64)")
+    return token

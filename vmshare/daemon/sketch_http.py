@@ -1,0 +1,187 @@
+"""The daemon's sketch endpoint (``[sketch] listen``, off by default): this
+host's sketch file (``HOST.sketch`` in ``[sketch] dir``, the one the sketcher
+keeps fresh) at ``/sketch``, for `vmshare place --sketches URL` on another host.
+
+A sketch tells which VMs hold equal content, so the endpoint is off unless
+``listen`` is set, and then every request must carry the token of
+``[sketch] token_file`` as ``Authorization: Bearer TOKEN``. The token is
+checked before anything else (a request without it learns nothing, not even
+whether a path exists) and compared in constant time (hmac.compare_digest);
+a refusal is answered 401 and logged without the token, at most one line a
+minute with the count since. The server is metrics_http's bounded one (a
+connection cap, a timeout on every read and write, a deadline for the
+request), on a listener of its own so it can be firewalled apart from
+/metrics. The file is sent from an open descriptor: a rewrite meanwhile (an
+atomic rename) never mixes two versions. Plain HTTP: put TLS in front
+(a reverse proxy) when the network between hosts is not trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+from vmshare.config import Config
+from vmshare.daemon.metrics_http import BoundedServer, parse_listen
+from vmshare.daemon.sketcher import SketcherSeat, run_sketcher
+from vmshare.errors import PolicyError, SketchError, UsageError
+from vmshare.records.sketchfile import load_token
+
+log = logging.getLogger("vmshare.daemon.sketch_http")
+MAX_CLIENTS = 16            # placement reads each host once; a few at a time
+REFUSALS_EVERY = 60.0       # seconds between log lines about refused requests
+CHUNK = 1 << 20
+_DENIED = b"a valid bearer token is required\n"
+
+
+class SketchServer(BoundedServer):
+    """Serves ``path`` at /sketch to requests bearing ``token``."""
+
+    served_path = "/sketch"
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, path: Path,
+                 token: bytes, **bounds: Any) -> None:
+        self.sketch_path = path
+        self.token = token
+        self.refused = 0                     # since the last log line about them
+        self.refused_logged = float("-inf")
+        self.refused_lock = threading.Lock()
+        bounds.setdefault("max_clients", MAX_CLIENTS)
+        super().__init__(address, family, _sketch_handler, **bounds)
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether ``header`` is ``Bearer <the token>`` (constant-time compare)."""
+        scheme, _, given = (header or "").strip().partition(" ")
+        match = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                    self.token)
+        return match and scheme.lower() == "bearer"
+
+    def note_refusal(self, client: str, why: str) -> None:
+        with self.refused_lock:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self.refused_logged < REFUSALS_EVERY:
+                return
+            count, self.refused, self.refused_logged = self.refused, 0, now
+        log.warning("%s: sketch request refused (%s); %d refused since the last such line",
+                    client, why, count)
+
+
+def _sketch_handler(server: SketchServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        timeout = server.io_timeout          # per read/write: StreamRequestHandler.setup
+
+        def do_GET(self) -> None:
+            server.request_done(self.connection)
+            header = self.headers.get("Authorization")
+            if not server.authorized(header):
+                server.note_refusal(self.client_address[0],
+                                    "no token" if header is None else "wrong token")
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Bearer realm="vmshare-sketch"')
+                self._body(_DENIED, "text/plain")
+                return
+            if self.path.split("?", 1)[0] != server.served_path:
+                self.send_error(404, None, f"only {server.served_path} is served")
+                return
+            try:
+                fd = os.open(server.sketch_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                self.send_error(503, None, "no host sketch yet")
+                return
+            except OSError as exc:
+                log.error("cannot read %s to serve it: %s", server.sketch_path, exc.strerror)
+                self.send_error(500, None, "the host sketch cannot be read; see the log")
+                return
+            with open(fd, "rb") as f:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+                self.end_headers()
+                try:
+                    shutil.copyfileobj(f, self.wfile, CHUNK)
+                except OSError as exc:     # the client went away or stalled
+                    log.debug("%s: sketch not sent whole: %s", self.client_address[0], exc)
+
+        def _body(self, body: bytes, ctype: str) -> None:
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.address_string(), *args)
+
+    return Handler
+
+
+def host_sketch_path(config: Config) -> Path:
+    """The file the sketcher writes and the endpoint serves."""
+    return config.sketch.dir / f"{socket.gethostname()}.sketch"
+
+
+def endpoint_token(config: Config) -> bytes | None:
+    """The endpoint's token when ``[sketch] listen`` is set (None: off), its
+    address checked too. Raises PolicyError naming the setting."""
+    settings = config.sketch
+    if not settings.listen:
+        return None
+    where = f"{config.path or 'config'}: [sketch]"
+    try:
+        parse_listen(settings.listen)
+    except UsageError as exc:
+        raise PolicyError(f"{where} listen: {exc}") from exc
+    try:
+        return load_token(settings.token_file)
+    except SketchError as exc:
+        raise PolicyError(f"{where} token_file: {exc}") from exc
+
+
+def serve_sketch(listen: str, path: Path, token: bytes, **bounds: Any) -> SketchServer:
+    """A SketchServer bound to ``listen``. Raises UsageError (bad value, cannot bind)."""
+    host, port, family = parse_listen(listen)
+    try:
+        return SketchServer((host, port), family, path, token, **bounds)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+
+
+async def run_sketch_server(config: Config, stop: asyncio.Event) -> None:
+    """Serve this host's sketch until ``stop``. Raises PolicyError (token) and
+    UsageError (address) for the supervisor to log."""
+    token = endpoint_token(config)
+    if token is None:
+        return
+    server = serve_sketch(config.sketch.listen, host_sketch_path(config), token)
+    thread = threading.Thread(target=server.serve_forever, name="vmshare-sketch-http",
+                              daemon=True)
+    thread.start()
+    log.info("serving %s on %s to requests with the token of %s", server.sketch_path,
+             server.url, config.sketch.token_file)
+    try:
+        await stop.wait()
+    finally:
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+
+
+def sketch_jobs(seat: SketcherSeat, stop: asyncio.Event
+                ) -> dict[str, Callable[[], Awaitable[None]]]:
+    """The daemon's background tasks for sketches, as its settings ask."""
+    config = seat.opts.config
+    jobs: dict[str, Callable[[], Awaitable[None]]] = {}
+    if config.sketch.interval > 0:
+        jobs["sketcher"] = lambda: run_sketcher(seat, stop)
+    if config.sketch.listen:
+        jobs["sketch-http"] = lambda: run_sketch_server(config, stop)
+    return jobs

@@ -1,0 +1,235 @@
+"""`vmshare place --rebalance`: the few migrations across the fleet that would
+gain most, found without trying every VM on every host.
+
+The answer is defined as the exhaustive one: every move (VM, target host)
+whose gain (its extra saving there minus its extra saving where it is, with
+a 95% interval wholly above zero) is listed, best first (ties in fleet
+order: source host, VM, target host), and taken greedily: each VM moved at
+most once, each target's headroom spent as moves land on it, until ``top``.
+
+What makes it cheap is a bound. A VM's extra saving on a host comes only from
+contents it shares with the host's VMs of its trust group, and each shared
+content adds at most one page (f(h + v) - f(h) - f(v) is 0 or 1 for
+f(n) = n - ceil(n / M)), so the estimate is at most (shared contents that
+some VM samples) / rate + (shared heavy contents no VM of the group samples:
+counted exactly), plus at most one page of all-zero pages
+(computed exactly). An inverted index (per trust group: each content's
+value to the hosts that hold it) gives each VM, in one pass over the
+fleet's contents, how many of its contents any other host holds, and, when
+needed, the count per host. The moves are then visited lazily, best bound
+first: a VM's bound (its contents held elsewhere, less a floor under its
+saving where it is) stands for all its moves until it reaches the top of the
+queue; then the same with its saving where it is estimated; then each
+host's bound stands for that move until it reaches the top, and only then
+is the move's gain estimated exactly (vmshare.fleet.placement.extra_on, as
+the exhaustive search does). A bound is never below the gain it
+stands for and sorts before an exact gain of equal value from later in fleet
+order, so the moves come out in exactly the exhaustive order; a move whose
+VM is already moved or whose target is full is dropped without estimating.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmshare.engine import EngineConfig
+from vmshare.engine.sampled import Contents, Estimate, sharing
+from vmshare.fleet.placement import Move, extra_on
+from vmshare.model import PAGE_SIZE
+from vmshare.records.sketchfile import FULL, Sketch, VmSketch
+
+I64 = npt.NDArray[np.int64]
+Z_TEST = 1.96          # the 95% test every move must pass (its interval wholly a gain)
+FLOOR, HERE = -2, -1   # a VM's queue entries before its hosts': bound with a floor, exact
+
+
+class _GroupIndex:
+    """One trust group's contents over the fleet: each value's hosts
+    (``hosts[start:start+count]``) and whether any VM samples it (``sampled``),
+    zero pages per host, where each VM name is; per VM of the group (``places``:
+    host, position) its contents held elsewhere (``elsewhere``: those that may
+    count 1/rate, those that count one page at most) and ``risky``, its heavy
+    contents that may count below zero where it is."""
+
+    def __init__(self, hosts: Sequence[Sketch], places: list[tuple[int, int]]) -> None:
+        vms = [hosts[s].vms[j] for s, j in places]
+        parts = [a for v in vms for a in (v.values, v.heavy_values)]
+        values = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        pages = np.concatenate([a for v in vms for a in (np.zeros(v.values.size),
+                                                         v.heavy_counts)] or [np.zeros(0)])
+        heavy = np.repeat(np.arange(len(parts)) % 2 == 1, [a.size for a in parts])
+        owner = np.repeat(np.arange(len(parts)) // 2, [a.size for a in parts])
+        order = np.argsort(values, kind="stable")  # hosts stay ascending per value
+        values, heavy, owner, pages = values[order], heavy[order], owner[order], pages[order]
+        host = np.array([s for s, _ in places], np.int64)[owner]
+        new_value = np.r_[True, values[1:] != values[:-1]] if values.size else \
+            np.zeros(0, bool)
+        new_pair = new_value | (np.r_[True, host[1:] != host[:-1]] if values.size
+                                else new_value)
+        value_of = np.cumsum(new_value) - 1
+        held = np.bincount(value_of, weights=new_pair)[value_of] >= 2   # by another host too
+        sampled = np.bincount(value_of, weights=~heavy) > 0
+        wide = ~heavy | sampled[value_of]          # may count 1/rate: some VM samples it
+        n = len(places)
+        self.elsewhere = (np.bincount(owner, weights=held & wide, minlength=n),
+                          np.bincount(owner, weights=held & ~wide, minlength=n))
+        self.risky = np.bincount(owner, weights=heavy & wide, minlength=n)
+        self.hosts = host[new_pair]
+        # the group's heavy pages of each value on each host (what extra_on's exact part sees)
+        self.heavy = np.bincount(np.cumsum(new_pair) - 1, weights=pages).astype(np.int64)
+        first = np.flatnonzero(new_value[new_pair])
+        self.values, self.start = values[new_pair][first], first
+        self.count = np.diff(np.r_[first, self.hosts.size])
+        self.sampled = sampled
+        self.zero = np.zeros(len(hosts), np.int64)
+        self.where: dict[str, list[int]] = {}       # a VM name's hosts (names may repeat)
+        for (s, _), v in zip(places, vms, strict=True):
+            self.zero[s] += v.zero_pages
+            self.where.setdefault(v.name, []).append(s)
+
+    def split(self, vm: VmSketch) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+        """``vm``'s contents that may count 1/rate (its samples; its heavy ones that
+        another VM of the group samples), and which of its heavy ones are the
+        rest: sampled nowhere, so their part of an estimate is exact."""
+        h = vm.heavy_values
+        wide = self.sampled[np.searchsorted(self.values, h)]
+        return np.concatenate([vm.values, h[wide]]), ~wide
+
+    def _entries(self, ids: npt.NDArray[np.uint64]) -> tuple[I64, I64]:
+        """Where each of ``ids``' (value, host) pairs is, and how many per id."""
+        pos = np.searchsorted(self.values, ids)
+        lens = self.count[pos]
+        first = np.repeat(self.start[pos] - np.cumsum(lens) + lens, lens)
+        return first + np.arange(int(lens.sum())), lens
+
+    def shared_per_host(self, ids: npt.NDArray[np.uint64]) -> I64:
+        """Per host, how many of ``ids`` it holds."""
+        at, _ = self._entries(ids)
+        return np.bincount(self.hosts[at], minlength=self.zero.size).astype(np.int64)
+
+    def heavy_gain_per_host(self, ids: npt.NDArray[np.uint64], pages: npt.NDArray[Any],
+                            max_page_sharing: int) -> npt.NDArray[np.float64]:
+        """Per host, sum over ``ids`` (heavy, ``pages`` each) of f(h + v) - f(h) - f(v)
+        with h the host's heavy pages of it: the exact part extra_on counts."""
+        at, lens = self._entries(ids)
+        h = self.heavy[at]
+        v = np.repeat(pages.astype(np.int64), lens)
+        m = max_page_sharing           # f(h + v) - f(h) - f(v), f(n) = n - ceil(n / m)
+        gain = (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
+        return np.bincount(self.hosts[at], weights=gain,
+                           minlength=self.zero.size).astype(np.float64)
+
+
+@dataclass
+class _Vm:
+    src: int
+    vm: VmSketch
+    need: int
+    bound: float                                    # on its gain, before here is known
+    floor: float                                    # under here.value
+    here: Estimate | None = None                    # its extra saving where it is
+    order: list[tuple[float, int]] | None = None    # (-bound, target), best last
+
+
+def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.NDArray[
+        np.float64], config: EngineConfig) -> list[tuple[float, int]]:
+    """(-bound on the gain, target) of each target ``v`` might gain on, worst first."""
+    assert v.here is not None
+    vm, src = v.vm, hosts[v.src]
+    wide, exact = index.split(vm)
+    shared = index.shared_per_host(wide).astype(np.float64)
+    m = config.max_page_sharing
+    certain = index.heavy_gain_per_host(vm.heavy_values[exact], vm.heavy_counts[exact], m)
+    rates = np.array([min(src.effective, h.effective) / 2**64 for h in hosts])
+    zero = np.zeros(len(hosts))
+    if not config.use_zero_pages and vm.zero_pages:
+        z = index.zero
+        zero = (sharing(z + vm.zero_pages, m) - sharing(z, m)
+                - sharing(vm.zero_pages, m)).astype(np.float64)
+        for d in index.where.get(vm.name, ()):   # its name there: extra_on leaves that out
+            zero[d] = 1.0
+    if vm.name in index.where:                   # so at most one page per heavy content
+        held = index.shared_per_host(vm.heavy_values[exact])
+        for d in index.where[vm.name]:
+            certain[d] = float(held[d])
+    bound = shared / rates + (certain + zero) - v.here.value   # the gain's float steps
+    ok = (bound > 0) & (room >= v.need)
+    ok[v.src] = False
+    return sorted(((-float(bound[d]), int(d)) for d in np.flatnonzero(ok)), reverse=True)
+
+
+def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineConfig,
+              top: int = 5) -> list[Move]:
+    """The few moves that gain most, best first (see the module docstring)."""
+    groups = sorted({v.group for h in hosts for v in h.vms}, key=lambda g: g or "")
+    index: dict[str | None, _GroupIndex] = {}
+    least = min((h.effective for h in hosts), default=FULL)
+    space = np.array([room.get(h.host, 0.0) for h in hosts])
+    queue: list[tuple[float, int, int, int, int]] = []
+    vms: dict[tuple[int, int], _Vm] = {}
+    for g in groups:
+        places = [(s, j) for s, h in enumerate(hosts) for j, v in enumerate(h.vms)
+                  if v.group == g]
+        gi = index[g] = _GroupIndex(hosts, places)
+        for (s, j), wide, narrow, risky in zip(places, *gi.elsewhere, gi.risky, strict=True):
+            vm, src = hosts[s].vms[j], hosts[s]
+            zero = 1.0 if vm.zero_pages and not config.use_zero_pages else 0.0
+            # only a heavy content some VM samples can count below zero where it is,
+            # by at most 1/rate - 1 pages
+            floor = -risky * (2**64 / src.effective - 1.0) * (1 + 1e-9) - 1e-9 if risky \
+                else 0.0
+            v = vms[s, j] = _Vm(s, vm, vm.pages * PAGE_SIZE, int(wide) / (
+                min(src.effective, least) / 2**64) + (int(narrow) + zero), floor)
+            if v.bound - floor > 0:
+                heapq.heappush(queue, (-(v.bound - floor), s, j, FLOOR, 0))
+    return _greedy(hosts, index, vms, queue, room, space, config, top)
+
+
+def _greedy(hosts: Sequence[Sketch], index: dict[str | None, _GroupIndex],
+            vms: dict[tuple[int, int], _Vm], queue: list[tuple[float, int, int, int, int]],
+            room: dict[str, float], space: npt.NDArray[np.float64], config: EngineConfig,
+            top: int) -> list[Move]:
+    chosen: list[Move] = []
+    moved: set[str] = set()             # by name, as the exhaustive search
+    left = dict(room)
+    exact: dict[tuple[int, int, int], Estimate] = {}
+    cache: dict[tuple[str, str | None, int], Contents] = {}
+    while queue and len(chosen) < top:
+        _, s, j, d, is_exact = heapq.heappop(queue)
+        v = vms[s, j]
+        if v.vm.name in moved:
+            continue
+        if d == FLOOR:                  # its saving where it is, then a tighter bound
+            v.here = extra_on(v.vm, hosts[s].effective, hosts[s], config)
+            if v.bound - v.here.value > 0:
+                heapq.heappush(queue, (-(v.bound - v.here.value), s, j, HERE, 0))
+            continue
+        if d == HERE:                   # the VM's bound reached the top: its hosts'
+            v.order = _host_bounds(hosts, index[v.vm.group], v, space, config)
+        elif is_exact:
+            dst = hosts[d].host
+            if left.get(dst, 0.0) >= v.need:
+                left[dst] -= v.need
+                moved.add(v.vm.name)
+                chosen.append(Move(v.vm.name, hosts[s].host, dst, exact.pop((s, j, d)),
+                                   v.need, room[dst]))
+            continue
+        elif left.get(hosts[d].host, 0.0) >= v.need:
+            assert v.here is not None
+            there = extra_on(v.vm, hosts[s].effective, hosts[d], config, cache)
+            gain = Estimate(there.value - v.here.value, math.hypot(there.stderr,
+                                                                    v.here.stderr))
+            if gain.value - Z_TEST * gain.stderr > 0:
+                exact[s, j, d] = gain
+                heapq.heappush(queue, (-gain.value, s, j, d, 1))
+        if v.order:
+            bound, target = v.order.pop()
+            heapq.heappush(queue, (bound, s, j, target, 0))
+    return chosen
