@@ -24,6 +24,7 @@ from benchmarks.common import machine
 from vmshare.engine import KsmEngine
 from vmshare.engine._pages import hash64
 from vmshare.model import PAGE_SIZE, PageRun, Region
+from vmshare.prediction.scanning import DEFAULT_BUFFER_BYTES
 
 CHUNK = 16 << 20
 
@@ -74,7 +75,8 @@ def engine_scan(e: KsmEngine, images: dict[str, np.ndarray]) -> float:
     def fetch(pos: npt.NDArray[np.int64]) -> memoryview:
         return memoryview(rows[pos].reshape(-1))  # type: ignore[arg-type]
     t = time.perf_counter()
-    e.begin_scan({s: [Region("pc.ram", img.size)] for s, img in images.items()})
+    e.begin_scan({s: [Region("pc.ram", img.size)] for s, img in images.items()},
+                 store_pages=DEFAULT_BUFFER_BYTES // PAGE_SIZE)
     for s, img in images.items():
         mv = memoryview(img)  # type: ignore[arg-type]
         for o in range(0, len(mv), CHUNK):

@@ -88,8 +88,8 @@ from vmshare.engine.core import (
     KsmCounters,
     KsmEngine,
     ScanResult,
-    default_hasher,
 )
+from vmshare.engine.hashing import default_hasher
 from vmshare.engine.results import SourceSavings
 
 __all__ = [

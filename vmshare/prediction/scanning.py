@@ -307,7 +307,7 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     zero: dict[str, int] = {s.name: 0 for s in sources}
     for s in sources:
         s.read_into = ring.take
-    engine.begin_scan(regions)
+    engine.begin_scan(regions, store_pages=buffer_bytes // PAGE_SIZE)
     threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
                                 name=f"vmshare-scan-reader-{k}", daemon=True)
                for k in range(n)]
