@@ -35,6 +35,8 @@ from vmshare.engine.state import (
 from vmshare.errors import UsageError
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
 
+_COUNT_CHUNK = 1 << 16    # pages counted per step at the end of a scan
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -296,15 +298,17 @@ class KsmEngine:
         rmap_items = unshared = zero = 0
         settled = quiet
         for rs in self._order:
-            fl = rs.flags
-            seen = (fl & SEEN) != 0
-            fed += int(np.count_nonzero(seen))
-            zero_old = (fl & (ZERO | ZERO_NEW)) == ZERO
-            rmap_items += int(np.count_nonzero(seen & ~zero_old))
-            if settled:     # a volatile page (new, changed, just zero-mapped) remains
-                settled = not np.any(seen & ~zero_old & (rs.node < 0) & ((fl & UNSTABLE) == 0))
-            unshared += int(np.count_nonzero(fl & UNSTABLE))
-            zero += int(np.count_nonzero(fl & ZERO))
+            for s in range(0, rs.npages, _COUNT_CHUNK):    # chunks: small temporaries
+                fl = rs.flags[s:s + _COUNT_CHUNK]
+                seen = (fl & SEEN) != 0
+                fed += int(np.count_nonzero(seen))
+                seen &= (fl & (ZERO | ZERO_NEW)) != ZERO       # less the zero-mapped before
+                rmap_items += int(np.count_nonzero(seen))
+                if settled:     # a volatile page (new, changed, just zero-mapped) remains
+                    settled = not np.any(seen & (rs.node[s:s + _COUNT_CHUNK] < 0)
+                                         & ((fl & UNSTABLE) == 0))
+                unshared += int(np.count_nonzero(fl & UNSTABLE))
+                zero += int(np.count_nonzero(fl & ZERO))
         self._pages_scanned += rmap_items
         shared, sharing = self.nodes.shared_sharing()
         chains, dups = self.nodes.chain_counts()

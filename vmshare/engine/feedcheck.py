@@ -40,7 +40,7 @@ from vmshare.engine.state import (
 from vmshare.model import PAGE_SIZE
 
 _CHUNK = 1 << 13      # pages per vectorised step
-_NB = 16              # checksum buckets counted one at a time
+_NB = 32              # checksum buckets counted one at a time
 
 
 class FeedCheck:
@@ -169,7 +169,9 @@ def candidates(order: list[RegionState], zero_hash: int, limit: int) -> U64:
     keys: list[U64] = []
     counts: list[I64] = []
     for k in range(_NB if total > 1 else 0):
-        cks = np.concatenate([rs.ck[m == k] for rs, m in zip(order, bk, strict=True)])
+        cks = np.concatenate([rs.ck[s:s + _CHUNK][m[s:s + _CHUNK] == k]
+                              for rs, m in zip(order, bk, strict=True)
+                              for s in range(0, rs.npages, _CHUNK)] or [np.zeros(0, np.uint64)])
         u, c = np.unique(cks, return_counts=True)
         del cks
         keep = c >= 2

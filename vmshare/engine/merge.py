@@ -50,6 +50,7 @@ from vmshare.engine.state import (
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
 _CHUNK = 1 << 13      # pages per vectorised step: bounds temporaries
 _BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
+_GATHER = 1 << 16     # pages searched per step for a bucket's arrivals
 
 
 class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
@@ -216,8 +217,10 @@ class _Scan:
         pos_parts: list[I64] = []
         ck_parts: list[U64] = []
         for r, rs in enumerate(self.order):
-            ai = np.flatnonzero(buckets[r] == b) if buckets is not None else \
-                np.flatnonzero(self._arrivals(rs, 0, rs.npages))
+            ai = np.concatenate([np.flatnonzero(
+                buckets[r][s:s + _GATHER] == b if buckets is not None else
+                self._arrivals(rs, s, s + _GATHER)) + s for s in range(0, rs.npages, _GATHER)]
+                or [np.zeros(0, np.int64)])
             pos_parts.append(ai + int(self.offsets[r]))
             ck_parts.append(rs.ck[ai])
         return np.concatenate(pos_parts), np.concatenate(ck_parts)

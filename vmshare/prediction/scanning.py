@@ -10,13 +10,17 @@ hashing overlap. The engine keeps no reference to what it was fed
 the engine asks for the pages it must compare byte for byte, in position
 order and in bounded batches, and ``source_fetch`` reads them again from
 their sources (``PageSource.read_pages``: each stretch of consecutive pages
-in one system call) into one reused batch buffer. A page written since it
-was hashed is compared by its new bytes, as ksmd compares a page when it
+in one system call) into one reused batch buffer. The engine compares what
+it can while a run is fed (against the zero page and a store of group
+representatives as large as the ring: ``begin_scan(store_pages=...)``), so
+it asks again for the representatives and the groups beyond the store only.
+A page the engine asks for again is compared by its bytes then; one it
+compared when fed, by its bytes then, as ksmd compares a page when it
 reaches it.
 
-Memory: the ring, one batch of at most ``FETCH_PAGES`` pages and the
-engine's per-page state (13 bytes a page; vmshare.engine.state); nothing
-else grows with the guest.
+Memory: the ring, the store (at most the ring's size), one batch of at most
+``FETCH_PAGES`` pages and the engine's per-page state (13 bytes a page;
+vmshare.engine.state); nothing else grows with the guest.
 """
 
 from __future__ import annotations
