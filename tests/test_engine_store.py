@@ -67,6 +67,20 @@ def test_forced_collisions_with_a_store_give_the_read_again_counters(
         assert mappings(e) == mappings(plain)
 
 
+@settings(max_examples=100, deadline=None)
+@given(histories(), st.sampled_from([1, 64]))
+def test_a_store_in_verify_mode_gives_the_plain_verify_answers(
+        h: tuple[int, bool, list[tuple[World, dict[str, str]]]], store: int) -> None:
+    """Verify mode (runs retained, merged pages checked every scan) with forced
+    collisions: the same counters and mappings with a store as without."""
+    mps, uzp, scans = h
+    cfg = EngineConfig(max_page_sharing=mps, use_zero_pages=uzp)
+    e, plain = KsmEngine(cfg, collide), KsmEngine(cfg, collide)
+    for world, gens in scans:
+        assert feed_world(e, world, gens, store=store) == feed_world(plain, world, gens)
+        assert mappings(e) == mappings(plain)
+
+
 def mappings(e: KsmEngine) -> list[list[int]]:
     """Which pages share a stable node, node ids renumbered by first use (ids
     of different contents may be made in another order)."""
