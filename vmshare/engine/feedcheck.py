@@ -41,6 +41,7 @@ from vmshare.model import PAGE_SIZE
 
 _CHUNK = 1 << 13      # pages per vectorised step
 _NB = 32              # checksum buckets counted one at a time
+_GATHER = 1 << 16     # pages searched per step for a bucket's pages
 
 
 class FeedCheck:
@@ -152,35 +153,62 @@ def candidates(order: list[RegionState], zero_hash: int, limit: int) -> U64:
     """The checksums that may form groups of two arrivals or more at the next
     scan (sorted): those held by two pages or more of the ones that can be
     arrivals (a checksum, no stable node, not zero-mapped, not known alone),
-    at most ``limit``, the most repeated first. Counted in checksum buckets
-    (one byte a page and a bucket's checksums at a time)."""
+    at most ``limit``, the most repeated first. A page whose checksum no other
+    page holds (a stable node's pages included) is marked LONE on the way
+    (``vmshare.engine.lone``). Counted in checksum buckets: one byte a page,
+    and a bucket's checksums at a time."""
     zh = np.uint64(zero_hash)
     bk: list[npt.NDArray[np.uint8]] = []
     total = 0
-    for rs in order:
+    for rs in order:          # bucket of each page: k (may arrive), k + _NB (on a node)
         b = np.empty(rs.npages, dtype=np.uint8)
         for s in range(0, rs.npages, _CHUNK):
             e = min(rs.npages, s + _CHUNK)
-            fl, ck = rs.flags[s:e], rs.ck[s:e]
-            ok = ((fl & (HAS_CK | ZERO | LONE)) == HAS_CK) & (rs.node[s:e] < 0) & (ck != zh)
-            b[s:e] = np.where(ok, (ck >> np.uint64(56)).astype(np.uint8) % np.uint8(_NB), 255)
-            total += int(np.count_nonzero(ok))
+            fl, ck, on_node = rs.flags[s:e], rs.ck[s:e], rs.node[s:e] >= 0
+            ok = ((fl & (HAS_CK | ZERO | LONE)) == HAS_CK) & (ck != zh)
+            bid = (ck >> np.uint64(56)).astype(np.uint8) % np.uint8(_NB)
+            b[s:e] = np.where(ok, bid + np.where(on_node, np.uint8(_NB), np.uint8(0)), 255)
+            total += int(np.count_nonzero(ok & ~on_node))
         bk.append(b)
     keys: list[U64] = []
     counts: list[I64] = []
-    for k in range(_NB if total > 1 else 0):
-        cks = np.concatenate([rs.ck[s:s + _CHUNK][m[s:s + _CHUNK] == k]
-                              for rs, m in zip(order, bk, strict=True)
-                              for s in range(0, rs.npages, _CHUNK)] or [np.zeros(0, np.uint64)])
-        u, c = np.unique(cks, return_counts=True)
-        del cks
-        keep = c >= 2
-        keys.append(u[keep])
-        counts.append(c[keep])
-        if sum(k.size for k in keys) > 4 * limit:     # bound what is held
+    for k in range(_NB if total else 0):
+        u, c = _count_bucket(order, bk, k)
+        keys.append(u[c >= 2])
+        counts.append(c[c >= 2])
+        if sum(x.size for x in keys) > 4 * limit:     # bound what is held
             _top(keys, counts, limit)
     _top(keys, counts, limit)
     return np.sort(keys[0]) if keys else np.zeros(0, dtype=np.uint64)
+
+
+def _count_bucket(order: list[RegionState], bk: list[npt.NDArray[np.uint8]], k: int
+                  ) -> tuple[U64, I64]:
+    """Bucket ``k``'s checksums of pages that may arrive (sorted) and how many
+    pages hold each; marks LONE the pages whose checksum no other page holds."""
+    parts: list[tuple[RegionState, I64]] = []
+    mem: list[U64] = []
+    for rs, m in zip(order, bk, strict=True):
+        for s in range(0, rs.npages, _GATHER):
+            part = m[s:s + _GATHER]
+            idx = np.flatnonzero(part == k) + s
+            if idx.size:
+                parts.append((rs, idx))
+            on_node = np.flatnonzero(part == k + _NB) + s
+            if on_node.size:
+                mem.append(rs.ck[on_node])
+    if not parts:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    u, inv, c = np.unique(np.concatenate([rs.ck[idx] for rs, idx in parts]),
+                          return_inverse=True, return_counts=True)
+    alone = c == 1
+    if mem:
+        alone &= ~np.isin(u, np.concatenate(mem))
+    at = 0
+    for rs, idx in parts:
+        rs.flags[idx[alone[inv[at:at + idx.size]]]] |= np.uint8(LONE)
+        at += idx.size
+    return u, c
 
 
 def _top(keys: list[U64], counts: list[I64], limit: int) -> None:
