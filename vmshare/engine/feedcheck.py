@@ -68,6 +68,8 @@ class FeedCheck:
         """One run at global position ``base``: ``h`` its checksums, ``arrival``
         the pages that will be arrivals at end_scan (checksum unchanged, not kept
         on a stable node or the zero page, not known alone)."""
+        if not arrival.any():
+            return
         z = np.flatnonzero(arrival & (h == self.zero_hash))
         if z.size and self.zero_ok:
             out = np.empty(z.size, dtype=np.bool_)

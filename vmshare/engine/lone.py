@@ -28,7 +28,7 @@ from vmshare.engine.state import (
 )
 from vmshare.model import PAGE_SIZE
 
-_CHUNK = 1 << 13
+_CHUNK = 1 << 15
 
 
 class Volatile:

@@ -48,7 +48,7 @@ from vmshare.engine.state import (
 )
 
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
-_CHUNK = 1 << 13      # pages per vectorised step: bounds temporaries
+_CHUNK = 1 << 15      # pages per vectorised step: bounds temporaries
 _BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
 _GATHER = 1 << 16     # pages searched per step for a bucket's arrivals
 
