@@ -105,6 +105,21 @@ class ReadRing:
         self._closed = False
         self._cond = threading.Condition()
 
+    def fill(self, chunks: int) -> None:
+        """Allocate ``chunks`` chunks now (at most the ring's), so that the scan's
+        memory does not depend on how far the reader gets ahead of the engine."""
+        with self._cond:
+            while len(self._bufs) < min(chunks, self.limit):
+                self._free.append(self._add())
+
+    def _add(self) -> int:
+        """A new chunk (populated: no faults while reading); its index."""
+        k = len(self._bufs)
+        self._bufs.append(anon_buffer(self.chunk_bytes))
+        self._holds.append(0)
+        self._by_obj[id(self._bufs[k])] = k
+        return k
+
     def close(self) -> None:
         """Wake a reader waiting for a chunk: the scan is over (or failed)."""
         with self._cond:
@@ -122,13 +137,7 @@ class ReadRing:
                 if self._closed:
                     raise RuntimeError("scan ended while reading")
                 self._cond.wait()
-            if self._free:
-                k = self._free.pop()
-            else:
-                k = len(self._bufs)
-                self._bufs.append(anon_buffer(self.chunk_bytes))   # populated: no faults
-                self._holds.append(0)
-                self._by_obj[id(self._bufs[k])] = k
+            k = self._free.pop() if self._free else self._add()
             self._holds[k] = 1
             self._reading[me] = k
             return memoryview(self._bufs[k])[:n]
@@ -307,6 +316,7 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     t0 = time.perf_counter()
     regions, base, total = _layout(sources)
     ring = ReadRing(buffer_bytes // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
+    ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
     for s in sources:
