@@ -188,6 +188,7 @@ class KsmEngine:
             [0] + [rs.npages for rs in self._order]).tolist(), strict=False))
         self._check = None if store_pages <= 0 else \
             FeedCheck(self.zero_hash, candidates(self._order, self.zero_hash, store_pages))
+        release_freed_memory()        # the candidates' temporaries, before the reads
         self.nodes.free_empty()
         self._runs = []
         self._unretained = 0
