@@ -34,14 +34,14 @@ World = dict[str, list[bytes | None]]   # source -> pages of its one region (Non
 
 
 def feed_world(e: KsmEngine, world: World, gens: Mapping[str, str] | None = None,
-               shuffle: random.Random | None = None, *, fetched: World | None = None
-               ) -> KsmCounters:
+               shuffle: random.Random | None = None, *, fetched: World | None = None,
+               store: int = 0) -> KsmCounters:
     """One scan of ``world``. With ``fetched`` the runs are fed without being
     retained and the engine reads pages again from ``fetched`` (the content
-    then: usually ``world`` itself)."""
+    then: usually ``world`` itself); ``store``: begin_scan's store_pages."""
     regions = {s: [Region("ram", len(p) * PAGE_SIZE, (gens or {}).get(s, ""))]
                for s, p in world.items()}
-    e.begin_scan(regions)
+    e.begin_scan(regions, store_pages=store)
     runs: list[PageRun] = []
     for s, pages in world.items():
         i = 0

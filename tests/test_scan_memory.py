@@ -19,10 +19,10 @@ from vmshare.prediction.scanning import DEFAULT_BUFFER_BYTES
 
 PAGES = 2**30 // PAGE_SIZE
 #: what the scanning process holds beyond its buffers and per-page state:
-#: thread stacks, numpy temporaries of bounded batches, malloc slack, code
-#: pages faulted in (measured 68 MiB beyond the imports in all, of a 76 MiB
-#: budget with 24 MiB here; benchmarks/engine_scaling.py measures the per-page
-#: part alone: 31-40 B/page); a copy of the guest would add 1 GiB
+#: the store of representatives (8 MiB on this mix), thread stacks, numpy
+#: temporaries of bounded batches, malloc slack, code pages faulted in
+#: (benchmarks/engine_scaling.py measures the per-page part alone:
+#: 17.3-17.7 B/page); a copy of the guest would add 1 GiB
 ALLOWANCE = 32 * 2**20
 BYTES_PER_PAGE = 16
 

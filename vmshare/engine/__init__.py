@@ -34,7 +34,9 @@ items in neither tree. Meanings: ``vmshare.model.COUNTER_MEANINGS``.
 Representation (not the kernel's rbtrees): per-page state lives in numpy arrays
 (checksum uint64, stable node int32, flags uint8: 13 bytes a page); per stable
 node a count, a chain id and a 128-bit fingerprint (24 bytes a node). A scan is
-vectorised per region and per checksum bucket (``vmshare.engine.merge``); only
+vectorised per region and per checksum bucket (``vmshare.engine.merge``; a
+page alone in the unstable tree whose checksum held goes back there with no
+sort, ``vmshare.engine.lone``); only
 groups that meet an existing stable node, lose a member in the same scan, or
 hold a checksum collision are simulated page by page (``vmshare.engine.slowpath``).
 The work done once per page (xxh3 hashing, memcmp, the zero test) is in a small
@@ -49,6 +51,15 @@ Trust and verification (what is compared with what):
   with the first page of their checksum group, and a page joining an existing
   node is compared with a page of that node present (and kept) in this scan.
   So a hash collision never merges different pages.
+* Compared while fed (``begin_scan(store_pages=N)``, ``vmshare.engine.feedcheck``):
+  an arrival is compared with the zero page, or byte for byte with a copy of
+  the first page of its checksum group fed this scan (a store of at most N
+  copies, for the checksums that repeated at the previous scan), while its
+  bytes are at hand. End of scan: each copy's page is read again and must
+  still have the copy's xxh3_128; a group with a mismatch, a copy that
+  changed or no copy is read again and compared as below. A page is then
+  compared by its bytes as fed (ksmd compares a page when its cursor reaches
+  it), not as they are at the end of the scan.
 * A node's fingerprint is xxh3_128 of the verified bytes it was created from.
   Before pages join an existing node (slow path), the kept page used as the
   node's representative is checked against that fingerprint; a node failing
@@ -72,7 +83,9 @@ current scan's runs until ``end_scan`` returns (byte comparisons happen there)
 and holds no page bytes between scans. A run fed with ``retain=False`` is only
 hashed; the pages of it the scan must compare are asked of ``end_scan``'s
 ``fetch`` (at most ``state.FETCH_PAGES`` at a time) and compared as they are
-then, as ksmd compares a page when it reaches it. Verify mode needs every
+then, as ksmd compares a page when it reaches it; with a store (above) only
+the store's representatives and the groups it could not decide are asked
+for, and the store holds at most N page copies during the scan. Verify mode needs every
 merged page each scan, so it takes retained runs only.
 
 Incremental feeds: ``feed(run, unchanged)`` takes a per-page mask from a source
@@ -88,8 +101,8 @@ from vmshare.engine.core import (
     KsmCounters,
     KsmEngine,
     ScanResult,
-    default_hasher,
 )
+from vmshare.engine.hashing import default_hasher
 from vmshare.engine.results import SourceSavings
 
 __all__ = [

@@ -13,12 +13,14 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
-import xxhash
 
-from vmshare.engine import _pages, merge, results
+from vmshare.engine import merge, results
+from vmshare.engine.feedcheck import FeedCheck, candidates
+from vmshare.engine.hashing import Hasher, default_hasher, hash_pages, hash_some
 from vmshare.engine.results import SourceSavings
 from vmshare.engine.state import (
     HAS_CK,
+    LONE,
     SEEN,
     STABLE_CK,
     UNSTABLE,
@@ -33,14 +35,7 @@ from vmshare.engine.state import (
 from vmshare.errors import UsageError
 from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
 
-Hasher = Callable[[memoryview], int]
-
-_HASH_CHUNK = 4096   # pages a custom hasher hashes per list comprehension (bounds the list)
-
-
-def default_hasher(page: memoryview) -> int:
-    """xxh3_64 of one page (the index and checksum function)."""
-    return int(xxhash.xxh3_64_intdigest(page))
+_COUNT_CHUNK = 1 << 16    # pages counted per step at the end of a scan
 
 
 @dataclass(frozen=True)
@@ -137,6 +132,8 @@ class KsmEngine:
         self._regions: dict[tuple[str, str], RegionState] = {}
         self._order: list[RegionState] = []
         self._runs: list[RunRef] = []
+        self._base: dict[int, int] = {}     # id(RegionState) -> its first page's position
+        self._check: FeedCheck | None = None
         self._unretained = 0            # pages fed this scan with retain=False
         self._in_scan = False
         self._full_scans = 0
@@ -146,12 +143,20 @@ class KsmEngine:
 
     # -- scan protocol -------------------------------------------------------------
 
-    def begin_scan(self, regions: Mapping[str, Sequence[Region]]) -> None:
+    def begin_scan(self, regions: Mapping[str, Sequence[Region]], *,
+                   store_pages: int = 0) -> None:
         """Start a full scan over ``regions`` (source -> its regions, in scan order).
 
         Drops what is known of sources and regions not listed, and of regions whose
         generation or size changed. Raises UsageError if a scan is already open,
         a region key repeats within a source, or a size is not whole pages.
+
+        ``store_pages`` > 0: pages are compared while they are fed, against the
+        zero page and against a copy of the first page of each checksum group
+        (at most ``store_pages`` copies; ``vmshare.engine.feedcheck``), so that
+        ``end_scan`` reads again only what those could not decide. A page is
+        then compared by its bytes as fed, as ksmd compares a page when its
+        cursor reaches it, not as they are at ``end_scan``.
         """
         if self._in_scan:
             raise UsageError("begin_scan called while a scan is in progress")
@@ -177,8 +182,13 @@ class KsmEngine:
                 known = RegionState(source, rkey, reg.generation, reg.size // PAGE_SIZE)
                 self._regions[(source, rkey)] = known
             rs = known
-            rs.flags &= np.uint8(HAS_CK | ZERO)      # SEEN, STABLE_CK, UNSTABLE, ZERO_NEW reset
+            rs.flags &= np.uint8(HAS_CK | ZERO | LONE)   # SEEN, STABLE_CK, UNSTABLE, ZERO_NEW reset
             self._order.append(rs)
+        self._base = dict(zip(map(id, self._order), np.cumsum(
+            [0] + [rs.npages for rs in self._order]).tolist(), strict=False))
+        self._check = None if store_pages <= 0 else \
+            FeedCheck(self.zero_hash, candidates(self._order, self.zero_hash, store_pages))
+        release_freed_memory()        # the candidates' temporaries, before the reads
         self.nodes.free_empty()
         self._runs = []
         self._unretained = 0
@@ -227,17 +237,22 @@ class KsmEngine:
             raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
         ck = rs.ck[first:first + n]
         if unchanged is None:
-            h = self._hash_pages(data, n)
+            h = hash_pages(self.hasher, data, n)
         else:
             if unchanged.shape != (n,):
                 raise UsageError(f"unchanged mask of {unchanged.size} for a run of {n} pages")
             h = ck.copy()
             todo = np.flatnonzero(~(unchanged & ((flags & HAS_CK) != 0)))
             if todo.size == n:
-                h = self._hash_pages(data, n)
+                h = hash_pages(self.hasher, data, n)
             elif todo.size:
-                h[todo] = self._hash_some(data, todo)
+                h[todo] = hash_some(self.hasher, data, todo)
         stable = ((flags & HAS_CK) != 0) & (ck == h)
+        if self._check is not None:       # pages that will be arrivals: compare them now
+            arrive = stable & ((flags & (ZERO | LONE)) == 0)
+            if not self.verify_merged:
+                arrive &= rs.node[first:first + n] < 0
+            self._check.feed(data, self._base[id(rs)] + first, h, arrive)
         ck[:] = h
         flags |= np.uint8(SEEN | HAS_CK)
         flags[stable] |= np.uint8(STABLE_CK)
@@ -269,7 +284,7 @@ class KsmEngine:
         try:
             quiet = merge.run_scan(self._order, self._runs, self.nodes, self.config,
                                    self.zero_hash, self.verify_merged,
-                                   fetch if self._unretained else None)
+                                   fetch if self._unretained else None, self._check)
         except BaseException:
             self.abort_scan()            # a fetch failed (the source went away)
             raise
@@ -277,21 +292,24 @@ class KsmEngine:
             self._runs = []
             self._unretained = 0
             self._in_scan = False
+            self._check = None
             release_freed_memory()
         self._full_scans += 1
         fed = 0
         rmap_items = unshared = zero = 0
         settled = quiet
         for rs in self._order:
-            fl = rs.flags
-            seen = (fl & SEEN) != 0
-            fed += int(np.count_nonzero(seen))
-            zero_old = (fl & (ZERO | ZERO_NEW)) == ZERO
-            rmap_items += int(np.count_nonzero(seen & ~zero_old))
-            if settled:     # a volatile page (new, changed, just zero-mapped) remains
-                settled = not np.any(seen & ~zero_old & (rs.node < 0) & ((fl & UNSTABLE) == 0))
-            unshared += int(np.count_nonzero(fl & UNSTABLE))
-            zero += int(np.count_nonzero(fl & ZERO))
+            for s in range(0, rs.npages, _COUNT_CHUNK):    # chunks: small temporaries
+                fl = rs.flags[s:s + _COUNT_CHUNK]
+                seen = (fl & SEEN) != 0
+                fed += int(np.count_nonzero(seen))
+                seen &= (fl & (ZERO | ZERO_NEW)) != ZERO       # less the zero-mapped before
+                rmap_items += int(np.count_nonzero(seen))
+                if settled:     # a volatile page (new, changed, just zero-mapped) remains
+                    settled = not np.any(seen & (rs.node[s:s + _COUNT_CHUNK] < 0)
+                                         & ((fl & UNSTABLE) == 0))
+                unshared += int(np.count_nonzero(fl & UNSTABLE))
+                zero += int(np.count_nonzero(fl & ZERO))
         self._pages_scanned += rmap_items
         shared, sharing = self.nodes.shared_sharing()
         chains, dups = self.nodes.chain_counts()
@@ -315,6 +333,7 @@ class KsmEngine:
         self._runs = []
         self._unretained = 0
         self._in_scan = False
+        self._check = None
         self._settled = False
         self.nodes = NodeTable()
 
@@ -369,29 +388,6 @@ class KsmEngine:
         return results.shares_with(self._order)
 
     # -- internals -----------------------------------------------------------------
-
-    def _hash_pages(self, data: memoryview, n: int) -> npt.NDArray[np.uint64]:
-        out = np.empty(n, dtype=np.uint64)
-        if self.hasher is default_hasher:     # the same xxh3_64, in C, GIL released
-            _pages.hash64(data, out)
-            return out
-        for c in range(0, n, _HASH_CHUNK):
-            m = min(_HASH_CHUNK, n - c)
-            base = c * PAGE_SIZE
-            out[c:c + m] = [self.hasher(data[o:o + PAGE_SIZE])
-                            for o in range(base, base + m * PAGE_SIZE, PAGE_SIZE)]
-        return out
-
-    def _hash_some(self, data: memoryview, idx: npt.NDArray[np.intp]
-                   ) -> npt.NDArray[np.uint64]:
-        out = np.empty(idx.size, dtype=np.uint64)
-        if self.hasher is default_hasher:
-            _pages.hash64_at(data, np.ascontiguousarray(idx, dtype=np.int64), out)
-            return out
-        for c in range(0, idx.size, _HASH_CHUNK):
-            out[c:c + _HASH_CHUNK] = [self.hasher(data[o:o + PAGE_SIZE]) for o in
-                                      (idx[c:c + _HASH_CHUNK] * PAGE_SIZE).tolist()]
-        return out
 
     def _drop_region(self, rs: RegionState) -> None:
         self.nodes.unmap(rs.node[rs.node >= 0])

@@ -24,10 +24,14 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from vmshare.engine import lone
+from vmshare.engine.feedcheck import FeedCheck
 from vmshare.engine.slowpath import SlowPath
 from vmshare.engine.state import (
+    BOOL,
     I32,
     I64,
+    LONE,
     SEEN,
     STABLE_CK,
     U64,
@@ -44,8 +48,9 @@ from vmshare.engine.state import (
 )
 
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
-_CHUNK = 1 << 13      # pages per vectorised step: bounds temporaries
+_CHUNK = 1 << 15      # pages per vectorised step: bounds temporaries
 _BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
+_GATHER = 1 << 16     # pages searched per step for a bucket's arrivals
 
 
 class _Config(Protocol):  # EngineConfig, without importing core (no cycle)
@@ -60,8 +65,13 @@ class _Scan:
 
     def __init__(self, order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
                  config: _Config, zero_hash: int, verify: bool,
-                 fetch: Fetch | None = None) -> None:
+                 fetch: Fetch | None = None, check: FeedCheck | None = None) -> None:
         self.order = order
+        self.check = check
+        #: every zero-checksum arrival was found all zero when fed: one group, no read
+        self.zero_fast = check is not None and check.zero_ok
+        self.nzero = 0
+        self.vol = lone.Volatile(sum(rs.npages for rs in order))
         self.nodes = nodes
         self.mps = config.max_page_sharing
         self.uzp = config.use_zero_pages
@@ -122,9 +132,16 @@ class _Scan:
                 self.node_rep[nd[ki]] = ki + (base + s)
                 fl[zero & ~zkeep] &= np.uint8(~ZERO & 0xFF)
                 arr = seen & stable & ~keep & ~zkeep
+                alone = arr & ((fl & LONE) != 0)       # still alone: unstable at once
+                fl &= np.uint8(~LONE & 0xFF)
+                fl[alone] |= np.uint8(UNSTABLE | LONE)
+                arr &= ~alone
                 fl[~seen] = 0
                 fl[arr] |= np.uint8(ARRIVAL)
                 self.narrivals += int(np.count_nonzero(arr))
+                if self.zero_fast:
+                    self.nzero += int(np.count_nonzero(arr & (ck == self.zero_hash)))
+                self.vol.add(ck[seen & ~stable])
         live_before = nodes.count > 0
         stale = live_before & (self.node_rep < 0)
         if stale.any():
@@ -180,14 +197,19 @@ class _Scan:
                 for s in range(0, rs.npages, _CHUNK):
                     e = min(rs.npages, s + _CHUNK)
                     b_of = ((rs.ck[s:e] >> np.uint64(40)) % np.uint64(nb)).astype(np.uint8)
-                    bk[s:e] = np.where((rs.flags[s:e] & ARRIVAL) != 0, b_of, np.uint8(255))
+                    bk[s:e] = np.where(self._arrivals(rs, s, e), b_of, np.uint8(255))
                 buckets.append(bk)
+        if self.check is not None:
+            self.check.confirm(self.atlas)
         for b in range(nb):
             self._bucket(b, buckets)
             release_freed_memory()
         del buckets
+        if self.nzero:
+            self._zero_group()
         if self.slow:
             self._slow_groups()
+        self.vol.clear_lone(self.order)
 
     def _gather(self, b: int, buckets: list[npt.NDArray[np.uint8]] | None
                 ) -> tuple[I64, U64]:
@@ -195,11 +217,21 @@ class _Scan:
         pos_parts: list[I64] = []
         ck_parts: list[U64] = []
         for r, rs in enumerate(self.order):
-            ai = np.flatnonzero(buckets[r] == b) if buckets is not None else \
-                np.flatnonzero(rs.flags & ARRIVAL)
+            ai = np.concatenate([np.flatnonzero(
+                buckets[r][s:s + _GATHER] == b if buckets is not None else
+                self._arrivals(rs, s, s + _GATHER)) + s for s in range(0, rs.npages, _GATHER)]
+                or [np.zeros(0, np.int64)])
             pos_parts.append(ai + int(self.offsets[r]))
             ck_parts.append(rs.ck[ai])
         return np.concatenate(pos_parts), np.concatenate(ck_parts)
+
+    def _arrivals(self, rs: RegionState, s: int, e: int) -> npt.NDArray[np.bool_]:
+        """Pages ``s:e`` of ``rs`` decided in checksum buckets: the arrivals,
+        less the zero group when it is decided apart (``_zero_group``)."""
+        arr: BOOL = (rs.flags[s:e] & ARRIVAL) != 0
+        if self.zero_fast:
+            arr &= rs.ck[s:e] != self.zero_hash
+        return arr
 
     def _bucket(self, b: int, buckets: list[npt.NDArray[np.uint8]] | None) -> None:
         """Decide one bucket's arrivals. Group-level arrays are built once; the
@@ -224,11 +256,13 @@ class _Scan:
         zero_g = (gck == self.zero_hash) if self.uzp else np.zeros(gck.size, np.bool_)
         cand = (gsize >= 2) | has_nodes | zero_g
         # per group: the flags its pages get, and for closed-form groups their nodes
-        gflags = np.where(cand, 0, UNSTABLE).astype(np.uint8)
+        gflags = np.where(cand, 0, np.where(gck == self.zero_hash, UNSTABLE, UNSTABLE | LONE)
+                          ).astype(np.uint8)
         # node-free groups: byte-compared with their first page, which is fingerprinted
         fastg = cand & ~has_nodes
         fi = np.flatnonzero(fastg)
-        same, fps = self.atlas.verify_groups(pos, gstart[fi], gsize[fi])
+        same, fps = self.atlas.verify_groups(pos, gstart[fi], gsize[fi]) if self.check is None \
+            else self.check.verify(self.atlas, pos, gck[fi], gstart[fi], gsize[fi])
         fastg[fi[~same]] = False
         for g in np.flatnonzero(cand & ~fastg).tolist():
             s = int(gstart[g])
@@ -261,6 +295,35 @@ class _Scan:
                 node_of[member] = (first_node + blk)[member]
                 flags_or[lone] = UNSTABLE
             self._write_back(cpos, node_of, flags_or)
+
+    def _zero_group(self) -> None:
+        """The arrivals of the zero page's checksum, all found zero when fed: one
+        group of one content, decided without reading a page again (zero-mapped
+        with use_zero_pages, else dups in closed form), unless a stable node of
+        that checksum exists (then the slow path, as any group meeting one)."""
+        zh = self.zero_hash
+        if np.searchsorted(self.live_ck, zh, "right") > np.searchsorted(self.live_ck, zh):
+            pos = np.concatenate([np.flatnonzero(((rs.flags & ARRIVAL) != 0) & (rs.ck == zh))
+                                  + int(self.offsets[r]) for r, rs in enumerate(self.order)])
+            self.slow.append((int(zh), pos))
+            return
+        n = self.nzero
+        form = None
+        if not self.uzp and n >= 2:
+            one = np.zeros(1, dtype=np.int64)
+            form = self._closed_form(one, lone.zero_fingerprint(), np.full(1, n, np.int64))
+        rank = 0
+        for rs in self.order:
+            for s in range(0, rs.npages, _CHUNK):
+                e = min(rs.npages, s + _CHUNK)
+                idx = np.flatnonzero(((rs.flags[s:e] & ARRIVAL) != 0) & (rs.ck[s:e] == zh))
+                if not idx.size:
+                    continue
+                node_of, flags_or = lone.zero_rows(rank + np.arange(idx.size), form,
+                                                   self.mps, self.uzp)
+                rank += idx.size
+                rs.node[s + idx] = node_of
+                rs.flags[s + idx] = (rs.flags[s + idx] & np.uint8(~ARRIVAL & 0xFF)) | flags_or
 
     def _closed_form(self, fg: I64, fps: U64, gsize: I64
                      ) -> tuple[I64, I64, I64]:
@@ -315,10 +378,11 @@ class _Scan:
 
 def run_scan(order: list[RegionState], runs: list[RunRef], nodes: NodeTable,
              config: _Config, zero_hash: int, verify: bool,
-             fetch: Fetch | None = None) -> bool:
+             fetch: Fetch | None = None, check: FeedCheck | None = None) -> bool:
     """One scan's decisions; returns True when no mapping left a stable node.
-    ``fetch``: pages not in ``runs``, read again (KsmEngine.end_scan)."""
-    scan = _Scan(order, runs, nodes, config, zero_hash, verify, fetch)
+    ``fetch``: pages not in ``runs``, read again (KsmEngine.end_scan);
+    ``check``: the comparisons made while the runs were fed."""
+    scan = _Scan(order, runs, nodes, config, zero_hash, verify, fetch, check)
     try:
         scan.keep_and_break()
         scan.arrivals()

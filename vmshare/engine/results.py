@@ -33,6 +33,9 @@ class SourceSavings:
         return float(self.saved)
 
 
+_CHUNK = 1 << 16     # pages counted per step
+
+
 def per_source(order: list[RegionState], nodes: NodeTable) -> dict[str, SourceSavings]:
     """Per-source figures of the last completed scan (fair share, see SourceSavings)."""
     counts = nodes.count_array()
@@ -41,13 +44,17 @@ def per_source(order: list[RegionState], nodes: NodeTable) -> dict[str, SourceSa
     for rs in order:
         fl = rs.flags
         a = acc.setdefault(rs.source, [0, 0, 0, 0])
-        a[0] += int(np.count_nonzero(fl & SEEN))
-        # this region's pages per node (per node, not per page: no sort of pages)
-        mine = np.bincount(rs.node[rs.node >= 0], minlength=counts.size) \
-            if counts.size else np.zeros(0, dtype=np.int64)
+        # this region's pages per node (per node, not per page: no sort of pages),
+        # in chunks of pages (small temporaries)
+        mine = np.zeros(counts.size, dtype=np.int64)
+        for c in range(0, rs.npages, _CHUNK):
+            f, nd = fl[c:c + _CHUNK], rs.node[c:c + _CHUNK]
+            a[0] += int(np.count_nonzero(f & SEEN))
+            if counts.size:
+                mine += np.bincount(nd[nd >= 0], minlength=counts.size)
+            a[2] += int(np.count_nonzero(f & ZERO))
+            a[3] += int(np.count_nonzero(f & UNSTABLE))
         a[1] += int(mine.sum())
-        a[2] += int(np.count_nonzero(fl & ZERO))
-        a[3] += int(np.count_nonzero(fl & UNSTABLE))
         s = saved.get(rs.source, Fraction(0))
         used = np.flatnonzero(mine)
         if used.size:     # m pages on k-way nodes save m * (k - 1) / k

@@ -28,6 +28,7 @@ STABLE_CK = 4    # fed this scan with the checksum recorded at the previous scan
 ZERO = 8         # mapped to the zero page by use_zero_pages (no rmap item once passed)
 ZERO_NEW = 16    # zero-mapped during this scan: its rmap item still exists
 UNSTABLE = 32    # in this scan's unstable tree
+LONE = 128       # no other page had its checksum at the last scan, nor a stable node
 
 
 U64 = npt.NDArray[np.uint64]

@@ -10,13 +10,17 @@ hashing overlap. The engine keeps no reference to what it was fed
 the engine asks for the pages it must compare byte for byte, in position
 order and in bounded batches, and ``source_fetch`` reads them again from
 their sources (``PageSource.read_pages``: each stretch of consecutive pages
-in one system call) into one reused batch buffer. A page written since it
-was hashed is compared by its new bytes, as ksmd compares a page when it
+in one system call) into one reused batch buffer. The engine compares what
+it can while a run is fed (against the zero page and a store of group
+representatives as large as the ring: ``begin_scan(store_pages=...)``), so
+it asks again for the representatives and the groups beyond the store only.
+A page the engine asks for again is compared by its bytes then; one it
+compared when fed, by its bytes then, as ksmd compares a page when it
 reaches it.
 
-Memory: the ring, one batch of at most ``FETCH_PAGES`` pages and the
-engine's per-page state (13 bytes a page; vmshare.engine.state); nothing
-else grows with the guest.
+Memory: the ring, the store (at most the ring's size), one batch of at most
+``FETCH_PAGES`` pages and the engine's per-page state (13 bytes a page;
+vmshare.engine.state); nothing else grows with the guest.
 """
 
 from __future__ import annotations
@@ -101,6 +105,21 @@ class ReadRing:
         self._closed = False
         self._cond = threading.Condition()
 
+    def fill(self, chunks: int) -> None:
+        """Allocate ``chunks`` chunks now (at most the ring's), so that the scan's
+        memory does not depend on how far the reader gets ahead of the engine."""
+        with self._cond:
+            while len(self._bufs) < min(chunks, self.limit):
+                self._free.append(self._add())
+
+    def _add(self) -> int:
+        """A new chunk (populated: no faults while reading); its index."""
+        k = len(self._bufs)
+        self._bufs.append(anon_buffer(self.chunk_bytes))
+        self._holds.append(0)
+        self._by_obj[id(self._bufs[k])] = k
+        return k
+
     def close(self) -> None:
         """Wake a reader waiting for a chunk: the scan is over (or failed)."""
         with self._cond:
@@ -118,13 +137,7 @@ class ReadRing:
                 if self._closed:
                     raise RuntimeError("scan ended while reading")
                 self._cond.wait()
-            if self._free:
-                k = self._free.pop()
-            else:
-                k = len(self._bufs)
-                self._bufs.append(anon_buffer(self.chunk_bytes))   # populated: no faults
-                self._holds.append(0)
-                self._by_obj[id(self._bufs[k])] = k
+            k = self._free.pop() if self._free else self._add()
             self._holds[k] = 1
             self._reading[me] = k
             return memoryview(self._bufs[k])[:n]
@@ -303,11 +316,12 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     t0 = time.perf_counter()
     regions, base, total = _layout(sources)
     ring = ReadRing(buffer_bytes // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
+    ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
     for s in sources:
         s.read_into = ring.take
-    engine.begin_scan(regions)
+    engine.begin_scan(regions, store_pages=buffer_bytes // PAGE_SIZE)
     threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
                                 name=f"vmshare-scan-reader-{k}", daemon=True)
                for k in range(n)]
