@@ -47,6 +47,26 @@ def may_hold_thp(vma: Vma) -> bool:
     return vma.thp_eligible is not False or vma.anon_huge_bytes > 0
 
 
+def _without(run: LivePageRun, zero: npt.NDArray[np.intp], dropped: Mask
+             ) -> Iterator[LivePageRun]:
+    """The stretches of ``run`` left once its all-zero pages ``zero[dropped]``
+    are taken out, each with its count of (kept) all-zero pages, worked out for
+    all stretches at once (on THP memory a run can fall into hundreds)."""
+    keep = np.ones(run.npages, dtype=np.int8)
+    keep[zero[dropped]] = 0
+    edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    kept_zero = np.zeros(run.npages + 1, dtype=np.intp)     # all-zero pages fed all the same
+    kept_zero[zero[~dropped] + 1] = 1
+    np.cumsum(kept_zero, out=kept_zero)
+    counts = (kept_zero[stops] - kept_zero[starts]).tolist()
+    source, region, first, data, pagemap = (run.source, run.region, run.first_page,
+                                            run.data, run.pagemap)
+    for a, b, nzero in zip(starts.tolist(), stops.tolist(), counts, strict=True):
+        yield LivePageRun(source, region, first + a, data[a * PAGE_SIZE:b * PAGE_SIZE],
+                          pagemap[a:b], zero_pages=nzero)
+
+
 class KernelVisiblePages:
     """A live source without the all-zero pages kernel KSM never counts.
 
@@ -116,16 +136,7 @@ class KernelVisiblePages:
             if not dropped.any():
                 yield replace(run, zero_pages=int(zero.size))
                 continue
-            kept_zero = zero[~dropped]             # all-zero pages fed all the same
-            keep = np.ones(run.npages, dtype=np.int8)
-            keep[zero[dropped]] = 0
-            edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
-            for a, b in zip(np.flatnonzero(edges == 1).tolist(),
-                            np.flatnonzero(edges == -1).tolist(), strict=True):
-                first, data = run.first_page + a, run.data[a * PAGE_SIZE:b * PAGE_SIZE]
-                nzero = int(np.searchsorted(kept_zero, b) - np.searchsorted(kept_zero, a))
-                yield LivePageRun(run.source, run.region, first, data, run.pagemap[a:b],
-                                  zero_pages=nzero)
+            yield from _without(run, zero, dropped)
 
     def _classify(self, run: LivePageRun, zero: npt.NDArray[np.intp]) -> tuple[Mask, Mask]:
         """Of the all-zero pages ``zero`` of ``run``: which map the (huge) zero
