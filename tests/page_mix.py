@@ -16,6 +16,8 @@ n = int(sys.argv[1])
 m = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 if sys.argv[3] == "1":
     m.madvise(mmap.MADV_MERGEABLE)       # kernel KSM may merge it (benchmarks)
+if sys.argv[4] == "1":
+    m.madvise(mmap.MADV_HUGEPAGE)        # transparent huge pages where the kernel gives them
 a = np.frombuffer(m, dtype=np.uint64).reshape(n, 512)
 rng = np.random.default_rng(int(sys.argv[2]))
 for lo in range(0, n, 1 << 16):          # in slices: the child's temporaries stay small
@@ -30,11 +32,12 @@ sys.stdin.read()
 
 
 @contextmanager
-def mix_process(pages: int, seed: int = 1, *, mergeable: bool = False
+def mix_process(pages: int, seed: int = 1, *, mergeable: bool = False, thp: bool = False
                 ) -> Iterator[tuple[int, int]]:
     """A child process holding ``pages`` pages of the mix (madvised MERGEABLE
-    with ``mergeable``); yields (pid, address)."""
-    with mapping_process(MIX_CHILD, str(pages), str(seed), str(int(mergeable))) as (proc, addr):
+    with ``mergeable``, HUGEPAGE with ``thp``); yields (pid, address)."""
+    with mapping_process(MIX_CHILD, str(pages), str(seed), str(int(mergeable)),
+                         str(int(thp))) as (proc, addr):
         yield proc.pid, addr
 
 

@@ -196,7 +196,7 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     import numpy as np
 
     from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
-    from vmshare.model import Region
+    from vmshare.model import Region, Vma
     from vmshare.sources.live import LivePageRun
     from vmshare.sources.visible import KernelVisiblePages
 
@@ -213,7 +213,7 @@ def test_kernel_visible_pages_drop_zero_page_and_thp_zero_subpages(tmp_path: Pat
     data[3 * 4096] = 1
     region = Region("pc.ram", 4 * 4096, "g")
     inner = SimpleNamespace(
-        name="vm", regions=lambda: [region],
+        name="vm", regions=lambda: [region], vmas=[Vma(0x10000000, 0x10004000, "rw-p", 0, "")],
         runs=lambda chunk_pages=4096, part=(0, 1): iter(
             [LivePageRun("vm", "pc.ram", 0, memoryview(data), entries)]),
         close=lambda: None)

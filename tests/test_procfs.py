@@ -129,3 +129,14 @@ def test_mount_table(tmp_path: Path) -> None:
     assert "/" in {line.split()[1] for line in mount_table().splitlines()}
     with pytest.raises(ProcfsError, match="cannot read mount table"):
         mount_table(str(tmp_path / "missing"))
+
+
+def test_smaps_thp_eligible_is_read_per_mapping() -> None:
+    from vmshare.ksm.procfs import parse_smaps
+    text = ("7f0000000000-7f0000200000 rw-p 00000000 00:00 0 \n"
+            "AnonHugePages:      2048 kB\nTHPeligible:    1\nVmFlags: rd wr hg\n"
+            "7f0000200000-7f0000400000 rw-p 00000000 00:00 0 \n"
+            "THPeligible:    0\nVmFlags: rd wr\n"
+            "7f0000400000-7f0000600000 rw-p 00000000 00:00 0 \nVmFlags: rd wr\n")
+    got = [(v.thp_eligible, v.anon_huge_bytes) for v in parse_smaps(text)]
+    assert got == [(True, 2 << 20), (False, 0), (None, 0)]

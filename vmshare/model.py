@@ -152,6 +152,9 @@ class Vma:
     vmflags: frozenset[str] = field(default_factory=frozenset)
     rss_bytes: int = 0
     anon_huge_bytes: int = 0
+    #: smaps' THPeligible: may the kernel back this mapping with transparent
+    #: huge pages now (None: not reported)
+    thp_eligible: bool | None = None
 
     @property
     def size(self) -> int:
