@@ -35,6 +35,7 @@ from vmshare.engine.state import (
     PageAtlas,
     RegionState,
     fingerprint_bytes,
+    small_pages,
 )
 from vmshare.model import PAGE_SIZE
 
@@ -55,7 +56,7 @@ class FeedCheck:
         self.cand = candidates
         self.slot_of = np.full(candidates.size, -1, dtype=np.int32)
         cap = candidates.size         # at most the store's pages (see candidates)
-        self.store = np.empty((cap, PAGE_SIZE), dtype=np.uint8)   # touched as used
+        self.store = small_pages(np.empty((cap, PAGE_SIZE), dtype=np.uint8))   # touched as used
         self.used = 0
         self.rep_pos = np.zeros(cap, dtype=np.int64)   # each slot's representative
         self.members = np.zeros(cap, dtype=np.int64)   # arrivals compared (rep included)
@@ -95,10 +96,11 @@ class FeedCheck:
         if new.size:
             nk, first = np.unique(ck[new], return_index=True)
             s = np.arange(self.used, self.used + nk.size, dtype=np.int32)
-            self.used += nk.size
             self.slot_of[nk] = s
             src = idx[new[first]]
-            self.store[s] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)[src]
+            np.take(np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE), src, axis=0,
+                    out=self.store[self.used:self.used + nk.size], mode="clip")   # unbuffered
+            self.used += nk.size
             self.rep_pos[s] = src + base
             self.members[s] = 1
             rest = np.ones(idx.size, dtype=np.bool_)
