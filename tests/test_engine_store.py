@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 from collections.abc import Iterator
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ from tests.dump_corpus import mapping_process
 from tests.engine_reference import ReferenceKsm
 from tests.test_engine import World, as_dict, feed_world, histories, pg, ref_scan, xxh
 from tests.test_engine_incremental import CHILD, rewrite
-from vmshare.engine import EngineConfig, KsmEngine
+from vmshare.engine import EngineConfig, KsmEngine, merge
 from vmshare.model import PAGE_SIZE, Vma
 from vmshare.prediction.scanning import source_fetch
 from vmshare.sources.live import LiveProcessSource
@@ -47,6 +48,26 @@ def test_a_store_of_any_size_gives_the_reference_counters(
         assert {s: v.saved for s, v in e.per_source().items() if v.saved} == \
             {s: v for s, v in ref.saved().items() if v}
         assert {a: row for a, row in e.shares_with().items() if row} == ref.shares_with()
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.randoms(use_true_random=False), st.sampled_from([0, 2]))
+def test_arrivals_in_many_checksum_buckets_give_the_reference_counters(
+        h: tuple[int, bool, list[tuple[World, dict[str, str]]]], rnd: random.Random,
+        store: int) -> None:
+    """Buckets of one arrival at least (nearly a bucket an arrival, each one's
+    number kept in its flags) and no scratch flag left after a scan: the
+    reference's counters and savings."""
+    mps, uzp, scans = h
+    e = KsmEngine(EngineConfig(max_page_sharing=mps, use_zero_pages=uzp))
+    ref = ReferenceKsm(max_page_sharing=mps, use_zero_pages=uzp, hasher=xxh)
+    with patch.object(merge, "_BUCKET", 1):
+        for world, gens in scans:
+            c = feed_world(e, world, gens, shuffle=rnd, fetched=world, store=store)
+            assert as_dict(c) == ref_scan(ref, world, gens)
+            assert {s: v.saved for s, v in e.per_source().items() if v.saved} == \
+                {s: v for s, v in ref.saved().items() if v}
+            assert not any((rs.flags & merge.ARRIVAL).any() for rs in e._order)
 
 
 @settings(max_examples=200, deadline=None)

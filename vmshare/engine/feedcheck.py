@@ -23,7 +23,6 @@ full) goes the way of pages never compared: read again and compared then.
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 
 from vmshare.engine._pages import PageSet
 from vmshare.engine.state import (
@@ -36,11 +35,12 @@ from vmshare.engine.state import (
     PageAtlas,
     RegionState,
     fingerprint_bytes,
+    small_pages,
 )
 from vmshare.model import PAGE_SIZE
 
 _CHUNK = 1 << 13      # pages per vectorised step
-_NB = 32              # checksum buckets counted one at a time
+_NB = 64              # checksum buckets counted one at a time
 _GATHER = 1 << 16     # pages searched per step for a bucket's pages
 
 
@@ -56,7 +56,7 @@ class FeedCheck:
         self.cand = candidates
         self.slot_of = np.full(candidates.size, -1, dtype=np.int32)
         cap = candidates.size         # at most the store's pages (see candidates)
-        self.store = np.empty((cap, PAGE_SIZE), dtype=np.uint8)   # touched as used
+        self.store = small_pages(np.empty((cap, PAGE_SIZE), dtype=np.uint8))   # touched as used
         self.used = 0
         self.rep_pos = np.zeros(cap, dtype=np.int64)   # each slot's representative
         self.members = np.zeros(cap, dtype=np.int64)   # arrivals compared (rep included)
@@ -96,10 +96,11 @@ class FeedCheck:
         if new.size:
             nk, first = np.unique(ck[new], return_index=True)
             s = np.arange(self.used, self.used + nk.size, dtype=np.int32)
-            self.used += nk.size
             self.slot_of[nk] = s
             src = idx[new[first]]
-            self.store[s] = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)[src]
+            np.take(np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE), src, axis=0,
+                    out=self.store[self.used:self.used + nk.size], mode="clip")   # unbuffered
+            self.used += nk.size
             self.rep_pos[s] = src + base
             self.members[s] = 1
             rest = np.ones(idx.size, dtype=np.bool_)
@@ -151,54 +152,64 @@ class FeedCheck:
         return same, fps
 
 
+#: the flags of a page counted in candidates' bucket v: bit 64 (set on no
+#: other page then) and v in the bits such a page has alike (HAS_CK set, the
+#: rest clear); restored after
+_MARK = 64
+_CODES = np.array([_MARK | sum(bit for i, bit in enumerate((2, 4, 16, 32, 8, 1)) if v >> i & 1)
+                   for v in range(_NB)], dtype=np.uint8)
+
+
 def candidates(order: list[RegionState], zero_hash: int, limit: int) -> U64:
     """The checksums that may form groups of two arrivals or more at the next
     scan (sorted): those held by two pages or more of the ones that can be
     arrivals (a checksum, no stable node, not zero-mapped, not known alone),
     at most ``limit``, the most repeated first. A page whose checksum no other
     page holds (a stable node's pages included) is marked LONE on the way
-    (``vmshare.engine.lone``). Counted in checksum buckets: one byte a page,
-    and a bucket's checksums at a time."""
+    (``vmshare.engine.lone``). Counted in checksum buckets (each page's bucket
+    kept in its flags, ``_CODES``), a bucket's checksums at a time."""
     zh = np.uint64(zero_hash)
-    bk: list[npt.NDArray[np.uint8]] = []
     total = 0
-    for rs in order:          # bucket of each page: k (may arrive), k + _NB (on a node)
-        b = np.empty(rs.npages, dtype=np.uint8)
-        for s in range(0, rs.npages, _CHUNK):
-            e = min(rs.npages, s + _CHUNK)
-            fl, ck, on_node = rs.flags[s:e], rs.ck[s:e], rs.node[s:e] >= 0
-            ok = ((fl & (HAS_CK | ZERO | LONE)) == HAS_CK) & (ck != zh)
-            bid = (ck >> np.uint64(56)).astype(np.uint8) % np.uint8(_NB)
-            b[s:e] = np.where(ok, bid + np.where(on_node, np.uint8(_NB), np.uint8(0)), 255)
-            total += int(np.count_nonzero(ok & ~on_node))
-        bk.append(b)
-    keys: list[U64] = []
-    counts: list[I64] = []
-    for k in range(_NB if total else 0):
-        u, c = _count_bucket(order, bk, k)
-        keys.append(u[c >= 2])
-        counts.append(c[c >= 2])
-        if sum(x.size for x in keys) > 4 * limit:     # bound what is held
-            _top(keys, counts, limit)
-    _top(keys, counts, limit)
+    try:
+        for rs in order:
+            for s in range(0, rs.npages, _CHUNK):
+                e = min(rs.npages, s + _CHUNK)
+                fl, ck = rs.flags[s:e], rs.ck[s:e]
+                ok = np.flatnonzero(((fl & (HAS_CK | ZERO | LONE)) == HAS_CK) & (ck != zh))
+                fl[ok] = _CODES[(ck[ok] >> np.uint64(56)).astype(np.uint8) % np.uint8(_NB)]
+                total += int(np.count_nonzero(rs.node[s:e][ok] < 0))
+        keys: list[U64] = []
+        counts: list[I64] = []
+        for k in range(_NB if total else 0):
+            u, c = _count_bucket(order, k)
+            keys.append(u[c >= 2])
+            counts.append(c[c >= 2])
+            if sum(x.size for x in keys) > 4 * limit:     # bound what is held
+                _top(keys, counts, limit)
+        _top(keys, counts, limit)
+    finally:
+        for rs in order:          # the flags as they were, and LONE where marked
+            for s in range(0, rs.npages, _CHUNK):
+                fl = rs.flags[s:s + _CHUNK]
+                m = np.flatnonzero(fl & _MARK)
+                fl[m] = np.uint8(HAS_CK) | (fl[m] & np.uint8(LONE))
     return np.sort(keys[0]) if keys else np.zeros(0, dtype=np.uint64)
 
 
-def _count_bucket(order: list[RegionState], bk: list[npt.NDArray[np.uint8]], k: int
-                  ) -> tuple[U64, I64]:
+def _count_bucket(order: list[RegionState], k: int) -> tuple[U64, I64]:
     """Bucket ``k``'s checksums of pages that may arrive (sorted) and how many
     pages hold each; marks LONE the pages whose checksum no other page holds."""
     parts: list[tuple[RegionState, I64]] = []
     mem: list[U64] = []
-    for rs, m in zip(order, bk, strict=True):
+    for rs in order:
         for s in range(0, rs.npages, _GATHER):
-            part = m[s:s + _GATHER]
-            idx = np.flatnonzero(part == k) + s
+            idx = np.flatnonzero(rs.flags[s:s + _GATHER] == _CODES[k]) + s
+            on_node = rs.node[idx] >= 0
+            if on_node.any():                     # on a stable node: never arrive
+                mem.append(rs.ck[idx[on_node]])
+                idx = idx[~on_node]
             if idx.size:
                 parts.append((rs, idx))
-            on_node = np.flatnonzero(part == k + _NB) + s
-            if on_node.size:
-                mem.append(rs.ck[on_node])
     if not parts:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     u, inv, c = np.unique(np.concatenate([rs.ck[idx] for rs, idx in parts]),

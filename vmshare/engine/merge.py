@@ -29,6 +29,7 @@ from vmshare.engine.feedcheck import FeedCheck
 from vmshare.engine.slowpath import SlowPath
 from vmshare.engine.state import (
     BOOL,
+    HAS_CK,
     I32,
     I64,
     LONE,
@@ -48,6 +49,11 @@ from vmshare.engine.state import (
 )
 
 ARRIVAL = 64          # scratch flag during end_scan: the page is an arrival
+_ARRIVED = HAS_CK | SEEN | STABLE_CK   # with ARRIVAL, an arrival's only flags
+#: an arrival's flags once its bucket is known: ARRIVAL and the bucket's number in
+#: the seven bits every arrival has alike (not _ARRIVED: the zero group's value)
+_CODES = np.array([ARRIVAL | (v & 63) | ((v & 64) << 1) for v in range(128) if v != _ARRIVED],
+                  dtype=np.uint8)
 _CHUNK = 1 << 15      # pages per vectorised step: bounds temporaries
 _BUCKET = 1 << 12     # arrivals handled per bucket at least (memory bound below)
 _GATHER = 1 << 16     # pages searched per step for a bucket's arrivals
@@ -180,45 +186,38 @@ class _Scan:
         nck = self.node_ck[live]
         self.node_ck = np.zeros(0, dtype=np.uint64)   # no longer needed: free it now
         srt = np.argsort(nck, kind="stable")          # ties: ids ascending
-        self.live_ck = nck[srt]
-        del nck
-        self.live_ids = live[srt]
-        del srt, live
+        self.live_ck, self.live_ids = nck[srt], live[srt]
+        del nck, srt, live
         # every new node takes two arrivals at least: room for all of them now,
         # so the node table is not regrown (and copied) bucket after bucket
         nodes.reserve(self.narrivals // 2)
-        per = max(_BUCKET, self.total // 64)
-        nb = min(255, -(-self.narrivals // per)) if self.narrivals else 0
-        buckets: list[npt.NDArray[np.uint8]] | None = None
-        if nb > 1:
-            buckets = []
-            for rs in self.order:             # 255: not an arrival
-                bk = np.empty(rs.npages, dtype=np.uint8)
+        per = max(_BUCKET, self.total // 128)
+        nb = min(_CODES.size, -(-self.narrivals // per)) if self.narrivals else 0
+        if nb > 1:                    # each arrival's bucket, kept in its flags
+            for rs in self.order:
                 for s in range(0, rs.npages, _CHUNK):
                     e = min(rs.npages, s + _CHUNK)
-                    b_of = ((rs.ck[s:e] >> np.uint64(40)) % np.uint64(nb)).astype(np.uint8)
-                    bk[s:e] = np.where(self._arrivals(rs, s, e), b_of, np.uint8(255))
-                buckets.append(bk)
+                    ai = np.flatnonzero(self._arrivals(rs, s, e)) + s
+                    rs.flags[ai] = _CODES[(rs.ck[ai] >> np.uint64(40)) % np.uint64(nb)]
         if self.check is not None:
             self.check.confirm(self.atlas)
         for b in range(nb):
-            self._bucket(b, buckets)
+            self._bucket(int(_CODES[b]) if nb > 1 else None)
             release_freed_memory()
-        del buckets
         if self.nzero:
             self._zero_group()
         if self.slow:
             self._slow_groups()
         self.vol.clear_lone(self.order)
 
-    def _gather(self, b: int, buckets: list[npt.NDArray[np.uint8]] | None
-                ) -> tuple[I64, U64]:
-        """Positions and checksums of bucket ``b``'s arrivals, in position order."""
+    def _gather(self, code: int | None) -> tuple[I64, U64]:
+        """Positions and checksums of the arrivals whose flags are ``code`` (a
+        bucket's; None: every arrival, in one bucket), in position order."""
         pos_parts: list[I64] = []
         ck_parts: list[U64] = []
         for r, rs in enumerate(self.order):
             ai = np.concatenate([np.flatnonzero(
-                buckets[r][s:s + _GATHER] == b if buckets is not None else
+                rs.flags[s:s + _GATHER] == code if code is not None else
                 self._arrivals(rs, s, s + _GATHER)) + s for s in range(0, rs.npages, _GATHER)]
                 or [np.zeros(0, np.int64)])
             pos_parts.append(ai + int(self.offsets[r]))
@@ -233,11 +232,12 @@ class _Scan:
             arr &= rs.ck[s:e] != self.zero_hash
         return arr
 
-    def _bucket(self, b: int, buckets: list[npt.NDArray[np.uint8]] | None) -> None:
-        """Decide one bucket's arrivals. Group-level arrays are built once; the
-        per-arrival results are made and written back ``_CHUNK`` arrivals at a
-        time, so a bucket holding one huge group (all-zero pages) stays small."""
-        pos, ck = self._gather(b, buckets)   # this frame holds the only references
+    def _bucket(self, code: int | None) -> None:
+        """Decide one bucket's arrivals (``_gather``). Group-level arrays are
+        built once; the per-arrival results are made and written back ``_CHUNK``
+        arrivals at a time, so a bucket holding one huge group (all-zero pages)
+        stays small."""
+        pos, ck = self._gather(code)   # this frame holds the only references
         if not pos.size:
             return
         srt = np.argsort(ck, kind="stable")
@@ -363,7 +363,7 @@ class _Scan:
                 continue
             li = pos[m] - int(self.offsets[r])
             rs.node[li] = node_of[m]
-            rs.flags[li] = (rs.flags[li] & np.uint8(~ARRIVAL & 0xFF)) | flags_or[m]
+            rs.flags[li] = np.uint8(_ARRIVED) | flags_or[m]
 
     # -- slow path (vmshare.engine.slowpath) ----------------------------------------
 
