@@ -108,22 +108,23 @@ class _GroupIndex:
         self._dense(max_page_sharing)
 
     def _dense(self, m: int) -> None:
-        """The heavy values sampled nowhere that an eighth of the hosts or more
-        hold, as dense rows (no more memory than their entries take here): per
-        host q = M - r(h), r(h) = ((h - 1) mod M) + 1 for the group's h heavy
-        pages of it there, 0 where it has none. A VM's v pages of it gain one
-        page there (f(h + v) - f(h) - f(v) = 1) exactly when r(h) + r(v) <= M,
-        that is q > r(v) - 1: one gather and compare per value."""
-        rows = np.flatnonzero(~self.sampled & (self.count >= 2)
-                              & (self.count * 8 >= self.zero.size))
+        """The values that an eighth of the hosts or more hold, as dense rows (no
+        more memory than their entries take here): per host whether it holds
+        it (``present``) and q = M - r(h), r(h) = ((h - 1) mod M) + 1 for the
+        group's h heavy pages of it there, 0 where it has none. A VM's v heavy
+        pages of a value sampled nowhere gain one page there (f(h + v) - f(h) -
+        f(v) = 1) exactly when r(h) + r(v) <= M, that is q > r(v) - 1: one
+        gather and compare per value."""
+        rows = np.flatnonzero((self.count >= 2) & (self.count * 8 >= self.zero.size))
         self.row = np.full(self.count.size, -1, np.int64)
         self.row[rows] = np.arange(rows.size)
         self.q = np.zeros((rows.size, self.zero.size),
                           np.uint8 if m <= 256 else np.uint16 if m <= 65536 else np.uint32)
+        self.present = np.zeros((rows.size, self.zero.size), np.uint8)
         at, lens = self._at(rows)
-        h = self.heavy[at]
-        self.q[np.repeat(np.arange(rows.size), lens), self.hosts[at]] = np.where(
-            h > 0, m - ((h - 1) % m + 1), 0)
+        h, cell = self.heavy[at], (np.repeat(np.arange(rows.size), lens), self.hosts[at])
+        self.q[cell] = np.where(h > 0, m - ((h - 1) % m + 1), 0)
+        self.present[cell] = 1
 
     def split(self, slot: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any],
                                         npt.NDArray[np.bool_]]:
@@ -144,8 +145,11 @@ class _GroupIndex:
 
     def shared_per_host(self, pos: npt.NDArray[Any]) -> I64:
         """Per host, how many of the values at ``pos`` it holds."""
-        at, _ = self._at(pos)
-        return np.bincount(self.hosts[at], minlength=self.zero.size).astype(np.int64)
+        row = self.row[pos]
+        dense = row >= 0
+        out = _column_sums(self.present[row[dense]])
+        at, _ = self._at(pos[~dense])
+        return out + np.bincount(self.hosts[at], minlength=self.zero.size)
 
     def heavy_gain_per_host(self, pos: npt.NDArray[Any], pages: npt.NDArray[Any],
                             max_page_sharing: int) -> npt.NDArray[np.float64]:
@@ -154,19 +158,25 @@ class _GroupIndex:
         extra_on counts."""
         row = self.row[pos]
         dense = row >= 0
-        out = np.zeros(self.zero.size)
-        if dense.any():
-            rv1 = (pages[dense].astype(np.int64) - 1) % max_page_sharing   # r(v) - 1
-            hit = np.greater(self.q[row[dense]], rv1.astype(self.q.dtype)[:, None])
-            out += hit.view(np.uint8).sum(axis=0, dtype=np.uint16 if hit.shape[0] < 2**16
-                                          else np.int64)   # uint16: a faster loop
-            pos, pages = pos[~dense], pages[~dense]
+        rv1 = (pages[dense].astype(np.int64) - 1) % max_page_sharing   # r(v) - 1
+        out = _column_sums(np.greater(self.q[row[dense]], rv1.astype(self.q.dtype)[:, None]))
+        pos, pages = pos[~dense], pages[~dense]
         at, lens = self._at(pos)
         h = self.heavy[at]
         v = np.repeat(pages.astype(np.int64), lens)
         m = max_page_sharing           # f(h + v) - f(h) - f(v), f(n) = n - ceil(n / m)
         gain = (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
-        return out + np.bincount(self.hosts[at], weights=gain, minlength=self.zero.size)
+        return (out + np.bincount(self.hosts[at], weights=gain, minlength=self.zero.size)
+                ).astype(np.float64)
+
+
+def _column_sums(rows: npt.NDArray[Any]) -> I64:
+    """Per column, how many of ``rows`` (0/1 bytes) are 1; summed in uint16 when
+    that cannot overflow: a loop several times faster."""
+    wide = rows.shape[0] >= 2**16
+    total: I64 = rows.view(np.uint8).sum(axis=0, dtype=np.int64 if wide else np.uint16
+                                         ).astype(np.int64)
+    return total
 
 
 @dataclass
