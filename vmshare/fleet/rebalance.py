@@ -108,8 +108,8 @@ class _GroupIndex:
         self._dense(max_page_sharing)
 
     def _dense(self, m: int) -> None:
-        """The values that an eighth of the hosts or more hold, as dense rows (no
-        more memory than their entries take here): per host whether it holds
+        """The values that an eighth of the hosts or more hold, as dense rows (two
+        bytes per host, about what their entries take here): per host whether it holds
         it (``present``) and q = M - r(h), r(h) = ((h - 1) mod M) + 1 for the
         group's h heavy pages of it there, 0 where it has none. A VM's v heavy
         pages of a value sampled nowhere gain one page there (f(h + v) - f(h) -
