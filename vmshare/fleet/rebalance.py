@@ -216,7 +216,9 @@ def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.
     bound = shared / rates + (certain + zero) - v.here.value   # the gain's float steps
     ok = (bound > 0) & (room >= v.need)
     ok[v.src] = False
-    return sorted(((-float(bound[d]), int(d)) for d in np.flatnonzero(ok)), reverse=True)
+    at = np.flatnonzero(ok)
+    at = at[np.lexsort((-at, bound[at]))]        # worst first; of equal bounds, last host first
+    return list(zip((-bound[at]).tolist(), at.tolist(), strict=True))
 
 
 def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineConfig,
