@@ -12,7 +12,9 @@ covers 93% with 0.29. The keys are seeded, so a run is reproducible.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +199,41 @@ def test_sparse_pages_and_big_groups_are_read_whole(
     total = estimate_sketch(sketch_targets(targets, key, host="", rate=1.0), EngineConfig(),
                             by_group=False).total()
     assert total.value == want and total.stderr == 0
+
+
+def test_estimate_rate_defaults_to_the_configs_sketch_rate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --rate, --estimate samples at [sketch] rate (VMSHARE_CONFIG or
+    --config), as `vmshare sketch` and the daemon do; the config is read only
+    for --estimate, and a bad one is one error line."""
+    from vmshare.cli.main import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        cap = capsys.readouterr()
+        return code, cap.out, cap.err
+
+    (a,) = write_vms(tmp_path, content_ids(np.random.default_rng(8), [(400, 1), (100, 2)],
+                                           zero=10), 1)
+    half, bad = tmp_path / "half.toml", tmp_path / "bad.toml"
+    half.write_text('[sketch]\nrate = "1/2"\n')
+    bad.write_text('[sketch]\nrate = "2"\n')
+    monkeypatch.setenv("VMSHARE_CONFIG", str(half))
+    code, out, err = run("predict", "--estimate", "--raw", str(a), "--json")
+    assert code == 0, err
+    assert json.loads(out)["rate"] == 0.5
+    code, out, err = run("predict", "--estimate", "--raw", str(a), "--config",
+                         str(tmp_path / "none.toml"), "--json")       # named but missing
+    assert code != 0 and len(err.splitlines()) == 1 and "does not exist" in err
+    monkeypatch.setenv("VMSHARE_CONFIG", str(tmp_path / "absent.toml"))   # the default
+    code, out, err = run("predict", "--estimate", "--raw", str(a), "--json")
+    assert code == 0 and json.loads(out)["rate"] == 1 / 16, err
+    monkeypatch.setenv("VMSHARE_CONFIG", str(bad))
+    code, out, err = run("predict", "--estimate", "--raw", str(a), "--json")
+    assert code != 0 and len(err.splitlines()) == 1 and "[sketch] rate" in err, err
+    assert not out
+    code, out, err = run("predict", "--estimate", "--rate", "1/4", "--raw", str(a), "--json")
+    assert code == 0 and json.loads(out)["rate"] == 0.25, err          # --rate: not read
+    code, out, err = run("predict", "--raw", str(a), "--json", "--scans", "1")
+    assert code == 0, err                                              # exact: not read

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -171,3 +172,62 @@ def test_a_vm_name_on_the_target_too_is_left_out_of_its_heavy_pages() -> None:
     got = rebalance(hosts, room, config, 1)
     assert got == exhaustive(hosts, room, config, 1)
     assert [(m.vm, m.source, m.target, m.gain.value) for m in got] == [("x", "h0", "h1", 20)]
+
+
+def wide_heavy_fleet(seed: int) -> tuple[list[Sketch], dict[str, float], EngineConfig]:
+    """Heavy contents held on most hosts (so the search keeps them as dense rows),
+    page counts crossing multiples of max_page_sharing, a few sampled contents,
+    two trust groups, repeated names."""
+    rng = np.random.default_rng(seed)
+    thr = rate_threshold(float(rng.choice([1.0, 1 / 8])))
+    heavy_pool = rng.integers(0, FULL - 1, 12, dtype=np.uint64)
+    pool = rng.integers(0, thr, 6, dtype=np.uint64)
+    hosts = []
+    for h in range(int(rng.integers(8, 12))):
+        vms = []
+        for _ in range(int(rng.integers(1, 4))):
+            heavy = np.unique(rng.choice(heavy_pool, int(rng.integers(4, 13))))
+            values = np.setdiff1d(np.unique(rng.choice(pool, int(rng.integers(0, 3)))), heavy)
+            vms.append(VmSketch(f"vm{int(rng.integers(0, 30))}", str(rng.choice(["g", "h"])),
+                                0, 4000, int(rng.choice([0, 5])), values,
+                                np.ones(values.size, np.uint32), heavy,
+                                rng.integers(1, 700, heavy.size).astype(np.uint32)))
+        hosts.append(Sketch(f"h{h}", b"k" * 8, thr, thr, 0, tuple(vms)))
+    room = {h.host: float(rng.choice([1e12, 5000 * PAGE_SIZE])) for h in hosts}
+    config = EngineConfig(max_page_sharing=int(rng.choice([2, 3, 7, 256, 300])))
+    return hosts, room, config
+
+
+def test_equal_to_the_exhaustive_search_with_heavy_contents_held_widely() -> None:
+    for seed in range(40):
+        hosts, room, config = wide_heavy_fleet(seed)
+        top = 1 + seed % 6
+        assert rebalance(hosts, room, config, top) == exhaustive(hosts, room, config, top), \
+            f"seed {seed}"
+
+
+def test_a_heavy_gain_is_bounded_exactly_per_host() -> None:
+    """With heavy contents only (none sampled, no all-zero pages) the bound on each
+    move is its gain itself (but where the VM's namesake is): the dense rows count
+    f(h + v) - f(h) - f(v) exactly."""
+    from vmshare.fleet.rebalance import _GroupIndex, _host_bounds, _Vm
+    for seed in range(30):
+        hosts, _, config = wide_heavy_fleet(seed)
+        hosts = [replace(h, vms=tuple(replace(v, values=v.values[:0], counts=v.counts[:0],
+                                              zero_pages=0, group="g") for v in h.vms))
+                 for h in hosts]
+        places = [(s, j) for s, h in enumerate(hosts) for j in range(len(h.vms))]
+        index = _GroupIndex(hosts, places, config.max_page_sharing)
+        assert index.q.shape[0] > 0                     # dense rows are used
+        room = np.full(len(hosts), 1e12)
+        for slot, (s, j) in enumerate(places):
+            vm = hosts[s].vms[j]
+            here = extra_on(vm, hosts[s].effective, hosts[s], config)
+            v = _Vm(s, slot, vm, 0, 0.0, 0.0, here)
+            bounds = dict((d, -b) for b, d in _host_bounds(hosts, index, v, room, config))
+            for d, dst in enumerate(hosts):
+                gain = extra_on(vm, hosts[s].effective, dst, config).value - here.value
+                namesake = any(w.name == vm.name for w in dst.vms)    # bounded loosely
+                if d != s and gain > 0 and not namesake:
+                    assert bounds[d] == gain, (seed, vm.name, d)
+                assert bounds.get(d, 0.0) >= gain or d == s

@@ -65,12 +65,14 @@ def estimate_text(est: Any, notes: list[str]) -> str:
 def print_estimate(ctx: Context, targets: list[Any], groups: dict[str, str] | None,
                    notes: list[str], config: Any) -> int:
     from vmshare.prediction.estimate import estimate
-    from vmshare.prediction.sketch import DEFAULT_RATE
     from vmshare.present.progress import ProgressBar
     a = ctx.args
+    rate = a.rate
+    if rate is None:          # the fleet's rate, as `vmshare sketch` and the daemon use
+        from vmshare.config import load_config
+        rate = load_config(a.config).sketch.rate
     with ProgressBar(enabled=not a.json) as bar:
-        est = estimate(targets, config, groups=groups, rate=a.rate or DEFAULT_RATE,
-                       progress=bar.update)
+        est = estimate(targets, config, groups=groups, rate=rate, progress=bar.update)
     if a.json:
         emit_json(estimate_json(est, notes))
     else:

@@ -246,7 +246,8 @@ def register(sub: Any) -> None:
     target_options(s)
     s.add_argument("--trust-groups", action="store_true",
                    help="share only within trust groups (one engine per group)")
-    s.add_argument("--config", metavar="FILE", help="host config for trust groups "
+    s.add_argument("--config", metavar="FILE", help="host config for trust groups and, "
+                   "with --estimate, [sketch] rate "
                    "(default $VMSHARE_CONFIG or /etc/vmshare/vmshare.toml)")
     s.add_argument("--scans", type=argtypes.bounded_int(1, 1000), metavar="N",
                    help="run exactly N scans (default: until the counters stop changing, "
@@ -256,7 +257,7 @@ def register(sub: Any) -> None:
                         "engine run), with 95%% intervals")
     s.add_argument("--rate", type=argtypes.rate, default=None, metavar="R",
                    help="with --estimate: the sampling rate, e.g. 1/16 or 0.0625 "
-                        "(default 1/16)")
+                        "(default: the config's [sketch] rate, 1/16)")
     _engine_options(s)
     s.set_defaults(func=cmd_predict)
 

@@ -22,7 +22,12 @@ saving where it is) stands for all its moves until it reaches the top of the
 queue; then the same with its saving where it is estimated; then each
 host's bound stands for that move until it reaches the top, and only then
 is the move's gain estimated exactly (vmshare.fleet.placement.extra_on, as
-the exhaustive search does). A bound is never below the gain it
+the exhaustive search does). A host's bound counts the heavy contents nobody
+samples exactly (each adds a page iff r(h) + r(v) <= M, r(n) = ((n - 1) mod
+M) + 1); those held by many hosts are kept as dense rows (per host M - r(h),
+small integers), so a VM's exact heavy gain over every host is one gather and
+compare, not a walk over each content's hosts. Each VM's positions in the index
+are kept from building it, so opening a VM searches nothing. A bound is never below the gain it
 stands for and sorts before an exact gain of equal value from later in fleet
 order, so the moves come out in exactly the exhaustive order; a move whose
 VM is already moved or whose target is full is dropped without estimating.
@@ -58,78 +63,126 @@ class _GroupIndex:
     count 1/rate, those that count one page at most) and ``risky``, its heavy
     contents that may count below zero where it is."""
 
-    def __init__(self, hosts: Sequence[Sketch], places: list[tuple[int, int]]) -> None:
+    def __init__(self, hosts: Sequence[Sketch], places: list[tuple[int, int]],
+                 max_page_sharing: int) -> None:
         vms = [hosts[s].vms[j] for s, j in places]
         parts = [a for v in vms for a in (v.values, v.heavy_values)]
+        sizes = np.array([a.size for a in parts], np.int64)
         values = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-        pages = np.concatenate([a for v in vms for a in (np.zeros(v.values.size),
-                                                         v.heavy_counts)] or [np.zeros(0)])
-        heavy = np.repeat(np.arange(len(parts)) % 2 == 1, [a.size for a in parts])
-        owner = np.repeat(np.arange(len(parts)) // 2, [a.size for a in parts])
+        pages = np.concatenate([a for v in vms for a in (
+            np.zeros(v.values.size, np.uint32), v.heavy_counts.astype(np.uint32, copy=False))]
+            or [np.zeros(0, np.uint32)])
+        heavy = np.repeat(np.arange(len(parts)) % 2 == 1, sizes)
+        owner = np.repeat(np.arange(len(parts), dtype=np.int32) // 2, sizes)
         order = np.argsort(values, kind="stable")  # hosts stay ascending per value
         values, heavy, owner, pages = values[order], heavy[order], owner[order], pages[order]
-        host = np.array([s for s, _ in places], np.int64)[owner]
+        host = np.array([s for s, _ in places], np.int32)[owner]
         new_value = np.r_[True, values[1:] != values[:-1]] if values.size else \
             np.zeros(0, bool)
         new_pair = new_value | (np.r_[True, host[1:] != host[:-1]] if values.size
                                 else new_value)
-        value_of = np.cumsum(new_value) - 1
-        held = np.bincount(value_of, weights=new_pair)[value_of] >= 2   # by another host too
-        sampled = np.bincount(value_of, weights=~heavy) > 0
-        wide = ~heavy | sampled[value_of]          # may count 1/rate: some VM samples it
+        value_of = np.cumsum(new_value, dtype=np.int32 if values.size < 2**31 else np.int64) - 1
+        # each VM's values then heavy values (part k from offset[k]): their value's position
+        self.pos = np.empty_like(value_of)
+        self.pos[order] = value_of
+        self.offset = np.r_[0, np.cumsum(sizes)]
+        self.count = np.bincount(value_of[new_pair])    # hosts holding each value
+        held = self.count[value_of] >= 2                 # by another host too
+        self.sampled = np.bincount(value_of[~heavy], minlength=self.count.size) > 0
+        wide = ~heavy | self.sampled[value_of]          # may count 1/rate: some VM samples it
         n = len(places)
-        self.elsewhere = (np.bincount(owner, weights=held & wide, minlength=n),
-                          np.bincount(owner, weights=held & ~wide, minlength=n))
-        self.risky = np.bincount(owner, weights=heavy & wide, minlength=n)
+        self.elsewhere = (np.bincount(owner[held & wide], minlength=n),
+                          np.bincount(owner[held & ~wide], minlength=n))
+        self.risky = np.bincount(owner[heavy & wide], minlength=n)
         self.hosts = host[new_pair]
         # the group's heavy pages of each value on each host (what extra_on's exact part sees)
-        self.heavy = np.bincount(np.cumsum(new_pair) - 1, weights=pages).astype(np.int64)
-        first = np.flatnonzero(new_value[new_pair])
-        self.values, self.start = values[new_pair][first], first
-        self.count = np.diff(np.r_[first, self.hosts.size])
-        self.sampled = sampled
+        total = np.r_[0, np.cumsum(pages, dtype=np.int64)]
+        self.heavy = np.diff(total[np.r_[np.flatnonzero(new_pair), pages.size]])
+        self.start = np.flatnonzero(new_value[new_pair])
         self.zero = np.zeros(len(hosts), np.int64)
+        self.rate = np.array([float(h.effective) for h in hosts]) / 2**64   # each host's
         self.where: dict[str, list[int]] = {}       # a VM name's hosts (names may repeat)
         for (s, _), v in zip(places, vms, strict=True):
             self.zero[s] += v.zero_pages
             self.where.setdefault(v.name, []).append(s)
+        self._dense(max_page_sharing)
 
-    def split(self, vm: VmSketch) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
-        """``vm``'s contents that may count 1/rate (its samples; its heavy ones that
-        another VM of the group samples), and which of its heavy ones are the
-        rest: sampled nowhere, so their part of an estimate is exact."""
-        h = vm.heavy_values
-        wide = self.sampled[np.searchsorted(self.values, h)]
-        return np.concatenate([vm.values, h[wide]]), ~wide
+    def _dense(self, m: int) -> None:
+        """The values that an eighth of the hosts or more hold, as dense rows (two
+        bytes per host, about what their entries take here): per host whether it holds
+        it (``present``) and q = M - r(h), r(h) = ((h - 1) mod M) + 1 for the
+        group's h heavy pages of it there, 0 where it has none. A VM's v heavy
+        pages of a value sampled nowhere gain one page there (f(h + v) - f(h) -
+        f(v) = 1) exactly when r(h) + r(v) <= M, that is q > r(v) - 1: one
+        gather and compare per value."""
+        rows = np.flatnonzero((self.count >= 2) & (self.count * 8 >= self.zero.size))
+        self.row = np.full(self.count.size, -1, np.int64)
+        self.row[rows] = np.arange(rows.size)
+        self.q = np.zeros((rows.size, self.zero.size),
+                          np.uint8 if m <= 256 else np.uint16 if m <= 65536 else np.uint32)
+        self.present = np.zeros((rows.size, self.zero.size), np.uint8)
+        at, lens = self._at(rows)
+        h, cell = self.heavy[at], (np.repeat(np.arange(rows.size), lens), self.hosts[at])
+        self.q[cell] = np.where(h > 0, m - ((h - 1) % m + 1), 0)
+        self.present[cell] = 1
 
-    def _entries(self, ids: npt.NDArray[np.uint64]) -> tuple[I64, I64]:
-        """Where each of ``ids``' (value, host) pairs is, and how many per id."""
-        pos = np.searchsorted(self.values, ids)
+    def split(self, slot: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any],
+                                        npt.NDArray[np.bool_]]:
+        """The VM at ``slot`` (in ``places``): the positions of its contents that may
+        count 1/rate (its samples; its heavy ones that another VM of the group
+        samples), of its heavy ones, and which of those are the rest: sampled
+        nowhere, so their part of an estimate is exact."""
+        at = self.offset[2 * slot: 2 * slot + 3]
+        own, heavy = self.pos[at[0]:at[1]], self.pos[at[1]:at[2]]
+        wide = self.sampled[heavy]
+        return np.concatenate([own, heavy[wide]]), heavy, ~wide
+
+    def _at(self, pos: I64) -> tuple[I64, I64]:
+        """Where the (value, host) pairs of the values at ``pos`` are, how many each."""
         lens = self.count[pos]
         first = np.repeat(self.start[pos] - np.cumsum(lens) + lens, lens)
         return first + np.arange(int(lens.sum())), lens
 
-    def shared_per_host(self, ids: npt.NDArray[np.uint64]) -> I64:
-        """Per host, how many of ``ids`` it holds."""
-        at, _ = self._entries(ids)
-        return np.bincount(self.hosts[at], minlength=self.zero.size).astype(np.int64)
+    def shared_per_host(self, pos: npt.NDArray[Any]) -> I64:
+        """Per host, how many of the values at ``pos`` it holds."""
+        row = self.row[pos]
+        dense = row >= 0
+        out = _column_sums(self.present[row[dense]])
+        at, _ = self._at(pos[~dense])
+        return out + np.bincount(self.hosts[at], minlength=self.zero.size)
 
-    def heavy_gain_per_host(self, ids: npt.NDArray[np.uint64], pages: npt.NDArray[Any],
+    def heavy_gain_per_host(self, pos: npt.NDArray[Any], pages: npt.NDArray[Any],
                             max_page_sharing: int) -> npt.NDArray[np.float64]:
-        """Per host, sum over ``ids`` (heavy, ``pages`` each) of f(h + v) - f(h) - f(v)
-        with h the host's heavy pages of it: the exact part extra_on counts."""
-        at, lens = self._entries(ids)
+        """Per host, sum over the values at ``pos`` (heavy, ``pages`` each) of
+        f(h + v) - f(h) - f(v) with h the host's heavy pages of it: the exact part
+        extra_on counts."""
+        row = self.row[pos]
+        dense = row >= 0
+        rv1 = (pages[dense].astype(np.int64) - 1) % max_page_sharing   # r(v) - 1
+        out = _column_sums(np.greater(self.q[row[dense]], rv1.astype(self.q.dtype)[:, None]))
+        pos, pages = pos[~dense], pages[~dense]
+        at, lens = self._at(pos)
         h = self.heavy[at]
         v = np.repeat(pages.astype(np.int64), lens)
         m = max_page_sharing           # f(h + v) - f(h) - f(v), f(n) = n - ceil(n / m)
         gain = (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
-        return np.bincount(self.hosts[at], weights=gain,
-                           minlength=self.zero.size).astype(np.float64)
+        return (out + np.bincount(self.hosts[at], weights=gain, minlength=self.zero.size)
+                ).astype(np.float64)
+
+
+def _column_sums(rows: npt.NDArray[Any]) -> I64:
+    """Per column, how many of ``rows`` (0/1 bytes) are 1; summed in uint16 when
+    that cannot overflow: a loop several times faster."""
+    wide = rows.shape[0] >= 2**16
+    total: I64 = rows.view(np.uint8).sum(axis=0, dtype=np.int64 if wide else np.uint16
+                                         ).astype(np.int64)
+    return total
 
 
 @dataclass
 class _Vm:
     src: int
+    slot: int                                       # in its group's index
     vm: VmSketch
     need: int
     bound: float                                    # on its gain, before here is known
@@ -142,12 +195,12 @@ def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.
         np.float64], config: EngineConfig) -> list[tuple[float, int]]:
     """(-bound on the gain, target) of each target ``v`` might gain on, worst first."""
     assert v.here is not None
-    vm, src = v.vm, hosts[v.src]
-    wide, exact = index.split(vm)
+    vm = v.vm
+    wide, heavy, exact = index.split(v.slot)
     shared = index.shared_per_host(wide).astype(np.float64)
     m = config.max_page_sharing
-    certain = index.heavy_gain_per_host(vm.heavy_values[exact], vm.heavy_counts[exact], m)
-    rates = np.array([min(src.effective, h.effective) / 2**64 for h in hosts])
+    certain = index.heavy_gain_per_host(heavy[exact], vm.heavy_counts[exact], m)
+    rates = np.minimum(index.rate, index.rate[v.src])
     zero = np.zeros(len(hosts))
     if not config.use_zero_pages and vm.zero_pages:
         z = index.zero
@@ -155,14 +208,17 @@ def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.
                 - sharing(vm.zero_pages, m)).astype(np.float64)
         for d in index.where.get(vm.name, ()):   # its name there: extra_on leaves that out
             zero[d] = 1.0
-    if vm.name in index.where:                   # so at most one page per heavy content
-        held = index.shared_per_host(vm.heavy_values[exact])
-        for d in index.where[vm.name]:
+    namesakes = [d for d in index.where[vm.name] if d != v.src]
+    if namesakes:                                # so at most one page per heavy content
+        held = index.shared_per_host(heavy[exact])
+        for d in namesakes:
             certain[d] = float(held[d])
     bound = shared / rates + (certain + zero) - v.here.value   # the gain's float steps
     ok = (bound > 0) & (room >= v.need)
     ok[v.src] = False
-    return sorted(((-float(bound[d]), int(d)) for d in np.flatnonzero(ok)), reverse=True)
+    at = np.flatnonzero(ok)
+    at = at[np.lexsort((-at, bound[at]))]        # worst first; of equal bounds, last host first
+    return list(zip((-bound[at]).tolist(), at.tolist(), strict=True))
 
 
 def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineConfig,
@@ -177,15 +233,16 @@ def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineCon
     for g in groups:
         places = [(s, j) for s, h in enumerate(hosts) for j, v in enumerate(h.vms)
                   if v.group == g]
-        gi = index[g] = _GroupIndex(hosts, places)
-        for (s, j), wide, narrow, risky in zip(places, *gi.elsewhere, gi.risky, strict=True):
+        gi = index[g] = _GroupIndex(hosts, places, config.max_page_sharing)
+        for slot, ((s, j), wide, narrow, risky) in enumerate(zip(places, *gi.elsewhere,
+                                                                 gi.risky, strict=True)):
             vm, src = hosts[s].vms[j], hosts[s]
             zero = 1.0 if vm.zero_pages and not config.use_zero_pages else 0.0
             # only a heavy content some VM samples can count below zero where it is,
             # by at most 1/rate - 1 pages
             floor = -risky * (2**64 / src.effective - 1.0) * (1 + 1e-9) - 1e-9 if risky \
                 else 0.0
-            v = vms[s, j] = _Vm(s, vm, vm.pages * PAGE_SIZE, int(wide) / (
+            v = vms[s, j] = _Vm(s, slot, vm, vm.pages * PAGE_SIZE, int(wide) / (
                 min(src.effective, least) / 2**64) + (int(narrow) + zero), floor)
             if v.bound - floor > 0:
                 heapq.heappush(queue, (-(v.bound - floor), s, j, FLOOR, 0))
