@@ -17,28 +17,22 @@ import numpy.typing as npt
 
 from vmshare.ksm.procfs import HPAGE_PMD_SIZE, KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, Region, Vma
+from vmshare.sources._readpages import zero_pages
 from vmshare.sources.base import DEFAULT_CHUNK_PAGES, WHOLE, Part, ReadInto
 from vmshare.sources.live import LivePageRun, LiveProcessSource
 
-_WORDS_PER_PAGE = PAGE_SIZE // 8
-_CHECK_ROWS = 256                            # candidate pages copied at once (1 MiB)
 _HUGE_PFNS = np.uint64(HPAGE_PMD_SIZE // PAGE_SIZE)
 Mask = npt.NDArray[np.bool_]
 
 
 def zero_rows(data: memoryview) -> np.ndarray[Any, np.dtype[np.intp]]:
-    """Indices of the all-zero pages in ``data``: a cheap first/last-word filter,
-    then the candidates checked whole, a bounded slice of them copied at a time
-    (one numpy call per slice: a call per stretch of adjacent candidates cost
-    4x more on 10% zero pages scattered)."""
-    words = np.frombuffer(data, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-    maybe = np.flatnonzero((words[:, 0] == 0) & (words[:, -1] == 0))
-    if maybe.size == 0:
-        return maybe
-    keep = np.empty(maybe.size, dtype=np.bool_)
-    for lo in range(0, maybe.size, _CHECK_ROWS):
-        keep[lo:lo + _CHECK_ROWS] = words[maybe[lo:lo + _CHECK_ROWS]].max(axis=1) == 0
-    return maybe[keep]
+    """Indices of the all-zero pages in ``data`` (whole pages), in C without the
+    GIL (``_readpages.zero_pages``: a page is left at its first non-zero word,
+    so a reader pays about one load per page that is not zero: 10 ms for
+    1 GiB of the benchmarks' mix, against 21 ms for numpy's first/last-word
+    filter with the candidates copied and checked whole)."""
+    out = np.empty(len(data) // PAGE_SIZE, dtype=np.intp)
+    return out[:zero_pages(data, out)]
 
 
 def may_hold_thp(vma: Vma) -> bool:
