@@ -145,17 +145,20 @@ class ReadRing:
     def _chunk(self, data: memoryview) -> int | None:
         return self._by_obj.get(id(data.obj))
 
-    def hold(self, data: memoryview) -> None:
+    def hold(self, runs: Sequence[PageRun]) -> None:
+        """A hold on the chunk of each of ``runs`` (one lock taken for all)."""
         with self._cond:
-            k = self._chunk(data)
-            if k is not None:
-                self._holds[k] += 1
+            for run in runs:
+                k = self._chunk(run.data)
+                if k is not None:
+                    self._holds[k] += 1
 
-    def release(self, data: memoryview) -> None:
+    def release(self, runs: Sequence[PageRun]) -> None:
         with self._cond:
-            k = self._chunk(data)
-            if k is not None:
-                self._drop(k)
+            for run in runs:
+                k = self._chunk(run.data)
+                if k is not None:
+                    self._drop(k)
 
     def done_reading(self) -> None:
         with self._cond:
@@ -229,12 +232,15 @@ def _layout(sources: Sequence[PageSource]
 
 
 class _Handoff:
-    """The queue from the reader thread to the engine (bounded by the ring).
+    """The queue from the reader threads to the engine (bounded by the ring): each
+    item is the runs one reader read into one chunk (on THP memory every
+    dropped zero page cuts a run: about 90 runs a chunk, one queue item).
     Once the scan stops (done or failed), ``put`` gives up instead of blocking."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[object] = queue.Queue()
         self.stop = threading.Event()
+        self._mine = threading.local()
 
     def put(self, item: object) -> bool:
         if self.stop.is_set():
@@ -242,32 +248,64 @@ class _Handoff:
         self._q.put(item)
         return True
 
-    def get(self) -> PageRun | None:
-        """The next run; None once the reader is done. Raises what the reader raised."""
+    def add(self, run: PageRun) -> None:
+        """Queue ``run`` with the other runs of its chunk (``flush``)."""
+        batch: list[PageRun] | None = getattr(self._mine, "batch", None)
+        if batch is None:
+            batch = self._mine.batch = []
+        batch.append(run)
+
+    def flush(self, ring: ReadRing) -> bool:
+        """Queue the runs this thread added since its last flush, as one item
+        holding their chunks of ``ring``; False once the scan has stopped."""
+        batch: list[PageRun] | None = getattr(self._mine, "batch", None)
+        self._mine.batch = None
+        if not batch:
+            return not self.stop.is_set()
+        ring.hold(batch)
+        if self.put(batch):
+            return True
+        ring.release(batch)
+        return False
+
+    def get(self) -> list[PageRun] | None:
+        """The next runs; None once a reader is done. Raises what a reader raised."""
         item = self._q.get()
         if item is _DONE:
             return None
         if isinstance(item, BaseException):
             raise item
-        assert isinstance(item, PageRun)
+        assert isinstance(item, list)
         return item
 
 
 def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Handoff,
                   part: Part) -> None:
     """A reader thread: its share ``part`` of every source's runs, read straight
-    into the ring, then _DONE, or what failed."""
+    into the ring (``_taker``) and queued a chunk at a time, then _DONE, or
+    what failed."""
     try:
         chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
             for run in s.runs(chunk_pages, part):
-                ring.hold(run.data)
-                if not handoff.put(run):
-                    return
+                handoff.add(run)
+            if not handoff.flush(ring):
+                return
             ring.done_reading()
         handoff.put(_DONE)
     except BaseException as exc:   # handed to the scanning thread
+        handoff.flush(ring)
         handoff.put(exc)
+
+
+def _taker(ring: ReadRing, handoff: _Handoff) -> Callable[[int], memoryview]:
+    """The sources' ``read_into``: before a reader takes its next chunk, the runs
+    it read into the last one are queued (or, the scan stopped, it stops)."""
+    def take(n: int) -> memoryview:
+        if not handoff.flush(ring):
+            raise RuntimeError("scan ended while reading")
+        return ring.take(n)
+    return take
 
 
 def default_workers() -> int:
@@ -280,15 +318,21 @@ def default_workers() -> int:
     return max(1, min(4, cores - int(os.getloadavg()[0])))
 
 
-def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing, zero: dict[str, int]) -> None:
-    """Hash one run (the engine keeps no reference), count its zero pages into
-    ``zero`` and hand its chunk back to the ring."""
+def _feed(engine: KsmEngine, items: list[PageRun], ring: ReadRing, zero: dict[str, int]
+          ) -> int:
+    """Hash the runs of one queue item (the engine keeps no reference), count
+    their zero pages into ``zero`` and hand their chunks back to the ring;
+    the pages fed."""
+    fed = 0
     try:
-        engine.feed(item, retain=False)
-        counted = item.zero_pages if isinstance(item, LivePageRun) else None
-        zero[item.source] += counted if counted is not None else zero_rows(item.data).size
+        for item in items:
+            engine.feed(item, retain=False)
+            counted = item.zero_pages if isinstance(item, LivePageRun) else None
+            zero[item.source] += counted if counted is not None else zero_rows(item.data).size
+            fed += item.npages
     finally:
-        ring.release(item.data)
+        ring.release(items)
+    return fed
 
 
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
@@ -319,8 +363,9 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
+    take = _taker(ring, handoff)
     for s in sources:
-        s.read_into = ring.take
+        s.read_into = take
     engine.begin_scan(regions, store_pages=buffer_bytes // PAGE_SIZE)
     threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
                                 name=f"vmshare-scan-reader-{k}", daemon=True)
@@ -330,12 +375,11 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     fed = done = 0
     try:
         while done < n:
-            item = handoff.get()
-            if item is None:
+            items = handoff.get()
+            if items is None:
                 done += 1
                 continue
-            _feed(engine, item, ring, zero)
-            fed += item.npages
+            fed += _feed(engine, items, ring, zero)
             if progress is not None and total:
                 progress(fed / total)
     except BaseException:
