@@ -120,6 +120,16 @@ class ReadRing:
         self._by_obj[id(self._bufs[k])] = k
         return k
 
+    def reopen(self) -> None:
+        """Ready for the next scan, its chunks kept (allocated and populated
+        once per command, not once per scan). Only once the last scan's
+        threads have ended: every chunk is then free."""
+        with self._cond:
+            self._closed = False
+            self._reading.clear()
+            self._holds = [0] * len(self._bufs)
+            self._free = list(range(len(self._bufs)))
+
     def close(self) -> None:
         """Wake a reader waiting for a chunk: the scan is over (or failed)."""
         with self._cond:
@@ -175,6 +185,12 @@ class ReadRing:
     @property
     def nbytes(self) -> int:
         return len(self._bufs) * self.chunk_bytes
+
+
+def new_ring(buffer_bytes: int) -> ReadRing:
+    """A ring of ``buffer_bytes`` in all (RING_CHUNKS chunks), for scan_sources;
+    one ring may serve scan after scan (``ReadRing.reopen``)."""
+    return ReadRing(check_buffer_bytes(buffer_bytes) // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
 
 
 def source_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int],
@@ -338,11 +354,13 @@ def _feed(engine: KsmEngine, items: list[PageRun], ring: ReadRing, zero: dict[st
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                  progress: Callable[[float], None] | None = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 workers: int | None = None) -> ScanStats:
+                 workers: int | None = None, ring: ReadRing | None = None) -> ScanStats:
     """One full engine scan over ``sources`` (scan order: as given), reading
     through a ring of ``buffer_bytes`` (see the module docstring) with
     ``workers`` reader threads (default: default_workers()), each reading
     every n-th chunk of each source, and as many reading pages again.
+    ``ring``: a ring of ``buffer_bytes`` (``new_ring``) left by an earlier
+    scan, reused (run_until_converged: one per command), else a new one.
 
     Raises UsageError for a buffer below MIN_BUFFER_BYTES or an engine in
     verify mode (it needs every merged page kept), and what the sources raise
@@ -359,7 +377,10 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
         raise UsageError(f"workers must be 1 to {RING_CHUNKS // 2}, not {n}")
     t0 = time.perf_counter()
     regions, base, total = _layout(sources)
-    ring = ReadRing(buffer_bytes // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
+    if ring is None:
+        ring = new_ring(buffer_bytes)
+    else:
+        ring.reopen()
     ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
