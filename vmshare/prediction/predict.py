@@ -27,13 +27,8 @@ from fractions import Fraction
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE
-from vmshare.prediction.scanning import (
-    DEFAULT_BUFFER_BYTES,
-    ScanStats,
-    check_buffer_bytes,
-    new_ring,
-    scan_sources,
-)
+from vmshare.prediction.readring import check_buffer_bytes, new_ring
+from vmshare.prediction.scanning import DEFAULT_BUFFER_BYTES, ScanStats, scan_sources
 from vmshare.prediction.targets import (
     Target,
     check_unique,
