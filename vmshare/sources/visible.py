@@ -9,7 +9,6 @@ since Linux 6.12). ``zero_rows`` finds all-zero pages in a run.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +38,13 @@ def may_hold_thp(vma: Vma) -> bool:
     """Can ``vma`` hold transparent huge pages (smaps: THPeligible, or
     AnonHugePages above 0; a mapping that reports neither line counts as able)."""
     return vma.thp_eligible is not False or vma.anon_huge_bytes > 0
+
+
+def _counted(run: LivePageRun, zero_pages: int) -> LivePageRun:
+    """``run`` with its count of all-zero pages (built directly: dataclasses.replace
+    looks its fields up on every call)."""
+    return LivePageRun(run.source, run.region, run.first_page, run.data, run.pagemap,
+                       zero_pages=zero_pages)
 
 
 def _without(run: LivePageRun, zero: npt.NDArray[np.intp], dropped: Mask
@@ -122,13 +128,13 @@ class KernelVisiblePages:
         for run in self.inner.runs(chunk_pages, part):
             zero = zero_rows(run.data)
             if zero.size == 0:
-                yield replace(run, zero_pages=0)
+                yield _counted(run, 0)
                 continue
             on_zero_page, thp_zero = self._classify(run, zero)
             self._thp_zero[part] += int(thp_zero.sum())
             dropped = on_zero_page | thp_zero
             if not dropped.any():
-                yield replace(run, zero_pages=int(zero.size))
+                yield _counted(run, int(zero.size))
                 continue
             yield from _without(run, zero, dropped)
 
