@@ -25,13 +25,19 @@ HEAVY = ("vmshare.guest", "vmshare.hypervisor", "libvirt", "prometheus_client",
          "vmshare.records", "vmshare.tuner", "vmshare.policy", "vmshare.hook",
          "vmshare.config", "vmshare.model")
 
-#: run in a fresh interpreter: ``calls`` (argument lists for main), then print
-#: as JSON the modules the process holds
+#: what `predict --pid` needs none of: the dump readers, and shutil (with bz2
+#: and lzma), which argparse's own help formatter imports
+NOT_FOR_PID = ("vmshare.sources.elf", "vmshare.sources.kdump", "vmshare.sources.codecs",
+               "vmshare.sources.raw", "shutil", "bz2", "lzma")
+
+#: run in a fresh interpreter: ``calls`` (argument lists for main; "SELF" is
+#: the probe's own pid), then print as JSON the modules the process holds
 PROBE = """
-import contextlib, io, json, sys
+import contextlib, io, json, os, sys
 from vmshare.cli import main
 main.build_parser()
 for argv in json.loads(sys.argv[1]):
+    argv = [str(os.getpid()) if x == "SELF" else x for x in argv]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         main.main(argv)
 for name in json.loads(sys.argv[2]):
@@ -71,6 +77,18 @@ def test_the_check_sees_heavy_imports(tmp_path: Path) -> None:
                      ("vmshare.cli.demorun", "vmshare.daemon.metrics_http", "vmshare.fleet.status",
                       "vmshare.tuner.loop", "vmshare.hook.install", "vmshare.policy.sources"))
     assert heavy_in(modules) == sorted(HEAVY)
+
+
+def test_predict_pid_imports_only_what_it_reads() -> None:
+    """`predict --pid` (the probe predicting its own memory) loads the engine
+    but neither the dump readers nor shutil; a dump does load its reader, so
+    the names are real and the check can fail."""
+    pid_run = loaded([["predict", "--pid", "SELF", "--json", "--scans", "1"]])
+    assert "vmshare.engine" in pid_run
+    assert sorted(set(NOT_FOR_PID) & pid_run) == []
+    assert sorted(set(NOT_FOR_PID) & loaded([], ("vmshare.sources.kdump", "vmshare.sources.elf",
+                                                 "vmshare.sources.raw", "shutil"))) == \
+        sorted(NOT_FOR_PID)
 
 
 @pytest.mark.parametrize(("copy", "module", "source"), shown.SOURCES)

@@ -27,12 +27,8 @@ from fractions import Fraction
 from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE
-from vmshare.prediction.scanning import (
-    DEFAULT_BUFFER_BYTES,
-    ScanStats,
-    check_buffer_bytes,
-    scan_sources,
-)
+from vmshare.prediction.readring import check_buffer_bytes, new_ring
+from vmshare.prediction.scanning import DEFAULT_BUFFER_BYTES, ScanStats, scan_sources
 from vmshare.prediction.targets import (
     Target,
     check_unique,
@@ -135,7 +131,7 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
     limit = scans if scans is not None else max_scans
     if limit < 1:
         raise UsageError(f"the number of scans must be >= 1, not {limit}")
-    check_buffer_bytes(buffer_bytes)
+    ring = new_ring(buffer_bytes)        # one read ring for every scan
     previous: tuple[int, ...] | None = None
     stats: ScanStats | None = None
     converged = False
@@ -145,7 +141,8 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
                 progress((i - 1 + frac) / limit, f"scan {i}/{limit}")
         sources = open_all(targets)
         try:
-            stats = scan_sources(engine, sources, progress=step, buffer_bytes=buffer_bytes)
+            stats = scan_sources(engine, sources, progress=step, buffer_bytes=buffer_bytes,
+                                 ring=ring)
         finally:
             close_all(sources)
         state = engine.counters().merge_state()

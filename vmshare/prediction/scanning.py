@@ -1,9 +1,10 @@
 """One full engine scan over page sources, through one bounded read buffer.
 
 Every source (live ``/proc/<pid>/mem``, ELF, kdump and raw dumps) is read
-into a ring of a few reused buffers (``ReadRing``: ``buffer_bytes`` in all,
-whatever the size of the guest) by a helper thread (``_read_sources``; its
-system calls release the GIL) one bounded queue ahead of the engine's
+into a ring of a few reused buffers (``ReadRing``, in
+vmshare.prediction.readring: ``buffer_bytes`` in all, whatever the size of
+the guest) by helper threads (``_read_sources``; their system calls release
+the GIL), the runs of each chunk queued as one item ahead of the engine's
 hashing (``_feed``; the C hash releases the GIL as well), so reading and
 hashing overlap. The engine keeps no reference to what it was fed
 (``retain=False``): only per-page metadata survives a run. At ``end_scan``
@@ -26,7 +27,6 @@ vmshare.engine.state); nothing else grows with the guest.
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import queue
 import threading
@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +41,13 @@ import numpy.typing as npt
 from vmshare.engine import KsmEngine
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE, PageRun, Region
+from vmshare.prediction.readring import MIN_BUFFER_BYTES as MIN_BUFFER_BYTES  # re-exported
+from vmshare.prediction.readring import (
+    RING_CHUNKS,
+    ReadRing,
+    check_buffer_bytes,
+    new_ring,
+)
 from vmshare.sources import PageSource
 from vmshare.sources.base import Part
 from vmshare.sources.live import LivePageRun
@@ -50,128 +56,11 @@ from vmshare.sources.visible import zero_rows
 _DONE = object()
 #: the read ring's default size in all (the ``--buffer-mib`` setting)
 DEFAULT_BUFFER_BYTES = 32 * 2**20
-#: buffers the ring is cut into: the reader fills one while the engine hashes
-#: another and the rest wait in the queue between them
-RING_CHUNKS = 8
-#: the smallest ring the scan accepts
-MIN_BUFFER_BYTES = RING_CHUNKS * 16 * PAGE_SIZE
-
-
-def anon_buffer(nbytes: int, *, populate: bool = True) -> mmap.mmap:
-    """A private anonymous buffer, populated at once (MAP_POPULATE: one kernel loop
-    instead of a fault per page) when it will be written in full.
-
-    Not MADV_HUGEPAGE: with the usual THP defrag setting ("madvise") a huge page
-    fault may compact memory synchronously, measured at 0.9-1.9 s for 1 GiB on
-    a busy host against 0.29 s populated with small pages.
-    """
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    if populate:
-        flags |= getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(nbytes, PAGE_SIZE), flags=flags)
-
-
-def check_buffer_bytes(nbytes: int) -> int:
-    if nbytes < MIN_BUFFER_BYTES:
-        raise UsageError(f"the read buffer must be at least {MIN_BUFFER_BYTES // 1024} KiB, "
-                         f"not {nbytes // 1024} KiB")
-    return nbytes
-
-
 @dataclass(frozen=True)
 class ScanStats:
     pages_fed: int
     seconds: float
     zero_content: dict[str, int]     # pages whose bytes were all zero, per source
-
-
-class ReadRing:
-    """``chunks`` populated read buffers of ``chunk_bytes``, reused all scan long.
-
-    Each reader thread takes a chunk per read (``take``); each item queued
-    from it adds a hold (``hold``) and the consumer drops it after feeding
-    (``release``). A chunk is free again once the thread that read it has
-    moved on (its next ``take`` or ``done_reading``) and no item holds it.
-    """
-
-    def __init__(self, chunk_bytes: int, chunks: int = RING_CHUNKS) -> None:
-        self.chunk_bytes = chunk_bytes
-        self.limit = chunks
-        self._bufs: list[Any] = []
-        self._holds: list[int] = []
-        self._free: list[int] = []
-        self._by_obj: dict[int, int] = {}
-        self._reading: dict[int, int] = {}      # reader thread -> the chunk it fills
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def fill(self, chunks: int) -> None:
-        """Allocate ``chunks`` chunks now (at most the ring's), so that the scan's
-        memory does not depend on how far the reader gets ahead of the engine."""
-        with self._cond:
-            while len(self._bufs) < min(chunks, self.limit):
-                self._free.append(self._add())
-
-    def _add(self) -> int:
-        """A new chunk (populated: no faults while reading); its index."""
-        k = len(self._bufs)
-        self._bufs.append(anon_buffer(self.chunk_bytes))
-        self._holds.append(0)
-        self._by_obj[id(self._bufs[k])] = k
-        return k
-
-    def close(self) -> None:
-        """Wake a reader waiting for a chunk: the scan is over (or failed)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def take(self, n: int) -> memoryview:
-        if n > self.chunk_bytes:
-            raise ValueError(f"a run of {n} bytes does not fit a {self.chunk_bytes}-byte chunk")
-        me = threading.get_ident()
-        with self._cond:
-            if me in self._reading:
-                self._drop(self._reading.pop(me))     # the reader has moved on
-            while not self._free and len(self._bufs) >= self.limit:
-                if self._closed:
-                    raise RuntimeError("scan ended while reading")
-                self._cond.wait()
-            k = self._free.pop() if self._free else self._add()
-            self._holds[k] = 1
-            self._reading[me] = k
-            return memoryview(self._bufs[k])[:n]
-
-    def _chunk(self, data: memoryview) -> int | None:
-        return self._by_obj.get(id(data.obj))
-
-    def hold(self, data: memoryview) -> None:
-        with self._cond:
-            k = self._chunk(data)
-            if k is not None:
-                self._holds[k] += 1
-
-    def release(self, data: memoryview) -> None:
-        with self._cond:
-            k = self._chunk(data)
-            if k is not None:
-                self._drop(k)
-
-    def done_reading(self) -> None:
-        with self._cond:
-            k = self._reading.pop(threading.get_ident(), None)
-            if k is not None:
-                self._drop(k)
-
-    def _drop(self, k: int) -> None:
-        self._holds[k] -= 1
-        if self._holds[k] == 0:
-            self._free.append(k)
-            self._cond.notify_all()
-
-    @property
-    def nbytes(self) -> int:
-        return len(self._bufs) * self.chunk_bytes
 
 
 def source_fetch(sources: Sequence[PageSource], base: dict[tuple[str, str], int],
@@ -229,12 +118,15 @@ def _layout(sources: Sequence[PageSource]
 
 
 class _Handoff:
-    """The queue from the reader thread to the engine (bounded by the ring).
+    """The queue from the reader threads to the engine (bounded by the ring): each
+    item is the runs one reader read into one chunk (on THP memory every
+    dropped zero page cuts a run: about 90 runs a chunk, one queue item).
     Once the scan stops (done or failed), ``put`` gives up instead of blocking."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[object] = queue.Queue()
         self.stop = threading.Event()
+        self._mine = threading.local()
 
     def put(self, item: object) -> bool:
         if self.stop.is_set():
@@ -242,32 +134,64 @@ class _Handoff:
         self._q.put(item)
         return True
 
-    def get(self) -> PageRun | None:
-        """The next run; None once the reader is done. Raises what the reader raised."""
+    def add(self, run: PageRun) -> None:
+        """Queue ``run`` with the other runs of its chunk (``flush``)."""
+        batch: list[PageRun] | None = getattr(self._mine, "batch", None)
+        if batch is None:
+            batch = self._mine.batch = []
+        batch.append(run)
+
+    def flush(self, ring: ReadRing) -> bool:
+        """Queue the runs this thread added since its last flush, as one item
+        holding their chunks of ``ring``; False once the scan has stopped."""
+        batch: list[PageRun] | None = getattr(self._mine, "batch", None)
+        self._mine.batch = None
+        if not batch:
+            return not self.stop.is_set()
+        ring.hold(batch)
+        if self.put(batch):
+            return True
+        ring.release(batch)
+        return False
+
+    def get(self) -> list[PageRun] | None:
+        """The next runs; None once a reader is done. Raises what a reader raised."""
         item = self._q.get()
         if item is _DONE:
             return None
         if isinstance(item, BaseException):
             raise item
-        assert isinstance(item, PageRun)
+        assert isinstance(item, list)
         return item
 
 
 def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Handoff,
                   part: Part) -> None:
     """A reader thread: its share ``part`` of every source's runs, read straight
-    into the ring, then _DONE, or what failed."""
+    into the ring (``_taker``) and queued a chunk at a time, then _DONE, or
+    what failed."""
     try:
         chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
             for run in s.runs(chunk_pages, part):
-                ring.hold(run.data)
-                if not handoff.put(run):
-                    return
+                handoff.add(run)
+            if not handoff.flush(ring):
+                return
             ring.done_reading()
         handoff.put(_DONE)
     except BaseException as exc:   # handed to the scanning thread
+        handoff.flush(ring)
         handoff.put(exc)
+
+
+def _taker(ring: ReadRing, handoff: _Handoff) -> Callable[[int], memoryview]:
+    """The sources' ``read_into``: before a reader takes its next chunk, the runs
+    it read into the last one are queued (or, the scan stopped, it stops)."""
+    def take(n: int) -> memoryview:
+        if not handoff.flush(ring):
+            raise RuntimeError("scan ended while reading")
+        return ring.take(n)
+    return take
 
 
 def default_workers() -> int:
@@ -280,25 +204,33 @@ def default_workers() -> int:
     return max(1, min(4, cores - int(os.getloadavg()[0])))
 
 
-def _feed(engine: KsmEngine, item: PageRun, ring: ReadRing, zero: dict[str, int]) -> None:
-    """Hash one run (the engine keeps no reference), count its zero pages into
-    ``zero`` and hand its chunk back to the ring."""
+def _feed(engine: KsmEngine, items: list[PageRun], ring: ReadRing, zero: dict[str, int]
+          ) -> int:
+    """Hash the runs of one queue item (the engine keeps no reference), count
+    their zero pages into ``zero`` and hand their chunks back to the ring;
+    the pages fed."""
+    fed = 0
     try:
-        engine.feed(item, retain=False)
-        counted = item.zero_pages if isinstance(item, LivePageRun) else None
-        zero[item.source] += counted if counted is not None else zero_rows(item.data).size
+        for item in items:
+            engine.feed(item, retain=False)
+            counted = item.zero_pages if isinstance(item, LivePageRun) else None
+            zero[item.source] += counted if counted is not None else zero_rows(item.data).size
+            fed += item.npages
     finally:
-        ring.release(item.data)
+        ring.release(items)
+    return fed
 
 
 def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
                  progress: Callable[[float], None] | None = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 workers: int | None = None) -> ScanStats:
+                 workers: int | None = None, ring: ReadRing | None = None) -> ScanStats:
     """One full engine scan over ``sources`` (scan order: as given), reading
     through a ring of ``buffer_bytes`` (see the module docstring) with
     ``workers`` reader threads (default: default_workers()), each reading
     every n-th chunk of each source, and as many reading pages again.
+    ``ring``: a ring of ``buffer_bytes`` (``new_ring``) left by an earlier
+    scan, reused (run_until_converged: one per command), else a new one.
 
     Raises UsageError for a buffer below MIN_BUFFER_BYTES or an engine in
     verify mode (it needs every merged page kept), and what the sources raise
@@ -315,12 +247,16 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
         raise UsageError(f"workers must be 1 to {RING_CHUNKS // 2}, not {n}")
     t0 = time.perf_counter()
     regions, base, total = _layout(sources)
-    ring = ReadRing(buffer_bytes // RING_CHUNKS // PAGE_SIZE * PAGE_SIZE)
+    if ring is None:
+        ring = new_ring(buffer_bytes)
+    else:
+        ring.reopen()
     ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
     handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
+    take = _taker(ring, handoff)
     for s in sources:
-        s.read_into = ring.take
+        s.read_into = take
     engine.begin_scan(regions, store_pages=buffer_bytes // PAGE_SIZE)
     threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
                                 name=f"vmshare-scan-reader-{k}", daemon=True)
@@ -330,12 +266,11 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     fed = done = 0
     try:
         while done < n:
-            item = handoff.get()
-            if item is None:
+            items = handoff.get()
+            if items is None:
                 done += 1
                 continue
-            _feed(engine, item, ring, zero)
-            fed += item.npages
+            fed += _feed(engine, items, ring, zero)
             if progress is not None and total:
                 progress(fed / total)
     except BaseException:

@@ -16,7 +16,6 @@ from vmshare.model import VmRef
 from vmshare.sources import (
     LiveProcessSource,
     PageSource,
-    RawImageSource,
     open_dump,
     private_anonymous_vmas,
 )
@@ -41,6 +40,20 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
 
+def _first_then(opener: Callable[[], PageSource | None], first: PageSource | None
+                ) -> Callable[[], PageSource | None]:
+    """``opener``, whose first call gives ``first`` (opened a moment ago to fail
+    early) instead of opening the source a second time: for a live process
+    that is its smaps parsed and /proc files opened once less before the
+    first scan. Every later call opens afresh."""
+    held = [first]
+
+    def open_() -> PageSource | None:
+        src = held.pop() if held else None
+        return src if src is not None else opener()
+    return open_
+
+
 def dump_target(path: str, *, raw: bool = False) -> Target:
     """A dump file; opened (and validated) once now so a bad file fails early.
 
@@ -49,6 +62,8 @@ def dump_target(path: str, *, raw: bool = False) -> Target:
     is an error rather than silently read as raw memory.
     Raises DumpError (missing, unreadable or malformed dump).
     """
+    from vmshare.sources.raw import RawImageSource  # dump readers: loaded when used
+
     def opener() -> PageSource:
         if raw:
             return RawImageSource(path, path)
@@ -73,10 +88,10 @@ def pid_target(pid: int, procfs: ProcFs | None = None) -> Target:
         return KernelVisiblePages(LiveProcessSource(pid, vmas, name=name, procfs=pf), pf)
 
     try:
-        opener().close()      # fail now on a dead pid or EPERM
+        first = opener()      # fail now on a dead pid or EPERM
     except ProcessGone as exc:
         raise ProcessGone(f"no running process with pid {pid}") from exc
-    return Target(name, "pid", opener)
+    return Target(name, "pid", _first_then(opener, first))
 
 
 def domain_target(hv: Hypervisor, observer: Observer, ident: str, procfs: ProcFs | None = None, *,
@@ -122,10 +137,7 @@ def domain_target(hv: Hypervisor, observer: Observer, ident: str, procfs: ProcFs
             LiveProcessSource(facts.pid, vmas, name=ref.name, backend_ids=ids, procfs=pf), pf,
             thp_split=thp_split)
 
-    target.open = opener
-    first = opener()           # fail now on a stopped domain or EPERM
-    if first is not None:
-        first.close()
+    target.open = _first_then(opener, opener())   # fail now on a stopped domain or EPERM
     return target
 
 

@@ -237,10 +237,14 @@ class LiveProcessSource(Closing):
                 self._pread_full(self._pagemap_fd, pm_view[:npages * 8],
                                  addr // PAGE_SIZE * 8, "pagemap")
                 entries = np.frombuffer(pm_buf, dtype=np.uint64, count=npages)
-                present = scannable(entries, vma).astype(np.int8)
-                edges = np.diff(present, prepend=np.int8(0), append=np.int8(0))
-                starts = np.nonzero(edges == 1)[0].tolist()
-                stops = np.nonzero(edges == -1)[0].tolist()
+                present = scannable(entries, vma)
+                if present.all():           # the usual case: one run, no edges to find
+                    starts, stops = [0], [npages]
+                else:
+                    edges = np.diff(present.astype(np.int8), prepend=np.int8(0),
+                                    append=np.int8(0))
+                    starts = np.nonzero(edges == 1)[0].tolist()
+                    stops = np.nonzero(edges == -1)[0].tolist()
                 first_page = (addr - vma.start) // PAGE_SIZE
                 view = take(stops[-1] * PAGE_SIZE) if stops else None
                 for s, e in zip(starts, stops, strict=True):   # one buffer, runs in place
