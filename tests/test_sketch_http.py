@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -98,17 +99,26 @@ def test_the_token_is_required_and_checked_first(
 
 
 def test_connections_are_bounded(tmp_path: Path, start: Callable[..., SketchServer]) -> None:
-    server = start(sketch_file(tmp_path), max_clients=2, request_deadline=0.3)
+    server = start(sketch_file(tmp_path), max_clients=2, request_deadline=2.0)
     host, port = server.server_address[:2]
     idle = [socket.create_connection((str(host), int(port)), timeout=5) for _ in range(2)]
     try:
+        wait_until(lambda: len(server._pending) == 2)   # both accepted: the cap is reached
         assert get(server, auth="Bearer " + TOKEN.decode())[0] == 503   # the cap
         for s in idle:                     # silent clients are cut off at the deadline
             assert s.recv(1) == b""
-        assert get(server, auth="Bearer " + TOKEN.decode())[0] == 200
+        # their slots come back once their threads end
+        wait_until(lambda: get(server, auth="Bearer " + TOKEN.decode())[0] == 200)
     finally:
         for s in idle:
             s.close()
+
+
+def wait_until(ok: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.02)
 
 
 def config(tmp_path: Path, **kw: object) -> Config:
