@@ -34,6 +34,10 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("tuner_vs_advisor", ["benchmarks/tuner_vs_advisor.py"]),
     ("tuner_vs_ksmtuned", ["benchmarks/tuner_vs_ksmtuned.py"]),
     ("exporter_cost", ["benchmarks/exporter_cost.py"]),
+    ("history_db", ["benchmarks/history_db.py"]),
+    ("sketch_place", ["benchmarks/sketch_place.py"]),
+    ("fleet_scale", ["benchmarks/fleet_scale.py"]),       # about 45 min: a day of 1,000 hosts
+    ("scrape_cost", ["benchmarks/scrape_cost.py"]),
     ("fuzz_inputs", ["benchmarks/fuzz_inputs.py"]),
     ("cli_startup", ["benchmarks/cli_startup.py"]),
 ]
