@@ -107,7 +107,10 @@ def test_state_previous_by_uuid_for_a_migration_destination(tmp_path: Path) -> N
 
 def test_qmp_transitions() -> None:
     a = Snapshot("/s", "vm", "u", 10, "inmigrate", ("pc.ram",))
-    assert transitions(None, a, "/s")[0].event == "qmp:socket-appeared"
+    assert transitions(None, a, "/s")[0].event == "qmp:socket-appeared/inmigrate"
+    assert transitions(None, a, "/s")[0].resets is None
+    r = Snapshot("/s", "vm", "u", 10, "running", ("pc.ram",))
+    assert transitions(None, r, "/s")[0].event == "qmp:socket-appeared"
     b = Snapshot("/s", "vm", "u", 10, "running", ("pc.ram",))
     assert transitions(a, b, "/s")[0].resets == "migrate-in"
     c = Snapshot("/s", "vm", "u", 10, "running", ("memdimm0", "pc.ram"))

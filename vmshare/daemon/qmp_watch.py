@@ -8,7 +8,9 @@ run state (query-status), pid (SO_PEERCRED) and memory backends, and
 disconnects at once (a few milliseconds). Lifecycle events are derived from
 what changed between polls:
 
-* a socket appears: apply the VM's policy;
+* a socket appears: apply the VM's policy (a migration destination still
+  waiting, run state ``inmigrate``, gets it then too, audited as
+  "qmp:socket-appeared/inmigrate");
 * run state leaves ``inmigrate``: an incoming migration completed (the
   destination's RAM is new pages): "migrate-in"; a socket first seen after
   its incoming migration already completed (a migration takes well under a
@@ -57,7 +59,11 @@ def transitions(old: Snapshot | None, new: Snapshot | None, path: str) -> list[T
         if new.migrated_in:
             return [Trigger(new.name, "apply", "qmp:socket-appeared/migrated-in",
                             "migrate-in", ident)]
-        return [Trigger(new.name, "apply", "qmp:socket-appeared", None, ident)]
+        # a destination still waiting for its migration gets the policy at once;
+        # the "migrate-in" reset is recorded when the migration completes
+        seen = "qmp:socket-appeared/inmigrate" if new.status == "inmigrate" \
+            else "qmp:socket-appeared"
+        return [Trigger(new.name, "apply", seen, None, ident)]
     if old.pid != new.pid:
         resets = "migrate-in" if old.status == "inmigrate" and new.status != "inmigrate" \
             else "qemu-restart"
