@@ -174,6 +174,11 @@ def test_fetch_decodes_as_a_file_and_every_failure_names_the_url(
     server = start(path)
     url = server.url
     assert encode(fetcher().fetch(url)) == path.read_bytes()
+    # a proxy in the environment is not used: the token goes to the host named only
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("http_proxy", "http://127.0.0.1:9")
+        env.setenv("no_proxy", "")
+        assert encode(fetcher().fetch(url)) == path.read_bytes()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/sketch"

@@ -4,7 +4,8 @@ proxy in front of it.
 
 Each GET carries the token as ``Authorization: Bearer``, has a deadline for
 the whole transfer (not only per read) and a size cap, and follows no
-redirect (the token would go along). https uses the standard library's
+redirect and no proxy from the environment (the token would go along:
+sketches travel between the fleet's own hosts). https uses the standard library's
 default TLS context (certificates and host names verified), with an extra CA
 file when given. What comes back is decoded and checked exactly as a file
 (vmshare.records.sketchfile.decode). Every failure is a SketchError of one
@@ -83,7 +84,8 @@ class SketchFetcher:
 
     def get(self, url: str) -> bytes:
         opener = urllib.request.build_opener(
-            _NoRedirect, urllib.request.HTTPSHandler(context=self.context()))
+            urllib.request.ProxyHandler({}), _NoRedirect,
+            urllib.request.HTTPSHandler(context=self.context()))
         request = urllib.request.Request(url, headers={
             "Authorization": "Bearer " + self.token.decode("ascii", "replace"),
             "Accept": "application/octet-stream"})
