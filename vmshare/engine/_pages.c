@@ -5,6 +5,7 @@
  * the work done once per page, where a Python-level loop costs more than the
  * work itself:
  *
+ *   zero_pages(data, out)        indices of the all-zero pages (GIL released)
  *   hash64(data, out)            xxh3_64 of every 4 KiB page of a buffer
  *   hash64_at(data, idx, out)    the same for the pages listed in idx
  *   hash128(data, out)           xxh3_128 of every page (node fingerprints)
@@ -389,11 +390,35 @@ pageset_each(PageSet *ps, PyObject *args, const char *name, Py_ssize_t itemsize,
     return ret;
 }
 
+static inline uint64_t
+load64(const unsigned char *p)
+{
+    uint64_t x;
+    memcpy(&x, p, 8);              /* little-endian hosts only (x86-64, arm64) */
+    return x;
+}
+
+/* all zero? Most pages are rejected by their first or last word, the rest
+ * at the first 256 bytes that are not zero. */
+static inline int
+page_is_zero(const unsigned char *p)
+{
+    if (load64(p) | load64(p + PAGE - 8))
+        return 0;
+    for (int b = 0; b < PAGE; b += 256) {
+        uint64_t any = 0;
+        for (int w = 0; w < 256; w += 8)
+            any |= load64(p + b + w);
+        if (any)
+            return 0;
+    }
+    return 1;
+}
+
 static void
 zero_fn(unsigned char *dst, const unsigned char *x)
 {
-    /* all zero iff the first byte is zero and every byte equals the next */
-    *dst = x[0] == 0 && memcmp(x, x + 1, PAGE - 1) == 0;
+    *dst = (unsigned char)page_is_zero(x);
 }
 
 
@@ -572,13 +597,6 @@ static const int FP_OFFSETS[FP_LINES] = {0, 2048};
         v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);      \
     } while (0)
 
-static inline uint64_t
-load64(const unsigned char *p)
-{
-    uint64_t x;
-    memcpy(&x, p, 8);              /* little-endian hosts only (x86-64, arm64) */
-    return x;
-}
 
 static uint64_t
 sip24(uint64_t k0, uint64_t k1, const unsigned char *m, size_t len)
@@ -710,20 +728,6 @@ fp_step(const sketch_job *j, Py_ssize_t i, Py_ssize_t n)
     uint64_t v = sip24(j->k0, j->k1, h, 16);
     memcpy(j->out + i * 8, &v, 8);
     j->sparse[i] = any == 0;
-}
-
-/* all zero? (stops at the first 256 bytes that are not: most pages at once) */
-static inline int
-page_is_zero(const unsigned char *p)
-{
-    for (int b = 0; b < PAGE; b += 256) {
-        uint64_t any = 0;
-        for (int w = 0; w < 256; w += 8)
-            any |= load64(p + b + w);
-        if (any)
-            return 0;
-    }
-    return 1;
 }
 
 static inline void
@@ -875,7 +879,38 @@ repeated(PyObject *self, PyObject *args)
     return ok ? Py_NewRef(Py_None) : NULL;
 }
 
+/* zero_pages(data, out) -> k: the indices of the all-zero pages of data in out[:k] */
+static PyObject *
+zero_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer data, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &data, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = data.len / PAGE;
+    if (data.len % PAGE || out.len < n * 8 || ((uintptr_t)out.buf % 8)) {
+        PyErr_SetString(PyExc_ValueError, "zero_pages: data must be whole 4 KiB pages and "
+                        "out an aligned int64 array of one slot per page");
+        goto done;
+    }
+    const unsigned char *p = data.buf;
+    int64_t *idx = out.buf;
+    Py_ssize_t k = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (page_is_zero(p + i * PAGE))
+            idx[k++] = i;
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(k);
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"zero_pages", zero_pages, METH_VARARGS,
+     "zero_pages(data, out) -> how many all-zero pages, their indices written to out."},
     {"hash64", hash64, METH_VARARGS,
      "hash64(data, out): out[i] = xxh3_64 of page i of data (out: uint64 per page)."},
     {"hash64_at", hash64_at, METH_VARARGS,

@@ -84,9 +84,7 @@ def _span(seconds: float) -> str:
 
 
 def _when(t: float, now: float) -> str:
-    days = (now - t) / 86400
-    age = f"{days:.1f} days" if days >= 1 else f"{days * 24:.1f} hours"
-    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(t))} ({age} ago)"
+    return f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(t))} ({_span(now - t)} ago)"
 
 
 def choose(db: HistoryDb, since: float, now: float, raw_step: float,

@@ -12,15 +12,8 @@
  *       asked: the caller reads it again its own way, to report why), or
  *       len(offsets) when all were read.
  *
- *   zero_pages(data, out) -> int
- *       the indices of the all-zero 4 KiB pages of ``data`` (whole pages),
- *       ascending, written into ``out`` (an int64 array of one slot per page),
- *       with the GIL released; returns how many. A page is rejected at its
- *       first non-zero word (most pages: the first), so a reader pays about
- *       one load per page that is not zero and a scan of the zero ones.
- *
- * Only I/O and finding zero pages in what was read: no parsing and no
- * decisions (the sources own what a failure or a zero page means).
+ * Only I/O: no parsing and no decisions (the sources own what a failure
+ * means). All-zero pages are found by vmshare.engine._pages.zero_pages.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -83,55 +76,7 @@ done:
     return result;
 }
 
-#define PAGE_WORDS (4096 / 8)
-
-static int
-page_is_zero(const uint64_t *w)
-{
-    if (w[0] | w[PAGE_WORDS - 1])
-        return 0;
-    uint64_t acc = 0;
-    for (int k = 0; k < PAGE_WORDS; k += 64) {      /* 512 bytes per step: vectorised */
-        for (int j = 0; j < 64; j++)
-            acc |= w[k + j];
-        if (acc)
-            return 0;
-    }
-    return 1;
-}
-
-static PyObject *
-zero_pages(PyObject *self, PyObject *args)
-{
-    Py_buffer data, out;
-    if (!PyArg_ParseTuple(args, "y*w*", &data, &out))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t n = data.len / 4096;
-    if (data.len % 4096 || out.len < n * 8 || ((uintptr_t)data.buf % 8)
-            || ((uintptr_t)out.buf % 8)) {
-        PyErr_SetString(PyExc_ValueError, "zero_pages: data must be whole 4 KiB pages and "
-                        "out an aligned int64 array of one slot per page");
-        goto done;
-    }
-    const uint64_t *w = data.buf;
-    int64_t *idx = out.buf;
-    Py_ssize_t k = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (page_is_zero(w + i * PAGE_WORDS))
-            idx[k++] = i;
-    Py_END_ALLOW_THREADS
-    result = PyLong_FromSsize_t(k);
-done:
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&out);
-    return result;
-}
-
 static PyMethodDef module_methods[] = {
-    {"zero_pages", zero_pages, METH_VARARGS,
-     "zero_pages(data, out) -> how many all-zero pages, their indices written to out."},
     {"pread_ranges", pread_ranges, METH_VARARGS,
      "pread_ranges(fd, offsets, sizes, out, start) -> index of the first range not read."},
     {NULL, NULL, 0, NULL},
@@ -140,7 +85,7 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "vmshare.sources._readpages",
-    .m_doc = "Scattered reads of one file descriptor and all-zero pages, the GIL released.",
+    .m_doc = "Scattered reads of one file descriptor, the GIL released.",
     .m_size = -1,
     .m_methods = module_methods,
 };

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from vmshare.engine._pages import zero_pages
 from vmshare.ksm.procfs import HPAGE_PMD_SIZE, KPF_THP, KPF_ZERO_PAGE, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, Region, Vma
-from vmshare.sources._readpages import zero_pages
 from vmshare.sources.base import DEFAULT_CHUNK_PAGES, WHOLE, Part, ReadInto
 from vmshare.sources.live import LivePageRun, LiveProcessSource
 
@@ -26,7 +26,7 @@ Mask = npt.NDArray[np.bool_]
 
 def zero_rows(data: memoryview) -> np.ndarray[Any, np.dtype[np.intp]]:
     """Indices of the all-zero pages in ``data`` (whole pages), in C without the
-    GIL (``_readpages.zero_pages``: a page is left at its first non-zero word,
+    GIL (``engine._pages.zero_pages``: a page is left at its first non-zero word,
     so a reader pays about one load per page that is not zero: 10 ms for
     1 GiB of the benchmarks' mix, against 21 ms for numpy's first/last-word
     filter with the candidates copied and checked whole)."""
