@@ -35,10 +35,13 @@ World = dict[str, list[bytes | None]]   # source -> pages of its one region (Non
 
 def feed_world(e: KsmEngine, world: World, gens: Mapping[str, str] | None = None,
                shuffle: random.Random | None = None, *, fetched: World | None = None,
-               store: int = 0) -> KsmCounters:
+               store: int = 0, prehashed: bool = False) -> KsmCounters:
     """One scan of ``world``. With ``fetched`` the runs are fed without being
     retained and the engine reads pages again from ``fetched`` (the content
-    then: usually ``world`` itself); ``store``: begin_scan's store_pages."""
+    then: usually ``world`` itself); ``store``: begin_scan's store_pages.
+    ``prehashed``: as the streaming scan's readers hand runs over (with
+    ``fetched``): checksums and the zero check made apart, the checksums
+    alone while the engine does not need the bytes."""
     regions = {s: [Region("ram", len(p) * PAGE_SIZE, (gens or {}).get(s, ""))]
                for s, p in world.items()}
     e.begin_scan(regions, store_pages=store)
@@ -58,7 +61,14 @@ def feed_world(e: KsmEngine, world: World, gens: Mapping[str, str] | None = None
     if shuffle is not None:
         shuffle.shuffle(runs)
     for r in runs:
-        e.feed(r, retain=fetched is None)
+        if prehashed and fetched is not None:
+            h = e.checksums(r.data)
+            if e.needs_bytes:
+                e.feed(r, retain=False, checksums=h, zeros_checked=e.zeros_hold(r.data, h))
+            else:
+                e.feed_checksums(r.source, r.region, r.first_page, h)
+        else:
+            e.feed(r, retain=fetched is None)
     if fetched is None:
         return e.end_scan().counters
     flat = [p for pages in fetched.values() for p in pages]

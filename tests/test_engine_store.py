@@ -21,7 +21,8 @@ from tests.engine_reference import ReferenceKsm
 from tests.test_engine import World, as_dict, feed_world, histories, pg, ref_scan, xxh
 from tests.test_engine_incremental import CHILD, rewrite
 from vmshare.engine import EngineConfig, KsmEngine, merge
-from vmshare.model import PAGE_SIZE, Vma
+from vmshare.errors import UsageError
+from vmshare.model import PAGE_SIZE, PageRun, Region, Vma
 from vmshare.prediction.scanning import source_fetch
 from vmshare.sources.live import LiveProcessSource
 
@@ -86,6 +87,63 @@ def test_forced_collisions_with_a_store_give_the_read_again_counters(
         c = feed_world(e, world, gens, shuffle=rnd, fetched=world, store=store)
         assert c == feed_world(plain, world, gens, fetched=world)
         assert mappings(e) == mappings(plain)
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.randoms(use_true_random=False), st.sampled_from([0, 1, 64]),
+       st.booleans())
+def test_runs_handed_over_hashed_give_the_answers_of_runs_fed_whole(
+        h: tuple[int, bool, list[tuple[World, dict[str, str]]]], rnd: random.Random,
+        store: int, forced: bool) -> None:
+    """Runs as the streaming scan's readers hand them over (hashed and zero
+    checked in the reader, checksums alone in a first scan), with xxh3 or a
+    checksum of three values (the zero page's colliding with others): the
+    counters and mappings of the same runs fed whole."""
+    mps, uzp, scans = h
+    cfg = EngineConfig(max_page_sharing=mps, use_zero_pages=uzp)
+    hasher = collide if forced else xxh
+    e = KsmEngine(cfg, hasher, verify_merged=False)
+    whole = KsmEngine(cfg, hasher, verify_merged=False)
+    for world, gens in scans:
+        c = feed_world(e, world, gens, shuffle=rnd, fetched=world, store=store, prehashed=True)
+        assert c == feed_world(whole, world, gens, fetched=world, store=store)
+        assert mappings(e) == mappings(whole)
+
+
+def test_a_page_with_the_zero_pages_checksum_handed_over_hashed_stays_apart() -> None:
+    """A non-zero page whose (forced) checksum is the zero page's, handed over
+    hashed: the reader's zero check fails for its run, the engine compares it
+    itself, and it never joins the zero pages' node."""
+    z = bytes(PAGE_SIZE)
+    k = next(i for i in range(1, 50) if collide(pg(i)) == collide(z))
+    world: World = {"a": [pg(k), pg(k), z, z]}
+    e = KsmEngine(EngineConfig(), collide, verify_merged=False)
+    for _ in range(3):
+        c = feed_world(e, world, fetched=world, store=8, prehashed=True)
+    assert mappings(e) == [[0, 0, 1, 1]]
+    assert (c.pages_shared, c.pages_sharing) == (2, 2)
+
+
+def test_checksums_alone_only_while_the_bytes_are_not_needed() -> None:
+    """A first scan takes checksums alone; a later one refuses them (its
+    arrivals are compared as fed), and checksums of the wrong size are
+    refused naming the run."""
+    e = KsmEngine()
+    data = memoryview(pg(1) + pg(1) + pg(2))
+    e.begin_scan({"a": [Region("ram", 3 * PAGE_SIZE)]}, store_pages=8)
+    assert not e.needs_bytes
+    e.feed_checksums("a", "ram", 0, e.checksums(data))
+    e.end_scan(lambda pos: memoryview(b""))
+    e.begin_scan({"a": [Region("ram", 3 * PAGE_SIZE)]}, store_pages=8)
+    assert e.needs_bytes
+    with pytest.raises(UsageError, match="give their bytes"):
+        e.feed_checksums("a", "ram", 0, e.checksums(data))
+    with pytest.raises(UsageError, match="2 checksums for a run of 3 pages"):
+        e.feed(PageRun("a", "ram", 0, data), retain=False, checksums=e.checksums(data)[:2])
+    e.feed(PageRun("a", "ram", 0, data), retain=False, checksums=e.checksums(data))
+    assert e.end_scan(lambda pos: memoryview(b"".join(
+        bytes(data[q * PAGE_SIZE:(q + 1) * PAGE_SIZE]) for q in pos.tolist()))
+    ).counters.pages_sharing == 1
 
 
 @settings(max_examples=100, deadline=None)

@@ -88,6 +88,12 @@ the store's representatives and the groups it could not decide are asked
 for, and the store holds at most N page copies during the scan. Verify mode needs every
 merged page each scan, so it takes retained runs only.
 
+Hashed elsewhere: ``checksums(data)`` and ``zeros_hold(data, checksums)`` read
+no engine state, so the thread that read a run hashes it and checks its
+zero-checksum pages (``feed(run, checksums=..., zeros_checked=...)``). While
+``needs_bytes`` is False (a first scan: no page can arrive, nothing is
+compared) ``feed_checksums`` takes a run's checksums without its bytes.
+
 Incremental feeds: ``feed(run, unchanged)`` takes a per-page mask from a source
 that knows which pages were not written since the previous scan (such as the
 kernel's soft-dirty bits; no source gives one today). Those pages keep the

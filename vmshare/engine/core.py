@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmshare.engine import merge, results
+from vmshare.engine._pages import PageSet
 from vmshare.engine.feedcheck import FeedCheck, candidates
 from vmshare.engine.hashing import Hasher, default_hasher, hash_pages, hash_some
 from vmshare.engine.results import SourceSavings
@@ -135,6 +136,7 @@ class KsmEngine:
         self._base: dict[int, int] = {}     # id(RegionState) -> its first page's position
         self._check: FeedCheck | None = None
         self._unretained = 0            # pages fed this scan with retain=False
+        self._needs_bytes = True        # see needs_bytes
         self._in_scan = False
         self._full_scans = 0
         self._pages_scanned = 0
@@ -188,14 +190,44 @@ class KsmEngine:
             [0] + [rs.npages for rs in self._order]).tolist(), strict=False))
         self._check = None if store_pages <= 0 else \
             FeedCheck(self.zero_hash, candidates(self._order, self.zero_hash, store_pages))
+        self._needs_bytes = self.verify_merged or \
+            any(bool(np.any(rs.flags & np.uint8(HAS_CK))) for rs in self._order)
         release_freed_memory()        # the candidates' temporaries, before the reads
         self.nodes.free_empty()
         self._runs = []
         self._unretained = 0
         self._in_scan = True
 
+    def checksums(self, data: memoryview) -> npt.NDArray[np.uint64]:
+        """The checksum of each page of ``data`` (whole pages), as ``feed``
+        computes them, for ``feed(checksums=...)``: a reader thread hashes what
+        it read while the engine takes the runs read before. Safe from any
+        thread: it reads no engine state (the C hash releases the GIL)."""
+        data = data.cast("B") if data.format != "B" else data
+        if len(data) % PAGE_SIZE:
+            raise UsageError(f"{len(data)} bytes are not whole pages")
+        return hash_pages(self.hasher, data, len(data) // PAGE_SIZE)
+
+    def zeros_hold(self, data: memoryview, checksums: npt.NDArray[np.uint64]) -> bool:
+        """Is every page of ``data`` whose checksum (``checksums``) is the zero
+        page's all zero, byte for byte? For ``feed(zeros_checked=True)``: the
+        thread that hashed a run checks this too, while the pages are in its
+        core's cache. Safe from any thread (in C, the GIL released)."""
+        data = data.cast("B") if data.format != "B" else data
+        z = np.flatnonzero(checksums == np.uint64(self.zero_hash))
+        if z.size == 0:
+            return True
+        out = np.empty(z.size, dtype=np.bool_)
+        pages = PageSet([data], [0])
+        try:
+            pages.is_zero(z.astype(np.int64), out)
+        finally:
+            pages.close()
+        return bool(out.all())
+
     def feed(self, run: PageRun, unchanged: npt.NDArray[np.bool_] | None = None, *,
-             retain: bool = True) -> None:
+             retain: bool = True, checksums: npt.NDArray[np.uint64] | None = None,
+             zeros_checked: bool = False) -> None:
         """Give the engine pages of the current scan (one run, any order of runs).
 
         ``unchanged`` (one bool per page of the run, optional) marks pages the
@@ -209,9 +241,14 @@ class KsmEngine:
         its bytes (the caller may reuse the buffer at once); the pages it then
         needs to compare are asked of ``end_scan``'s ``fetch``.
 
+        ``checksums``: the run's checksums as ``checksums(run.data)`` gave them
+        (hashed already, by the thread that read the run); not hashed again.
+        ``zeros_checked``: ``zeros_hold(run.data, checksums)`` was True, so the
+        pages with the zero page's checksum need no comparison with it here.
+
         Raises UsageError outside a scan, for an unknown source/region, a run
         beyond its region, data not a whole number of pages, a page fed twice,
-        or an ``unchanged`` mask of the wrong length.
+        an ``unchanged`` mask or ``checksums`` of the wrong length, or both.
         """
         if not self._in_scan:
             raise UsageError("feed called outside a scan (call begin_scan first)")
@@ -236,7 +273,13 @@ class KsmEngine:
         if np.any(flags & SEEN):
             raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
         ck = rs.ck[first:first + n]
-        if unchanged is None:
+        if checksums is not None:
+            if unchanged is not None:
+                raise UsageError("feed takes an unchanged mask or checksums, not both")
+            if checksums.shape != (n,) or checksums.dtype != np.uint64:
+                raise UsageError(f"{checksums.size} checksums for a run of {n} pages")
+            h = checksums
+        elif unchanged is None:
             h = hash_pages(self.hasher, data, n)
         else:
             if unchanged.shape != (n,):
@@ -247,16 +290,60 @@ class KsmEngine:
                 h = hash_pages(self.hasher, data, n)
             elif todo.size:
                 h[todo] = hash_some(self.hasher, data, todo)
+        self._record(rs, first, h, data, retain, zeros_checked and checksums is not None)
+
+    @property
+    def needs_bytes(self) -> bool:
+        """Does this scan look at the bytes of what is fed? Not when no page
+        has a checksum from an earlier scan (the first scan of every region):
+        then no page can arrive in a tree, nothing is compared, and
+        ``feed_checksums`` takes the checksums alone."""
+        return self._needs_bytes
+
+    def feed_checksums(self, source: str, region: str, first_page: int,
+                       checksums: npt.NDArray[np.uint64]) -> None:
+        """As ``feed(run, retain=False, checksums=checksums)`` for a run whose
+        bytes are gone already (the reader reused its buffer): only while
+        ``needs_bytes`` is False. Raises UsageError as ``feed`` does, and when
+        this scan needs the bytes."""
+        if not self._in_scan:
+            raise UsageError("feed called outside a scan (call begin_scan first)")
+        if self._needs_bytes:
+            raise UsageError("this scan compares pages as they are fed: give their bytes "
+                             "(feed), not their checksums alone")
+        rs = self._regions.get((source, region))
+        if rs is None:
+            raise UsageError(f"region {region!r} of {source!r} was not announced "
+                             f"in begin_scan")
+        if checksums.ndim != 1 or checksums.dtype != np.uint64:
+            raise UsageError(f"checksums of {source}/{region} must be one uint64 per page")
+        n = checksums.size
+        if first_page < 0 or first_page + n > rs.npages:
+            raise UsageError(f"run {first_page}+{n} is outside {source}/{region} "
+                             f"({rs.npages} pages)")
+        if n and np.any(rs.flags[first_page:first_page + n] & SEEN):
+            raise UsageError(f"pages of {source}/{region} fed twice in one scan")
+        if n:
+            self._record(rs, first_page, checksums, None, False)
+
+    def _record(self, rs: RegionState, first: int, h: npt.NDArray[np.uint64],
+                data: memoryview | None, retain: bool, zeros_checked: bool = False) -> None:
+        """Pages ``first``.. of ``rs`` fed with checksums ``h`` (bytes ``data``,
+        None when only their checksums were given: then none can arrive)."""
+        n = h.size
+        flags = rs.flags[first:first + n]
+        ck = rs.ck[first:first + n]
         stable = ((flags & HAS_CK) != 0) & (ck == h)
-        if self._check is not None:       # pages that will be arrivals: compare them now
+        if self._check is not None and data is not None:   # arrivals: compare them now
             arrive = stable & ((flags & (ZERO | LONE)) == 0)
             if not self.verify_merged:
                 arrive &= rs.node[first:first + n] < 0
-            self._check.feed(data, self._base[id(rs)] + first, h, arrive)
+            self._check.feed(data, self._base[id(rs)] + first, h, arrive, zeros_checked)
         ck[:] = h
         flags |= np.uint8(SEEN | HAS_CK)
         flags[stable] |= np.uint8(STABLE_CK)
         if retain:
+            assert data is not None
             self._runs.append(RunRef(rs, first, n, data))
         else:
             self._unretained += n

@@ -64,14 +64,17 @@ class FeedCheck:
         self.confirmed = np.zeros(0, dtype=np.bool_)   # set by confirm()
         self.fps = np.zeros((0, 2), dtype=np.uint64)
 
-    def feed(self, data: memoryview, base: int, h: U64, arrival: BOOL) -> None:
+    def feed(self, data: memoryview, base: int, h: U64, arrival: BOOL,
+             zeros_checked: bool = False) -> None:
         """One run at global position ``base``: ``h`` its checksums, ``arrival``
         the pages that will be arrivals at end_scan (checksum unchanged, not kept
-        on a stable node or the zero page, not known alone)."""
+        on a stable node or the zero page, not known alone). ``zeros_checked``:
+        every page of the run with the zero page's checksum was found all zero
+        already (``KsmEngine.zeros_hold``)."""
         if not arrival.any():
             return
         z = np.flatnonzero(arrival & (h == self.zero_hash))
-        if z.size and self.zero_ok:
+        if z.size and self.zero_ok and not zeros_checked:
             out = np.empty(z.size, dtype=np.bool_)
             pages = PageSet([data], [0])
             try:

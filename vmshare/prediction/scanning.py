@@ -3,10 +3,14 @@
 Every source (live ``/proc/<pid>/mem``, ELF, kdump and raw dumps) is read
 into a ring of a few reused buffers (``ReadRing``, in
 vmshare.prediction.readring: ``buffer_bytes`` in all, whatever the size of
-the guest) by helper threads (``_read_sources``; their system calls release
-the GIL), the runs of each chunk queued as one item ahead of the engine's
-hashing (``_feed``; the C hash releases the GIL as well), so reading and
-hashing overlap. The engine keeps no reference to what it was fed
+the guest) by helper threads (``_read_sources``), which also hash each run
+and check its pages with the zero page's checksum (``KsmEngine.checksums``
+and ``zeros_hold``) while its bytes are in their core's cache: system calls
+and C loops that release the GIL, on every core. The runs of each chunk are
+queued as one item for the engine (``_feed``), which only keeps the books
+and compares. A first scan needs no bytes (``KsmEngine.needs_bytes``): its
+readers hand over checksums alone and reuse each chunk at once, no longer
+waiting for the engine. The engine keeps no reference to what it was fed
 (``retain=False``): only per-page metadata survives a run. At ``end_scan``
 the engine asks for the pages it must compare byte for byte, in position
 order and in bounded batches, and ``source_fetch`` reads them again from
@@ -117,44 +121,74 @@ def _layout(sources: Sequence[PageSource]
     return regions, base, total
 
 
-class _Handoff:
-    """The queue from the reader threads to the engine (bounded by the ring): each
-    item is the runs one reader read into one chunk (on THP memory every
-    dropped zero page cuts a run: about 90 runs a chunk, one queue item).
-    Once the scan stops (done or failed), ``put`` gives up instead of blocking."""
+@dataclass(frozen=True)
+class _Read:
+    """One run as a reader hands it over: its checksums and all-zero pages
+    counted in the reader thread, and the run itself (its bytes in the ring)
+    only when the engine compares pages as they are fed (``keep``)."""
 
-    def __init__(self) -> None:
-        self._q: queue.Queue[object] = queue.Queue()
+    source: str
+    region: str
+    first_page: int
+    checksums: npt.NDArray[np.uint64]
+    zero: int
+    zeros_checked: bool        # KsmEngine.zeros_hold
+    run: PageRun | None
+
+
+#: queue items at most: the ring bounds the items holding its chunks; this
+#: bounds those holding checksums alone (a first scan), about 8 KiB each
+QUEUED = 64
+
+
+class _Handoff:
+    """The queue from the reader threads to the engine: each item is the runs
+    one reader read into one chunk (on THP memory every dropped zero page cuts
+    a run: about 90 runs a chunk, one queue item), bounded by the ring while
+    the runs keep their bytes, else by QUEUED. ``keep``: whether the engine
+    wants the bytes (``KsmEngine.needs_bytes``). Once the scan stops (done or
+    failed), ``put`` gives up instead of blocking."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self._q: queue.Queue[object] = queue.Queue(QUEUED)
         self.stop = threading.Event()
         self._mine = threading.local()
 
     def put(self, item: object) -> bool:
-        if self.stop.is_set():
-            return False
-        self._q.put(item)
-        return True
+        while not self.stop.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    def add(self, run: PageRun) -> None:
+    def add(self, run: PageRun, checksums: npt.NDArray[np.uint64], zero: int,
+            zeros_checked: bool) -> None:
         """Queue ``run`` with the other runs of its chunk (``flush``)."""
-        batch: list[PageRun] | None = getattr(self._mine, "batch", None)
+        batch: list[_Read] | None = getattr(self._mine, "batch", None)
         if batch is None:
             batch = self._mine.batch = []
-        batch.append(run)
+        batch.append(_Read(run.source, run.region, run.first_page, checksums, zero,
+                           zeros_checked, run if self.keep else None))
 
     def flush(self, ring: ReadRing) -> bool:
         """Queue the runs this thread added since its last flush, as one item
-        holding their chunks of ``ring``; False once the scan has stopped."""
-        batch: list[PageRun] | None = getattr(self._mine, "batch", None)
+        (holding their chunks of ``ring`` when they keep their bytes); False
+        once the scan has stopped."""
+        batch: list[_Read] | None = getattr(self._mine, "batch", None)
         self._mine.batch = None
         if not batch:
             return not self.stop.is_set()
-        ring.hold(batch)
+        runs = [r.run for r in batch if r.run is not None]
+        ring.hold(runs)
         if self.put(batch):
             return True
-        ring.release(batch)
+        ring.release(runs)
         return False
 
-    def get(self) -> list[PageRun] | None:
+    def get(self) -> list[_Read] | None:
         """The next runs; None once a reader is done. Raises what a reader raised."""
         item = self._q.get()
         if item is _DONE:
@@ -165,16 +199,27 @@ class _Handoff:
         return item
 
 
+def _zero_count(run: PageRun) -> int:
+    """All-zero pages of ``run`` (counted already by a live source's wrapper)."""
+    counted = run.zero_pages if isinstance(run, LivePageRun) else None
+    return counted if counted is not None else int(zero_rows(run.data).size)
+
+
 def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Handoff,
-                  part: Part) -> None:
+                  part: Part, engine: KsmEngine) -> None:
     """A reader thread: its share ``part`` of every source's runs, read straight
-    into the ring (``_taker``) and queued a chunk at a time, then _DONE, or
-    what failed."""
+    into the ring (``_taker``), hashed, their zero pages counted and those
+    with the zero page's checksum checked here (the engine's ``checksums``
+    and ``zeros_hold``; in C, the GIL released) while the pages are still in
+    this core's cache, and queued a chunk at a time, then _DONE, or what
+    failed."""
     try:
         chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
             for run in s.runs(chunk_pages, part):
-                handoff.add(run)
+                h = engine.checksums(run.data)
+                handoff.add(run, h, _zero_count(run),
+                            handoff.keep and engine.zeros_hold(run.data, h))
             if not handoff.flush(ring):
                 return
             ring.done_reading()
@@ -204,20 +249,23 @@ def default_workers() -> int:
     return max(1, min(4, cores - int(os.getloadavg()[0])))
 
 
-def _feed(engine: KsmEngine, items: list[PageRun], ring: ReadRing, zero: dict[str, int]
+def _feed(engine: KsmEngine, items: list[_Read], ring: ReadRing, zero: dict[str, int]
           ) -> int:
-    """Hash the runs of one queue item (the engine keeps no reference), count
-    their zero pages into ``zero`` and hand their chunks back to the ring;
-    the pages fed."""
+    """Feed the runs of one queue item with their checksums (the engine keeps
+    no reference), count their zero pages into ``zero`` and hand their chunks
+    back to the ring; the pages fed."""
     fed = 0
     try:
-        for item in items:
-            engine.feed(item, retain=False)
-            counted = item.zero_pages if isinstance(item, LivePageRun) else None
-            zero[item.source] += counted if counted is not None else zero_rows(item.data).size
-            fed += item.npages
+        for r in items:
+            if r.run is not None:
+                engine.feed(r.run, retain=False, checksums=r.checksums,
+                            zeros_checked=r.zeros_checked)
+            else:
+                engine.feed_checksums(r.source, r.region, r.first_page, r.checksums)
+            zero[r.source] += r.zero
+            fed += r.checksums.size
     finally:
-        ring.release(items)
+        ring.release([r.run for r in items if r.run is not None])
     return fed
 
 
@@ -252,13 +300,14 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     else:
         ring.reopen()
     ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
-    handoff = _Handoff()
     zero: dict[str, int] = {s.name: 0 for s in sources}
+    engine.begin_scan(regions, store_pages=buffer_bytes // PAGE_SIZE)
+    handoff = _Handoff(engine.needs_bytes)
     take = _taker(ring, handoff)
     for s in sources:
         s.read_into = take
-    engine.begin_scan(regions, store_pages=buffer_bytes // PAGE_SIZE)
-    threads = [threading.Thread(target=_read_sources, args=(sources, ring, handoff, (k, n)),
+    threads = [threading.Thread(target=_read_sources,
+                                args=(sources, ring, handoff, (k, n), engine),
                                 name=f"vmshare-scan-reader-{k}", daemon=True)
                for k in range(n)]
     for t in threads:
