@@ -28,7 +28,12 @@ from vmshare.engine import EngineConfig, KsmCounters, KsmEngine
 from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE
 from vmshare.prediction.readring import check_buffer_bytes, new_ring
-from vmshare.prediction.scanning import DEFAULT_BUFFER_BYTES, ScanStats, scan_sources
+from vmshare.prediction.scanning import (
+    DEFAULT_BUFFER_BYTES,
+    ScanStats,
+    default_workers,
+    scan_sources,
+)
 from vmshare.prediction.targets import (
     Target,
     check_unique,
@@ -131,7 +136,7 @@ def run_until_converged(engine: KsmEngine, targets: Sequence[Target], *,
     limit = scans if scans is not None else max_scans
     if limit < 1:
         raise UsageError(f"the number of scans must be >= 1, not {limit}")
-    ring = new_ring(buffer_bytes)        # one read ring for every scan
+    ring = new_ring(buffer_bytes, default_workers())     # one read ring for every scan
     previous: tuple[int, ...] | None = None
     stats: ScanStats | None = None
     converged = False

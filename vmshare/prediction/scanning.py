@@ -278,7 +278,9 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     ``workers`` reader threads (default: default_workers()), each reading
     every n-th chunk of each source, and as many reading pages again.
     ``ring``: a ring of ``buffer_bytes`` (``new_ring``) left by an earlier
-    scan, reused (run_until_converged: one per command), else a new one.
+    scan, reused (run_until_converged: one per command), else a new one cut
+    for the readers; a ring serves at most half as many readers as it has
+    buffers (the default is cut down to that).
 
     Raises UsageError for a buffer below MIN_BUFFER_BYTES or an engine in
     verify mode (it needs every merged page kept), and what the sources raise
@@ -293,10 +295,15 @@ def scan_sources(engine: KsmEngine, sources: Sequence[PageSource], *,
     n = workers if workers is not None else default_workers()
     if not 1 <= n <= RING_CHUNKS // 2:
         raise UsageError(f"workers must be 1 to {RING_CHUNKS // 2}, not {n}")
+    if ring is not None and n > ring.limit // 2:
+        if workers is not None:
+            raise UsageError(f"a ring of {ring.limit} buffers serves at most "
+                             f"{ring.limit // 2} readers, not {n}")
+        n = ring.limit // 2
     t0 = time.perf_counter()
     regions, base, total = _layout(sources)
     if ring is None:
-        ring = new_ring(buffer_bytes)
+        ring = new_ring(buffer_bytes, n)
     else:
         ring.reopen()
     ring.fill(-(-total * PAGE_SIZE // ring.chunk_bytes))   # what the sources can use
