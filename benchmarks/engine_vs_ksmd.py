@@ -10,7 +10,10 @@ ksmd's time: from run=1 until the process's merged pages (ksm_stat's
 ksm_merging_pages) hold over a full scan; ksmd also scans any other
 mergeable memory on the host (printed). Every KSM knob is saved and
 restored and everything is unmerged afterwards.
-Run as root, under the shared lock:  benchmarks/engine_vs_ksmd.py [SIZE_MIB]
+With ``--thp`` the process's memory is madvised HUGEPAGE (as QEMU does with
+guest RAM): its all-zero subpages, which KSM never sees, cut every read into
+many runs, and ksmd splits the huge pages it merges.
+Run as root, under the shared lock:  benchmarks/engine_vs_ksmd.py [--thp] [SIZE_MIB]
 """
 
 from __future__ import annotations
@@ -48,16 +51,20 @@ def ksmd_time(sysfs: KsmSysfs, pid: int, timeout: float = 300.0) -> tuple[float,
 
 
 def main() -> int:
-    size_mib = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    args = [a for a in sys.argv[1:] if a != "--thp"]
+    thp = "--thp" in sys.argv[1:]
+    size_mib = int(args[0]) if args else 1024
     pages = size_mib * MIB // 4096
     print(machine())
     per_fault = fault_cost()
-    with mix_process(pages, mergeable=True) as (pid, _), \
+    with mix_process(pages, mergeable=True, thp=thp) as (pid, _), \
             ksm_session(KsmSysfs(), pages_to_scan=100000, sleep_millisecs=0) as sysfs:
+        thp_mib = sum(v.anon_huge_bytes for v in ProcFs().smaps(pid)) // MIB
         runs = [(label, run_predict("--pid", str(pid))) for label in ("first", "again")]
         t_kernel, merged, scanned = ksmd_time(sysfs, pid)
     print(f"content: {size_mib} MiB in one process (40% copies of 2,000 templates, "
-          "50% unique, 10% zero)")
+          f"50% unique, 10% zero){', madvised HUGEPAGE' if thp else ''}; in THPs when the "
+          f"command ran: {thp_mib} MiB")
     for label, c in runs:
         t = c.output["totals"]
         print(f"vmshare predict ({label}): {c.seconds:.2f} s, peak RSS {c.max_rss / MIB:.0f} MiB "

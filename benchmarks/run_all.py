@@ -6,7 +6,8 @@ guests must run under the shared lock:
 
   flock /tmp/vmshare-ksm-dev.lock .venv/bin/python benchmarks/run_all.py [NAME ...]
 
-NAME picks benchmarks (a script's name without .py); ``--quick`` gives the
+NAME picks benchmarks (a script's name without .py, or engine_vs_ksmd_thp:
+that script with --thp); ``--quick`` gives the
 engine's benchmarks only (the ones this script needs no guests for).
 """
 
@@ -28,6 +29,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("engine_throughput", ["benchmarks/engine_throughput.py"]),
     ("engine_scaling", ["benchmarks/engine_scaling.py"]),
     ("engine_vs_ksmd", ["benchmarks/engine_vs_ksmd.py"]),
+    ("engine_vs_ksmd_thp", ["benchmarks/engine_vs_ksmd.py", "--thp"]),
     ("live_scan", ["benchmarks/live_scan.py"]),
     ("live_read", ["benchmarks/live_read.py"]),
     ("measure_hook_time", ["hooks/measure_hook_time.py"]),
@@ -41,7 +43,8 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("fuzz_inputs", ["benchmarks/fuzz_inputs.py"]),
     ("cli_startup", ["benchmarks/cli_startup.py"]),
 ]
-QUICK = {"engine_throughput", "engine_scaling", "engine_vs_ksmd", "live_scan", "live_read"}
+QUICK = {"engine_throughput", "engine_scaling", "engine_vs_ksmd", "engine_vs_ksmd_thp",
+         "live_scan", "live_read"}
 
 
 def summary(output: str) -> str:

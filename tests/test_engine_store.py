@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from unittest.mock import patch
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,6 +123,48 @@ def test_a_page_with_the_zero_pages_checksum_handed_over_hashed_stays_apart() ->
         c = feed_world(e, world, fetched=world, store=8, prehashed=True)
     assert mappings(e) == [[0, 0, 1, 1]]
     assert (c.pages_shared, c.pages_sharing) == (2, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories(), st.booleans())
+def test_runs_with_holes_masked_give_the_answers_of_runs_cut_at_them(
+        h: tuple[int, bool, list[tuple[World, dict[str, str]]]], prehashed: bool) -> None:
+    """Each region fed as one run over all its pages, its holes marked in a
+    ``present`` mask (their bytes garbage; checksums alone in a first scan
+    when ``prehashed``): the counters and mappings of the runs cut at the
+    holes."""
+    mps, uzp, scans = h
+    cfg = EngineConfig(max_page_sharing=mps, use_zero_pages=uzp)
+    e, cut = KsmEngine(cfg), KsmEngine(cfg)
+    for world, gens in scans:
+        e.begin_scan({s: [Region("ram", len(p) * PAGE_SIZE, gens.get(s, ""))]
+                      for s, p in world.items()}, store_pages=2)
+        for s, pages in world.items():
+            data = memoryview(b"".join(p if p is not None else b"\x5a" * PAGE_SIZE
+                                       for p in pages))
+            present = np.array([p is not None for p in pages], dtype=np.bool_)
+            hs = e.checksums(data)
+            if prehashed and not e.needs_bytes:
+                e.feed_checksums(s, "ram", 0, hs, present)
+            elif prehashed:
+                e.feed(PageRun(s, "ram", 0, data), retain=False, checksums=hs,
+                       zeros_checked=e.zeros_hold(data, hs), present=present)
+            else:
+                e.feed(PageRun(s, "ram", 0, data), retain=False, present=present)
+        flat = [p for pages in world.values() for p in pages]
+        c = e.end_scan(lambda pos: memoryview(b"".join(flat[q] or b"" for q in pos.tolist())))
+        assert c.counters == feed_world(cut, world, gens, fetched=world, store=2)
+        assert mappings(e) == mappings(cut)
+
+
+def test_a_mask_of_another_size_or_with_retain_is_refused() -> None:
+    e = KsmEngine()
+    data = memoryview(pg(1) + pg(2))
+    e.begin_scan({"a": [Region("ram", 2 * PAGE_SIZE)]})
+    with pytest.raises(UsageError, match="present mask of 3 for a run of 2 pages"):
+        e.feed(PageRun("a", "ram", 0, data), retain=False, present=np.ones(3, np.bool_))
+    with pytest.raises(UsageError, match="retain=False"):
+        e.feed(PageRun("a", "ram", 0, data), present=np.ones(2, np.bool_))
 
 
 def test_checksums_alone_only_while_the_bytes_are_not_needed() -> None:

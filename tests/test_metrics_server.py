@@ -284,3 +284,12 @@ def test_cli_bad_listen_is_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "brackets" in proc.stderr
+
+
+def test_cli_textfile_not_a_directory_is_one_line(tmp_path: Path) -> None:
+    """Refused before libvirt is asked for anything (no libvirtd needed)."""
+    proc = subprocess.run([sys.executable, "-m", "vmshare", "-c", "test:///nowhere-at-all",
+                           "metrics", "--textfile", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "not a directory" in proc.stderr

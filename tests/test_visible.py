@@ -119,6 +119,20 @@ def fed(src: KernelVisiblePages) -> tuple[list[tuple[str, int, int, int | None]]
     return runs, src.thp_zero_pages
 
 
+def pages_fed(src: KernelVisiblePages, masked: bool) -> tuple[list[tuple[str, int]], int, int]:
+    """Every page fed (region, page), the all-zero pages among them and the THP
+    zero subpages: from ``runs`` (cut at dropped pages) or ``masked_runs``
+    (whole, with the mask of the pages kept)."""
+    out: list[tuple[str, int]] = []
+    zero = 0
+    pairs = src.masked_runs() if masked else ((r, None) for r in src.runs())
+    for r, present in pairs:
+        idx = range(r.npages) if present is None else np.flatnonzero(present).tolist()
+        out += [(r.region, r.first_page + i) for i in idx]
+        zero += r.zero_pages or 0
+    return out, zero, src.thp_zero_pages
+
+
 def one_mapping(root: Path, kinds: list[str], thp_ok: bool, huge: int | None = HUGE_PFN
                 ) -> tuple[list[tuple[int, int, int | None]], int, list[int], int]:
     """Pages of ``kinds`` in one mapping through KernelVisiblePages: the runs fed
@@ -177,7 +191,11 @@ def test_the_answer_is_that_of_looking_every_zero_page_up(
                                      thp_split=thp_split))
         every = fed(KernelVisiblePages(live, KnownZero(Path(tmp), None, None),  # type: ignore[arg-type]
                                        thp_split=thp_split))
+        both = [pages_fed(KernelVisiblePages(live, KnownZero(Path(tmp), *known),  # type: ignore[arg-type]
+                                             thp_split=thp_split), masked)
+                for masked in (False, True)]
     assert got == every
+    assert both[0] == both[1]       # masked runs feed exactly the pages of the cut ones
 
 
 def test_zero_rows_finds_exactly_the_all_zero_pages() -> None:
@@ -245,9 +263,11 @@ def test_a_real_process_gets_the_kpageflags_answer() -> None:
         srcs = {name: KernelVisiblePages(LiveProcessSource(proc.pid, vmas), pf)
                 for name, pf in (("fast", ProcFs()), ("every", EveryPage()))}
         results = {name: fed(src) for name, src in srcs.items()}
+        cut_and_masked = [pages_fed(srcs["fast"], masked) for masked in (False, True)]
         for src in srcs.values():
             src.close()
     assert results["fast"] == results["every"]
+    assert cut_and_masked[0] == cut_and_masked[1]
     runs, thp_zero = results["fast"]
     first = f"vma@{base:#x}"
     assert [(f, n, z) for r, f, n, z in runs if r == first][:1] == [(16, 32, 16)]

@@ -49,9 +49,14 @@ def write_textfile(directory: Path, text: str) -> Path:
 
 
 def cmd_metrics(ctx: Any) -> int:
-    from vmshare.daemon.metrics_http import serve
+    from vmshare.daemon.metrics_http import parse_listen, serve
     from vmshare.present.metrics import Refresher, exposition
     a = ctx.args
+    # the user's mistakes first, before libvirt is asked for anything
+    if a.listen is not None:
+        parse_listen(a.listen)
+    if a.textfile is not None and not Path(a.textfile).is_dir():
+        raise UsageError(f"--textfile {a.textfile}: not a directory")
     source = _source(ctx)
     if a.listen is None:
         refresher = Refresher(source)

@@ -31,6 +31,28 @@ The kernel's counters follow: pages_shared is the number of stable nodes with a
 mapping, pages_sharing the mappings beyond the first, pages_volatile the rmap
 items in neither tree. Meanings: ``vmshare.model.COUNTER_MEANINGS``.
 
+Snapshots, not page tables: the rules beyond the kernel's own:
+
+* A page's content is what was fed; a write is assumed to happen just before
+  the scan reaches the page. A page of a stable node stays mapped to it while
+  its bytes equal the node's; otherwise it was broken out by CoW and leaves
+  the node at its position in the scan.
+* A stable node none of whose pages is present with its content this scan
+  has no mapping left: its KSM page is freed before the scan (the kernel
+  finds it stale on first lookup). Its content is then unknown to the engine,
+  which is why no page bytes are needed between scans.
+* Pages not fed this scan (holes) leave at their position, as the kernel frees
+  their rmap items when its cursor passes them. Sources and regions no longer
+  listed, and regions whose generation or size changed, are dropped at the
+  start of the scan, as if unmapped.
+* A page stays on its stable node while its checksum is unchanged (or, in
+  verify mode, while its bytes still match the node); every new merge is
+  decided by a byte-for-byte comparison. See "Trust and verification" in
+  the package overview.
+* Chains are pruned at the end of each scan (the kernel does it every
+  stable_node_chains_prune_millisecs): a chain left with one dup that has
+  room reverts to a plain stable node.
+
 Representation (not the kernel's rbtrees): per-page state lives in numpy arrays
 (checksum uint64, stable node int32, flags uint8: 13 bytes a page); per stable
 node a count, a chain id and a 128-bit fingerprint (24 bytes a node). A scan is
@@ -102,12 +124,8 @@ be in the run, since any new merge is byte-compared as above. This matches
 the kernel's own rule that a merged page stays merged until it is written.
 """
 
-from vmshare.engine.core import (
-    EngineConfig,
-    KsmCounters,
-    KsmEngine,
-    ScanResult,
-)
+from vmshare.engine.core import KsmEngine
+from vmshare.engine.counters import EngineConfig, KsmCounters, ScanResult
 from vmshare.engine.hashing import default_hasher
 from vmshare.engine.results import SourceSavings
 

@@ -9,24 +9,27 @@ read after a scan in ``vmshare.engine.results``; the algorithm overview is in
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
 
 from vmshare.engine import merge, results
-from vmshare.engine._pages import PageSet
+from vmshare.engine.counters import EngineConfig, KsmCounters, ScanResult, count_scan
 from vmshare.engine.feedcheck import FeedCheck, candidates
-from vmshare.engine.hashing import Hasher, default_hasher, hash_pages, hash_some
+from vmshare.engine.hashing import (
+    Hasher,
+    default_hasher,
+    hash_pages,
+    run_checksums,
+    zeros_hold,
+)
 from vmshare.engine.results import SourceSavings
 from vmshare.engine.state import (
     HAS_CK,
     LONE,
     SEEN,
     STABLE_CK,
-    UNSTABLE,
     ZERO,
-    ZERO_NEW,
     Fetch,
     NodeTable,
     RegionState,
@@ -34,55 +37,16 @@ from vmshare.engine.state import (
     release_freed_memory,
 )
 from vmshare.errors import UsageError
-from vmshare.model import COUNTER_MEANINGS, PAGE_SIZE, PageRun, Region
-
-_COUNT_CHUNK = 1 << 16    # pages counted per step at the end of a scan
+from vmshare.model import PAGE_SIZE, PageRun, Region
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """The kernel knobs the algorithm depends on (same names as /sys/kernel/mm/ksm).
-
-    merge_across_nodes=1 and smart_scan=0 are assumed: one tree for all pages, no
-    page skipped (a differential test against the kernel must set smart_scan=0).
-    """
-
-    max_page_sharing: int = 256
-    use_zero_pages: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_page_sharing < 2:
-            raise UsageError(f"max_page_sharing must be >= 2, not {self.max_page_sharing}")
-
-
-@dataclass(frozen=True)
-class KsmCounters:
-    """The kernel's counters, with the kernel's names and meanings (COUNTER_MEANINGS)."""
-
-    pages_shared: int = 0
-    pages_sharing: int = 0
-    pages_unshared: int = 0
-    pages_volatile: int = 0
-    pages_scanned: int = 0
-    full_scans: int = 0
-    ksm_zero_pages: int = 0
-    stable_node_chains: int = 0
-    stable_node_dups: int = 0
-
-    def merge_state(self) -> tuple[int, ...]:
-        """Every counter except the cumulative ones (full_scans, pages_scanned)."""
-        return (self.pages_shared, self.pages_sharing, self.pages_unshared,
-                self.pages_volatile, self.ksm_zero_pages, self.stable_node_chains,
-                self.stable_node_dups)
-
-
-assert all(f.name in COUNTER_MEANINGS for f in fields(KsmCounters))
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    counters: KsmCounters
-    pages_fed: int
+def _check_present(present: npt.NDArray[np.bool_] | None, n: int, retain: bool) -> None:
+    if present is None:
+        return
+    if present.shape != (n,) or present.dtype != np.bool_:
+        raise UsageError(f"a present mask of {present.size} for a run of {n} pages")
+    if retain:
+        raise UsageError("a run with holes (present) is fed with retain=False")
 
 
 class KsmEngine:
@@ -93,27 +57,8 @@ class KsmEngine:
     order of ``regions``, regions in listed order, page index) whatever the feed
     order, so results are deterministic.
 
-    Rules beyond the kernel's own (the engine sees snapshots, not page tables):
-
-    * A page's content is what was fed; a write is assumed to happen just before
-      the scan reaches the page. A page of a stable node stays mapped to it while
-      its bytes equal the node's; otherwise it was broken out by CoW and leaves
-      the node at its position in the scan.
-    * A stable node none of whose pages is present with its content this scan
-      has no mapping left: its KSM page is freed before the scan (the kernel
-      finds it stale on first lookup). Its content is then unknown to the engine,
-      which is why no page bytes are needed between scans.
-    * Pages not fed this scan (holes) leave at their position, as the kernel frees
-      their rmap items when its cursor passes them. Sources and regions no longer
-      listed, and regions whose generation or size changed, are dropped at the
-      start of the scan, as if unmapped.
-    * A page stays on its stable node while its checksum is unchanged (or, in
-      verify mode, while its bytes still match the node); every new merge is
-      decided by a byte-for-byte comparison. See "Trust and verification" in
-      the package overview.
-    * Chains are pruned at the end of each scan (the kernel does it every
-      stable_node_chains_prune_millisecs): a chain left with one dup that has
-      room reverts to a plain stable node.
+    The rules beyond the kernel's own (the engine sees snapshots, not page
+    tables) are in the package overview ("Snapshots, not page tables").
 
     Buffers passed to ``feed`` are referenced (never copied) until ``end_scan``
     returns and must not change before then.
@@ -213,21 +158,12 @@ class KsmEngine:
         page's all zero, byte for byte? For ``feed(zeros_checked=True)``: the
         thread that hashed a run checks this too, while the pages are in its
         core's cache. Safe from any thread (in C, the GIL released)."""
-        data = data.cast("B") if data.format != "B" else data
-        z = np.flatnonzero(checksums == np.uint64(self.zero_hash))
-        if z.size == 0:
-            return True
-        out = np.empty(z.size, dtype=np.bool_)
-        pages = PageSet([data], [0])
-        try:
-            pages.is_zero(z.astype(np.int64), out)
-        finally:
-            pages.close()
-        return bool(out.all())
+        return zeros_hold(data, checksums, self.zero_hash)
 
     def feed(self, run: PageRun, unchanged: npt.NDArray[np.bool_] | None = None, *,
              retain: bool = True, checksums: npt.NDArray[np.uint64] | None = None,
-             zeros_checked: bool = False) -> None:
+             zeros_checked: bool = False, present: npt.NDArray[np.bool_] | None = None
+             ) -> None:
         """Give the engine pages of the current scan (one run, any order of runs).
 
         ``unchanged`` (one bool per page of the run, optional) marks pages the
@@ -245,10 +181,14 @@ class KsmEngine:
         (hashed already, by the thread that read the run); not hashed again.
         ``zeros_checked``: ``zeros_hold(run.data, checksums)`` was True, so the
         pages with the zero page's checksum need no comparison with it here.
+        ``present`` (one bool per page, with ``retain=False``): only the pages
+        marked are fed; the others are holes, as if the run were cut there
+        (one call where a run with many holes would take hundreds).
 
         Raises UsageError outside a scan, for an unknown source/region, a run
         beyond its region, data not a whole number of pages, a page fed twice,
-        an ``unchanged`` mask or ``checksums`` of the wrong length, or both.
+        an ``unchanged`` mask, ``checksums`` or ``present`` of the wrong length,
+        an ``unchanged`` mask with checksums, ``present`` with ``retain``.
         """
         if not self._in_scan:
             raise UsageError("feed called outside a scan (call begin_scan first)")
@@ -270,27 +210,13 @@ class KsmEngine:
         if n == 0:
             return
         flags = rs.flags[first:first + n]
-        if np.any(flags & SEEN):
+        _check_present(present, n, retain)
+        if np.any((flags if present is None else flags[present]) & SEEN):
             raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
         ck = rs.ck[first:first + n]
-        if checksums is not None:
-            if unchanged is not None:
-                raise UsageError("feed takes an unchanged mask or checksums, not both")
-            if checksums.shape != (n,) or checksums.dtype != np.uint64:
-                raise UsageError(f"{checksums.size} checksums for a run of {n} pages")
-            h = checksums
-        elif unchanged is None:
-            h = hash_pages(self.hasher, data, n)
-        else:
-            if unchanged.shape != (n,):
-                raise UsageError(f"unchanged mask of {unchanged.size} for a run of {n} pages")
-            h = ck.copy()
-            todo = np.flatnonzero(~(unchanged & ((flags & HAS_CK) != 0)))
-            if todo.size == n:
-                h = hash_pages(self.hasher, data, n)
-            elif todo.size:
-                h[todo] = hash_some(self.hasher, data, todo)
-        self._record(rs, first, h, data, retain, zeros_checked and checksums is not None)
+        h = run_checksums(self.hasher, data, flags, ck, unchanged, checksums)
+        self._record(rs, first, h, data, retain, zeros_checked and checksums is not None,
+                     present)
 
     @property
     def needs_bytes(self) -> bool:
@@ -301,11 +227,12 @@ class KsmEngine:
         return self._needs_bytes
 
     def feed_checksums(self, source: str, region: str, first_page: int,
-                       checksums: npt.NDArray[np.uint64]) -> None:
-        """As ``feed(run, retain=False, checksums=checksums)`` for a run whose
-        bytes are gone already (the reader reused its buffer): only while
-        ``needs_bytes`` is False. Raises UsageError as ``feed`` does, and when
-        this scan needs the bytes."""
+                       checksums: npt.NDArray[np.uint64],
+                       present: npt.NDArray[np.bool_] | None = None) -> None:
+        """As ``feed(run, retain=False, checksums=checksums, present=present)``
+        for a run whose bytes are gone already (the reader reused its buffer):
+        only while ``needs_bytes`` is False. Raises UsageError as ``feed``
+        does, and when this scan needs the bytes."""
         if not self._in_scan:
             raise UsageError("feed called outside a scan (call begin_scan first)")
         if self._needs_bytes:
@@ -321,32 +248,42 @@ class KsmEngine:
         if first_page < 0 or first_page + n > rs.npages:
             raise UsageError(f"run {first_page}+{n} is outside {source}/{region} "
                              f"({rs.npages} pages)")
-        if n and np.any(rs.flags[first_page:first_page + n] & SEEN):
+        _check_present(present, n, False)
+        fl = rs.flags[first_page:first_page + n]
+        if n and np.any((fl if present is None else fl[present]) & SEEN):
             raise UsageError(f"pages of {source}/{region} fed twice in one scan")
         if n:
-            self._record(rs, first_page, checksums, None, False)
+            self._record(rs, first_page, checksums, None, False, present=present)
 
     def _record(self, rs: RegionState, first: int, h: npt.NDArray[np.uint64],
-                data: memoryview | None, retain: bool, zeros_checked: bool = False) -> None:
+                data: memoryview | None, retain: bool, zeros_checked: bool = False,
+                present: npt.NDArray[np.bool_] | None = None) -> None:
         """Pages ``first``.. of ``rs`` fed with checksums ``h`` (bytes ``data``,
-        None when only their checksums were given: then none can arrive)."""
+        None when only their checksums were given: then none can arrive),
+        those marked in ``present`` only when given."""
         n = h.size
         flags = rs.flags[first:first + n]
         ck = rs.ck[first:first + n]
         stable = ((flags & HAS_CK) != 0) & (ck == h)
+        if present is not None:
+            stable &= present
         if self._check is not None and data is not None:   # arrivals: compare them now
             arrive = stable & ((flags & (ZERO | LONE)) == 0)
             if not self.verify_merged:
                 arrive &= rs.node[first:first + n] < 0
             self._check.feed(data, self._base[id(rs)] + first, h, arrive, zeros_checked)
-        ck[:] = h
-        flags |= np.uint8(SEEN | HAS_CK)
+        if present is None:
+            ck[:] = h
+            flags |= np.uint8(SEEN | HAS_CK)
+        else:
+            ck[present] = h[present]
+            flags[present] |= np.uint8(SEEN | HAS_CK)
         flags[stable] |= np.uint8(STABLE_CK)
         if retain:
-            assert data is not None
+            assert data is not None and present is None
             self._runs.append(RunRef(rs, first, n, data))
         else:
-            self._unretained += n
+            self._unretained += n if present is None else int(np.count_nonzero(present))
 
     def end_scan(self, fetch: Fetch | None = None) -> ScanResult:
         """Complete the full scan: merge, break out, count.
@@ -382,30 +319,10 @@ class KsmEngine:
             self._check = None
             release_freed_memory()
         self._full_scans += 1
-        fed = 0
-        rmap_items = unshared = zero = 0
-        settled = quiet
-        for rs in self._order:
-            for s in range(0, rs.npages, _COUNT_CHUNK):    # chunks: small temporaries
-                fl = rs.flags[s:s + _COUNT_CHUNK]
-                seen = (fl & SEEN) != 0
-                fed += int(np.count_nonzero(seen))
-                seen &= (fl & (ZERO | ZERO_NEW)) != ZERO       # less the zero-mapped before
-                rmap_items += int(np.count_nonzero(seen))
-                if settled:     # a volatile page (new, changed, just zero-mapped) remains
-                    settled = not np.any(seen & (rs.node[s:s + _COUNT_CHUNK] < 0)
-                                         & ((fl & UNSTABLE) == 0))
-                unshared += int(np.count_nonzero(fl & UNSTABLE))
-                zero += int(np.count_nonzero(fl & ZERO))
-        self._pages_scanned += rmap_items
-        shared, sharing = self.nodes.shared_sharing()
-        chains, dups = self.nodes.chain_counts()
-        self._counters = KsmCounters(
-            pages_shared=shared, pages_sharing=sharing, pages_unshared=unshared,
-            pages_volatile=max(0, rmap_items - shared - sharing - unshared),
-            pages_scanned=self._pages_scanned, full_scans=self._full_scans,
-            ksm_zero_pages=zero, stable_node_chains=chains, stable_node_dups=dups)
-        self._settled = settled
+        counted = count_scan(self._order, self.nodes, quiet, self._pages_scanned,
+                             self._full_scans)
+        self._pages_scanned = counted.counters.pages_scanned
+        self._counters, self._settled, fed = counted.counters, counted.settled, counted.fed
         return ScanResult(self._counters, fed)
 
     def abort_scan(self) -> None:

@@ -35,7 +35,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -133,9 +133,18 @@ class _Read:
     checksums: npt.NDArray[np.uint64]
     zero: int
     zeros_checked: bool        # KsmEngine.zeros_hold
+    present: npt.NDArray[np.bool_] | None     # the pages fed (None: all)
     run: PageRun | None
 
+    @property
+    def pages(self) -> int:
+        return self.checksums.size if self.present is None else \
+            int(np.count_nonzero(self.present))
 
+
+#: a source's ``masked_runs`` (vmshare.sources.visible.KernelVisiblePages)
+MaskedRuns = Callable[[int, Part],
+                      Iterator[tuple[PageRun, "npt.NDArray[np.bool_] | None"]]]
 #: queue items at most: the ring bounds the items holding its chunks; this
 #: bounds those holding checksums alone (a first scan), about 8 KiB each
 QUEUED = 64
@@ -165,13 +174,13 @@ class _Handoff:
         return False
 
     def add(self, run: PageRun, checksums: npt.NDArray[np.uint64], zero: int,
-            zeros_checked: bool) -> None:
+            zeros_checked: bool, present: npt.NDArray[np.bool_] | None) -> None:
         """Queue ``run`` with the other runs of its chunk (``flush``)."""
         batch: list[_Read] | None = getattr(self._mine, "batch", None)
         if batch is None:
             batch = self._mine.batch = []
         batch.append(_Read(run.source, run.region, run.first_page, checksums, zero,
-                           zeros_checked, run if self.keep else None))
+                           zeros_checked, present, run if self.keep else None))
 
     def flush(self, ring: ReadRing) -> bool:
         """Queue the runs this thread added since its last flush, as one item
@@ -212,14 +221,19 @@ def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Hando
     with the zero page's checksum checked here (the engine's ``checksums``
     and ``zeros_hold``; in C, the GIL released) while the pages are still in
     this core's cache, and queued a chunk at a time, then _DONE, or what
-    failed."""
+    failed. A source that can give runs whole with a mask of the pages to
+    feed (``masked_runs``: live memory without the zero pages KSM never
+    sees) gives them so: one run a read instead of hundreds on THP memory."""
     try:
         chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
-            for run in s.runs(chunk_pages, part):
+            masked: MaskedRuns | None = getattr(s, "masked_runs", None)
+            runs = masked(chunk_pages, part) if masked is not None else \
+                ((run, None) for run in s.runs(chunk_pages, part))
+            for run, present in runs:
                 h = engine.checksums(run.data)
                 handoff.add(run, h, _zero_count(run),
-                            handoff.keep and engine.zeros_hold(run.data, h))
+                            handoff.keep and engine.zeros_hold(run.data, h), present)
             if not handoff.flush(ring):
                 return
             ring.done_reading()
@@ -259,11 +273,12 @@ def _feed(engine: KsmEngine, items: list[_Read], ring: ReadRing, zero: dict[str,
         for r in items:
             if r.run is not None:
                 engine.feed(r.run, retain=False, checksums=r.checksums,
-                            zeros_checked=r.zeros_checked)
+                            zeros_checked=r.zeros_checked, present=r.present)
             else:
-                engine.feed_checksums(r.source, r.region, r.first_page, r.checksums)
+                engine.feed_checksums(r.source, r.region, r.first_page, r.checksums,
+                                      r.present)
             zero[r.source] += r.zero
-            fed += r.checksums.size
+            fed += r.pages
     finally:
         ring.release([r.run for r in items if r.run is not None])
     return fed

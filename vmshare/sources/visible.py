@@ -121,6 +121,30 @@ class KernelVisiblePages:
 
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
              ) -> Iterator[LivePageRun]:
+        for run, zero, dropped in self._classified(chunk_pages, part):
+            if dropped is None:
+                yield run
+            else:
+                yield from _without(run, zero, dropped)
+
+    def masked_runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+                    ) -> Iterator[tuple[LivePageRun, Mask | None]]:
+        """As ``runs``, but a run the dropped pages would cut comes whole, with
+        the mask of its pages kept (False: dropped), and its ``zero_pages``
+        those of its kept pages: one run a read where ``runs`` gives hundreds
+        on THP memory (for ``KsmEngine.feed(present=...)``)."""
+        for run, zero, dropped in self._classified(chunk_pages, part):
+            if dropped is None:
+                yield run, None
+                continue
+            keep = np.ones(run.npages, dtype=np.bool_)
+            keep[zero[dropped]] = False
+            yield _counted(run, int(zero.size) - int(np.count_nonzero(dropped))), keep
+
+    def _classified(self, chunk_pages: int, part: Part
+                    ) -> Iterator[tuple[LivePageRun, npt.NDArray[np.intp], Mask | None]]:
+        """Each run read, its all-zero pages, and which of those are dropped
+        (None when none is: the run is then counted already)."""
         self._parts = part[1]              # each share counts its own (readers run at once)
         self._thp_zero[part] = 0
         if self._zero_pfns is None:        # readers may both learn it: the same answer
@@ -128,15 +152,15 @@ class KernelVisiblePages:
         for run in self.inner.runs(chunk_pages, part):
             zero = zero_rows(run.data)
             if zero.size == 0:
-                yield _counted(run, 0)
+                yield _counted(run, 0), zero, None
                 continue
             on_zero_page, thp_zero = self._classify(run, zero)
             self._thp_zero[part] += int(thp_zero.sum())
             dropped = on_zero_page | thp_zero
             if not dropped.any():
-                yield _counted(run, int(zero.size))
+                yield _counted(run, int(zero.size)), zero, None
                 continue
-            yield from _without(run, zero, dropped)
+            yield run, zero, dropped
 
     def _classify(self, run: LivePageRun, zero: npt.NDArray[np.intp]) -> tuple[Mask, Mask]:
         """Of the all-zero pages ``zero`` of ``run``: which map the (huge) zero
