@@ -40,7 +40,8 @@ from vmshare.engine.state import (
 from vmshare.model import PAGE_SIZE
 
 _CHUNK = 1 << 13      # pages per vectorised step
-_NB = 64              # checksum buckets counted one at a time
+_NB = 64              # checksum buckets (each page's kept in its flags)
+_PER_GROUP = 1 << 17  # pages counted at once at most, about (buckets grouped to that)
 _GATHER = 1 << 16     # pages searched per step for a bucket's pages
 
 
@@ -170,7 +171,9 @@ def candidates(order: list[RegionState], zero_hash: int, limit: int) -> U64:
     at most ``limit``, the most repeated first. A page whose checksum no other
     page holds (a stable node's pages included) is marked LONE on the way
     (``vmshare.engine.lone``). Counted in checksum buckets (each page's bucket
-    kept in its flags, ``_CODES``), a bucket's checksums at a time."""
+    kept in its flags, ``_CODES``), as many buckets at a time as hold about
+    _PER_GROUP pages (each count's temporaries bounded, and few numpy passes
+    over the flags for a small guest)."""
     zh = np.uint64(zero_hash)
     total = 0
     try:
@@ -183,8 +186,11 @@ def candidates(order: list[RegionState], zero_hash: int, limit: int) -> U64:
                 total += int(np.count_nonzero(rs.node[s:e][ok] < 0))
         keys: list[U64] = []
         counts: list[I64] = []
-        for k in range(_NB if total else 0):
-            u, c = _count_bucket(order, k)
+        groups = min(_NB, -(-total // _PER_GROUP))
+        for g in range(groups):
+            table = np.zeros(256, dtype=np.bool_)      # the flags of this group's pages
+            table[_CODES[g::groups]] = True
+            u, c = _count_bucket(order, table)
             keys.append(u[c >= 2])
             counts.append(c[c >= 2])
             if sum(x.size for x in keys) > 4 * limit:     # bound what is held
@@ -199,14 +205,15 @@ def candidates(order: list[RegionState], zero_hash: int, limit: int) -> U64:
     return np.sort(keys[0]) if keys else np.zeros(0, dtype=np.uint64)
 
 
-def _count_bucket(order: list[RegionState], k: int) -> tuple[U64, I64]:
-    """Bucket ``k``'s checksums of pages that may arrive (sorted) and how many
-    pages hold each; marks LONE the pages whose checksum no other page holds."""
+def _count_bucket(order: list[RegionState], table: BOOL) -> tuple[U64, I64]:
+    """The checksums of the pages that may arrive in the buckets whose flags
+    ``table`` marks (sorted) and how many pages hold each; marks LONE the
+    pages whose checksum no other page holds."""
     parts: list[tuple[RegionState, I64]] = []
     mem: list[U64] = []
     for rs in order:
         for s in range(0, rs.npages, _GATHER):
-            idx = np.flatnonzero(rs.flags[s:s + _GATHER] == _CODES[k]) + s
+            idx = np.flatnonzero(table[rs.flags[s:s + _GATHER]]) + s
             on_node = rs.node[idx] >= 0
             if on_node.any():                     # on a stable node: never arrive
                 mem.append(rs.ck[idx[on_node]])
