@@ -152,7 +152,8 @@ def test_runs_with_holes_masked_give_the_answers_of_runs_cut_at_them(
             else:
                 e.feed(PageRun(s, "ram", 0, data), retain=False, present=present)
         flat = [p for pages in world.values() for p in pages]
-        c = e.end_scan(lambda pos: memoryview(b"".join(flat[q] or b"" for q in pos.tolist())))
+        c = e.end_scan(lambda pos, flat=flat: memoryview(
+            b"".join(flat[q] or b"" for q in pos.tolist())))
         assert c.counters == feed_world(cut, world, gens, fetched=world, store=2)
         assert mappings(e) == mappings(cut)
 
