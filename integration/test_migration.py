@@ -158,9 +158,15 @@ def test_migration_destination_gets_policy_off(guests: Guests, tmp_path: Path) -
         assert "migrate-in" in mine[1]["event"] or \
             mine[1]["event"] == "qmp:socket-appeared/inmigrate", mine[1]
         assert mine[1]["actor"] == "daemon" and "merge=off" in mine[1]["reason"]
-        state = json.loads((tmp_path / "state.json").read_text())["vms"][NAME]
-        assert state["remerge"]["event"] == "migrate-in"
-        assert state["remerge"]["pid"] == dst.pid
+        # the migrate-in reset is recorded once the daemon sees the migration
+        # completed, which may be a moment after it applied the policy (inmigrate)
+        def remerge() -> dict[str, Any] | None:
+            vms = json.loads((tmp_path / "state.json").read_text())["vms"]
+            r: dict[str, Any] | None = vms.get(NAME, {}).get("remerge")
+            return r
+        wait_for(lambda: (remerge() or {}).get("event") == "migrate-in", 15,
+                 lambda: f"no migrate-in record: {remerge()}\n{d.text()[-3000:]}")
+        assert (remerge() or {}).get("pid") == dst.pid
         # It stays that way: the next periodic reconcile (every 5 s) changes nothing.
         mark = len(d.text())
         d.wait_log("(periodic)", 15, after=mark)
