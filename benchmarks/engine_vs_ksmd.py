@@ -13,18 +13,24 @@ restored and everything is unmerged afterwards.
 With ``--thp`` the process's memory is madvised HUGEPAGE (as QEMU does with
 guest RAM): its all-zero subpages, which KSM never sees, cut every read into
 many runs, and ksmd splits the huge pages it merges.
-Run as root, under the shared lock:  benchmarks/engine_vs_ksmd.py [--thp] [SIZE_MIB]
+With ``--cold`` the page cache is dropped (sync, then vm.drop_caches=3: the
+whole host's, as after a boot) just before the first run, so the command
+also reads Python, numpy and vmshare from disk: the first run as on a
+machine where nothing ran before.
+Run as root, under the shared lock:
+  benchmarks/engine_vs_ksmd.py [--thp] [--cold] [SIZE_MIB]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import fault_cost, machine, run_predict
+from benchmarks.common import bytecode, fault_cost, machine, run_predict
 from integration.ksm_fixtures import ksm_session
 from tests.page_mix import mix_process
 from vmshare.ksm.procfs import ProcFs
@@ -51,8 +57,8 @@ def ksmd_time(sysfs: KsmSysfs, pid: int, timeout: float = 300.0) -> tuple[float,
 
 
 def main() -> int:
-    args = [a for a in sys.argv[1:] if a != "--thp"]
-    thp = "--thp" in sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a not in ("--thp", "--cold")]
+    thp, cold = "--thp" in sys.argv[1:], "--cold" in sys.argv[1:]
     size_mib = int(args[0]) if args else 1024
     pages = size_mib * MIB // 4096
     print(machine())
@@ -60,7 +66,14 @@ def main() -> int:
     with mix_process(pages, mergeable=True, thp=thp) as (pid, _), \
             ksm_session(KsmSysfs(), pages_to_scan=100000, sleep_millisecs=0) as sysfs:
         thp_mib = sum(v.anon_huge_bytes for v in ProcFs().smaps(pid)) // MIB
-        runs = [(label, run_predict("--pid", str(pid))) for label in ("first", "again")]
+        runs = []
+        for label in ("first", "again"):
+            if cold and label == "first":
+                label = "first, cold page cache"
+                bytecode()                    # written to disk before the drop
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            runs.append((label, run_predict("--pid", str(pid))))
         t_kernel, merged, scanned = ksmd_time(sysfs, pid)
     print(f"content: {size_mib} MiB in one process (40% copies of 2,000 templates, "
           f"50% unique, 10% zero){', madvised HUGEPAGE' if thp else ''}; in THPs when the "

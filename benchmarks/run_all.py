@@ -6,8 +6,8 @@ guests must run under the shared lock:
 
   flock /tmp/vmshare-ksm-dev.lock .venv/bin/python benchmarks/run_all.py [NAME ...]
 
-NAME picks benchmarks (a script's name without .py, or engine_vs_ksmd_thp:
-that script with --thp); ``--quick`` gives the
+NAME picks benchmarks (a script's name without .py, or engine_vs_ksmd_thp or
+engine_vs_ksmd_cold: that script with --thp or --cold); ``--quick`` gives the
 engine's benchmarks only (the ones this script needs no guests for).
 """
 
@@ -30,6 +30,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("engine_scaling", ["benchmarks/engine_scaling.py"]),
     ("engine_vs_ksmd", ["benchmarks/engine_vs_ksmd.py"]),
     ("engine_vs_ksmd_thp", ["benchmarks/engine_vs_ksmd.py", "--thp"]),
+    ("engine_vs_ksmd_cold", ["benchmarks/engine_vs_ksmd.py", "--cold"]),   # drops the page cache
     ("live_scan", ["benchmarks/live_scan.py"]),
     ("live_read", ["benchmarks/live_read.py"]),
     ("measure_hook_time", ["hooks/measure_hook_time.py"]),

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from unittest.mock import patch
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,11 +152,18 @@ def test_runs_with_holes_masked_give_the_answers_of_runs_cut_at_them(
                        zeros_checked=e.zeros_hold(data, hs), present=present)
             else:
                 e.feed(PageRun(s, "ram", 0, data), retain=False, present=present)
-        flat = [p for pages in world.values() for p in pages]
-        c = e.end_scan(lambda pos, flat=flat: memoryview(
-            b"".join(flat[q] or b"" for q in pos.tolist())))
+        c = e.end_scan(fetch_from(world))
         assert c.counters == feed_world(cut, world, gens, fetched=world, store=2)
         assert mappings(e) == mappings(cut)
+
+
+def fetch_from(world: World) -> Callable[[npt.NDArray[np.int64]], memoryview]:
+    """end_scan's fetch: the pages at global positions, from ``world``."""
+    flat = [p for pages in world.values() for p in pages]
+
+    def fetch(pos: npt.NDArray[np.int64]) -> memoryview:
+        return memoryview(b"".join(flat[q] or b"" for q in pos.tolist()))
+    return fetch
 
 
 def test_a_mask_of_another_size_or_with_retain_is_refused() -> None:

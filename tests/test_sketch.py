@@ -192,10 +192,10 @@ class _Stream:
         self.name = str(path)
         self.path = path
 
-    def runs(self) -> object:
+    def runs(self, chunk_pages: int = 7, part: tuple[int, int] = (0, 1)) -> object:
         src = dump_target(str(self.path), raw=self.path.suffix == ".raw").open()
         assert src is not None
-        yield from src.runs(chunk_pages=7)
+        yield from src.runs(chunk_pages=7)       # small runs, whatever is asked
         src.close()
 
 

@@ -25,6 +25,8 @@ from tests.dump_corpus import mapping_process
 from tests.ksmtree import KPF_ZERO, PRESENT, FakeProc
 from vmshare.ksm.procfs import KPF_THP, PM_PFN_MASK, ProcFs
 from vmshare.model import PAGE_SIZE, Region, Vma
+from vmshare.prediction.sketch import streamed_values
+from vmshare.records.sketchfile import SketchKey
 from vmshare.sources.live import LivePageRun, LiveProcessSource
 from vmshare.sources.visible import KernelVisiblePages, zero_rows
 
@@ -196,6 +198,30 @@ def test_the_answer_is_that_of_looking_every_zero_page_up(
                 for masked in (False, True)]
     assert got == every
     assert both[0] == both[1]       # masked runs feed exactly the pages of the cut ones
+
+
+class CutOnly:
+    """A KernelVisiblePages seen through ``runs`` alone (no ``masked_runs``)."""
+
+    def __init__(self, src: KernelVisiblePages) -> None:
+        self.name = src.name
+        self.runs = src.runs
+
+
+@given(st.lists(st.sampled_from(KINDS), min_size=1, max_size=60))
+def test_a_sketch_of_masked_runs_is_that_of_the_cut_ones(kinds: list[str]) -> None:
+    """The streamed sketch values read a run whole with its mask: the values
+    of the runs cut at the dropped pages, page for page."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fake_tree(Path(tmp))
+        live = fake_live([kinds], [True])
+        src = KernelVisiblePages(live, KnownZero(Path(tmp)))  # type: ignore[arg-type]
+        key = SketchKey.from_secret(b"k" * 32)
+        whole, cut = streamed_values(src, key), streamed_values(CutOnly(src), key)  # type: ignore[arg-type]
+    assert whole.pages == cut.pages
+    for a, b in ((whole.decision, cut.decision), (whole.identity, cut.identity),
+                 (whole.exact, cut.exact)):
+        assert np.array_equal(a, b)
 
 
 def test_zero_rows_finds_exactly_the_all_zero_pages() -> None:

@@ -142,9 +142,22 @@ class Observer:
         self.procfs = procfs
         self._zero_pfn: int | None = None
         # one_snapshot: every reader of this observer sees one reading of each
-        # VM's mappings (the exporter's host view and its policy survey)
+        # VM's facts and mappings (the exporter's host view and its policy survey)
         self._maps: dict[tuple[str, int | None], Mappings] | None = \
             {} if one_snapshot else None
+        self._facts: dict[str, VmFacts] | None = {} if one_snapshot else None
+
+    def facts(self, vm: VmRef) -> VmFacts:
+        """``hv.facts(vm)``, asked once per VM for a ``one_snapshot`` observer
+        (a failure is not kept: it is raised to each asker). Raises what
+        ``Hypervisor.facts`` raises."""
+        key = vm.uuid or vm.name
+        if self._facts is not None and key in self._facts:
+            return self._facts[key]
+        facts = self.hv.facts(vm)
+        if self._facts is not None:
+            self._facts[key] = facts
+        return facts
 
     def mappings(self, vm: VmRef, facts: VmFacts) -> Mappings:
         """The VM's backends with their mapping in the QEMU process, and the
@@ -183,7 +196,7 @@ class Observer:
 
     def _gather(self, vm: VmRef) -> _Gathered | VmFacts:
         """The running VM's pages and stats, or its facts when it is not running."""
-        facts = self.hv.facts(vm)
+        facts = self.facts(vm)
         if facts.pid is None:
             return facts
         start = self.procfs.start_time(facts.pid)

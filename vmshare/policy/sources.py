@@ -100,7 +100,7 @@ def survey(hv: Hypervisor, config: Config, refs: Iterable[VmRef], *,
     for ref in wanted + extra:
         warnings: list[str] = []
         try:
-            facts = hv.facts(ref)
+            facts = obs.facts(ref)
         except (DomainNotRunning, ProcessGone) as exc:
             warnings.append(f"no QEMU process found: {exc}")
             facts = VmFacts(ref=ref, pid=None)

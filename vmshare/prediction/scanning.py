@@ -35,7 +35,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -53,7 +53,7 @@ from vmshare.prediction.readring import (
     new_ring,
 )
 from vmshare.sources import PageSource
-from vmshare.sources.base import Part
+from vmshare.sources.base import Part, masked_runs
 from vmshare.sources.live import LivePageRun
 from vmshare.sources.visible import zero_rows
 
@@ -142,9 +142,6 @@ class _Read:
             int(np.count_nonzero(self.present))
 
 
-#: a source's ``masked_runs`` (vmshare.sources.visible.KernelVisiblePages)
-MaskedRuns = Callable[[int, Part],
-                      Iterator[tuple[PageRun, "npt.NDArray[np.bool_] | None"]]]
 #: queue items at most: the ring bounds the items holding its chunks; this
 #: bounds those holding checksums alone (a first scan), about 8 KiB each
 QUEUED = 64
@@ -221,16 +218,12 @@ def _read_sources(sources: Sequence[PageSource], ring: ReadRing, handoff: _Hando
     with the zero page's checksum checked here (the engine's ``checksums``
     and ``zeros_hold``; in C, the GIL released) while the pages are still in
     this core's cache, and queued a chunk at a time, then _DONE, or what
-    failed. A source that can give runs whole with a mask of the pages to
-    feed (``masked_runs``: live memory without the zero pages KSM never
-    sees) gives them so: one run a read instead of hundreds on THP memory."""
+    failed. Runs come with the mask of their pages to feed (``masked_runs``:
+    one run a read, not hundreds, from live THP memory)."""
     try:
         chunk_pages = ring.chunk_bytes // PAGE_SIZE
         for s in sources:
-            masked: MaskedRuns | None = getattr(s, "masked_runs", None)
-            runs = masked(chunk_pages, part) if masked is not None else \
-                ((run, None) for run in s.runs(chunk_pages, part))
-            for run, present in runs:
+            for run, present in masked_runs(s, chunk_pages, part):
                 h = engine.checksums(run.data)
                 handoff.add(run, h, _zero_count(run),
                             handoff.keep and engine.zeros_hold(run.data, h), present)

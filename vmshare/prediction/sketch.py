@@ -69,7 +69,7 @@ from vmshare.records.sketchfile import (
     restrict,
 )
 from vmshare.sources import LiveProcessSource, PageSource
-from vmshare.sources.base import FileSource
+from vmshare.sources.base import FileSource, masked_runs
 from vmshare.sources.visible import KernelVisiblePages
 
 U64 = npt.NDArray[np.uint64]
@@ -155,12 +155,16 @@ def mapped_values(runs: list[PageRun], key: SketchKey, threshold: int,
 
 def streamed_values(source: PageSource, key: SketchKey, heavy_min: int = HEAVY_MIN
                     ) -> PageValues:
-    """Values of every page of a source read as a stream (16 bytes a page kept)."""
+    """Values of every page of a source read as a stream (16 bytes a page kept),
+    a read at a time (``masked_runs``: its pages kept, where a live source
+    drops some)."""
     decs, idents, sparses = [], [], []
-    for run in source.runs():
+    for run, present in masked_runs(source):
         dec, sparse = _fingerprints([run], key)
         ident = np.empty(dec.size, np.uint64)
         id_values(run.data, np.arange(dec.size, dtype=np.int64), key.k0, key.k1, ident)
+        if present is not None:
+            dec, sparse, ident = dec[present], sparse[present], ident[present]
         decs.append(dec)
         idents.append(ident)
         sparses.append(sparse)

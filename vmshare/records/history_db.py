@@ -38,6 +38,9 @@ BUSY_TIMEOUT_S = 10.0
 #: resolution names, as --resolution takes them, and their bucket seconds (raw: 0)
 RESOLUTIONS = {"raw": 0, "5m": 300, "1h": 3600}
 LABELS = {"raw": "raw samples", "5m": "5-minute aggregates", "1h": "hourly aggregates"}
+#: between the keeper's retention runs once caught up (a query allows that much
+#: lag in the aggregates before it calls a stretch a gap)
+MAINTAIN_EVERY_S = 300.0
 CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 

@@ -31,11 +31,10 @@ from vmshare.config import DaemonSettings
 from vmshare.errors import VmshareError
 from vmshare.records.audit import AuditLog
 from vmshare.records.history import HistoryError, LegacyHistory
-from vmshare.records.history_db import HistoryCorrupt, HistoryDb, Retention
+from vmshare.records.history_db import MAINTAIN_EVERY_S, HistoryCorrupt, HistoryDb, Retention
 
 log = logging.getLogger("vmshare.history")
 IMPORT_BATCH = 500              # samples per transaction
-MAINTAIN_EVERY_S = 300.0        # between retention runs once caught up
 REOPEN_AFTER_S = 300.0          # a database that cannot be opened is tried again after
 SIDECARS = ("-wal", "-shm")
 

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vmshare.records.history import AUTO_MAX_SAMPLES
-from vmshare.records.history_db import LABELS, RESOLUTIONS, HistoryDb
-from vmshare.records.history_keeper import MAINTAIN_EVERY_S
+from vmshare.records.history_db import LABELS, MAINTAIN_EVERY_S, RESOLUTIONS, HistoryDb
 
 
 @dataclass(frozen=True)

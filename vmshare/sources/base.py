@@ -88,6 +88,23 @@ class PageSource(Protocol):
         ...
 
 
+Mask = npt.NDArray[np.bool_]
+
+
+def masked_runs(source: PageSource, chunk_pages: int = DEFAULT_CHUNK_PAGES,
+                part: Part = WHOLE) -> Iterator[tuple[PageRun, Mask | None]]:
+    """The source's runs, each with the mask of its pages to take (None: all):
+    a source that drops pages inside what it read (live memory less the zero
+    pages KSM never sees: ``KernelVisiblePages.masked_runs``) gives each read
+    whole with a mask, where ``runs`` cuts it (hundreds of runs a read on THP
+    memory); any other source, its runs, unmasked."""
+    masked: Callable[[int, Part], Iterator[tuple[PageRun, Mask | None]]] | None = \
+        getattr(source, "masked_runs", None)
+    if masked is not None:
+        return masked(chunk_pages, part)
+    return ((run, None) for run in source.runs(chunk_pages, part))
+
+
 def file_type(mode: int) -> str:
     """What ``stat``'s mode says a path is, in words for an error message."""
     for test, words in ((stat.S_ISREG, "a regular file"), (stat.S_ISBLK, "a block device"),
