@@ -4,7 +4,10 @@ line) with the machine it ran on; every run's whole output is kept in
 benchmarks/logs/<name>-<date>-<time>.log. Benchmarks that touch KSM, libvirt or
 guests must run under the shared lock:
 
-  flock /tmp/vmshare-ksm-dev.lock .venv/bin/python benchmarks/run_all.py [NAME ...]
+  flock -o /tmp/vmshare-ksm-dev.lock .venv/bin/python benchmarks/run_all.py [NAME ...]
+
+(-o: the lock's descriptor is not passed on, so a daemon started meanwhile,
+such as virtlogd, does not keep holding the lock after the run.)
 
 NAME picks benchmarks (a script's name without .py, or engine_vs_ksmd_thp or
 engine_vs_ksmd_cold: that script with --thp or --cold); ``--quick`` gives the
