@@ -41,7 +41,7 @@ from vmshare.model import PAGE_SIZE
 
 _CHUNK = 1 << 13      # pages per vectorised step
 _NB = 64              # checksum buckets (each page's kept in its flags)
-_PER_GROUP = 1 << 17  # pages counted at once at most, about (buckets grouped to that)
+_PER_GROUP = 1 << 16  # pages counted at once, about (buckets grouped to that)
 _GATHER = 1 << 16     # pages searched per step for a bucket's pages
 
 

@@ -55,7 +55,7 @@ _ARRIVED = HAS_CK | SEEN | STABLE_CK   # with ARRIVAL, an arrival's only flags
 _CODES = np.array([ARRIVAL | (v & 63) | ((v & 64) << 1) for v in range(128) if v != _ARRIVED],
                   dtype=np.uint8)
 _CHUNK = 1 << 15      # pages per vectorised step: bounds temporaries
-_BUCKET = 1 << 15     # arrivals handled per bucket at least (memory bound below)
+_BUCKET = 1 << 14     # arrivals handled per bucket at least (memory bound below)
 _GATHER = 1 << 16     # pages searched per step for a bucket's arrivals
 
 
