@@ -143,8 +143,8 @@ class _Read:
 
 
 #: queue items at most: the ring bounds the items holding its chunks; this
-#: bounds those holding checksums alone (a first scan), about 8 KiB each
-QUEUED = 64
+#: bounds those holding checksums alone (a first scan), 16 KiB each for 8 MiB
+QUEUED = 16
 
 
 class _Handoff:
