@@ -11,6 +11,7 @@ import numpy.typing as npt
 
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.prediction.targets import Target
+from vmshare.sources.base import WHOLE, Part, mine
 
 
 def content_ids(rng: np.random.Generator, mix: Sequence[tuple[int, int]], zero: int
@@ -68,8 +69,10 @@ class GeneratedSource:
     def regions(self) -> list[Region]:
         return [Region("ram", self.ids.size * PAGE_SIZE, "g")]
 
-    def runs(self, chunk_pages: int = 4096) -> Iterator[PageRun]:
-        for first in range(0, self.ids.size, chunk_pages):
+    def runs(self, chunk_pages: int = 4096, part: Part = WHOLE) -> Iterator[PageRun]:
+        for index, first in enumerate(range(0, self.ids.size, chunk_pages), 1):
+            if not mine(index, part):
+                continue
             data = page_bytes(self.ids[first:first + chunk_pages], self.salt)
             yield PageRun(self.name, "ram", first, memoryview(data))
 
