@@ -1,7 +1,7 @@
 """Run every benchmark, each in a fresh process, in the README's order, and
 print one table: each benchmark's summary (its last line, or its "summary:"
 line) with the machine it ran on; every run's whole output is kept in
-benchmarks/logs/<name>-<date>-<time>.log. Benchmarks that touch KSM, libvirt or
+benchmarks/logs/<name>-<date>-<HHMMSS>.log. Benchmarks that touch KSM, libvirt or
 guests must run under the shared lock:
 
   flock -o /tmp/vmshare-ksm-dev.lock .venv/bin/python benchmarks/run_all.py [NAME ...]
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
               if (n in names if names else (n in QUICK if quick else True))]
     logs = REPO / "benchmarks" / "logs"
     logs.mkdir(exist_ok=True)
-    day = f"{datetime.now(UTC):%Y-%m-%d-%H%M}"
+    day = f"{datetime.now(UTC):%Y-%m-%d-%H%M%S}"   # one log per run, never overwritten
     rows: list[tuple[str, float, int, str]] = []
     for name, cmd in chosen:
         print(f"running {name} ...", flush=True)
