@@ -459,3 +459,11 @@ def test_large_groups_fill_dups_in_closed_form() -> None:
     for _ in range(3):
         assert as_dict(feed_world(e, world, gens={"b": "1"})) == \
             ref_scan(ref, world, gens={"b": "1"})
+
+
+def test_distinct_is_the_sorted_distinct_values() -> None:
+    """state.distinct, np.unique's answer without importing numpy.ma."""
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 7, 1000):
+        a = rng.integers(0, 50, n)
+        assert np.array_equal(state.distinct(a), np.unique(a))

@@ -24,6 +24,7 @@ from vmshare.engine.state import (
     ZERO,
     ZERO_NEW,
     RegionState,
+    distinct,
     fingerprint_bytes,
 )
 from vmshare.model import PAGE_SIZE
@@ -58,7 +59,7 @@ class Volatile:
             return
         if not self.parts:
             return
-        taken = np.unique(np.concatenate(self.parts))
+        taken = distinct(np.concatenate(self.parts))
         self.parts = []
         for rs in order:
             for s in range(0, rs.npages, _CHUNK):
