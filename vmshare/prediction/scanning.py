@@ -149,9 +149,9 @@ QUEUED = 16
 
 class _Handoff:
     """The queue from the reader threads to the engine: each item is the runs
-    one reader read into one chunk (on THP memory every dropped zero page cuts
-    a run: about 90 runs a chunk, one queue item), bounded by the ring while
-    the runs keep their bytes, else by QUEUED. ``keep``: whether the engine
+    one reader read into one chunk (a read of live memory is one run with a
+    mask of its pages, ``masked_runs``), bounded by the ring while the runs
+    keep their bytes, else by QUEUED. ``keep``: whether the engine
     wants the bytes (``KsmEngine.needs_bytes``). Once the scan stops (done or
     failed), ``put`` gives up instead of blocking."""
 
