@@ -40,15 +40,6 @@ from vmshare.errors import UsageError
 from vmshare.model import PAGE_SIZE, PageRun, Region
 
 
-def _check_present(present: npt.NDArray[np.bool_] | None, n: int, retain: bool) -> None:
-    if present is None:
-        return
-    if present.shape != (n,) or present.dtype != np.bool_:
-        raise UsageError(f"a present mask of {present.size} for a run of {n} pages")
-    if retain:
-        raise UsageError("a run with holes (present) is fed with retain=False")
-
-
 class KsmEngine:
     """The kernel's KSM merge algorithm over pages fed to it; no I/O of its own.
 
@@ -195,24 +186,15 @@ class KsmEngine:
         if not retain and self.verify_merged:
             raise UsageError("verify mode re-reads every merged page each scan: "
                              "feed with retain=True")
-        rs = self._regions.get((run.source, run.region))
-        if rs is None:
-            raise UsageError(f"region {run.region!r} of {run.source!r} was not announced "
-                             f"in begin_scan")
         data = run.data.cast("B") if run.data.format != "B" else run.data
         if len(data) % PAGE_SIZE:
             raise UsageError(f"run of {run.source}/{run.region} is not whole pages")
         n = len(data) // PAGE_SIZE
         first = run.first_page
-        if first < 0 or first + n > rs.npages:
-            raise UsageError(f"run {first}+{n} is outside {run.source}/{run.region} "
-                             f"({rs.npages} pages)")
+        rs = self._fed_region(run.source, run.region, first, n, present, retain)
         if n == 0:
             return
         flags = rs.flags[first:first + n]
-        _check_present(present, n, retain)
-        if np.any((flags if present is None else flags[present]) & SEEN):
-            raise UsageError(f"pages of {run.source}/{run.region} fed twice in one scan")
         ck = rs.ck[first:first + n]
         h = run_checksums(self.hasher, data, flags, ck, unchanged, checksums)
         self._record(rs, first, h, data, retain, zeros_checked and checksums is not None,
@@ -238,22 +220,34 @@ class KsmEngine:
         if self._needs_bytes:
             raise UsageError("this scan compares pages as they are fed: give their bytes "
                              "(feed), not their checksums alone")
+        if checksums.ndim != 1 or checksums.dtype != np.uint64:
+            raise UsageError(f"checksums of {source}/{region} must be one uint64 per page")
+        rs = self._fed_region(source, region, first_page, checksums.size, present, False)
+        if checksums.size:
+            self._record(rs, first_page, checksums, None, False, present=present)
+
+    def _fed_region(self, source: str, region: str, first: int, n: int,
+                    present: npt.NDArray[np.bool_] | None, retain: bool) -> RegionState:
+        """The state of the region pages ``first``..``first + n`` are fed to
+        (those marked in ``present`` when given). Raises UsageError for a
+        region not announced, a run beyond it, a mask of another length or
+        with ``retain``, a page fed twice."""
         rs = self._regions.get((source, region))
         if rs is None:
             raise UsageError(f"region {region!r} of {source!r} was not announced "
                              f"in begin_scan")
-        if checksums.ndim != 1 or checksums.dtype != np.uint64:
-            raise UsageError(f"checksums of {source}/{region} must be one uint64 per page")
-        n = checksums.size
-        if first_page < 0 or first_page + n > rs.npages:
-            raise UsageError(f"run {first_page}+{n} is outside {source}/{region} "
+        if first < 0 or first + n > rs.npages:
+            raise UsageError(f"run {first}+{n} is outside {source}/{region} "
                              f"({rs.npages} pages)")
-        _check_present(present, n, False)
-        fl = rs.flags[first_page:first_page + n]
-        if n and np.any((fl if present is None else fl[present]) & SEEN):
+        if present is not None:
+            if present.shape != (n,) or present.dtype != np.bool_:
+                raise UsageError(f"a present mask of {present.size} for a run of {n} pages")
+            if retain:
+                raise UsageError("a run with holes (present) is fed with retain=False")
+        fl = rs.flags[first:first + n]
+        if np.any((fl if present is None else fl[present]) & SEEN):
             raise UsageError(f"pages of {source}/{region} fed twice in one scan")
-        if n:
-            self._record(rs, first_page, checksums, None, False, present=present)
+        return rs
 
     def _record(self, rs: RegionState, first: int, h: npt.NDArray[np.uint64],
                 data: memoryview | None, retain: bool, zeros_checked: bool = False,
@@ -319,11 +313,11 @@ class KsmEngine:
             self._check = None
             release_freed_memory()
         self._full_scans += 1
-        counted = count_scan(self._order, self.nodes, quiet, self._pages_scanned,
-                             self._full_scans)
-        self._pages_scanned = counted.counters.pages_scanned
-        self._counters, self._settled, fed = counted.counters, counted.settled, counted.fed
-        return ScanResult(self._counters, fed)
+        result, self._settled = count_scan(self._order, self.nodes, quiet,
+                                           self._pages_scanned, self._full_scans)
+        self._counters = result.counters
+        self._pages_scanned = result.counters.pages_scanned
+        return result
 
     def abort_scan(self) -> None:
         """Give up the open scan (a source failed): what the engine knew of every

@@ -61,18 +61,12 @@ class ScanResult:
     pages_fed: int
 
 
-@dataclass(frozen=True)
-class Counted:
-    counters: KsmCounters
-    settled: bool        # KsmEngine.settled
-    fed: int             # pages fed this scan
-
-
 def count_scan(order: list[RegionState], nodes: NodeTable, quiet: bool, scanned_before: int,
-               full_scans: int) -> Counted:
-    """The counters after a scan, from the pages' flags and the node table
-    (``quiet``: the merge changed nothing; ``scanned_before``: pages_scanned
-    before this scan), in chunks of _COUNT_CHUNK pages (small temporaries)."""
+               full_scans: int) -> tuple[ScanResult, bool]:
+    """The scan's result (its counters and the pages fed) and whether the
+    engine settled (``KsmEngine.settled``), from the pages' flags and the
+    node table (``quiet``: the merge changed nothing; ``scanned_before``:
+    pages_scanned before this scan), in chunks of _COUNT_CHUNK pages."""
     fed = rmap_items = unshared = zero = 0
     settled = quiet
     for rs in order:
@@ -89,9 +83,9 @@ def count_scan(order: list[RegionState], nodes: NodeTable, quiet: bool, scanned_
             zero += int(np.count_nonzero(fl & ZERO))
     shared, sharing = nodes.shared_sharing()
     chains, dups = nodes.chain_counts()
-    return Counted(KsmCounters(
+    counters = KsmCounters(
         pages_shared=shared, pages_sharing=sharing, pages_unshared=unshared,
         pages_volatile=max(0, rmap_items - shared - sharing - unshared),
         pages_scanned=scanned_before + rmap_items, full_scans=full_scans,
-        ksm_zero_pages=zero, stable_node_chains=chains, stable_node_dups=dups),
-        settled, fed)
+        ksm_zero_pages=zero, stable_node_chains=chains, stable_node_dups=dups)
+    return ScanResult(counters, fed), settled

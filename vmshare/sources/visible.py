@@ -47,17 +47,15 @@ def _counted(run: LivePageRun, zero_pages: int) -> LivePageRun:
                        zero_pages=zero_pages)
 
 
-def _without(run: LivePageRun, zero: npt.NDArray[np.intp], dropped: Mask
+def _without(run: LivePageRun, zero: npt.NDArray[np.intp], keep: Mask
              ) -> Iterator[LivePageRun]:
-    """The stretches of ``run`` left once its all-zero pages ``zero[dropped]``
-    are taken out, each with its count of (kept) all-zero pages, worked out for
-    all stretches at once (on THP memory a run can fall into hundreds)."""
-    keep = np.ones(run.npages, dtype=np.int8)
-    keep[zero[dropped]] = 0
-    edges = np.diff(keep, prepend=np.int8(0), append=np.int8(0))
+    """The stretches of ``run`` its pages ``keep`` make (its all-zero pages
+    ``zero`` the others), each with its count of (kept) all-zero pages, worked
+    out for all stretches at once (on THP memory a run can fall into hundreds)."""
+    edges = np.diff(keep.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     kept_zero = np.zeros(run.npages + 1, dtype=np.intp)     # all-zero pages fed all the same
-    kept_zero[zero[~dropped] + 1] = 1
+    kept_zero[zero[keep[zero]] + 1] = 1
     np.cumsum(kept_zero, out=kept_zero)
     counts = (kept_zero[stops] - kept_zero[starts]).tolist()
     source, region, first, data, pagemap = (run.source, run.region, run.first_page,
@@ -121,11 +119,11 @@ class KernelVisiblePages:
 
     def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
              ) -> Iterator[LivePageRun]:
-        for run, zero, dropped in self._classified(chunk_pages, part):
-            if dropped is None:
+        for run, zero, keep in self._classified(chunk_pages, part):
+            if keep is None:
                 yield run
             else:
-                yield from _without(run, zero, dropped)
+                yield from _without(run, zero, keep)
 
     def masked_runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
                     ) -> Iterator[tuple[LivePageRun, Mask | None]]:
@@ -133,18 +131,16 @@ class KernelVisiblePages:
         the mask of its pages kept (False: dropped), and its ``zero_pages``
         those of its kept pages: one run a read where ``runs`` gives hundreds
         on THP memory (for ``KsmEngine.feed(present=...)``)."""
-        for run, zero, dropped in self._classified(chunk_pages, part):
-            if dropped is None:
+        for run, zero, keep in self._classified(chunk_pages, part):
+            if keep is None:
                 yield run, None
-                continue
-            keep = np.ones(run.npages, dtype=np.bool_)
-            keep[zero[dropped]] = False
-            yield _counted(run, int(zero.size) - int(np.count_nonzero(dropped))), keep
+            else:
+                yield _counted(run, int(np.count_nonzero(keep[zero]))), keep
 
     def _classified(self, chunk_pages: int, part: Part
                     ) -> Iterator[tuple[LivePageRun, npt.NDArray[np.intp], Mask | None]]:
-        """Each run read, its all-zero pages, and which of those are dropped
-        (None when none is: the run is then counted already)."""
+        """Each run read, its all-zero pages, and the mask of its pages kept
+        (None when none is dropped: the run is then counted already)."""
         self._parts = part[1]              # each share counts its own (readers run at once)
         self._thp_zero[part] = 0
         if self._zero_pfns is None:        # readers may both learn it: the same answer
@@ -160,7 +156,9 @@ class KernelVisiblePages:
             if not dropped.any():
                 yield _counted(run, int(zero.size)), zero, None
                 continue
-            yield run, zero, dropped
+            keep = np.ones(run.npages, dtype=np.bool_)
+            keep[zero[dropped]] = False
+            yield run, zero, keep
 
     def _classify(self, run: LivePageRun, zero: npt.NDArray[np.intp]) -> tuple[Mask, Mask]:
         """Of the all-zero pages ``zero`` of ``run``: which map the (huge) zero
