@@ -1,6 +1,9 @@
 """A real Prometheus (Debian's package) on loopback for the fleet tests: its own
 storage directory and config, scraping vmshare exporters every second, with the
-shipped recording rules loaded; stopped and its data removed afterwards."""
+shipped recording rules loaded; stopped and its data removed afterwards. Also
+a real VictoriaMetrics (Debian's package, unpacked by integration/setup.sh)
+scraping the same exporters, for the fleet commands on a second server that
+speaks Prometheus's HTTP API."""
 
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "contrib" / "prometheus" / "vmshare-rules.yml"
+#: where integration/setup.sh unpacks Debian's victoria-metrics (not installed:
+#: the package would add a service, started on :8428 on a systemd host)
+VICTORIA = (Path(os.environ.get("VMSHARE_CACHE", "/var/cache/vmshare-test"))
+            / "victoria-metrics" / "usr" / "bin" / "victoria-metrics")
 
 
 @dataclass
@@ -80,6 +87,9 @@ def exporters(scopes: Mapping[str, Sequence[str]], config: Path, env: Mapping[st
 
 @dataclass
 class Prometheus:
+    """A running server that answers Prometheus's HTTP API (Prometheus itself,
+    or VictoriaMetrics)."""
+
     url: str
     proc: subprocess.Popen[bytes]
 
@@ -92,11 +102,13 @@ class Prometheus:
         return result
 
     def wait_ready(self, timeout: float = 600.0) -> None:
-        """Until /-/ready answers 200 (the TSDB is loaded); the process must live."""
+        """Until /-/ready answers 200 (the TSDB is loaded); the process must live.
+        (VictoriaMetrics answers the same path.)"""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {self.proc.returncode}")
+                raise AssertionError(f"the server for {self.url} exited with "
+                                     f"{self.proc.returncode}")
             with contextlib.suppress(OSError), \
                     urllib.request.urlopen(f"{self.url}/-/ready", timeout=5) as reply:
                 if reply.status == 200:
@@ -129,25 +141,21 @@ def prometheus_binary() -> str:
 
 
 @contextlib.contextmanager
-def run_prometheus(config: Mapping[str, Any], storage: Path,
-                   *flags: str) -> Iterator[Prometheus]:
-    """Debian's prometheus on a free loopback port with ``config``, its TSDB in
-    ``storage`` (a directory the caller owns and removes), yielded once it is
-    ready (its blocks loaded); stopped, with its whole process group, after."""
-    binary = prometheus_binary()
-    port = free_port()
-    storage.mkdir(parents=True, exist_ok=True)
-    cfg = storage.parent / f"{storage.name}.yml"
-    cfg.write_text(json.dumps(config))        # YAML is a superset of JSON
-    log = open(storage.parent / f"{storage.name}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={storage}",
-         f"--web.listen-address=127.0.0.1:{port}", *flags],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    prom = Prometheus(f"http://127.0.0.1:{port}", proc)
+def _serving(argv: Sequence[str], log_path: Path, url: str) -> Iterator[Prometheus]:
+    """Run ``argv`` (a server listening at ``url``) in a session of its own,
+    its output in ``log_path``; yielded once ready; stopped, with its whole
+    process group, after."""
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True)
+    server = Prometheus(url, proc)
     try:
-        prom.wait_ready()
-        yield prom
+        try:
+            server.wait_ready()
+        except AssertionError as exc:     # say why: the server's last words
+            tail = log_path.read_text(errors="replace").splitlines()[-10:]
+            raise AssertionError("\n".join([str(exc), *tail])) from None
+        yield server
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -160,16 +168,70 @@ def run_prometheus(config: Mapping[str, Any], storage: Path,
 
 
 @contextlib.contextmanager
-def prometheus(targets: Sequence[Exporter]) -> Iterator[Prometheus]:
-    """Scraping ``targets`` every second as job vmshare, the shipped rules loaded."""
+def run_prometheus(config: Mapping[str, Any], storage: Path,
+                   *flags: str) -> Iterator[Prometheus]:
+    """Debian's prometheus on a free loopback port with ``config``, its TSDB in
+    ``storage`` (a directory the caller owns and removes), yielded once it is
+    ready (its blocks loaded); stopped, with its whole process group, after."""
+    binary = prometheus_binary()
+    port = free_port()
+    storage.mkdir(parents=True, exist_ok=True)
+    cfg = storage.parent / f"{storage.name}.yml"
+    cfg.write_text(json.dumps(config))        # YAML is a superset of JSON
+    with _serving([binary, f"--config.file={cfg}", f"--storage.tsdb.path={storage}",
+                   f"--web.listen-address=127.0.0.1:{port}", *flags],
+                  storage.parent / f"{storage.name}.log", f"http://127.0.0.1:{port}") as prom:
+        yield prom
+
+
+def _scrape_config(targets: Sequence[Exporter]) -> dict[str, Any]:
+    """Every target every second as job vmshare, its instance label its host name."""
     static = [{"targets": [e.url.split("/")[2]], "labels": {"instance": e.instance}}
               for e in targets]
-    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "rule_files": [str(RULES)],
-              "scrape_configs": [{"job_name": "vmshare", "scrape_timeout": "1s",
-                                  "static_configs": static}]}
+    return {"global": {"scrape_interval": "1s"},
+            "scrape_configs": [{"job_name": "vmshare", "scrape_timeout": "1s",
+                                "static_configs": static}]}
+
+
+@contextlib.contextmanager
+def prometheus(targets: Sequence[Exporter]) -> Iterator[Prometheus]:
+    """Scraping ``targets`` every second as job vmshare, the shipped rules loaded."""
+    config = _scrape_config(targets)
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(RULES)]
     with tempfile.TemporaryDirectory(prefix="vmshare-prom-") as tmp, \
             run_prometheus(config, Path(tmp) / "data",
                            "--storage.tsdb.retention.time=1h") as prom:
         prom.wait_for('up{job="vmshare"} == 1', len(targets))
         yield prom
+
+
+def victoria_binary() -> str:
+    binary = shutil.which("victoria-metrics")
+    if binary is not None:
+        return binary
+    if not VICTORIA.is_file():
+        pytest.skip(f"victoria-metrics is not unpacked in {VICTORIA.parents[2]} "
+                    "(Debian's package; integration/setup.sh unpacks it)")
+    return str(VICTORIA)
+
+
+@contextlib.contextmanager
+def victoria(targets: Sequence[Exporter]) -> Iterator[Prometheus]:
+    """Debian's VictoriaMetrics (single node) on a free loopback port, scraping
+    ``targets`` as ``prometheus`` does (its own scraper, the same config; no
+    recording rules: vmalert would evaluate those). Its newest samples are
+    queryable after 1 s (-search.latencyOffset; by default VictoriaMetrics
+    hides the last 30 s)."""
+    binary = victoria_binary()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="vmshare-victoria-") as tmp:
+        cfg = Path(tmp) / "scrape.yml"
+        cfg.write_text(json.dumps(_scrape_config(targets)))
+        with _serving([binary, f"-storageDataPath={tmp}/data",
+                       f"-httpListenAddr=127.0.0.1:{port}", f"-promscrape.config={cfg}",
+                       "-search.latencyOffset=1s", "-retentionPeriod=1d",
+                       "-loggerLevel=ERROR"],
+                      Path(tmp) / "victoria.log", f"http://127.0.0.1:{port}") as server:
+            server.wait_for('up{job="vmshare"} == 1', len(targets))
+            yield server

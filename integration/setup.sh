@@ -56,6 +56,29 @@ if ((${#missing[@]})); then
     rm -f "$log"
 fi
 
+# --- VictoriaMetrics: the fleet tests' second server of Prometheus's API ----
+# Debian's package, its server binary unpacked into the test cache rather than
+# installed: installing would add a service (started on :8428 on a systemd host).
+VICTORIA_DIR=${VMSHARE_CACHE:-/var/cache/vmshare-test}/victoria-metrics
+if [[ ! -x $VICTORIA_DIR/usr/bin/victoria-metrics ]]; then
+    say "unpacking Debian's victoria-metrics into $VICTORIA_DIR"
+    dl=$(mktemp -d)
+    log=$(mktemp)
+    fetch_victoria() { (cd "$dl" && apt-get download victoria-metrics) >>"$log" 2>&1; }
+    if ! fetch_victoria; then    # no package lists yet on a machine set up before
+        apt-get update >>"$log" 2>&1 && fetch_victoria \
+            || { tail -n 20 "$log" >&2; rm -rf "$dl" "$log"; die "apt-get download victoria-metrics failed"; }
+    fi
+    rm -rf "$VICTORIA_DIR.new"
+    mkdir -p "$VICTORIA_DIR.new"
+    dpkg-deb --fsys-tarfile "$dl"/victoria-metrics_*.deb \
+        | tar -x -C "$VICTORIA_DIR.new" ./usr/bin/victoria-metrics \
+        || { rm -rf "$dl" "$log" "$VICTORIA_DIR.new"; die "unpacking victoria-metrics failed"; }
+    rm -rf "$VICTORIA_DIR"
+    mv "$VICTORIA_DIR.new" "$VICTORIA_DIR"
+    rm -rf "$dl" "$log"
+fi
+
 # --- Python venv -----------------------------------------------------------
 if [[ ! -x $VENV/bin/python ]]; then
     say "creating $VENV"
