@@ -41,7 +41,8 @@ def start(tmp_path: Path) -> Iterator[Callable[..., SketchServer]]:
     servers: list[SketchServer] = []
 
     def run(path: Path, **bounds: float) -> SketchServer:
-        server = serve_sketch("127.0.0.1:0", path, TOKEN, **bounds)
+        token_file = private(tmp_path / f"endpoint-token-{len(servers)}", TOKEN + b"\n")
+        server = serve_sketch("127.0.0.1:0", path, token_file, **bounds)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
         servers.append(server)
@@ -96,6 +97,35 @@ def test_the_token_is_required_and_checked_first(
     assert TOKEN.decode() not in text and TOKEN.decode()[:-1] not in text
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusals) == 1         # at most one line a minute, with the count
+
+
+def test_a_rotated_token_applies_from_the_next_request(
+        tmp_path: Path, start: Callable[..., SketchServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    path = sketch_file(tmp_path)
+    server = start(path)
+    token_file = server.tokens.path
+    newer = b"n3w-t0ken-for-tests-only-98765"
+    old, new = "Bearer " + TOKEN.decode(), "Bearer " + newer.decode()
+    assert get(server, auth=old)[0] == 200 and get(server, auth=new)[0] == 401
+    with caplog.at_level(logging.INFO, "vmshare"):
+        # rotated as an operator would: a new private file renamed over the old
+        os.rename(private(tmp_path / "token.new", newer + b"\n"), token_file)
+        assert get(server, auth=new)[0] == 200
+        assert get(server, auth=old)[0] == 401
+        assert "changed; its token applies from now" in caplog.text
+        # rewritten in place with a bad token: every request refused until mended
+        token_file.write_bytes(b"short")
+        assert get(server, auth=new)[0] == 401 and get(server, auth=old)[0] == 401
+        assert "at least 16" in caplog.text and "refuses every request" in caplog.text
+        private(token_file, TOKEN, 0o644)                # mended, but others may read it
+        assert get(server, auth=old)[0] == 401
+        os.chmod(token_file, 0o600)
+        assert get(server, auth=old)[0] == 200
+        token_file.unlink()                              # gone: refused, not the last token
+        assert get(server, auth=old)[0] == 401
+        assert "cannot open the sketch token" in caplog.text
+    assert TOKEN.decode() not in caplog.text and newer.decode() not in caplog.text
 
 
 def test_connections_are_bounded(tmp_path: Path, start: Callable[..., SketchServer]) -> None:

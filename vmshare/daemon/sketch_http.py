@@ -8,12 +8,17 @@ A sketch tells which VMs hold equal content, so the endpoint is off unless
 checked before anything else (a request without it learns nothing, not even
 whether a path exists) and compared in constant time (hmac.compare_digest);
 a refusal is answered 401 and logged without the token, at most one line a
-minute with the count since. The server is metrics_http's bounded one (a
-connection cap, a timeout on every read and write, a deadline for the
-request), on a listener of its own so it can be firewalled apart from
-/metrics. The file is sent from an open descriptor: a rewrite meanwhile (an
-atomic rename) never mixes two versions. Plain HTTP: put TLS in front
-(a reverse proxy) when the network between hosts is not trusted.
+minute with the count since. The token file is looked at (one lstat) on every
+request and read again when it changed, so a rotated token applies from the
+next request, with no restart, and the old one is refused from then on; a
+file that becomes unusable (gone, readable by others, too short) refuses
+every request until it is mended (logged once per change). The server is
+metrics_http's bounded one (a connection cap, a timeout on every read and
+write, a deadline for the request), on a listener of its own so it can be
+firewalled apart from /metrics. The file is sent from an open descriptor: a
+rewrite meanwhile (an atomic rename) never mixes two versions. Plain HTTP:
+put TLS in front (a reverse proxy) when the network between hosts is not
+trusted.
 """
 
 from __future__ import annotations
@@ -44,15 +49,59 @@ CHUNK = 1 << 20
 _DENIED = b"a valid bearer token is required\n"
 
 
+class TokenFile:
+    """The endpoint's token, read again when its file changes (``current``).
+
+    ``load`` reads it first; raises SketchError as ``load_token`` does."""
+
+    def __init__(self, path: Path, token: bytes | None, stamp: tuple[int, ...] | None) -> None:
+        self.path = path
+        self.token = token
+        self.stamp = stamp
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path) -> TokenFile:
+        stamp = _stamp(path)              # before the read: a change meanwhile is seen later
+        return cls(path, load_token(path), stamp)
+
+    def current(self) -> bytes | None:
+        """The token now (None: the file is unusable, every request refused)."""
+        stamp = _stamp(self.path)
+        with self.lock:
+            if stamp == self.stamp:
+                return self.token
+            self.stamp = stamp
+            try:
+                self.token = load_token(self.path)
+            except SketchError as exc:
+                self.token = None
+                log.error("%s; the sketch endpoint refuses every request until it is mended",
+                          exc)
+            else:
+                log.info("sketch endpoint: %s changed; its token applies from now", self.path)
+            return self.token
+
+
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when the file is rewritten, replaced or chmod'ed (None: gone)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+            st.st_uid)
+
+
 class SketchServer(BoundedServer):
-    """Serves ``path`` at /sketch to requests bearing ``token``."""
+    """Serves ``path`` at /sketch to requests bearing the token of ``tokens``."""
 
     served_path = "/sketch"
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily, path: Path,
-                 token: bytes, **bounds: Any) -> None:
+                 tokens: TokenFile, **bounds: Any) -> None:
         self.sketch_path = path
-        self.token = token
+        self.tokens = tokens
         self.refused = 0                     # since the last log line about them
         self.refused_logged = float("-inf")
         self.refused_lock = threading.Lock()
@@ -61,9 +110,11 @@ class SketchServer(BoundedServer):
 
     def authorized(self, header: str | None) -> bool:
         """Whether ``header`` is ``Bearer <the token>`` (constant-time compare)."""
+        token = self.tokens.current()
+        if token is None:
+            return False
         scheme, _, given = (header or "").strip().partition(" ")
-        match = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
-                                    self.token)
+        match = hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token)
         return match and scheme.lower() == "bearer"
 
     def note_refusal(self, client: str, why: str) -> None:
@@ -147,11 +198,13 @@ def endpoint_token(config: Config) -> bytes | None:
         raise PolicyError(f"{where} token_file: {exc}") from exc
 
 
-def serve_sketch(listen: str, path: Path, token: bytes, **bounds: Any) -> SketchServer:
-    """A SketchServer bound to ``listen``. Raises UsageError (bad value, cannot bind)."""
+def serve_sketch(listen: str, path: Path, token_file: Path, **bounds: Any) -> SketchServer:
+    """A SketchServer bound to ``listen``, its token from ``token_file``. Raises
+    UsageError (bad value, cannot bind), SketchError (the token file)."""
     host, port, family = parse_listen(listen)
+    tokens = TokenFile.load(token_file)
     try:
-        return SketchServer((host, port), family, path, token, **bounds)
+        return SketchServer((host, port), family, path, tokens, **bounds)
     except OSError as exc:
         raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from exc
 
@@ -159,15 +212,18 @@ def serve_sketch(listen: str, path: Path, token: bytes, **bounds: Any) -> Sketch
 async def run_sketch_server(config: Config, stop: asyncio.Event) -> None:
     """Serve this host's sketch until ``stop``. Raises PolicyError (token) and
     UsageError (address) for the supervisor to log."""
-    token = endpoint_token(config)
-    if token is None:
+    if endpoint_token(config) is None:
         return
-    server = serve_sketch(config.sketch.listen, host_sketch_path(config), token)
+    try:
+        server = serve_sketch(config.sketch.listen, host_sketch_path(config),
+                              config.sketch.token_file)
+    except SketchError as exc:        # the file changed since endpoint_token read it
+        raise PolicyError(f"{config.path or 'config'}: [sketch] token_file: {exc}") from exc
     thread = threading.Thread(target=server.serve_forever, name="vmshare-sketch-http",
                               daemon=True)
     thread.start()
-    log.info("serving %s on %s to requests with the token of %s", server.sketch_path,
-             server.url, config.sketch.token_file)
+    log.info("serving %s on %s to requests with the token of %s (read again when it "
+             "changes)", server.sketch_path, server.url, config.sketch.token_file)
     try:
         await stop.wait()
     finally:
