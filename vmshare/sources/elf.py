@@ -252,7 +252,8 @@ class ElfCoreSource(FileSource):
         firsts = np.array([(s.paddr - reg.start) // PAGE_SIZE for s in reg.segments],
                           dtype=np.int64)
         which = np.searchsorted(firsts, pages, side="right") - 1
-        for w in np.unique(which).tolist():            # ascending, as pages
+        ws = np.sort(which)        # each segment once, ascending (np.unique imports numpy.ma)
+        for w in ws[np.not_equal(ws, np.r_[ws[:1] - 1, ws[:-1]])].tolist():
             seg = reg.segments[max(w, 0)]
             sel = np.flatnonzero(which == w)
             for at, page, n in page_ranges(pages[sel] - firsts[max(w, 0)]):
