@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from integration.prometheus_fixture import Prometheus, exporters, prometheus
+from integration.prometheus_fixture import Exporter, Prometheus, exporters, prometheus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,11 +49,11 @@ def exact_extra(hosts: Mapping[str, Sequence[str]], new: str, env: dict[str, str
 @contextlib.contextmanager
 def placement_fleet(scopes: Mapping[str, Sequence[str]], tmp_path: Path,
                     wrap: Mapping[str, Sequence[str]] | None = None
-                    ) -> Iterator[tuple[Prometheus, dict[str, str], Path]]:
+                    ) -> Iterator[tuple[Prometheus, dict[str, str], Path, list[Exporter]]]:
     """One exporter per host (``scopes``: host -> domain globs; ``wrap``: host ->
     what runs its exporter elsewhere) and Prometheus scraping them; yields
     Prometheus, the CLI's environment (its own config, sketch key and audit
-    log) and the sketch directory."""
+    log), the sketch directory and the exporters."""
     config = tmp_path / "vmshare.toml"
     config.write_text(f'[sketch]\nkey_file = "{tmp_path}/sketch.key"\n'
                       f'dir = "{tmp_path}/sketches"\n')
@@ -64,4 +64,4 @@ def placement_fleet(scopes: Mapping[str, Sequence[str]], tmp_path: Path,
            "VMSHARE_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
     with exporters(scopes, config, env, wrap) as running, prometheus(running) as prom:
         prom.wait_for('vmshare_host_memory_available_bytes{job="vmshare"}', len(scopes))
-        yield prom, env, tmp_path / "sketches"
+        yield prom, env, tmp_path / "sketches", running

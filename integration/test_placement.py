@@ -24,7 +24,7 @@ import pytest
 from integration.conftest import BootGuests
 from integration.ksm_fixtures import converge, kernel_ksm  # noqa: F401 - fixture
 from integration.placement_helpers import cli, exact_extra, exact_sharing, placement_fleet
-from integration.prometheus_fixture import Prometheus
+from integration.prometheus_fixture import Prometheus, victoria
 from vmshare.guest import FillSpec
 from vmshare.hypervisor.metadata import adopted_element
 from vmshare.ksm.sysfs import KsmSysfs
@@ -36,7 +36,9 @@ KIND_B = FillSpec(identical_mib=40, unique_mib=4, zero_mib=4, seed=32)
 RATE = "1/4"
 
 
-Fleet = tuple[Prometheus, dict[str, list[str]], str, dict[str, str], Path]
+#: Prometheus, the hosts' guests, the VM to place, the CLI's environment, the
+#: sketch directory, and VictoriaMetrics scraping the same exporters
+Fleet = tuple[Prometheus, dict[str, list[str]], str, dict[str, str], Path, Prometheus]
 
 
 @pytest.fixture
@@ -52,13 +54,14 @@ def fleet(boot_guests: BootGuests, tmp_path: Path) -> Iterator[Fleet]:
     boot_guests([name + "b1"], HALF_A, **opts)
     boot_guests([name + "b2"], KIND_B, **opts)
     scopes = {h: [f"{name}{h[-1]}*"] for h in hosts}
-    with placement_fleet(scopes, tmp_path) as (prom, env, sketches):
-        yield prom, hosts, new, env, sketches
+    with placement_fleet(scopes, tmp_path) as (prom, env, sketches, running), \
+            victoria(running) as vm:
+        yield prom, hosts, new, env, sketches, vm
 
 
 def test_place_ranks_hosts_as_the_exact_engine_does_and_kernel_ksm_confirms(
         fleet: Fleet, kernel_ksm: KsmSysfs) -> None:  # noqa: F811 - fixture
-    prom, hosts, new, env, sketches = fleet
+    prom, hosts, new, env, sketches, vm = fleet
     for host, names in hosts.items():
         r = cli("sketch", *names, "--host", host, "--rate", RATE, env=env)
         assert r.returncode == 0, r.stderr
@@ -81,6 +84,15 @@ def test_place_ranks_hosts_as_the_exact_engine_does_and_kernel_ksm_confirms(
     total = json.loads(est.stdout)["totals"]["pages_sharing"]
     truth = exact_sharing(everyone, env)
     assert abs(total["pages"] - truth) <= 3.3 * total["stderr"] + 0.005 * truth, (total, truth)
+    # the same ranking through VictoriaMetrics's API (headroom from its scrapes)
+    vm.wait_for('vmshare_host_memory_available_bytes{job="vmshare"}', len(hosts))
+    r = cli("place", new, "--prometheus", vm.url, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    via_vm = json.loads(r.stdout)["hosts"]
+    assert [(h["host"], h["extra_saving"]["pages"], h["fits"]) for h in via_vm] == \
+        [(h["host"], h["extra_saving"]["pages"], h["fits"]) for h in ranked]
+    for h, other in zip(ranked, via_vm, strict=True):
+        assert other["headroom_bytes"] == pytest.approx(h["headroom_bytes"], rel=0.05)
     text = cli("place", new, "--prometheus", prom.url, env=env)
     assert text.returncode == 0 and "EXTRA SAVING" in text.stdout, text.stderr
     print(text.stdout)

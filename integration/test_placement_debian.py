@@ -100,7 +100,7 @@ def fleet(tmp_path: Path, second_host: SecondHost) -> Iterator[Fleet]:
         try:
             migrate_live(guests.names[1], LIBVIRT_URI, second_host.uri, tmp_path / "b.sock")
             with placement_fleet(hosts, tmp_path,
-                                 {"host-b": second_host.nsenter([])}) as (prom, env, sketches):
+                                 {"host-b": second_host.nsenter([])}) as (prom, env, sketches, _):
                 yield Fleet(guests, second_host, prom, hosts, guests.names[2], env, sketches)
         finally:
             for name in guests.names[1:]:      # what runs on host-b
