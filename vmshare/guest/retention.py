@@ -152,8 +152,7 @@ def _remove(path: Path, why: str) -> int:
         shutil.rmtree(path)
     except FileNotFoundError:
         return 0                  # a concurrent builder pruned it first
-    log.info("pruned guest image cache entry %s (%s): %.1f MiB freed",
-             path, why, size / 2**20)
+    log.info("guest image cache: removed %s (%s), %.1f MiB freed", path, why, size / 2**20)
     return size
 
 
