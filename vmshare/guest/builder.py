@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vmshare.errors import ImageBuildError
 from vmshare.guest.cpio import CpioEntry, write_newc
+from vmshare.guest.retention import KEY_HEX_LENGTH, use_entry
 from vmshare.guest.staging import prepare_cache, staged
 
 DEFAULT_CACHE_DIR = Path("/var/cache/vmshare/guest")
@@ -158,12 +159,15 @@ def _atomic_write(directory: Path, name: str, data: bytes) -> None:
 
 
 def build_image(cache_dir: Path = DEFAULT_CACHE_DIR, *, boot_dir: Path = Path("/boot"),
-                busybox: Path | None = None, cc: str = "gcc") -> GuestImage:
+                busybox: Path | None = None, cc: str = "gcc",
+                retention_s: float | None = None) -> GuestImage:
     """Build (or reuse from ``cache_dir``) the guest kernel and initramfs.
 
     Idempotent and safe against concurrent builders: each image is written to
     a temporary directory inside ``cache_dir`` and renamed into place, so a
     reader never sees half an image. ``cache_dir`` is created with mode 0700.
+    Then the use is recorded and older images pruned (``retention.use_entry``;
+    ``retention_s`` None: the environment's retention or 14 days).
 
     Raises ImageBuildError when the kernel, busybox-static or the compiler is
     missing, fill.c does not compile, or the cache cannot be written.
@@ -178,24 +182,24 @@ def build_image(cache_dir: Path = DEFAULT_CACHE_DIR, *, boot_dir: Path = Path("/
         LAYOUT_VERSION, " ".join(CFLAGS), _compiler_version(cc),
         hashlib.sha256(fill_c).hexdigest(), hashlib.sha256(init_sh).hexdigest(),
         _file_digest(busybox_path), _file_digest(kernel), kernel.name,
-    )).encode()).hexdigest()[:24]
+    )).encode()).hexdigest()[:KEY_HEX_LENGTH]
 
     prepare_cache(cache_dir)
     final = cache_dir / key
     image = GuestImage(kernel=final / KERNEL_NAME, initrd=final / INITRD_NAME)
-    if image.kernel.is_file() and image.initrd.is_file():
-        return image
-
-    # Another builder may win the race; its image is identical by construction.
-    with staged(cache_dir, final, f".build-{key}-",
-                lambda: image.kernel.is_file() and image.initrd.is_file(),
-                "the guest image") as staging:
-        fill_bin = staging / "fill"
-        compile_fill(fill_c, fill_bin, cc)
-        archive = write_newc(initramfs_entries(
-            busybox_path.read_bytes(), init_sh, fill_bin.read_bytes()))
-        fill_bin.unlink()
-        _atomic_write(staging, INITRD_NAME, gzip.compress(archive, compresslevel=6, mtime=0))
-        _atomic_write(staging, KERNEL_NAME, kernel.read_bytes())
-        os.chmod(staging, 0o755)
+    if not (image.kernel.is_file() and image.initrd.is_file()):
+        # Another builder may win the race; its image is identical by construction.
+        with staged(cache_dir, final, f".build-{key}-",
+                    lambda: image.kernel.is_file() and image.initrd.is_file(),
+                    "the guest image") as staging:
+            fill_bin = staging / "fill"
+            compile_fill(fill_c, fill_bin, cc)
+            archive = write_newc(initramfs_entries(
+                busybox_path.read_bytes(), init_sh, fill_bin.read_bytes()))
+            fill_bin.unlink()
+            _atomic_write(staging, INITRD_NAME,
+                          gzip.compress(archive, compresslevel=6, mtime=0))
+            _atomic_write(staging, KERNEL_NAME, kernel.read_bytes())
+            os.chmod(staging, 0o755)
+    use_entry(final, retention_s)
     return image

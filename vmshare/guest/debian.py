@@ -37,6 +37,7 @@ from pathlib import Path
 from vmshare.errors import ImageBuildError, UsageError
 from vmshare.guest.builder import find_kernel
 from vmshare.guest.launch import wait_console
+from vmshare.guest.retention import KEY_HEX_LENGTH, use_entry
 from vmshare.guest.staging import prepare_cache, staged
 
 SUITE = "bookworm"
@@ -212,7 +213,7 @@ def image_key(mirror: str, kernel: Path) -> str:
     parts = [LAYOUT_VERSION, SUITE, mirror, " ".join(PACKAGES), str(ROOT_SIZE_MIB),
              kernel.name, *(f"{k}={v}" for k, v in sorted(_FILES.items())),
              *(f"{k}->{v}" for k, v in sorted(_LINKS.items()))]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:KEY_HEX_LENGTH]
 
 
 def _customise(root: Path) -> None:
@@ -230,12 +231,14 @@ def _customise(root: Path) -> None:
 
 
 def build_debian_image(cache_dir: Path = DEFAULT_CACHE_DIR, *,
-                       boot_dir: Path = Path("/boot"), mirror: str | None = None
-                       ) -> DebianImage:
+                       boot_dir: Path = Path("/boot"), mirror: str | None = None,
+                       retention_s: float | None = None) -> DebianImage:
     """Build (or reuse from ``cache_dir``) the Debian root disk.
 
     Idempotent and safe against a concurrent builder: the disk is made in a
-    staging directory inside ``cache_dir`` and renamed into place. Raises
+    staging directory inside ``cache_dir`` and renamed into place. Then the
+    use is recorded and older images pruned (``retention.use_entry``;
+    ``retention_s`` None: the environment's retention or 14 days). Raises
     ImageBuildError when mmdebstrap, mkfs.ext4, the kernel or its initramfs is
     missing, the mirror cannot be reached, or the cache cannot be written.
     """
@@ -244,13 +247,18 @@ def build_debian_image(cache_dir: Path = DEFAULT_CACHE_DIR, *,
     mirror = mirror or apt_mirror()
     final = cache_dir / image_key(mirror, kernel)
     image = DebianImage(root=final / "root.img", kernel=kernel, initrd=initrd)
-    if image.root.is_file():
-        return image
+    if not image.root.is_file():
+        _build_root(cache_dir, final, image.root, mirror)
+    use_entry(final, retention_s)
+    return image
+
+
+def _build_root(cache_dir: Path, final: Path, root: Path, mirror: str) -> None:
+    """Make the root disk ``root`` in the cache entry ``final``. Raises ImageBuildError."""
     mmdebstrap = _tool("mmdebstrap", "mmdebstrap")
     mkfs = _tool("mkfs.ext4", "e2fsprogs")
     prepare_cache(cache_dir)
-    with staged(cache_dir, final, ".build-", image.root.is_file,
-                "the Debian image") as staging:
+    with staged(cache_dir, final, ".build-", root.is_file, "the Debian image") as staging:
         tree = staging / "tree"
         _run([mmdebstrap, "--variant=minbase", "--mode=root", "--quiet",
               f"--include={','.join(PACKAGES)}", SUITE, str(tree), mirror],
@@ -259,7 +267,6 @@ def build_debian_image(cache_dir: Path = DEFAULT_CACHE_DIR, *,
         _run([mkfs, "-q", "-F", "-L", "vmshare-root", "-d", str(tree),
               str(staging / "root.img"), f"{ROOT_SIZE_MIB}M"], "mkfs.ext4 -d")
         shutil.rmtree(tree)
-    return image
 
 
 def make_overlay(image: DebianImage, path: Path) -> Path:

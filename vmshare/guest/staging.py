@@ -5,7 +5,8 @@ content-addressed images in a cache that several processes may fill at once
 (the demo, the test suite, a second test run). Each builds in its own
 ``.build-*`` directory inside the cache and renames it to the final name in
 one step, so a reader never sees half an image, and a builder that loses the
-race to an identical image keeps the winner's.
+race to an identical image keeps the winner's. ``retention`` removes the
+``.build-*`` directories a killed builder leaves, and entries long unused.
 """
 
 from __future__ import annotations
