@@ -166,6 +166,9 @@ ENVIRONMENT: tuple[Para, ...] = (
     (TUNER_LOCK_ENV, f"The tuner lock, instead of {TUNER_LOCK}."),
     ("VMSHARE_DEMO_DIR", "Where vmshare demo keeps its guests' consoles and overlays, "
      "instead of /var/lib/vmshare/demo."),
+    ("VMSHARE_IMAGE_RETENTION_DAYS", "Days a guest image (vmshare demo's busybox and Debian "
+     "images in /var/cache/vmshare) may go unused before it is pruned, instead of 14; "
+     "\"never\" keeps them all."),
     (CONTROL_LOCK_ENV, f"The host's control lock, instead of {CONTROL_LOCK}."),
     ("VMSHARE_SYSFS_ROOT", "The KSM sysfs directory, instead of /sys/kernel/mm/ksm "
      "(for tests)."),
