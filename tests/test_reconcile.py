@@ -281,8 +281,9 @@ def test_trust_groups_only_the_holding_group_is_mergeable(host: Host) -> None:
     for name in ("alpha", "beta-2"):
         vm = host.hv.vms[name]
         inner = vm.on_set_merge
+        assert inner is not None                 # Host.add_vm gives every VM one
 
-        def record(backend: str, merge: bool, inner: Callable[..., None] = inner,
+        def record(backend: str, merge: bool, inner: Callable[[str, bool], None] = inner,
                    name: str = name) -> None:
             order.append((name, merge))
             inner(backend, merge)
@@ -341,6 +342,7 @@ def _crash_in_child(host: Host, when: str) -> dict[str, Any]:
     then applied in the parent, as a real QEMU would have kept it."""
     vm = host.hv.vms["web-1"]
     inner = vm.on_set_merge
+    assert inner is not None                     # Host.add_vm gives every VM one
 
     def acted(backend: str, merge: bool) -> None:
         inner(backend, merge)
