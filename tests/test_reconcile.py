@@ -21,7 +21,7 @@ import pytest
 
 from tests.fakes.hypervisor import FakeHypervisor, FakeVm
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
-from vmshare.config import Config, DaemonSettings, HostPolicy, VmPolicy
+from vmshare.config import Config, DaemonSettings, HostPolicy, MergeSetting, VmPolicy
 from vmshare.daemon.reconcile import Reconciler
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
@@ -113,7 +113,7 @@ class Host:
         return merge, mg
 
     def add_vm(self, name: str, pid: int, merge: bool, group: str | None = None,
-               policy: str = "inherit") -> FakeVm:
+               policy: MergeSetting = "inherit") -> FakeVm:
         shared = [PRESENT | (100 + i) for i in range(SHARED)]
         own = [PRESENT | EXCLUSIVE | (pid * 100 + i) for i in range(PAGES - SHARED)]
         self.proc.add_process(pid, BASE, shared + own, smaps(merge), "")
@@ -131,7 +131,7 @@ class Host:
                     [RamBackend("pc.ram", PAGES * 4096, merge=merge)], on_set_merge=on_set)
         self.hv.vms[name] = vm
         if group is not None or policy != "inherit":
-            self.policies[name] = VmPolicy(merge=policy, group=group)  # type: ignore[arg-type]
+            self.policies[name] = VmPolicy(merge=policy, group=group)
         return vm
 
 
