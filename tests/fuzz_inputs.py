@@ -173,8 +173,8 @@ def mutated(draw: st.DrawFn, fmt: str) -> bytes:
     if how == "bytes":
         return draw(st.binary(max_size=200))
     if how == "cut":
-        text = json.dumps(seed).encode()
-        return text[:draw(st.integers(0, len(text)))]
+        whole = json.dumps(seed).encode()
+        return whole[:draw(st.integers(0, len(whole)))]
     if how == "drop" and path:
         holder = seed
         for key in path[:-1]:

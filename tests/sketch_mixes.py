@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.prediction.targets import Target
-from vmshare.sources.base import WHOLE, Part, mine
+from vmshare.sources.base import WHOLE, Part, ReadInto, mine
 
 
 def content_ids(rng: np.random.Generator, mix: Sequence[tuple[int, int]], zero: int
@@ -65,6 +65,8 @@ class GeneratedSource:
         self.name = name
         self.ids = ids
         self.salt = salt
+        #: where runs are made (None: a new buffer for each run)
+        self.read_into: ReadInto | None = None
 
     def regions(self) -> list[Region]:
         return [Region("ram", self.ids.size * PAGE_SIZE, "g")]
@@ -74,7 +76,15 @@ class GeneratedSource:
             if not mine(index, part):
                 continue
             data = page_bytes(self.ids[first:first + chunk_pages], self.salt)
-            yield PageRun(self.name, "ram", first, memoryview(data))
+            if self.read_into is None:
+                yield PageRun(self.name, "ram", first, memoryview(data))
+                continue
+            view = self.read_into(len(data))
+            view[:] = data
+            yield PageRun(self.name, "ram", first, view)
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        into[:pages.size * PAGE_SIZE] = page_bytes(self.ids[pages], self.salt)
 
     def close(self) -> None:
         pass
@@ -87,7 +97,7 @@ class GeneratedSource:
 
 
 def generated_target(name: str, ids: npt.NDArray[np.int64], salt: int = 0) -> Target:
-    return Target(name, "dump", lambda: GeneratedSource(name, ids, salt))  # type: ignore[arg-type, return-value]
+    return Target(name, "dump", lambda: GeneratedSource(name, ids, salt))
 
 
 #: a guest-like mix per 1,000 pages: mostly unique, many pairs and small groups,

@@ -148,10 +148,11 @@ def test_corrupt_state_that_cannot_be_copied_is_not_replaced(
     path.write_text("{not json")
     real_open = os.open
 
-    def no_copies(name: object, flags: int, *args: object, **kw: object) -> int:
+    def no_copies(name: str | os.PathLike[str], flags: int, mode: int = 0o777, *,
+                  dir_fd: int | None = None) -> int:
         if ".corrupt-" in str(name) and flags & os.O_EXCL:
             raise OSError(28, "No space left on device")
-        return real_open(name, flags, *args, **kw)  # type: ignore[arg-type]
+        return real_open(name, flags, mode, dir_fd=dir_fd)
     monkeypatch.setattr(os, "open", no_copies)
     with pytest.raises(StateError, match=r"not replacing it.*No space left"):
         StateStore(path)

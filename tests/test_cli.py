@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,8 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeHyperviso
                      smaps(False), "")
     ram = RamBackend("pc.ram", PAGES * 4096, merge=True)
 
-    def flip(pid: int):  # the kernel side of qom-set: the mg flag follows
+    def flip(pid: int) -> Callable[[str, bool], None]:
+        """The kernel side of qom-set: the mg flag follows."""
         def on_set(backend_id: str, merge: bool) -> None:
             (fake.root / str(pid) / "smaps").write_text(smaps(merge))
             if not merge:   # unmerging breaks KSM pages into private copies

@@ -29,12 +29,13 @@ def test_event_mapping() -> None:
     r = t.lifecycle_trigger("vm", "u", t.EV_STOPPED, 4)
     assert r is not None and r.action == "forget"
     assert t.lifecycle_trigger("vm", "u", t.EV_SUSPENDED, 0) is None
-    assert t.qmp_trigger("vm", None, "RESET", {}).resets == "reset"  # type: ignore[union-attr]
+    reset = t.qmp_trigger("vm", None, "RESET", {})
+    assert reset is not None and reset.resets == "reset"
     mig = t.qmp_trigger("vm", None, "MIGRATION", {"status": "completed"})
     assert mig is not None and mig.check_incoming and mig.resets == "migrate-in"
     assert t.qmp_trigger("vm", None, "MIGRATION", {"status": "active"}) is None
-    assert t.qmp_trigger("vm", None, "DEVICE_DELETED",
-                         {"path": "/machine/peripheral/dimm0"}).resets == "hotplug"  # type: ignore[union-attr]
+    unplug = t.qmp_trigger("vm", None, "DEVICE_DELETED", {"path": "/machine/peripheral/dimm0"})
+    assert unplug is not None and unplug.resets == "hotplug"
     assert t.device_added_trigger("vm", None, "dimm0").resets == "hotplug"
 
 
@@ -45,9 +46,11 @@ def _through_libvirt(events: list[tuple[str, object, object]]) -> list[t.Trigger
     sink = t.TriggerSink(out.append, lambda _reason: None)
     for kind, a, b in events:
         if kind == "qmp":
-            sink.qmp_event("vm", "u", str(a), dict(b))  # type: ignore[call-overload]
+            assert isinstance(a, str) and isinstance(b, dict)
+            sink.qmp_event("vm", "u", a, b)
         else:
-            sink.lifecycle("vm", "u", int(a), int(b))  # type: ignore[call-overload]
+            assert isinstance(a, int) and isinstance(b, int)
+            sink.lifecycle("vm", "u", a, b)
     return out
 
 

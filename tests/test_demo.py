@@ -4,6 +4,7 @@ guest it started is destroyed (unless --keep), whichever step fails."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,7 +102,7 @@ class FakeObserver:
 @pytest.fixture(autouse=True)
 def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(FakeHypervisor, "instances", [])
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo")
     monkeypatch.setattr(demo, "LibvirtHypervisor", FakeHypervisor)
     monkeypatch.setattr(demo, "build_image", lambda: GuestImage(Path("/k"), Path("/i")))

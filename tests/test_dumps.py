@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -370,10 +370,11 @@ def _not_files(tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 @pytest.mark.parametrize("reader", [open_dump, ElfCoreSource, KdumpSource, RawImageSource])
 def test_fifo_device_or_directory_is_refused_without_blocking(tmp_path: Path,
-                                                              reader: object) -> None:
+                                                              reader: Callable[[str], object]
+                                                              ) -> None:
     for path, kind in _not_files(tmp_path):
         with pytest.raises(DumpError) as exc:
-            reader(path)  # type: ignore[operator]
+            reader(path)
         assert str(exc.value) == (f"{path}: is {kind}, not a dump: give a regular file or "
                                   "a block device")
 

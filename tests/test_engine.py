@@ -248,20 +248,26 @@ def test_converge_stops_when_counters_settle() -> None:
 def test_settled_needs_no_volatile_page_and_no_leave() -> None:
     e = KsmEngine(EngineConfig(max_page_sharing=2))
     y = pg(9)
-    feed_world(e, {"a": [pg(1), y, pg(1)]})
-    assert not e.settled                       # everything is new: volatile
-    feed_world(e, {"a": [pg(1), y, pg(1)]})
-    assert e.settled and e.counters().pages_sharing == 1
-    feed_world(e, {"a": [pg(1), pg(1), pg(1)]})
-    assert not e.settled                       # page 1 changed: volatile
-    feed_world(e, {"a": [pg(1), pg(1), pg(1)]})
-    assert e.settled and e.counters().pages_unshared == 1   # the node is full
+
+    def scan(pages: list[bytes | None]) -> tuple[bool, KsmCounters]:
+        """One scan of source a: then whether the engine is settled, its counters."""
+        counters = feed_world(e, {"a": pages})
+        return e.settled, counters
+
+    settled, _ = scan([pg(1), y, pg(1)])
+    assert not settled                         # everything is new: volatile
+    settled, c = scan([pg(1), y, pg(1)])
+    assert settled and c.pages_sharing == 1
+    settled, _ = scan([pg(1), pg(1), pg(1)])
+    assert not settled                         # page 1 changed: volatile
+    settled, c = scan([pg(1), pg(1), pg(1)])
+    assert settled and c.pages_unshared == 1   # the node is full
     # page 2 leaves its node after page 1 was found no room: page 1 joins next scan
-    c5 = feed_world(e, {"a": [pg(1), pg(1), None]})
-    assert not e.settled and c5.pages_unshared == 1
-    c6 = feed_world(e, {"a": [pg(1), pg(1), None]})
+    settled, c5 = scan([pg(1), pg(1), None])
+    assert not settled and c5.pages_unshared == 1
+    settled, c6 = scan([pg(1), pg(1), None])
     assert c6.merge_state() != c5.merge_state() and c6.pages_unshared == 0
-    assert e.settled
+    assert settled
 
 
 @pytest.mark.parametrize("use_zero_pages", [False, True])
@@ -451,7 +457,7 @@ def test_fast_path_matches_verify_everything(
 def test_large_groups_fill_dups_in_closed_form() -> None:
     e = KsmEngine(EngineConfig(max_page_sharing=4))
     ref = ReferenceKsm(max_page_sharing=4, hasher=xxh)
-    world: World = {"a": [pg(1)] * 9 + [pg(2)] * 5 + [Z] * 2, "b": [pg(2)] * 3 + [pg(9)]}
+    world: World = {"a": [*[pg(1)] * 9, *[pg(2)] * 5, *[Z] * 2], "b": [*[pg(2)] * 3, pg(9)]}
     for _ in range(3):
         assert as_dict(feed_world(e, world)) == ref_scan(ref, world)
     world["a"][3] = pg(4)

@@ -57,7 +57,7 @@ def make_set(seed: int = 1) -> tuple[_pages.PageSet, dict[int, np.ndarray]]:
     runs[20][4, -1] ^= 0x80                   # ... and one differing in its last byte
     runs[20][3] = runs[0][2]
     runs[20][3, 0] ^= 1                       # ... and one in its first
-    ps = _pages.PageSet([memoryview(r.reshape(-1)) for r in runs.values()], list(runs))
+    ps = _pages.PageSet([r.reshape(-1).data for r in runs.values()], list(runs))
     return ps, {start + i: r[i] for start, r in runs.items() for i in range(len(r))}
 
 

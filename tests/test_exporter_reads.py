@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from tests.fakes.hypervisor import FakeHypervisor
-from tests.test_cli import FakeProc, host  # noqa: F401 - host is a fixture
+from tests.ksmtree import FakeProc
+from tests.test_cli import host  # noqa: F401 - host is a fixture
 from vmshare.config import Config
 from vmshare.daemon.exporter import SnapshotSource
 from vmshare.ksm.procfs import ProcFs
@@ -19,7 +20,7 @@ def test_a_snapshot_reads_each_vms_backends_once(
     """The host view and the policy survey of one snapshot share one reading of
     each VM's facts, backends and mappings (libvirt, QMP and smaps)."""
     hv, fake = host
-    source = SnapshotSource(hv, KsmSysfs(Path(os.environ["VMSHARE_SYSFS_ROOT"])),  # type: ignore[arg-type]
+    source = SnapshotSource(hv, KsmSysfs(Path(os.environ["VMSHARE_SYSFS_ROOT"])),
                             ProcFs(fake.root), Config(path=None))
     hv.reads.clear()
     snap = source()

@@ -189,7 +189,7 @@ def test_fleet_history_sums_hosts_per_step() -> None:
                                           ({"instance": "b"}, [(100, 2.0)]))})
     h = fleet_history(c, 3600, now=1000.0, points=60)
     assert h.step == 60 and h.start == 1000.0 - 3600
-    assert h.total == ((100, 3.0), (200, 3.0))
+    assert h.total == ((100.0, 3.0), (200.0, 3.0))
     assert [x.instance for x in h.hosts] == ["a", "b"]
     with pytest.raises(UsageError):
         fleet_history(c, 0)

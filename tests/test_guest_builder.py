@@ -257,12 +257,14 @@ def test_fill_spec_validation(kwargs: dict[str, int]) -> None:
 def test_domain_xml_plain() -> None:
     root = ET.fromstring(domain_xml("g1", IMAGE, SPEC, console_log=Path("/tmp/c.log")))
     assert root.tag == "domain" and root.get("type") == "qemu"
-    assert root.findtext("memory") == "256" and root.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
+    memory = root.find("memory")
+    assert memory is not None and memory.text == "256" and memory.get("unit") == "MiB"
     assert root.findtext("os/kernel") == str(IMAGE.kernel)
     assert root.findtext("os/initrd") == str(IMAGE.initrd)
     assert root.findtext("os/cmdline") == kernel_cmdline(SPEC)
     assert root.findtext("on_crash") == "destroy"
-    assert root.find("devices/serial/source").get("path") == "/tmp/c.log"  # type: ignore[union-attr]
+    serial = root.find("devices/serial/source")
+    assert serial is not None and serial.get("path") == "/tmp/c.log"
     assert root.find("devices/disk") is None and root.find("devices/interface") is None
     assert root.find("maxMemory") is None and root.find("cpu/numa") is None
     assert root.find("memoryBacking") is None

@@ -53,6 +53,13 @@ IMAGE = DebianImage(root=Path("/cache/root.img"), kernel=Path("/boot/vmlinuz-x")
                     initrd=Path("/boot/initrd.img-x"))
 
 
+def attribute(root: ET.Element, path: str, name: str) -> str | None:
+    """Attribute ``name`` of the first element at ``path`` (which must exist)."""
+    element = root.find(path)
+    assert element is not None, f"no {path}"
+    return element.get(name)
+
+
 def test_domain_xml_boots_the_overlay_under_tcg(tmp_path: Path) -> None:
     xml = debian_domain_xml("deb-1", IMAGE, tmp_path / "deb-1.qcow2",
                             console_log=tmp_path / "deb-1.log", memory_mib=512, video=True,
@@ -60,14 +67,12 @@ def test_domain_xml_boots_the_overlay_under_tcg(tmp_path: Path) -> None:
     dom = ET.fromstring(xml)
     assert dom.get("type") == "qemu"
     assert dom.findtext("memory") == "512"
-    assert dom.find("os/kernel").text == "/boot/vmlinuz-x"          # type: ignore[union-attr]
+    assert dom.findtext("os/kernel") == "/boot/vmlinuz-x"
     assert "root=/dev/vda" in (dom.findtext("os/cmdline") or "")
-    disk = dom.find("devices/disk")
-    assert disk is not None
-    assert disk.find("driver").get("type") == "qcow2"               # type: ignore[union-attr]
-    assert disk.find("source").get("file") == str(tmp_path / "deb-1.qcow2")  # type: ignore[union-attr]
-    assert disk.find("target").get("dev") == "vda"                  # type: ignore[union-attr]
-    assert dom.find("devices/video/model").get("type") == "vga"     # type: ignore[union-attr]
+    assert attribute(dom, "devices/disk/driver", "type") == "qcow2"
+    assert attribute(dom, "devices/disk/source", "file") == str(tmp_path / "deb-1.qcow2")
+    assert attribute(dom, "devices/disk/target", "dev") == "vda"
+    assert attribute(dom, "devices/video/model", "type") == "vga"
     assert dom.find("memoryBacking") is None
     assert dom.find("metadata/{urn:test}x") is not None
     plain = ET.fromstring(debian_domain_xml("d", IMAGE, tmp_path / "o", console_log=tmp_path / "l",
@@ -98,18 +103,16 @@ def test_domain_xml_refuses_a_fill_that_cannot_fit(tmp_path: Path, fill: tuple[i
                           memory_mib=memory_mib, fill=debian.GuestFill(*fill))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"name": ""}, "name must not be empty"),
-    ({"memory_mib": 128}, "at least 256 MiB"),
-    ({"metadata_xml": "<unclosed"}, "not well-formed"),
+@pytest.mark.parametrize(("name", "memory_mib", "metadata_xml", "message"), [
+    ("", 512, None, "name must not be empty"),
+    ("d", 128, None, "at least 256 MiB"),
+    ("d", 512, "<unclosed", "not well-formed"),
 ])
-def test_domain_xml_refuses_bad_input(tmp_path: Path, kwargs: dict[str, object],
-                                      message: str) -> None:
-    args: dict[str, object] = {"name": "d", "memory_mib": 512, "metadata_xml": None, **kwargs}
+def test_domain_xml_refuses_bad_input(tmp_path: Path, name: str, memory_mib: int,
+                                      metadata_xml: str | None, message: str) -> None:
     with pytest.raises(UsageError, match=message):
-        debian_domain_xml(str(args["name"]), IMAGE, tmp_path / "o", console_log=tmp_path / "l",
-                          memory_mib=int(args["memory_mib"]),  # type: ignore[call-overload]
-                          metadata_xml=args["metadata_xml"])  # type: ignore[arg-type]
+        debian_domain_xml(name, IMAGE, tmp_path / "o", console_log=tmp_path / "l",
+                          memory_mib=memory_mib, metadata_xml=metadata_xml)
 
 
 def test_overlay_path_with_a_comma_is_refused(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmshare.guest import builder, debian, retention
+from vmshare.guest import builder, debian
 from vmshare.guest.retention import (
     LAST_USE_NAME,
     RETENTION_ENV,
@@ -124,8 +124,8 @@ def test_other_names_and_symlinks_are_left_alone(tmp_path: Path,
     (cache / ".build-0123abcd").symlink_to(staging_target)
     for link in ("f" * 24, ".build-0123abcd"):
         age(cache / link, 100)
-    for name in cache.iterdir():
-        age(name, 100)
+    for path in cache.iterdir():
+        age(path, 100)
     before = sorted(p.name for p in cache.iterdir())
     with caplog.at_level(logging.INFO, logger="vmshare.guest.retention"):
         assert prune_cache(cache, keep=KEEP) == 0
@@ -164,7 +164,7 @@ def test_an_oserror_while_pruning_is_logged_not_raised(tmp_path: Path,
         removed.append(Path(path).name)
         real_rmtree(path)
 
-    monkeypatch.setattr(retention.shutil, "rmtree", refuse_first)
+    monkeypatch.setattr(shutil, "rmtree", refuse_first)
     with caplog.at_level(logging.WARNING, logger="vmshare.guest.retention"):
         freed = prune_cache(tmp_path, keep=KEEP)
     assert [p.name for p in tmp_path.iterdir()] == [OLD]     # the next one still went
@@ -183,7 +183,7 @@ def test_an_entry_a_concurrent_pruner_removed_first_is_no_warning(
         real_rmtree(path)                      # the other process got there first
         raise FileNotFoundError(2, "No such file or directory", str(path))
 
-    monkeypatch.setattr(retention.shutil, "rmtree", beaten)
+    monkeypatch.setattr(shutil, "rmtree", beaten)
     with caplog.at_level(logging.WARNING, logger="vmshare.guest.retention"):
         assert prune_cache(tmp_path, keep=KEEP) == 0
     assert caplog.text == "" and not (tmp_path / OLD).exists()

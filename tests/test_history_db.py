@@ -5,6 +5,7 @@ import, and a damaged database moved aside."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,13 +17,8 @@ import pytest
 from tests.test_cli import host, run  # noqa: F401 - host is a fixture
 from vmshare.records import history_schema as hs
 from vmshare.records.audit import AuditLog
-from vmshare.records.history_db import (
-    HistoryCorrupt,
-    HistoryDb,
-    HistoryError,
-    HistoryTooNew,
-    Retention,
-)
+from vmshare.records.history import HistoryError
+from vmshare.records.history_db import HistoryCorrupt, HistoryDb, HistoryTooNew, Retention
 from vmshare.records.history_keeper import HistoryKeeper, import_legacy
 from vmshare.records.history_query import answer
 
@@ -223,11 +219,9 @@ def test_an_interrupted_import_runs_again_without_duplicates(
     db.close()
     db = HistoryDb.open_writer(tmp_path / "history.sqlite")
     # the second start imports the rest, then cannot rename (dies there, say)
-    import vmshare.records.history_keeper as keeper_mod
-
     def refuse(*_a: object) -> None:
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(keeper_mod.os, "rename", refuse)
+    monkeypatch.setattr(os, "rename", refuse)
     with pytest.raises(HistoryError, match=r"imported .* but cannot rename it"):
         import_legacy(db, legacy, NOW)
     monkeypatch.undo()

@@ -285,7 +285,7 @@ def _mount(*args: str) -> None:
 
 
 @pytest.fixture
-def read_only_spool(tmp_path: Path):  # type: ignore[no-untyped-def]
+def read_only_spool(tmp_path: Path) -> Iterator[Path]:
     """A spool directory on a read-only bind mount: EROFS stops root too."""
     real = tmp_path / "real-spool"
     real.mkdir(mode=0o700)
@@ -309,7 +309,7 @@ def test_spool_dir_read_only(tmp_path: Path, dirs: tuple[Path, Path],
 
 
 @pytest.fixture
-def full_filesystem_spool(tmp_path: Path):  # type: ignore[no-untyped-def]
+def full_filesystem_spool(tmp_path: Path) -> Iterator[Path]:
     """A spool directory on a tiny tmpfs filled to the last block: ENOSPC."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -269,7 +270,7 @@ class FakeLibvirtd:
 
 
 @pytest.fixture
-def fake(tmp_path: Path):  # type: ignore[no-untyped-def]
+def fake(tmp_path: Path) -> Iterator[FakeLibvirtd]:
     daemon = FakeLibvirtd(tmp_path)
     yield daemon
     daemon.kill_all()

@@ -342,8 +342,12 @@ def test_qmp_refuses_jobs_libvirt_must_own(monkeypatch: pytest.MonkeyPatch,
     """libvirtd 9.0 segfaults on dump-guest-memory through qemuMonitorCommand: such
     commands never reach libvirt, and the error names the API to use instead."""
     sent: list[str] = []
-    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand",
-                        lambda dom, text, flags: sent.append(text) or '{"return": {}}')
+
+    def monitor_command(dom: object, text: str, flags: int) -> str:
+        sent.append(text)
+        return '{"return": {}}'
+
+    monkeypatch.setattr(libvirt_qemu, "qemuMonitorCommand", monitor_command)
     with pytest.raises(MonitorError, match=api) as info:
         hv.qmp(VmRef("test", TEST_UUID), command, arguments)
     assert info.value.command == command and sent == []

@@ -43,7 +43,7 @@ def running() -> Iterator[Callable[..., MetricsServer]]:
     def start(collect: Callable[[], str] = lambda: BODY, listen: str = "127.0.0.1:0",
               **limits: float) -> MetricsServer:
         host, port, family = parse_listen(listen)
-        server = MetricsServer((host, port), family, collect, **limits)  # type: ignore[arg-type]
+        server = MetricsServer((host, port), family, collect, **limits)
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
         servers.append(server)

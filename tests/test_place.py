@@ -37,7 +37,13 @@ def vm_ids(kind: str, own: int, n_own: int = 1500) -> np.ndarray:
                            np.arange(10**7 + own * 10**5, 10**7 + own * 10**5 + n_own)])
 
 
-def host_sketch(name: str, vms: dict[str, tuple[str, int, str]]) -> tuple[Sketch, dict]:
+#: a host's sketch and its VMs' contents (name -> content ids)
+HostFixture = tuple[Sketch, dict[str, np.ndarray]]
+#: host name -> its sketch and contents
+Fleet = dict[str, HostFixture]
+
+
+def host_sketch(name: str, vms: dict[str, tuple[str, int, str]]) -> HostFixture:
     """A host of VMs name -> (kind, own id, trust group); its sketch and contents."""
     ids = {n: vm_ids(k, o) for n, (k, o, _) in vms.items()}
     targets = [generated_target(n, i) for n, i in ids.items()]
@@ -55,7 +61,7 @@ def exact_extra(host_ids: list[np.ndarray], vm: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="module")
-def fleet() -> dict[str, tuple[Sketch, dict]]:
+def fleet() -> Fleet:
     return {
         "h1": host_sketch("h1", {"a1": ("H", 1, "g"), "b1": ("B", 2, "g")}),
         "h2": host_sketch("h2", {"a2": ("A", 3, "g"), "a3": ("A", 4, "g")}),
@@ -63,7 +69,7 @@ def fleet() -> dict[str, tuple[Sketch, dict]]:
     }
 
 
-def test_ranking_matches_the_exact_extra_saving(fleet: dict) -> None:
+def test_ranking_matches_the_exact_extra_saving(fleet: Fleet) -> None:
     new, new_ids = host_sketch("", {"x": ("A", 9, "g")})
     vm = new.vms[0]
     room = {"h1": 1e12, "h2": 1e12, "h3": 1e12}
@@ -79,7 +85,7 @@ def test_ranking_matches_the_exact_extra_saving(fleet: dict) -> None:
         assert abs(c.extra.value - exact[c.host]) <= 0.1 * max(exact[c.host], 1) + 1
 
 
-def test_headroom_decides_where_it_fits(fleet: dict) -> None:
+def test_headroom_decides_where_it_fits(fleet: Fleet) -> None:
     new, _ = host_sketch("", {"x": ("A", 9, "g")})
     need = new.vms[0].pages * 4096
     ranked = rank(new.vms[0], new.effective, [s for s, _ in fleet.values()],
@@ -90,7 +96,7 @@ def test_headroom_decides_where_it_fits(fleet: dict) -> None:
              EngineConfig())
 
 
-def test_rebalance_moves_a_vm_to_its_kind(fleet: dict) -> None:
+def test_rebalance_moves_a_vm_to_its_kind(fleet: Fleet) -> None:
     hosts = [s for s, _ in fleet.values()]
     moves = rebalance(hosts, {"h1": 1e12, "h2": 1e12, "h3": 1e12}, EngineConfig(), top=2)
     assert moves
@@ -102,7 +108,7 @@ def test_rebalance_moves_a_vm_to_its_kind(fleet: dict) -> None:
     assert len({m.vm for m in moves}) == len(moves)
 
 
-def test_a_sketch_older_than_the_vms_restart_is_refused(fleet: dict) -> None:
+def test_a_sketch_older_than_the_vms_restart_is_refused(fleet: Fleet) -> None:
     import dataclasses
     sk = fleet["h1"][0]
     vm = dataclasses.replace(sk.vms[0], started=1_700_000_000)
@@ -115,7 +121,7 @@ def test_a_sketch_older_than_the_vms_restart_is_refused(fleet: dict) -> None:
 
 
 # ---------------------------------------------------------------- the command
-def write_fleet(tmp_path: Path, fleet: dict) -> tuple[Path, Path]:
+def write_fleet(tmp_path: Path, fleet: Fleet) -> tuple[Path, Path]:
     key = tmp_path / "key"
     key.write_bytes(SECRET)
     os.chmod(key, 0o600)
@@ -132,7 +138,7 @@ def prom_answer(path: str, params: dict[str, str]) -> tuple[int, str, bytes]:
     return 200, "application/json", vector()
 
 
-def test_place_command_json(tmp_path: Path, fleet: dict,
+def test_place_command_json(tmp_path: Path, fleet: Fleet,
                             capsys: pytest.CaptureFixture[str]) -> None:
     key, d = write_fleet(tmp_path, fleet)
     new, _ = host_sketch("", {"x": ("A", 9, "g")})
@@ -157,7 +163,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], what: st
     assert what in err and "Traceback" not in err
 
 
-def test_bad_input_is_one_line(tmp_path: Path, fleet: dict,
+def test_bad_input_is_one_line(tmp_path: Path, fleet: Fleet,
                                capsys: pytest.CaptureFixture[str]) -> None:
     key, d = write_fleet(tmp_path, fleet)
     new, _ = host_sketch("", {"x": ("A", 9, "g")})

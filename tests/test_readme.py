@@ -48,7 +48,9 @@ class Section:
 def sections(markdown: str) -> list[Section]:
     """Each ``##``/``###`` section, with the example command lines of its fenced blocks."""
     found: list[Section] = []
-    heading, lines, examples, fenced = "", [], [], False
+    heading, fenced = "", False
+    lines: list[str] = []
+    examples: list[str] = []
     for line in markdown.splitlines():
         if line.startswith("```"):
             fenced = not fenced

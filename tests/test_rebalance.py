@@ -72,14 +72,15 @@ def random_fleet(seed: int) -> tuple[list[Sketch], dict[str, float], EngineConfi
     # heavy contents: some also sampled by other VMs (their saving where they are
     # can be estimated below zero)
     heavy_pool = np.concatenate([rng.integers(0, FULL - 1, 3, dtype=np.uint64), pool[:3]])
-    groups: list[str | None] = [["g"], ["g", "h"], ["g", None]][int(rng.integers(3))]
+    group_choices: list[list[str | None]] = [["g"], ["g", "h"], ["g", None]]
+    groups = group_choices[int(rng.integers(3))]
     hosts = []
-    for h in range(int(rng.integers(2, 6))):
+    for i in range(int(rng.integers(2, 6))):
         effective = full if rng.random() < 0.7 else int(full * rng.uniform(0.5, 1.0))
         names = [f"vm{int(rng.integers(0, 12 if rng.random() < 0.2 else 10**6))}"
                  for _ in range(int(rng.integers(0, 5)))]
         vms = tuple(random_vm(rng, n, pool, heavy_pool, effective, groups) for n in names)
-        hosts.append(Sketch(f"h{h}", b"k" * 8, full, effective, 0, vms))
+        hosts.append(Sketch(f"h{i}", b"k" * 8, full, effective, 0, vms))
     room = {}
     for h in hosts:
         if rng.random() < 0.9:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.fakes.hypervisor import FakeHypervisor, FakeVm
 from tests.ksmtree import EXCLUSIVE, KPF_KSM, PRESENT, FakeProc, make_sysfs
-from vmshare.config import Config, DaemonSettings, HostPolicy, VmPolicy
+from vmshare.config import Config, DaemonSettings, HostPolicy, MergeSetting, VmPolicy
 from vmshare.daemon.reconcile import Reconciler
 from vmshare.daemon.state import StateStore
 from vmshare.daemon.triggers import Trigger
@@ -113,7 +113,7 @@ class Host:
         return merge, mg
 
     def add_vm(self, name: str, pid: int, merge: bool, group: str | None = None,
-               policy: str = "inherit") -> FakeVm:
+               policy: MergeSetting = "inherit") -> FakeVm:
         shared = [PRESENT | (100 + i) for i in range(SHARED)]
         own = [PRESENT | EXCLUSIVE | (pid * 100 + i) for i in range(PAGES - SHARED)]
         self.proc.add_process(pid, BASE, shared + own, smaps(merge), "")
@@ -131,7 +131,7 @@ class Host:
                     [RamBackend("pc.ram", PAGES * 4096, merge=merge)], on_set_merge=on_set)
         self.hv.vms[name] = vm
         if group is not None or policy != "inherit":
-            self.policies[name] = VmPolicy(merge=policy, group=group)  # type: ignore[arg-type]
+            self.policies[name] = VmPolicy(merge=policy, group=group)
         return vm
 
 
@@ -281,8 +281,9 @@ def test_trust_groups_only_the_holding_group_is_mergeable(host: Host) -> None:
     for name in ("alpha", "beta-2"):
         vm = host.hv.vms[name]
         inner = vm.on_set_merge
+        assert inner is not None                 # Host.add_vm gives every VM one
 
-        def record(backend: str, merge: bool, inner: Callable[..., None] = inner,
+        def record(backend: str, merge: bool, inner: Callable[[str, bool], None] = inner,
                    name: str = name) -> None:
             order.append((name, merge))
             inner(backend, merge)
@@ -341,6 +342,7 @@ def _crash_in_child(host: Host, when: str) -> dict[str, Any]:
     then applied in the parent, as a real QEMU would have kept it."""
     vm = host.hv.vms["web-1"]
     inner = vm.on_set_merge
+    assert inner is not None                     # Host.add_vm gives every VM one
 
     def acted(backend: str, merge: bool) -> None:
         inner(backend, merge)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from vmshare.observe.remerge import (
     RemergeRecord,
@@ -30,9 +31,9 @@ def test_progress_fields() -> None:
 def test_annotate_only_for_the_recorded_process() -> None:
     state = {"vms": {"a": {"remerge": RemergeRecord("reset", 10.0, 100, 7).to_json()},
                      "b": {"remerge": RemergeRecord("restore", 10.0, 100, 8).to_json()}}}
-    doc = {"vms": [{"name": "a", "running": True, "pid": 7, "ksm_pages": 50},
-                   {"name": "b", "running": True, "pid": 9, "ksm_pages": 50},
-                   {"name": "c", "running": True, "pid": 3, "ksm_pages": 1}]}
+    doc: dict[str, Any] = {"vms": [{"name": "a", "running": True, "pid": 7, "ksm_pages": 50},
+                                   {"name": "b", "running": True, "pid": 9, "ksm_pages": 50},
+                                   {"name": "c", "running": True, "pid": 3, "ksm_pages": 1}]}
     annotate_status(doc, state, now=20.0)
     assert doc["vms"][0]["remerge"]["fraction"] == 0.5
     assert doc["vms"][1]["remerge"] is None      # restarted since: another process

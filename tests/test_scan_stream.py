@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from tests.dump_corpus import ElfSpec, KdumpSpec, Seg, build_elf, build_kdump
 from tests.engine_reference import ReferenceKsm
+from tests.sketch_mixes import GeneratedSource, content_ids, exact_sharing, page_bytes, write_vms
 from tests.test_engine import as_dict, xxh
 from vmshare.engine import EngineConfig, KsmEngine
 from vmshare.errors import DumpError, ProcessGone
@@ -87,7 +89,7 @@ def test_a_source_many_times_the_buffer_gives_the_reference_counters(
     assert got["pages_sharing"] > 1000 and got["stable_node_chains"] > 0
 
 
-def truncate_at(path: str, when: float) -> object:
+def truncate_at(path: str, when: float) -> Callable[[float], None]:
     """A progress callback that truncates ``path`` to one page once the scan
     has read ``when`` of its pages."""
     def cb(frac: float) -> None:
@@ -112,7 +114,7 @@ def test_a_dump_truncated_mid_scan_ends_it_with_the_last_counters(
     with open_dump(path, "d") as src, \
             pytest.raises(DumpError, match=rf"{path}: .*(truncated|past the end)"):
         scan_sources(engine, [src], buffer_bytes=MIN_BUFFER_BYTES,
-                     progress=truncate_at(path, when))         # type: ignore[arg-type]
+                     progress=truncate_at(path, when))
     assert engine.counters() == before
     with open_dump(path, "d") as src:           # the engine is usable again, from nothing
         scan_sources(engine, [src])
@@ -158,6 +160,28 @@ def test_a_process_that_exits_mid_scan_ends_it_with_the_last_counters(when: floa
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_generated_source_scans_as_its_raw_image(tmp_path: Path) -> None:
+    """The sketch tests' GeneratedSource keeps the PageSource contract (its runs
+    made where ``read_into`` says, pages made again by ``read_pages``): scan by
+    scan, the counters of the raw image of the same pages."""
+    ids = content_ids(np.random.default_rng(1), [(300, 2), (50, 7)], zero=20)
+    (path,) = write_vms(tmp_path, ids, 1)
+    generated, from_file = KsmEngine(), KsmEngine()
+    for _ in range(2):
+        scan_sources(generated, [GeneratedSource("g", ids)], buffer_bytes=MIN_BUFFER_BYTES)
+        with open_dump(path, "g") as src:
+            scan_sources(from_file, [src], buffer_bytes=MIN_BUFFER_BYTES)
+        assert generated.counters() == from_file.counters()
+    assert generated.counters().pages_sharing == exact_sharing([ids])[0]   # merged on scan 2
+    gen, buf = GeneratedSource("g", ids), bytearray(5 * PAGE_SIZE)
+    gen.read_into = lambda n: memoryview(buf)[:n]
+    run = next(gen.runs(chunk_pages=5))
+    assert run.data.obj is buf and bytes(buf) == page_bytes(ids[:5])
+    again = np.array([3, 7, 8], np.int64)
+    gen.read_pages("ram", again, memoryview(buf))
+    assert bytes(buf[:3 * PAGE_SIZE]) == page_bytes(ids[again])
 
 
 def test_the_buffer_bounds_are_checked(tmp_path: Path) -> None:

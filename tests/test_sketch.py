@@ -12,9 +12,13 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import xxhash
 
@@ -22,7 +26,7 @@ from tests.dump_corpus import build_elf, valid_elf_spec
 from tests.sketch_mixes import content_ids, write_vms
 from vmshare.engine._pages import FP_OFFSETS, fp_values, id_values, repeated, siphash24
 from vmshare.errors import DumpError, SketchError
-from vmshare.model import PAGE_SIZE, PageRun
+from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.prediction import sketch as sketch_module
 from vmshare.prediction.predict import dump_target
 from vmshare.prediction.sketch import sketch_pages, sketch_targets
@@ -40,6 +44,7 @@ from vmshare.records.sketchfile import (
     restrict,
     write_sketch,
 )
+from vmshare.sources.base import DEFAULT_CHUNK_PAGES, WHOLE, FileSource, PageSource, Part, ReadInto
 
 KEY = SketchKey.from_secret(b"k" * 32)
 MASK = (1 << 64) - 1
@@ -163,7 +168,8 @@ def test_reading_in_place_gives_what_streaming_gives(tmp_path: Path) -> None:
     with open(path, "ab") as f:
         f.write(b"\1" * 100)                                  # a partial last page
     mapped = dump_target(str(path), raw=True).open()
-    assert mapped is not None and mapped.stored_extents() is not None
+    assert mapped is not None
+    assert isinstance(mapped, FileSource) and mapped.stored_extents() is not None
     for thr in (1 << 62, FULL - 1):
         a, ta = sketch_pages(mapped, KEY, thr)
         b, tb = sketch_pages(_Stream(path), KEY, thr)
@@ -175,8 +181,8 @@ def test_reading_in_place_gives_what_streaming_gives(tmp_path: Path) -> None:
     elf = tmp_path / "vm.elf"
     elf.write_bytes(build_elf(spec))
     src = dump_target(str(elf), raw=False).open()
-    assert src is not None
-    with src.mapped_runs() as runs:                              # type: ignore[attr-defined]
+    assert src is not None and isinstance(src, FileSource)
+    with src.mapped_runs() as runs:
         got = {(r.region, r.first_page + i): bytes(r.data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
                for r in runs for i in range(len(r.data) // PAGE_SIZE)}
     assert got == expect
@@ -186,17 +192,42 @@ def test_reading_in_place_gives_what_streaming_gives(tmp_path: Path) -> None:
 
 
 class _Stream:
-    """A dump read as a stream (as a live source is): not a file source."""
+    """A dump read as a stream (as a live source is): not a file source. Each
+    call opens the dump afresh and closes it."""
+
+    read_into: ReadInto | None = None
 
     def __init__(self, path: Path) -> None:
         self.name = str(path)
         self.path = path
 
-    def runs(self, chunk_pages: int = 7, part: tuple[int, int] = (0, 1)) -> object:
+    def _open(self) -> PageSource:
         src = dump_target(str(self.path), raw=self.path.suffix == ".raw").open()
         assert src is not None
-        yield from src.runs(chunk_pages=7)       # small runs, whatever is asked
-        src.close()
+        return src
+
+    def regions(self) -> list[Region]:
+        with self._open() as src:
+            return src.regions()
+
+    def runs(self, chunk_pages: int = DEFAULT_CHUNK_PAGES, part: Part = WHOLE
+             ) -> Iterator[PageRun]:
+        with self._open() as src:
+            yield from src.runs(chunk_pages=7)       # small runs, whatever is asked
+
+    def read_pages(self, region: str, pages: npt.NDArray[np.int64], into: memoryview) -> None:
+        with self._open() as src:
+            src.read_pages(region, pages, into)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 def small_sketch(tmp_path: Path, rate: float = 0.25, key: SketchKey = KEY) -> Sketch:

@@ -161,12 +161,12 @@ def test_endpoint_settings_are_checked_before_the_daemon_starts(
     assert endpoint_token(config(tmp_path)) is None                     # off by default
     good = private(tmp_path / "token", TOKEN + b"\n")
     assert endpoint_token(config(tmp_path, listen="127.0.0.1:0", token_file=good)) == TOKEN
-    cases = [({"token_file": tmp_path / "none"}, "cannot open the sketch token"),
-             ({"token_file": private(tmp_path / "open", TOKEN, 0o644)},
-              "readable or owned by others"),
-             ({"token_file": private(tmp_path / "short", b"abc")}, "at least 16"),
-             ({"token_file": tmp_path}, "must be a regular file"),
-             ({"token_file": good, "listen": "nowhere"}, "[sketch] listen: --listen wants")]
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"token_file": tmp_path / "none"}, "cannot open the sketch token"),
+        ({"token_file": private(tmp_path / "open", TOKEN, 0o644)}, "readable or owned by others"),
+        ({"token_file": private(tmp_path / "short", b"abc")}, "at least 16"),
+        ({"token_file": tmp_path}, "must be a regular file"),
+        ({"token_file": good, "listen": "nowhere"}, "[sketch] listen: --listen wants")]
     for kw, what in cases:
         cfg = config(tmp_path, **{"listen": "127.0.0.1:0", **kw})
         with pytest.raises(PolicyError) as err:
@@ -186,9 +186,9 @@ def test_endpoint_settings_are_checked_before_the_daemon_starts(
         for h in saved[0]:
             root.addHandler(h)
         root.setLevel(saved[1])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1, err
-    assert err[0].endswith(f"ERROR vmshare.daemon: {tmp_path / 'vmshare.toml'}: [sketch] "
+    logged = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(logged) == 1, logged
+    assert logged[0].endswith(f"ERROR vmshare.daemon: {tmp_path / 'vmshare.toml'}: [sketch] "
                            f"token_file: {tmp_path / 'open'}: the sketch token is readable "
                            "or owned by others (mode 0644, uid 0); chmod 600 it")
 

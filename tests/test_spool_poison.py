@@ -17,7 +17,7 @@ from vmshare.daemon.rejects import Rejects
 from vmshare.daemon.service import OneLineFormatter
 
 
-def _entry(domain: str = "vm1", seq: int = 1, **extra: object) -> dict[str, object]:
+def _entry(domain: object = "vm1", seq: object = 1, **extra: object) -> dict[str, object]:
     obj: dict[str, object] = {"v": 1, "domain": domain, "uuid": None, "operation": "started",
                               "sub_operation": "begin", "extra": "-", "time": 1.7e9,
                               "seq": seq, "boot_id": "b", "pid": 1, "xml": "ok"}

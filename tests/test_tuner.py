@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.ksmtree import make_sysfs
+from vmshare.config import TunerPolicy
 from vmshare.errors import KnobError, ProcfsError, UsageError
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
@@ -29,7 +30,6 @@ from vmshare.tuner.decide import (
     MODE_WATCH,
     Decision,
     Observation,
-    TunerPolicy,
     TunerState,
     decide,
 )

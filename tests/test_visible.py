@@ -52,7 +52,7 @@ class KnownZero(ProcFs):
     def huge_zero_pfn(self) -> int | None:
         return self.huge
 
-    def kpageflags(self, pfns: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    def kpageflags(self, pfns: np.ndarray) -> np.ndarray:
         self.asked += pfns.tolist()
         return super().kpageflags(pfns)
 
@@ -73,7 +73,7 @@ class FakeLive:
 
     vmas: list[Vma]
     data: list[bytearray]
-    entries: list[np.ndarray]  # type: ignore[type-arg]
+    entries: list[np.ndarray]
     name: str = "vm"
     read_into: None = field(default=None)
 
@@ -230,7 +230,7 @@ def test_zero_rows_finds_exactly_the_all_zero_pages() -> None:
     nonzero = rng.random(3000) < 0.5
     rows = np.flatnonzero(nonzero)
     pages[rows, rng.integers(0, PAGE_SIZE // 8, rows.size)] = 1     # one word anywhere
-    assert np.array_equal(zero_rows(memoryview(pages).cast("B")), np.flatnonzero(~nonzero))
+    assert np.array_equal(zero_rows(pages.data.cast("B")), np.flatnonzero(~nonzero))
 
 
 # ---- a real process ------------------------------------------------------------
