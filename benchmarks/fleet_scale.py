@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -106,7 +107,7 @@ def timed(argv: Sequence[str], repeat: int) -> tuple[list[float], str]:
     return runs, text
 
 
-def check_status(doc: dict, want: Expected) -> list[str]:
+def check_status(doc: dict[str, Any], want: Expected) -> list[str]:
     """What is wrong in `fleet status --json` against the model (empty: nothing)."""
     wrong = []
     if len(doc["hosts"]) != want.hosts or doc["vms"] != want.vms:

@@ -94,11 +94,12 @@ def mapping_cost(targets: list[Target]) -> float:
     t0 = time.perf_counter()
     for t in targets:
         src = t.open()
+        if src is None:
+            continue
         if isinstance(src, FileSource) and src.stored_extents() is not None:
             with src.mapped_runs():
                 pass
-        if src is not None:
-            src.close()
+        src.close()
     return time.perf_counter() - t0
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
-from integration.ksm_fixtures import converge, kernel_ksm, memprocs, start_memproc
+from integration.ksm_fixtures import MemProc, converge, kernel_ksm, memprocs, start_memproc
 from vmshare.ksm.procfs import ProcFs
 from vmshare.ksm.sysfs import KsmSysfs
 from vmshare.model import PAGE_SIZE
@@ -15,9 +16,9 @@ __all__ = ["kernel_ksm", "memprocs"]
 pytestmark = pytest.mark.integration
 
 
-def all_mergeable_entries(procfs: ProcFs) -> dict[str, object]:
+def all_mergeable_entries(procfs: ProcFs) -> dict[str, npt.NDArray[np.uint64]]:
     """Pagemap entries of every mergeable mapping of every process on the host."""
-    out = {}
+    out: dict[str, npt.NDArray[np.uint64]] = {}
     for entry in procfs.root.iterdir():
         if not entry.name.isdigit():
             continue
@@ -32,7 +33,7 @@ def all_mergeable_entries(procfs: ProcFs) -> dict[str, object]:
     return out
 
 
-def test_fair_share_adds_up_to_pages_sharing(kernel_ksm: KsmSysfs, memprocs: list) -> None:
+def test_fair_share_adds_up_to_pages_sharing(kernel_ksm: KsmSysfs, memprocs: list[MemProc]) -> None:
     procfs = ProcFs()
     identical, unique = 2048, 512
     for _ in range(3):
@@ -51,7 +52,7 @@ def test_fair_share_adds_up_to_pages_sharing(kernel_ksm: KsmSysfs, memprocs: lis
         others = {k: v for k, v in att.shares_with[str(p.pid)].items()}
         assert others == {str(q.pid): identical for q in memprocs if q is not p}
     # Host-wide: every mergeable mapping's fair share sums to pages_sharing.
-    everything = attribute(all_mergeable_entries(procfs), procfs.kpageflags,  # type: ignore[arg-type]
+    everything = attribute(all_mergeable_entries(procfs), procfs.kpageflags,
                            procfs.kpagecount)
     total = sum(f.saved_pages for f in everything.per_vm.values())
     sharing = kernel_ksm.read_int("pages_sharing")
@@ -59,7 +60,7 @@ def test_fair_share_adds_up_to_pages_sharing(kernel_ksm: KsmSysfs, memprocs: lis
 
 
 def test_mremap_breaks_merges_then_they_come_back(kernel_ksm: KsmSysfs,
-                                                  memprocs: list) -> None:
+                                                  memprocs: list[MemProc]) -> None:
     """mremap() moving a mergeable area unmerges its KSM pages first (Hugh
     Dickins' 2009 fix, so stale stable-tree entries never turn up at the new
     address) but keeps the area mergeable: the pages merge again later."""
@@ -83,7 +84,8 @@ def test_mremap_breaks_merges_then_they_come_back(kernel_ksm: KsmSysfs,
     assert ksm_pages_of_b() == 512
 
 
-def test_fast_path_ignores_the_huge_zero_page(kernel_ksm: KsmSysfs, memprocs: list) -> None:
+def test_fast_path_ignores_the_huge_zero_page(kernel_ksm: KsmSysfs,
+                                              memprocs: list[MemProc]) -> None:
     """Guest-RAM-like memory (MADV_DONTFORK) that was only read maps the huge
     zero page: the kpageflags-free attribution path must not count it as KSM."""
     procfs = ProcFs()

@@ -44,7 +44,8 @@ def status(capsys: pytest.CaptureFixture[str], *names: str,
            options: tuple[str, ...] = ()) -> dict[str, Any]:
     code, out, err = run_cli(capsys, *options, "status", "--json", *names)
     assert code == 0, err
-    return json.loads(out)
+    doc: dict[str, Any] = json.loads(out)
+    return doc
 
 
 @pytest.fixture(scope="module")
