@@ -8,6 +8,7 @@ restores nothing by design, so the fixture's restore is what undoes it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -62,11 +63,17 @@ def test_tuner_converges_then_stops_ksmd_keeping_merges(
     assert stop["knobs"] == {"run": 0}
     assert stop["observation"]["pages_sharing"] == (PROCS - 1) * IDENTICAL
     assert sysfs.read_knob("run") == 0
-    # merges kept; ksmd costs nothing while stopped
+    # merges kept; ksmd costs nothing while stopped. On a shared machine another
+    # process taking 5% of RAM rightly wakes the tuner (it says why); nothing else
+    # may, and an interval that starts and ends stopped costs nothing
     assert sysfs.read_int("pages_sharing") == (PROCS - 1) * IDENTICAL
-    idle_cpu = [d["cpu_pct"] for d in decisions[first_idle + 1:]]
-    assert idle_cpu and max(idle_cpu) < 1.0, [(d["mode"], d["cpu_pct"], d["reason"])
-                                              for d in decisions]
+    pairs = list(itertools.pairwise(decisions[first_idle:]))
+    woken = [d["reason"] for prev, d in pairs if prev["mode"] == "idle" != d["mode"]]
+    assert all("MemAvailable fell by" in why or "memory no longer ample" in why
+               for why in woken), woken
+    idle_cpu = [d["cpu_pct"] for prev, d in pairs if prev["mode"] == d["mode"] == "idle"]
+    assert len(idle_cpu) >= 5 and max(idle_cpu) < 1.0, [
+        (d["mode"], d["cpu_pct"], d["reason"]) for d in decisions]
     # merging ran at the budget, not at the 100 pages it found
     assert max(d["knobs"].get("pages_to_scan", 0) for d in decisions[:first_idle]) > 1000
     measured = [d["cpu_pct"] for d in decisions[1:first_idle] if d["cpu_pct"] is not None]
