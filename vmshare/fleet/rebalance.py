@@ -9,28 +9,30 @@ most once, each target's headroom spent as moves land on it, until ``top``.
 
 What makes it cheap is a bound. A VM's extra saving on a host comes only from
 contents it shares with the host's VMs of its trust group, and each shared
-content adds at most one page (f(h + v) - f(h) - f(v) is 0 or 1 for
-f(n) = n - ceil(n / M)), so the estimate is at most (shared contents that
-some VM samples) / rate + (shared heavy contents no VM of the group samples:
-counted exactly), plus at most one page of all-zero pages
-(computed exactly). An inverted index (per trust group: each content's
-value to the hosts that hold it) gives each VM, in one pass over the
-fleet's contents, how many of its contents any other host holds, and, when
-needed, the count per host. The moves are then visited lazily, best bound
-first: a VM's bound (its contents held elsewhere, less a floor under its
-saving where it is) stands for all its moves until it reaches the top of the
-queue; then the same with its saving where it is estimated; then each
-host's bound stands for that move until it reaches the top, and only then
-is the move's gain estimated exactly (vmshare.fleet.placement.extra_on, as
-the exhaustive search does). A host's bound counts the heavy contents nobody
-samples exactly (each adds a page iff r(h) + r(v) <= M, r(n) = ((n - 1) mod
-M) + 1); those held by many hosts are kept as dense rows (per host M - r(h),
-small integers), so a VM's exact heavy gain over every host is one gather and
-compare, not a walk over each content's hosts. Each VM's positions in the index
-are kept from building it, so opening a VM searches nothing. A bound is never below the gain it
-stands for and sorts before an exact gain of equal value from later in fleet
-order, so the moves come out in exactly the exhaustive order; a move whose
-VM is already moved or whose target is full is dropped without estimating.
+content adds at most one page (f(h + v) - f(h) - f(v) is 0 or 1 for f(n) = n -
+ceil(n / M)), so the estimate is at most (shared contents that some VM samples)
+/ rate + (shared heavy contents no VM of the group samples: counted exactly),
+plus at most one page of all-zero pages (computed exactly). An inverted index
+(per trust group: each content's value to the hosts that hold it; a value only
+one VM holds is left out, as it can gain on no other host) gives each VM, in
+one pass over the fleet's contents, how many of its contents any other host
+holds, and, when needed, the count per host. It is built with one sort of
+packed 64-bit keys (value bits, entry), not an argsort: numpy sorts plain
+integers with SIMD. The moves are then visited lazily, best bound first: a VM's
+bound (its contents held elsewhere, less a floor under its saving where it is)
+stands for all its moves until it reaches the top of the queue; then the same
+with its saving where it is estimated; then each host's bound stands for that
+move until it reaches the top, and only then is the move's gain estimated
+exactly (vmshare.fleet.placement.extra_on, as the exhaustive search does). A
+host's bound counts the heavy contents nobody samples exactly (each adds a page
+iff r(h) + r(v) <= M, r(n) = ((n - 1) mod M) + 1); those held by many hosts are
+kept as dense rows (per host M - r(h), small integers), so a VM's exact heavy
+gain over every host is one gather and compare, not a walk over each content's
+hosts. Each VM's positions in the index are kept from building it, so opening a
+VM searches nothing. A bound is never below the gain it stands for and sorts
+before an exact gain of equal value from later in fleet order, so the moves
+come out in exactly the exhaustive order; a move whose VM is already moved or
+whose target is full is dropped without estimating.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ FLOOR, HERE = -2, -1   # a VM's queue entries before its hosts': bound with a fl
 
 class _GroupIndex:
     """One trust group's contents over the fleet: each value's hosts
-    (``hosts[start:start+count]``) and whether any VM samples it (``sampled``),
+    (``hosts[start:start+count]``, ascending) and whether any VM samples it
+    (``sampled``); the values of one entry all at one position, of no hosts;
     zero pages per host, where each VM name is; per VM of the group (``places``:
     host, position) its contents held elsewhere (``elsewhere``: those that may
     count 1/rate, those that count one page at most) and ``risky``, its heavy
@@ -68,27 +71,24 @@ class _GroupIndex:
         vms = [hosts[s].vms[j] for s, j in places]
         parts = [a for v in vms for a in (v.values, v.heavy_values)]
         sizes = np.array([a.size for a in parts], np.int64)
-        values = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+        self.offset = np.r_[0, np.cumsum(sizes)]
+        at, new_value = _grouped(np.concatenate(parts) if parts else np.zeros(0, np.uint64))
+        # of those entries (each value's, in fleet order): its VM, whether heavy, its pages
+        part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)[at]
+        owner, heavy = part >> 1, (part & 1).astype(bool)
         pages = np.concatenate([a for v in vms for a in (
             np.zeros(v.values.size, np.uint32), v.heavy_counts.astype(np.uint32, copy=False))]
-            or [np.zeros(0, np.uint32)])
-        heavy = np.repeat(np.arange(len(parts)) % 2 == 1, sizes)
-        owner = np.repeat(np.arange(len(parts), dtype=np.int32) // 2, sizes)
-        order = np.argsort(values, kind="stable")  # hosts stay ascending per value
-        values, heavy, owner, pages = values[order], heavy[order], owner[order], pages[order]
+            or [np.zeros(0, np.uint32)])[at]
         host = np.array([s for s, _ in places], np.int32)[owner]
-        new_value = np.r_[True, values[1:] != values[:-1]] if values.size else \
-            np.zeros(0, bool)
-        new_pair = new_value | (np.r_[True, host[1:] != host[:-1]] if values.size
-                                else new_value)
-        value_of = np.cumsum(new_value, dtype=np.int32 if values.size < 2**31 else np.int64) - 1
+        new_pair = new_value | np.r_[True, host[1:] != host[:-1]][:host.size]
+        value_of = np.cumsum(new_value, dtype=np.int32 if at.size < 2**31 else np.int64) - 1
+        last = int(value_of[-1]) + 1 if at.size else 0    # the value none shares: no hosts
         # each VM's values then heavy values (part k from offset[k]): their value's position
-        self.pos = np.empty_like(value_of)
-        self.pos[order] = value_of
-        self.offset = np.r_[0, np.cumsum(sizes)]
-        self.count = np.bincount(value_of[new_pair])    # hosts holding each value
+        self.pos = np.full(int(self.offset[-1]), last, value_of.dtype)
+        self.pos[at] = value_of
+        self.count = np.bincount(value_of[new_pair], minlength=last + 1)  # hosts holding it
         held = self.count[value_of] >= 2                 # by another host too
-        self.sampled = np.bincount(value_of[~heavy], minlength=self.count.size) > 0
+        self.sampled = np.bincount(value_of[~heavy], minlength=last + 1) > 0
         wide = ~heavy | self.sampled[value_of]          # may count 1/rate: some VM samples it
         n = len(places)
         self.elsewhere = (np.bincount(owner[held & wide], minlength=n),
@@ -98,7 +98,7 @@ class _GroupIndex:
         # the group's heavy pages of each value on each host (what extra_on's exact part sees)
         total = np.r_[0, np.cumsum(pages, dtype=np.int64)]
         self.heavy = np.diff(total[np.r_[np.flatnonzero(new_pair), pages.size]])
-        self.start = np.flatnonzero(new_value[new_pair])
+        self.start = np.r_[np.flatnonzero(new_value[new_pair]), self.hosts.size]
         self.zero = np.zeros(len(hosts), np.int64)
         self.rate = np.array([float(h.effective) for h in hosts]) / 2**64   # each host's
         self.where: dict[str, list[int]] = {}       # a VM name's hosts (names may repeat)
@@ -140,8 +140,7 @@ class _GroupIndex:
     def _at(self, pos: I64) -> tuple[I64, I64]:
         """Where the (value, host) pairs of the values at ``pos`` are, how many each."""
         lens = self.count[pos]
-        first = np.repeat(self.start[pos] - np.cumsum(lens) + lens, lens)
-        return first + np.arange(int(lens.sum())), lens
+        return _spans(self.start[pos], lens), lens
 
     def shared_per_host(self, pos: npt.NDArray[Any]) -> I64:
         """Per host, how many of the values at ``pos`` it holds."""
@@ -168,6 +167,52 @@ class _GroupIndex:
         gain = (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
         return (out + np.bincount(self.hosts[at], weights=gain, minlength=self.zero.size)
                 ).astype(np.float64)
+
+
+MIX = np.uint64(0x9E3779B97F4A7C15)   # odd: x -> x * MIX (mod 2**64) is one-to-one
+
+
+def _grouped(values: npt.NDArray[np.uint64]) -> tuple[I64, npt.NDArray[np.bool_]]:
+    """The entries of ``values`` whose value another entry has too, grouped by
+    value (the groups in no particular order; in each, ascending), and where
+    each value's group begins. One np.sort of packed keys, no argsort: the high
+    bits of value x MIX, then the entry's index; keys equal in those high bits
+    but of different values (rare) are put right with a lexsort of their run."""
+    n = values.size
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    b = (n - 1).bit_length()                          # bits of an entry's index
+    key, same = np.arange(n, dtype=np.uint64), np.empty(n - 1, bool)
+    high, low = np.uint64(b), np.uint64((1 << b) - 1)
+    for i in range(0, n, 2**20):                      # in slices: no other array as large
+        key[i:i + 2**20] |= values[i:i + 2**20] * MIX >> high << high
+    key.sort()
+    for i in range(0, n - 1, 2**20):                  # the next key has the same high bits
+        j = min(i + 2**20, n - 1)
+        np.less_equal(key[i + 1:j + 1] ^ key[i:j], low, out=same[i:j])
+    key &= low
+    run = np.r_[same, False] | np.r_[False, same]     # a key not alone in its high bits
+    at = key.view(np.int64)[run]
+    value = values[at]
+    new_run = np.r_[True, ~same][run]
+    new_value = np.r_[True, value[1:] != value[:-1]][:at.size]
+    mixed = np.flatnonzero(new_value & ~new_run)      # two values' keys in one run
+    if mixed.size:
+        first = np.flatnonzero(new_run)
+        bad = np.unique(np.searchsorted(first, mixed, "right") - 1)
+        lens = np.r_[first[1:], at.size][bad] - first[bad]
+        fix = _spans(first[bad], lens)
+        local = np.lexsort((at[fix], value[fix], np.repeat(bad, lens)))
+        at[fix], value[fix] = at[fix][local], value[fix][local]
+        new_value = np.r_[True, value[1:] != value[:-1]][:at.size]
+        shared = np.r_[~new_value[1:], False] | ~new_value    # drop values of one entry
+        at, new_value = at[shared], new_value[shared]
+    return at, new_value
+
+
+def _spans(first: I64, lens: I64) -> I64:
+    """first[i], first[i] + 1, ... (lens[i] of them), for each i in turn."""
+    return np.repeat(first - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
 
 
 def _column_sums(rows: npt.NDArray[Any]) -> I64:
