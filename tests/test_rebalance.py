@@ -16,7 +16,7 @@ import pytest
 from vmshare.engine import EngineConfig
 from vmshare.engine.sampled import Contents, Estimate
 from vmshare.fleet.placement import Move, extra_on
-from vmshare.fleet.rebalance import rebalance
+from vmshare.fleet.rebalance import _GroupIndex, rebalance
 from vmshare.model import PAGE_SIZE
 from vmshare.records.sketchfile import FULL, Sketch, VmSketch, rate_threshold
 
@@ -207,18 +207,25 @@ def test_equal_to_the_exhaustive_search_with_heavy_contents_held_widely() -> Non
             f"seed {seed}"
 
 
+def heavy_only(seed: int) -> tuple[list[Sketch], EngineConfig, list[tuple[int, int]],
+                                  _GroupIndex]:
+    """wide_heavy_fleet with heavy contents only (none sampled, no all-zero pages),
+    one trust group, and its index."""
+    hosts, _, config = wide_heavy_fleet(seed)
+    hosts = [replace(h, vms=tuple(replace(v, values=v.values[:0], counts=v.counts[:0],
+                                          zero_pages=0, group="g") for v in h.vms))
+             for h in hosts]
+    places = [(s, j) for s, h in enumerate(hosts) for j in range(len(h.vms))]
+    return hosts, config, places, _GroupIndex(hosts, places, config.max_page_sharing)
+
+
 def test_a_heavy_gain_is_bounded_exactly_per_host() -> None:
     """With heavy contents only (none sampled, no all-zero pages) the bound on each
     move is its gain itself (but where the VM's namesake is): the dense rows count
     f(h + v) - f(h) - f(v) exactly."""
-    from vmshare.fleet.rebalance import _GroupIndex, _host_bounds, _Vm
+    from vmshare.fleet.rebalance import _host_bounds, _Vm
     for seed in range(30):
-        hosts, _, config = wide_heavy_fleet(seed)
-        hosts = [replace(h, vms=tuple(replace(v, values=v.values[:0], counts=v.counts[:0],
-                                              zero_pages=0, group="g") for v in h.vms))
-                 for h in hosts]
-        places = [(s, j) for s, h in enumerate(hosts) for j in range(len(h.vms))]
-        index = _GroupIndex(hosts, places, config.max_page_sharing)
+        hosts, config, places, index = heavy_only(seed)
         assert index.q.shape[0] > 0                     # dense rows are used
         room = np.full(len(hosts), 1e12)
         for slot, (s, j) in enumerate(places):
@@ -254,3 +261,18 @@ def test_the_index_groups_values_exactly_when_their_packed_keys_collide() -> Non
     assert got == want
     mixed = values * MIX >> np.uint64(13)
     assert np.unique(mixed).size < np.unique(values).size     # the keys did collide
+
+
+def test_a_vms_floor_is_its_heavy_saving_where_it_is() -> None:
+    """With heavy contents only, a VM's saving where it is (what it gains beside
+    the rest of its host's group) is exactly the floor the index counts for it."""
+    checked = 0
+    for seed in range(30):
+        hosts, config, places, index = heavy_only(seed)
+        for slot, (s, j) in enumerate(places):
+            vm = hosts[s].vms[j]
+            if index.where[vm.name].count(s) == 1:          # no namesake beside it
+                here = extra_on(vm, hosts[s].effective, hosts[s], config)
+                assert index.beside[slot] == here.value, (seed, vm.name)
+                checked += here.value > 0
+    assert checked > 50

@@ -19,7 +19,9 @@ one pass over the fleet's contents, how many of its contents any other host
 holds, and, when needed, the count per host. It is built with one sort of
 packed 64-bit keys (value bits, entry), not an argsort: numpy sorts plain
 integers with SIMD. The moves are then visited lazily, best bound first: a VM's
-bound (its contents held elsewhere, less a floor under its saving where it is)
+bound (its contents held elsewhere, less a floor under its saving where it is:
+the pages its heavy contents gain beside its host's group, counted in building
+the index, when no VM samples them, as the rest of that saving is then no loss)
 stands for all its moves until it reaches the top of the queue; then the same
 with its saving where it is estimated; then each host's bound stands for that
 move until it reaches the top, and only then is the move's gain estimated
@@ -99,6 +101,15 @@ class _GroupIndex:
         pair = np.flatnonzero(new_pair)
         self.heavy = np.add.reduceat(pages, pair, dtype=np.int64) if pair.size else pair
         self.start = np.r_[np.flatnonzero(new_value[new_pair]), self.hosts.size]
+        # per VM, the pages its heavy contents gain beside the rest of its host's group
+        # (all its heavy contents' part of its saving there when no VM samples them)
+        self.beside, pairs = np.zeros(n, np.int64), 0
+        for i in range(0, pages.size, 2**16):         # in slices: temporaries stay in cache
+            own = pages[i:i + 2**16].astype(np.int64)
+            pair_of = np.cumsum(new_pair[i:i + 2**16]) + (pairs - 1)
+            pairs = int(pair_of[-1]) + 1
+            gain = _gain(self.heavy[pair_of] - own, own, max_page_sharing)
+            self.beside += np.bincount(owner[i:i + 2**16], gain, minlength=n).astype(np.int64)
         self.zero = np.zeros(len(hosts), np.int64)
         self.rate = np.array([float(h.effective) for h in hosts]) / 2**64   # each host's
         self.where: dict[str, list[int]] = {}       # a VM name's hosts (names may repeat)
@@ -166,8 +177,7 @@ class _GroupIndex:
         at, lens = self._at(pos)
         h = self.heavy[at]
         v = np.repeat(pages.astype(np.int64), lens)
-        m = max_page_sharing           # f(h + v) - f(h) - f(v), f(n) = n - ceil(n / m)
-        gain = (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
+        gain = _gain(h, v, max_page_sharing)
         return (out + np.bincount(self.hosts[at], weights=gain, minlength=self.zero.size)
                 ).astype(np.float64)
 
@@ -211,6 +221,11 @@ def _grouped(values: npt.NDArray[np.uint64]) -> tuple[I64, npt.NDArray[np.bool_]
         shared = np.r_[~new_value[1:], False] | ~new_value    # drop values of one entry
         at, new_value = at[shared], new_value[shared]
     return at, new_value
+
+
+def _gain(h: I64, v: I64, m: int) -> I64:
+    """f(h + v) - f(h) - f(v), f(n) = n - ceil(n / m): 0 or 1 (0 where h or v is 0)."""
+    return (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
 
 
 def _spans(first: I64, lens: I64) -> I64:
@@ -293,6 +308,8 @@ def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineCon
             # by at most 1/rate - 1 pages
             floor = -risky * (2**64 / src.effective - 1.0) * (1 + 1e-9) - 1e-9 if risky \
                 else 0.0
+            if not risky and gi.where[vm.name].count(s) == 1:   # no namesake beside it
+                floor = float(gi.beside[slot])  # its other terms are >= 0 (gains, zero pages)
             v = vms[s, j] = _Vm(s, slot, vm, vm.pages * PAGE_SIZE, int(wide) / (
                 min(src.effective, least) / 2**64) + (int(narrow) + zero), floor)
             if v.bound - floor > 0:
