@@ -273,6 +273,6 @@ def test_a_vms_floor_is_its_heavy_saving_where_it_is() -> None:
             vm = hosts[s].vms[j]
             if index.where[vm.name].count(s) == 1:          # no namesake beside it
                 here = extra_on(vm, hosts[s].effective, hosts[s], config)
-                assert index.beside[slot] == here.value, (seed, vm.name)
+                assert index.beside[1, slot] == here.value, (seed, vm.name)
                 checked += here.value > 0
     assert checked > 50

@@ -78,9 +78,9 @@ class _GroupIndex:
         # of those entries (each value's, in fleet order): its VM, whether heavy, its pages
         part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)[at]
         owner, heavy = part >> 1, (part & 1).astype(bool)
-        pages = np.concatenate([a for v in vms for a in (
-            np.zeros(v.values.size, np.uint32), v.heavy_counts.astype(np.uint32, copy=False))]
-            or [np.zeros(0, np.uint32)])[at]
+        counts = np.concatenate([a.astype(np.uint32, copy=False) for v in vms for a in (
+            v.counts, v.heavy_counts)] or [np.zeros(0, np.uint32)])[at]
+        pages = np.where(heavy, counts, 0)
         host = np.array([s for s, _ in places], np.int32)[owner]
         new_pair = new_value | np.r_[True, host[1:] != host[:-1]][:host.size]
         value_of = np.cumsum(new_value, dtype=np.int32 if at.size < 2**31 else np.int64) - 1
@@ -101,15 +101,8 @@ class _GroupIndex:
         pair = np.flatnonzero(new_pair)
         self.heavy = np.add.reduceat(pages, pair, dtype=np.int64) if pair.size else pair
         self.start = np.r_[np.flatnonzero(new_value[new_pair]), self.hosts.size]
-        # per VM, the pages its heavy contents gain beside the rest of its host's group
-        # (all its heavy contents' part of its saving there when no VM samples them)
-        self.beside, pairs = np.zeros(n, np.int64), 0
-        for i in range(0, pages.size, 2**16):         # in slices: temporaries stay in cache
-            own = pages[i:i + 2**16].astype(np.int64)
-            pair_of = np.cumsum(new_pair[i:i + 2**16]) + (pairs - 1)
-            pairs = int(pair_of[-1]) + 1
-            gain = _gain(self.heavy[pair_of] - own, own, max_page_sharing)
-            self.beside += np.bincount(owner[i:i + 2**16], gain, minlength=n).astype(np.int64)
+        full = np.add.reduceat(counts, pair, dtype=np.int64) if pair.size else pair
+        self.beside = _beside(full, counts, heavy, new_pair, owner, n, max_page_sharing)
         self.zero = np.zeros(len(hosts), np.int64)
         self.rate = np.array([float(h.effective) for h in hosts]) / 2**64   # each host's
         self.where: dict[str, list[int]] = {}       # a VM name's hosts (names may repeat)
@@ -228,6 +221,25 @@ def _gain(h: I64, v: I64, m: int) -> I64:
     return (h + m - 1) // m + (v + m - 1) // m - (h + v + m - 1) // m
 
 
+def _beside(full: I64, counts: npt.NDArray[np.uint32], heavy: npt.NDArray[np.bool_],
+            new_pair: npt.NDArray[np.bool_], owner: npt.NDArray[np.int32], n: int,
+            m: int) -> I64:
+    """Per VM, what its sampled (row 0) and heavy (row 1) contents gain beside the
+    rest of its host's group: sum of f(h + v) - f(h) - f(v), h the others' pages
+    (``full``: per (value, host) pair, all the group's pages), v its own. When no
+    VM samples its heavy contents, its saving there is row 0 / rate + row 1 (+ a
+    gain of all-zero pages), as extra_on computes it, but for namesakes."""
+    out, pairs = np.zeros((2, n), np.int64), 0
+    for i in range(0, counts.size, 2**16):        # in slices: temporaries stay in cache
+        own = counts[i:i + 2**16].astype(np.int64)
+        pair_of = np.cumsum(new_pair[i:i + 2**16]) + (pairs - 1)
+        pairs = int(pair_of[-1]) + 1
+        gain = _gain(full[pair_of] - own, own, m)
+        by = owner[i:i + 2**16] + n * heavy[i:i + 2**16]
+        out += np.bincount(by, gain, minlength=2 * n).astype(np.int64).reshape(2, n)
+    return out
+
+
 def _spans(first: I64, lens: I64) -> I64:
     """first[i], first[i] + 1, ... (lens[i] of them), for each i in turn."""
     return np.repeat(first - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
@@ -309,7 +321,8 @@ def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineCon
             floor = -risky * (2**64 / src.effective - 1.0) * (1 + 1e-9) - 1e-9 if risky \
                 else 0.0
             if not risky and gi.where[vm.name].count(s) == 1:   # no namesake beside it
-                floor = float(gi.beside[slot])  # its other terms are >= 0 (gains, zero pages)
+                sampled, heavy = gi.beside[:, slot].tolist()   # its zero pages: a gain >= 0
+                floor = sampled / (src.effective / 2**64) + heavy   # extra_on's float steps
             v = vms[s, j] = _Vm(s, slot, vm, vm.pages * PAGE_SIZE, int(wide) / (
                 min(src.effective, least) / 2**64) + (int(narrow) + zero), floor)
             if v.bound - floor > 0:
