@@ -19,22 +19,25 @@ one pass over the fleet's contents, how many of its contents any other host
 holds, and, when needed, the count per host. It is built with one sort of
 packed 64-bit keys (value bits, entry), not an argsort: numpy sorts plain
 integers with SIMD. The moves are then visited lazily, best bound first: a VM's
-bound (its contents held elsewhere, less a floor under its saving where it is:
-the pages its heavy contents gain beside its host's group, counted in building
-the index, when no VM samples them, as the rest of that saving is then no loss)
-stands for all its moves until it reaches the top of the queue; then the same
-with its saving where it is estimated; then each host's bound stands for that
-move until it reaches the top, and only then is the move's gain estimated
-exactly (vmshare.fleet.placement.extra_on, as the exhaustive search does). A
-host's bound counts the heavy contents nobody samples exactly (each adds a page
-iff r(h) + r(v) <= M, r(n) = ((n - 1) mod M) + 1); those held by many hosts are
-kept as dense rows (per host M - r(h), small integers), so a VM's exact heavy
-gain over every host is one gather and compare, not a walk over each content's
-hosts. Each VM's positions in the index are kept from building it, so opening a
-VM searches nothing. A bound is never below the gain it stands for and sorts
-before an exact gain of equal value from later in fleet order, so the moves
-come out in exactly the exhaustive order; a move whose VM is already moved or
-whose target is full is dropped without estimating.
+bound (its contents held elsewhere, less a floor under its saving where it is)
+stands for all its moves until it reaches the top of the queue; then, unless
+the floor is that saving itself, the same with that saving estimated; then each
+host's bound stands for that move until it reaches the top, and only then is
+the move's gain estimated exactly (vmshare.fleet.placement.extra_on, as the
+exhaustive search does). A host's bound counts the heavy contents nobody
+samples exactly (each adds a page iff r(h) + r(v) <= M, r(n) = ((n - 1) mod M)
++ 1); those held by many hosts are kept as dense rows (per host M - r(h), small
+integers), so a VM's exact heavy gain over every host is one gather and
+compare, not a walk over each content's hosts. Each VM's positions in the index
+are kept from building it, so opening a VM searches nothing. The floor is
+counted in building the index: when no VM samples the VM's heavy contents and
+no namesake is beside it, what its contents gain beside its host's group, in
+extra_on's float steps, is its saving there but for at most one page of
+all-zero pages (no loss); its estimate proper then waits for its first move's.
+A bound is never below the gain it stands for and sorts before an exact gain of
+equal value from later in fleet order, so the moves come out in exactly the
+exhaustive order; a move whose VM is already moved or whose target is full is
+dropped without estimating.
 """
 
 from __future__ import annotations
@@ -267,12 +270,13 @@ class _Vm:
     floor: float                                    # under here.value
     here: Estimate | None = None                    # its extra saving where it is
     order: list[tuple[float, int]] | None = None    # (-bound, target), best last
+    tight: bool = False                             # floor: here.value but for zero pages
 
 
 def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.NDArray[
         np.float64], config: EngineConfig) -> list[tuple[float, int]]:
     """(-bound on the gain, target) of each target ``v`` might gain on, worst first."""
-    assert v.here is not None
+    below = v.floor if v.here is None else v.here.value
     vm = v.vm
     wide, heavy, exact = index.split(v.slot)
     shared = index.shared_per_host(wide).astype(np.float64)
@@ -291,7 +295,7 @@ def _host_bounds(hosts: Sequence[Sketch], index: _GroupIndex, v: _Vm, room: npt.
         held = index.shared_per_host(heavy[exact])
         for d in namesakes:
             certain[d] = float(held[d])
-    bound = shared / rates + (certain + zero) - v.here.value   # the gain's float steps
+    bound = shared / rates + (certain + zero) - below   # the gain's float steps
     ok = (bound > 0) & (room >= v.need)
     ok[v.src] = False
     at = np.flatnonzero(ok)
@@ -316,18 +320,27 @@ def rebalance(hosts: Sequence[Sketch], room: dict[str, float], config: EngineCon
                                                                  gi.risky, strict=True)):
             vm, src = hosts[s].vms[j], hosts[s]
             zero = 1.0 if vm.zero_pages and not config.use_zero_pages else 0.0
-            # only a heavy content some VM samples can count below zero where it is,
-            # by at most 1/rate - 1 pages
-            floor = -risky * (2**64 / src.effective - 1.0) * (1 + 1e-9) - 1e-9 if risky \
-                else 0.0
-            if not risky and gi.where[vm.name].count(s) == 1:   # no namesake beside it
-                sampled, heavy = gi.beside[:, slot].tolist()   # its zero pages: a gain >= 0
-                floor = sampled / (src.effective / 2**64) + heavy   # extra_on's float steps
+            floor, tight = _floor(gi, slot, s, vm.name, src.effective, int(risky))
             v = vms[s, j] = _Vm(s, slot, vm, vm.pages * PAGE_SIZE, int(wide) / (
-                min(src.effective, least) / 2**64) + (int(narrow) + zero), floor)
+                min(src.effective, least) / 2**64) + (int(narrow) + zero), floor, tight=tight)
             if v.bound - floor > 0:
                 heapq.heappush(queue, (-(v.bound - floor), s, j, FLOOR, 0))
     return _greedy(hosts, index, vms, queue, room, space, config, top)
+
+
+def _floor(index: _GroupIndex, slot: int, src: int, name: str, effective: int, risky: int
+           ) -> tuple[float, bool]:
+    """A floor under the saving where it is of the VM at ``slot`` (on host ``src``),
+    and whether it is that saving but for all-zero pages (a gain of 0 or 1 page):
+    so when no VM samples its heavy contents (those sampled by some VM can count
+    below zero, by at most 1/rate - 1 pages each) and no namesake is beside it
+    (extra_on then leaves that VM out)."""
+    if risky:
+        return -risky * (2**64 / effective - 1.0) * (1 + 1e-9) - 1e-9, False
+    if index.where[name].count(src) > 1:
+        return 0.0, False
+    sampled, heavy = index.beside[:, slot].tolist()
+    return sampled / (effective / 2**64) + heavy, True      # extra_on's float steps
 
 
 def _greedy(hosts: Sequence[Sketch], index: dict[str | None, _GroupIndex],
@@ -344,12 +357,12 @@ def _greedy(hosts: Sequence[Sketch], index: dict[str | None, _GroupIndex],
         v = vms[s, j]
         if v.vm.name in moved:
             continue
-        if d == FLOOR:                  # its saving where it is, then a tighter bound
+        if d == FLOOR and not v.tight:  # its saving where it is, then a tighter bound
             v.here = extra_on(v.vm, hosts[s].effective, hosts[s], config)
             if v.bound - v.here.value > 0:
                 heapq.heappush(queue, (-(v.bound - v.here.value), s, j, HERE, 0))
             continue
-        if d == HERE:                   # the VM's bound reached the top: its hosts'
+        if d in (FLOOR, HERE):          # the VM's bound reached the top: its hosts'
             v.order = _host_bounds(hosts, index[v.vm.group], v, space, config)
         elif is_exact:
             dst = hosts[d].host
@@ -360,7 +373,8 @@ def _greedy(hosts: Sequence[Sketch], index: dict[str | None, _GroupIndex],
                                    v.need, room[dst]))
             continue
         elif left.get(hosts[d].host, 0.0) >= v.need:
-            assert v.here is not None
+            if v.here is None:          # tight: known but for its figures
+                v.here = extra_on(v.vm, hosts[s].effective, hosts[s], config)
             there = extra_on(v.vm, hosts[s].effective, hosts[d], config, cache)
             gain = Estimate(there.value - v.here.value, math.hypot(there.stderr,
                                                                     v.here.stderr))
