@@ -243,18 +243,21 @@ def test_a_heavy_gain_is_bounded_exactly_per_host() -> None:
 
 def test_the_index_groups_values_exactly_when_their_packed_keys_collide() -> None:
     """_grouped sorts keys of (high bits of value x MIX, entry): values made to
-    share those bits (x and x + MIX^-1 differ by 1 after mixing) must still come
-    out each in its own group, entries ascending, and values of one entry left out."""
+    share those bits (x and x + MIX^-1 differ by 1 after mixing), or the low bits
+    (x + 2**13 MIX^-1), must still come out each in its own group, entries
+    ascending, and values of one entry left out."""
     from vmshare.fleet.rebalance import MIX, _grouped
     rng = np.random.default_rng(3)
     inverse = pow(int(MIX), -1, 2**64)
     base = rng.integers(0, FULL - 1, 300, dtype=np.uint64)
     twins = np.array([(int(x) + inverse) % 2**64 for x in base[:150]], np.uint64)
-    pool = np.concatenate([base, twins])
+    # and values whose mixed low bits equal others' (their keys sort next to them)
+    cousins = np.array([(int(x) + (inverse << 13)) % 2**64 for x in base[150:200]], np.uint64)
+    pool = np.concatenate([base, twins, cousins])
     values = rng.choice(pool, 5000)                    # most values many times, interleaved
     lone = np.array([(int(base[-1]) + inverse) % 2**64], np.uint64)   # once, by a shared one
     values = np.concatenate([values, lone, twins[:1] ^ np.uint64(1)])
-    at, new_value = _grouped(values)
+    at, new_value = _grouped([values[:2000], values[2000:2000], values[2000:]])
     got = sorted(tuple(g.tolist()) for g in np.split(at, np.flatnonzero(new_value)[1:]))
     want = sorted(tuple(np.flatnonzero(values == v).tolist()) for v in np.unique(values)
                   if (values == v).sum() >= 2)

@@ -77,7 +77,7 @@ class _GroupIndex:
         parts = [a for v in vms for a in (v.values, v.heavy_values)]
         sizes = np.array([a.size for a in parts], np.int64)
         self.offset = np.r_[0, np.cumsum(sizes)]
-        at, new_value = _grouped(np.concatenate(parts) if parts else np.zeros(0, np.uint64))
+        at, new_value = _grouped(parts)
         # of those entries (each value's, in fleet order): its VM, whether heavy, its pages
         part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)[at]
         owner, heavy = part >> 1, (part & 1).astype(bool)
@@ -181,20 +181,28 @@ class _GroupIndex:
 MIX = np.uint64(0x9E3779B97F4A7C15)   # odd: x -> x * MIX (mod 2**64) is one-to-one
 
 
-def _grouped(values: npt.NDArray[np.uint64]) -> tuple[I64, npt.NDArray[np.bool_]]:
-    """The entries of ``values`` whose value another entry has too, grouped by
-    value (the groups in no particular order; in each, ascending), and where
-    each value's group begins. One np.sort of packed keys, no argsort: the high
-    bits of value x MIX, then the entry's index; keys equal in those high bits
-    but of different values (rare) are put right with a lexsort of their run."""
-    n = values.size
+def _grouped(parts: Sequence[npt.NDArray[np.uint64]]) -> tuple[I64, npt.NDArray[np.bool_]]:
+    """The entries of ``parts`` (one after the other) whose value another entry
+    has too, grouped by value (the groups in no particular order; in each,
+    ascending), and where each value's group begins. One np.sort of packed keys,
+    no argsort: the high bits of value x MIX, then the entry's index; keys equal
+    in those high bits but of different values (their low bits differ; rare) are
+    put right with a lexsort of their run."""
+    n = sum(p.size for p in parts)
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, bool)
     b = (n - 1).bit_length()                          # bits of an entry's index
     key, same = np.arange(n, dtype=np.uint64), np.empty(n - 1, bool)
+    rest = np.empty(n, np.uint32 if b <= 32 else np.uint64)    # the low bits left out
     high, low = np.uint64(b), np.uint64((1 << b) - 1)
-    for i in range(0, n, 2**20):                      # in slices: no other array as large
-        key[i:i + 2**20] |= values[i:i + 2**20] * MIX >> high << high
+    i, chunk = 0, []
+    for k, part in enumerate(parts):                  # in slices: no other array as large
+        chunk.append(part)
+        if sum(c.size for c in chunk) >= 2**20 or k == len(parts) - 1:
+            mixed = np.concatenate(chunk) * MIX
+            key[i:i + mixed.size] |= mixed >> high << high
+            rest[i:i + mixed.size] = mixed & low
+            i, chunk = i + mixed.size, []
     key.sort()
     for i in range(0, n - 1, 2**20):                  # the next key has the same high bits
         j = min(i + 2**20, n - 1)
@@ -202,9 +210,9 @@ def _grouped(values: npt.NDArray[np.uint64]) -> tuple[I64, npt.NDArray[np.bool_]
     key &= low
     run = np.r_[same, False] | np.r_[False, same]     # a key not alone in its high bits
     at = key.view(np.int64)[run]
-    value = values[at]
+    value = rest[at]                                  # in a run: equal iff the values are
     new_run = np.r_[True, ~same][run]
-    new_value = np.r_[True, value[1:] != value[:-1]][:at.size]
+    new_value = new_run | np.r_[True, value[1:] != value[:-1]][:at.size]
     mixed = np.flatnonzero(new_value & ~new_run)      # two values' keys in one run
     if mixed.size:
         first = np.flatnonzero(new_run)
@@ -213,7 +221,7 @@ def _grouped(values: npt.NDArray[np.uint64]) -> tuple[I64, npt.NDArray[np.bool_]
         fix = _spans(first[bad], lens)
         local = np.lexsort((at[fix], value[fix], np.repeat(bad, lens)))
         at[fix], value[fix] = at[fix][local], value[fix][local]
-        new_value = np.r_[True, value[1:] != value[:-1]][:at.size]
+        new_value = new_run | np.r_[True, value[1:] != value[:-1]][:at.size]
         shared = np.r_[~new_value[1:], False] | ~new_value    # drop values of one entry
         at, new_value = at[shared], new_value[shared]
     return at, new_value
