@@ -199,10 +199,10 @@ def _grouped(parts: Sequence[npt.NDArray[np.uint64]]) -> tuple[I64, npt.NDArray[
     for k, part in enumerate(parts):                  # in slices: no other array as large
         chunk.append(part)
         if sum(c.size for c in chunk) >= 2**20 or k == len(parts) - 1:
-            mixed = np.concatenate(chunk) * MIX
-            key[i:i + mixed.size] |= mixed >> high << high
-            rest[i:i + mixed.size] = mixed & low
-            i, chunk = i + mixed.size, []
+            mix = np.concatenate(chunk) * MIX
+            key[i:i + mix.size] |= mix >> high << high
+            rest[i:i + mix.size] = mix & low
+            i, chunk = i + mix.size, []
     key.sort()
     for i in range(0, n - 1, 2**20):                  # the next key has the same high bits
         j = min(i + 2**20, n - 1)
