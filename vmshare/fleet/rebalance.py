@@ -195,14 +195,15 @@ def _grouped(parts: Sequence[npt.NDArray[np.uint64]]) -> tuple[I64, npt.NDArray[
     key, same = np.arange(n, dtype=np.uint64), np.empty(n - 1, bool)
     rest = np.empty(n, np.uint32 if b <= 32 else np.uint64)    # the low bits left out
     high, low = np.uint64(b), np.uint64((1 << b) - 1)
-    i, chunk = 0, []
+    i, size, chunk = 0, 0, []
     for k, part in enumerate(parts):                  # in slices: no other array as large
         chunk.append(part)
-        if sum(c.size for c in chunk) >= 2**20 or k == len(parts) - 1:
+        size += part.size
+        if size >= 2**20 or k == len(parts) - 1:
             mix = np.concatenate(chunk) * MIX
-            key[i:i + mix.size] |= mix >> high << high
-            rest[i:i + mix.size] = mix & low
-            i, chunk = i + mix.size, []
+            key[i:i + size] |= mix >> high << high
+            rest[i:i + size] = mix & low
+            i, size, chunk = i + size, 0, []
     key.sort()
     for i in range(0, n - 1, 2**20):                  # the next key has the same high bits
         j = min(i + 2**20, n - 1)
