@@ -78,19 +78,20 @@ class _GroupIndex:
         sizes = np.array([a.size for a in parts], np.int64)
         self.offset = np.r_[0, np.cumsum(sizes)]
         at, new_value = _grouped(parts)
-        # of those entries (each value's, in fleet order): its VM, whether heavy, its pages
-        part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)[at]
-        owner, heavy = part >> 1, (part & 1).astype(bool)
-        counts = np.concatenate([a.astype(np.uint32, copy=False) for v in vms for a in (
-            v.counts, v.heavy_counts)] or [np.zeros(0, np.uint32)])[at]
-        pages = np.where(heavy, counts, 0)
-        host = np.array([s for s, _ in places], np.int32)[owner]
-        new_pair = new_value | np.r_[True, host[1:] != host[:-1]][:host.size]
         value_of = np.cumsum(new_value, dtype=np.int32 if at.size < 2**31 else np.int64) - 1
         last = int(value_of[-1]) + 1 if at.size else 0    # the value none shares: no hosts
         # each VM's values then heavy values (part k from offset[k]): their value's position
         self.pos = np.full(int(self.offset[-1]), last, value_of.dtype)
         self.pos[at] = value_of
+        # of those entries (each value's, in fleet order): its VM, whether heavy, its pages
+        part = np.repeat(np.arange(len(parts), dtype=np.int32), sizes)[at]
+        owner, heavy = part >> 1, (part & 1).astype(bool)
+        counts = np.concatenate([a.astype(np.uint32, copy=False) for v in vms for a in (
+            v.counts, v.heavy_counts)] or [np.zeros(0, np.uint32)])[at]
+        del at, part                                    # large: freed for what follows
+        pages = np.where(heavy, counts, 0)
+        host = np.array([s for s, _ in places], np.int32)[owner]
+        new_pair = new_value | np.r_[True, host[1:] != host[:-1]][:host.size]
         self.count = np.bincount(value_of[new_pair], minlength=last + 1)  # hosts holding it
         held = self.count[value_of] >= 2                 # by another host too
         self.sampled = np.bincount(value_of[~heavy], minlength=last + 1) > 0
@@ -211,7 +212,9 @@ def _grouped(parts: Sequence[npt.NDArray[np.uint64]]) -> tuple[I64, npt.NDArray[
     key &= low
     run = np.r_[same, False] | np.r_[False, same]     # a key not alone in its high bits
     at = key.view(np.int64)[run]
+    del key                                           # large: freed for what follows
     value = rest[at]                                  # in a run: equal iff the values are
+    del rest
     new_run = np.r_[True, ~same][run]
     new_value = new_run | np.r_[True, value[1:] != value[:-1]][:at.size]
     mixed = np.flatnonzero(new_value & ~new_run)      # two values' keys in one run
