@@ -288,3 +288,13 @@ def test_a_vms_floor_is_its_saving_where_it_is_but_for_zero_pages() -> None:
                     assert floor == here, (seed, vm.name)
                     exact += here > 0
     assert exact > 100
+
+
+def test_dense_rows_are_counted_past_what_uint16_holds() -> None:
+    """On two hosts a VM's dense rows may number more than 65,535: each slice's
+    uint16 sum must not wrap."""
+    from vmshare.fleet.rebalance import _count_above
+    table = np.ones((70_000, 2), np.uint8)
+    rows = np.arange(70_000, dtype=np.int64)
+    got = _count_above(table, rows, np.zeros(70_000, np.uint8))
+    assert got.tolist() == [70_000, 70_000]
