@@ -16,7 +16,7 @@ import pytest
 from vmshare.engine import EngineConfig
 from vmshare.engine.sampled import Contents, Estimate
 from vmshare.fleet.placement import Move, extra_on
-from vmshare.fleet.rebalance import rebalance
+from vmshare.fleet.rebalance import _GroupIndex, rebalance
 from vmshare.model import PAGE_SIZE
 from vmshare.records.sketchfile import FULL, Sketch, VmSketch, rate_threshold
 
@@ -207,18 +207,25 @@ def test_equal_to_the_exhaustive_search_with_heavy_contents_held_widely() -> Non
             f"seed {seed}"
 
 
+def heavy_only(seed: int) -> tuple[list[Sketch], EngineConfig, list[tuple[int, int]],
+                                  _GroupIndex]:
+    """wide_heavy_fleet with heavy contents only (none sampled, no all-zero pages),
+    one trust group, and its index."""
+    hosts, _, config = wide_heavy_fleet(seed)
+    hosts = [replace(h, vms=tuple(replace(v, values=v.values[:0], counts=v.counts[:0],
+                                          zero_pages=0, group="g") for v in h.vms))
+             for h in hosts]
+    places = [(s, j) for s, h in enumerate(hosts) for j in range(len(h.vms))]
+    return hosts, config, places, _GroupIndex(hosts, places, config.max_page_sharing)
+
+
 def test_a_heavy_gain_is_bounded_exactly_per_host() -> None:
     """With heavy contents only (none sampled, no all-zero pages) the bound on each
     move is its gain itself (but where the VM's namesake is): the dense rows count
     f(h + v) - f(h) - f(v) exactly."""
-    from vmshare.fleet.rebalance import _GroupIndex, _host_bounds, _Vm
+    from vmshare.fleet.rebalance import _host_bounds, _Vm
     for seed in range(30):
-        hosts, _, config = wide_heavy_fleet(seed)
-        hosts = [replace(h, vms=tuple(replace(v, values=v.values[:0], counts=v.counts[:0],
-                                              zero_pages=0, group="g") for v in h.vms))
-                 for h in hosts]
-        places = [(s, j) for s, h in enumerate(hosts) for j in range(len(h.vms))]
-        index = _GroupIndex(hosts, places, config.max_page_sharing)
+        hosts, config, places, index = heavy_only(seed)
         assert index.q.shape[0] > 0                     # dense rows are used
         room = np.full(len(hosts), 1e12)
         for slot, (s, j) in enumerate(places):
@@ -232,3 +239,62 @@ def test_a_heavy_gain_is_bounded_exactly_per_host() -> None:
                 if d != s and gain > 0 and not namesake:
                     assert bounds[d] == gain, (seed, vm.name, d)
                 assert bounds.get(d, 0.0) >= gain or d == s
+
+
+def test_the_index_groups_values_exactly_when_their_packed_keys_collide() -> None:
+    """_grouped sorts keys of (high bits of value x MIX, entry): values made to
+    share those bits (x and x + MIX^-1 differ by 1 after mixing), or the low bits
+    (x + 2**13 MIX^-1), must still come out each in its own group, entries
+    ascending, and values of one entry left out."""
+    from vmshare.fleet.rebalance import MIX, _grouped
+    rng = np.random.default_rng(3)
+    inverse = pow(int(MIX), -1, 2**64)
+    base = rng.integers(0, FULL - 1, 300, dtype=np.uint64)
+    twins = np.array([(int(x) + inverse) % 2**64 for x in base[:150]], np.uint64)
+    # and values whose mixed low bits equal others' (their keys sort next to them)
+    cousins = np.array([(int(x) + (inverse << 13)) % 2**64 for x in base[150:200]], np.uint64)
+    pool = np.concatenate([base, twins, cousins])
+    values = rng.choice(pool, 5000)                    # most values many times, interleaved
+    lone = np.array([(int(base[-1]) + inverse) % 2**64], np.uint64)   # once, by a shared one
+    values = np.concatenate([values, lone, twins[:1] ^ np.uint64(1)])
+    at, new_value = _grouped([values[:2000], values[2000:2000], values[2000:]])
+    got = sorted(tuple(g.tolist()) for g in np.split(at, np.flatnonzero(new_value)[1:]))
+    want = sorted(tuple(np.flatnonzero(values == v).tolist()) for v in np.unique(values)
+                  if (values == v).sum() >= 2)
+    assert got == want
+    mixed = values * MIX >> np.uint64(13)
+    assert np.unique(mixed).size < np.unique(values).size     # the keys did collide
+
+
+def test_a_vms_floor_is_its_saving_where_it_is_but_for_zero_pages() -> None:
+    """The floor under a VM's saving where it is never exceeds what extra_on
+    estimates; when tight (no VM samples its heavy contents, no namesake beside
+    it) it is that estimate exactly, but for the page all-zero pages may add."""
+    from vmshare.fleet.rebalance import _floor
+    exact = 0
+    for seed in range(200):
+        hosts, _, config, _ = random_fleet(seed)
+        for g in {v.group for h in hosts for v in h.vms}:
+            places = [(s, j) for s, h in enumerate(hosts) for j, v in enumerate(h.vms)
+                      if v.group == g]
+            index = _GroupIndex(hosts, places, config.max_page_sharing)
+            for slot, (s, j) in enumerate(places):
+                vm, src = hosts[s].vms[j], hosts[s]
+                floor, tight = _floor(index, slot, s, vm.name, src.effective,
+                                      int(index.risky[slot]))
+                here = extra_on(vm, src.effective, src, config).value
+                assert floor <= here, (seed, vm.name)
+                if tight and (config.use_zero_pages or not vm.zero_pages):
+                    assert floor == here, (seed, vm.name)
+                    exact += here > 0
+    assert exact > 100
+
+
+def test_dense_rows_are_counted_past_what_uint16_holds() -> None:
+    """On two hosts a VM's dense rows may number more than 65,535: each slice's
+    uint16 sum must not wrap."""
+    from vmshare.fleet.rebalance import _count_above
+    table = np.ones((70_000, 2), np.uint8)
+    rows = np.arange(70_000, dtype=np.int64)
+    got = _count_above(table, rows, np.zeros(70_000, np.uint8))
+    assert got.tolist() == [70_000, 70_000]
