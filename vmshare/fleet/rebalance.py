@@ -350,7 +350,8 @@ def _floor(index: _GroupIndex, slot: int, src: int, name: str, effective: int, r
     if index.where[name].count(src) > 1:
         return 0.0, False
     sampled, heavy = index.beside[:, slot].tolist()
-    return sampled / (effective / 2**64) + heavy, True      # extra_on's float steps
+    here = sampled / (effective / 2**64) + heavy             # extra_on's float steps,
+    return here - here * 1e-9 - 1e-9, True                   # a hair under: never above
 
 
 def _greedy(hosts: Sequence[Sketch], index: dict[str | None, _GroupIndex],
