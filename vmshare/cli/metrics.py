@@ -25,13 +25,18 @@ def _source(ctx: Any) -> SnapshotSource:
     return SnapshotSource(ctx.hv, ctx.sysfs, ctx.procfs, config, scope=ctx.args.domain)
 
 
+def check_textfile_dir(directory: Path) -> None:
+    """Raises UsageError when ``--textfile`` names no directory."""
+    if not directory.is_dir():
+        raise UsageError(f"--textfile {directory}: not a directory")
+
+
 def write_textfile(directory: Path, text: str) -> Path:
     """node_exporter's textfile collector convention: DIR/vmshare.prom written to a
     temporary name in DIR and renamed, so node_exporter never reads half a file.
     Raises UsageError when DIR is not a directory or cannot be written."""
     import tempfile
-    if not directory.is_dir():
-        raise UsageError(f"--textfile {directory}: not a directory")
+    check_textfile_dir(directory)
     target = directory / "vmshare.prom"
     if target.exists() and not target.is_file():
         raise UsageError(f"{target} exists and is not a regular file")
@@ -55,8 +60,8 @@ def cmd_metrics(ctx: Any) -> int:
     # the user's mistakes first, before libvirt is asked for anything
     if a.listen is not None:
         parse_listen(a.listen)
-    if a.textfile is not None and not Path(a.textfile).is_dir():
-        raise UsageError(f"--textfile {a.textfile}: not a directory")
+    if a.textfile is not None:
+        check_textfile_dir(Path(a.textfile))
     source = _source(ctx)
     if a.listen is None:
         refresher = Refresher(source)

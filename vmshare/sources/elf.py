@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from vmshare.engine.state import distinct
 from vmshare.errors import DumpError
 from vmshare.model import PAGE_SIZE, PageRun, Region
 from vmshare.sources.base import (
@@ -252,8 +253,7 @@ class ElfCoreSource(FileSource):
         firsts = np.array([(s.paddr - reg.start) // PAGE_SIZE for s in reg.segments],
                           dtype=np.int64)
         which = np.searchsorted(firsts, pages, side="right") - 1
-        ws = np.sort(which)        # each segment once, ascending (np.unique imports numpy.ma)
-        for w in ws[np.not_equal(ws, np.r_[ws[:1] - 1, ws[:-1]])].tolist():
+        for w in distinct(which).tolist():            # ascending, as pages
             seg = reg.segments[max(w, 0)]
             sel = np.flatnonzero(which == w)
             for at, page, n in page_ranges(pages[sel] - firsts[max(w, 0)]):
